@@ -1,0 +1,38 @@
+# `make test` on a fresh machine: a virtual environment (unless one is active), the CPU torch wheel
+# only when no torch is installed, triton, packtune in editable mode with its C++ extension and
+# the test extra, then pytest. Stamps inside the environment make a second run install nothing.
+PYTHON ?= python3
+VENV := $(or $(VIRTUAL_ENV),$(CURDIR)/.venv)
+PY := $(VENV)/bin/python
+STAMPS := $(VENV)/.packtune-stamps
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: test install lint env clean
+
+test: $(STAMPS)/install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+install: $(STAMPS)/install
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMPS)/torch: | $(PY)
+	@mkdir -p $(STAMPS)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	@touch $@
+
+$(STAMPS)/install: $(STAMPS)/torch pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	@touch $@
+
+lint: $(STAMPS)/install
+	$(PY) -m ruff check .
+
+env: $(STAMPS)/install
+	$(VENV)/bin/packtune env
+
+clean:
+	rm -rf build engine/*.so *.egg-info $(STAMPS)

@@ -1,0 +1,7 @@
+"""`python -m packtune ...` (what torchrun launches) is the `packtune` command."""
+
+import sys
+
+from packtune.cli import main
+
+sys.exit(main())

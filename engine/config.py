@@ -1,0 +1,177 @@
+"""Typed run configuration: a TOML file plus `--set section.key=value` overrides.
+
+Unknown sections or keys and values of the wrong type are errors that name the key and suggest
+the closest valid one, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says where and how."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """A Hugging Face model directory (config.json + safetensors)."""
+    dtype: str = "auto"
+    """Parameter dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A JSONL (or JSON array) file of training rows."""
+    format: str = "auto"
+    """auto, alpaca, sharegpt, messages, prompt_completion or text."""
+    template: str = "alpaca"
+    """Chat template name (alpaca, vicuna_v1.1, chatml, llama2, llama3, raw)."""
+    tokenizer: str = ""
+    """A sentencepiece .model or tokenizer.json; default: the model directory's."""
+    max_tokens: int = 2048
+    """Tokens per packed row; also the longest sample kept."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of stopping at the first one."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/packtune"
+    max_steps: int = 0
+    """Optimizer steps; 0 means run `epochs` full epochs."""
+    epochs: int = 1
+    micro_batches: int = 1
+    """Gradient accumulation: packed rows per optimizer step (per rank)."""
+    lr: float = 2e-5
+    warmup: float = 0.03
+    """Warmup length: a fraction of the total steps if < 1, else a number of steps."""
+    save_every: int = 0
+    log_every: int = 1
+    seed: int = 0
+    resume: str = "auto"
+    """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(choices))}"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field annotation; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif annotation in (str, bool) and type(value) is annotation:
+        return value
+    elif origin is list and isinstance(value, list):
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, where) for v in value]
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = typing.get_type_hints(Config)
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section [{section}]{_suggest(section, list(sections))}")
+    obj = getattr(cfg, section)
+    keys = typing.get_type_hints(type(obj))
+    if key not in keys:
+        raise ConfigError(f"{source}: unknown key {section}.{key}{_suggest(key, list(keys))}")
+    setattr(obj, key, _coerce(value, keys[key], f"{source}: {section}.{key}"))
+
+
+def _parse_override_value(text: str) -> Any:
+    """`--set` values are TOML literals (1e-5, true, "x", [1, 2]); a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (defaults when `path` is None), then apply `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        for section, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
+            for key, value in table.items():
+                _apply(cfg, section, key, value, str(path))
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        section, dot, key = dotted.strip().partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _apply(cfg, section, key, _parse_override_value(text.strip()), "--set")
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as TOML, saved beside a run so it can be repeated exactly."""
+    lines = []
+    for section, table in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {_toml_literal(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,62 @@
+"""`packtune env`: what this machine offers packtune, and which backend each op will use."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import sys
+
+import torch
+
+import packtune
+from packtune import kernels
+from packtune.kernels import _dispatch
+
+
+def _torch_line() -> str:
+    accel = "no GPU"
+    if torch.cuda.is_available():
+        kind = f"ROCm {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
+        accel = f"{kind}, {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"torch {torch.__version__} ({accel})"
+
+
+def _triton_line() -> str:
+    triton = _dispatch.triton_module()
+    if triton is None:
+        return "not installed: GPU tensors use the PyTorch reference"
+    if _dispatch.triton_interpreted():
+        return f"{triton.__version__}, interpreted (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly"
+    if torch.cuda.is_available():
+        return f"{triton.__version__}, compiled for the GPU"
+    return f"{triton.__version__}, installed; no GPU here, so kernels run only under TRITON_INTERPRET=1"
+
+
+def _cpu_ext_line() -> str:
+    ext = _dispatch.cpu_extension()
+    if ext is None:
+        return "not built: CPU ops use the PyTorch reference"
+    return f"built ({ext.cpu_capability()}), OpenMP threads: {ext.openmp_max_threads()}"
+
+
+def report() -> str:
+    """The text `packtune env` prints."""
+    flash = importlib.util.find_spec("flash_attn") is not None
+    lines = [
+        f"packtune     {packtune.__version__}",
+        f"python       {sys.version.split()[0]} ({platform.machine()}, {platform.system()})",
+        f"torch        {_torch_line()}",
+        f"triton       {_triton_line()}",
+        f"flash-attn   {'installed' if flash else 'not installed'}",
+        f"packtune._C  {_cpu_ext_line()}",
+        f"threads      torch intra-op: {torch.get_num_threads()}",
+    ]
+    ops = kernels.registered_ops()
+    if ops:
+        lines.append("")
+        lines.append(f"{'op':<24}{'CPU tensors':<14}{'GPU tensors':<14}available")
+        for op, backends in sorted(ops.items()):
+            cpu = _dispatch.resolve_backend(op, "cpu")
+            gpu = _dispatch.default_backend(op, torch.device("cuda"))
+            lines.append(f"{op:<24}{cpu:<14}{gpu:<14}{', '.join(backends)}")
+    return "\n".join(lines)

@@ -1,0 +1,9 @@
+"""packtune.kernels: fused loss and packed-sequence ops for SFT, usable from any trainer.
+
+Every op has a Triton implementation (CUDA), a C++ implementation (CPU, packtune._C) and a
+PyTorch reference; `packtune.kernels._dispatch` picks one per call.
+"""
+
+from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
+
+__all__ = ["BACKENDS", "registered_ops", "resolve_backend"]

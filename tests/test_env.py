@@ -1,0 +1,69 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from packtune.kernels import _dispatch
+
+
+def test_env_command_reports_this_machine():
+    out = subprocess.run(
+        [sys.executable, "-m", "packtune", "env"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"torch        torch {torch.__version__}" in out
+    assert "packtune._C  built" in out, out
+    if not torch.cuda.is_available():
+        assert "no GPU" in out
+        assert "interpreted" in out
+    assert "flash-attn" in out
+
+
+def test_cpu_extension_reports_openmp_threads():
+    ext = _dispatch.cpu_extension()
+    assert ext is not None, "packtune._C did not build"
+    assert ext.openmp_max_threads() >= 1
+    assert ext.cpu_capability() in ("avx512", "avx2", "default")
+
+
+@pytest.fixture
+def fake_op():
+    _dispatch.register_op("_test_op", ("triton", "cpu", "torch"))
+    yield "_test_op"
+    _dispatch._OPS.pop("_test_op")
+
+
+def test_dispatch_defaults_by_device(fake_op, monkeypatch):
+    monkeypatch.delenv("PACKTUNE_BACKEND", raising=False)
+    assert _dispatch.resolve_backend(fake_op, "cpu") == "cpu"
+    assert _dispatch.default_backend(fake_op, torch.device("cuda")) == "triton"
+    assert _dispatch.resolve_backend(fake_op, "cpu", backend="torch") == "torch"
+    assert _dispatch.resolve_backend(fake_op, "cpu", backend="triton") == "triton"  # interpreter
+
+
+def test_dispatch_env_override_and_errors(fake_op, monkeypatch):
+    monkeypatch.setenv("PACKTUNE_BACKEND", "torch")
+    assert _dispatch.resolve_backend(fake_op, "cpu") == "torch"
+    monkeypatch.setenv("PACKTUNE_BACKEND", "nope")
+    with pytest.raises(ValueError, match="PACKTUNE_BACKEND"):
+        _dispatch.resolve_backend(fake_op, "cpu")
+    _dispatch.register_op("_test_torch_only", ("torch",))
+    try:
+        with pytest.raises(ValueError, match="no 'cpu' backend"):
+            _dispatch.resolve_backend("_test_torch_only", "cpu", backend="cpu")
+    finally:
+        _dispatch._OPS.pop("_test_torch_only")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("PACKTUNE_BACKEND")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            _dispatch.resolve_backend(fake_op, "cpu", backend="triton")
+
+
+def test_kernels_never_import_the_engine():
+    code = "import sys, packtune.kernels; print(sorted(m for m in sys.modules if m.startswith('packtune')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ}).stdout
+    loaded = eval(out)
+    assert all(m == "packtune" or m.startswith(("packtune.kernels", "packtune._C")) for m in loaded), loaded
