@@ -23,7 +23,8 @@ $(STAMPS)/torch: | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	@touch $@
 
-$(STAMPS)/install: $(STAMPS)/torch pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+# The package folders are listed too: an editable install maps only the packages it saw.
+$(STAMPS)/install: $(STAMPS)/torch pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h */__init__.py)
 	$(PY) -m pip install -q setuptools wheel
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	@touch $@

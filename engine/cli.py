@@ -15,11 +15,30 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    subject = args.subject.replace("-", "_")
+    try:
+        module = importlib.import_module(f"packtune.bench.{subject}")
+    except ModuleNotFoundError as e:
+        if e.name != f"packtune.bench.{subject}":
+            raise
+        print(f"packtune bench: unknown subject {args.subject!r}", file=sys.stderr)
+        return 2
+    module.main(args.bench_args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="packtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="show versions, the C++ extension, and which backend each op uses")
     env.set_defaults(func=_env)
+    bench = sub.add_parser("bench", help="side-by-side benchmarks (ce, linear-ce, pack, rope, ...)")
+    bench.add_argument("subject")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the subject's own options (--help)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

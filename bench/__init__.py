@@ -1,0 +1,1 @@
+"""packtune.bench: side-by-side benchmarks, one module per subject (`packtune bench SUBJECT`)."""
