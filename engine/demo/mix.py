@@ -1,0 +1,87 @@
+"""A deterministic FLAN-style instruction mix over the demo tasks, written as Alpaca JSONL.
+
+Which split an instance belongs to is decided by a hash of (task, input), not by the order of
+drawing, so the held-out instances can never appear in training whatever the sizes and seeds:
+the two splits are disjoint by construction, and a test checks it. The held-out split is
+evaluated twice: with the training phrasings (unseen instances) and with each task's held-out
+phrasing (unseen instances and an instruction the model never saw).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from packtune.demo.tasks import TASKS, Task
+
+HELDOUT_SHARE = 8
+"""One instance in this many (by hash) belongs to the held-out split."""
+
+
+def is_heldout(task: str, x: str) -> bool:
+    digest = hashlib.sha1(f"{task}\x00{x}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") % HELDOUT_SHARE == 0
+
+
+def render(task: Task, phrasing: str, x: str, answer: str) -> dict[str, str]:
+    """One Alpaca row; the instance goes inline where the phrasing has `{x}`, else in `input`."""
+    if "{x}" in phrasing:
+        return {"instruction": phrasing.replace("{x}", x), "input": "", "output": answer, "task": task.name}
+    return {"instruction": phrasing, "input": x, "output": answer, "task": task.name}
+
+
+def _instances(task: Task, rng: random.Random, heldout: bool, count: int) -> Iterator[tuple[str, str]]:
+    """`count` distinct instances of one split (fewer if the task's space runs out)."""
+    seen: set[str] = set()
+    misses = 0
+    while len(seen) < count and misses < 50 * count:
+        x, answer = task.draw(rng)
+        if x in seen or is_heldout(task.name, x) != heldout:
+            misses += 1
+            continue
+        seen.add(x)
+        yield x, answer
+
+
+def make_split(split: str, rows_per_task: int, seed: int = 0) -> list[dict[str, str]]:
+    """Rows of one split, tasks interleaved in a seeded shuffle.
+
+    `split` is "train" (training phrasings), "heldout" (unseen instances, training phrasings)
+    or "heldout_phrasing" (unseen instances, each task's held-out phrasing).
+    """
+    if split not in ("train", "heldout", "heldout_phrasing"):
+        raise ValueError(f"unknown split {split!r}: expected train, heldout or heldout_phrasing")
+    rows = []
+    for index, task in enumerate(TASKS):
+        rng = random.Random(f"{seed}/{split}/{index}")
+        heldout = split != "train"
+        for x, answer in _instances(task, rng, heldout, rows_per_task):
+            if split == "heldout_phrasing":
+                phrasing = task.heldout_phrasing
+            else:
+                phrasing = rng.choice(task.train_phrasings)
+            rows.append(render(task, phrasing, x, answer))
+    random.Random(f"{seed}/{split}/order").shuffle(rows)
+    return rows
+
+
+ALPACA_FIELDS = ("instruction", "input", "output")
+
+
+def write_jsonl(rows: list[dict[str, str]], path: str | Path,
+                fields: tuple[str, ...] = ALPACA_FIELDS) -> Path:
+    """Write `fields` of each row; by default plain Alpaca rows, which every SFT data loader reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({k: row[k] for k in fields}, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
