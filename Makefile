@@ -8,7 +8,7 @@ STAMPS := $(VENV)/.packtune-stamps
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: test install lint env clean
+.PHONY: test install lint env clean demo
 
 test: $(STAMPS)/install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -31,6 +31,15 @@ $(STAMPS)/install: $(STAMPS)/torch pyproject.toml setup.py $(wildcard csrc/*.cpp
 
 lint: $(STAMPS)/install
 	$(PY) -m ruff check .
+
+# The README's first command: generate data, train a tiny Llama from scratch, report accuracy.
+# matplotlib is the `demo` extra (the loss curve PNG), installed once beside the package.
+demo: $(STAMPS)/demo
+	$(VENV)/bin/packtune demo
+
+$(STAMPS)/demo: $(STAMPS)/install
+	$(PY) -m pip install -q matplotlib
+	@touch $@
 
 env: $(STAMPS)/install
 	$(VENV)/bin/packtune env

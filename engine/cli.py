@@ -30,6 +30,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from packtune.demo.run import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="packtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("subject")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the subject's own options (--help)")
     bench.set_defaults(func=_bench)
+    demo = sub.add_parser("demo", help="train a tiny Llama on generated tasks, report accuracy")
+    demo.add_argument("--out", default="runs/demo", help="folder for the data, tokenizer, run and model")
+    demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (accuracy not a goal)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
     return parser
 
 

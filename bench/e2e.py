@@ -1,0 +1,224 @@
+"""`packtune bench e2e`: whole fine-tuning runs, packtune against transformers + TRL SFTTrainer.
+
+Every side trains the same Llama config from the same random initial weights, on the same rows
+of generated Alpaca-shaped data (bench/alpaca_like.py), in the same order of magnitude of tokens
+per optimizer step, for one epoch over the same first rows, with the same learning rate and
+schedule, tokenized by the same sentencepiece model. Each run is a fresh process (honest peak
+memory, no warm caches), and one judge (transformers' model, eval mode) scores every side's
+final weights on the same held-out rows. Reported per side: real tokens/s (padding excluded),
+label tokens/s, peak resident memory of the training loop, held-out loss, the last training
+losses, and CPU MFU against the matmul rate measured on this machine in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from packtune.bench.e2e_common import (
+    MODELS,
+    alpaca_prompt,
+    flops_per_token,
+    heldout_loss,
+    hf_config,
+    matmul_rate,
+    read_jsonl,
+)
+
+IMPLS = ("packtune", "trl-padding", "trl-packing")
+BASELINES = ("trl-padding", "trl-packing")
+TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                    "legacy": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                    "pad_token": "<pad>"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="packtune bench e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", choices=sorted(MODELS),
+                   help="model config(s) to run (repeatable; default: small)")
+    p.add_argument("--impl", action="append", choices=IMPLS, help="sides to run (repeatable; default: all)")
+    p.add_argument("--tokens", type=int, default=24_000,
+                   help="train on the first rows holding about this many tokens (prompt + answer)")
+    p.add_argument("--step-tokens", type=int, default=4096,
+                   help="about this many real tokens per optimizer step")
+    p.add_argument("--max-tokens", type=int, default=2048,
+                   help="tokens per packed row (packtune, TRL packing)")
+    p.add_argument("--padding-batch", type=int, default=4,
+                   help="samples per padded micro-batch for TRL padding (Alpaca's recipe uses 4)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rows", type=int, default=4000, help="rows of generated data (the tokenizer's corpus)")
+    p.add_argument("--eval-rows", type=int, default=32, help="held-out rows for the loss comparison")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="bench_results/e2e_work",
+                   help="generated data, tokenizer, initial models")
+    p.add_argument("--out", default="bench_results", help="folder for e2e.json")
+    return p
+
+
+def prepare(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
+    """Data, tokenizer and one random initial model per config under `args.work` (reused if present)."""
+    work = Path(args.work)
+    stamp = {"rows": args.rows, "eval_rows": args.eval_rows, "seed": args.seed}
+    meta_path = work / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if meta.get("stamp") != stamp:
+        shutil.rmtree(work, ignore_errors=True)
+        meta = _generate(work, args)
+        meta["stamp"] = stamp
+        meta_path.write_text(json.dumps(meta, indent=1))
+    for name in models:
+        init_dir = work / f"init_{name}"
+        if not (init_dir / "config.json").exists():
+            _init_model(init_dir, name, work / "tokenizer.model", args.seed)
+    return meta
+
+
+def _generate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import sentencepiece as spm
+
+    from packtune.bench.alpaca_like import generate_rows, length_stats
+    from packtune.demo.mix import write_jsonl
+    from packtune.demo.tokenizer import train_tokenizer
+
+    rows = generate_rows(args.rows + args.eval_rows, seed=args.seed)
+    train, heldout = rows[:args.rows], rows[args.rows:]
+    write_jsonl(train, work / "data.jsonl")
+    write_jsonl(heldout, work / "heldout.jsonl")
+    model = train_tokenizer((alpaca_prompt(r) + " " + r["output"] for r in train), work / "tokenizer.model",
+                            vocab_size=8000, model_type="bpe", seed=args.seed)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    lengths = [(1 + len(sp.encode(alpaca_prompt(r))), len(sp.encode(r["output"])) + 1) for r in train]
+    by_row = {id(r): n for r, n in zip(train, lengths, strict=True)}
+    stats = length_stats(train, lambda r: by_row[id(r)])
+    return {"lengths": [p + a for p, a in lengths], "stats": stats, "tokenizer_vocab": sp.vocab_size()}
+
+
+def _init_model(init_dir: Path, name: str, tokenizer_model: Path, seed: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    skip = ("architectures", "model_type", "torch_dtype")
+    config = {k: v for k, v in hf_config(name).items() if k not in skip}
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(init_dir)
+    shutil.copy(tokenizer_model, init_dir / "tokenizer.model")
+    (init_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=1))
+
+
+def run_side(spec: dict[str, Any]) -> dict[str, Any]:
+    """One side's run, in this process (the worker calls it)."""
+    if spec["impl"] == "packtune":
+        from packtune.bench import e2e_packtune
+
+        result = e2e_packtune.run(spec)
+    else:
+        from packtune.bench import e2e_trl
+
+        result = e2e_trl.run({**spec, "mode": spec["impl"].removeprefix("trl-")})
+    result["heldout_loss"] = heldout_loss(result["model_dir"], read_jsonl(spec["heldout"]))
+    return result
+
+
+def _run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "packtune.bench.e2e", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+        return {"error": lines[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plan(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """How many rows hold `--tokens`, and the batch shapes that give ~`--step-tokens` per step."""
+    lengths = meta["lengths"]
+    rows, total = 0, 0
+    while rows < len(lengths) and total < args.tokens:
+        total += lengths[rows]
+        rows += 1
+    mean = total / rows
+    rows_per_micro_batch = max(args.step_tokens // args.max_tokens, 1)
+    micro_batches_padding = max(round(args.step_tokens / (mean * args.padding_batch)), 1)
+    steps = max(round(total / args.step_tokens), 1)
+    return {"rows": rows, "tokens": total, "mean_length": mean, "rows_per_micro_batch": rows_per_micro_batch,
+            "padding_micro_batches": micro_batches_padding, "warmup": max(round(0.03 * steps), 1),
+            "context": sum(n * n for n in lengths[:rows]) / total}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    models = args.model or ["small"]
+    impls = args.impl or list(IMPLS)
+    meta = prepare(args, models)
+    shape = plan(args, meta)
+    rate = matmul_rate()
+    stats = meta["stats"]
+    print(f"packtune bench e2e: {shape['rows']} rows, {shape['tokens']} tokens "
+          f"(data: mean {stats['mean']:.0f}, "
+          f"median {stats['median']}, p90 {stats['p90']}, max {stats['max']} tokens, "
+          f"{100 * stats['response_share']:.1f}% response); fp32 matmul {rate / 1e9:.1f} GFLOP/s")
+    work = Path(args.work)
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results = []
+    for name in models:
+        config = hf_config(name)
+        flops = flops_per_token(config, shape["context"])
+        for impl in impls:
+            padding = impl == "trl-padding"
+            spec = {"impl": impl, "model": name, "init_dir": str(work / f"init_{name}"),
+                    "out_dir": str(work / f"run_{name}_{impl}"), "data": str(work / "data.jsonl"),
+                    "heldout": str(work / "heldout.jsonl"), "tokenizer": str(work / "tokenizer.model"),
+                    "rows": shape["rows"], "lr": args.lr, "warmup": shape["warmup"], "seed": args.seed,
+                    "max_tokens": args.max_tokens, "samples_per_micro_batch": args.padding_batch,
+                    "rows_per_micro_batch": shape["rows_per_micro_batch"],
+                    "micro_batches": shape["padding_micro_batches"] if padding else 1}
+            print(f"  running {name} / {impl} ...", flush=True)
+            res = _run_in_subprocess(spec)
+            if "error" not in res:
+                res["real_tokens_per_s"] = res["real_tokens"] / res["train_s"]
+                res["label_tokens_per_s"] = res["label_tokens"] / res["train_s"]
+                res["mfu"] = flops * res["real_tokens_per_s"] / rate
+            results.append({"subject": "e2e", "model": name, "implementation": impl, "timestamp": stamp,
+                            "matmul_flops": rate, "flops_per_token": flops, "plan": shape, "data": stats,
+                            **res})
+        _print_table(name, [r for r in results if r["model"] == name])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e.json").write_text(json.dumps(results, indent=1))
+    print(f"results: {out / 'e2e.json'}")
+    return results
+
+
+def _print_table(model: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\nmodel {model}: {MODELS[model]}")
+    print(f"{'implementation':<14}{'steps':>6}{'real tok/s':>11}{'label tok/s':>12}{'peak MiB':>10}"
+          f"{'held-out':>9}{'last loss':>10}{'MFU':>7}")
+    base = {r["implementation"]: r for r in rows if "error" not in r}
+    for r in rows:
+        if "error" in r:
+            print(f"{r['implementation']:<14}  failed: {r['error']}")
+            continue
+        print(f"{r['implementation']:<14}{r['steps']:>6}{r['real_tokens_per_s']:>11.0f}{r['label_tokens_per_s']:>12.0f}"
+              f"{r['peak_bytes'] / 2**20:>10.0f}{r['heldout_loss']:>9.3f}{r['train_losses'][-1]:>10.3f}"
+              f"{100 * r['mfu']:>6.1f}%")
+    for r in rows:
+        for name in BASELINES:
+            if r["implementation"] != name and name in base and "error" not in r:
+                b = base[name]
+                r[f"speedup_vs_{name}"] = r["real_tokens_per_s"] / b["real_tokens_per_s"]
+                r[f"memory_vs_{name}"] = r["peak_bytes"] / max(b["peak_bytes"], 1)
+                print(f"  {r['implementation']} vs {name}: {r[f'speedup_vs_{name}']:.2f}x real tokens/s, "
+                      f"{r[f'memory_vs_{name}']:.2f}x peak memory, "
+                      f"held-out loss {r['heldout_loss']:.3f} vs {b['heldout_loss']:.3f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(run_side(json.loads(sys.argv[2]))))
+    else:
+        main(sys.argv[1:])

@@ -1,0 +1,125 @@
+"""What both sides of `packtune bench e2e` share: the prompt text, the model configs, FLOP
+counting, the machine's measured matmul rate, peak memory, and the held-out loss."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                       "further context. Write a response that appropriately completes the request.")
+
+MODELS: dict[str, dict[str, Any]] = {
+    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 688},
+    "large": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "intermediate_size": 1376},
+}
+VOCAB_SIZE = 32000
+
+
+def alpaca_prompt(row: dict[str, str]) -> str:
+    """Stanford Alpaca's prompt (without BOS) ending at "### Response:"; the answer follows after a space."""
+    if row.get("input"):
+        return (f"{ALPACA_SYSTEM_INPUT}\n\n### Instruction:\n{row['instruction']}\n\n"
+                f"### Input:\n{row['input']}\n\n### Response:")
+    return f"{ALPACA_SYSTEM}\n\n### Instruction:\n{row['instruction']}\n\n### Response:"
+
+
+def hf_config(name: str) -> dict[str, Any]:
+    """A Llama config.json for one of `MODELS` (untied lm_head, Llama-2 style, fp32)."""
+    shape = MODELS[name]
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB_SIZE,
+            "num_key_value_heads": shape["num_attention_heads"], "hidden_act": "silu",
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", **shape}
+
+
+def flops_per_token(config: dict[str, Any], context: float) -> float:
+    """Training FLOPs per token, as torchtitan and nanoGPT count them: 6 x the parameters the token
+    passes through (every matmul weight: attention, MLP, lm_head; not the embedding lookup) plus
+    12 x layers x hidden x `context` for the attention scores and their use. `context` is the
+    length each token attends over: the sample's own length, since packed samples never see
+    each other. No causal discount and no recomputation, the usual MFU convention."""
+    h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
+    params = layers * per_layer + h * config["vocab_size"]
+    return 6 * params + 12 * layers * h * context
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """The best fp32 matmul FLOP/s this process reaches (torch's threads, this machine): the
+    ceiling CPU MFU is measured against, as a GPU's datasheet peak is."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+_BASE_RSS = [0]
+
+
+def reset_peak_rss() -> None:
+    """Start a fresh high-water mark (Linux `clear_refs`), so the peak measures training alone."""
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    _BASE_RSS[0] = _status_bytes("VmRSS")
+
+
+def peak_rss_since_reset() -> int:
+    """Resident memory at its highest since `reset_peak_rss`, minus what was resident then."""
+    return max(_status_bytes("VmHWM") - _BASE_RSS[0], 0)
+
+
+def heldout_loss(model_dir: str, rows: list[dict[str, str]]) -> float:
+    """Mean cross-entropy over the answer tokens (and EOS) of `rows`, one sample at a time with
+    transformers' own model: one judge for every side."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            prompt = tokenizer(alpaca_prompt(row))["input_ids"]
+            full = tokenizer(alpaca_prompt(row) + " " + row["output"])["input_ids"] + [tokenizer.eos_token_id]
+            ids = torch.tensor([full])
+            labels = ids.clone()
+            labels[0, :len(prompt)] = -100
+            logits = model(input_ids=ids).logits[0, :-1]
+            loss = torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="sum")
+            total += float(loss)
+            count += int((labels[0, 1:] != -100).sum())
+    return total / max(count, 1)
+
+
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if limit is not None and len(rows) >= limit:
+                break
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows

@@ -1,0 +1,79 @@
+"""The packtune side of `packtune bench e2e`: the same code path as `packtune train`.
+
+The config is what a user would write for this data (alpaca format and template, packed rows of
+`max_tokens`, the bench's rows per step, lr and warmup); the timed part is `Trainer.fit()`, as
+`trainer.train()` is on the TRL side: data preparation and model loading are outside both timers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from packtune.bench.e2e_common import peak_rss_since_reset, reset_peak_rss
+
+
+def config(spec: dict[str, Any]):
+    from packtune.config import Config
+
+    cfg = Config()
+    cfg.model.path = spec["init_dir"]
+    cfg.data.path = spec["data"]
+    cfg.data.format = "alpaca"
+    cfg.data.template = "alpaca"
+    cfg.data.tokenizer = spec["tokenizer"]
+    cfg.data.max_tokens = spec["max_tokens"]
+    cfg.data.cache_dir = str(Path(spec["out_dir"]) / "cache")
+    t = cfg.train
+    t.output_dir = spec["out_dir"]
+    t.micro_batches = spec["rows_per_micro_batch"]
+    t.epochs = 1
+    t.lr = spec["lr"]
+    t.warmup = float(spec["warmup"])
+    t.weight_decay = 0.0
+    t.max_grad_norm = 1.0
+    t.seed = spec["seed"]
+    t.resume = "never"
+    t.device = "cpu"
+    t.log_every = 1
+    return cfg
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train the first `spec["rows"]` rows for one epoch; returns the measurement and the exported
+    model directory."""
+    import json
+
+    import torch
+
+    from packtune.bench.e2e_common import read_jsonl
+    from packtune.demo.mix import write_jsonl
+    from packtune.launch import build_samplers, check_config, export_model, load_model, model_dtype
+    from packtune.parallel import init_distributed, shutdown
+    from packtune.train import Trainer
+
+    out = Path(spec["out_dir"])
+    subset = write_jsonl(read_jsonl(spec["data"], spec["rows"]), out / "data.jsonl")
+    cfg = config({**spec, "data": str(subset)})
+    check_config(cfg)
+    torch.manual_seed(cfg.train.seed)
+    d = init_distributed(cfg.train.device)
+    try:
+        sampler, _ = build_samplers(cfg, d)
+        model = load_model(cfg.model.path, model_dtype(cfg.model.dtype))
+        trainer = Trainer(cfg.train, model, sampler, d, flops_per_token=model.args.num_flops_per_token)
+        reset_peak_rss()
+        start = time.perf_counter()
+        trainer.fit()
+        seconds = time.perf_counter() - start
+        peak = peak_rss_since_reset()
+        final = export_model(trainer, cfg)
+    finally:
+        shutdown(d)
+    records = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8") if line.strip()]
+    steps = [r for r in records if "loss" in r and "tokens" in r]
+    return {"train_s": seconds, "steps": len(steps), "samples": spec["rows"],
+            "real_tokens": sum(r["tokens"] for r in steps),
+            "label_tokens": sum(r["label_tokens"] for r in steps),
+            "peak_bytes": peak, "train_losses": [r["loss"] for r in steps], "model_dir": str(final)}

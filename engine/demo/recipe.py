@@ -1,0 +1,80 @@
+"""The demo's sizes: data, tokenizer, model shape and training schedule, in one place.
+
+`FULL` is sized for 2 CPU cores and under 10 minutes end to end; `QUICK` is the smoke-test
+variant (tiny everything, well under a minute of training, accuracy not a goal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from packtune.config import Config
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    rows_per_task: int
+    """Training rows per task (8 tasks)."""
+    eval_per_task: int
+    """Held-out rows per task, for each of the two held-out splits."""
+    vocab_size: int
+    """Upper bound for the sentencepiece vocabulary (the model is sized to what it gets)."""
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    epochs: int
+    lr: float
+    max_tokens: int
+    """Tokens per packed row."""
+    micro_batches: int
+    """Packed rows per optimizer step."""
+    warmup: float = 0.05
+    min_lr_ratio: float = 0.1
+    log_every: int = 10
+    samples_shown: int = 4
+    template: str = "alpaca"
+
+    def hf_config(self, vocab_size: int) -> dict[str, Any]:
+        """config.json of the initial model: Llama architecture, tied embeddings, fp32."""
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads, "max_position_embeddings": 2 * self.max_tokens,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": True,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "torch_dtype": "float32",
+        }
+
+    def train_config(self, out: Path, model_dir: Path, data: Path, tokenizer: Path, seed: int) -> Config:
+        cfg = Config()
+        cfg.model.path = str(model_dir)
+        cfg.data.path = str(data)
+        cfg.data.format = "alpaca"
+        cfg.data.template = self.template
+        cfg.data.tokenizer = str(tokenizer)
+        cfg.data.max_tokens = self.max_tokens
+        cfg.data.cache_dir = str(out / "cache")
+        t = cfg.train
+        t.output_dir = str(out / "run")
+        t.epochs = self.epochs
+        t.micro_batches = self.micro_batches
+        t.lr = self.lr
+        t.warmup = self.warmup
+        t.min_lr_ratio = self.min_lr_ratio
+        t.adam_betas = [0.9, 0.98]
+        t.log_every = self.log_every
+        t.seed = seed
+        t.resume = "never"
+        t.device = "cpu"
+        return cfg
+
+
+FULL = DemoRecipe(rows_per_task=2500, eval_per_task=40, vocab_size=1000, hidden_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, intermediate_size=352, epochs=2, lr=3e-3, max_tokens=1024,
+                  micro_batches=2)
+QUICK = replace(FULL, rows_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=256, micro_batches=1,
+                log_every=1, samples_shown=2)

@@ -1,0 +1,80 @@
+"""`packtune bench e2e`: options, the equal-work plan, FLOP counting, the generated data's shape."""
+
+import json
+
+import pytest
+
+from packtune.bench import e2e
+from packtune.bench.alpaca_like import generate_rows, length_stats
+from packtune.bench.e2e_common import MODELS, alpaca_prompt, flops_per_token, hf_config
+
+
+def test_options_default_and_explicit():
+    args = e2e.build_parser().parse_args([])
+    assert (args.model, args.impl, args.tokens, args.max_tokens) == (None, None, 24_000, 2048)
+    args = e2e.build_parser().parse_args(["--model", "large", "--impl", "packtune", "--impl", "trl-packing",
+                                          "--tokens", "1000", "--lr", "3e-4"])
+    assert args.model == ["large"] and args.impl == ["packtune", "trl-packing"]
+    assert (args.tokens, args.lr) == (1000, 3e-4)
+    with pytest.raises(SystemExit):
+        e2e.build_parser().parse_args(["--impl", "axolotl"])
+
+
+def test_plan_takes_the_first_rows_holding_the_token_budget():
+    args = e2e.build_parser().parse_args(["--tokens", "1000", "--step-tokens", "400", "--max-tokens", "200",
+                                          "--padding-batch", "2"])
+    shape = e2e.plan(args, {"lengths": [100, 300, 200, 500, 100, 100]})
+    assert (shape["rows"], shape["tokens"]) == (4, 1100)
+    assert shape["mean_length"] == 275
+    assert shape["rows_per_micro_batch"] == 2  # 2 packed rows of 200 tokens = 400 tokens per step
+    assert shape["padding_micro_batches"] == 1  # 2 samples of ~275 tokens: closest to 400 per step
+    assert shape["context"] == pytest.approx((100**2 + 300**2 + 200**2 + 500**2) / 1100)
+
+
+def test_flops_per_token_by_hand():
+    config = hf_config("small")
+    assert config["vocab_size"] == 32000 and MODELS["small"]["hidden_size"] == 256
+    h, layers, inter, vocab = 256, 4, 688, 32000
+    params = layers * (4 * h * h + 3 * h * inter) + h * vocab
+    assert flops_per_token(config, 200) == 6 * params + 12 * layers * h * 200
+
+
+def test_alpaca_prompt_variants():
+    assert alpaca_prompt({"instruction": "Do it.", "input": "", "output": "x"}).endswith(
+        "completes the request.\n\n### Instruction:\nDo it.\n\n### Response:")
+    with_input = alpaca_prompt({"instruction": "Do it.", "input": "data", "output": "x"})
+    assert "paired with an input" in with_input and with_input.endswith("### Input:\ndata\n\n### Response:")
+
+
+def test_generated_rows_are_deterministic_and_alpaca_shaped(tmp_path):
+    import sentencepiece as spm
+
+    from packtune.demo.tokenizer import train_tokenizer
+
+    rows = generate_rows(600, seed=1)
+    assert rows == generate_rows(600, seed=1)
+    assert set(rows[0]) == {"instruction", "input", "output"}
+    model = train_tokenizer((alpaca_prompt(r) + " " + r["output"] for r in rows), tmp_path / "t.model", 4000,
+                            model_type="bpe")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    stats = length_stats(rows, lambda r: (1 + len(sp.encode(alpaca_prompt(r))),
+                                          1 + len(sp.encode(r["output"]))))
+    json.dumps(stats)
+    assert 150 < stats["mean"] < 260 and stats["median"] < stats["mean"] < stats["p90"] < stats["max"]
+    assert 0.6 < stats["response_share"] < 0.8
+    assert 0.3 < stats["input_share"] < 0.5
+
+
+@pytest.mark.slow
+def test_tiny_trl_run_end_to_end(tmp_path):
+    pytest.importorskip("trl")
+    results = e2e.main(["--tokens", "800", "--rows", "300", "--eval-rows", "2", "--step-tokens", "400",
+                        "--max-tokens", "400", "--impl", "trl-padding", "--impl", "trl-packing",
+                        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert [r["implementation"] for r in results] == ["trl-padding", "trl-packing"]
+    for r in results:
+        assert "error" not in r, r
+        assert r["real_tokens"] > r["label_tokens"] > 0 and r["train_s"] > 0 and r["steps"] >= 1
+        assert r["heldout_loss"] > 0 and 0 < r["mfu"] < 1
+    assert results[0]["label_tokens"] == results[1]["label_tokens"]
+    assert json.loads((tmp_path / "out" / "e2e.json").read_text())[1]["implementation"] == "trl-packing"
