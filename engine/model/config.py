@@ -116,14 +116,17 @@ class ModelArgs:
     def num_flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward), as torchtitan counts them for MFU.
 
-        6 x the matmul parameters (embedding lookup excluded, lm_head included even when tied)
-        plus 12 x layers x heads x head_dim x seq_len for attention scores and values.
+        6 x the parameters a token passes through (all but the embedding table; lm_head counted
+        even when tied to it) plus 12 x layers x heads x head_dim x seq_len for attention scores
+        and values (the causal half is not discounted, as in torchtitan and PaLM).
         """
-        h, d = self.hidden_size, self.head_dim
-        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        mlp = 3 * h * self.intermediate_size
-        matmul_params = self.num_hidden_layers * (attn + mlp) + self.vocab_size * h
-        return 6 * matmul_params + 12 * self.num_hidden_layers * self.num_attention_heads * d * seq_len
+        h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
+        q_dim, kv_dim = self.num_attention_heads * d, self.num_key_value_heads * d
+        attn = h * (q_dim + 2 * kv_dim) + q_dim * h
+        attn += (q_dim + 2 * kv_dim) * self.qkv_bias + h * self.o_bias
+        mlp = 3 * h * i + (2 * i + h) * self.mlp_bias
+        params = self.num_hidden_layers * (attn + mlp + 2 * h) + h + self.vocab_size * h
+        return 6 * params + 12 * self.num_hidden_layers * q_dim * seq_len
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
