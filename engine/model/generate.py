@@ -60,7 +60,8 @@ def generate(
     cache = KVCache(model.args, ids.numel() + max_new_tokens, device=weight.device, dtype=weight.dtype)
     out: list[int] = []
     while len(out) < max_new_tokens:
-        token = next_token(model(ids, cache=cache)[-1], temperature, top_p, generator)
+        last = model.hidden_states(ids, cache=cache)[-1]  # logits of the last position only
+        token = next_token(model.lm_head(last), temperature, top_p, generator)
         out.append(token)
         if token in stop:
             break

@@ -52,6 +52,18 @@ def test_padded_logits_match_transformers(checkpoints, name, dtype, rel):
         assert_close_rel(ours(ids), hf(ids).logits, rel)
 
 
+@pytest.mark.parametrize("name", ["llama3_gqa", "qwen2"])
+def test_bf16_error_no_worse_than_transformers(checkpoints, name):
+    """bf16 logits: error vs the float64 model within transformers' own bf16 error + 1e-2."""
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        exact = hf_model(checkpoints[name], torch.float64)(ids).logits
+        theirs = hf_model(checkpoints[name], torch.bfloat16)(ids).logits.double()
+        ours = load_pretrained(checkpoints[name], dtype=torch.bfloat16)(ids).double()
+    scale = exact.abs().max()
+    assert (ours - exact).abs().max() / scale <= (theirs - exact).abs().max() / scale + 1e-2
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_packed_logits_and_grads_match_each_sample_alone(checkpoints, name):
     """Packed [T] input == each sample run alone by transformers; loss gradients too (float64)."""
