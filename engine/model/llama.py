@@ -36,11 +36,8 @@ class Attention(nn.Module):
         self.layer = layer
         self.head_dim = args.head_dim
         self.window = args.window(layer)
-        hidden, q_dim, kv_dim = (
-            args.hidden_size,
-            args.num_attention_heads * args.head_dim,
-            args.num_key_value_heads * args.head_dim,
-        )
+        hidden = args.hidden_size
+        q_dim, kv_dim = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
         self.q_proj = nn.Linear(hidden, q_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)

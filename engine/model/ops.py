@@ -80,6 +80,7 @@ def varlen_attention(
 
     Sample i spans rows `cu_seqlens[i]:cu_seqlens[i+1]`. The reference runs SDPA once per sample,
     so no cross-sample score is ever computed (rather than masked), and costs no T x T mask.
+    `max_seqlen` (the longest sample) sizes a kernel's launch grid; the reference does not need it.
     """
     if not causal:
         raise ValueError("varlen_attention: only causal attention is implemented")
