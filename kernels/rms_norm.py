@@ -69,6 +69,11 @@ def _block(n_cols: int) -> int:
     return triton.next_power_of_2(n_cols)
 
 
+def _num_warps(block: int) -> int:
+    """More warps for wider rows, so each thread holds a handful of elements (as Liger sizes them)."""
+    return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
 def _num_programs(n_rows: int, device: torch.device) -> int:
     """Programs in the backward: one wave on a GPU, a few under the interpreter."""
     if device.type == "cuda":
@@ -81,8 +86,9 @@ def _triton_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     y = torch.empty_like(x2)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     if n_rows:
+        block = _block(n_cols)
         _rms_norm_fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                                        BLOCK=_block(n_cols))
+                                        BLOCK=block, num_warps=_num_warps(block))
     return y, rstd
 
 
@@ -93,20 +99,31 @@ def _triton_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
     programs = _num_programs(n_rows, x2.device)
     partial = torch.zeros(programs, n_cols, dtype=torch.float32, device=x2.device)
     if n_rows:
+        block = _block(n_cols)
         _rms_norm_bwd_kernel[(programs,)](dy, x2, weight, rstd, dx, partial, dy.stride(0), x2.stride(0),
                                           dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, programs),
-                                          BLOCK=_block(n_cols))
+                                          BLOCK=block, num_warps=_num_warps(block))
     return dx, partial.sum(0)
 
 
 def _cpu_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    cpu_extension()
     return torch.ops.packtune.rms_norm_fwd(x2, weight.float().contiguous(), eps)
 
 
 def _cpu_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
                   rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.packtune.rms_norm_bwd(dy, x2, weight.float().contiguous(), rstd)
+
+
+if cpu_extension() is not None:  # shapes for torch.compile's fake tensors; the kernels are in C++
+
+    @torch.library.register_fake("packtune::rms_norm_fwd")
+    def _(x, weight, eps):
+        return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("packtune::rms_norm_bwd")
+    def _(dy, x, weight, rstd):
+        return torch.empty_like(x), weight.new_empty(weight.shape, dtype=torch.float32)
 
 
 _IMPLS = {"triton": (_triton_forward, _triton_backward), "cpu": (_cpu_forward, _cpu_backward)}

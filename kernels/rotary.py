@@ -111,8 +111,14 @@ def _triton_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 
 def _cpu_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 positions: torch.Tensor, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    cpu_extension()
     return torch.ops.packtune.rotary(q, k, cos, sin, positions, backward)
+
+
+if cpu_extension() is not None:  # shapes for torch.compile's fake tensors; the kernels are in C++
+
+    @torch.library.register_fake("packtune::rotary")
+    def _(q, k, cos, sin, positions, backward):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 _IMPLS = {"triton": _triton_rotate, "cpu": _cpu_rotate}

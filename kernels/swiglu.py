@@ -78,12 +78,22 @@ def _triton_backward(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tupl
 
 
 def _cpu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    cpu_extension()
     return torch.ops.packtune.swiglu_fwd(g, u)
 
 
 def _cpu_backward(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.packtune.swiglu_bwd(dy, g, u)
+
+
+if cpu_extension() is not None:  # shapes for torch.compile's fake tensors; the kernels are in C++
+
+    @torch.library.register_fake("packtune::swiglu_fwd")
+    def _(gate, up):
+        return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("packtune::swiglu_bwd")
+    def _(dy, gate, up):
+        return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
 _IMPLS = {"triton": (_triton_forward, _triton_backward), "cpu": (_cpu_forward, _cpu_backward)}
