@@ -106,9 +106,11 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end <= start:
             continue
-        mask = sample_mask(end - start, causal, window, q.device)
+        # Plain causal goes through is_causal (SDPA's fused CPU/GPU kernels); windows need the mask.
+        mask = sample_mask(end - start, causal, window, q.device) if window is not None else None
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
+                                           scale=scale, enable_gqa=gqa)
         out[start:end] = o.transpose(0, 1)
     return out
 

@@ -138,3 +138,20 @@ def test_cpu_kernel_rejects_positions_past_the_table(backend):
     q, k = torch.randn(10, 2, 64), torch.randn(10, 1, 64)
     with pytest.raises(RuntimeError, match="outside the cos/sin table"):
         rotary(q, k, rope.cos, rope.sin, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_strided_views_of_a_fused_qkv_projection(backend):
+    dev = device_for(backend)
+    t, hq, hk, d = 11, 4, 2, 64
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device=dev)
+    q, k = qkv[:, : hq * d].view(t, hq, d), qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    cos, sin = _tables(d, device=dev)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=dev)
+    dq, dk = torch.randn(t, hq, d, device=dev), torch.randn(t, hk, d, device=dev)
+    got = _fwd_bwd(lambda a, b: rotary(a, b, cos, sin, cu_seqlens=cu, backend=backend), q, k, dq, dk)
+    want = _fwd_bwd(lambda a, b: rotary(a, b, cos, sin, cu_seqlens=cu, backend="torch"),
+                    q.contiguous(), k.contiguous(), dq, dk)
+    for out, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
