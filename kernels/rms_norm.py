@@ -133,6 +133,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        weight = weight.contiguous()
         y, rstd = _IMPLS[backend][0](x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.backend = backend
