@@ -6,11 +6,29 @@ variant (tiny everything, well under a minute of training, accuracy not a goal).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from packtune.config import Config
+
+TEMPLATE = {
+    "name": "alpaca_short",
+    "user": "### Instruction:\n{content}\n\n### Response:",
+    "user_with_input": "### Instruction:\n{content}\n\n### Input:\n{input}\n\n### Response:",
+    "separator": "\n\n",
+}
+"""The Alpaca template without its one-sentence preamble: the preamble is two thirds of every
+demo sample's tokens and teaches a model trained from scratch nothing, so dropping it buys about
+three times the samples per minute. Written as a template file, the way users add their own."""
+
+
+def write_template(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{key} = {json.dumps(value)}\n" for key, value in TEMPLATE.items())
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 @dataclass(frozen=True)
@@ -35,7 +53,6 @@ class DemoRecipe:
     min_lr_ratio: float = 0.1
     log_every: int = 10
     samples_shown: int = 4
-    template: str = "alpaca"
 
     def hf_config(self, vocab_size: int) -> dict[str, Any]:
         """config.json of the initial model: Llama architecture, tied embeddings, fp32."""
@@ -48,12 +65,13 @@ class DemoRecipe:
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "torch_dtype": "float32",
         }
 
-    def train_config(self, out: Path, model_dir: Path, data: Path, tokenizer: Path, seed: int) -> Config:
+    def train_config(self, out: Path, model_dir: Path, data: Path, tokenizer: Path, template: Path,
+                     seed: int) -> Config:
         cfg = Config()
         cfg.model.path = str(model_dir)
         cfg.data.path = str(data)
         cfg.data.format = "alpaca"
-        cfg.data.template = self.template
+        cfg.data.template = str(template)
         cfg.data.tokenizer = str(tokenizer)
         cfg.data.max_tokens = self.max_tokens
         cfg.data.cache_dir = str(out / "cache")
@@ -77,4 +95,4 @@ FULL = DemoRecipe(rows_per_task=2500, eval_per_task=40, vocab_size=1000, hidden_
                   micro_batches=2)
 QUICK = replace(FULL, rows_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32, num_hidden_layers=1,
                 num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=256, micro_batches=1,
-                log_every=1, samples_shown=2)
+                log_every=20, samples_shown=2)

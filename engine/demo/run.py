@@ -20,7 +20,7 @@ import torch
 
 from packtune.demo.evaluate import ExactMatch, score
 from packtune.demo.mix import make_split, write_jsonl
-from packtune.demo.recipe import FULL, QUICK, DemoRecipe
+from packtune.demo.recipe import FULL, QUICK, DemoRecipe, write_template
 
 
 def answer(model, prompts, rows: list[dict[str, str]], max_new_tokens: int) -> list[str]:
@@ -81,9 +81,10 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     print(f"[1/5] data: {len(train)} training rows over 8 tasks, {len(heldout)} held-out instances, "
           f"{len(unseen_phrasing)} with unseen phrasings ({out / 'data'})", flush=True)
 
-    tokenizer = train_tokenizer(rendered_texts(train, recipe.template), out / "tokenizer.model",
+    template = write_template(out / "template.toml")
+    tokenizer = train_tokenizer(rendered_texts(train, str(template)), out / "tokenizer.model",
                                 recipe.vocab_size, model_type="bpe", seed=seed)
-    prompts = PromptEncoder(tokenizer, recipe.template)
+    prompts = PromptEncoder(tokenizer, str(template))
     vocab = prompts.tokenizer.vocab_size
     print(f"[2/5] tokenizer: sentencepiece BPE, {vocab} pieces ({tokenizer})", flush=True)
 
@@ -100,7 +101,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
           flush=True)
     _show("sample generations before training:", [heldout[i] for i in shown], [before_pred[i] for i in shown])
 
-    cfg = recipe.train_config(out, init_dir, data, tokenizer, seed)
+    cfg = recipe.train_config(out, init_dir, data, tokenizer, template, seed)
     print(f"[4/5] training ({recipe.epochs} epochs, lr {recipe.lr}, "
           f"{recipe.micro_batches} packed rows of {recipe.max_tokens} tokens per step) ...", flush=True)
     train_start = time.perf_counter()
