@@ -61,8 +61,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     d = init_distributed(cfg.train.device)
     try:
         sampler, _ = build_samplers(cfg, d)
-        model = load_model(cfg.model.path, model_dtype(cfg.model.dtype))
-        trainer = Trainer(cfg.train, model, sampler, d, flops_per_token=model.args.num_flops_per_token)
+        model, load_weights = load_model(cfg.model.path, model_dtype(cfg.model.dtype), d)
+        trainer = Trainer(cfg.train, model, sampler, d, flops_per_token=model.args.num_flops_per_token,
+                          load_weights=load_weights)
         reset_peak_rss()
         start = time.perf_counter()
         trainer.fit()

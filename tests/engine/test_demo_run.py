@@ -1,0 +1,36 @@
+"""`packtune demo --quick`: the whole pipeline end to end at toy size, and its exported model."""
+
+import json
+
+import pytest
+import torch
+
+from packtune.cli import main
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("held-out exact match: ") and "(before training: " in last
+    assert "sample generations before training:" in printed and "sample generations after training:" in printed
+
+    metrics = json.loads((out / "demo.json").read_text())
+    assert metrics["heldout"]["total"] == 8 * 3 and metrics["unseen_phrasing"]["total"] == 8 * 3
+    assert f"{100 * metrics['heldout']['exact_match']:.1f}%" in last
+    assert (out / "loss_curve.png").exists() or (out / "loss_curve.txt").exists()
+    losses = [json.loads(line)["loss"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) > 5 and sum(losses[-3:]) < sum(losses[:3])  # it learned something
+
+    # The export is a Hugging Face directory: transformers loads it and agrees with packtune's model.
+    transformers = pytest.importorskip("transformers")
+    from packtune.model.hf_io import load_pretrained
+
+    final = metrics["model_dir"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ours = load_pretrained(final).eval()
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
