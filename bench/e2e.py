@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=4000, help="rows of generated data (the tokenizer's corpus)")
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows for the loss comparison")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads for every side and the matmul probe (0: torch's default)")
     p.add_argument("--work", default="bench_results/e2e_work",
                    help="generated data, tokenizer, initial models")
     p.add_argument("--out", default="bench_results", help="folder for e2e.json")
@@ -113,6 +115,7 @@ def _init_model(init_dir: Path, name: str, tokenizer_model: Path, seed: int) -> 
 
 def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     """One side's run, in this process (the worker calls it)."""
+    _set_threads(spec["threads"])
     if spec["impl"] == "packtune":
         from packtune.bench import e2e_packtune
 
@@ -123,6 +126,13 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
         result = e2e_trl.run({**spec, "mode": spec["impl"].removeprefix("trl-")})
     result["heldout_loss"] = heldout_loss(result["model_dir"], read_jsonl(spec["heldout"]))
     return result
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     impls = args.impl or list(IMPLS)
     meta = prepare(args, models)
     shape = plan(args, meta)
+    _set_threads(args.threads)
     rate = matmul_rate()
     stats = meta["stats"]
     print(f"packtune bench e2e: {shape['rows']} rows, {shape['tokens']} tokens "
@@ -173,7 +184,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             spec = {"impl": impl, "model": name, "init_dir": str(work / f"init_{name}"),
                     "out_dir": str(work / f"run_{name}_{impl}"), "data": str(work / "data.jsonl"),
                     "heldout": str(work / "heldout.jsonl"), "tokenizer": str(work / "tokenizer.model"),
-                    "rows": shape["rows"], "lr": args.lr, "warmup": shape["warmup"], "seed": args.seed,
+                    "rows": shape["rows"], "lr": args.lr, "threads": args.threads,
+                    "warmup": shape["warmup"], "seed": args.seed,
                     "max_tokens": args.max_tokens, "samples_per_micro_batch": args.padding_batch,
                     "rows_per_micro_batch": shape["rows_per_micro_batch"],
                     "micro_batches": shape["padding_micro_batches"] if padding else 1}

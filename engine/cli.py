@@ -65,6 +65,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from packtune.demo.run import run_demo
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run_demo(args.out, quick=args.quick, seed=args.seed)
     return 0
 
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the data, tokenizer, run and model")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (accuracy not a goal)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     demo.set_defaults(func=_demo)
     return parser
 

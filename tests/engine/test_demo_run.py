@@ -14,7 +14,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     last = printed.strip().splitlines()[-1]
     assert last.startswith("held-out exact match: ") and "(before training: " in last
-    assert "sample generations before training:" in printed and "sample generations after training:" in printed
+    assert "sample generations before training:" in printed
+    assert "sample generations after training:" in printed
 
     metrics = json.loads((out / "demo.json").read_text())
     assert metrics["heldout"]["total"] == 8 * 3 and metrics["unseen_phrasing"]["total"] == 8 * 3
