@@ -200,8 +200,10 @@ class ChunkTokenizer:
             wheres.append(where)
             numbers.append(number)
         dropped, truncated = Counter(), Counter()
-        ids_out, mask_out, kept_numbers = [], [], []
-        for number, result in zip(numbers, self.encoder.encode_rows(rendered, wheres), strict=False):
+        ids_out: list[int] = []
+        mask_out: list[bool] = []
+        lengths, kept_numbers = [], []
+        for number, result in zip(numbers, self.encoder.encode_rows(rendered, wheres), strict=True):
             if isinstance(result, DataError):
                 errors.append((number, result))
                 continue
@@ -211,15 +213,16 @@ class ChunkTokenizer:
                     dropped["too_long"] += 1
                     continue
                 ids, mask = ids[:max_tokens], mask[:max_tokens]
-                if not mask[1:].any():
+                if not any(mask[1:]):
                     dropped["no_label_tokens_after_truncation"] += 1
                     continue
                 truncated["too_long"] += 1
-            elif not mask[1:].any():
+            elif not any(mask[1:]):
                 dropped["no_label_tokens"] += 1
                 continue
-            ids_out.append(ids)
-            mask_out.append(mask)
+            ids_out += ids
+            mask_out += mask
+            lengths.append(len(ids))
             kept_numbers.append(number)
         errors.sort(key=lambda item: item[0])
         if errors and not job["skip_bad_rows"]:
@@ -227,9 +230,9 @@ class ChunkTokenizer:
         for _, e in errors:
             dropped[e.reason] += 1
         return {
-            "tokens": np.concatenate(ids_out) if ids_out else np.zeros(0, np.int32),
-            "mask": np.concatenate(mask_out) if mask_out else np.zeros(0, bool),
-            "lengths": np.array([len(i) for i in ids_out], dtype=np.int64),
+            "tokens": np.array(ids_out, dtype=np.int32),
+            "mask": np.array(mask_out, dtype=bool),
+            "lengths": np.array(lengths, dtype=np.int64),
             "lines": np.array(kept_numbers, dtype=np.int64),
             "dropped": dropped,
             "truncated": truncated,

@@ -24,6 +24,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from packtune.data.errors import DataError
 from packtune.data.formats import Conversation
@@ -145,8 +146,9 @@ register_template(
 register_template(Template("raw", system="{system}\n\n"))
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
+    """A piece of rendered text (a NamedTuple: millions are made, so construction must be cheap)."""
+
     text: str
     trainable: bool
     special: bool = False

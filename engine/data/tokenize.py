@@ -22,8 +22,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from packtune.data.errors import DataError
 from packtune.data.templates import Segment
 
@@ -75,7 +73,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.Encode(list(texts), num_threads=self.threads)
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        return self.sp.Decode([list(i) for i in ids], num_threads=self.threads)
+        return self.sp.Decode(ids if isinstance(ids, list) else list(ids), num_threads=self.threads)
 
     def token_id(self, piece: str) -> int | None:
         i = self.sp.PieceToId(piece)
@@ -163,9 +161,9 @@ class SegmentEncoder:
 
     def encode_rows(
         self, rows: Sequence[list[Segment]], wheres: Sequence[str]
-    ) -> list[tuple[np.ndarray, np.ndarray] | DataError]:
-        """Per row: (int32 ids, bool mask where True marks a token the model learns to produce), or
-        the DataError describing why that row cannot be tokenized exactly."""
+    ) -> list[tuple[list[int], list[bool]] | DataError]:
+        """Per row: (ids, mask where True marks a token the model learns to produce), or the
+        DataError describing why that row cannot be tokenized exactly."""
         texts, plan = [], []
         for segments in rows:
             items, first = [], True
@@ -208,7 +206,7 @@ class SegmentEncoder:
                 row_pieces.append((k, ids, len(to_decode) - 1))
             pieces.append(row_pieces)
         decoded = self.tok.decode_batch(to_decode) if to_decode else []
-        results: list[tuple[np.ndarray, np.ndarray] | DataError] = []
+        results: list[tuple[list[int], list[bool]] | DataError] = []
         for segments, row_pieces, where in zip(rows, pieces, wheres, strict=False):
             error = None
             ids_all: list[int] = []
@@ -224,7 +222,7 @@ class SegmentEncoder:
                     break
                 ids_all.extend(ids)
                 mask_all.extend([seg.trainable] * len(ids))
-            results.append(error or (np.array(ids_all, dtype=np.int32), np.array(mask_all, dtype=bool)))
+            results.append(error or (ids_all, mask_all))
         return results
 
     def _mismatch(self, where: str, k: int, seg: Segment, why: str) -> DataError:

@@ -39,7 +39,7 @@ def encode(tok, template, conv=CONV, **kw):
     (result,) = SegmentEncoder(tok).encode_rows([segs], ["f:1"])
     if isinstance(result, DataError):
         raise result
-    return segs, result
+    return segs, (np.array(result[0]), np.array(result[1]))
 
 
 @pytest.mark.parametrize("template", ["chatml", "alpaca", "vicuna_v1.1", "llama2", "llama3", "raw"])
