@@ -138,7 +138,7 @@ def write_rows(path: Path, n: int, seed: int) -> None:
             row = {
                 "instruction": text(rng.randint(4, 30)),
                 "input": text(rng.randint(2, 40)) if rng.random() < 0.4 else "",
-                "output": text(max(1, min(int(rng.lognormvariate(4.4, 0.7)), 1500))),
+                "output": text(max(1, min(int(rng.lognormvariate(3.9, 0.7)), 1500))),
             }
             f.write(json.dumps(row) + "\n")
 
@@ -188,6 +188,7 @@ def hf_datasets_map(data: Path, model: Path, cache: Path, num_proc: int | None) 
         labels = [[-100] * (len(p) + 1) + ids[len(p) + 1 :] for p, ids in zip(prompt, input_ids, strict=True)]
         return {"input_ids": input_ids, "labels": labels}
 
+    datasets.disable_progress_bars()
     start = time.perf_counter()
     ds = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
     ds = ds.map(preprocess, batched=True, remove_columns=ds.column_names, num_proc=num_proc)

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "Config": "packtune.config",
     "load_config": "packtune.config",
+    "prepare_dataset": "packtune.data",
 }
 
 
