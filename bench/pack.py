@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import random
+import resource
 import statistics
 import tempfile
 import time
@@ -163,7 +164,7 @@ def train_tokenizer(folder: Path, data: Path) -> Path:
     return folder / "sp.model"
 
 
-def hf_datasets_map(data: Path, model: Path, cache: Path, num_proc: int | None) -> tuple[float, int]:
+def hf_datasets_map(data: Path, model: Path, cache: Path, num_proc: int | None) -> int:
     """Stanford Alpaca's preprocessing through `datasets.map`: prompt and prompt+answer+EOS encoded,
     the prompt's tokens masked with -100."""
     import datasets
@@ -189,11 +190,28 @@ def hf_datasets_map(data: Path, model: Path, cache: Path, num_proc: int | None) 
         return {"input_ids": input_ids, "labels": labels}
 
     datasets.disable_progress_bars()
-    start = time.perf_counter()
     ds = datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
     ds = ds.map(preprocess, batched=True, remove_columns=ds.column_names, num_proc=num_proc)
-    seconds = time.perf_counter() - start
-    return seconds, sum(len(x) for x in ds["input_ids"])
+    return sum(len(x) for x in ds["input_ids"])
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed(method: str, rows: int, fn) -> dict:
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    tokens = fn()
+    return {
+        "measure": "tokenize_seconds",
+        "method": method,
+        "value": time.perf_counter() - wall,
+        "cpu_seconds": _cpu_seconds() - cpu,
+        "rows": rows,
+        "tokens": tokens,
+    }
 
 
 def tokenize_speed(rows: int, workers: int) -> list[dict]:
@@ -206,43 +224,26 @@ def tokenize_speed(rows: int, workers: int) -> list[dict]:
         data = folder / "alpaca.jsonl"
         write_rows(data, rows, 0)
         model = train_tokenizer(folder, data)
-        cfg = DataConfig(
-            path=str(data), tokenizer=str(model), max_tokens=4096, cache_dir=str(folder / "cache")
-        )
-        start = time.perf_counter()
-        ds = prepare_dataset(cfg, num_workers=workers)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        prepare_dataset(cfg, num_workers=workers)
-        cached = time.perf_counter() - start
-        tokens = int(ds.report["tokens"])
-        results += [
-            {
-                "measure": "tokenize_seconds",
-                "method": f"packtune prepare ({workers} workers)",
-                "value": first,
-                "rows": rows,
-                "tokens": tokens,
-            },
-            {
-                "measure": "tokenize_seconds",
-                "method": "packtune prepare (cache hit)",
-                "value": cached,
-                "rows": rows,
-                "tokens": tokens,
-            },
-        ]
+
+        def packtune(n_workers: int, cache: str) -> int:
+            cfg = DataConfig(
+                path=str(data), tokenizer=str(model), max_tokens=4096, cache_dir=str(folder / cache)
+            )
+            return int(prepare_dataset(cfg, num_workers=n_workers).report["tokens"])
+
+        for n in dict.fromkeys((1, workers)):
+            results.append(
+                _timed(f"packtune prepare ({n} worker(s))", rows, lambda n=n: packtune(n, f"c{n}"))
+            )
+        results.append(_timed("packtune prepare (cache hit)", rows, lambda: packtune(workers, f"c{workers}")))
         try:
             for num_proc in (None, workers):
-                seconds, hf_tokens = hf_datasets_map(data, model, folder / f"hf{num_proc}", num_proc)
                 results.append(
-                    {
-                        "measure": "tokenize_seconds",
-                        "method": f"datasets.map (num_proc={num_proc})",
-                        "value": seconds,
-                        "rows": rows,
-                        "tokens": hf_tokens,
-                    }
+                    _timed(
+                        f"datasets.map (num_proc={num_proc})",
+                        rows,
+                        lambda p=num_proc: hf_datasets_map(data, model, folder / f"hf{p}", p),
+                    )
                 )
         except ImportError:
             print("datasets is not installed (pip install datasets): skipping the datasets.map baseline")
@@ -283,10 +284,16 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_tokenize:
         tok = tokenize_speed(args.rows, args.workers)
         base = next((r["value"] for r in tok if r["method"] == "datasets.map (num_proc=None)"), None)
-        print(f"\ntokenizing {args.rows} Alpaca-like rows (same sentencepiece model):")
+        print(
+            f"\ntokenizing {args.rows} Alpaca-like rows (same sentencepiece model); wall, CPU time, "
+            "speedup vs datasets.map:"
+        )
         for r in tok:
             ratio = f"{base / r['value']:>7.2f}x" if base else ""
-            print(f"{r['method']:<34}{r['value']:>8.2f} s  {r['tokens']:>10} tokens {ratio}")
+            print(
+                f"{r['method']:<34}{r['value']:>8.2f} s {r['cpu_seconds']:>8.2f} cpu-s "
+                f"{r['tokens']:>10} tokens {ratio}"
+            )
         results += tok
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = [{"subject": "pack", "timestamp": stamp, **env, **r} for r in results]
