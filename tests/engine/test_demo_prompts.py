@@ -1,0 +1,57 @@
+"""Generation prompts are the training samples' prompts, token for token; the TRL baseline of
+`bench e2e` sees the same text as packtune's alpaca template."""
+
+import pytest
+
+from packtune.bench.e2e_common import alpaca_prompt
+from packtune.config import DataConfig
+from packtune.data import prepare_dataset
+from packtune.data.formats import Conversation, Message
+from packtune.data.templates import get_template, render, render_text
+from packtune.demo.mix import make_split, write_jsonl
+from packtune.demo.prompts import PromptEncoder, rendered_texts
+from packtune.demo.recipe import write_template
+from packtune.demo.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prompts")
+    rows = make_split("train", 30, seed=1)
+    template = str(write_template(tmp / "template.toml"))
+    tokenizer = train_tokenizer(rendered_texts(rows, template), tmp / "tok.model", 500, model_type="bpe")
+    return tmp, rows, template, tokenizer
+
+
+def test_prompt_ids_are_the_training_samples_prompt_tokens(setup):
+    tmp, rows, template, tokenizer = setup
+    data = write_jsonl(rows, tmp / "train.jsonl")
+    cfg = DataConfig(path=str(data), format="alpaca", template=template, tokenizer=str(tokenizer),
+                     max_tokens=256, cache_dir=str(tmp / "cache"), num_workers=1)
+    dataset = prepare_dataset(cfg)
+    assert len(dataset) == len(rows)
+    prompts = PromptEncoder(tokenizer, template)
+    encoded = prompts.encode(rows)
+    for i, row in enumerate(rows):
+        ids, mask = dataset.sample(i)
+        first_answer = int(mask.argmax())
+        assert encoded[i] == ids[:first_answer].tolist()
+        answer = ids[first_answer:].tolist()
+        assert answer[-1] == prompts.eos_id
+        assert prompts.decode(answer) == row["output"]
+
+
+def test_rendered_texts_hold_the_template_and_the_answer(setup):
+    _, rows, template, _ = setup
+    text = rendered_texts(rows[:1], template)[0]
+    assert text.startswith("### Instruction:\n" + rows[0]["instruction"])
+    assert text.endswith("### Response:" + rows[0]["output"])
+
+
+@pytest.mark.parametrize("row", [{"instruction": "Name it.", "input": "", "output": "A name."},
+                                 {"instruction": "Sum these.", "input": "1 2", "output": "3"}])
+def test_bench_prompt_matches_the_alpaca_template(row):
+    conv = Conversation((Message("user", row["instruction"], row["input"]), Message("assistant", row["output"])))
+    text = render_text(render(conv, get_template("alpaca"), "row"), bos="<s>", eos="</s>")
+    # TRL gets prompt + " " + output: the space is where sentencepiece puts the word boundary.
+    assert text == "<s>" + alpaca_prompt(row) + row["output"] + "</s>"
