@@ -51,7 +51,8 @@ def test_rendered_texts_hold_the_template_and_the_answer(setup):
 @pytest.mark.parametrize("row", [{"instruction": "Name it.", "input": "", "output": "A name."},
                                  {"instruction": "Sum these.", "input": "1 2", "output": "3"}])
 def test_bench_prompt_matches_the_alpaca_template(row):
-    conv = Conversation((Message("user", row["instruction"], row["input"]), Message("assistant", row["output"])))
+    conv = Conversation((Message("user", row["instruction"], row["input"]),
+                         Message("assistant", row["output"])))
     text = render_text(render(conv, get_template("alpaca"), "row"), bos="<s>", eos="</s>")
     # TRL gets prompt + " " + output: the space is where sentencepiece puts the word boundary.
     assert text == "<s>" + alpaca_prompt(row) + row["output"] + "</s>"
