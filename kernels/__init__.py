@@ -5,5 +5,12 @@ PyTorch reference; `packtune.kernels._dispatch` picks one per call.
 """
 
 from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
+from packtune.kernels.cross_entropy import MaskedCrossEntropy, masked_cross_entropy
 
-__all__ = ["BACKENDS", "registered_ops", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "MaskedCrossEntropy",
+    "masked_cross_entropy",
+    "registered_ops",
+    "resolve_backend",
+]
