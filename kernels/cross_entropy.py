@@ -146,7 +146,9 @@ def cross_entropy_rows(x: torch.Tensor, labels: torch.Tensor, scale: torch.Tenso
                        ignore_index: int, eps: float, z_loss: float, softcap: float | None,
                        compute_grad: bool, inplace: bool):
     """Per-row (loss, lse) and the gradient scaled by `scale` (x itself when `inplace`, else a new
-    buffer; None when not `compute_grad`). x is [N, V] with unit column stride; backend triton or cpu."""
+    buffer; None when not `compute_grad`). x is [N, V] with unit column stride."""
+    if backend == "torch":
+        return _torch_rows(x, labels, scale, ignore_index, eps, z_loss, softcap, compute_grad, inplace)
     if backend == "cpu":
         ops = torch.ops.packtune
         if compute_grad and inplace:
@@ -160,6 +162,29 @@ def cross_entropy_rows(x: torch.Tensor, labels: torch.Tensor, scale: torch.Tenso
         grad = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
     loss, lse = _triton_forward(x, labels, scale, ignore_index, eps, z_loss, softcap, grad)
     return loss, lse, grad
+
+
+def _torch_rows(x, labels, scale, ignore_index, eps, z_loss, softcap, compute_grad, inplace):
+    """`cross_entropy_rows` in PyTorch ops, fp32 math (linear CE's chunks use it on the torch backend)."""
+    z = x.float()
+    if softcap is not None:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+    lse = torch.logsumexp(z, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)[:, None]
+    z_y = z.gather(1, safe)[:, 0]
+    loss = torch.where(valid, lse - (1 - eps) * z_y - eps * z.mean(-1) + z_loss * lse * lse, 0.0)
+    lse = torch.where(valid, lse, 0.0)
+    if not compute_grad:
+        return loss, lse, None
+    grad = torch.softmax(z, dim=-1).mul_((scale * (1 + 2 * z_loss * lse))[:, None])
+    grad.sub_(scale * eps / z.shape[1])
+    grad.scatter_add_(1, safe, (-scale * (1 - eps)).expand(z.shape[0], 1))
+    if softcap is not None:
+        grad.mul_(1 - t * t)
+    grad.mul_(valid[:, None])
+    return loss, lse, x.copy_(grad) if inplace else grad.to(x.dtype)
 
 
 class MaskedCrossEntropyFunction(torch.autograd.Function):
@@ -205,11 +230,15 @@ def _row_scale(labels: torch.Tensor, reduction: str, num_items, ignore_index: in
 
 
 def _check_args(logits, labels, reduction, label_smoothing, softcap) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}; choose from {REDUCTIONS}")
     if logits.dim() < 1 or logits.numel() // max(logits.shape[-1], 1) != labels.numel():
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
                          "expected logits [..., V] with one label per row")
+    check_options(labels, reduction, label_smoothing, softcap)
+
+
+def check_options(labels, reduction, label_smoothing, softcap) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; choose from {REDUCTIONS}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if not 0.0 <= label_smoothing < 1.0:
