@@ -210,6 +210,7 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors
+        _mark_consumed(ctx)
         if ctx.reduction == "none":
             grad.mul_(grad_loss.reshape(-1, 1))
         elif torch.compiler.is_compiling() or grad.device.type != "cpu" or grad_loss.item() != 1.0:
@@ -218,10 +219,21 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
         return grad.view(ctx.shape), None, None, None, None, None, None, None, None, None, None
 
 
+def _mark_consumed(ctx) -> None:
+    """The stored gradient is scaled in place, so a second backward through the graph would be wrong."""
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("packtune: backward through a fused cross-entropy ran twice (retain_graph=True); "
+                           "its gradient is computed in the forward pass and scaled in place, so it can be "
+                           "used once")
+    ctx.consumed = True
+
+
 def _row_scale(labels: torch.Tensor, reduction: str, num_items, ignore_index: int, device) -> torch.Tensor:
     """1/denominator as a 0-dim fp32 tensor on `device`, computed without a host sync."""
-    if num_items is not None:
-        count = torch.as_tensor(num_items, device=device).to(torch.float32)
+    if isinstance(num_items, torch.Tensor):
+        count = num_items.to(device=device, dtype=torch.float32, non_blocking=True)
+    elif num_items is not None:
+        count = torch.full((), float(num_items), device=device)
     elif reduction == "mean":
         count = (labels != ignore_index).sum().to(torch.float32)
     else:

@@ -28,6 +28,7 @@ import torch
 
 from packtune.kernels import _dispatch
 from packtune.kernels.cross_entropy import (
+    _mark_consumed,
     _row_scale,
     check_options,
     cross_entropy_rows,
@@ -120,6 +121,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                              chunk_size, row_grad=grad_loss, needs=needs)
         else:
             gx, gw, gb = ctx.saved_tensors
+            _mark_consumed(ctx)
             # Reading grad_output is free on CPU: skip the scale when it is 1.
             on_cpu = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
             if not (on_cpu and grad_loss.item() == 1.0):

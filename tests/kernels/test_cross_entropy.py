@@ -202,3 +202,12 @@ def test_bad_input_errors(backend):
         masked_cross_entropy(logits, torch.zeros(5, dtype=torch.long), backend=backend)
     with pytest.raises((ValueError, RuntimeError, IndexError), match="outside the vocabulary|out of bounds"):
         masked_cross_entropy(logits, torch.tensor([1, 2, 10, -100]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_second_backward_is_refused(backend):
+    x = torch.randn(4, 30, requires_grad=True)
+    loss = masked_cross_entropy(x, torch.tensor([1, 2, 3, -100]), backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        loss.backward()
