@@ -10,6 +10,8 @@
 // and chosen at run time; other CPUs get the scalar loop. fp32 rows without softcap take a
 // 3-pass path that stores exp(z - max) and rescales it (one exp per element); bf16 rows and
 // softcap recompute the exp in the gradient pass so the gradient is rounded to bf16 only once.
+#include "cpu_simd.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,10 +25,6 @@
 #include <cstdlib>
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PACKTUNE_X86 1
-#endif
 
 namespace {
 
@@ -86,16 +84,14 @@ float row_scalar(const T* x, T* g, int64_t y, float* lse_out, const RowArgs& a) 
   return finish_row(m, s, sum_z, z_y, y, g, lse_out, a);
 }
 
-#ifdef PACKTUNE_X86
-#define AVX2 __attribute__((target("avx2,fma")))
-
-AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-AVX2 inline __m256 load8(const BFloat16* p) {
+#if PACKTUNE_X86
+PACKTUNE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+PACKTUNE_AVX2 inline __m256 load8(const BFloat16* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
-AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-AVX2 inline void store8(BFloat16* p, __m256 v) {  // round to nearest even, keep the top 16 bits
+PACKTUNE_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+PACKTUNE_AVX2 inline void store8(BFloat16* p, __m256 v) {  // round to nearest even, keep the top 16 bits
   const __m256i b = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
   const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
@@ -103,50 +99,29 @@ AVX2 inline void store8(BFloat16* p, __m256 v) {  // round to nearest even, keep
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
-// exp(x) for x <= 88: range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n by
-// exponent arithmetic; x below -87.33 gives 0.
-AVX2 inline __m256 exp8(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365447f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
-// softcap * tanh(x / softcap) with tanh(|u|) = (1 - e) / (1 + e), e = exp(-2|u|).
-AVX2 inline __m256 softcap8(__m256 x, const RowArgs& a) {
+PACKTUNE_AVX2 inline __m256 softcap8(__m256 x, const RowArgs& a) {
   if (!a.has_softcap) return x;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 u = _mm256_div_ps(x, _mm256_set1_ps(a.softcap));
-  const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign, u)));
+  const __m256 e = packtune::exp256(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign, u)));
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
   return _mm256_mul_ps(_mm256_set1_ps(a.softcap), _mm256_or_ps(t, _mm256_and_ps(u, sign)));
 }
 
-AVX2 inline float hsum8(__m256 v) {
+PACKTUNE_AVX2 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-AVX2 inline float hmax8(__m256 v) {
+PACKTUNE_AVX2 inline float hmax8(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
 template <typename T>
-AVX2 float row_avx2(const T* x, T* g, int64_t y, float* lse_out, const RowArgs& a) {
+PACKTUNE_AVX2 float row_avx2(const T* x, T* g, int64_t y, float* lse_out, const RowArgs& a) {
   const int64_t V = a.V, Vv = V - V % 8;
   const float z_y = softcap_scalar(to_float(x[y]), a);
   // Pass 1: max and sum of z.
@@ -169,7 +144,7 @@ AVX2 float row_avx2(const T* x, T* g, int64_t y, float* lse_out, const RowArgs& 
   __m256 vs = _mm256_setzero_ps();
   float s = 0.0f;
   for (int64_t j = 0; j < Vv; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(softcap8(load8(x + j), a), vm));
+    const __m256 e = packtune::exp256(_mm256_sub_ps(softcap8(load8(x + j), a), vm));
     if (store_exp) store8(g + j, e);
     vs = _mm256_add_ps(vs, e);
   }
@@ -193,7 +168,7 @@ AVX2 float row_avx2(const T* x, T* g, int64_t y, float* lse_out, const RowArgs& 
       const __m256 inv_cap = _mm256_set1_ps(a.has_softcap ? 1.0f / a.softcap : 0.0f);
       for (int64_t j = 0; j < Vv; j += 8) {
         const __m256 z = softcap8(load8(x + j), a);
-        __m256 gv = _mm256_fmsub_ps(exp8(_mm256_sub_ps(z, vlse)), vA, vB);
+        __m256 gv = _mm256_fmsub_ps(packtune::exp256(_mm256_sub_ps(z, vlse)), vA, vB);
         if (a.has_softcap) {
           const __m256 t = _mm256_mul_ps(z, inv_cap);
           gv = _mm256_mul_ps(gv, _mm256_fnmadd_ps(t, t, one));
@@ -206,13 +181,6 @@ AVX2 float row_avx2(const T* x, T* g, int64_t y, float* lse_out, const RowArgs& 
   return finish_row(m, s, sum_z, z_y, y, g, lse_out, a);
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
 #endif
 
 template <typename T>
@@ -233,8 +201,8 @@ void run_rows(const at::Tensor& logits, const at::Tensor& labels, T* grad, int64
       }
       TORCH_CHECK(y >= 0 && y < a.V, "packtune cross_entropy: label ", y, " at row ", i,
                   " is outside the vocabulary [0, ", a.V, ") and is not ignore_index (", ignore_index, ")");
-#ifdef PACKTUNE_X86
-      if (cpu_has_avx2()) {
+#if PACKTUNE_X86
+      if (packtune::cpu_has_avx2()) {
         loss[i] = row_avx2<T>(x + i * x_stride, g, y, lse + i, a);
         continue;
       }
