@@ -91,8 +91,13 @@ class DemoRecipe:
 
 
 FULL = DemoRecipe(rows_per_task=2500, eval_per_task=40, vocab_size=1000, hidden_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, intermediate_size=352, epochs=2, lr=3e-3, max_tokens=1024,
-                  micro_batches=2)
+                  num_attention_heads=4, intermediate_size=352, epochs=2, lr=3e-3, max_tokens=96,
+                  micro_batches=6, log_every=100)
+"""Short rows, several per step: best-fit decreasing fills each row with samples of nearly the
+same length, and here a length almost names a task (measured on this mix: at 512 tokens per row
+one task holds 45 % of a row's samples on average, 53 % at 128), so a step made of one long row
+sees a lopsided task mix. Six short rows drawn at random from the whole epoch mix the tasks
+again. Rows are not padded, so short rows cost only the per-micro-batch overhead."""
 QUICK = replace(FULL, rows_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32, num_hidden_layers=1,
-                num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=256, micro_batches=1,
+                num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128, micro_batches=2,
                 log_every=20, samples_shown=2)

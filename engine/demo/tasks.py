@@ -46,32 +46,32 @@ def _numbers(rng: random.Random, low: int, high: int, top: int) -> list[int]:
 
 
 def _reverse(rng: random.Random) -> Instance:
-    word = _letters(rng, 3, 6)
+    word = _letters(rng, 3, 5)
     return " ".join(word), " ".join(reversed(word))
 
 
 def _uppercase(rng: random.Random) -> Instance:
-    word = _letters(rng, 3, 6)
+    word = _letters(rng, 3, 5)
     return " ".join(word), " ".join(word).upper()
 
 
 def _lowercase(rng: random.Random) -> Instance:
-    word = _letters(rng, 3, 6, string.ascii_uppercase)
+    word = _letters(rng, 3, 5, string.ascii_uppercase)
     return " ".join(word), " ".join(word).lower()
 
 
 def _sort(rng: random.Random) -> Instance:
-    numbers = _numbers(rng, 3, 5, 99)
+    numbers = _numbers(rng, 3, 4, 50)
     return " ".join(map(str, numbers)), " ".join(map(str, sorted(numbers)))
 
 
 def _largest(rng: random.Random) -> Instance:
-    numbers = _numbers(rng, 3, 5, 99)
+    numbers = _numbers(rng, 3, 4, 50)
     return " ".join(map(str, numbers)), str(max(numbers))
 
 
 def _add(rng: random.Random) -> Instance:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 50), rng.randint(0, 50)
     return f"{a} + {b}", str(a + b)
 
 
