@@ -68,8 +68,8 @@ def test_generated_rows_are_deterministic_and_alpaca_shaped(tmp_path):
 @pytest.mark.slow
 def test_tiny_trl_run_end_to_end(tmp_path):
     pytest.importorskip("trl")
-    results = e2e.main(["--tokens", "800", "--rows", "300", "--eval-rows", "2", "--step-tokens", "400",
-                        "--max-tokens", "400", "--impl", "trl-padding", "--impl", "trl-packing",
+    results = e2e.main(["--tokens", "800", "--rows", "300", "--eval-rows", "2", "--step-tokens", "2048",
+                        "--threads", "1", "--impl", "trl-padding", "--impl", "trl-packing",
                         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert [r["implementation"] for r in results] == ["trl-padding", "trl-packing"]
     for r in results:
