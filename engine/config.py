@@ -65,6 +65,28 @@ class TrainConfig:
     seed: int = 0
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (0 keeps all)."""
+    eval_every: int = 0
+    """Evaluate the held-out split every this many steps (0: never)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to norms and biases)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    min_lr_ratio: float = 0.0
+    """The cosine decays to lr * min_lr_ratio."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: measure only)."""
+    max_bad_steps: int = 5
+    """Abort after this many optimizer steps in a row with a non-finite loss or grad norm (0: never)."""
+    device: str = "auto"
+    """auto (this rank's GPU if CUDA is available, else CPU), cpu or cuda."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block in the backward pass instead of storing its activations."""
+    compile: bool = False
+    """torch.compile each decoder block."""
+    export: bool = True
+    """Write the final model as a Hugging Face directory `<output_dir>/final`."""
 
 
 @dataclass

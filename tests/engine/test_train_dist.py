@@ -1,0 +1,82 @@
+"""Two FSDP2 ranks (gloo, CPU) train exactly like one process on the same global batches."""
+
+import json
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from toy_training import ListSampler, ToyLM, toy_steps
+
+from packtune.config import TrainConfig
+from packtune.parallel import init_distributed, shutdown
+from packtune.train import Trainer
+
+STEPS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def global_steps():
+    """5 steps of 4 packed rows with uneven label counts; rank r takes rows 2r and 2r+1."""
+    return toy_steps(STEPS, micro_batches=4, per_micro=3, seed=5)
+
+
+def config(output_dir, **overrides) -> TrainConfig:
+    cfg = TrainConfig(output_dir=str(output_dir), epochs=1, lr=1e-2, warmup=1, max_grad_norm=0.5)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def full_params(module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in module.named_parameters():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.replace("_checkpoint_wrapped_module.", "")] = p.detach().clone()
+    return out
+
+
+def _worker(rank: int, world: int, port: int, output_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    d = init_distributed("cpu")
+    torch.manual_seed(0)
+    steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps()]
+    trainer = Trainer(config(output_dir, activation_checkpointing=True), ToyLM(), ListSampler(steps), d)
+    assert trainer.fit() == STEPS
+    params = full_params(trainer.module)
+    if rank == 0:
+        torch.save(params, os.path.join(output_dir, "params.pt"))
+    shutdown(d)
+
+
+def test_two_fsdp_ranks_equal_one_process(tmp_path):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "fsdp")), nprocs=2)
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    sampler = ListSampler(global_steps())
+    single = Trainer(config(tmp_path / "single"), ToyLM(), sampler, init_distributed("cpu"))
+    single.fit()
+
+    def losses(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = losses("fsdp"), losses("single")
+    assert len(a) == len(b) == STEPS
+    for ra, rb in zip(a, b, strict=False):
+        assert (ra["tokens"], ra["label_tokens"]) == (rb["tokens"], rb["label_tokens"])
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * rb["loss"]
+        assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-5 * rb["grad_norm"]
+    sharded = torch.load(tmp_path / "fsdp" / "params.pt", weights_only=True)
+    reference = full_params(single.module)
+    assert sharded.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-5, msg=name)
