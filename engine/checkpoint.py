@@ -14,9 +14,12 @@ that only admits DCP's own metadata classes.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +123,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     d.barrier()
     tensors, groups = _tensor_state(model, optimizer)
-    dcp.save(tensors, checkpoint_id=tmp)
+    with _single_process_quiet(d):
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=d.mesh is None)
     state = {**extra, "step": step, "param_groups": groups, "rng": _rng_state(d)}
     torch.save(state, tmp / f"extra_rank{d.rank}.pt")
     d.barrier()
@@ -148,12 +152,24 @@ def load_checkpoint(
         extra = torch.load(extra_file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing {extra_file.name}") from None
+    reader = SafeFileSystemReader(path)
+    reader.read_metadata()  # refuse a tampered metadata pickle here, with a readable error
     tensors, _ = _tensor_state(model, optimizer)
-    dcp.load(tensors, storage_reader=SafeFileSystemReader(path))
+    with _single_process_quiet(d):
+        dcp.load(tensors, storage_reader=reader, no_dist=d.mesh is None)
     optim_sd = {"state": tensors["optim"]["state"], "param_groups": extra["param_groups"]}
     set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_sd)
     _set_rng_state(extra["rng"], d)
     return extra
+
+
+@contextlib.contextmanager
+def _single_process_quiet(d: Dist) -> Iterator[None]:
+    """DCP warns that it 'assumes' a single process when there is no process group; we know."""
+    with warnings.catch_warnings():
+        if d.mesh is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rng_state(d: Dist) -> dict[str, torch.Tensor]:

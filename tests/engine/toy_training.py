@@ -166,8 +166,8 @@ def run_toy(output_dir: str, overrides: dict) -> int:
         if trainer.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def save_then_die(state, checkpoint_id):
-        dcp_save(state, checkpoint_id=checkpoint_id)
+    def save_then_die(state, **kwargs):
+        dcp_save(state, **kwargs)
         if trainer.step == kill_during_save:
             os.kill(os.getpid(), signal.SIGKILL)
 
