@@ -25,7 +25,7 @@ $(STAMPS)/torch: | $(PY)
 
 # The package folders are listed too: an editable install maps only the packages it saw.
 $(STAMPS)/install: $(STAMPS)/torch pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h */__init__.py)
-	$(PY) -m pip install -q setuptools wheel
+	$(PY) -m pip install -q setuptools wheel ninja  # ninja: compile csrc/*.cpp in parallel
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	@touch $@
 

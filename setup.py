@@ -44,7 +44,7 @@ def cpu_extension() -> tuple[list, dict]:
     ext = CppExtension(
         "packtune._C",
         sorted(glob.glob("csrc/*.cpp")),
-        extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+        extra_compile_args=["-O3", "-g0", "-std=c++17", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}

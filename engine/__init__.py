@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "Config": "packtune.config",
     "load_config": "packtune.config",
+    "load_pretrained": "packtune.model.hf_io",
+    "save_pretrained": "packtune.model.hf_io",
 }
 
 

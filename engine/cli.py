@@ -30,6 +30,38 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from packtune.model.generate import generate_text
+    from packtune.model.hf_io import CheckpointError
+
+    if args.template not in ("raw", None):
+        print(
+            f"packtune generate: --template {args.template!r}: chat templates are not available in this "
+            "build; use --template raw (the prompt is sent as given)",
+            file=sys.stderr,
+        )
+        return 2
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        text = generate_text(
+            args.model,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            dtype=dtype,
+            device=args.device,
+        )
+    except (CheckpointError, FileNotFoundError, RuntimeError) as e:
+        print(f"packtune generate: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="packtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("subject")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the subject's own options (--help)")
     bench.set_defaults(func=_bench)
+    gen = sub.add_parser("generate", help="continue a prompt with a Hugging Face model directory")
+    gen.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--template", default="raw", help="chat template to wrap the prompt in (raw: none)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    gen.set_defaults(func=_generate)
     return parser
 
 

@@ -1,0 +1,163 @@
+"""The decoder against transformers' own implementation, config by config.
+
+Each tiny random checkpoint is built and saved by transformers; packtune loads it and must give
+the same logits (fp32 and float64), the same per-sample logits and gradients on a packed batch,
+the same greedy continuation, and an export transformers reloads to identical logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_fixtures import CONFIGS, save_hf_model
+
+from packtune.model.hf_io import load_pretrained, save_pretrained
+
+transformers = pytest.importorskip("transformers")
+
+NAMES = [n for n in CONFIGS if n != "llama_dynamic"]
+LENGTHS = (7, 13, 20)  # a packed row of 3 samples; every sliding window above is shorter than two
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {name: save_hf_model(name, root / name) for name in CONFIGS}
+
+
+def hf_model(path, dtype):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def assert_close_rel(actual, expected, rel):
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * scale, f"max abs error {err:.3e} > {rel:g} x max |expected| {scale:.3e}"
+
+
+def packed_row(vocab, lengths, gen):
+    samples = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return samples, torch.cat(samples), cu
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("name", NAMES)
+def test_padded_logits_match_transformers(checkpoints, name, dtype, rel):
+    hf = hf_model(checkpoints[name], dtype)
+    ours = load_pretrained(checkpoints[name], dtype=dtype)
+    ids = torch.randint(0, ours.args.vocab_size, (2, 19))
+    with torch.no_grad():
+        assert_close_rel(ours(ids), hf(ids).logits, rel)
+
+
+@pytest.mark.parametrize("name", ["llama3_gqa", "qwen2"])
+def test_bf16_error_no_worse_than_transformers(checkpoints, name):
+    """bf16 logits: error vs the float64 model within transformers' own bf16 error + 1e-2."""
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        exact = hf_model(checkpoints[name], torch.float64)(ids).logits
+        theirs = hf_model(checkpoints[name], torch.bfloat16)(ids).logits.double()
+        ours = load_pretrained(checkpoints[name], dtype=torch.bfloat16)(ids).double()
+    scale = exact.abs().max()
+    assert (ours - exact).abs().max() / scale <= (theirs - exact).abs().max() / scale + 1e-2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_logits_and_grads_match_each_sample_alone(checkpoints, name):
+    """Packed [T] input == each sample run alone by transformers; loss gradients too (float64)."""
+    dtype = torch.float64
+    hf = hf_model(checkpoints[name], dtype)
+    ours = load_pretrained(checkpoints[name], dtype=dtype)
+    samples, ids, cu = packed_row(ours.args.vocab_size, LENGTHS, torch.Generator().manual_seed(1))
+
+    logits = ours(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS))
+    labels = torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in samples])
+    F.cross_entropy(logits, labels, reduction="sum").backward()
+
+    hf_loss = 0
+    for s, start in zip(samples, cu[:-1].tolist(), strict=True):
+        hf_logits = hf(s[None]).logits[0]
+        assert_close_rel(logits[start : start + len(s)].detach(), hf_logits.detach(), 1e-12)
+        hf_loss = hf_loss + F.cross_entropy(hf_logits[:-1], s[1:], reduction="sum")
+    hf_loss.backward()
+
+    hf_grads = dict(hf.named_parameters())
+    names = [n for n, _ in ours.named_parameters()]
+    assert names == list(hf_grads), "parameter names differ from transformers'"
+    for n, p in ours.named_parameters():
+        assert_close_rel(p.grad, hf_grads[n].grad, 1e-10)
+
+
+def test_packed_fp32_grads_within_tolerance(checkpoints):
+    """fp32: packed gradients within 1e-4 relative of transformers' per-sample gradients."""
+    name = "mistral_window"
+    hf = hf_model(checkpoints[name], torch.float32)
+    ours = load_pretrained(checkpoints[name], dtype=torch.float32)
+    samples, ids, cu = packed_row(ours.args.vocab_size, LENGTHS, torch.Generator().manual_seed(2))
+    labels = torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in samples])
+    F.cross_entropy(ours(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS)), labels, reduction="sum").backward()
+    sum(F.cross_entropy(hf(s[None]).logits[0, :-1], s[1:], reduction="sum") for s in samples).backward()
+    hf_params = dict(hf.named_parameters())
+    for n, p in ours.named_parameters():
+        assert_close_rel(p.grad, hf_params[n].grad, 1e-4)
+
+
+def test_position_ids_given_explicitly_equal_derived(checkpoints):
+    ours = load_pretrained(checkpoints["llama3_gqa"])
+    _, ids, cu = packed_row(ours.args.vocab_size, LENGTHS, torch.Generator().manual_seed(3))
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])
+    with torch.no_grad():
+        derived = ours(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS))
+        given = ours(ids, position_ids=positions, cu_seqlens=cu, max_seqlen=max(LENGTHS))
+        hidden = ours.hidden_states(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS))
+    torch.testing.assert_close(given, derived, rtol=0, atol=0)
+    torch.testing.assert_close(ours.lm_head(hidden), derived, rtol=0, atol=0)
+    assert hidden.shape == (sum(LENGTHS), ours.args.hidden_size)
+
+
+def test_dynamic_rope_beyond_max_positions(checkpoints):
+    """Dynamic NTK scaling grows the base once a sequence passes max_position_embeddings (16 here)."""
+    path = checkpoints["llama_dynamic"]
+    ours = load_pretrained(path, dtype=torch.float64)
+    for length in (12, 40):
+        hf = hf_model(path, torch.float64)  # fresh: transformers' dynamic rope keeps state across calls
+        ids = torch.randint(0, ours.args.vocab_size, (1, length))
+        with torch.no_grad():
+            assert_close_rel(ours(ids), hf(ids).logits, 1e-12)
+    _, ids, cu = packed_row(ours.args.vocab_size, (10, 20), torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="dynamic rope scaling"):
+        ours(ids, cu_seqlens=cu, max_seqlen=20)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_reloads_in_transformers_with_identical_logits(checkpoints, tmp_path, name):
+    hf = hf_model(checkpoints[name], torch.float32)
+    ours = load_pretrained(checkpoints[name])
+    save_pretrained(ours, tmp_path / "export")
+    reloaded = hf_model(tmp_path / "export", torch.float32)
+    ids = torch.randint(0, ours.args.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, rtol=0, atol=0)
+    assert reloaded.config.tie_word_embeddings == hf.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_matches_transformers(checkpoints, name):
+    from packtune.model.generate import generate
+
+    hf = hf_model(checkpoints[name], torch.float64)
+    ours = load_pretrained(checkpoints[name], dtype=torch.float64)
+    prompt = torch.randint(3, ours.args.vocab_size, (5,), generator=torch.Generator().manual_seed(5))
+
+    def hf_generate(eos, n):
+        out = hf.generate(prompt[None], max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        return out[0, len(prompt) :].tolist()
+
+    free = hf_generate(ours.args.vocab_size - 1, 14)  # an eos id generation is unlikely to hit first
+    assert generate(ours, prompt, 14, eos_id=ours.args.vocab_size - 1) == free
+    eos = free[6]  # stop at this token's first occurrence
+    expected = hf_generate(eos, 14)
+    assert expected[-1] == eos and len(expected) <= 7
+    assert generate(ours, prompt, 14, eos_id=eos) == expected
