@@ -1,4 +1,9 @@
-"""Two FSDP2 ranks (gloo, CPU) train exactly like one process on the same global batches."""
+"""Two FSDP2 ranks (gloo, CPU) train exactly like one process on the same global batches.
+
+The real Llama with tied embeddings (the shared weight lives in the root FSDP unit that the
+fused loss reads), activation checkpointing on the sharded run, and the Hugging Face export
+gathered from the shards.
+"""
 
 import json
 import os
@@ -6,9 +11,11 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
-from toy_training import ListSampler, ToyLM, toy_steps
+from toy_training import ListSampler, tiny_llama, toy_steps
 
-from packtune.config import TrainConfig
+from packtune.config import Config, TrainConfig
+from packtune.launch import export_model
+from packtune.model.hf_io import load_pretrained
 from packtune.parallel import init_distributed, shutdown
 from packtune.train import Trainer
 
@@ -33,14 +40,6 @@ def config(output_dir, **overrides) -> TrainConfig:
     return cfg
 
 
-def full_params(module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in module.named_parameters():
-        p = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out[name.replace("_checkpoint_wrapped_module.", "")] = p.detach().clone()
-    return out
-
-
 def _worker(rank: int, world: int, port: int, output_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -48,11 +47,10 @@ def _worker(rank: int, world: int, port: int, output_dir: str) -> None:
     d = init_distributed("cpu")
     torch.manual_seed(0)
     steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps()]
-    trainer = Trainer(config(output_dir, activation_checkpointing=True), ToyLM(), ListSampler(steps), d)
+    cfg = config(output_dir, activation_checkpointing=True)
+    trainer = Trainer(cfg, tiny_llama(tied=True), ListSampler(steps), d)
     assert trainer.fit() == STEPS
-    params = full_params(trainer.module)
-    if rank == 0:
-        torch.save(params, os.path.join(output_dir, "params.pt"))
+    export_model(trainer, Config(train=cfg))
     shutdown(d)
 
 
@@ -63,7 +61,7 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     sampler = ListSampler(global_steps())
-    single = Trainer(config(tmp_path / "single"), ToyLM(), sampler, init_distributed("cpu"))
+    single = Trainer(config(tmp_path / "single"), tiny_llama(tied=True), sampler, init_distributed("cpu"))
     single.fit()
 
     def losses(name):
@@ -75,8 +73,8 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path):
         assert (ra["tokens"], ra["label_tokens"]) == (rb["tokens"], rb["label_tokens"])
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * rb["loss"]
         assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-5 * rb["grad_norm"]
-    sharded = torch.load(tmp_path / "fsdp" / "params.pt", weights_only=True)
-    reference = full_params(single.module)
-    assert sharded.keys() == reference.keys()
+    exported = load_pretrained(tmp_path / "fsdp" / "final").state_dict()
+    reference = single.model.state_dict()
+    assert exported.keys() == reference.keys()
     for name, value in reference.items():
-        torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=1e-5, msg=name)
