@@ -181,7 +181,7 @@ class Trainer:
                 if self.step % self.cfg.log_every == 0 or last:
                     self._flush()
                 eval_every = self.cfg.eval_every if self.eval_sampler is not None else 0
-                if eval_every and self.step % eval_every == 0:
+                if eval_every and (self.step % eval_every == 0 or self.step == self.total_steps):
                     self.evaluate()
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or stop_now:
                     self._flush()

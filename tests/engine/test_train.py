@@ -157,3 +157,21 @@ def test_too_many_bad_steps_in_a_row_abort(tmp_path):
     inject_inf(trainer, {2, 3, 4, 5})
     with pytest.raises(TrainingError, match="3 steps in a row.*max_bad_steps = 3.*step 4"):
         trainer.fit()
+
+
+def test_eval_loss_is_held_out_token_mean(tmp_path):
+    held_out = toy_steps(2, micro_batches=2, per_micro=2, seed=9)
+    trainer = make_trainer(tmp_path, toy_steps(5), eval_every=2)
+    trainer.eval_sampler = ListSampler(held_out)
+    trainer.fit()
+    evals = [r for r in metrics(tmp_path) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 5]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in (b for mbs in held_out for b in mbs):
+            hidden = trainer.model.hidden_states(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
+            logits = trainer.model.lm_head(hidden).double()
+            total += torch.nn.functional.cross_entropy(logits, b.labels, reduction="sum").item()
+            count += b.num_label_tokens
+    assert evals[-1]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert evals[-1]["eval_label_tokens"] == count
