@@ -47,7 +47,7 @@ def _worker(rank: int, world: int, port: int, output_dir: str) -> None:
     d = init_distributed("cpu")
     torch.manual_seed(0)
     steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps()]
-    cfg = config(output_dir, activation_checkpointing=True)
+    cfg = config(output_dir, activation_checkpointing=True, save_every=STEPS)
     trainer = Trainer(cfg, tiny_llama(tied=True), ListSampler(steps), d)
     assert trainer.fit() == STEPS
     export_model(trainer, Config(train=cfg))
@@ -78,3 +78,14 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path):
     assert exported.keys() == reference.keys()
     for name, value in reference.items():
         torch.testing.assert_close(exported[name], value, rtol=0, atol=1e-5, msg=name)
+
+    # The sharded checkpoint (each rank wrote its half) loads into one unsharded process.
+    other_init = tiny_llama(tied=True, seed=1)
+    resumed = Trainer(config(tmp_path / "fsdp"), other_init, sampler, init_distributed("cpu"))
+    assert resumed.resume().name == f"step_{STEPS:08d}" and resumed.step == STEPS
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-5, msg=name)
+    moments = [resumed.optimizer.state[p]["exp_avg"] for p in resumed.model.parameters()]
+    expected = [single.optimizer.state[p]["exp_avg"] for p in single.model.parameters()]
+    for a, b in zip(moments, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
