@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from packtune.config import Config, ConfigError, dump_config
+from packtune.parallel import Dist
 
 
 def check_config(cfg: Config) -> None:
@@ -103,9 +104,9 @@ def run_training(cfg: Config) -> Path | None:
             save_resolved_config(cfg)
         torch.manual_seed(cfg.train.seed)
         sampler, eval_sampler = build_samplers(cfg, d)
-        model = load_model(cfg.model.path, dtype)
+        model, load_weights = load_model(cfg.model.path, dtype, d)
         trainer = Trainer(cfg.train, model, sampler, d, eval_sampler=eval_sampler,
-                          flops_per_token=model.args.num_flops_per_token)
+                          flops_per_token=model.args.num_flops_per_token, load_weights=load_weights)
         resumed = trainer.resume()
         if resumed is not None and d.is_main:
             print(f"resumed from {resumed} at step {trainer.step}", flush=True)
@@ -117,13 +118,38 @@ def run_training(cfg: Config) -> Path | None:
         shutdown(d)
 
 
-def load_model(path: str, dtype: torch.dtype):
+def load_model(path: str, dtype: torch.dtype, d: Dist):
+    """The model to train and, when sharding, the function that fills its shards.
+
+    One process: load the checkpoint directly. Several ranks: every rank builds the model on
+    the meta device (no memory), the Trainer shards it and allocates only the local shards, and
+    rank 0 alone reads the checkpoint and broadcasts it shard by shard, so host memory holds one
+    copy of the weights per node rather than one per GPU.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from packtune.model.config import ModelArgs
     from packtune.model.hf_io import CheckpointError, load_pretrained
+    from packtune.model.llama import LlamaForCausalLM
 
     try:
-        return load_pretrained(path, dtype=dtype)
+        if d.mesh is None:
+            return load_pretrained(path, dtype=dtype), None
+        args = ModelArgs.from_file(path)
     except CheckpointError as e:
         raise ConfigError(f"model.path: {e}") from None
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args).to(dtype)
+    model.source_dir = Path(path)
+
+    def load_weights(module: torch.nn.Module) -> None:
+        full = {}
+        if d.is_main:
+            full = {f"model.{k}": v for k, v in load_pretrained(path, dtype=dtype).state_dict().items()}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(module, full, options=options)
+
+    return model, load_weights
 
 
 def build_samplers(cfg: Config, d):

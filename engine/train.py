@@ -74,7 +74,9 @@ class Trainer:
 
     `model` is a causal LM with `hidden_states(...)`, `lm_head` and its decoder blocks in
     `model.model.layers`; `sampler` yields, per optimizer step, this rank's list of
-    micro-batches (`PackedBatch` or `PaddedBatch`) and is resumable via state_dict().
+    micro-batches (`PackedBatch` or `PaddedBatch`) and is resumable via state_dict(). A model
+    built on the meta device is sharded first, then `load_weights(self.module)` fills the
+    shards, so no rank ever holds more than its shard on the accelerator.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Trainer:
         *,
         eval_sampler: Any = None,
         flops_per_token: Callable[[float], float] | None = None,
+        load_weights: Callable[[nn.Module], None] | None = None,
         log_stream: Any = None,
     ) -> None:
         self.cfg, self.d, self.sampler, self.eval_sampler = cfg, d, sampler, eval_sampler
@@ -101,6 +104,12 @@ class Trainer:
             compile_blocks=cfg.compile,
         )
         self.model = model
+        if any(p.is_meta for p in self.module.parameters()):
+            # Built on the meta device: allocate only this rank's shards, then fill them.
+            if load_weights is None:
+                raise TrainingError("the model is on the meta device but no load_weights was given")
+            self.module.to_empty(device=d.device)
+            load_weights(self.module)
         self.optimizer = build_optimizer(
             self.module,
             lr=cfg.lr,

@@ -1,8 +1,9 @@
 """Two FSDP2 ranks (gloo, CPU) train exactly like one process on the same global batches.
 
 The real Llama with tied embeddings (the shared weight lives in the root FSDP unit that the
-fused loss reads), activation checkpointing on the sharded run, and the Hugging Face export
-gathered from the shards.
+fused loss reads), built on the meta device and filled by rank 0's broadcast, activation
+checkpointing on the sharded run, the Hugging Face export gathered from the shards, and the
+sharded checkpoint resumed in one process.
 """
 
 import json
@@ -14,8 +15,8 @@ import torch.multiprocessing as mp
 from toy_training import ListSampler, tiny_llama, toy_steps
 
 from packtune.config import Config, TrainConfig
-from packtune.launch import export_model
-from packtune.model.hf_io import load_pretrained
+from packtune.launch import export_model, load_model
+from packtune.model.hf_io import load_pretrained, save_pretrained
 from packtune.parallel import init_distributed, shutdown
 from packtune.train import Trainer
 
@@ -40,7 +41,7 @@ def config(output_dir, **overrides) -> TrainConfig:
     return cfg
 
 
-def _worker(rank: int, world: int, port: int, output_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -48,7 +49,9 @@ def _worker(rank: int, world: int, port: int, output_dir: str) -> None:
     torch.manual_seed(0)
     steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps()]
     cfg = config(output_dir, activation_checkpointing=True, save_every=STEPS)
-    trainer = Trainer(cfg, tiny_llama(tied=True), ListSampler(steps), d)
+    model, load_weights = load_model(model_dir, torch.float32, d)  # meta, then rank 0 broadcasts
+    assert load_weights is not None and model.lm_head.weight.is_meta
+    trainer = Trainer(cfg, model, ListSampler(steps), d, load_weights=load_weights)
     assert trainer.fit() == STEPS
     export_model(trainer, Config(train=cfg))
     shutdown(d)
@@ -56,12 +59,15 @@ def _worker(rank: int, world: int, port: int, output_dir: str) -> None:
 
 def test_two_fsdp_ranks_equal_one_process(tmp_path):
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "fsdp")), nprocs=2)
+    model_dir = save_pretrained(tiny_llama(tied=True), tmp_path / "model")
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "fsdp"), str(model_dir)), nprocs=2)
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     sampler = ListSampler(global_steps())
-    single = Trainer(config(tmp_path / "single"), tiny_llama(tied=True), sampler, init_distributed("cpu"))
+    model, load_weights = load_model(str(model_dir), torch.float32, init_distributed("cpu"))
+    assert load_weights is None
+    single = Trainer(config(tmp_path / "single"), model, sampler, init_distributed("cpu"))
     single.fit()
 
     def losses(name):
