@@ -52,17 +52,23 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/packtune"
+    """Where metrics.jsonl, config.toml, checkpoints/ and the exported final/ model go."""
     max_steps: int = 0
     """Optimizer steps; 0 means run `epochs` full epochs."""
     epochs: int = 1
+    """Passes over the training data (when max_steps is 0)."""
     micro_batches: int = 1
     """Gradient accumulation: packed rows per optimizer step (per rank)."""
     lr: float = 2e-5
+    """Peak learning rate (AdamW), reached after warmup, then cosine decay."""
     warmup: float = 0.03
     """Warmup length: a fraction of the total steps if < 1, else a number of steps."""
     save_every: int = 0
+    """Checkpoint every this many steps (0: only when stopped by a signal)."""
     log_every: int = 1
+    """Print the progress line and write metrics every this many steps (one host sync each)."""
     seed: int = 0
+    """Seeds the data order, the held-out split and torch's RNG."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
     keep_checkpoints: int = 2
@@ -72,7 +78,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (not applied to norms and biases)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     min_lr_ratio: float = 0.0
     """The cosine decays to lr * min_lr_ratio."""
     max_grad_norm: float = 1.0
