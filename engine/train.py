@@ -138,17 +138,21 @@ class Trainer:
     # ---- resume -----------------------------------------------------------------------------
 
     def resume(self) -> Path | None:
-        """Load the checkpoint `cfg.resume` names (auto: the newest complete one, if any)."""
-        if self.cfg.resume == "never":
-            return None
+        """Load the checkpoint `cfg.resume` names (auto: the newest complete one, if any).
+
+        metrics.jsonl keeps only the records up to the step resumed from (none for a fresh run).
+        """
+        path = None
         if self.cfg.resume == "auto":
             path = latest_checkpoint(self.output_dir)
-            if path is None:
-                return None
-        else:
+        elif self.cfg.resume != "never":
             path = Path(self.cfg.resume)
             if not path.is_dir():
                 raise CheckpointError(f"train.resume: {path} is not a checkpoint directory")
+        if path is None:
+            if self.d.is_main:
+                _truncate_metrics(self.output_dir / "metrics.jsonl", 0)
+            return None
         extra = load_checkpoint(path, self.d, self.module, self.optimizer)
         self.step, self.epoch = extra["step"], extra["epoch"]
         self.scheduler.load_state_dict(extra["scheduler"])
@@ -289,6 +293,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records written after the checkpoint we resume from (they will be redone)."""
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -175,3 +175,11 @@ def test_eval_loss_is_held_out_token_mean(tmp_path):
             count += b.num_label_tokens
     assert evals[-1]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
     assert evals[-1]["eval_label_tokens"] == count
+
+
+def test_fresh_run_starts_a_fresh_metrics_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    trainer = make_trainer(tmp_path, toy_steps(2))
+    assert trainer.resume() is None
+    trainer.fit()
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2] and metrics(tmp_path)[0]["loss"] != 9.0

@@ -56,6 +56,8 @@ def test_sigkill_after_checkpoint_then_resume_matches(tmp_path, uninterrupted):
     run(tmp_path, "kill_at=9", check_rc=-signal.SIGKILL)
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 10))
     assert checkpoints(tmp_path) == ["step_00000006", "step_00000008"]  # keep_checkpoints = 2
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10, "loss": 3.')  # as if killed in the middle of a write
     out = run(tmp_path)
     assert "resumed from step_00000008" in out
     assert same_history(metrics(tmp_path), uninterrupted)  # bit-identical, step 9 redone once
