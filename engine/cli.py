@@ -85,12 +85,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from packtune.checkpoint import CheckpointError
+    from packtune.data import DataError
     from packtune.launch import run_training
     from packtune.train import TrainingError
 
     cfg = load_config(args.config, args.set)
     try:
         run_training(cfg)
+    except DataError as e:
+        print(f"packtune: data error: {e}", file=sys.stderr)
+        return 2
     except (CheckpointError, TrainingError) as e:
         print(f"packtune train: {e}", file=sys.stderr)
         return 1

@@ -88,7 +88,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep (0 keeps all)."""
     eval_every: int = 0
-    """Evaluate the held-out split every this many steps (0: never)."""
+    """Evaluate the held-out split every this many steps and at the end (0: never)."""
+    eval_fraction: float = 0.0
+    """Fraction of the samples (seeded random) held out of training for evaluation."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (not applied to norms and biases)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

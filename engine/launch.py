@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from packtune.config import Config, ConfigError, dump_config
@@ -28,6 +29,8 @@ def check_config(cfg: Config) -> None:
         value = getattr(t, key)
         if value < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {value!r}")
+    if not 0 <= t.eval_fraction < 1:
+        raise ConfigError(f"train.eval_fraction must be in [0, 1), got {t.eval_fraction!r}")
     if t.max_steps == 0 and t.epochs <= 0:
         raise ConfigError("train.epochs must be > 0 when train.max_steps is 0")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
@@ -152,12 +155,54 @@ def load_model(path: str, dtype: torch.dtype, d: Dist):
     return model, load_weights
 
 
-def build_samplers(cfg: Config, d):
-    """This rank's training sampler (and held-out sampler, or None) over the packed dataset."""
-    from packtune.data import PackedSampler, prepare_dataset
+def build_samplers(cfg: Config, d: Dist):
+    """This rank's training sampler and held-out sampler (None without `train.eval_fraction`).
+
+    The data report (rows kept, dropped with reasons, tokens, packing efficiency) is printed
+    by rank 0 before step 1.
+    """
+    from packtune.data import PackedSampler, data_report, format_report, prepare_dataset
 
     dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
-    rows = dataset.pack()
+    train_set, eval_set = held_out_split(dataset, cfg.train.eval_fraction, cfg.train.seed)
+    rows = _rows(cfg, train_set)
+    if d.is_main:
+        print(format_report(data_report(train_set, rows, d.world_size, cfg.train.micro_batches)), flush=True)
+        if eval_set is not None:
+            print(f"  held out {len(eval_set)} samples for evaluation", flush=True)
     sampler = PackedSampler(rows, seed=cfg.train.seed, rank=d.rank, world_size=d.world_size,
                             micro_batches=cfg.train.micro_batches)
-    return sampler, None
+    eval_sampler = None
+    if eval_set is not None:
+        eval_sampler = PackedSampler(_rows(cfg, eval_set), seed=cfg.train.seed, rank=d.rank,
+                                     world_size=d.world_size, micro_batches=1)
+    return sampler, eval_sampler
+
+
+def _rows(cfg: Config, dataset):
+    return dataset.pack() if cfg.data.packing else dataset.pad(cfg.data.padded_batch_size, cfg.train.seed)
+
+
+def held_out_split(dataset, fraction: float, seed: int):
+    """(train, held-out) TokenizedDatasets: a seeded random `fraction` of the samples held out."""
+    from packtune.data import TokenizedDataset
+
+    if fraction <= 0:
+        return dataset, None
+    n = len(dataset)
+    held = round(n * fraction)
+    if not 1 <= held < n:
+        raise ConfigError(f"train.eval_fraction = {fraction} holds out {held} of {n} samples; "
+                          "it must leave at least one sample on each side")
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    return (TokenizedDataset(_subset(dataset, np.sort(perm[held:])), dataset.report),
+            TokenizedDataset(_subset(dataset, np.sort(perm[:held])), dataset.report))
+
+
+def _subset(dataset, index: np.ndarray) -> dict[str, np.ndarray]:
+    lengths = dataset.lengths[index]
+    offsets = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    token_index = np.repeat(dataset.offsets[index] - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return {"tokens": dataset.tokens[token_index], "mask": dataset.mask[token_index], "offsets": offsets,
+            "lines": dataset.lines[index], "label_counts": dataset.label_counts[index]}

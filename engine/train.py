@@ -156,7 +156,10 @@ class Trainer:
         extra = load_checkpoint(path, self.d, self.module, self.optimizer)
         self.step, self.epoch = extra["step"], extra["epoch"]
         self.scheduler.load_state_dict(extra["scheduler"])
-        self.sampler.load_state_dict(extra["sampler"])
+        try:
+            self.sampler.load_state_dict(extra["sampler"])
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume from {path}: {e}") from None
         self.metrics.skipped_steps = extra.get("skipped_total", 0)
         if self.d.is_main:
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)

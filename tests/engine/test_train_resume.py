@@ -16,8 +16,8 @@ SCRIPT = Path(toy_training.__file__)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run(output_dir, *args, check_rc=0):
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(output_dir), *args], env=ENV,
+def run(*args, check_rc=0):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == check_rc, proc.stdout + proc.stderr
     return proc.stdout
@@ -53,7 +53,7 @@ def same_history(a, b):
 
 def test_sigkill_after_checkpoint_then_resume_matches(tmp_path, uninterrupted):
     # Checkpoints at steps 2, 4, 6, 8 (the end of epoch 2); killed after step 9 was logged.
-    run(tmp_path, "kill_at=9", check_rc=-signal.SIGKILL)
+    run("kill_at=9", tmp_path, check_rc=-signal.SIGKILL)
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 10))
     assert checkpoints(tmp_path) == ["step_00000006", "step_00000008"]  # keep_checkpoints = 2
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -64,7 +64,7 @@ def test_sigkill_after_checkpoint_then_resume_matches(tmp_path, uninterrupted):
 
 
 def test_killed_while_writing_checkpoint_resumes_from_previous(tmp_path, uninterrupted):
-    run(tmp_path, "kill_during_save=6", check_rc=-signal.SIGKILL)
+    run("kill_during_save=6", tmp_path, check_rc=-signal.SIGKILL)
     assert checkpoints(tmp_path) == ["step_00000002", "step_00000004", "step_00000006.tmp"]
     out = run(tmp_path)
     assert "resumed from step_00000004" in out

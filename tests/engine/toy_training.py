@@ -155,41 +155,56 @@ def toy_steps(n_steps: int, micro_batches: int = 2, per_micro: int = 3, seed: in
     return [rows[i : i + micro_batches] for i in range(0, len(rows), micro_batches)]
 
 
-def run_toy(output_dir: str, overrides: dict) -> int:
-    """A toy run in this process: 3 epochs of 4 steps, checkpoints every 2 steps.
-
-    `kill_at=N` SIGKILLs the process once step N's metrics are written; `kill_during_save=N`
-    SIGKILLs it after step N's checkpoint files are written but before the directory is renamed.
-    """
+def install_kill_hooks(kill_at: int = 0, kill_during_save: int = 0) -> None:
+    """SIGKILL this process once step `kill_at`'s metrics are written, or after the checkpoint
+    files of step `kill_during_save` are written but before its directory is renamed."""
     import packtune.checkpoint as ckpt
-    from packtune.parallel import init_distributed
     from packtune.train import Trainer
 
-    cfg = TrainConfig(output_dir=output_dir, epochs=3, lr=1e-2, warmup=2, save_every=2, seed=0)
-    kill_at = int(overrides.pop("kill_at", 0))
-    kill_during_save = int(overrides.pop("kill_during_save", 0))
-    for key, value in overrides.items():
-        setattr(cfg, key, type(getattr(cfg, key))(value))
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, ToyLM(), ListSampler(toy_steps(4), shuffle=True), init_distributed("cpu"))
-    flush, dcp_save = trainer._flush, ckpt.dcp.save
+    flush, dcp_save = Trainer._flush, ckpt.dcp.save
 
-    def flush_then_die() -> None:
-        flush()
-        if trainer.step == kill_at:
+    def flush_then_die(self) -> None:
+        flush(self)
+        if self.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def save_then_die(state, **kwargs):
         dcp_save(state, **kwargs)
-        if trainer.step == kill_during_save:
+        if int(os.path.basename(kwargs["checkpoint_id"]).split("_")[1].split(".")[0]) == kill_during_save:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer._flush, ckpt.dcp.save = flush_then_die, save_then_die
+    Trainer._flush, ckpt.dcp.save = flush_then_die, save_then_die
+
+
+def run_toy(output_dir: str, overrides: dict) -> int:
+    """A toy run in this process: 3 epochs of 4 steps, checkpoints every 2 steps."""
+    from packtune.parallel import init_distributed
+    from packtune.train import Trainer
+
+    cfg = TrainConfig(output_dir=output_dir, epochs=3, lr=1e-2, warmup=2, save_every=2, seed=0)
+    for key, value in overrides.items():
+        setattr(cfg, key, type(getattr(cfg, key))(value))
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, ToyLM(), ListSampler(toy_steps(4), shuffle=True), init_distributed("cpu"))
     resumed = trainer.resume()
     print(f"resumed from {resumed.name if resumed else None}", flush=True)
     trainer.fit()
     return 0
 
 
+def main(argv: list[str]) -> int:
+    """`toy_training.py [kill_at=N] [kill_during_save=N] (OUTPUT_DIR [key=value ...] | cli ARGS...)`."""
+    hooks = {}
+    while argv and argv[0].startswith("kill_"):
+        key, value = argv.pop(0).split("=")
+        hooks[key] = int(value)
+    install_kill_hooks(**hooks)
+    if argv[0] == "cli":
+        from packtune.cli import main as cli_main
+
+        return cli_main(argv[1:])
+    return run_toy(argv[0], dict(arg.split("=", 1) for arg in argv[1:]))
+
+
 if __name__ == "__main__":
-    sys.exit(run_toy(sys.argv[1], dict(arg.split("=", 1) for arg in sys.argv[2:])))
+    sys.exit(main(sys.argv[1:]))
