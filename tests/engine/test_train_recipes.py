@@ -112,3 +112,27 @@ def test_cli_run_killed_after_checkpoint_resumes_identically(tmp_path, assets):
     expected = [[r.get(k) for k in keys] for r in history(tmp_path / "a")]
     assert len(expected) > 8 and any(r[-1] is not None for r in expected)
     assert [[r.get(k) for k in keys] for r in history(tmp_path / "b")] == expected
+
+
+def test_torchrun_two_ranks(tmp_path, assets):
+    """`torchrun --nproc_per_node 2 -m packtune train ...`: FSDP2 over gloo, one metrics file."""
+    out = tmp_path / "run"
+    overrides = [
+        f'model.path="{assets["model"]}"', f'data.path="{assets["alpaca"]}"',
+        f'data.tokenizer="{assets["tokenizer"]}"', "data.max_tokens=256", "data.num_workers=1",
+        f'data.cache_dir="{tmp_path / "cache"}"', f'train.output_dir="{out}"', "train.max_steps=3",
+        "train.save_every=2",
+    ]
+    sets = [a for o in overrides for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "packtune", "train", str(CONFIGS / "demo.toml"), *sets]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert proc.stdout.count("rows read") == 1  # the data report comes from rank 0 only
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step_00000003").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]
+    assert load_pretrained(out / "final").args.vocab_size == 600
