@@ -1,5 +1,9 @@
 """The training loss: summed token cross-entropy divided by the step's global label-token count.
 
+The fused linear cross-entropy (packtune.kernels) applies lm_head and the masked loss chunk by
+chunk over the label rows only, without storing the N x V logits; `num_items` is a device
+tensor, so the division needs no host sync. Zero label tokens give zero loss and gradients.
+
 `CausalLMLoss` is the module FSDP shards as its root. The loss runs *inside* its forward, so
 the root's parameters (embeddings, final norm, lm_head) are unsharded while the fused linear
 cross-entropy reads `lm_head.weight` directly; a kernel called outside the forward would see
@@ -12,22 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
-
-
-def token_loss_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | None
-) -> torch.Tensor:
-    """sum over label tokens of -log p(label), divided by `num_items` (if given); [N, H] hidden.
-
-    Zero label tokens give 0 (and zero gradients), never NaN.
-    """
-    logits = (hidden @ weight.t()).float()
-    losses = nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    total = losses.sum()
-    if num_items is None:
-        return total
-    return total / num_items.clamp(min=1)
+from packtune.kernels import linear_cross_entropy
 
 
 class CausalLMLoss(nn.Module):
@@ -49,5 +38,6 @@ class CausalLMLoss(nn.Module):
         hidden = self.model.hidden_states(
             input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
         )
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        return token_loss_sum(hidden, self.model.lm_head.weight, labels.reshape(-1), num_items)
+        return linear_cross_entropy(
+            hidden, self.model.lm_head, labels, reduction="sum", num_items=num_items
+        )
