@@ -6,6 +6,7 @@ Everything a user can get wrong in the config is checked before the first expens
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -90,8 +91,13 @@ def export_model(trainer, cfg: Config) -> Path | None:
         return None
     state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
     path = Path(cfg.train.output_dir) / "final"
-    tokenizer = [cfg.data.tokenizer] if cfg.data.tokenizer else []
-    return save_pretrained(trainer.model, path, tokenizer_files=tokenizer, state_dict=state)
+    tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    folder_files = sorted(tokenizer.glob("tokenizer*")) if tokenizer and tokenizer.is_dir() else []
+    save_pretrained(trainer.model, path, tokenizer_files=folder_files, state_dict=state)
+    if tokenizer is not None and tokenizer.is_file():  # under the name loaders look for
+        name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
+        shutil.copyfile(tokenizer, path / name)
+    return path
 
 
 def run_training(cfg: Config) -> Path | None:
@@ -163,7 +169,12 @@ def build_samplers(cfg: Config, d: Dist):
     """
     from packtune.data import PackedSampler, data_report, format_report, prepare_dataset
 
-    dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
+    # One rank per node tokenizes (and fills the cache); the others then load the cached result.
+    if d.local_rank == 0:
+        dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
+    d.barrier()
+    if d.local_rank != 0:
+        dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
     train_set, eval_set = held_out_split(dataset, cfg.train.eval_fraction, cfg.train.seed)
     rows = _rows(cfg, train_set)
     if d.is_main:
