@@ -58,7 +58,12 @@ def write_curve(metrics_path: str | Path, out_stem: str | Path, title: str = "tr
         path.write_text(f"{title}\n{text_chart(steps, losses)}\n", encoding="utf-8")
         return path
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, linewidth=1.2)
+    ax.plot(steps, losses, linewidth=0.8, alpha=0.35, label="per step")
+    window = max(len(losses) // 50, 1)
+    smooth = [sum(losses[max(i - window + 1, 0):i + 1]) / (i + 1 - max(i - window + 1, 0))
+              for i in range(len(losses))]
+    ax.plot(steps, smooth, linewidth=1.6, label=f"mean of the last {window} steps")
+    ax.legend()
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over label tokens)")
     ax.set_yscale("log")
