@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     "max_tokens": args.max_tokens, "samples_per_micro_batch": args.padding_batch,
                     "rows_per_micro_batch": shape["rows_per_micro_batch"],
                     "micro_batches": shape["padding_micro_batches"] if padding else 1}
+            shutil.rmtree(spec["out_dir"], ignore_errors=True)  # no metrics or cache left from a previous run
             print(f"  running {name} / {impl} ...", flush=True)
             res = _run_in_subprocess(spec)
             if "error" not in res:
