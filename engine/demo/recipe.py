@@ -91,7 +91,7 @@ class DemoRecipe:
 
 
 FULL = DemoRecipe(rows_per_task=2500, eval_per_task=40, vocab_size=1000, hidden_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, intermediate_size=352, epochs=2, lr=3e-3, max_tokens=96,
+                  num_attention_heads=4, intermediate_size=352, epochs=4, lr=3e-3, max_tokens=96,
                   micro_batches=6, log_every=100)
 """Short rows, several per step: best-fit decreasing fills each row with samples of nearly the
 same length, and here a length almost names a task (measured on this mix: at 512 tokens per row
