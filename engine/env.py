@@ -11,6 +11,7 @@ import torch
 import packtune
 from packtune import kernels
 from packtune.kernels import _dispatch
+from packtune.kernels.attention import describe_attention_paths
 
 
 def _torch_line() -> str:
@@ -48,6 +49,7 @@ def report() -> str:
         f"torch        {_torch_line()}",
         f"triton       {_triton_line()}",
         f"flash-attn   {'installed' if flash else 'not installed'}",
+        f"attention    {describe_attention_paths()}",
         f"packtune._C  {_cpu_ext_line()}",
         f"threads      torch intra-op: {torch.get_num_threads()}",
     ]

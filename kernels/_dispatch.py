@@ -77,6 +77,7 @@ def default_backend(op: str, device: torch.device) -> str:
     return "torch"
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates the choice once, at trace time
 def resolve_backend(op: str, device: torch.device | str, backend: str | None = None) -> str:
     """The backend that runs `op` for tensors on `device` (see the module docstring)."""
     device = torch.device(device)

@@ -18,6 +18,7 @@ def test_env_command_reports_this_machine():
         assert "no GPU" in out
         assert "interpreted" in out
     assert "flash-attn" in out
+    assert "attention    CPU: per-sample SDPA reference" in out
 
 
 def test_cpu_extension_reports_openmp_threads():

@@ -1,0 +1,145 @@
+"""Variable-length (packed) causal attention: one call over `[T, H, D]` rows holding many samples.
+
+Three paths, chosen per call, best first:
+
+1. `flash_attn.flash_attn_varlen_func`, when flash-attn imports and q/k/v are CUDA fp16/bf16;
+2. `torch.nn.attention.varlen.varlen_attn`, on CUDA fp16/bf16 when this torch has it (the form
+   with `window_size` and `enable_gqa`, PyTorch >= 2.12);
+3. the reference, on any device and dtype: scaled_dot_product_attention per sample (exact; no
+   token ever attends across a `cu_seqlens` boundary). It loops over samples on the host, so it
+   is for CPU runs and tests, not for speed.
+
+`window` follows transformers' Mistral semantics: query i sees key j when 0 <= i - j < window
+(the token itself and the window - 1 before it), i.e. flash-attn's `window_size=(window - 1, 0)`;
+without `causal`, |i - j| < window.
+GQA: k/v may have fewer heads than q (Hq a multiple of Hk). flash-attn is imported only when a
+call needs it, never at module import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def _flash_attn() -> ModuleType | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        return importlib.import_module("flash_attn")
+    except (ImportError, OSError, RuntimeError):  # installed but built for another torch/CUDA
+        return None
+
+
+@functools.cache
+def _torch_varlen():
+    """torch's varlen_attn if this torch has the keyword-only window_size/enable_gqa form (>= 2.12)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn if "window_size" in params and "enable_gqa" in params else None
+
+
+def attention_path(device: torch.device | str, dtype: torch.dtype) -> str:
+    """Which implementation `varlen_attention` uses for tensors of this device and dtype."""
+    device = torch.device(device)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half and _flash_attn() is not None:
+        return "flash_attn"
+    if device.type == "cuda" and half and _torch_varlen() is not None:
+        return "torch_varlen"
+    return "reference"
+
+
+def describe_attention_paths() -> str:
+    """One line for `packtune env`: the attention path for CPU tensors and for CUDA bf16 tensors."""
+    names = {"flash_attn": "flash-attn varlen", "torch_varlen": "torch varlen_attn",
+             "reference": "per-sample SDPA reference"}
+    cuda = names[attention_path("cuda", torch.bfloat16)]
+    if _flash_attn() is None and _torch_varlen() is None:
+        cuda += " (no flash-attn, no torch varlen_attn)"
+    return f"CPU: {names[attention_path('cpu', torch.float32)]}; CUDA bf16: {cuda}"
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0]:
+        raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must "
+                         "be packed [T, H, D] with the same T, and k, v of one shape")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"varlen_attention: {q.shape[1]} query heads are not a multiple of "
+                         f"{k.shape[1]} kv heads")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"varlen_attention: cu_seqlens must be 1-D offsets [n+1], "
+                         f"got {tuple(cu_seqlens.shape)}")
+
+
+def sample_mask(length: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean `[L, L]` mask (True = attend) for one sample, or None for full attention."""
+    if not causal and window is None:
+        return None
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= (i - j < window) & (j - i < window)
+    return allowed
+
+
+def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                         causal: bool = True, window: int | None = None,
+                         scale: float | None = None) -> torch.Tensor:
+    """The specification: SDPA on each sample's own tokens; tokens past cu_seqlens[-1] give zeros."""
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens.tolist()
+    gqa = q.shape[1] != k.shape[1]
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end <= start:
+            continue
+        # Plain causal goes through is_causal (SDPA's fused CPU/GPU kernels); windows need the mask.
+        mask = sample_mask(end - start, causal, window, q.device) if window is not None else None
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
+                                           scale=scale, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _window_size(causal: bool, window: int | None) -> tuple[int, int]:
+    if window is None:
+        return (-1, 0) if causal else (-1, -1)
+    return (window - 1, 0) if causal else (window - 1, window - 1)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, causal: bool = True, window: int | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attention within each sample of a packed row: q `[T, Hq, D]`, k/v `[T, Hk, D]` -> `[T, Hq, D]`.
+
+    cu_seqlens: int32 `[n+1]` sample offsets (on q's device); max_seqlen: the longest sample, a
+    host int (so no device-to-host sync on the fast paths); window: sliding window (Mistral).
+    """
+    _check(q, k, v, cu_seqlens)
+    if window is not None and window < 1:
+        raise ValueError(f"varlen_attention: window must be >= 1 or None, got {window}")
+    path = attention_path(q.device, q.dtype)
+    if path == "flash_attn":
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        return _flash_attn().flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
+                                                    softmax_scale=scale, causal=causal,
+                                                    window_size=_window_size(causal, window))
+    if path == "torch_varlen":
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        return _torch_varlen()(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale,
+                               window_size=_window_size(causal, window), enable_gqa=q.shape[1] != k.shape[1])
+    return varlen_attention_ref(q, k, v, cu_seqlens, causal=causal, window=window, scale=scale)
