@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from packtune.kernels import rms_norm, rotary, swiglu, varlen_attention
+from packtune.kernels.rotary import positions_from_cu_seqlens
+
 try:
     from packtune.kernels import linear_cross_entropy, masked_cross_entropy
 except ImportError:
@@ -33,26 +36,6 @@ except ImportError:
             bias = weight.bias if bias is None else bias
             weight = weight.weight
         return masked_cross_entropy(F.linear(hidden, weight, bias), labels, **options)
-
-
-try:
-    from packtune.kernels import rms_norm, rotary, swiglu, varlen_attention
-    from packtune.kernels.rotary import positions_from_cu_seqlens
-except ImportError:
-    from packtune.model.ops import rms_norm, swiglu
-    from packtune.model.ops import rotary as _rotary_per_token
-    from packtune.model.ops import varlen_attention as _varlen_attention
-
-    def rotary(q, k, cos, sin, *, position_ids=None, cu_seqlens=None, backend=None):
-        return _rotary_per_token(q, k, cos[position_ids], sin[position_ids])
-
-    def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=True, window=None, scale=None):
-        return _varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, window=window)
-
-    def positions_from_cu_seqlens(cu_seqlens, num_tokens):
-        starts = cu_seqlens[:-1].long()
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        return torch.arange(num_tokens, device=cu_seqlens.device) - starts.repeat_interleave(lengths)
 
 
 try:
