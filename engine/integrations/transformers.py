@@ -157,8 +157,13 @@ def _family(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in SUPPORTED or not type(model).__module__.startswith("transformers.models."):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        hint = (
+            " (a PEFT wrapper? apply it to model.get_base_model())"
+            if hasattr(model, "get_base_model")
+            else ""
+        )
         raise UnsupportedModelError(
-            f"apply_packtune: {name} (model_type={model_type!r}) is not supported; supported are "
+            f"apply_packtune: {name} (model_type={model_type!r}) is not supported{hint}; supported are "
             f"transformers' {', '.join(SUPPORTED)}. Nothing was changed."
         )
     return SUPPORTED[name]
@@ -303,13 +308,7 @@ def _causal_lm_forward_for(options: PacktuneOptions) -> Callable:
         targets = _shifted_targets(labels, shift_labels, cu_seqlens) if has_labels else None
         loss = logits = None
         if has_labels and options.fused_loss and self.training:
-            loss = linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]),
-                self.lm_head,
-                targets,
-                reduction="sum" if num_items is not None else "mean",
-                num_items=num_items,
-            )
+            loss = _fused_loss(hidden, self.lm_head, targets, num_items)
         else:
             logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
             if has_labels and options.fused_loss:
@@ -340,6 +339,29 @@ def _causal_lm_forward_for(options: PacktuneOptions) -> Callable:
         return output if return_dict else output.to_tuple()
 
     return forward
+
+
+def _fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, num_items) -> torch.Tensor:
+    """linear_cross_entropy over the flat hidden states; under autocast the matmuls run in the
+    autocast dtype, as `lm_head(hidden)` would (the kernel itself then runs with autocast off)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    weight, bias = lm_head.weight, lm_head.bias
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    with torch.autocast(device, enabled=False):
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            num_items=num_items,
+            reduction="sum" if num_items is not None else "mean",
+        )
 
 
 # ---- packed rows -----------------------------------------------------------------------------

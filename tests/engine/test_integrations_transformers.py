@@ -172,3 +172,49 @@ def test_swiglu_refuses_other_activations():
     with pytest.raises(UnsupportedModelError, match="hidden_act='gelu'"):
         apply_packtune(model)
     apply_packtune(model, swiglu=False)
+
+
+def test_transformers_flattening_collator_and_activation_checkpointing():
+    """transformers' DataCollatorWithFlattening (position_ids only, or with its flash-attention
+    offsets) gives the same loss as PackedCollator; activation checkpointing changes nothing."""
+    model = make_hf_model("llama3_gqa").float().train()
+    apply_packtune(model)
+    samples = [{"input_ids": ids} for ids in ([5, 9, 2, 7, 1], [3, 3, 8, 4, 6, 2, 9, 1], [4, 2, 7])]
+    loss = model(**PackedCollator()(samples)).loss
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for options in ({}, {"return_flash_attn_kwargs": True}):
+        batch = transformers.DataCollatorWithFlattening(**options)(samples)
+        torch.testing.assert_close(model(**batch).loss, loss, rtol=1e-6, atol=0)
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    checkpointed = model(**PackedCollator()(samples)).loss
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, loss, rtol=0, atol=0)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-8)
+
+
+def test_bf16_autocast_error_no_worse_than_transformers():
+    """Under bf16 autocast the fused loss runs its matmuls in bf16 (as lm_head would); loss and
+    gradients stay as close to the fp32 result as transformers' own autocast run (+1e-2)."""
+    fp32 = make_hf_model("llama3_gqa").float().train()
+    fp32.config.use_cache = False
+    hf_amp, patched = copy.deepcopy(fp32), copy.deepcopy(fp32)
+    apply_packtune(patched)
+    batch = PackedCollator()(_samples(fp32.config.vocab_size))
+    exact = fp32(**batch).loss
+    exact.backward()
+    results = []
+    for model in (hf_amp, patched):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        grad_err = max(
+            float((p.grad - q.grad).norm() / q.grad.norm())
+            for p, q in zip(model.parameters(), fp32.parameters(), strict=True)
+        )
+        results.append((abs(float(loss.detach() - exact.detach())), grad_err))
+    (hf_loss_err, hf_grad_err), (loss_err, grad_err) = results
+    assert loss_err <= hf_loss_err + 1e-2
+    assert grad_err <= hf_grad_err + 1e-2
