@@ -1,8 +1,7 @@
-"""The four ops the decoder calls, in plain PyTorch: RMSNorm, rotary embedding, SwiGLU, attention.
+"""The four ops the decoder calls: RMSNorm, rotary embedding, SwiGLU, attention.
 
-These are the reference implementations (the same math as transformers' Llama). They sit
-behind small functions with the signatures of `packtune.kernels` so the packed-sequence kernels
-replace them here, in one place, without touching the model.
+Thin adapters onto `packtune.kernels` (Triton on GPU, C++ on CPU, the PyTorch reference for
+float64), plus the dense causal attention used for padded batches and the KV cache.
 """
 
 from __future__ import annotations
@@ -10,30 +9,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from packtune import kernels
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """weight * x / rms(x), normalised in fp32 and cast back before the weight (as transformers)."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    """weight * x / rms(x) with fp32 statistics (packtune.kernels.rms_norm)."""
+    return kernels.rms_norm(x, weight, eps)
 
 
 def rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q `[..., Hq, D]` and k `[..., Hk, D]` by per-token cos/sin `[..., D]` (rotate-half layout)."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    """Rotate q `[..., Hq, D]` and k `[..., Hk, D]` by per-token cos/sin `[..., D]` (rotate-half layout).
+
+    The model computes cos/sin per token (dynamic and llama3 rope scaling live there), so they are
+    handed to the kernel as a table indexed by token number.
+    """
+    table_cos, table_sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+    token = torch.arange(table_cos.shape[0], device=q.device)
+    return kernels.rotary(q, k, table_cos, table_sin, position_ids=token)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up."""
-    return F.silu(gate) * up
+    """silu(gate) * up, fused (packtune.kernels.swiglu)."""
+    return kernels.swiglu(gate, up)
 
 
 def causal_attention(
@@ -78,19 +77,7 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Exact causal attention within each packed sample `[T, H, D]`, none across samples.
 
-    Sample i spans rows `cu_seqlens[i]:cu_seqlens[i+1]`. The reference runs SDPA once per sample,
-    so no cross-sample score is ever computed (rather than masked), and costs no T x T mask.
-    `max_seqlen` (the longest sample) sizes a kernel's launch grid; the reference does not need it.
+    flash-attn varlen or torch's varlen_attn on GPUs, an exact per-sample SDPA elsewhere
+    (packtune.kernels.varlen_attention chooses).
     """
-    if not causal:
-        raise ValueError("varlen_attention: only causal attention is implemented")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != q.shape[0]:
-        raise ValueError(
-            f"cu_seqlens must run from 0 to the {q.shape[0]} packed tokens, got {bounds[0]}..{bounds[-1]}"
-        )
-    outs = [
-        causal_attention(q[None, s:e], k[None, s:e], v[None, s:e], window=window)[0]
-        for s, e in zip(bounds[:-1], bounds[1:], strict=False)
-    ]
-    return torch.cat(outs) if len(outs) != 1 else outs[0]
+    return kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, window=window)

@@ -20,6 +20,26 @@ NAMES = [n for n in CONFIGS if n != "llama_dynamic"]
 LENGTHS = (7, 13, 20)  # a packed row of 3 samples; every sliding window above is shorter than two
 
 
+def _rms_norm_at_input_precision(self, hidden_states):
+    """transformers' RMSNorm forward, but in float64 for float64 input (it always uses fp32)."""
+    compute = torch.promote_types(hidden_states.dtype, torch.float32)
+    x = hidden_states.to(compute)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * x.to(hidden_states.dtype)
+
+
+@pytest.fixture(autouse=True)
+def float64_hf_norms(monkeypatch):
+    """packtune's norm keeps float64 statistics for float64 input; make transformers' do the same,
+    so the float64 comparisons are between two exact computations, not exact vs fp32-rounded."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.qwen2 import modeling_qwen2
+
+    for norm in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm):
+        monkeypatch.setattr(norm, "forward", _rms_norm_at_input_precision)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
