@@ -218,3 +218,15 @@ def test_bf16_autocast_error_no_worse_than_transformers():
     (hf_loss_err, hf_grad_err), (loss_err, grad_err) = results
     assert loss_err <= hf_loss_err + 1e-2
     assert grad_err <= hf_grad_err + 1e-2
+
+
+@pytest.mark.parametrize("name", ["mistral_window", "qwen2"])
+def test_generation_with_cache_and_left_padding_unchanged(name):
+    ref = make_hf_model(name).float()
+    model = copy.deepcopy(ref)
+    apply_packtune(model)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**options), ref.generate(**options))
