@@ -20,3 +20,15 @@ def test_example_runs(script, needs):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss" in result.stdout
+
+
+@pytest.mark.parametrize("impl", ["transformers", "packtune"])
+def test_hf_step_bench_runs(impl):
+    pytest.importorskip("transformers")
+    from packtune.bench import hf_step
+
+    step = hf_step.make_step(
+        impl, {"T": 64, "samples": 4, "vocab": 300, "hidden": 128, "layers": 1}, "float32", "cpu"
+    )
+    step()
+    step()
