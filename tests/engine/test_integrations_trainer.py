@@ -52,10 +52,13 @@ def _train(model, data, out_dir, seen: list) -> list[float]:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=PackedCollator())
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data[:6], data_collator=PackedCollator()
+    )
     assert trainer.model_accepts_loss_kwargs
     trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses + [trainer.evaluate()["eval_loss"]]
 
 
 def test_trainer_with_and_without_packtune(tmp_path):
@@ -73,9 +76,9 @@ def test_trainer_with_and_without_packtune(tmp_path):
     seen_plain, seen_patched = [], []
     losses_plain = _train(plain, data, tmp_path / "plain", seen_plain)
     losses_patched = _train(patched, data, tmp_path / "patched", seen_patched)
-    assert len(losses_plain) == 3
-    counts = [int(c) for c in seen_patched]
-    assert len(counts) == 6 and counts == [int(c) for c in seen_plain]
+    assert len(losses_plain) == 3 + 1  # 3 steps, then the eval loss of the trained model
+    counts = [int(c) for c in seen_patched[:6]]  # the training micro-batches
+    assert len(seen_patched) > 6 and counts == [int(c) for c in seen_plain[:6]]
     assert counts[0] == counts[1] and counts[0] != counts[2], "one count per accumulation window"
     torch.testing.assert_close(torch.tensor(losses_patched), torch.tensor(losses_plain), rtol=1e-5, atol=0)
     moved = False
