@@ -16,6 +16,7 @@ _LAZY: dict[str, str] = {
     "load_config": "packtune.config",
     "load_pretrained": "packtune.model.hf_io",
     "save_pretrained": "packtune.model.hf_io",
+    "prepare_dataset": "packtune.data",
 }
 
 

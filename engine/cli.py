@@ -15,6 +15,27 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    import json
+
+    from packtune.config import load_config
+    from packtune.data import DataError, data_report, format_report, prepare_dataset
+
+    cfg = load_config(args.config, args.set)
+    try:
+        dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
+        rows = dataset.pack() if cfg.data.packing else dataset.pad(cfg.data.padded_batch_size, cfg.train.seed)
+        report = data_report(dataset, rows, args.world_size, cfg.train.micro_batches)
+    except DataError as e:
+        print(f"packtune: data error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.report_json:
+        with open(args.report_json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -67,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="show versions, the C++ extension, and which backend each op uses")
     env.set_defaults(func=_env)
+    prepare = sub.add_parser("prepare", help="tokenize (cached) and pack the data; print the data report")
+    prepare.add_argument("config", help="a TOML run config")
+    prepare.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override a config value (repeatable)")
+    prepare.add_argument("--report-json", metavar="FILE", help="also write the report as JSON")
+    prepare.add_argument("--world-size", type=int, default=1, help="ranks the steps are counted for")
+    prepare.set_defaults(func=_prepare)
     bench = sub.add_parser("bench", help="side-by-side benchmarks (ce, linear-ce, pack, rope, ...)")
     bench.add_argument("subject")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the subject's own options (--help)")

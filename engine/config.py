@@ -47,6 +47,20 @@ class DataConfig:
     """Tokens per packed row; also the longest sample kept."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows instead of stopping at the first one."""
+    train_on: str = "assistant"
+    """Trained tokens: assistant (every answer and its end token), last (the last answer only), all."""
+    truncation: str = "drop"
+    """Samples longer than max_tokens: drop, or truncate (cut the end of the response)."""
+    field_map: list[str] = field(default_factory=list)
+    """Field renames for the input rows, canonical=actual: ["instruction=question", "output=answer"]."""
+    cache_dir: str = ""
+    """Tokenize-once cache folder; default $PACKTUNE_CACHE or ~/.cache/packtune/data."""
+    num_workers: int = 0
+    """Tokenizer worker processes; 0 means one per CPU core (at most 8)."""
+    packing: bool = True
+    """Pack samples into rows of max_tokens (best-fit decreasing); false gives padded batches."""
+    padded_batch_size: int = 8
+    """Samples per padded micro-batch when packing = false."""
 
 
 @dataclass

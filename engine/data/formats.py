@@ -1,0 +1,233 @@
+"""Readers for instruction data: every supported row layout becomes one `Conversation`.
+
+Layouts (`[data] format`): `alpaca` (instruction / input / output, optional system),
+`sharegpt` (conversations of from / value with human / gpt / system), `messages` (OpenAI-style
+role / content), `prompt_completion`, and `text` (trained in full). `auto` picks the layout from
+the first row's keys. Field names can be renamed with `[data] field_map`.
+
+Files are JSONL (one object per line) or a JSON array. Every error names the file and line (item
+for JSON arrays) and, where it applies, the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from packtune.data.errors import DataError
+
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+
+DEFAULT_FIELDS = {
+    "instruction": "instruction",
+    "input": "input",
+    "output": "output",
+    "system": "system",
+    "conversations": "conversations",
+    "from": "from",
+    "value": "value",
+    "messages": "messages",
+    "role": "role",
+    "content": "content",
+    "prompt": "prompt",
+    "completion": "completion",
+    "text": "text",
+}
+
+# ShareGPT and OpenAI spellings of the three roles a template knows. Other roles pass through
+# unchanged, so the template reports them by name.
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+    input: str = ""
+    """Alpaca's optional `input`, kept apart so the alpaca template can give it its own block."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    plain_text: bool = False
+    """A `text` row: one message trained in full, no chat markup."""
+
+
+def field_names(field_map: list[str]) -> dict[str, str]:
+    """Canonical field name -> the name used in the file, from `["instruction=question", ...]`."""
+    fields = dict(DEFAULT_FIELDS)
+    for item in field_map:
+        canonical, sep, actual = (s.strip() for s in item.partition("="))
+        if not sep or not actual:
+            raise DataError(f"data.field_map: {item!r} is not canonical=actual", "config")
+        if canonical not in fields:
+            raise DataError(
+                f"data.field_map: unknown field {canonical!r}; valid: {', '.join(fields)}", "config"
+            )
+        fields[canonical] = actual
+    return fields
+
+
+def read_rows(path: str | Path) -> tuple[bool, list[tuple[int, bytes | Any]]]:
+    """(is a JSON array, [(line number or item index, raw row)]): raw bytes of a JSONL line, or a
+    parsed JSON-array item. `location` turns a number into the text errors use.
+
+    Blank JSONL lines are skipped. A missing, unreadable or empty file is an error here; row
+    problems (bad JSON, bad UTF-8) surface in `decode_row` so that `skip_bad_rows` can count them.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"data file {path} does not exist", "missing_file") from None
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read: {e.strerror}", "missing_file") from None
+    if not data.strip():
+        raise DataError(f"{path}: the file is empty", "empty_file")
+    if data.lstrip()[:1] == b"[":
+        return True, _read_json_array(path, data)
+    return False, [(n, line) for n, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+
+
+def location(path: str | Path, number: int, in_array: bool) -> str:
+    return f"{path}: item {number}" if in_array else f"{path}:{number}"
+
+
+def _read_json_array(path: Path, data: bytes) -> list[tuple[int, Any]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}", "invalid_utf8") from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})", "malformed_json"
+        ) from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of rows or JSON lines", "malformed_json")
+    if not items:
+        raise DataError(f"{path}: the file is empty (an empty JSON array)", "empty_file")
+    return list(enumerate(items))
+
+
+def decode_row(where: str, raw: bytes | Any) -> dict[str, Any]:
+    """One row as a dict; JSONL bytes are decoded strictly (UTF-8, then JSON)."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: invalid UTF-8 at byte {e.start} of the line", "invalid_utf8") from None
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{where}: malformed JSON: {e.msg} (column {e.colno})", "malformed_json"
+            ) from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_type_name(raw)}", "wrong_type")
+    return raw
+
+
+def detect_format(row: dict[str, Any], fields: dict[str, str], where: str) -> str:
+    """The layout a row is written in, judged by which known fields it has."""
+    checks = (
+        ("sharegpt", ("conversations",)),
+        ("messages", ("messages",)),
+        ("alpaca", ("instruction", "output")),
+        ("prompt_completion", ("prompt", "completion")),
+        ("text", ("text",)),
+    )
+    for fmt, needed in checks:
+        if all(fields[k] in row for k in needed):
+            return fmt
+    raise DataError(
+        f"{where}: cannot tell the data format from the fields {sorted(row)}; set "
+        f"data.format to one of {', '.join(FORMATS)} (and data.field_map to rename fields)",
+        "unknown_format",
+    )
+
+
+def to_conversation(row: dict[str, Any], fmt: str, fields: dict[str, str], where: str) -> Conversation:
+    """Normalise one decoded row of layout `fmt` into a Conversation, checking every field."""
+    if fmt == "alpaca":
+        system = _string(row, fields["system"], where, required=False)
+        output = _string(row, fields["output"], where, response=True)
+        user = Message(
+            "user",
+            _string(row, fields["instruction"], where),
+            _string(row, fields["input"], where, required=False),
+        )
+        head = (Message("system", system),) if system else ()
+        return Conversation((*head, user, Message("assistant", output)))
+    if fmt == "prompt_completion":
+        return Conversation(
+            (
+                Message("user", _string(row, fields["prompt"], where)),
+                Message("assistant", _string(row, fields["completion"], where, response=True)),
+            )
+        )
+    if fmt == "text":
+        return Conversation(
+            (Message("assistant", _string(row, fields["text"], where, response=True)),), plain_text=True
+        )
+    if fmt in ("sharegpt", "messages"):
+        key = fields["conversations" if fmt == "sharegpt" else "messages"]
+        role_key, content_key = (
+            (fields["from"], fields["value"]) if fmt == "sharegpt" else (fields["role"], fields["content"])
+        )
+        turns = row.get(key)
+        if turns is None:
+            raise DataError(f"{where}: missing field {key!r}", "missing_field")
+        if not isinstance(turns, list) or not turns:
+            raise DataError(
+                f"{where}: field {key!r}: expected a non-empty list of turns, got {_type_name(turns)}",
+                "wrong_type",
+            )
+        messages = []
+        for i, turn in enumerate(turns):
+            at = f"{where}: {key}[{i}]"
+            if not isinstance(turn, dict):
+                raise DataError(f"{at}: expected an object, got {_type_name(turn)}", "wrong_type")
+            role = _string(turn, role_key, at)
+            role = ROLE_ALIASES.get(role, role)
+            messages.append(Message(role, _string(turn, content_key, at, response=role == "assistant")))
+        return Conversation(tuple(messages))
+    raise DataError(f"data.format: unknown format {fmt!r}; valid: auto, {', '.join(FORMATS)}", "config")
+
+
+def _string(
+    obj: dict[str, Any], key: str, where: str, *, required: bool = True, response: bool = False
+) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing field {key!r}", "missing_field")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r}: expected a string, got {_type_name(value)}", "wrong_type")
+    if response and not value.strip():
+        raise DataError(f"{where}: field {key!r}: empty response (nothing to train on)", "empty_response")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,281 @@
+"""Best-fit decreasing packing of the whole dataset, and the batches the training loop consumes.
+
+`best_fit_decreasing(lengths, capacity)` assigns every sample to a row: samples in descending
+length order, each into the open row with the least room that still fits it. The C++ op
+`packtune.bfd_pack` (csrc/bfd_pack.cpp) does this in a few ms per million samples; the Python
+version below is the same algorithm (its reference, and the fallback without the extension). It
+places a run of equal lengths into one row at a time: after an item goes into the best-fitting
+row, that row is still the best fit for the next item of the same length as long as it has room,
+so the result is identical to placing items one by one.
+
+A `PackedBatch` is one row: samples concatenated without padding, labels shifted *per sample*
+(the label at t is token t+1 of the same sample, -100 on prompt tokens and on each sample's last
+position), `position_ids` restarting at 0 per sample, int32 `cu_seqlens` and a host-side
+`max_seqlen`, so varlen attention needs no device-to-host sync. `PaddedBatch` is the padded
+counterpart (pad-to-longest), for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from packtune.data.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+def _extension_available() -> bool:
+    try:
+        import packtune._C  # noqa: F401  (registers torch.ops.packtune.bfd_pack)
+    except ImportError:
+        return False
+    return hasattr(torch.ops.packtune, "bfd_pack")
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int, *, backend: str | None = None) -> np.ndarray:
+    """The row of each sample (rows numbered in the order they were opened)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        raise ValueError(f"lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
+    # Descending, ties by index: a stable ascending sort of (capacity - length); 16-bit keys when
+    # they fit, where numpy sorts by radix.
+    keys = capacity - lengths
+    order = np.argsort(keys.astype(np.uint16) if capacity < 2**16 else keys, kind="stable")
+    sorted_lengths = lengths[order]
+    backend = backend or ("cpp" if _extension_available() else "python")
+    if backend == "cpp":
+        rows_sorted = torch.ops.packtune.bfd_pack(torch.from_numpy(sorted_lengths), capacity).numpy()
+    elif backend == "python":
+        rows_sorted = _bfd_sorted_python(sorted_lengths, capacity)
+    else:
+        raise ValueError(f"backend must be 'cpp' or 'python', got {backend!r}")
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    row_of[order] = rows_sorted
+    return row_of
+
+
+def _bfd_sorted_python(sorted_lengths: np.ndarray, capacity: int) -> np.ndarray:
+    row_of = np.empty(len(sorted_lengths), dtype=np.int64)
+    stacks: dict[int, list[int]] = {}  # remaining room -> rows with that room (last pushed = chosen)
+    nonempty = 0  # bit r set when stacks[r] is non-empty
+    n_rows = 0
+    starts = np.flatnonzero(np.r_[True, sorted_lengths[1:] != sorted_lengths[:-1]])
+    ends = np.r_[starts[1:], len(sorted_lengths)]
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=False):
+        need, pos = int(sorted_lengths[start]), start
+        while pos < end:
+            above = nonempty >> need
+            if above:
+                room = need + (above & -above).bit_length() - 1
+                stack = stacks[room]
+                row = stack.pop()
+                if not stack:
+                    nonempty &= ~(1 << room)
+                take = min(room // need, end - pos)
+                row_of[pos : pos + take] = row
+                pos += take
+                rooms = [(room - take * need, row)]
+            else:  # no open row fits: open rows, each filled with as many items as fit
+                per_row, count = capacity // need, end - pos
+                n_new = -(-count // per_row)
+                row_of[pos:end] = n_rows + np.arange(count) // per_row
+                last = count - (n_new - 1) * per_row
+                rooms = [(capacity - per_row * need, n_rows + i) for i in range(n_new - 1)]
+                rooms.append((capacity - last * need, n_rows + n_new - 1))
+                n_rows += n_new
+                pos = end
+            for room, row in rooms:
+                if room > 0:
+                    stacks.setdefault(room, []).append(row)
+                    nonempty |= 1 << room
+    return row_of
+
+
+def rows_from_assignment(row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sample indices grouped by row, row offsets) from the row of each sample."""
+    order = np.argsort(row_of, kind="stable")
+    counts = np.bincount(row_of, minlength=int(row_of.max()) + 1 if len(row_of) else 0)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return order, offsets
+
+
+def split_to_multiple(row_of: np.ndarray, lengths: np.ndarray, multiple: int) -> np.ndarray:
+    """Split rows until their number is a multiple of `multiple`: each split moves the shortest
+    sample of the row holding the most samples into a new row. Every sample stays in exactly one
+    row, so every rank gets the same number of micro-batches without dropping or repeating any."""
+    n_rows = int(row_of.max()) + 1
+    extra = -n_rows % multiple
+    if extra == 0:
+        return row_of
+    if len(row_of) < n_rows + extra:
+        raise DataError(
+            f"{len(row_of)} samples cannot fill a multiple of {multiple} rows (world size x "
+            "micro-batches); use fewer ranks or micro-batches, or more data",
+            "too_few_samples",
+        )
+    row_of = row_of.copy()
+    counts = np.bincount(row_of, minlength=n_rows)
+    for new_row in range(n_rows, n_rows + extra):
+        row = int(np.argmax(counts))
+        members = np.flatnonzero(row_of == row)
+        moved = members[np.argmin(lengths[members])]
+        row_of[moved] = new_row
+        counts[row] -= 1
+        counts = np.append(counts, 1)
+    return row_of
+
+
+@dataclass
+class PackedBatch:
+    """One packed row: `T` real tokens of several samples, no padding."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    num_label_tokens: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
+        return PackedBatch(
+            **{f.name: _move(getattr(self, f.name), device, non_blocking) for f in fields(self)}
+        )
+
+
+@dataclass
+class PaddedBatch:
+    """`B` samples right-padded to the longest; `labels` are -100 on padding."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    num_label_tokens: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> PaddedBatch:
+        return PaddedBatch(
+            **{f.name: _move(getattr(self, f.name), device, non_blocking) for f in fields(self)}
+        )
+
+
+def _move(value, device, non_blocking):
+    return value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+
+
+def shifted_labels(ids: np.ndarray, mask: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
+    """Labels for concatenated samples: token t+1 where it is trainable and in the same sample."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    labels[:-1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+    labels[np.cumsum(seq_lens) - 1] = IGNORE_INDEX
+    return labels
+
+
+class _Rows:
+    """Rows of sample indices over a TokenizedDataset; subclasses collate a row into a batch."""
+
+    def __init__(self, dataset, row_of: np.ndarray, max_tokens: int) -> None:
+        self.dataset, self.row_of, self.max_tokens = dataset, row_of, max_tokens
+        self.order, self.offsets = rows_from_assignment(row_of)
+        lengths = dataset.lengths
+        self.row_tokens = np.bincount(row_of, weights=lengths, minlength=len(self)).astype(np.int64)
+        self.row_label_tokens = np.bincount(row_of, weights=dataset.label_counts, minlength=len(self)).astype(
+            np.int64
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def samples(self, row: int) -> np.ndarray:
+        return self.order[self.offsets[row] : self.offsets[row + 1]]
+
+    def with_row_multiple(self, multiple: int):
+        """The same rows, split so that their number is a multiple of `multiple`."""
+        row_of = split_to_multiple(self.row_of, self.dataset.lengths, multiple)
+        return self if row_of is self.row_of else type(self)(self.dataset, row_of, self.max_tokens)
+
+    def _gather(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        samples = self.samples(row)
+        starts, ends = self.dataset.offsets[samples], self.dataset.offsets[samples + 1]
+        ids = np.concatenate([self.dataset.tokens[a:b] for a, b in zip(starts, ends, strict=False)]).astype(
+            np.int64
+        )
+        mask = np.concatenate([self.dataset.mask[a:b] for a, b in zip(starts, ends, strict=False)])
+        return ids, mask, (ends - starts)
+
+
+class PackedRows(_Rows):
+    """Best-fit-decreasing rows of at most `max_tokens` tokens."""
+
+    @classmethod
+    def best_fit(cls, dataset, max_tokens: int) -> PackedRows:
+        lengths = dataset.lengths
+        if lengths.max() > max_tokens:
+            raise DataError(
+                f"a sample of {lengths.max()} tokens does not fit rows of {max_tokens}; prepare "
+                "the data with this max_tokens",
+                "too_long",
+            )
+        return cls(dataset, best_fit_decreasing(lengths, max_tokens), max_tokens)
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / row slots."""
+        return float(self.row_tokens.sum() / (len(self) * self.max_tokens))
+
+    def collate(self, row: int) -> PackedBatch:
+        ids, mask, seq_lens = self._gather(row)
+        labels = shifted_labels(ids, mask, seq_lens)
+        cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
+        np.cumsum(seq_lens, out=cu[1:])
+        positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seq_lens)
+        return PackedBatch(
+            torch.from_numpy(ids),
+            torch.from_numpy(labels),
+            torch.from_numpy(positions),
+            torch.from_numpy(cu),
+            int(seq_lens.max()),
+            int((labels != IGNORE_INDEX).sum()),
+        )
+
+
+class PaddedRows(_Rows):
+    """Micro-batches of `batch_size` samples in a seeded random grouping, padded to the longest."""
+
+    pad_id = 0
+
+    @classmethod
+    def random_groups(cls, dataset, batch_size: int, seed: int = 0) -> PaddedRows:
+        perm = np.random.default_rng(seed).permutation(len(dataset))
+        row_of = np.empty(len(dataset), dtype=np.int64)
+        row_of[perm] = np.arange(len(dataset)) // batch_size
+        return cls(dataset, row_of, dataset.max_tokens)
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / padded slots (each micro-batch padded to its longest sample)."""
+        lengths = self.dataset.lengths
+        longest = np.zeros(len(self), dtype=np.int64)
+        np.maximum.at(longest, self.row_of, lengths)
+        counts = np.diff(self.offsets)
+        return float(self.row_tokens.sum() / (longest * counts).sum())
+
+    def collate(self, row: int) -> PaddedBatch:
+        ids, mask, seq_lens = self._gather(row)
+        labels = shifted_labels(ids, mask, seq_lens)
+        batch, width = len(seq_lens), int(seq_lens.max())
+        valid = np.arange(width)[None, :] < seq_lens[:, None]
+        input_ids = np.full((batch, width), self.pad_id, dtype=np.int64)
+        padded_labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
+        input_ids[valid], padded_labels[valid] = ids, labels
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
+        return PaddedBatch(
+            torch.from_numpy(input_ids),
+            torch.from_numpy(padded_labels),
+            torch.from_numpy(positions),
+            torch.from_numpy(valid),
+            int((labels != IGNORE_INDEX).sum()),
+        )

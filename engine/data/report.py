@@ -1,0 +1,54 @@
+"""The data report: what was read, kept, dropped or truncated (with reasons), and how well it packs.
+
+`packtune prepare` prints it and writes it as JSON; training prints the same report before step 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1) -> dict[str, Any]:
+    """The tokenization report of `dataset` plus packing figures for `rows` (packed or padded)."""
+    from packtune.data.packing import PackedRows
+
+    group = world_size * micro_batches
+    rows = rows.with_row_multiple(group)
+    report = {k: v for k, v in dataset.report.items()}
+    report.update(
+        {
+            "packing": "packed" if isinstance(rows, PackedRows) else "padded",
+            "packed_rows": len(rows),
+            "packing_efficiency": rows.efficiency,
+            "steps_per_epoch": len(rows) // group,
+            "world_size": world_size,
+            "micro_batches": micro_batches,
+        }
+    )
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    tokens, labels = report["tokens"], report["label_tokens"]
+    dropped = sum(report["dropped"].values())
+    truncated = sum(report["truncated"].values())
+    lines = [
+        f"data: {report['rows']} rows read ({report.get('format', '?')} format, "
+        f"{report.get('template', '?')} template), {report['kept']} kept, {dropped} dropped, "
+        f"{truncated} truncated",
+    ]
+    lines += [f"  dropped  {n:>8}  {reason}" for reason, n in report["dropped"].items()]
+    lines += [f"  truncated{n:>8}  {reason}" for reason, n in report["truncated"].items()]
+    lines += [f"  skipped: {e}" for e in report.get("errors", [])]
+    lines.append(f"  tokens {tokens}, label tokens {labels} ({100 * labels / max(tokens, 1):.1f}% trained)")
+    if "packing_efficiency" in report:
+        lines.append(
+            f"  {report['packing']} rows {report['packed_rows']} of max {report['max_tokens']} tokens: "
+            f"efficiency {100 * report['packing_efficiency']:.2f}% real tokens per slot, "
+            f"{report['steps_per_epoch']} steps per epoch ({report['world_size']} rank(s) x "
+            f"{report['micro_batches']} micro-batch(es))"
+        )
+    if report.get("cache"):
+        seconds = report.get("load_seconds", report.get("tokenize_seconds", 0.0))
+        lines.append(f"  cache {report['cache']} ({seconds:.2f} s)")
+    return "\n".join(lines)

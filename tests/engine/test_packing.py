@@ -1,0 +1,175 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
+
+from packtune.config import DataConfig
+from packtune.data import PackedSampler, prepare_dataset
+from packtune.data.packing import IGNORE_INDEX, _extension_available, best_fit_decreasing, split_to_multiple
+
+
+@pytest.fixture(scope="module")
+def tokenizers_dir(tmp_path_factory):
+    return trained_tokenizers(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sp_model(tokenizers_dir):
+    return tokenizers_dir["sp"]
+
+
+def alpaca_like_lengths(n, seed=0):
+    """Mean ~200 tokens with a long tail to 2K (lognormal), as in the research notes' Alpaca numbers."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(5.1, 0.6, n), 8, 2048).astype(np.int64)
+
+
+def bfd_reference(lengths, capacity):
+    """Textbook best-fit decreasing: scan every open row (ties: the row that reached that room last)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rooms, touched, row_of, clock = [], [], [0] * len(lengths), 0
+    for i in order:
+        fits = [r for r in range(len(rooms)) if rooms[r] >= lengths[i]]
+        if fits:
+            row = min(fits, key=lambda r: (rooms[r], -touched[r]))
+        else:
+            row = len(rooms)
+            rooms.append(capacity)
+            touched.append(0)
+        rooms[row] -= lengths[i]
+        clock += 1
+        touched[row] = clock
+        row_of[i] = row
+    return np.array(row_of)
+
+
+@pytest.mark.parametrize("capacity", [16, 100, 2048])
+def test_bfd_matches_the_textbook_algorithm(capacity):
+    rng = np.random.default_rng(capacity)
+    lengths = rng.integers(1, capacity + 1, 300) // rng.integers(1, 4, 300) + 1
+    lengths = np.minimum(lengths, capacity)
+    expected = bfd_reference(lengths.tolist(), capacity)
+    backends = ["python"] + (["cpp"] if _extension_available() else [])
+    for backend in backends:
+        np.testing.assert_array_equal(best_fit_decreasing(lengths, capacity, backend=backend), expected)
+
+
+@pytest.mark.skipif(not _extension_available(), reason="packtune._C (C++ extension) is not built")
+@pytest.mark.parametrize("capacity", [512, 4096, 70000])
+def test_cpp_and_python_bfd_agree_on_large_inputs(capacity):
+    lengths = np.minimum(alpaca_like_lengths(50_000, seed=capacity) * (capacity // 2048 + 1), capacity)
+    cpp = best_fit_decreasing(lengths, capacity, backend="cpp")
+    np.testing.assert_array_equal(cpp, best_fit_decreasing(lengths, capacity, backend="python"))
+    assert np.bincount(cpp, weights=lengths).max() <= capacity
+
+
+def test_bfd_efficiency_and_speed_on_alpaca_like_lengths():
+    lengths = alpaca_like_lengths(1_000_000)
+    start = time.perf_counter()
+    row_of = best_fit_decreasing(lengths, 2048)
+    seconds = time.perf_counter() - start
+    used = np.bincount(row_of, weights=lengths)
+    assert used.max() <= 2048
+    assert lengths.sum() / (len(used) * 2048) >= 0.99
+    # Target 0.5 s on a quiet machine (see `packtune bench pack`); loose here for shared CI cores.
+    assert seconds < (2.0 if _extension_available() else 20.0)
+
+
+def test_split_to_multiple_keeps_every_sample_once():
+    lengths = np.array([5, 3, 2, 2, 1, 1, 1])
+    row_of = best_fit_decreasing(lengths, 8)
+    for multiple in (1, 2, 3, 4, 5):
+        split = split_to_multiple(row_of, lengths, multiple)
+        assert (split.max() + 1) % multiple == 0 and len(split) == len(lengths)
+        assert np.bincount(split, weights=lengths).max() <= 8
+
+
+@pytest.fixture(scope="module")
+def dataset(sp_model, tmp_path_factory):
+    path = write_jsonl(tmp_path_factory.mktemp("pack") / "d.jsonl", alpaca_rows(600, max_words=120))
+    cfg = DataConfig(path=str(path), tokenizer=str(sp_model), max_tokens=512)
+    return prepare_dataset(cfg, num_workers=1, use_cache=False)
+
+
+def check_batch(batch, dataset, samples):
+    assert batch.cu_seqlens.dtype == torch.int32 and isinstance(batch.max_seqlen, int)
+    lens = [int(dataset.offsets[s + 1] - dataset.offsets[s]) for s in samples]
+    assert batch.cu_seqlens.tolist() == np.r_[0, np.cumsum(lens)].tolist() and batch.max_seqlen == max(lens)
+    assert len(batch.input_ids) == sum(lens) <= dataset.max_tokens
+    for k, s in enumerate(samples):
+        lo, hi = int(batch.cu_seqlens[k]), int(batch.cu_seqlens[k + 1])
+        ids, mask = dataset.sample(s)
+        # Built per sample, independently of packing: the label at t is token t+1 of this sample.
+        expected = [int(ids[t + 1]) if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [
+            IGNORE_INDEX
+        ]
+        assert batch.input_ids[lo:hi].tolist() == ids.tolist()
+        assert batch.labels[lo:hi].tolist() == expected
+        assert batch.position_ids[lo:hi].tolist() == list(range(hi - lo))
+    assert batch.num_label_tokens == int((batch.labels != IGNORE_INDEX).sum())
+
+
+def test_packed_batches_hold_every_sample_once_with_per_sample_labels(dataset):
+    rows = dataset.pack()
+    seen = []
+    sampler = PackedSampler(rows, seed=3, micro_batches=2)
+    assert len(sampler) == sampler.steps_per_epoch == len(sampler.rows) // 2
+    for step, micro in enumerate(sampler):
+        assert len(micro) == 2
+        assert sum(b.num_label_tokens for b in micro) == sampler.global_label_tokens(step)
+        for row, batch in zip(sampler.step_rows(step), micro, strict=False):
+            samples = sampler.rows.samples(int(row)).tolist()
+            check_batch(batch, dataset, samples)
+            seen += samples
+    assert sorted(seen) == list(range(len(dataset)))
+    assert rows.efficiency > 0.9
+
+
+def test_sampler_resumes_mid_epoch_exactly(dataset):
+    rows = dataset.pack()
+    full = PackedSampler(rows, seed=7, micro_batches=2)
+    reference = [[b.input_ids for b in step] for _ in range(2) for step in full]
+    resumed = PackedSampler(rows, seed=7, micro_batches=2)
+    it = iter(resumed)
+    for _ in range(5):
+        next(it)
+    state = resumed.state_dict()
+    fresh = PackedSampler(rows, seed=7, micro_batches=2)
+    fresh.load_state_dict(state)
+    again = [[b.input_ids for b in step] for _ in range(2) for step in fresh][: len(reference) - 5]
+    assert len(again) == len(reference) - 5
+    for got, want in zip(again, reference[5:], strict=False):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=False))
+    # Epochs differ in order, and a different seed gives another order.
+    perm0, perm1 = full.permutation(0), full.permutation(1)
+    assert not np.array_equal(perm0, perm1)
+    with pytest.raises(ValueError, match="different data, seed, world size"):
+        PackedSampler(rows, seed=7, world_size=2, micro_batches=1).load_state_dict(state)
+
+
+def test_ranks_get_equal_steps_and_disjoint_rows(dataset):
+    rows = dataset.pack()
+    samplers = [PackedSampler(rows, seed=1, rank=r, world_size=3, micro_batches=2) for r in range(3)]
+    assert len({len(s) for s in samplers}) == 1
+    seen = []
+    for s in samplers:
+        for micro in s:
+            assert len(micro) == 2
+            seen += [int(x) for b in micro for x in b.cu_seqlens[1:] - b.cu_seqlens[:-1]]
+    assert len(seen) == len(dataset) and sum(seen) == int(dataset.lengths.sum())
+
+
+def test_padded_batches(dataset):
+    rows = dataset.pad(4, seed=0)
+    batch = rows.collate(0)
+    samples = rows.samples(0)
+    assert batch.input_ids.shape == (len(samples), int(dataset.lengths[samples].max()))
+    for k, s in enumerate(samples):
+        ids, _ = dataset.sample(s)
+        n = len(ids)
+        assert batch.input_ids[k, :n].tolist() == ids.tolist()
+        assert (batch.labels[k, n - 1 :] == IGNORE_INDEX).all() and batch.attention_mask[k].sum() == n
+    assert batch.num_label_tokens == int(dataset.label_counts[samples].sum())
+    assert rows.efficiency < dataset.pack().efficiency
