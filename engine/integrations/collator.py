@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from packtune.integrations._ops import PackedBatch, best_fit_decreasing, rows_from_assignment, shifted_labels
+from packtune.data.packing import PackedBatch, best_fit_decreasing, rows_from_assignment, shifted_labels
 
 IGNORE_INDEX = -100
 _MASK_KEYS = ("loss_mask", "completion_mask", "assistant_masks")
