@@ -19,7 +19,7 @@ def _torch_line() -> str:
     if torch.cuda.is_available():
         kind = f"ROCm {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
         accel = f"{kind}, {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"torch {torch.__version__} ({accel})"
+    return f"{torch.__version__} ({accel})"
 
 
 def _triton_line() -> str:

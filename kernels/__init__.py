@@ -6,10 +6,31 @@ PyTorch reference; `packtune.kernels._dispatch` picks one per call.
 
 from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
 from packtune.kernels.attention import varlen_attention, varlen_attention_ref
+from packtune.kernels.cross_entropy import MaskedCrossEntropy, masked_cross_entropy, masked_cross_entropy_ref
+from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
 from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
 from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
 from packtune.kernels.swiglu import SwiGLU, swiglu, swiglu_ref
 
-__all__ = ["BACKENDS", "registered_ops", "resolve_backend"]
-__all__ += ["rotary", "rotary_ref", "rope_cos_sin", "RotaryEmbedding", "rms_norm", "rms_norm_ref", "RMSNorm",
-            "swiglu", "swiglu_ref", "SwiGLU", "varlen_attention", "varlen_attention_ref"]
+__all__ = [
+    "BACKENDS",
+    "registered_ops",
+    "resolve_backend",
+    "masked_cross_entropy",
+    "masked_cross_entropy_ref",
+    "MaskedCrossEntropy",
+    "linear_cross_entropy",
+    "LinearCrossEntropy",
+    "rotary",
+    "rotary_ref",
+    "rope_cos_sin",
+    "RotaryEmbedding",
+    "rms_norm",
+    "rms_norm_ref",
+    "RMSNorm",
+    "swiglu",
+    "swiglu_ref",
+    "SwiGLU",
+    "varlen_attention",
+    "varlen_attention_ref",
+]

@@ -12,7 +12,7 @@ def test_env_command_reports_this_machine():
     out = subprocess.run(
         [sys.executable, "-m", "packtune", "env"], capture_output=True, text=True, check=True
     ).stdout
-    assert f"torch        torch {torch.__version__}" in out
+    assert f"torch        {torch.__version__}" in out
     assert "packtune._C  built" in out, out
     if not torch.cuda.is_available():
         assert "no GPU" in out

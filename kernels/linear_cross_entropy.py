@@ -1,0 +1,213 @@
+"""Fused linear + masked cross-entropy: loss(hidden @ weight.T + bias, labels) without N x V logits.
+
+Only label rows (label != ignore_index) go through the matmuls: in SFT the prompt rows carry no
+loss, so their logits are never formed and their FLOPs are skipped. The label rows are gathered
+in chunks of `chunk_size` rows, and per chunk:
+
+    logits = h_c @ W.T (+ b)               [C, V] in the input dtype
+    fused CE kernel, in place              logits -> dloss/dlogits (already / denominator)
+    dX[rows_c] = dlogits @ W               ignored rows keep dX = 0
+    dW += dlogits.T @ h_c, db += sum(dlogits)    accumulated in fp32, in chunk order
+
+so peak memory is dW (fp32) + dX + one chunk of logits, and the result is deterministic (a fixed
+chunk order, no atomics). Backward is a scale of dX, dW, db by grad_output; for
+reduction="none" the per-row grad_output is only known in backward, so there the forward only
+computes the losses and backward recomputes the chunks with the grad_output folded in.
+
+The label-row index: on CPU `nonzero` (reading a CPU tensor is free); on GPU a stable sort puts
+label rows first without a host sync, and the one sync is reading their count to size the chunk
+loop (under torch.compile all rows are processed instead, keeping shapes static).
+
+FSDP2: pass the lm_head module or its weight. A DTensor weight (an FSDP2-sharded parameter) is
+gathered explicitly with `full_tensor()`, whose backward reduce-scatters dW onto the shards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from packtune.kernels import _dispatch
+from packtune.kernels.cross_entropy import (
+    _mark_consumed,
+    _row_scale,
+    check_options,
+    cross_entropy_rows,
+    masked_cross_entropy_ref,
+)
+
+_dispatch.register_op("linear_cross_entropy", ("triton", "cpu", "torch"))
+
+
+def default_chunk_size(n: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk: a logits chunk about the size of the hidden states (so the loss adds about
+    one X to the dX + dW it must return anyway), at least 128 rows: each chunk's dW += product
+    reads and writes all of dW, and thinner chunks made that product measurably slower here."""
+    return max(128, -(-n * hidden // vocab))
+
+
+def _label_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    valid = labels != ignore_index
+    if labels.device.type == "cpu":
+        return valid.nonzero()[:, 0]
+    if torch.compiler.is_compiling():
+        return torch.arange(labels.numel(), device=labels.device)
+    order = torch.argsort((~valid).to(torch.int8), stable=True)
+    return order[: int(valid.sum())]
+
+
+def _chunked_pass(x, weight, bias, labels, rows, scale, backend, options, chunk_size, row_grad=None,
+                  needs=(True, True, True)):
+    """Losses and lse per row; with any of `needs` (dX, dW, db) also those gradients, each label
+    row's gradient multiplied by `row_grad` when given."""
+    n, v = x.shape[0], weight.shape[0]
+    loss = torch.zeros(n, dtype=torch.float32, device=x.device)
+    lse = torch.zeros(n, dtype=torch.float32, device=x.device)
+    grad_x = torch.zeros_like(x) if needs[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs[1] else None
+    grad_b = torch.zeros(v, dtype=torch.float32, device=x.device) if needs[2] and bias is not None else None
+    compute_grad = any(needs)
+    buffer = x.new_empty(min(chunk_size, rows.numel()), v)  # one logits buffer, reused by every chunk
+    for start in range(0, rows.numel(), chunk_size):
+        idx = rows[start:start + chunk_size]
+        h = x.index_select(0, idx)
+        logits = buffer[: idx.numel()]
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        loss_c, lse_c, dlogits = cross_entropy_rows(logits, labels.index_select(0, idx), scale, backend,
+                                                    compute_grad=compute_grad, inplace=True, **options)
+        loss.index_copy_(0, idx, loss_c)
+        lse.index_copy_(0, idx, lse_c)
+        if not compute_grad:
+            continue
+        if row_grad is not None:
+            dlogits.mul_(row_grad.index_select(0, idx)[:, None].to(dlogits.dtype))
+        if grad_x is not None:
+            grad_x.index_copy_(0, idx, dlogits @ weight)
+        if grad_w is not None:
+            if dlogits.dtype == torch.float32:
+                grad_w.addmm_(dlogits.t(), h)
+            else:  # the chunk product in the input dtype, the running sum in fp32
+                grad_w.add_(dlogits.t() @ h)
+        if grad_b is not None:
+            grad_b.add_(dlogits.sum(0, dtype=torch.float32))
+    return loss, lse, grad_x, grad_w, grad_b
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, scale, backend, reduction, options, chunk_size, needs):
+        rows = _label_rows(labels, options["ignore_index"])
+        deferred = reduction == "none"  # per-row grad_output: gradients are formed in backward
+        loss, lse, gx, gw, gb = _chunked_pass(x, weight, bias, labels, rows, scale, backend, options,
+                                              chunk_size, needs=(False,) * 3 if deferred else needs)
+        ctx.mark_non_differentiable(lse)
+        ctx.meta = (backend, reduction, options, chunk_size, needs, weight.dtype, bias is not None)
+        if deferred:
+            ctx.save_for_backward(x, weight, bias, labels, rows, scale)
+        else:
+            ctx.save_for_backward(gx, gw, gb)
+        loss = loss * scale if deferred else loss.sum() * scale
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        backend, reduction, options, chunk_size, needs, w_dtype, has_bias = ctx.meta
+        if reduction == "none":
+            x, weight, bias, labels, rows, scale = ctx.saved_tensors
+            _, _, gx, gw, gb = _chunked_pass(x, weight, bias, labels, rows, scale, backend, options,
+                                             chunk_size, row_grad=grad_loss, needs=needs)
+        else:
+            gx, gw, gb = ctx.saved_tensors
+            _mark_consumed(ctx)
+            # Reading grad_output is free on CPU: skip the scale when it is 1.
+            on_cpu = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
+            if not (on_cpu and grad_loss.item() == 1.0):
+                gx, gw, gb = (None if g is None else g.mul_(grad_loss) for g in (gx, gw, gb))
+        gw = None if gw is None else gw.to(w_dtype)
+        gb = gb.to(w_dtype) if has_bias and gb is not None else None
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor (e.g. an FSDP2-sharded parameter) gathered to a full tensor, differentiably."""
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.Module, labels: torch.Tensor,
+                         *,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         num_items: torch.Tensor | int | None = None, label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False,
+                         inplace_backward: bool = True, backend: str | None = None,
+                         chunk_size: int | None = None):
+    """masked_cross_entropy(hidden @ weight.T + bias, labels, ...) without storing N x V logits.
+
+    hidden [..., H]; weight [V, H] or a module holding it (an `nn.Linear` lm_head, FSDP2-sharded or
+    not; its bias is used when `bias` is None); labels [...]. `inplace_backward` is accepted for
+    signature parity: the chunks' logits are internal, so they always become the gradient in place.
+    dW and db come back in the weight's dtype after fp32 accumulation.
+    """
+    if isinstance(weight, torch.nn.Module):
+        bias = getattr(weight, "bias", None) if bias is None else bias
+        weight = weight.weight
+    weight, bias = _full(weight), _full(bias)
+    _check_linear_args(hidden, weight, bias)
+    n_rows, h = hidden.numel() // hidden.shape[-1], hidden.shape[-1]
+    if labels.numel() != n_rows:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree: "
+                         "expected hidden [..., H] with one label per row")
+    backend = _dispatch.resolve_backend("linear_cross_entropy", hidden.device.type, backend)
+    if backend == "cpu" and hidden.dtype not in (torch.float32, torch.bfloat16):
+        backend = "torch"
+    check_options(labels, reduction, label_smoothing, softcap)
+    flat = labels.reshape(-1).long()
+    scale = _row_scale(flat, reduction, num_items, ignore_index, hidden.device)
+    options = dict(ignore_index=ignore_index, eps=float(label_smoothing), z_loss=float(z_loss),
+                   softcap=None if softcap is None else float(softcap))
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    chunk = chunk_size or default_chunk_size(n_rows, h, weight.shape[0])
+    loss, lse = LinearCrossEntropyFunction.apply(hidden.reshape(n_rows, h), weight, bias, flat, scale,
+                                                 backend, reduction, options, chunk, needs)
+    if reduction == "none":
+        loss = loss.view(labels.shape)
+    return (loss, lse.view(labels.shape)) if return_lse else loss
+
+
+def _check_linear_args(hidden, weight, bias) -> None:
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} disagree: "
+                         "expected hidden [..., H] and weight [V, H]")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one to match")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} must be [V] = [{weight.shape[0]}]")
+
+
+def linear_cross_entropy_ref(hidden, weight, labels, *, bias=None, **options):
+    """The specification: materialise the logits, then `masked_cross_entropy_ref`."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return masked_cross_entropy_ref(logits, labels, **options)
+
+
+class LinearCrossEntropy(torch.nn.Module):
+    """Module form of `linear_cross_entropy`; `forward(hidden, weight, labels, bias=None, num_items=None)`
+    where `weight` may be the lm_head module itself."""
+
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False,
+                 backend: str | None = None, chunk_size: int | None = None):
+        super().__init__()
+        self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                            z_loss=z_loss, softcap=softcap, return_lse=return_lse, backend=backend,
+                            chunk_size=chunk_size)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor | torch.nn.Module, labels: torch.Tensor,
+                bias: torch.Tensor | None = None, num_items: torch.Tensor | int | None = None):
+        return linear_cross_entropy(hidden, weight, labels, bias=bias, num_items=num_items, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
