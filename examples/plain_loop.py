@@ -15,7 +15,7 @@ import sys
 import torch
 
 from packtune.integrations import PackedCollator, pack_samples
-from packtune.integrations._ops import linear_cross_entropy  # TEMPORARY until packtune.kernels has it
+from packtune.kernels import linear_cross_entropy
 from packtune.model.config import ModelArgs
 from packtune.model.llama import LlamaForCausalLM
 

@@ -14,15 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from packtune.integrations._ops import (
+from packtune.kernels import (
     linear_cross_entropy,
     masked_cross_entropy,
-    positions_from_cu_seqlens,
     rms_norm,
     rotary,
     swiglu,
     varlen_attention,
 )
+from packtune.kernels.rotary import positions_from_cu_seqlens
 
 IGNORE_INDEX = -100
 
