@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from packtune.config import ConfigError
+from packtune.config import ConfigError, load_config
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -83,6 +83,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from packtune.checkpoint import CheckpointError
+    from packtune.data import DataError
+    from packtune.launch import run_training
+    from packtune.train import TrainingError
+
+    cfg = load_config(args.config, args.set)
+    try:
+        run_training(cfg)
+    except DataError as e:
+        print(f"packtune: data error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, TrainingError) as e:
+        print(f"packtune train: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="packtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     gen.set_defaults(func=_generate)
+    train = sub.add_parser(
+        "train", help="fine-tune a model (also under torchrun --nproc_per_node N -m packtune train ...)"
+    )
+    train.add_argument("config", help="a TOML run configuration")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (TOML literal), repeatable")
+    train.set_defaults(func=_train)
     return parser
 
 

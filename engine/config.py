@@ -66,19 +66,51 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/packtune"
+    """Where metrics.jsonl, config.toml, checkpoints/ and the exported final/ model go."""
     max_steps: int = 0
     """Optimizer steps; 0 means run `epochs` full epochs."""
     epochs: int = 1
+    """Passes over the training data (when max_steps is 0)."""
     micro_batches: int = 1
     """Gradient accumulation: packed rows per optimizer step (per rank)."""
     lr: float = 2e-5
+    """Peak learning rate (AdamW), reached after warmup, then cosine decay."""
     warmup: float = 0.03
     """Warmup length: a fraction of the total steps if < 1, else a number of steps."""
     save_every: int = 0
+    """Checkpoint every this many steps (0: only when stopped by a signal)."""
     log_every: int = 1
+    """Print the progress line and write metrics every this many steps (one host sync each)."""
     seed: int = 0
+    """Seeds the data order, the held-out split and torch's RNG."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (0 keeps all)."""
+    eval_every: int = 0
+    """Evaluate the held-out split every this many steps and at the end (0: never)."""
+    eval_fraction: float = 0.0
+    """Fraction of the samples (seeded random) held out of training for evaluation."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to norms and biases)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to lr * min_lr_ratio."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: measure only)."""
+    max_bad_steps: int = 5
+    """Abort after this many optimizer steps in a row with a non-finite loss or grad norm (0: never)."""
+    device: str = "auto"
+    """auto (this rank's GPU if CUDA is available, else CPU), cpu or cuda."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block in the backward pass instead of storing its activations."""
+    compile: bool = False
+    """torch.compile each decoder block."""
+    export: bool = True
+    """Write the final model as a Hugging Face directory `<output_dir>/final`."""
 
 
 @dataclass

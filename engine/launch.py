@@ -1,0 +1,219 @@
+"""`packtune train`: turn a Config into a run (check it, build data, model and Trainer, export).
+
+Everything a user can get wrong in the config is checked before the first expensive step
+(loading a model, tokenizing a dataset), with the field and the file named.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from packtune.config import Config, ConfigError, dump_config
+from packtune.parallel import Dist
+
+
+def check_config(cfg: Config) -> None:
+    """Raise ConfigError for values that cannot work: ranges, missing files, unwritable dirs."""
+    t = cfg.train
+    positive = {"lr": t.lr, "micro_batches": t.micro_batches, "log_every": t.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"train.{key} must be > 0, got {value!r}")
+    non_negative = ("max_steps", "warmup", "save_every", "eval_every", "keep_checkpoints", "weight_decay",
+                    "max_grad_norm", "max_bad_steps", "min_lr_ratio")
+    for key in non_negative:
+        value = getattr(t, key)
+        if value < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {value!r}")
+    if not 0 <= t.eval_fraction < 1:
+        raise ConfigError(f"train.eval_fraction must be in [0, 1), got {t.eval_fraction!r}")
+    if t.max_steps == 0 and t.epochs <= 0:
+        raise ConfigError("train.epochs must be > 0 when train.max_steps is 0")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas!r}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is available")
+    if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
+        raise ConfigError(f"train.resume: {t.resume!r} is not auto, never or a checkpoint directory")
+    if not cfg.data.path:
+        raise ConfigError("data.path is required (a JSONL or JSON file of training rows)")
+    if not Path(cfg.data.path).is_file():
+        raise ConfigError(f"data.path: {cfg.data.path} does not exist or is not a file")
+    if not cfg.model.path:
+        raise ConfigError("model.path is required (a Hugging Face model directory)")
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(f"model.path: {cfg.model.path} has no config.json (not a Hugging Face directory)")
+    check_writable(t.output_dir)
+
+
+def check_writable(output_dir: str) -> None:
+    """Create `output_dir` and prove a file can be written there."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"train.output_dir: cannot write to {path}: {e.strerror or e}") from None
+
+
+def model_dtype(name: str) -> torch.dtype:
+    """`auto` keeps fp32 parameters: fp32 training on CPU, fp32 master weights under bf16 FSDP on GPU."""
+    dtypes = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+              "float16": torch.float16}
+    if name not in dtypes:
+        raise ConfigError(f"model.dtype must be one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def save_resolved_config(cfg: Config) -> Path:
+    path = Path(cfg.train.output_dir) / "config.toml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    return path
+
+
+def export_model(trainer, cfg: Config) -> Path | None:
+    """Gather the full weights on rank 0 and write `<output_dir>/final` as a Hugging Face directory."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from packtune.model.hf_io import save_pretrained
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(trainer.module, options=options)
+    if not trainer.d.is_main:
+        return None
+    state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    path = Path(cfg.train.output_dir) / "final"
+    tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    folder_files = sorted(tokenizer.glob("tokenizer*")) if tokenizer and tokenizer.is_dir() else []
+    save_pretrained(trainer.model, path, tokenizer_files=folder_files, state_dict=state)
+    if tokenizer is not None and tokenizer.is_file():  # under the name loaders look for
+        name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
+        shutil.copyfile(tokenizer, path / name)
+    return path
+
+
+def run_training(cfg: Config) -> Path | None:
+    """The whole run on this rank: returns the exported model directory (rank 0), else None."""
+    from packtune.parallel import init_distributed, shutdown
+    from packtune.train import Trainer
+
+    check_config(cfg)
+    dtype = model_dtype(cfg.model.dtype)
+    d = init_distributed(cfg.train.device)
+    try:
+        if d.is_main:
+            save_resolved_config(cfg)
+        torch.manual_seed(cfg.train.seed)
+        sampler, eval_sampler = build_samplers(cfg, d)
+        model, load_weights = load_model(cfg.model.path, dtype, d)
+        trainer = Trainer(cfg.train, model, sampler, d, eval_sampler=eval_sampler,
+                          flops_per_token=model.args.num_flops_per_token, load_weights=load_weights)
+        resumed = trainer.resume()
+        if resumed is not None and d.is_main:
+            print(f"resumed from {resumed} at step {trainer.step}", flush=True)
+        last = trainer.fit()
+        if last == trainer.total_steps and cfg.train.export:
+            return export_model(trainer, cfg)
+        return None
+    finally:
+        shutdown(d)
+
+
+def load_model(path: str, dtype: torch.dtype, d: Dist):
+    """The model to train and, when sharding, the function that fills its shards.
+
+    One process: load the checkpoint directly. Several ranks: every rank builds the model on
+    the meta device (no memory), the Trainer shards it and allocates only the local shards, and
+    rank 0 alone reads the checkpoint and broadcasts it shard by shard, so host memory holds one
+    copy of the weights per node rather than one per GPU.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from packtune.model.config import ModelArgs
+    from packtune.model.hf_io import CheckpointError, load_pretrained
+    from packtune.model.llama import LlamaForCausalLM
+
+    try:
+        if d.mesh is None:
+            return load_pretrained(path, dtype=dtype), None
+        args = ModelArgs.from_file(path)
+    except CheckpointError as e:
+        raise ConfigError(f"model.path: {e}") from None
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args).to(dtype)
+    model.source_dir = Path(path)
+
+    def load_weights(module: torch.nn.Module) -> None:
+        full = {}
+        if d.is_main:
+            full = {f"model.{k}": v for k, v in load_pretrained(path, dtype=dtype).state_dict().items()}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(module, full, options=options)
+
+    return model, load_weights
+
+
+def build_samplers(cfg: Config, d: Dist):
+    """This rank's training sampler and held-out sampler (None without `train.eval_fraction`).
+
+    The data report (rows kept, dropped with reasons, tokens, packing efficiency) is printed
+    by rank 0 before step 1.
+    """
+    from packtune.data import PackedSampler, data_report, format_report, prepare_dataset
+
+    # One rank per node tokenizes (and fills the cache); the others then load the cached result.
+    if d.local_rank == 0:
+        dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
+    d.barrier()
+    if d.local_rank != 0:
+        dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
+    train_set, eval_set = held_out_split(dataset, cfg.train.eval_fraction, cfg.train.seed)
+    rows = _rows(cfg, train_set)
+    if d.is_main:
+        print(format_report(data_report(train_set, rows, d.world_size, cfg.train.micro_batches)), flush=True)
+        if eval_set is not None:
+            print(f"  held out {len(eval_set)} samples for evaluation", flush=True)
+    sampler = PackedSampler(rows, seed=cfg.train.seed, rank=d.rank, world_size=d.world_size,
+                            micro_batches=cfg.train.micro_batches)
+    eval_sampler = None
+    if eval_set is not None:
+        eval_sampler = PackedSampler(_rows(cfg, eval_set), seed=cfg.train.seed, rank=d.rank,
+                                     world_size=d.world_size, micro_batches=1)
+    return sampler, eval_sampler
+
+
+def _rows(cfg: Config, dataset):
+    return dataset.pack() if cfg.data.packing else dataset.pad(cfg.data.padded_batch_size, cfg.train.seed)
+
+
+def held_out_split(dataset, fraction: float, seed: int):
+    """(train, held-out) TokenizedDatasets: a seeded random `fraction` of the samples held out."""
+    from packtune.data import TokenizedDataset
+
+    if fraction <= 0:
+        return dataset, None
+    n = len(dataset)
+    held = round(n * fraction)
+    if not 1 <= held < n:
+        raise ConfigError(f"train.eval_fraction = {fraction} holds out {held} of {n} samples; "
+                          "it must leave at least one sample on each side")
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    return (TokenizedDataset(_subset(dataset, np.sort(perm[held:])), dataset.report),
+            TokenizedDataset(_subset(dataset, np.sort(perm[:held])), dataset.report))
+
+
+def _subset(dataset, index: np.ndarray) -> dict[str, np.ndarray]:
+    lengths = dataset.lengths[index]
+    offsets = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    token_index = np.repeat(dataset.offsets[index] - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return {"tokens": dataset.tokens[token_index], "mask": dataset.mask[token_index], "offsets": offsets,
+            "lines": dataset.lines[index], "label_counts": dataset.label_counts[index]}

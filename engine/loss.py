@@ -1,0 +1,43 @@
+"""The training loss: summed token cross-entropy divided by the step's global label-token count.
+
+The fused linear cross-entropy (packtune.kernels) applies lm_head and the masked loss chunk by
+chunk over the label rows only, without storing the N x V logits; `num_items` is a device
+tensor, so the division needs no host sync. Zero label tokens give zero loss and gradients.
+
+`CausalLMLoss` is the module FSDP shards as its root. The loss runs *inside* its forward, so
+the root's parameters (embeddings, final norm, lm_head) are unsharded while the fused linear
+cross-entropy reads `lm_head.weight` directly; a kernel called outside the forward would see
+the sharded DTensor instead (the problem torchtitan's chunked loss and Liger's FSDP redirect
+solve). Gradients flow back into the unsharded weight and FSDP reduce-scatters them as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from packtune.kernels import linear_cross_entropy
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM with `hidden_states(...)` and `lm_head`; forward returns the loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        num_items: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.model.hidden_states(
+            input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+        )
+        return linear_cross_entropy(
+            hidden, self.model.lm_head, labels, reduction="sum", num_items=num_items
+        )

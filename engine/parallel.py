@@ -1,0 +1,133 @@
+"""Processes, devices and FSDP2 sharding.
+
+One code path from a single CPU process to many GPUs: `torchrun` sets RANK/WORLD_SIZE, we join a
+process group (gloo on CPU; `cuda:nccl,cpu:gloo` on GPU so that host-side counts travel over
+gloo without touching the GPU stream) and build an explicit device mesh, because FSDP2 places
+parameters on the mesh's device type (a CUDA machine with a gloo default group otherwise breaks,
+pytorch/pytorch#132471).
+
+`parallelize` wraps in torchtitan's order: activation checkpointing -> optional torch.compile
+per block -> `fully_shard` per block -> `fully_shard` on the root.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class Dist:
+    """Where this process runs and whom it trains with."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh | None
+    """The 1-D data-parallel mesh; None for a single CPU process (no process group, no FSDP)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum in place across ranks (no-op in a single process). CPU tensors go over gloo."""
+        if self.mesh is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.mesh is not None:
+            dist.barrier()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is this process's GPU (LOCAL_RANK under torchrun) when CUDA is available, else CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group torchrun describes in the environment, or run alone.
+
+    A single CUDA process still gets a one-rank group and mesh so that FSDP2's mixed precision
+    (bf16 compute, fp32 master weights and reduction) applies the same way as on many GPUs.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if world_size == 1 and dev.type == "cpu":
+        return Dist(0, 1, 0, dev, None)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "cuda:nccl,cpu:gloo" if dev.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world_size)
+        else:  # one process started without torchrun
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
+    return Dist(rank, world_size, local_rank, dev, mesh)
+
+
+def shutdown(d: Dist) -> None:
+    if d.mesh is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(
+    root: nn.Module,
+    blocks: nn.ModuleList,
+    d: Dist,
+    *,
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+    mixed_precision: bool | None = None,
+) -> nn.Module:
+    """Wrap `blocks` (a ModuleList inside `root`) in place and shard `root`; returns `root`.
+
+    Gradients are *summed* over ranks, not averaged: the loss is already divided by the global
+    label-token count of the step (DESIGN.md, the loss contract), so FSDP's division by the world
+    size is switched off on every FSDP unit (sum-only collectives, so gloo works too).
+    `mixed_precision` defaults to True on CUDA: parameters gathered in bf16, gradients reduced
+    in fp32, the sharded fp32 parameters kept as master weights for the optimizer.
+    """
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if compile_blocks:
+        for block in blocks:
+            block.compile(fullgraph=False)
+    if d.mesh is None:
+        return root
+    if mixed_precision is None:
+        mixed_precision = d.device.type == "cuda"
+    policy = MixedPrecisionPolicy()
+    if mixed_precision:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=d.mesh, mp_policy=policy)
+    # The root's inputs include the float `num_items` count, which must not be rounded to bf16.
+    root_policy = MixedPrecisionPolicy(
+        param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, cast_forward_inputs=False
+    )
+    fully_shard(root, mesh=d.mesh, mp_policy=root_policy)
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return root

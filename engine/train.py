@@ -1,0 +1,306 @@
+"""The training loop.
+
+One optimizer step (DESIGN.md, the loss contract):
+1. count this rank's label tokens and tokens on the host, all-reduce the counts over gloo (CPU,
+   so the GPU stream never waits) together with a "stop requested" flag;
+2. for each micro-batch: loss = sum of token losses / global label-token count, backward
+   (FSDP sums gradients over ranks, see parallel.py);
+3. all-reduce the loss for logging, measure and clip the global gradient norm;
+4. NaN/inf guard: a non-finite loss or norm sets `optimizer.found_inf`, and the fused AdamW
+   skips the update on the device, without a host sync; skips are counted when metrics are
+   flushed, and a run aborts after `max_bad_steps` bad steps in a row;
+5. advance the schedule; every `log_every` steps sync once and write metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from packtune.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from packtune.config import TrainConfig
+from packtune.loss import CausalLMLoss
+from packtune.metrics import MetricsLogger, peak_flops
+from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
+from packtune.parallel import Dist, parallelize
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the loop to finish the current step, save and exit 0.
+
+    A second SIGINT falls through to Python's default (KeyboardInterrupt) for an impatient user.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _attended_length(batch: Any) -> float:
+    """Token-weighted mean sequence length each token attends over, for the attention FLOPs."""
+    cu = getattr(batch, "cu_seqlens", None)
+    if cu is None:
+        return float(batch.input_ids.shape[-1])
+    lengths = (cu[1:] - cu[:-1]).double()
+    return float((lengths * lengths).sum() / lengths.sum().clamp(min=1))
+
+
+class Trainer:
+    """Owns the sharded model, optimizer, schedule, checkpoints and metrics of one run.
+
+    `model` is a causal LM with `hidden_states(...)`, `lm_head` and its decoder blocks in
+    `model.model.layers`; `sampler` yields, per optimizer step, this rank's list of
+    micro-batches (`PackedBatch` or `PaddedBatch`) and is resumable via state_dict(). A model
+    built on the meta device is sharded first, then `load_weights(self.module)` fills the
+    shards, so no rank ever holds more than its shard on the accelerator.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        sampler: Any,
+        d: Dist,
+        *,
+        eval_sampler: Any = None,
+        flops_per_token: Callable[[float], float] | None = None,
+        load_weights: Callable[[nn.Module], None] | None = None,
+        log_stream: Any = None,
+    ) -> None:
+        self.cfg, self.d, self.sampler, self.eval_sampler = cfg, d, sampler, eval_sampler
+        self.flops_per_token = flops_per_token
+        self.output_dir = Path(cfg.output_dir)
+        if d.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.module = parallelize(
+            CausalLMLoss(model),
+            model.model.layers,
+            d,
+            activation_checkpointing=cfg.activation_checkpointing,
+            compile_blocks=cfg.compile,
+        )
+        self.model = model
+        if any(p.is_meta for p in self.module.parameters()):
+            # Built on the meta device: allocate only this rank's shards, then fill them.
+            if load_weights is None:
+                raise TrainingError("the model is on the meta device but no load_weights was given")
+            self.module.to_empty(device=d.device)
+            load_weights(self.module)
+        self.optimizer = build_optimizer(
+            self.module,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=tuple(cfg.adam_betas),
+            eps=cfg.adam_eps,
+        )
+        if len(sampler) == 0:
+            raise TrainingError("nothing to train: the sampler yields no steps (is the dataset empty?)")
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * len(sampler)
+        self.scheduler = build_scheduler(
+            self.optimizer, warmup=cfg.warmup, total_steps=self.total_steps, min_lr_ratio=cfg.min_lr_ratio
+        )
+        self.step = 0
+        self.epoch = 0
+        self.metrics = MetricsLogger(
+            self.output_dir / "metrics.jsonl" if d.is_main else None,
+            self.total_steps,
+            d.world_size,
+            peak_flops(d.device),
+            d.device,
+            max_bad_steps=cfg.max_bad_steps,
+            stream=log_stream,
+        )
+
+    # ---- resume -----------------------------------------------------------------------------
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint `cfg.resume` names (auto: the newest complete one, if any).
+
+        metrics.jsonl keeps only the records up to the step resumed from (none for a fresh run).
+        """
+        path = None
+        if self.cfg.resume == "auto":
+            path = latest_checkpoint(self.output_dir)
+        elif self.cfg.resume != "never":
+            path = Path(self.cfg.resume)
+            if not path.is_dir():
+                raise CheckpointError(f"train.resume: {path} is not a checkpoint directory")
+        if path is None:
+            if self.d.is_main:
+                _truncate_metrics(self.output_dir / "metrics.jsonl", 0)
+            return None
+        extra = load_checkpoint(path, self.d, self.module, self.optimizer)
+        self.step, self.epoch = extra["step"], extra["epoch"]
+        self.scheduler.load_state_dict(extra["scheduler"])
+        try:
+            self.sampler.load_state_dict(extra["sampler"])
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume from {path}: {e}") from None
+        self.metrics.skipped_steps = extra.get("skipped_total", 0)
+        if self.d.is_main:
+            _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        return path
+
+    def save(self) -> Path:
+        extra = {
+            "epoch": self.epoch,
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "skipped_total": self.metrics.skipped_steps,
+        }
+        return save_checkpoint(
+            self.output_dir, self.step, self.d, self.module, self.optimizer, extra,
+            keep=self.cfg.keep_checkpoints,
+        )
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _step_batches(self) -> Iterator[list[Any]]:
+        """The sampler's steps, epoch after epoch, from wherever it was restored to."""
+        while True:
+            yield from self.sampler
+            self.epoch += 1
+            self.sampler.set_epoch(self.epoch)
+
+    def fit(self) -> int:
+        """Train until `total_steps` or a stop signal; returns the last step reached."""
+        saved_at = self.step
+        with StopSignal() as stop:
+            batches = self._step_batches()
+            while self.step < self.total_steps:
+                stop_now = self.train_step(next(batches), stop.requested)
+                last = stop_now or self.step == self.total_steps
+                if self.step % self.cfg.log_every == 0 or last:
+                    self._flush()
+                eval_every = self.cfg.eval_every if self.eval_sampler is not None else 0
+                if eval_every and (self.step % eval_every == 0 or self.step == self.total_steps):
+                    self.evaluate()
+                if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or stop_now:
+                    self._flush()
+                    self.save()
+                    saved_at = self.step
+                if stop_now:
+                    if self.d.is_main:
+                        print(f"stop requested: saved step {self.step}, exiting", flush=True)
+                    return self.step
+        if self.cfg.save_every and saved_at != self.step:
+            self.save()
+        return self.step
+
+    def _flush(self) -> None:
+        self.metrics.flush()
+        if self.cfg.max_bad_steps and self.metrics.bad_in_a_row >= self.cfg.max_bad_steps:
+            raise TrainingError(
+                f"{self.metrics.bad_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                f"(train.max_bad_steps = {self.cfg.max_bad_steps}); stopping at step {self.step}"
+            )
+
+    def _num_items(self, count: int) -> torch.Tensor:
+        """The global label-token count as a float32 device tensor, copied without a sync."""
+        host = torch.tensor(float(count), dtype=torch.float32)
+        if self.d.device.type == "cuda":
+            return host.pin_memory().to(self.d.device, non_blocking=True)
+        return host
+
+    def train_step(self, micro_batches: list[Any], stop_requested: bool = False) -> bool:
+        """One optimizer step; returns True when any rank asked to stop after it."""
+        device = self.d.device
+        counts = torch.tensor(
+            [sum(b.num_label_tokens for b in micro_batches), sum(b.input_ids.numel() for b in micro_batches),
+             int(stop_requested)],
+            dtype=torch.int64,
+        )
+        self.d.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
+        label_tokens, tokens, stops = counts.tolist()
+        num_items = self._num_items(label_tokens)
+        flops = 0.0
+        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        for batch in micro_batches:
+            if self.flops_per_token is not None:
+                flops += self.flops_per_token(_attended_length(batch)) * batch.input_ids.numel()
+            batch = batch.to(device)
+            loss = self.module(
+                batch.input_ids,
+                batch.labels,
+                position_ids=batch.position_ids,
+                cu_seqlens=getattr(batch, "cu_seqlens", None),
+                max_seqlen=getattr(batch, "max_seqlen", None),
+                num_items=num_items,
+            )
+            loss.backward()
+            loss_sum += loss.detach().float()
+        self.d.all_reduce_sum(loss_sum)
+        grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.max_grad_norm).to(device)
+        finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        flops = self.d.world_size * flops  # every rank's share, assuming balanced ranks
+        values = torch.stack([loss_sum, grad_norm.float(), finite.float()])
+        self.metrics.record(self.step, lr, tokens, label_tokens, flops, values)
+        return stops > 0
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the held-out split (all ranks), logged to metrics.jsonl."""
+        totals = torch.zeros(2, dtype=torch.float64, device=self.d.device)
+        self.eval_sampler.set_epoch(0)
+        for micro_batches in self.eval_sampler:
+            for batch in micro_batches:
+                batch = batch.to(self.d.device)
+                loss = self.module(
+                    batch.input_ids,
+                    batch.labels,
+                    position_ids=batch.position_ids,
+                    cu_seqlens=getattr(batch, "cu_seqlens", None),
+                    max_seqlen=getattr(batch, "max_seqlen", None),
+                )
+                totals[0] += loss.double()
+                totals[1] += batch.num_label_tokens
+        self.d.all_reduce_sum(totals)
+        loss_sum, count = totals.tolist()
+        mean = loss_sum / max(count, 1.0)
+        if self.d.is_main:
+            self.metrics.log_eval(self.step, mean, int(count))
+        return mean
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -1,0 +1,210 @@
+"""A tiny causal LM and batches in the training loop's interfaces, for the loop's own tests.
+
+`ToyLM` has the real model's surface (`hidden_states(input_ids, position_ids, cu_seqlens,
+max_seqlen)`, `lm_head`, blocks in `model.layers`) and, like attention, mixes tokens causally
+*within* each sample only (a running mean), so packing mistakes change the loss.
+`python toy_training.py OUTPUT_DIR [key=value ...]` runs a small training job (used by the
+kill/resume/signal tests, which need a separate process).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from packtune.config import TrainConfig
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden, 2 * hidden)
+        self.down = nn.Linear(2 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.down(nn.functional.silu(self.up(running_mean(x, cu_seqlens))))
+
+
+def running_mean(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Causal mean over each sample's prefix: [B, L, H] rows, or [T, H] packed by cu_seqlens."""
+    if cu_seqlens is None:
+        steps = torch.arange(1, x.shape[-2] + 1, dtype=x.dtype, device=x.device).unsqueeze(-1)
+        return x.cumsum(-2) / steps
+    bounds = cu_seqlens.tolist()
+    return torch.cat([running_mean(x[s:e], None) for s, e in zip(bounds[:-1], bounds[1:], strict=False)])
+
+
+class ToyLM(nn.Module):
+    def __init__(self, vocab: int = 37, hidden: int = 16, layers: int = 2, max_pos: int = 64) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab, hidden)
+        self.model.embed_positions = nn.Embedding(max_pos, hidden)
+        self.model.layers = nn.ModuleList(ToyBlock(hidden) for _ in range(layers))
+        self.model.norm = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
+        x = self.model.embed_tokens(input_ids) + self.model.embed_positions(position_ids)
+        for block in self.model.layers:
+            x = block(x, cu_seqlens)
+        return self.model.norm(x)
+
+
+def tiny_llama(*, tied: bool = False, seed: int = 0, vocab: int = 37):
+    """The real packtune Llama at toy size (GQA, optionally tied embeddings), randomly initialised."""
+    from packtune.model.config import ModelArgs
+    from packtune.model.llama import LlamaForCausalLM
+
+    args = ModelArgs(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                     tie_word_embeddings=tied)
+    model = LlamaForCausalLM(args)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+@dataclass
+class Batch:
+    """PackedBatch (cu_seqlens given, [T]) or PaddedBatch (cu_seqlens None, [B, L])."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    num_label_tokens: int
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)
+        return replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
+                       position_ids=move(self.position_ids), cu_seqlens=move(self.cu_seqlens))
+
+
+def make_samples(n: int, *, vocab: int = 37, seed: int = 0, min_len: int = 3, max_len: int = 12):
+    """(ids, labels) pairs: a prompt of ignored labels, then a trained response; shifted labels."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g)
+        prompt = int(torch.randint(1, length, (), generator=g))
+        labels = torch.full((length,), -100)
+        labels[prompt - 1 : length - 1] = ids[prompt:]
+        samples.append((ids, labels))
+    return samples
+
+
+def packed(samples) -> Batch:
+    ids = torch.cat([s[0] for s in samples])
+    labels = torch.cat([s[1] for s in samples])
+    lengths = [len(s[0]) for s in samples]
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return Batch(ids, labels, positions, int((labels != -100).sum()), cu, max(lengths))
+
+
+def padded(samples) -> Batch:
+    width = max(len(s[0]) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full((len(samples), width), -100)
+    for row, (i, lab) in enumerate(samples):
+        ids[row, : len(i)] = i
+        labels[row, : len(i)] = lab
+    positions = torch.arange(width).expand(len(samples), width).contiguous()
+    return Batch(ids, labels, positions, int((labels != -100).sum()))
+
+
+class ListSampler:
+    """Resumable sampler over fixed steps (a list of micro-batch lists), reshuffled per epoch."""
+
+    def __init__(self, steps: list[list[Batch]], *, shuffle: bool = False, seed: int = 0) -> None:
+        self.steps, self.shuffle, self.seed = steps, shuffle, seed
+        self.epoch, self.index = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.index = epoch, 0
+
+    def __iter__(self):
+        order = list(range(len(self.steps)))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(order), generator=g).tolist()
+        while self.index < len(order):
+            self.index += 1
+            yield self.steps[order[self.index - 1]]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+def toy_steps(n_steps: int, micro_batches: int = 2, per_micro: int = 3, seed: int = 0):
+    samples = make_samples(n_steps * micro_batches * per_micro, seed=seed)
+    rows = [packed(samples[i : i + per_micro]) for i in range(0, len(samples), per_micro)]
+    return [rows[i : i + micro_batches] for i in range(0, len(rows), micro_batches)]
+
+
+def install_kill_hooks(kill_at: int = 0, kill_during_save: int = 0) -> None:
+    """SIGKILL this process once step `kill_at`'s metrics are written, or after the checkpoint
+    files of step `kill_during_save` are written but before its directory is renamed."""
+    import packtune.checkpoint as ckpt
+    from packtune.train import Trainer
+
+    flush, dcp_save = Trainer._flush, ckpt.dcp.save
+
+    def flush_then_die(self) -> None:
+        flush(self)
+        if self.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def save_then_die(state, **kwargs):
+        dcp_save(state, **kwargs)
+        if int(os.path.basename(kwargs["checkpoint_id"]).split("_")[1].split(".")[0]) == kill_during_save:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Trainer._flush, ckpt.dcp.save = flush_then_die, save_then_die
+
+
+def run_toy(output_dir: str, overrides: dict) -> int:
+    """A toy run in this process: 3 epochs of 4 steps, checkpoints every 2 steps."""
+    from packtune.parallel import init_distributed
+    from packtune.train import Trainer
+
+    cfg = TrainConfig(output_dir=output_dir, epochs=3, lr=1e-2, warmup=2, save_every=2, seed=0)
+    for key, value in overrides.items():
+        setattr(cfg, key, type(getattr(cfg, key))(value))
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, ToyLM(), ListSampler(toy_steps(4), shuffle=True), init_distributed("cpu"))
+    resumed = trainer.resume()
+    print(f"resumed from {resumed.name if resumed else None}", flush=True)
+    trainer.fit()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """`toy_training.py [kill_at=N] [kill_during_save=N] (OUTPUT_DIR [key=value ...] | cli ARGS...)`."""
+    hooks = {}
+    while argv and argv[0].startswith("kill_"):
+        key, value = argv.pop(0).split("=")
+        hooks[key] = int(value)
+    install_kill_hooks(**hooks)
+    if argv[0] == "cli":
+        from packtune.cli import main as cli_main
+
+        return cli_main(argv[1:])
+    return run_toy(argv[0], dict(arg.split("=", 1) for arg in argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
