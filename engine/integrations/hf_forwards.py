@@ -1,0 +1,312 @@
+"""The forwards `apply_packtune` binds to a transformers model's modules (see transformers.py).
+
+Each mirrors the transformers 5.x Llama/Mistral/Qwen2 forward it shadows, with packtune's ops in
+place of the plain-torch ones and, for a packed row, varlen attention instead of a mask.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from packtune.kernels import (
+    linear_cross_entropy,
+    masked_cross_entropy,
+    rms_norm,
+    rotary,
+    swiglu,
+    varlen_attention,
+)
+from packtune.kernels.rotary import positions_from_cu_seqlens
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PacktuneOptions:
+    """Which parts of the model apply_packtune replaces (each switch of apply_packtune)."""
+
+    fused_loss: bool = True
+    rms_norm: bool = True
+    swiglu: bool = True
+    rotary: bool = True
+    packed: bool = True
+
+
+def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """packtune's rotary on q, k `[B, L, H, D]` with transformers' per-token cos/sin `[B or 1, L, D]`.
+
+    The per-token cos/sin become the table and each token indexes its own row, so positions and
+    any rope scaling are exactly what the model computed.
+    """
+    b, length = q.shape[:2]
+    table_rows = b * length
+    cos = cos.expand(b, length, -1).reshape(table_rows, -1)
+    sin = sin.expand(b, length, -1).reshape(table_rows, -1)
+    rows = torch.arange(table_rows, device=q.device)
+    q, k = rotary(
+        q.reshape(table_rows, *q.shape[2:]), k.reshape(table_rows, *k.shape[2:]), cos, sin, position_ids=rows
+    )
+    return q.view(b, length, *q.shape[1:]), k.view(b, length, *k.shape[1:])
+
+
+def attention_forward_for(modeling: types.ModuleType, family: str, options: PacktuneOptions) -> Callable:
+    """The family's attention forward with packtune's rotary and, for packed rows, varlen attention."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def window(attn: nn.Module) -> int | None:
+        if family == "Qwen2":
+            return attn.sliding_window
+        if family == "Mistral":
+            return getattr(attn.config, "sliding_window", None)
+        return None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)
+        k = self.k_proj(hidden_states).view(hidden_shape)
+        v = self.v_proj(hidden_states).view(hidden_shape)
+        cos, sin = position_embeddings
+        if options.rotary:
+            q, k = _rotate(q, k, cos, sin)
+        else:
+            q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        cu_seqlens = kwargs.get("cu_seqlens")
+        if options.packed and cu_seqlens is not None:
+            flat = lambda t: t.reshape(-1, *t.shape[2:])
+            out = varlen_attention(
+                flat(q),
+                flat(k),
+                flat(v),
+                cu_seqlens,
+                kwargs["max_seqlen"],
+                window=window(self),
+                scale=self.scaling,
+            )
+            return self.o_proj(out.reshape(*input_shape, -1)), None
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, modeling.eager_attention_forward
+        )
+        extra = {} if family == "Llama" else {"sliding_window": window(self)}
+        out, weights = interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+    return forward
+
+
+def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
+    """The *ForCausalLM forward: packed rows through varlen attention, the fused loss in training."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_utils import slice_logits_to_keep
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
+        return_dict = kwargs.pop("return_dict", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("num_label_tokens", None)  # PackedCollator's host-side count; the Trainer sends its own
+        cu_seqlens, max_seqlen = (
+            _packed_layout(kwargs, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
+            if options.packed
+            else (None, None)
+        )
+        if cu_seqlens is not None:
+            hidden = _packed_hidden_states(
+                self.model, input_ids, inputs_embeds, position_ids, cu_seqlens, max_seqlen, kwargs
+            )
+            outputs = None
+        else:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            hidden = outputs.last_hidden_state
+        has_labels = labels is not None or shift_labels is not None
+        targets = _shifted_targets(labels, shift_labels, cu_seqlens) if has_labels else None
+        loss = logits = None
+        if has_labels and options.fused_loss and self.training:
+            loss = _fused_loss(hidden, self.lm_head, targets, num_items)
+        else:
+            logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+            if has_labels and options.fused_loss:
+                loss = masked_cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(),
+                    targets,
+                    reduction="sum" if num_items is not None else "mean",
+                    num_items=num_items,
+                )
+            elif has_labels:
+                loss = self.loss_function(
+                    logits=logits,
+                    labels=labels,
+                    shift_labels=targets.view(hidden.shape[:-1]),
+                    vocab_size=self.config.vocab_size,
+                    num_items_in_batch=num_items,
+                    **kwargs,
+                )
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=None if outputs is None else outputs.past_key_values,
+            hidden_states=None if outputs is None else outputs.hidden_states,
+            attentions=None if outputs is None else outputs.attentions,
+        )
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()
+
+    return forward
+
+
+def _fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, num_items) -> torch.Tensor:
+    """linear_cross_entropy over the flat hidden states; under autocast the matmuls run in the
+    autocast dtype, as `lm_head(hidden)` would (the kernel itself then runs with autocast off)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    weight, bias = lm_head.weight, lm_head.bias
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    with torch.autocast(device, enabled=False):
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            num_items=num_items,
+            reduction="sum" if num_items is not None else "mean",
+        )
+
+
+# ---- packed rows -----------------------------------------------------------------------------
+
+
+def _packed_layout(kwargs: dict, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values):
+    """(cu_seqlens int32 on the model's device, max_seqlen int) of a packed row, else (None, None).
+
+    Explicit offsets win (packtune's `cu_seqlens`/`max_seqlen`, or transformers' flash-attention
+    names); otherwise a single row without attention_mask or cache whose position_ids restart is
+    packed (as transformers detects it), at the cost of one device-to-host copy.
+    """
+    cu_seqlens, max_seqlen = kwargs.pop("cu_seqlens", None), kwargs.pop("max_seqlen", None)
+    hf_cu, hf_max = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("max_length_q", None)
+    kwargs.pop("cu_seq_lens_k", None), kwargs.pop("max_length_k", None)  # equal to _q in self-attention
+    if cu_seqlens is None and hf_cu is not None:
+        cu_seqlens, max_seqlen = hf_cu, hf_max
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if cu_seqlens is None:
+        if position_ids is None or attention_mask is not None or past_key_values is not None:
+            return None, None
+        if position_ids.dim() != 2 or tokens.shape[0] != 1 or position_ids.shape[0] != 1:
+            return None, None
+        pos = position_ids[0]
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[1:] = pos[1:] != pos[:-1] + 1
+        start_idx = starts.nonzero()[:, 0].cpu()
+        if len(start_idx) == 1:
+            return None, None
+        cu_seqlens = torch.cat([start_idx, torch.tensor([pos.shape[0]])]).to(torch.int32)
+    if tokens.dim() != 2 or tokens.shape[0] != 1:
+        raise ValueError(
+            f"packed forward: cu_seqlens needs one packed row [1, T], got input of shape "
+            f"{tuple(tokens.shape[:2])}"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "packed forward: pass no attention_mask with cu_seqlens (samples are delimited by it)"
+        )
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return cu_seqlens.to(device=tokens.device, dtype=torch.int32, non_blocking=True), int(max_seqlen)
+
+
+def _packed_hidden_states(
+    base: nn.Module, input_ids, inputs_embeds, position_ids, cu_seqlens, max_seqlen, kwargs: dict
+) -> torch.Tensor:
+    """The base model's forward for one packed row, without a mask: varlen attention isolates samples."""
+    for unsupported in ("output_hidden_states", "output_attentions"):
+        if kwargs.pop(unsupported, False):
+            raise ValueError(
+                f"packed forward: {unsupported}=True is not supported with apply_packtune(packed=True)"
+            )
+    hidden = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    if position_ids is None:
+        position_ids = positions_from_cu_seqlens(cu_seqlens, hidden.shape[1])[None]
+    position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)
+    for layer in base.layers[: base.config.num_hidden_layers]:
+        hidden = layer(
+            hidden,
+            attention_mask=None,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            past_key_values=None,
+            use_cache=False,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            **kwargs,
+        )
+    return base.norm(hidden)
+
+
+def _shifted_targets(labels, shift_labels, cu_seqlens) -> torch.Tensor:
+    """Flat next-token targets: `shift_labels` as given, else `labels` shifted left by one (as
+    transformers' causal LM loss does); in a packed row each sample's last position is ignored."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    targets = shift_labels.reshape(-1)
+    if cu_seqlens is not None:
+        targets = targets.clone()
+        targets[cu_seqlens[1:].long() - 1] = IGNORE_INDEX
+    return targets

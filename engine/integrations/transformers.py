@@ -1,0 +1,154 @@
+"""packtune's kernels inside a Hugging Face transformers model: `apply_packtune(model)`.
+
+For transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (transformers 5.x).
+Only the forwards of *this model instance* change (an instance attribute shadows the class's
+`forward`), nothing global: no module-level function, class or config is touched, so other
+models in the process are unaffected and `undo()` deletes exactly what was set.
+
+What each switch replaces:
+- `fused_loss`: the causal LM head. In training with labels, the loss is packtune's fused linear
+  masked cross-entropy on the final hidden states (the lm_head matmul inside, label rows only,
+  never an N x V logits tensor); `outputs.logits` is None then, as with Liger's `skip_logits`.
+  `num_items_in_batch` from the Trainer (the token count over the whole gradient-accumulation
+  window and all ranks) is the denominator, so gradient accumulation is exact. Out of training
+  (eval, generation) logits are computed as usual and the loss is packtune's masked CE on them.
+- `rms_norm`, `swiglu`: the RMSNorm and MLP modules call packtune's kernels.
+- `rotary`: the attention modules rotate q and k with packtune's fused rotary kernel (the cos/sin
+  the model computed, so every rope scaling type transformers supports rotates identically).
+- `packed`: a packed row (batch of one row holding several samples) attends only within each
+  sample through packtune's `varlen_attention` (flash-attn / torch varlen on CUDA, an exact
+  per-sample SDPA reference elsewhere). The samples are given by `cu_seqlens` (+ `max_seqlen`),
+  as `PackedCollator` emits, or transformers' `cu_seq_lens_q`/`max_length_q`, or else found where
+  `position_ids` restart. No T x T mask is built, and the label of each sample's last token is
+  forced to -100 so no sample ever predicts the next one's first token. In a packed forward the
+  decoder layers run from here (embed, rotary tables, layers, norm) rather than through the base
+  model's forward, which would build a dense packed mask (or, with a cache, silently ignore the
+  packing: transformers only detects packing from position_ids when no cache is passed).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+
+from torch import nn
+
+from packtune.integrations.hf_forwards import (
+    PacktuneOptions,
+    attention_forward_for,
+    causal_lm_forward_for,
+    rms_norm_forward,
+    swiglu_mlp_forward,
+)
+
+SUPPORTED = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
+
+
+class UnsupportedModelError(TypeError):
+    """apply_packtune was given a model whose forward it does not know how to replace exactly."""
+
+
+class PacktuneHandle:
+    """What `apply_packtune` changed; `undo()` restores the original forwards exactly."""
+
+    def __init__(self, model: nn.Module, options: PacktuneOptions) -> None:
+        self.model, self.options = model, options
+        self._patched: list[tuple[nn.Module, object]] = []
+
+    def patch(self, module: nn.Module, forward: Callable) -> None:
+        """Shadow `module.forward` with `forward` bound to the module, remembering what was there."""
+        self._patched.append((module, module.__dict__.get("forward")))
+        module.forward = types.MethodType(forward, module)
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.model, "_packtune_handle", None) is self
+
+    @property
+    def patched_modules(self) -> int:
+        return len(self._patched)
+
+    def undo(self) -> None:
+        if not self.active:
+            return
+        for module, previous in reversed(self._patched):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._patched.clear()
+        del self.model._packtune_handle
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "undone"
+        return f"PacktuneHandle({type(self.model).__name__}, {self.options}, {state})"
+
+
+def apply_packtune(
+    model: nn.Module,
+    *,
+    fused_loss: bool = True,
+    rms_norm: bool = True,
+    swiglu: bool = True,
+    rotary: bool = True,
+    packed: bool = True,
+) -> PacktuneHandle:
+    """Route a transformers Llama/Mistral/Qwen2 causal LM through packtune's kernels (see module doc).
+
+    Call it before building the Trainer (which inspects `model.forward` once). Returns a handle;
+    `handle.undo()` or `remove_packtune(model)` restores the original forwards.
+    """
+    family = _family(model)
+    if getattr(model, "_packtune_handle", None) is not None:
+        raise RuntimeError("apply_packtune: already applied to this model; call remove_packtune(model) first")
+    options = PacktuneOptions(fused_loss, rms_norm, swiglu, rotary, packed)
+    config = model.config
+    if swiglu and config.hidden_act not in ("silu", "swish"):
+        raise UnsupportedModelError(
+            f"apply_packtune(swiglu=True): {type(model).__name__} uses hidden_act="
+            f"{config.hidden_act!r}, not silu; pass swiglu=False"
+        )
+    if packed and config.attention_dropout:
+        raise UnsupportedModelError(
+            f"apply_packtune(packed=True): attention_dropout={config.attention_dropout} "
+            "is not supported by varlen attention; set it to 0 or pass packed=False"
+        )
+    modeling = sys.modules[type(model).__module__]
+    classes = {kind: getattr(modeling, f"{family}{kind}") for kind in ("RMSNorm", "MLP", "Attention")}
+    handle = PacktuneHandle(model, options)
+    for module in model.modules():
+        kind = type(module)
+        if kind is classes["RMSNorm"] and rms_norm:
+            handle.patch(module, rms_norm_forward)
+        elif kind is classes["MLP"] and swiglu:
+            handle.patch(module, swiglu_mlp_forward)
+        elif kind is classes["Attention"] and (rotary or packed):
+            handle.patch(module, attention_forward_for(modeling, family, options))
+    if fused_loss or packed:
+        handle.patch(model, causal_lm_forward_for(options))
+    model._packtune_handle = handle
+    return handle
+
+
+def remove_packtune(model: nn.Module) -> None:
+    """Undo `apply_packtune(model)`; a no-op on a model it was never applied to."""
+    handle = getattr(model, "_packtune_handle", None)
+    if handle is not None:
+        handle.undo()
+
+
+def _family(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name not in SUPPORTED or not type(model).__module__.startswith("transformers.models."):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        hint = (
+            " (a PEFT wrapper? apply it to model.get_base_model())"
+            if hasattr(model, "get_base_model")
+            else ""
+        )
+        raise UnsupportedModelError(
+            f"apply_packtune: {name} (model_type={model_type!r}) is not supported{hint}; supported are "
+            f"transformers' {', '.join(SUPPORTED)}. Nothing was changed."
+        )
+    return SUPPORTED[name]
