@@ -228,18 +228,26 @@ class PackedRows(_Rows):
 
     def collate(self, row: int) -> PackedBatch:
         ids, mask, seq_lens = self._gather(row)
-        labels = shifted_labels(ids, mask, seq_lens)
-        cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
-        np.cumsum(seq_lens, out=cu[1:])
-        positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seq_lens)
-        return PackedBatch(
-            torch.from_numpy(ids),
-            torch.from_numpy(labels),
-            torch.from_numpy(positions),
-            torch.from_numpy(cu),
-            int(seq_lens.max()),
-            int((labels != IGNORE_INDEX).sum()),
-        )
+        return build_packed_batch(ids, ids, mask, seq_lens)
+
+
+def build_packed_batch(ids: np.ndarray, targets: np.ndarray, trainable: np.ndarray,
+                       seq_lens: np.ndarray) -> PackedBatch:
+    """One packed row from its samples' concatenated input ids, target ids (usually the inputs
+    themselves), trainable mask and lengths: labels shifted per sample, positions restarting at 0,
+    int32 cu_seqlens, all computed on the host."""
+    labels = shifted_labels(targets, trainable, seq_lens)
+    cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
+    np.cumsum(seq_lens, out=cu[1:])
+    positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seq_lens)
+    return PackedBatch(
+        torch.from_numpy(ids),
+        torch.from_numpy(labels),
+        torch.from_numpy(positions),
+        torch.from_numpy(cu),
+        int(seq_lens.max()),
+        int((labels != IGNORE_INDEX).sum()),
+    )
 
 
 class PaddedRows(_Rows):

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from packtune.data.packing import PackedBatch, best_fit_decreasing, rows_from_assignment, shifted_labels
+from packtune.data.packing import PackedBatch, best_fit_decreasing, build_packed_batch, rows_from_assignment
 
 IGNORE_INDEX = -100
 _MASK_KEYS = ("loss_mask", "completion_mask", "assistant_masks")
@@ -147,18 +147,7 @@ class PackedCollator:
             )
         ids = np.concatenate([s[0] for s in samples])
         targets = np.concatenate([s[1] for s in samples])
-        labels = shifted_labels(targets, targets != IGNORE_INDEX, seq_lens)
-        cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
-        np.cumsum(seq_lens, out=cu[1:])
-        positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seq_lens)
-        return PackedBatch(
-            torch.from_numpy(ids),
-            torch.from_numpy(labels),
-            torch.from_numpy(positions),
-            torch.from_numpy(cu),
-            int(seq_lens.max()),
-            int((labels != IGNORE_INDEX).sum()),
-        )
+        return build_packed_batch(ids, targets, targets != IGNORE_INDEX, seq_lens)
 
 
 def pack_samples(samples: Sequence[Mapping[str, Any]], max_tokens: int) -> list[list[Mapping[str, Any]]]:
