@@ -129,9 +129,11 @@ def run_table(subject: str, factory: str, impls: Sequence[str], shapes: Sequence
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     rows = []
     print(f"packtune bench {subject}: {args.device}, {args.dtype}, {env['machine']}, torch {env['torch']}")
-    print(f"{'shape':<28}{'implementation':<22}{'median ms':>11}{'peak MiB':>10}{'speedup':>9}{'memory':>8}")
-    for shape in shapes:
-        label = ",".join(f"{k}={v}" for k, v in shape.items())
+    labels = [",".join(f"{k}={v}" for k, v in shape.items()) for shape in shapes]
+    width = max(len(label) for label in [*labels, "shape"]) + 2
+    print(f"{'shape':<{width}}{'implementation':<22}"
+          f"{'median ms':>11}{'peak MiB':>10}{'speedup':>9}{'memory':>8}")
+    for shape, label in zip(shapes, labels, strict=True):
         results = {}
         for impl in impls:
             res = run_in_subprocess(factory, impl, shape, args.dtype, args.device, args.warmup, args.repeats)
@@ -141,13 +143,13 @@ def run_table(subject: str, factory: str, impls: Sequence[str], shapes: Sequence
             row = {"subject": subject, "implementation": impl, "shape": shape, "dtype": args.dtype,
                    "device": args.device, "timestamp": stamp, **env, **res}
             if "error" in res:
-                print(f"{label:<28}{impl:<22}  failed: {res['error']}")
+                print(f"{label:<{width}}{impl:<22}  failed: {res['error']}")
             else:
                 speedup = base["median_s"] / res["median_s"] if "median_s" in base else float("nan")
                 mem_ratio = res["peak_bytes"] / base["peak_bytes"] if base.get("peak_bytes") else float("nan")
                 row.update(speedup_vs_baseline=speedup, memory_vs_baseline=mem_ratio)
-                print(f"{label:<28}{impl:<22}{res['median_s'] * 1e3:>11.1f}{res['peak_bytes'] / 2**20:>10.1f}"
-                      f"{speedup:>8.2f}x{mem_ratio:>8.2f}")
+                print(f"{label:<{width}}{impl:<22}{res['median_s'] * 1e3:>11.1f}"
+                      f"{res['peak_bytes'] / 2**20:>10.1f}{speedup:>8.2f}x{mem_ratio:>8.2f}")
             rows.append(row)
     write_results(subject, rows, Path(args.out))
     return rows
