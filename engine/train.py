@@ -18,7 +18,7 @@ import json
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
 from packtune.parallel import Dist, parallelize
+
+if TYPE_CHECKING:
+    from packtune.data.packing import PackedBatch, PaddedBatch
 
 
 class TrainingError(RuntimeError):
@@ -242,15 +245,7 @@ class Trainer:
         for batch in micro_batches:
             if self.flops_per_token is not None:
                 flops += self.flops_per_token(_attended_length(batch)) * batch.input_ids.numel()
-            batch = batch.to(device)
-            loss = self.module(
-                batch.input_ids,
-                batch.labels,
-                position_ids=batch.position_ids,
-                cu_seqlens=getattr(batch, "cu_seqlens", None),
-                max_seqlen=getattr(batch, "max_seqlen", None),
-                num_items=num_items,
-            )
+            loss = self._loss(batch, num_items)
             loss.backward()
             loss_sum += loss.detach().float()
         self.d.all_reduce_sum(loss_sum)
@@ -267,6 +262,18 @@ class Trainer:
         self.metrics.record(self.step, lr, tokens, label_tokens, flops, values)
         return stops > 0
 
+    def _loss(self, batch: PackedBatch | PaddedBatch, num_items: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed token loss of one micro-batch (÷ num_items when given), packed or padded."""
+        batch = batch.to(self.d.device)
+        return self.module(
+            batch.input_ids,
+            batch.labels,
+            position_ids=batch.position_ids,
+            cu_seqlens=getattr(batch, "cu_seqlens", None),
+            max_seqlen=getattr(batch, "max_seqlen", None),
+            num_items=num_items,
+        )
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the held-out split (all ranks), logged to metrics.jsonl."""
@@ -274,14 +281,7 @@ class Trainer:
         self.eval_sampler.set_epoch(0)
         for micro_batches in self.eval_sampler:
             for batch in micro_batches:
-                batch = batch.to(self.d.device)
-                loss = self.module(
-                    batch.input_ids,
-                    batch.labels,
-                    position_ids=batch.position_ids,
-                    cu_seqlens=getattr(batch, "cu_seqlens", None),
-                    max_seqlen=getattr(batch, "max_seqlen", None),
-                )
+                loss = self._loss(batch)
                 totals[0] += loss.double()
                 totals[1] += batch.num_label_tokens
         self.d.all_reduce_sum(totals)

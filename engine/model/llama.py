@@ -14,20 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from packtune.kernels import RMSNorm, swiglu, varlen_attention
 from packtune.model.config import ModelArgs
 from packtune.model.kv_cache import KVCache
-from packtune.model.ops import causal_attention, rms_norm, rotary, swiglu, varlen_attention
+from packtune.model.ops import causal_attention, rotary
 from packtune.model.rope import inv_freq, rope_cos_sin
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):

@@ -1,7 +1,5 @@
-"""The four ops the decoder calls: RMSNorm, rotary embedding, SwiGLU, attention.
-
-Thin adapters onto `packtune.kernels` (Triton on GPU, C++ on CPU, the PyTorch reference for
-float64), plus the dense causal attention used for padded batches and the KV cache.
+"""What the decoder needs beyond `packtune.kernels`' signatures: rotary embedding on per-token
+cos/sin, and the dense causal attention used for padded batches and the KV cache.
 """
 
 from __future__ import annotations
@@ -10,11 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from packtune import kernels
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """weight * x / rms(x) with fp32 statistics (packtune.kernels.rms_norm)."""
-    return kernels.rms_norm(x, weight, eps)
 
 
 def rotary(
@@ -28,11 +21,6 @@ def rotary(
     table_cos, table_sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
     token = torch.arange(table_cos.shape[0], device=q.device)
     return kernels.rotary(q, k, table_cos, table_sin, position_ids=token)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, fused (packtune.kernels.swiglu)."""
-    return kernels.swiglu(gate, up)
 
 
 def causal_attention(
@@ -63,21 +51,3 @@ def causal_attention(
         enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
-
-
-def varlen_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    *,
-    causal: bool = True,
-    window: int | None = None,
-) -> torch.Tensor:
-    """Exact causal attention within each packed sample `[T, H, D]`, none across samples.
-
-    flash-attn varlen or torch's varlen_attn on GPUs, an exact per-sample SDPA elsewhere
-    (packtune.kernels.varlen_attention chooses).
-    """
-    return kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, window=window)
