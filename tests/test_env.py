@@ -18,7 +18,7 @@ def test_env_command_reports_this_machine():
         assert "no GPU" in out
         assert "interpreted" in out
     assert "flash-attn" in out
-    assert "attention    CPU: per-sample SDPA reference" in out
+    assert "attention    CPU: SDPA over length buckets" in out
 
 
 def test_cpu_extension_reports_openmp_threads():

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from packtune.kernels import varlen_attention
-from packtune.kernels.attention import attention_path, describe_attention_paths
+from packtune.kernels.attention import (
+    attention_path,
+    describe_attention_paths,
+    length_buckets,
+    varlen_attention_ref,
+)
 
 
 def _packed(lengths, hq=4, hk=4, d=32, dtype=torch.float64, device="cpu"):
@@ -31,9 +36,42 @@ def _naive(q, k, v, causal=True, window=None, scale=None):
     return torch.einsum("hij,jhd->ihd", scores.softmax(-1), v.double())
 
 
-def test_cpu_uses_the_reference_and_env_line_names_it():
-    assert attention_path("cpu", torch.bfloat16) == "reference"
-    assert describe_attention_paths().startswith("CPU: per-sample SDPA reference; CUDA bf16: ")
+def test_cpu_uses_length_buckets_and_env_line_names_it():
+    assert attention_path("cpu", torch.bfloat16) == "buckets"
+    assert describe_attention_paths().startswith("CPU: SDPA over length buckets; CUDA bf16: ")
+
+
+def test_length_buckets_bound_the_padding():
+    lengths = [40, 3, 0, 38, 17, 16, 1, 39, 15]
+    buckets = length_buckets(lengths, waste=1.25)
+    assert sorted(i for b in buckets for i in b) == [i for i, n in enumerate(lengths) if n]
+    for b in buckets:
+        assert lengths[b[0]] == max(lengths[i] for i in b)
+        assert lengths[b[0]] * len(b) <= 1.25 * sum(lengths[i] for i in b)
+    assert buckets == [[0, 7, 3, 4], [5, 8], [1], [6]]  # 40, 39, 38 and 17 share one call
+    assert length_buckets([]) == [] and length_buckets([0, 0]) == []
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 4), (False, None), (False, 3)])
+def test_buckets_equal_the_reference_values_and_gradients(causal, window):
+    """Many samples of mixed lengths (several per bucket, empty ones, GQA), float64, against the
+    per-sample specification; the output past cu_seqlens[-1] stays zero."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 30, (40,), generator=gen).tolist()
+    q, k, v, cu, max_len = _packed(lengths, hq=4, hk=2, d=8)
+    tail = 3
+    q, k, v = (torch.cat([t, torch.randn(tail, *t.shape[1:], dtype=t.dtype)]) for t in (q, k, v))
+    w = torch.randn(q.shape, dtype=q.dtype)
+    results = []
+    for fn in (varlen_attention, varlen_attention_ref):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        kwargs = {"causal": causal, "window": window, "scale": 0.7}
+        out = fn(*ins, cu, max_len, **kwargs) if fn is varlen_attention else fn(*ins, cu, **kwargs)
+        (out * w).sum().backward()
+        results.append((out.detach(), *(t.grad for t in ins)))
+    for got, ref in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    assert torch.equal(results[0][0][-tail:], torch.zeros_like(q[-tail:]))
 
 
 @pytest.mark.parametrize("hk", [4, 2, 1])
