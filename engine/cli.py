@@ -20,11 +20,12 @@ def _prepare(args: argparse.Namespace) -> int:
 
     from packtune.config import load_config
     from packtune.data import DataError, data_report, format_report, prepare_dataset
+    from packtune.launch import build_rows
 
     cfg = load_config(args.config, args.set)
     try:
         dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
-        rows = dataset.pack() if cfg.data.packing else dataset.pad(cfg.data.padded_batch_size, cfg.train.seed)
+        rows = build_rows(cfg, dataset)
         report = data_report(dataset, rows, args.world_size, cfg.train.micro_batches)
     except DataError as e:
         print(f"packtune: data error: {e}", file=sys.stderr)

@@ -58,7 +58,12 @@ class DataConfig:
     num_workers: int = 0
     """Tokenizer worker processes; 0 means one per CPU core (at most 8)."""
     packing: bool = True
-    """Pack samples into rows of max_tokens (best-fit decreasing); false gives padded batches."""
+    """Pack samples into rows of max_tokens; false gives padded batches."""
+    packing_strategy: str = "bfd"
+    """bfd: best-fit decreasing, the densest rows, but a row holds samples of similar length (and
+    so, in data where length tells the kind of sample, of one kind). shuffle: samples in a seeded
+    random order, each into the fullest of 16 open rows with room: every row mixes lengths, a
+    little less dense (the data report shows the packing efficiency)."""
     padded_batch_size: int = 8
     """Samples per padded micro-batch when packing = false."""
 

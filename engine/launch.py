@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from packtune.config import Config, ConfigError, dump_config
+from packtune.data.packing import PACKING_STRATEGIES
 from packtune.parallel import Dist
 
 
@@ -42,6 +43,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("train.device = 'cuda' but no CUDA device is available")
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: {t.resume!r} is not auto, never or a checkpoint directory")
+    check_packing_strategy(cfg)
     if not cfg.data.path:
         raise ConfigError("data.path is required (a JSONL or JSON file of training rows)")
     if not Path(cfg.data.path).is_file():
@@ -51,6 +53,12 @@ def check_config(cfg: Config) -> None:
     if not (Path(cfg.model.path) / "config.json").is_file():
         raise ConfigError(f"model.path: {cfg.model.path} has no config.json (not a Hugging Face directory)")
     check_writable(t.output_dir)
+
+
+def check_packing_strategy(cfg: Config) -> None:
+    if cfg.data.packing_strategy not in PACKING_STRATEGIES:
+        raise ConfigError(f"data.packing_strategy must be one of {', '.join(PACKING_STRATEGIES)}, "
+                          f"got {cfg.data.packing_strategy!r}")
 
 
 def check_writable(output_dir: str) -> None:
@@ -176,7 +184,7 @@ def build_samplers(cfg: Config, d: Dist):
     if d.local_rank != 0:
         dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
     train_set, eval_set = held_out_split(dataset, cfg.train.eval_fraction, cfg.train.seed)
-    rows = _rows(cfg, train_set)
+    rows = build_rows(cfg, train_set)
     if d.is_main:
         print(format_report(data_report(train_set, rows, d.world_size, cfg.train.micro_batches)), flush=True)
         if eval_set is not None:
@@ -185,13 +193,17 @@ def build_samplers(cfg: Config, d: Dist):
                             micro_batches=cfg.train.micro_batches)
     eval_sampler = None
     if eval_set is not None:
-        eval_sampler = PackedSampler(_rows(cfg, eval_set), seed=cfg.train.seed, rank=d.rank,
+        eval_sampler = PackedSampler(build_rows(cfg, eval_set), seed=cfg.train.seed, rank=d.rank,
                                      world_size=d.world_size, micro_batches=1)
     return sampler, eval_sampler
 
 
-def _rows(cfg: Config, dataset):
-    return dataset.pack() if cfg.data.packing else dataset.pad(cfg.data.padded_batch_size, cfg.train.seed)
+def build_rows(cfg: Config, dataset):
+    """The dataset's rows as the config asks: packed (by data.packing_strategy) or padded."""
+    if cfg.data.packing:
+        check_packing_strategy(cfg)
+        return dataset.pack(strategy=cfg.data.packing_strategy, seed=cfg.train.seed)
+    return dataset.pad(cfg.data.padded_batch_size, cfg.train.seed)
 
 
 def held_out_split(dataset, fraction: float, seed: int):

@@ -61,11 +61,12 @@ class TokenizedDataset:
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.tokens[lo:hi], self.mask[lo:hi]
 
-    def pack(self, max_tokens: int | None = None):
-        """Rows of at most `max_tokens` tokens (default: the prepared max_tokens), best-fit decreasing."""
+    def pack(self, max_tokens: int | None = None, strategy: str = "bfd", seed: int = 0):
+        """Rows of at most `max_tokens` tokens (default: the prepared max_tokens), packed by
+        `strategy` (best-fit decreasing, or best fit over a seeded shuffle)."""
         from packtune.data.packing import PackedRows
 
-        return PackedRows.best_fit(self, max_tokens or self.max_tokens)
+        return PackedRows.packed(self, max_tokens or self.max_tokens, strategy, seed)
 
     def pad(self, batch_size: int, seed: int = 0):
         """Padded micro-batches of `batch_size` samples in a seeded random grouping, for comparison."""

@@ -94,6 +94,33 @@ def _bfd_sorted_python(sorted_lengths: np.ndarray, capacity: int) -> np.ndarray:
     return row_of
 
 
+def shuffled_best_fit(lengths: np.ndarray, capacity: int, seed: int = 0, open_rows: int = 16) -> np.ndarray:
+    """The row of each sample when samples, in a seeded random order, each go to the fullest of at
+    most `open_rows` open rows that has room (a new row when none has; the fullest open row is
+    closed when there are too many). The random order mixes lengths in every row; the few open
+    rows keep them nearly as dense as best-fit decreasing."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        raise ValueError(f"lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    row_of = np.empty(len(lengths), dtype=np.int64)
+    rows: list[list[int]] = []  # [room left, row id] of each open row
+    opened = 0
+    for i, n in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        fits = [r for r in rows if r[0] >= n]
+        if fits:
+            best = min(fits)
+        else:
+            if len(rows) == open_rows:
+                rows.remove(min(rows))
+            best = [capacity, opened]
+            opened += 1
+            rows.append(best)
+        best[0] -= n
+        row_of[i] = best[1]
+    return row_of
+
+
 def rows_from_assignment(row_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sample indices grouped by row, row offsets) from the row of each sample."""
     order = np.argsort(row_of, kind="stable")
@@ -207,11 +234,22 @@ class _Rows:
         return ids, mask, (ends - starts)
 
 
+PACKING_STRATEGIES = ("bfd", "shuffle")
+
+
 class PackedRows(_Rows):
-    """Best-fit-decreasing rows of at most `max_tokens` tokens."""
+    """Rows of at most `max_tokens` tokens: best-fit decreasing, or best fit in a shuffled order."""
 
     @classmethod
     def best_fit(cls, dataset, max_tokens: int) -> PackedRows:
+        return cls.packed(dataset, max_tokens, "bfd")
+
+    @classmethod
+    def packed(cls, dataset, max_tokens: int, strategy: str = "bfd", seed: int = 0) -> PackedRows:
+        """`strategy` is one of PACKING_STRATEGIES (see DataConfig.packing_strategy)."""
+        if strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"packing strategy must be one of {', '.join(PACKING_STRATEGIES)}, "
+                             f"got {strategy!r}")
         lengths = dataset.lengths
         if lengths.max() > max_tokens:
             raise DataError(
@@ -219,6 +257,8 @@ class PackedRows(_Rows):
                 "the data with this max_tokens",
                 "too_long",
             )
+        if strategy == "shuffle":
+            return cls(dataset, shuffled_best_fit(lengths, max_tokens, seed), max_tokens)
         return cls(dataset, best_fit_decreasing(lengths, max_tokens), max_tokens)
 
     @property

@@ -7,7 +7,13 @@ from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
 
 from packtune.config import DataConfig
 from packtune.data import PackedSampler, prepare_dataset
-from packtune.data.packing import IGNORE_INDEX, _extension_available, best_fit_decreasing, split_to_multiple
+from packtune.data.packing import (
+    IGNORE_INDEX,
+    _extension_available,
+    best_fit_decreasing,
+    shuffled_best_fit,
+    split_to_multiple,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +83,39 @@ def test_bfd_efficiency_and_speed_on_alpaca_like_lengths():
     assert seconds < (2.0 if _extension_available() else 20.0)
 
 
+def test_shuffled_best_fit_mixes_lengths_and_is_seeded():
+    """BFD fills a row with samples of similar length; the shuffled strategy gives every row a
+    spread of lengths, at a small cost in rows, and the same seed gives the same rows."""
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(10, 20, 500), rng.integers(60, 80, 500)])
+    capacity = 256
+    row_of = shuffled_best_fit(lengths, capacity, seed=5)
+    np.testing.assert_array_equal(row_of, shuffled_best_fit(lengths, capacity, seed=5))
+    assert not np.array_equal(row_of, shuffled_best_fit(lengths, capacity, seed=6))
+    assert np.bincount(row_of, weights=lengths).max() <= capacity
+    bfd = best_fit_decreasing(lengths, capacity)
+    assert row_of.max() + 1 <= 1.02 * (bfd.max() + 1)
+
+    def one_kind_rows(rows):
+        """Share of rows holding only short or only long samples."""
+        short = [np.mean(lengths[rows == r] < 60) for r in range(rows.max() + 1)]
+        return np.mean([s in (0.0, 1.0) for s in short])
+
+    assert one_kind_rows(row_of) < 0.1 < 0.2 < one_kind_rows(bfd)
+    with pytest.raises(ValueError, match="must lie in"):
+        shuffled_best_fit(np.array([300]), capacity)
+
+
+def test_unknown_packing_strategy_is_a_config_error(dataset):
+    from packtune.config import Config, ConfigError
+    from packtune.launch import build_rows
+
+    cfg = Config()
+    cfg.data.packing_strategy = "random"
+    with pytest.raises(ConfigError, match="data.packing_strategy must be one of bfd, shuffle, got 'random'"):
+        build_rows(cfg, dataset)
+
+
 def test_split_to_multiple_keeps_every_sample_once():
     lengths = np.array([5, 3, 2, 2, 1, 1, 1])
     row_of = best_fit_decreasing(lengths, 8)
@@ -111,8 +150,9 @@ def check_batch(batch, dataset, samples):
     assert batch.num_label_tokens == int((batch.labels != IGNORE_INDEX).sum())
 
 
-def test_packed_batches_hold_every_sample_once_with_per_sample_labels(dataset):
-    rows = dataset.pack()
+@pytest.mark.parametrize("strategy", ["bfd", "shuffle"])
+def test_packed_batches_hold_every_sample_once_with_per_sample_labels(dataset, strategy):
+    rows = dataset.pack(strategy=strategy, seed=1)
     seen = []
     sampler = PackedSampler(rows, seed=3, micro_batches=2)
     assert len(sampler) == sampler.steps_per_epoch == len(sampler.rows) // 2
