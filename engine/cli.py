@@ -151,9 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the data, tokenizer, run and model")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (accuracy not a goal)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=1,
-                      help="torch CPU threads (0: torch's default); the demo model's matrices are too small "
-                           "for threads to pay for their synchronisation")
+    demo.add_argument("--threads", type=int, default=0,
+                      help="torch CPU threads (0: torch's default, one per core)")
     demo.set_defaults(func=_demo)
     return parser
 

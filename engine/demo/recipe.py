@@ -14,14 +14,18 @@ from typing import Any
 from packtune.config import Config
 
 TEMPLATE = {
-    "name": "alpaca_short",
-    "user": "### Instruction:\n{content}\n\n### Response:",
-    "user_with_input": "### Instruction:\n{content}\n\n### Input:\n{input}\n\n### Response:",
-    "separator": "\n\n",
+    "name": "demo",
+    "user": "### Instruction: {content}\n### Response:",
+    "user_with_input": "### Instruction: {content}\n### Input: {input}\n### Response:",
+    "assistant": " {content}",
+    "separator": "\n",
 }
-"""The Alpaca template without its one-sentence preamble: the preamble is two thirds of every
-demo sample's tokens and teaches a model trained from scratch nothing, so dropping it buys about
-three times the samples per minute. Written as a template file, the way users add their own."""
+"""Alpaca's markers without its one-sentence preamble (two thirds of a demo sample's tokens, and
+nothing a model trained from scratch can use), with a space before the input and the answer:
+sentencepiece joins a space to the token after it, so a letter is then the same token ("▁k")
+wherever it stands; after Alpaca's newlines the first letter of an input or an answer was a
+different token from the rest, and a 4-layer model could not learn to copy across the two in
+the demo's budget. Written as a template file, the way users add their own."""
 
 
 def write_template(path: Path) -> Path:
@@ -74,6 +78,7 @@ class DemoRecipe:
         cfg.data.template = str(template)
         cfg.data.tokenizer = str(tokenizer)
         cfg.data.max_tokens = self.max_tokens
+        cfg.data.packing_strategy = "shuffle"
         cfg.data.cache_dir = str(out / "cache")
         t = cfg.train
         t.output_dir = str(out / "run")
@@ -90,14 +95,13 @@ class DemoRecipe:
         return cfg
 
 
-FULL = DemoRecipe(rows_per_task=2500, eval_per_task=40, vocab_size=1000, hidden_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, intermediate_size=352, epochs=4, lr=3e-3, max_tokens=96,
-                  micro_batches=6, log_every=100)
-"""Short rows, several per step: best-fit decreasing fills each row with samples of nearly the
-same length, and here a length almost names a task (measured on this mix: at 512 tokens per row
-one task holds 45 % of a row's samples on average, 53 % at 128), so a step made of one long row
-sees a lopsided task mix. Six short rows drawn at random from the whole epoch mix the tasks
-again. Rows are not padded, so short rows cost only the per-micro-batch overhead."""
+FULL = DemoRecipe(rows_per_task=20000, eval_per_task=40, vocab_size=1000, hidden_size=128,
+                  num_hidden_layers=4, num_attention_heads=4, intermediate_size=352, epochs=1, lr=3e-3,
+                  max_tokens=1024, micro_batches=1, log_every=250)
+"""One pass over fresh instances (repeating a small set taught the model its training instances,
+not the tasks), about 38 samples per step. Rows are packed with the `shuffle` strategy: best-fit
+decreasing fills a row with samples of one length, and here a length almost names a task, so
+each step would train one task; shuffled rows give every step the whole mix."""
 QUICK = replace(FULL, rows_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32, num_hidden_layers=1,
                 num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128, micro_batches=2,
                 log_every=20, samples_shown=2)

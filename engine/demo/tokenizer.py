@@ -3,7 +3,8 @@
 Llama's conventions are kept so the result drops into the same code paths as a real Llama
 tokenizer (and loads in transformers as a `LlamaTokenizer`): unk 0, bos 1, eos 2, byte fallback
 for characters never seen, digits split one per token, no text normalisation, whitespace kept.
-A pad piece (id 3) is added because padding-based trainers (the TRL baseline) need one.
+A pad piece (id 3) is added because padding-based trainers (the TRL baseline) need one, and
+"\n" is a piece of its own, so a newline never merges with the token before or after it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int, *,
         remove_extra_whitespaces=False,
         add_dummy_prefix=True,
         allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n"],
         hard_vocab_limit=False,
         unk_id=0,
         bos_id=1,

@@ -2,6 +2,7 @@
 `bench e2e` sees the same text as packtune's alpaca template."""
 
 import pytest
+import sentencepiece as spm
 
 from packtune.bench.e2e_common import alpaca_prompt
 from packtune.config import DataConfig
@@ -44,8 +45,24 @@ def test_prompt_ids_are_the_training_samples_prompt_tokens(setup):
 def test_rendered_texts_hold_the_template_and_the_answer(setup):
     _, rows, template, _ = setup
     text = rendered_texts(rows[:1], template)[0]
-    assert text.startswith("### Instruction:\n" + rows[0]["instruction"])
-    assert text.endswith("### Response:" + rows[0]["output"])
+    assert text.startswith("### Instruction: " + rows[0]["instruction"])
+    assert text.endswith("### Response: " + rows[0]["output"])
+
+
+def test_every_letter_and_digit_is_one_token_wherever_it_stands(setup):
+    """The first letter of an input or an answer is the same token as the others ("▁k"), and a
+    newline never merges with a neighbour: what lets the demo model copy letters."""
+    _, _, template, tokenizer = setup
+    rows = [{"instruction": "Reverse the order of these letters.", "input": "k t a b", "output": "b a t k"},
+            {"instruction": "Reverse: k t a b", "input": "", "output": "b a t k"},
+            {"instruction": "Sort: 9 3 8 2", "input": "", "output": "2 3 8 9"}]
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    for row, text in zip(rows, rendered_texts(rows, template), strict=True):
+        pieces = sp.encode(text, out_type=str)
+        for item in set(row["output"].split()):
+            piece = "▁" + item if item.isalpha() else item  # digits are split from the space
+            assert pieces.count(piece) == 2 * row["output"].split().count(item), (item, pieces)
+        assert "\n" in pieces
 
 
 @pytest.mark.parametrize("row", [{"instruction": "Name it.", "input": "", "output": "A name."},
