@@ -4,7 +4,9 @@ Runs in a fresh process (see e2e.py). Prompt/completion rows with `completion_on
 user of TRL would set up Alpaca data, in two modes: `padding` (right-padded micro-batches, the
 Stanford Alpaca recipe's layout) and `packing` (`packing_strategy="bfd"`, which TRL runs
 padding-free with per-sample `position_ids`; on CPU transformers turns those into a
-block-diagonal SDPA mask, so no sample attends to another).
+block-diagonal SDPA mask, so no sample attends to another). Both in fp32 without activation
+checkpointing, as packtune runs on CPU: TRL's defaults (bf16 autocast, gradient checkpointing)
+would make it several times slower here, which is not the comparison a user asks for.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         eval_strategy="no",
         report_to=[],
         use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )

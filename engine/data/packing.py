@@ -241,10 +241,6 @@ class PackedRows(_Rows):
     """Rows of at most `max_tokens` tokens: best-fit decreasing, or best fit in a shuffled order."""
 
     @classmethod
-    def best_fit(cls, dataset, max_tokens: int) -> PackedRows:
-        return cls.packed(dataset, max_tokens, "bfd")
-
-    @classmethod
     def packed(cls, dataset, max_tokens: int, strategy: str = "bfd", seed: int = 0) -> PackedRows:
         """`strategy` is one of PACKING_STRATEGIES (see DataConfig.packing_strategy)."""
         if strategy not in PACKING_STRATEGIES:
