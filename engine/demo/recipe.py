@@ -96,12 +96,14 @@ class DemoRecipe:
 
 
 FULL = DemoRecipe(rows_per_task=20000, eval_per_task=40, vocab_size=1000, hidden_size=128,
-                  num_hidden_layers=4, num_attention_heads=4, intermediate_size=352, epochs=1, lr=3e-3,
+                  num_hidden_layers=4, num_attention_heads=8, intermediate_size=352, epochs=1, lr=3e-3,
                   max_tokens=1024, micro_batches=1, log_every=250)
 """One pass over fresh instances (repeating a small set taught the model its training instances,
 not the tasks), about 38 samples per step. Rows are packed with the `shuffle` strategy: best-fit
 decreasing fills a row with samples of one length, and here a length almost names a task, so
-each step would train one task; shuffled rows give every step the whole mix."""
+each step would train one task; shuffled rows give every step the whole mix. Eight heads of 16
+rather than four of 32: the loss leaves its plateau (while the copying heads form) after about a
+third of the steps instead of a half (measured, one run each: 69.7% vs 55.9% held out)."""
 QUICK = replace(FULL, rows_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32, num_hidden_layers=1,
                 num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128, micro_batches=2,
                 log_every=20, samples_shown=2)
