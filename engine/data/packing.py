@@ -35,11 +35,16 @@ def _extension_available() -> bool:
     return hasattr(torch.ops.packtune, "bfd_pack")
 
 
-def best_fit_decreasing(lengths: np.ndarray, capacity: int, *, backend: str | None = None) -> np.ndarray:
-    """The row of each sample (rows numbered in the order they were opened)."""
+def _checked_lengths(lengths: np.ndarray, capacity: int) -> np.ndarray:
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
         raise ValueError(f"lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
+    return lengths
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int, *, backend: str | None = None) -> np.ndarray:
+    """The row of each sample (rows numbered in the order they were opened)."""
+    lengths = _checked_lengths(lengths, capacity)
     # Descending, ties by index: a stable ascending sort of (capacity - length); 16-bit keys when
     # they fit, where numpy sorts by radix.
     keys = capacity - lengths
@@ -99,9 +104,7 @@ def shuffled_best_fit(lengths: np.ndarray, capacity: int, seed: int = 0, open_ro
     most `open_rows` open rows that has room (a new row when none has; the fullest open row is
     closed when there are too many). The random order mixes lengths in every row; the few open
     rows keep them nearly as dense as best-fit decreasing."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
-        raise ValueError(f"lengths must lie in [1, {capacity}], got [{lengths.min()}, {lengths.max()}]")
+    lengths = _checked_lengths(lengths, capacity)
     order = np.random.default_rng(seed).permutation(len(lengths))
     row_of = np.empty(len(lengths), dtype=np.int64)
     rows: list[list[int]] = []  # [room left, row id] of each open row
