@@ -2,9 +2,11 @@
 
 1. Share of real tokens per row on a generated Alpaca-like length distribution (mean about 200
    tokens, long tail to 2K) for pad-to-longest micro-batches of 4, next-fit in dataset order
-   (torchtune-like), first-fit in shuffled order (axolotl-like) and packtune's best-fit decreasing,
-   at max_tokens 512 / 2048 / 4096 (samples longer than max_tokens are left out, as `drop` does).
-2. Time to pack 1M lengths with best-fit decreasing (C++ op and the Python fallback).
+   (torchtune-like), first-fit in shuffled order (axolotl-like), packtune's best-fit decreasing
+   and packtune's `shuffle` strategy (random order, fullest of 16 open rows), at max_tokens
+   512 / 2048 / 4096 (samples longer than max_tokens are left out, as `drop` does).
+2. Time to pack 1M lengths with best-fit decreasing (C++ op and the Python fallback) and with
+   the `shuffle` strategy.
 3. Tokenizing generated Alpaca-like rows with the same sentencepiece model: packtune's
    `prepare_dataset` (render, segment-wise encode, decode check, masks) against Hugging Face
    `datasets.map` doing the Stanford Alpaca preprocessing (encode prompt and prompt+answer, mask the
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from packtune.bench.harness import environment
-from packtune.data.packing import _extension_available, best_fit_decreasing
+from packtune.data.packing import _extension_available, best_fit_decreasing, shuffled_best_fit
 
 
 def alpaca_like_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -81,11 +83,13 @@ def efficiency_table(n: int, seed: int) -> list[dict]:
         shuffled = lengths[np.random.default_rng(seed).permutation(len(lengths))]
         total = lengths.sum()
         rows_bfd = int(best_fit_decreasing(lengths, capacity).max()) + 1
+        rows_shuffle = int(shuffled_best_fit(lengths, capacity, seed).max()) + 1
         for method, value in (
             ("pad to longest (B=4)", pad_to_longest(lengths, 4, seed)),
             ("next-fit, dataset order", total / (next_fit(lengths, capacity) * capacity)),
             ("first-fit, shuffled", total / (first_fit(shuffled, capacity) * capacity)),
             ("packtune BFD", total / (rows_bfd * capacity)),
+            ("packtune shuffle", total / (rows_shuffle * capacity)),
         ):
             results.append(
                 {
@@ -101,19 +105,21 @@ def efficiency_table(n: int, seed: int) -> list[dict]:
 
 def pack_speed(n: int, repeats: int) -> list[dict]:
     lengths = alpaca_like_lengths(n, 1)
+    packers = [(f"packtune BFD ({backend})", lambda b=backend: best_fit_decreasing(lengths, 2048, backend=b))
+               for backend in (["cpp"] if _extension_available() else []) + ["python"]]
+    packers.append(("packtune shuffle (python)", lambda: shuffled_best_fit(lengths, 2048)))
     results = []
-    backends = (["cpp"] if _extension_available() else []) + ["python"]
-    for backend in backends:
+    for method, pack in packers:
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            best_fit_decreasing(lengths, 2048, backend=backend)
+            pack()
             times.append(time.perf_counter() - start)
         results.append(
             {
                 "measure": "pack_seconds",
                 "max_tokens": 2048,
-                "method": f"packtune BFD ({backend})",
+                "method": method,
                 "value": statistics.median(times),
                 "samples": n,
             }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from packtune.demo.tasks import TASKS, Task
@@ -33,32 +33,56 @@ def render(task: Task, phrasing: str, x: str, answer: str) -> dict[str, str]:
     return {"instruction": phrasing, "input": x, "output": answer, "task": task.name}
 
 
+EXHAUSTED = 200
+"""Draws of the split in a row that all hit an instance already taken: its space is used up."""
+
+
 def _instances(task: Task, rng: random.Random, heldout: bool, count: int) -> Iterator[tuple[str, str]]:
-    """`count` distinct instances of one split (fewer if the task's space runs out)."""
+    """`count` instances of one split, distinct until the split's instance space is used up.
+
+    The held-out split then stops short; the training split starts another pass over the space,
+    so a task with few instances (add: about 7,000 training sums) still gets its share of the
+    rows instead of a third of it.
+    """
     seen: set[str] = set()
-    misses = 0
-    while len(seen) < count and misses < 50 * count:
+    produced = misses = 0
+    while produced < count:
         x, answer = task.draw(rng)
-        if x in seen or is_heldout(task.name, x) != heldout:
-            misses += 1
+        if is_heldout(task.name, x) != heldout:
             continue
+        if x in seen:
+            misses += 1
+            if misses >= EXHAUSTED:
+                if heldout:
+                    return
+                seen.clear()
+            continue
+        misses = 0
         seen.add(x)
+        produced += 1
         yield x, answer
 
 
-def make_split(split: str, rows_per_task: int, seed: int = 0) -> list[dict[str, str]]:
+def make_split(split: str, rows_per_task: int, seed: int = 0,
+               task_weights: Mapping[str, float] | None = None) -> list[dict[str, str]]:
     """Rows of one split, tasks interleaved in a seeded shuffle.
 
     `split` is "train" (training phrasings), "heldout" (unseen instances, training phrasings)
-    or "heldout_phrasing" (unseen instances, each task's held-out phrasing).
+    or "heldout_phrasing" (unseen instances, each task's held-out phrasing). A task named in
+    `task_weights` gets `round(weight * rows_per_task)` rows instead of `rows_per_task`.
     """
     if split not in ("train", "heldout", "heldout_phrasing"):
         raise ValueError(f"unknown split {split!r}: expected train, heldout or heldout_phrasing")
+    weights = dict(task_weights or {})
+    unknown = sorted(set(weights) - {task.name for task in TASKS})
+    if unknown:
+        raise ValueError(f"task_weights names unknown tasks {unknown}")
     rows = []
     for index, task in enumerate(TASKS):
         rng = random.Random(f"{seed}/{split}/{index}")
         heldout = split != "train"
-        for x, answer in _instances(task, rng, heldout, rows_per_task):
+        count = round(weights.get(task.name, 1.0) * rows_per_task)
+        for x, answer in _instances(task, rng, heldout, count):
             if split == "heldout_phrasing":
                 phrasing = task.heldout_phrasing
             else:

@@ -73,7 +73,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     start = time.perf_counter()
     torch.manual_seed(seed)
 
-    train = make_split("train", recipe.rows_per_task, seed)
+    train = make_split("train", recipe.rows_per_task, seed, dict(recipe.task_weights))
     heldout = make_split("heldout", recipe.eval_per_task, seed)
     unseen_phrasing = make_split("heldout_phrasing", recipe.eval_per_task, seed)
     data = write_jsonl(train, out / "data" / "train.jsonl")

@@ -15,5 +15,8 @@ def test_reference_packers_and_the_table(tmp_path, capsys):
     rows = json.loads((tmp_path / "pack.json").read_text())
     bfd = {r["max_tokens"]: r["value"] for r in rows if r["method"] == "packtune BFD"}
     pad = {r["max_tokens"]: r["value"] for r in rows if r["method"].startswith("pad to longest")}
+    shuffle = {r["max_tokens"]: r["value"] for r in rows if r["method"] == "packtune shuffle"}
     assert all(bfd[c] > pad[c] for c in bfd) and bfd[2048] > 0.98
-    assert "packtune BFD" in capsys.readouterr().out
+    assert all(bfd[c] >= shuffle[c] > pad[c] for c in bfd) and shuffle[2048] > 0.95
+    printed = capsys.readouterr().out
+    assert "packtune BFD" in printed and "packtune shuffle (python)" in printed

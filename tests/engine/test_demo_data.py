@@ -95,6 +95,22 @@ def test_every_task_and_both_alpaca_variants_occur(splits):
     assert 0.2 * len(rows) < with_input < 0.8 * len(rows)
 
 
+def test_task_weights_and_a_used_up_instance_space():
+    """add has about 7,000 training sums: asked for 10,000 rows, the training split repeats
+    sums after using them all up; the held-out split (about 1,000 sums) stops short instead."""
+    train = [r for r in make_split("train", 100, seed=5, task_weights={"add": 100, "sort": 0.5})
+             if r["task"] in ("add", "sort")]
+    adds = [_instance(r) for r in train if r["task"] == "add"]
+    assert len(adds) == 10_000 and sum(r["task"] == "sort" for r in train) == 50
+    assert 6_500 < len(set(adds)) < 7_100
+    assert not any(is_heldout("add", x) for x in adds)
+    heldout = make_split("heldout", 100, seed=5, task_weights={"add": 20})
+    held = [_instance(r) for r in heldout if r["task"] == "add"]
+    assert 900 < len(held) == len(set(held)) < 1_100
+    with pytest.raises(ValueError, match="unknown tasks"):
+        make_split("train", 1, task_weights={"multiply": 2})
+
+
 def test_jsonl_holds_plain_alpaca_rows(tmp_path, splits):
     path = write_jsonl(splits["heldout"], tmp_path / "d" / "heldout.jsonl")
     rows = read_jsonl(path)
