@@ -2,10 +2,15 @@
 
 Each mirrors the transformers 5.x Llama/Mistral/Qwen2 forward it shadows, with packtune's ops in
 place of the plain-torch ones and, for a packed row, varlen attention instead of a mask.
+transformers 5.24 renamed the KV cache argument `past_key_values` to `cache` (the old name is
+deprecated until 5.40): the forwards take either and pass it on under the name the wrapped
+module declares.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +41,18 @@ class PacktuneOptions:
     swiglu: bool = True
     rotary: bool = True
     packed: bool = True
+
+
+@functools.cache
+def _cache_name(forward: Callable) -> str:
+    """The KV cache argument's name in a transformers forward: `cache` from 5.24 on."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _pop_cache(past_key_values, kwargs: dict):
+    """The KV cache, whichever name the caller used (the other is removed from `kwargs`)."""
+    cache = kwargs.pop("cache", None)
+    return cache if past_key_values is None else past_key_values
 
 
 def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -82,6 +99,7 @@ def attention_forward_for(modeling: types.ModuleType, family: str, options: Pack
         past_key_values=None,
         **kwargs,
     ):
+        past_key_values = _pop_cache(past_key_values, kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(hidden_shape)
@@ -145,6 +163,7 @@ def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ):
+        past_key_values = _pop_cache(past_key_values, kwargs)
         return_dict = kwargs.pop("return_dict", None)
         shift_labels = kwargs.pop("shift_labels", None)
         num_items = kwargs.pop("num_items_in_batch", None)
@@ -160,11 +179,11 @@ def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
             )
             outputs = None
         else:
+            kwargs[_cache_name(type(self.model).forward)] = past_key_values
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 **kwargs,
@@ -193,10 +212,11 @@ def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
                     num_items_in_batch=num_items,
                     **kwargs,
                 )
+        cache_name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=None if outputs is None else outputs.past_key_values,
+            **{cache_name: None if outputs is None else getattr(outputs, cache_name)},
             hidden_states=None if outputs is None else outputs.hidden_states,
             attentions=None if outputs is None else outputs.attentions,
         )
@@ -286,12 +306,12 @@ def _packed_hidden_states(
         position_ids = positions_from_cu_seqlens(cu_seqlens, hidden.shape[1])[None]
     position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)
     for layer in base.layers[: base.config.num_hidden_layers]:
+        kwargs[_cache_name(type(layer).forward)] = None
         hidden = layer(
             hidden,
             attention_mask=None,
             position_embeddings=position_embeddings,
             position_ids=position_ids,
-            past_key_values=None,
             use_cache=False,
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
