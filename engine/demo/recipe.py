@@ -102,17 +102,17 @@ FULL = DemoRecipe(rows_per_task=20000, eval_per_task=40, vocab_size=1000, hidden
                   max_tokens=1024, micro_batches=1, log_every=250,
                   task_weights=(("reverse", 0.8), ("uppercase", 0.6), ("lowercase", 0.6), ("length", 0.5),
                                 ("sort", 1.2), ("largest", 1.6), ("add", 2.5), ("count", 1.0)))
-"""One pass over fresh instances (repeating a small set taught the model its training instances,
-not the tasks; add and sort, whose spaces are smaller than their share, pass over theirs about 7
-and 3 times), about 38 samples per step. The task weights move rows from the copying tasks, which
-reach 100% held out with half to four fifths of the rows, to add and largest, which keep
-improving with more. Add learns late and all at once: at 1.8× it reached 95-100% in three runs
-and 15% in a fourth; at 2.5× 98% and 100% (two seeds). Count stayed at 25-38% from 1.0× to 2.0×.
-Rows are packed with the `shuffle` strategy: best-fit decreasing fills a row with
-samples of one length, and here a length almost names a task, so each step would train one task;
-shuffled rows give every step the whole mix. Eight heads of 16 rather than four of 32: the loss
-leaves its plateau (while the copying heads form) after about a third of the steps instead of a
-half (measured, one run each: 69.7% vs 55.9% held out, before the task weights)."""
+"""One pass over fresh instances (repeating a small set taught the model its training instances, not
+the tasks; add and sort, whose spaces are smaller than their share, pass over theirs about 7 and 3
+times), about 38 samples per step. The task weights move rows from the copying tasks, which reach
+100% held out with half to four fifths of the rows, to add and largest, which keep improving with
+more. Add learns late and all at once: at 1.8× it reached 95-100% in three runs and 15% in a fourth;
+at 2.5× 98% and 100% (two seeds). Count stayed at 25-38% from 1.0× to 2.0×. Rows are packed with the
+`shuffle` strategy: best-fit decreasing fills a row with samples of one length, and here a length
+almost names a task, so each step would train one task; shuffled rows give every step the whole mix.
+Eight heads of 16 rather than four of 32: the loss leaves its plateau (while the copying heads form)
+after about a third of the steps instead of a half (measured, one run each: 69.7% vs 55.9% held out,
+before the task weights)."""
 QUICK = replace(FULL, rows_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32, num_hidden_layers=1,
                 num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128, micro_batches=2,
                 log_every=20, samples_shown=2)
