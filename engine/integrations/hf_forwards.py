@@ -44,9 +44,10 @@ class PacktuneOptions:
 
 
 @functools.cache
-def _cache_name(forward: Callable) -> str:
-    """The KV cache argument's name in a transformers forward: `cache` from 5.24 on."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+def _cache_name(fn: Callable) -> str:
+    """The KV cache argument's name in a transformers forward or output class `__init__`:
+    `cache` from 5.24 on."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 def _pop_cache(past_key_values, kwargs: dict):
@@ -179,13 +180,13 @@ def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
             )
             outputs = None
         else:
-            kwargs[_cache_name(type(self.model).forward)] = past_key_values
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                **{_cache_name(type(self.model).forward): past_key_values},
                 **kwargs,
             )
             hidden = outputs.last_hidden_state
@@ -212,7 +213,7 @@ def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
                     num_items_in_batch=num_items,
                     **kwargs,
                 )
-        cache_name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+        cache_name = _cache_name(CausalLMOutputWithPast.__init__)
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -306,7 +307,6 @@ def _packed_hidden_states(
         position_ids = positions_from_cu_seqlens(cu_seqlens, hidden.shape[1])[None]
     position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)
     for layer in base.layers[: base.config.num_hidden_layers]:
-        kwargs[_cache_name(type(layer).forward)] = None
         hidden = layer(
             hidden,
             attention_mask=None,
