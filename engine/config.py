@@ -39,8 +39,13 @@ class DataConfig:
     """A JSONL (or JSON array) file of training rows."""
     format: str = "auto"
     """auto, alpaca, sharegpt, messages, prompt_completion or text."""
-    template: str = "alpaca"
-    """Chat template name (alpaca, vicuna_v1.1, chatml, llama2, llama3, raw)."""
+    template: str = "auto"
+    """auto: the tokenizer folder's chat template (auto:NAME a named one), alpaca when it has none;
+    or a built-in (alpaca, vicuna_v1.1, chatml, llama2, llama3, raw), or a .toml template file."""
+    rewritten_history: str = "error"
+    """For chat templates that render earlier turns differently once later ones exist (Qwen3 drops
+    past reasoning): error, as_rendered (train each turn as the whole conversation renders it) or
+    split (one sample per assistant turn, the conversation up to it)."""
     tokenizer: str = ""
     """A sentencepiece .model or tokenizer.json; default: the model directory's."""
     max_tokens: int = 2048

@@ -11,7 +11,6 @@ tokens per sample once labels are shifted, i.e. trainable tokens after the first
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import time
 from collections import Counter
@@ -21,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from packtune.config import ConfigError, DataConfig
-from packtune.data import cache
+from packtune.data import cache, fidelity
+from packtune.data.chat_template import REWRITTEN_HISTORY, make_chat_format, template_identity
 from packtune.data.errors import DataError
 from packtune.data.formats import (
     FORMATS,
@@ -32,8 +32,8 @@ from packtune.data.formats import (
     read_rows,
     to_conversation,
 )
-from packtune.data.templates import TRAIN_ON, get_template, render
-from packtune.data.tokenize import SegmentEncoder, default_threads, load_tokenizer
+from packtune.data.templates import TRAIN_ON, get_template
+from packtune.data.tokenizer import default_threads, load_tokenizer
 
 CHUNK_ROWS = 2048
 MAX_ERRORS_KEPT = 5
@@ -96,7 +96,7 @@ def prepare_dataset(
                 if Path(options["path"]).is_file()
                 else options["path"],
                 "tokenizer": tokenizer.fingerprint(),
-                "template": dataclasses.asdict(get_template(options["template"])),
+                "template": template_identity(options["template"], options["tokenizer"]),
                 **{k: v for k, v in options.items() if k not in ("path", "tokenizer", "template")},
             }
         )
@@ -128,12 +128,14 @@ def _options(cfg: DataConfig, tokenizer_path: str | Path | None) -> dict[str, An
         ("format", cfg.format, ("auto", *FORMATS)),
         ("train_on", cfg.train_on, TRAIN_ON),
         ("truncation", cfg.truncation, ("drop", "truncate")),
+        ("rewritten_history", cfg.rewritten_history, REWRITTEN_HISTORY),
     ):
         if value not in valid:
             raise ConfigError(f"data.{key}: {value!r} is not one of {', '.join(valid)}")
     if cfg.max_tokens < 2:
         raise ConfigError(f"data.max_tokens: must be at least 2, got {cfg.max_tokens}")
-    get_template(cfg.template)
+    if not (cfg.template == "auto" or cfg.template.startswith("auto:")):
+        get_template(cfg.template)
     field_names(cfg.field_map)
     return {
         "path": str(cfg.path),
@@ -142,6 +144,7 @@ def _options(cfg: DataConfig, tokenizer_path: str | Path | None) -> dict[str, An
         "format": cfg.format,
         "field_map": list(cfg.field_map),
         "train_on": cfg.train_on,
+        "rewritten_history": cfg.rewritten_history,
         "truncation": cfg.truncation,
         "max_tokens": cfg.max_tokens,
         "skip_bad_rows": cfg.skip_bad_rows,
@@ -153,7 +156,7 @@ def tokenize_file(options: dict[str, Any], workers: int) -> tuple[dict[str, np.n
     in_array, rows = read_rows(options["path"])
     if options["format"] == "auto":
         options = {**options, "format": _detect(options, rows, in_array)}
-    chunks = [rows[i : i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
+    chunks = [(i, rows[i : i + CHUNK_ROWS]) for i in range(0, len(rows), CHUNK_ROWS)]
     job = {**options, "in_array": in_array}
     if workers > 1 and len(chunks) > 1:
         context = multiprocessing.get_context("fork")
@@ -183,32 +186,59 @@ class ChunkTokenizer:
     def __init__(self, job: dict[str, Any], threads: int = 1) -> None:
         self.job = job
         self.fields = field_names(job["field_map"])
-        self.template = get_template(job["template"])
-        self.encoder = SegmentEncoder(load_tokenizer(job["tokenizer"], threads))
+        self.tokenizer = load_tokenizer(job["tokenizer"], threads)
+        self.format = make_chat_format(
+            job["template"], job["tokenizer"], self.tokenizer, job["train_on"], job["rewritten_history"]
+        )
 
-    def __call__(self, chunk: list[tuple[int, Any]]) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
+        """The template and the special-token ids used, for the data report."""
+        tok = self.tokenizer
+        return {
+            "template": self.format.resolved,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
+            "end_of_turn_ids": list(tok.end_of_turn_ids),
+        }
+
+    def __call__(self, item: tuple[int, list[tuple[int, Any]]]) -> dict[str, Any]:
+        """Tokenize one chunk of rows (the first chunk's first rows are also checked by fidelity.py)."""
+        first_row, chunk = item
         job, max_tokens = self.job, self.job["max_tokens"]
+        checks: list = []
         errors: list[tuple[int, DataError]] = []
         rendered, wheres, numbers = [], [], []
         for number, raw in chunk:
             where = location(job["path"], number, job["in_array"])
             try:
                 conv = to_conversation(decode_row(where, raw), job["format"], self.fields, where)
-                rendered.append(render(conv, self.template, where, job["train_on"]))
+                samples = self.format.render(conv, where)
             except DataError as e:
                 errors.append((number, e))
                 continue
-            wheres.append(where)
-            numbers.append(number)
+            if first_row == 0 and len(samples) == 1 and len(checks) < fidelity.ROWS_CHECKED:
+                checks.append((len(rendered), self.format.render.messages(conv)))
+            rendered += samples
+            wheres += [where] * len(samples)
+            numbers += [number] * len(samples)
         dropped, truncated = Counter(), Counter()
+        straddling = 0
         ids_out: list[int] = []
         mask_out: list[bool] = []
         lengths, kept_numbers = [], []
-        for number, result in zip(numbers, self.encoder.encode_rows(rendered, wheres), strict=True):
+        encoded = self.format.encoder.encode_rows(rendered, wheres)
+        checked = fidelity.check_samples(
+            self.tokenizer, job["tokenizer"],
+            [(wheres[k], messages, rendered[k], encoded[k].ids) for k, messages in checks
+             if not isinstance(encoded[k], DataError)],
+            self.format.encoder.find_controls,
+        )
+        for number, result in zip(numbers, encoded, strict=True):
             if isinstance(result, DataError):
                 errors.append((number, result))
                 continue
-            ids, mask = result
+            ids, mask, straddles = result
+            straddling += straddles > 0
             if len(ids) > max_tokens:
                 if job["truncation"] == "drop":
                     dropped["too_long"] += 1
@@ -237,6 +267,9 @@ class ChunkTokenizer:
             "lines": np.array(kept_numbers, dtype=np.int64),
             "dropped": dropped,
             "truncated": truncated,
+            "straddling": straddling,
+            "fidelity_checked": checked,
+            "chat_format": self.describe(),
             "errors": [str(e) for _, e in errors[:MAX_ERRORS_KEPT]],
         }
 
@@ -248,7 +281,7 @@ def _init_worker(job: dict[str, Any], threads: int) -> None:
     _WORKER["tokenize"] = ChunkTokenizer(job, threads)
 
 
-def _run_chunk(chunk: list[tuple[int, Any]]) -> dict[str, Any]:
+def _run_chunk(chunk: tuple[int, list[tuple[int, Any]]]) -> dict[str, Any]:
     return _WORKER["tokenize"](chunk)
 
 
@@ -280,7 +313,9 @@ def _combine(
         "label_tokens": n_label,
         "label_share": n_label / max(len(tokens), 1),
         "format": options["format"],
-        "template": options["template"],
+        **results[0]["chat_format"],
+        "rows_with_straddling_tokens": sum(r["straddling"] for r in results),
+        "rows_checked_against_reference": sum(r["fidelity_checked"] for r in results),
         "max_tokens": options["max_tokens"],
         "errors": [e for r in results for e in r["errors"]][:MAX_ERRORS_KEPT],
     }

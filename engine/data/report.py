@@ -41,6 +41,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"  truncated{n:>8}  {reason}" for reason, n in report["truncated"].items()]
     lines += [f"  skipped: {e}" for e in report.get("errors", [])]
     lines.append(f"  tokens {tokens}, label tokens {labels} ({100 * labels / max(tokens, 1):.1f}% trained)")
+    if "bos_id" in report:
+        lines.append(
+            f"  special tokens: BOS {report['bos_id']}, EOS {report['eos_id']}, "
+            f"end of turn {report['end_of_turn_ids']}; {report['rows_with_straddling_tokens']} samples "
+            "have a token across a prompt/answer boundary (trained: it holds answer characters); "
+            f"{report['rows_checked_against_reference']} rows checked against the reference"
+        )
     if "packing_efficiency" in report:
         lines.append(
             f"  {report['packing']} rows {report['packed_rows']} of max {report['max_tokens']} tokens: "

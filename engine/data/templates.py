@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 from packtune.data.errors import DataError
 from packtune.data.formats import Conversation
+from packtune.data.tokenize import Rendered
+from packtune.data.tokenizer import Tokenizer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -154,6 +156,8 @@ class Segment(NamedTuple):
     special: bool = False
     """A single special token: `{bos}`, `{eos}` or one of the template's special_tokens."""
     role: str = ""
+    data: bool = False
+    """Row text (`{content}`, `{input}`, `{system}`): never a control token."""
 
 
 def get_template(name: str) -> Template:
@@ -280,7 +284,7 @@ def _emit(
         elif kind == "special":
             out.append(Segment(text, trainable, True, role))
         elif values.get(text):
-            out.append(Segment(values[text], trainable, False, role))
+            out.append(Segment(values[text], trainable, False, role, True))
 
 
 @functools.cache
@@ -304,12 +308,58 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     merged: list[Segment] = []
     for seg in segments:
         prev = merged[-1] if merged else None
-        if prev and not prev.special and not seg.special and prev.trainable == seg.trainable:
+        if (
+            prev
+            and not prev.special
+            and not seg.special
+            and (prev.trainable, prev.data) == (seg.trainable, seg.data)
+        ):
             role = prev.role if seg.role in prev.role.split("+") else f"{prev.role}+{seg.role}"
-            merged[-1] = Segment(prev.text + seg.text, seg.trainable, False, role)
+            merged[-1] = Segment(prev.text + seg.text, seg.trainable, False, role, seg.data)
         else:
             merged.append(seg)
     return merged
+
+
+class TemplateRenderer:
+    """Renders conversations with a `Template` into the `Rendered` form the encoder takes, with
+    `{bos}` / `{eos}` spelled as the tokenizer's own tokens. A `{bos}` that starts the prefix is the
+    BOS a tokenizer adds before a text, so the text after it still starts the sample."""
+
+    def __init__(self, template: Template, tokenizer: Tokenizer, train_on: str = "assistant") -> None:
+        self.template, self.train_on = template, train_on
+        self.names = {"{bos}": tokenizer.bos, "{eos}": tokenizer.eos}
+        formats = [v for v in dataclasses.asdict(template).values() if isinstance(v, str)]
+        for name, text in self.names.items():
+            if text is None and any(name in f for f in formats):
+                what = "BOS" if name == "{bos}" else "EOS"
+                raise DataError(
+                    f"template {template.name!r} uses {name}, but tokenizer {tokenizer.path} has no {what} "
+                    f"token (its tokenizer_config.json names none): choose a template without it",
+                    "tokenizer",
+                )
+
+    @staticmethod
+    def messages(conv: Conversation) -> None:
+        """No chat messages: a built-in template is checked against the whole text encoded."""
+        return None
+
+    def __call__(self, conv: Conversation, where: str) -> list[Rendered]:
+        segments = render(conv, self.template, where, self.train_on)
+        leading_bos = bool(segments) and segments[0].special and segments[0].text == "{bos}"
+        text, trained, data = [], [], []
+        pos = 0
+        for seg in segments[1:] if leading_bos else segments:
+            piece = self.names.get(seg.text, seg.text) if seg.special else seg.text
+            for flag, spans in ((seg.trainable, trained), (seg.data, data)):
+                if flag and spans and spans[-1][1] == pos:
+                    spans[-1] = (spans[-1][0], pos + len(piece))  # one span per answer
+                elif flag:
+                    spans.append((pos, pos + len(piece)))
+            text.append(piece)
+            pos += len(piece)
+        bos_trained = leading_bos and segments[0].trainable
+        return [Rendered("".join(text), tuple(trained), tuple(data), leading_bos, bos_trained)]
 
 
 def render_text(segments: list[Segment], bos: str = "<s>", eos: str = "</s>") -> str:

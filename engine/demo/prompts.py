@@ -1,8 +1,5 @@
-"""Prompts for generation, tokenized exactly as the data pipeline tokenizes the training prompts.
-
-An instruction row is rendered with the training template, cut before the first trained segment
-(the answer), and encoded by the pipeline's own `SegmentEncoder`, so the model is asked in the
-very token sequence it learned from; no second copy of the template lives here.
+"""The demo's prompts: instruction rows asked through the pipeline's own `PromptEncoder`, so the
+model is asked in the very token sequence it learned from; no second copy of the template lives here.
 """
 
 from __future__ import annotations
@@ -10,16 +7,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from packtune.data import prompt
 from packtune.data.formats import Conversation, Message
 from packtune.data.templates import get_template, render
-from packtune.data.tokenize import SegmentEncoder, load_tokenizer
 
 
-class PromptEncoder:
+class PromptEncoder(prompt.PromptEncoder):
     def __init__(self, tokenizer_path: str | Path, template: str) -> None:
-        self.tokenizer = load_tokenizer(tokenizer_path)
-        self.template = get_template(template)
-        self.encoder = SegmentEncoder(self.tokenizer)
+        super().__init__(tokenizer_path, template)
 
     @property
     def eos_id(self) -> int:
@@ -27,25 +22,7 @@ class PromptEncoder:
 
     def encode(self, rows: Sequence[dict[str, str]]) -> list[list[int]]:
         """Token ids of each row's prompt: everything up to where the answer starts."""
-        prompts = []
-        for row in rows:
-            conv = Conversation((Message("user", row["instruction"], row.get("input", "")),
-                                 Message("assistant", "")))
-            segments = render(conv, self.template, "demo prompt")
-            cut = next(i for i, seg in enumerate(segments) if seg.trainable)
-            prompts.append(segments[:cut])
-        encoded = self.encoder.encode_rows(prompts, ["demo prompt"] * len(prompts))
-        for result in encoded:
-            if isinstance(result, Exception):
-                raise result
-        return [ids for ids, _ in encoded]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """The answer text of generated `ids` (a trailing EOS dropped)."""
-        ids = list(ids)
-        if ids and ids[-1] == self.eos_id:
-            ids = ids[:-1]
-        return self.tokenizer.decode_batch([ids])[0]
+        return super().encode([[Message("user", row["instruction"], row.get("input", ""))] for row in rows])
 
 
 def rendered_texts(rows: Sequence[dict[str, str]], template: str) -> list[str]:

@@ -92,7 +92,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     model.init_weights(torch.Generator().manual_seed(seed))
     init_dir = save_pretrained(model, out / "init", tokenizer_files=[tokenizer])
     params = sum(p.numel() for p in model.parameters())
-    answers = prompts.tokenizer.encode_batch([r["output"] for r in heldout + unseen_phrasing])
+    answers = [prompts.tokenizer.encode_text(r["output"]) for r in heldout + unseen_phrasing]
     max_new = max(len(ids) for ids in answers) + 2
     before, before_pred = evaluate(model, prompts, heldout, max_new)
     shown = _samples(heldout, recipe.samples_shown)

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from data_fixtures import trained_tokenizers
 
+from packtune.data.chat_template import make_chat_format
 from packtune.data.errors import DataError
 from packtune.data.formats import Conversation, Message
-from packtune.data.templates import get_template, render, render_text
-from packtune.data.tokenize import SegmentEncoder, load_tokenizer
+from packtune.data.tokenizer import load_tokenizer
 
 CONV = Conversation(
     (
@@ -34,12 +34,13 @@ def runs(mask):
     return list(zip(edges[::2], edges[1::2], strict=False))
 
 
-def encode(tok, template, conv=CONV, **kw):
-    segs = render(conv, get_template(template), "f:1", **kw)
-    (result,) = SegmentEncoder(tok).encode_rows([segs], ["f:1"])
+def encode(tok, template, conv=CONV, train_on="assistant"):
+    fmt = make_chat_format(template, tok.path, tok, train_on)
+    (rendered,) = fmt.render(conv, "f:1")
+    (result,) = fmt.encoder.encode_rows([rendered], ["f:1"])
     if isinstance(result, DataError):
         raise result
-    return segs, (np.array(result[0]), np.array(result[1]))
+    return rendered, (np.array(result.ids), np.array(result.mask))
 
 
 @pytest.mark.parametrize("template", ["chatml", "alpaca", "vicuna_v1.1", "llama2", "llama3", "raw"])
@@ -59,9 +60,8 @@ def test_mask_covers_exactly_the_answers_and_their_end_token(sp_model, template)
         assert answer in decoded
     # Untrained tokens are exactly the prompt: decoding everything gives the rendered text.
     full = tok.decode_batch([ids.tolist()])[0]
-    rendered = render_text(segs, bos="", eos="")
     if template != "chatml":
-        assert full == rendered.lstrip()
+        assert full == segs.text.replace(tok.bos, "").replace(tok.eos, "")
     assert mask.sum() == sum(hi - lo for lo, hi in spans)
 
 
@@ -80,7 +80,7 @@ def test_segmentwise_ids_match_whole_text_tokenization_for_plain_text(sp_model):
     conv = Conversation((Message("user", "Count the words"), Message("assistant", " in this sentence")))
     _, (ids, mask) = encode(tok, "raw", conv)
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
-    whole = tok.encode_batch(["Count the words in this sentence"])[0]
+    whole = tok.encode_text("Count the words in this sentence")
     assert tok.decode_batch([ids[1:-1].tolist()])[0] == tok.decode_batch([whole])[0]
 
 
@@ -94,14 +94,15 @@ def test_hf_tokenizer_json(tokenizers_dir):
     assert ids[0] == tok.bos_id
     spans = runs(mask)
     assert len(spans) == 2 and all(ids[hi - 1] == eot for _, hi in spans)
-    assert tok.decode_batch([ids.tolist()])[0] == render_text(segs, bos="<|begin_of_text|>")
+    assert tok.decode_batch([ids.tolist()])[0] == segs.text
 
 
 def test_text_that_does_not_round_trip_fails_loudly(tokenizers_dir):
     tok = load_tokenizer(tokenizers_dir["sp_lossy"])
     conv = Conversation((Message("user", "line one\n\nline two"), Message("assistant", "ok")))
     with pytest.raises(
-        DataError, match=r"f:1: segment 1 \(user, prompt\) does not round-trip .* at character 8"
+        DataError, match=r"f:1: the text 'line one\\n\\nline two.*' cannot be encoded exactly .* "
+        r"normalizer rewrites it \(at character 8\)"
     ):
         encode(tok, "raw", conv)
 

@@ -20,7 +20,7 @@ from toy_training import tiny_llama
 
 from packtune.cli import main
 from packtune.config import load_config
-from packtune.data.tokenize import load_tokenizer
+from packtune.data.tokenizer import load_tokenizer
 from packtune.model.hf_io import load_pretrained, save_pretrained
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -79,7 +79,7 @@ def test_recipe_trains_two_steps(tmp_path, assets, capsys, name, data):
     assert resolved.train.micro_batches == recipe.train.micro_batches
     assert load_pretrained(out / "final").args.vocab_size == 600
     exported, original = load_tokenizer(out / "final"), load_tokenizer(assets["tokenizer"])
-    assert exported.encode_batch(["hello world"]) == original.encode_batch(["hello world"])
+    assert exported.encode_text("hello world") == original.encode_text("hello world")
 
 
 def test_cli_run_killed_after_checkpoint_resumes_identically(tmp_path, assets):

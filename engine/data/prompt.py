@@ -1,0 +1,51 @@
+"""Prompts for generation, rendered and tokenized exactly as training renders and tokenizes them.
+
+A conversation that ends with a user turn is rendered with an empty assistant answer appended and
+cut where that answer starts, so the model is asked in the very token sequence it was trained on
+(for a chat template this is `apply_chat_template(..., add_generation_prompt=True)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from packtune.data.chat_template import make_chat_format
+from packtune.data.errors import DataError
+from packtune.data.formats import Conversation, Message
+from packtune.data.tokenize import Rendered
+from packtune.data.tokenizer import load_tokenizer
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer_path: str | Path, template: str = "auto") -> None:
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.format = make_chat_format(template, tokenizer_path, self.tokenizer)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end an answer: the tokenizer's end-of-turn ids and its EOS."""
+        eos = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+        return list(dict.fromkeys([*self.tokenizer.end_of_turn_ids, *eos]))
+
+    def encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
+        """Token ids of each conversation (ending with a user turn) up to where the answer starts."""
+        prompts = []
+        for messages in conversations:
+            conv = Conversation((*messages, Message("assistant", "")))
+            (rendered,) = self.format.render(conv, "prompt")[-1:]
+            cut = rendered.trained[-1][0] if rendered.trained else len(rendered.text)
+            data = tuple((lo, min(hi, cut)) for lo, hi in rendered.data if lo < cut)
+            prompts.append(Rendered(rendered.text[:cut], (), data, rendered.leading_bos))
+        encoded = self.format.encoder.encode_rows(prompts, ["prompt"] * len(prompts))
+        for result in encoded:
+            if isinstance(result, DataError):
+                raise result
+        return [result.ids for result in encoded]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of generated `ids`, a final stop token dropped."""
+        ids = list(ids)
+        if ids and ids[-1] in self.stop_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode_batch([ids])[0]
