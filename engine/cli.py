@@ -37,6 +37,19 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_inspect(args: argparse.Namespace) -> int:
+    from packtune.data import DataError
+    from packtune.data.inspect import inspect_rows
+
+    cfg = load_config(args.config, args.set)
+    try:
+        inspect_rows(cfg, args.rows)
+    except DataError as e:
+        print(f"packtune: data error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -55,15 +68,13 @@ def _bench(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from packtune.data import DataError
     from packtune.model.generate import generate_text
     from packtune.model.hf_io import CheckpointError
 
-    if args.template not in ("raw", None):
-        print(
-            f"packtune generate: --template {args.template!r}: chat templates are not available in this "
-            "build; use --template raw (the prompt is sent as given)",
-            file=sys.stderr,
-        )
+    template = args.template or ("auto" if args.chat else "raw")
+    if args.chat and template == "raw":
+        print("packtune generate: --chat needs a chat template, not --template raw", file=sys.stderr)
         return 2
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
@@ -76,8 +87,9 @@ def _generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             dtype=dtype,
             device=args.device,
+            template=template,
         )
-    except (CheckpointError, FileNotFoundError, RuntimeError) as e:
+    except (CheckpointError, DataError, FileNotFoundError, RuntimeError) as e:
         print(f"packtune generate: {e}", file=sys.stderr)
         return 2
     print(text)
@@ -125,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--report-json", metavar="FILE", help="also write the report as JSON")
     prepare.add_argument("--world-size", type=int, default=1, help="ranks the steps are counted for")
     prepare.set_defaults(func=_prepare)
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    inspect = data.add_parser("inspect", help="the first rows token by token, trained tokens marked")
+    inspect.add_argument("config", help="a TOML run config")
+    inspect.add_argument("--rows", type=int, default=3)
+    inspect.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override a config value (repeatable)")
+    inspect.set_defaults(func=_data_inspect)
     bench = sub.add_parser("bench", help="side-by-side benchmarks (ce, linear-ce, pack, rope, ...)")
     bench.add_argument("subject")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the subject's own options (--help)")
@@ -132,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="continue a prompt with a Hugging Face model directory")
     gen.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--template", default="raw", help="chat template to wrap the prompt in (raw: none)")
+    gen.add_argument("--chat", action="store_true",
+                     help="ask the prompt as a user turn in the model's own chat template (template auto)")
+    gen.add_argument("--template", default=None,
+                     help="raw (default: the prompt as given), auto, or a template as in [data] template; "
+                          "rendered and tokenized exactly as in training")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)

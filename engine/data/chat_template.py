@@ -137,6 +137,13 @@ class ChatTemplateRenderer:
             for m in conv.messages
         ]
 
+    def prompt(self, conv: Conversation, where: str) -> Rendered:
+        """A conversation ending with a user turn and the generation prompt (apply_chat_template's
+        `add_generation_prompt=True`)."""
+        messages = self.messages(conv)
+        text = self.text(messages, True, where)
+        return Rendered(text, (), _data_spans(text, messages, self.controls, where))
+
     def __call__(self, conv: Conversation, where: str) -> list[Rendered]:
         if conv.plain_text:
             raise DataError(

@@ -1,8 +1,8 @@
 """Prompts for generation, rendered and tokenized exactly as training renders and tokenizes them.
 
-A conversation that ends with a user turn is rendered with an empty assistant answer appended and
-cut where that answer starts, so the model is asked in the very token sequence it was trained on
-(for a chat template this is `apply_chat_template(..., add_generation_prompt=True)`).
+A conversation that ends with a user turn is rendered up to where the answer starts (for a chat
+template: `apply_chat_template(..., add_generation_prompt=True)`; for a built-in one: with an empty
+answer appended and cut there), so the model is asked in the token sequence it was trained on.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 from packtune.data.chat_template import make_chat_format
 from packtune.data.errors import DataError
 from packtune.data.formats import Conversation, Message
-from packtune.data.tokenize import Rendered
 from packtune.data.tokenizer import load_tokenizer
 
 
@@ -30,13 +29,8 @@ class PromptEncoder:
 
     def encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         """Token ids of each conversation (ending with a user turn) up to where the answer starts."""
-        prompts = []
-        for messages in conversations:
-            conv = Conversation((*messages, Message("assistant", "")))
-            (rendered,) = self.format.render(conv, "prompt")[-1:]
-            cut = rendered.trained[-1][0] if rendered.trained else len(rendered.text)
-            data = tuple((lo, min(hi, cut)) for lo, hi in rendered.data if lo < cut)
-            prompts.append(Rendered(rendered.text[:cut], (), data, rendered.leading_bos))
+        render = self.format.render
+        prompts = [render.prompt(Conversation(tuple(messages)), "prompt") for messages in conversations]
         encoded = self.format.encoder.encode_rows(prompts, ["prompt"] * len(prompts))
         for result in encoded:
             if isinstance(result, DataError):

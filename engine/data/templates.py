@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from packtune.data.errors import DataError
-from packtune.data.formats import Conversation
+from packtune.data.formats import Conversation, Message
 from packtune.data.tokenize import Rendered
 from packtune.data.tokenizer import Tokenizer
 
@@ -343,6 +343,13 @@ class TemplateRenderer:
     def messages(conv: Conversation) -> None:
         """No chat messages: a built-in template is checked against the whole text encoded."""
         return None
+
+    def prompt(self, conv: Conversation, where: str) -> Rendered:
+        """A conversation ending with a user turn, up to where the answer would start."""
+        (full,) = self(Conversation((*conv.messages, Message("assistant", ""))), where)
+        cut = full.trained[-1][0] if full.trained else len(full.text)
+        data = tuple((lo, min(hi, cut)) for lo, hi in full.data if lo < cut)
+        return Rendered(full.text[:cut], (), data, full.leading_bos)
 
     def __call__(self, conv: Conversation, where: str) -> list[Rendered]:
         segments = render(conv, self.template, where, self.train_on)

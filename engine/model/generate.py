@@ -108,14 +108,24 @@ def generate_text(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: str | None = None,
+    template: str = "raw",
 ) -> str:
-    """Load `model_dir`, continue the raw `prompt`, and return the decoded continuation."""
+    """Load `model_dir` and return the decoded continuation of `prompt`: as given (`raw`), or asked
+    as a user turn in `template` (`auto`: the model's chat template), tokenized as in training."""
     from packtune.model.hf_io import load_pretrained
 
     model_dir = Path(model_dir)
     model = load_pretrained(model_dir, dtype=dtype, device=device)
-    encode, decode = _tokenizer(model_dir)
-    eos = _eos_ids(model_dir, model)
+    if template == "raw":
+        encode, decode = _tokenizer(model_dir)
+        eos = _eos_ids(model_dir, model)
+    else:
+        from packtune.data.formats import Message
+        from packtune.data.prompt import PromptEncoder
+
+        prompts = PromptEncoder(model_dir, template)
+        encode, decode = (lambda text: prompts.encode([[Message("user", text)]])[0]), prompts.decode
+        eos = prompts.stop_ids or _eos_ids(model_dir, model)
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
     new = generate(model, encode(prompt), max_new_tokens, eos, temperature, top_p, generator)
     if new and new[-1] in eos:

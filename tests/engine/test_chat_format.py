@@ -132,3 +132,44 @@ def test_bos_and_eos_come_from_the_config_never_guessed():
         make_chat_format("alpaca", qwen.path, qwen)
     llama = load_tokenizer(real_path("tokenizers", "llama3_1"))
     assert llama.bos_id == 128000 and llama.eos_id == 128009
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "qwen3"])
+def test_generation_prompt_equals_apply_chat_template_with_generation_prompt(name):
+    from packtune.data.prompt import PromptEncoder
+
+    folder = real_path("tokenizers", name)
+    prompts = PromptEncoder(folder, "auto")
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    history = MULTI[:4]
+    expected = reference.apply_chat_template(as_dicts(history), add_generation_prompt=True, tokenize=True)
+    assert prompts.encode([history])[0] == list(expected["input_ids"])
+    assert prompts.stop_ids[0] == load_tokenizer(folder).token_id(END[name])
+
+
+def test_cli_generate_chat_and_data_inspect(tmp_path, capsys):
+    """`generate --chat` asks through the model's chat template; `data inspect` marks trained tokens."""
+    import json
+    import shutil
+
+    from toy_training import tiny_llama
+
+    from packtune.cli import main
+    from packtune.model.hf_io import save_pretrained
+
+    folder = real_path("tokenizers", "qwen3")
+    tok = load_tokenizer(folder)
+    model = save_pretrained(tiny_llama(vocab=tok.vocab_size, tied=True), tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, model / name)
+    assert main(["generate", "--model", str(model), "--prompt", "hi", "--chat", "--max-new-tokens", "3"]) == 0
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"instruction": "Add 2 and 3.", "input": "", "output": "5"}) + "\n")
+    config = tmp_path / "run.toml"
+    config.write_text(f'[model]\npath = "{model}"\n[data]\npath = "{rows}"\n')
+    capsys.readouterr()
+    assert main(["data", "inspect", str(config), "--rows", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "template: auto (the chat template in" in out
+    assert "[[<think>\n\n</think>\n\n5<|im_end|>]]" in out
+    assert "end of turn 151645 at token" in out and ": trained" in out

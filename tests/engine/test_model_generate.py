@@ -101,7 +101,7 @@ def test_cli_generate(model_with_tokenizer, capsys):
 
 def test_cli_generate_errors(model_with_tokenizer, tmp_path, capsys):
     path, _ = model_with_tokenizer
-    assert main(["generate", "--model", str(path), "--prompt", "hi", "--template", "chatml"]) == 2
-    assert "--template 'chatml'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--prompt", "hi", "--chat", "--template", "raw"]) == 2
+    assert "--chat needs a chat template" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     assert "nope: not a directory" in capsys.readouterr().err

@@ -43,7 +43,8 @@ def test_train_two_steps_on_a_real_tokenizer(tmp_path, capsys, name, template):
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     out = tmp_path / "run"
     overrides = [
-        f'model.path="{model}"', f'data.path="{data}"', f'data.tokenizer="{folder}"', 'data.format="messages"',
+        f'model.path="{model}"', f'data.path="{data}"', f'data.tokenizer="{folder}"',
+        'data.format="messages"',
         f'data.template="{template}"', 'data.rewritten_history="split"', "data.max_tokens=128",
         "data.num_workers=1", f'data.cache_dir="{tmp_path / "cache"}"', 'data.packing_strategy="bfd"',
         f'train.output_dir="{out}"', "train.max_steps=2", 'train.device="cpu"',

@@ -1,0 +1,78 @@
+"""`packtune data inspect CONFIG [--rows N]`: the first rows as the model will see them.
+
+Each sample is printed token by token with the trained tokens marked (green on a terminal,
+[[brackets]] otherwise), then the ids on both sides of every prompt/answer boundary, the
+end-of-turn token and whether it is trained, and the trained share.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from packtune.config import Config
+from packtune.data.chat_template import make_chat_format
+from packtune.data.errors import DataError
+from packtune.data.formats import decode_row, detect_format, field_names, location, read_rows, to_conversation
+from packtune.data.tokenizer import load_tokenizer
+
+GREEN, RESET = "\033[32m", "\033[0m"
+
+
+def inspect_rows(cfg: Config, n_rows: int = 3, out: TextIO = sys.stdout) -> None:
+    data = cfg.data
+    tokenizer_path = data.tokenizer or cfg.model.path
+    tok = load_tokenizer(tokenizer_path)
+    fmt = make_chat_format(data.template, tokenizer_path, tok, data.train_on, data.rewritten_history)
+    fields = field_names(data.field_map)
+    in_array, rows = read_rows(data.path)
+    colour = out.isatty()
+    eot = list(tok.end_of_turn_ids)
+    print(f"template: {fmt.resolved}; BOS {tok.bos_id}, EOS {tok.eos_id}, end of turn {eot}", file=out)
+    shown = 0
+    for number, raw in rows:
+        if shown >= n_rows:
+            break
+        where = location(data.path, number, in_array)
+        try:
+            row = decode_row(where, raw)
+            kind = data.format if data.format != "auto" else detect_format(row, fields, where)
+            samples = fmt.render(to_conversation(row, kind, fields, where), where)
+        except DataError as e:
+            print(f"\n{where}: {e}", file=out)
+            shown += 1
+            continue
+        for result in fmt.encoder.encode_rows(samples, [where] * len(samples)):
+            print(f"\n── {where} ──", file=out)
+            if isinstance(result, DataError):
+                print(f"error: {result}", file=out)
+                continue
+            print(_marked(tok, result.ids, result.mask, colour), file=out)
+            _summary(tok, result.ids, result.mask, out)
+        shown += 1
+
+
+def _marked(tok, ids: list[int], mask: list[bool], colour: bool) -> str:
+    pieces, k = [], 0
+    while k < len(ids):
+        end = k
+        while end < len(ids) and mask[end] == mask[k]:
+            end += 1
+        text = tok.decode_batch([ids[k:end]])[0]
+        if mask[k]:
+            text = f"{GREEN}{text}{RESET}" if colour else f"[[{text}]]"
+        pieces.append(text)
+        k = end
+    return "".join(pieces)
+
+
+def _summary(tok, ids: list[int], mask: list[bool], out: TextIO) -> None:
+    for k in range(1, len(ids)):
+        if mask[k] != mask[k - 1]:
+            what = "answer starts" if mask[k] else "answer ends"
+            pair = tok.decode_batch([[ids[k - 1]], [ids[k]]])
+            print(f"  {what} at token {k}: ids {ids[k - 1]} {pair[0]!r} | {ids[k]} {pair[1]!r}", file=out)
+    ends = [k for k, i in enumerate(ids) if i in tok.end_of_turn_ids]
+    for k in ends:
+        print(f"  end of turn {ids[k]} at token {k}: {'trained' if mask[k] else 'not trained'}", file=out)
+    print(f"  {len(ids)} tokens, {sum(mask)} trained ({100 * sum(mask) / max(len(ids), 1):.1f}%)", file=out)
