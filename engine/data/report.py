@@ -37,6 +37,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report.get('template', '?')} template), {report['kept']} kept, {dropped} dropped, "
         f"{truncated} truncated",
     ]
+    sources = report.get("sources", [])
+    if len(sources) > 1 or any(s["weight"] != 1 for s in sources):
+        lines += [
+            f"  source {s['path']} ({s['format']}, weight {s['weight']:g}): {s['read']} rows read, "
+            f"{s['rows']} after weighting, {s['kept']} kept"
+            for s in sources
+        ]
     lines += [f"  dropped  {n:>8}  {reason}" for reason, n in report["dropped"].items()]
     lines += [f"  truncated{n:>8}  {reason}" for reason, n in report["truncated"].items()]
     lines += [f"  skipped: {e}" for e in report.get("errors", [])]
