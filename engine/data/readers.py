@@ -145,10 +145,11 @@ def _guarded(path: Path, unit: str, rows: Iterator[tuple[int, Any]]) -> Iterator
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a broken file raises: the stdlib's, and those of the extras once imported."""
     errors: list[type[BaseException]] = [OSError, EOFError, UnicodeDecodeError, zlib.error, csv.Error]
     errors.append(DataError)
     for module, name in (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")):
-        if module in sys.modules:
+        if sys.modules.get(module) is not None:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
