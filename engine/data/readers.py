@@ -47,7 +47,7 @@ LAYOUT_COLUMNS = {
     "sharegpt": (("conversations",), ()),
     "messages": (("messages",), ()),
 }
-STRING_TYPES = ("string", "large_string", "string_view", "null")
+STRING_TYPES = ("string", "large_string", "string_view", "null", "dictionary<values=string")
 LIST_TYPES = ("list<", "large_list<", "fixed_size_list<", "list_view<", "null")
 
 
@@ -56,8 +56,6 @@ class RowStream:
     """An opened data source: its rows (read lazily, once) and, for typed files, its columns."""
 
     path: Path
-    kind: str
-    """jsonl, json, csv, parquet, arrow or saved_dataset."""
     unit: str
     """What a row number counts in errors: line, item or row (see `formats.location`)."""
     rows: Iterator[tuple[int, Any]]
@@ -243,11 +241,11 @@ def _json(path: Path) -> RowStream:
             # Blank leading lines kept as newlines, so JSON's line numbers match the file's.
             data = b"\n" * (first[0] - 1) + first[1] + b"\n" + stream.read()
             stream.close()
-            return RowStream(path, "json", "item", iter(_read_json_array(path, data)))
+            return RowStream(path, "item", iter(_read_json_array(path, data)))
     except BaseException:
         stream.close()
         raise
-    return RowStream(path, "jsonl", "line", _closing(stream, itertools.chain([first], lines)))
+    return RowStream(path, "line", _closing(stream, itertools.chain([first], lines)))
 
 
 def _chomp(line: bytes) -> bytes:
@@ -295,7 +293,7 @@ def _csv(path: Path) -> RowStream:
         text.close()
         raise
     columns = {name: "string" for name in header}
-    return RowStream(path, "csv", "line", _closing(text, itertools.chain([first], rows)), columns)
+    return RowStream(path, "line", _closing(text, itertools.chain([first], rows)), columns)
 
 
 def _csv_rows(reader: Any, header: list[str]) -> Iterator[tuple[int, Any]]:
@@ -317,12 +315,12 @@ def _parquet(path: Path) -> RowStream:
     if file.metadata.num_rows == 0:
         raise _empty(path, " (no rows)")
     batches = file.iter_batches(batch_size=BATCH_ROWS)
-    return RowStream(path, "parquet", "row", _batch_rows(batches), _columns(file.schema_arrow))
+    return RowStream(path, "row", _batch_rows(batches), _columns(file.schema_arrow))
 
 
 def _arrow(path: Path) -> RowStream:
     schema, batches = _arrow_batches(path)
-    return _arrow_stream(path, "arrow", schema, batches)
+    return _arrow_stream(path, schema, batches)
 
 
 def _arrow_batches(path: Path) -> tuple[Any, Iterator[Any]]:
@@ -338,13 +336,13 @@ def _arrow_batches(path: Path) -> tuple[Any, Iterator[Any]]:
         return reader.schema, iter(reader)
 
 
-def _arrow_stream(path: Path, kind: str, schema: Any, batches: Iterator[Any]) -> RowStream:
+def _arrow_stream(path: Path, schema: Any, batches: Iterator[Any]) -> RowStream:
     batches = iter(batches)
     first = next((b for b in batches if b.num_rows), None)
     if first is None:
         raise _empty(path, " (no rows)")
     rows = _batch_rows(itertools.chain([first], batches))
-    return RowStream(path, kind, "row", rows, _columns(schema))
+    return RowStream(path, "row", rows, _columns(schema))
 
 
 def _batch_rows(batches: Iterator[Any]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -364,7 +362,7 @@ def _saved_dataset(path: Path) -> RowStream:
     files = _shards(path)
     schema, first = _arrow_batches(files[0])
     rest = (batch for f in files[1:] for batch in _arrow_batches(f)[1])
-    return _arrow_stream(path, "saved_dataset", schema, itertools.chain(first, rest))
+    return _arrow_stream(path, schema, itertools.chain(first, rest))
 
 
 def _shards(path: Path) -> list[Path]:
