@@ -215,7 +215,9 @@ def test_weights_repeat_and_subsample_deterministically(sp_model, tmp_path):
     reseeded = prepare(sp_model, sources=sources, mix_seed=1)
     assert len(reseeded) == 270 and not np.array_equal(reseeded.lines, ds.lines)
     text = format_report(ds.report)
-    assert f"source {sources[1].path} (alpaca, weight 0.5): 40 rows read, 20 after weighting, 20 kept" in text
+    assert text.startswith("data: 270 rows read after source weights (alpaca format")
+    line = f"source {sources[1].path} (alpaca, weight 0.5): 40 rows in the file, 20 after weighting, 20 kept"
+    assert line in text
 
 
 def test_cache_key_covers_every_source(sp_model, tmp_path):
