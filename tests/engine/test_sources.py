@@ -13,7 +13,9 @@ from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
 
 from packtune.config import ConfigError, DataConfig, DataSource, dump_config, load_config
 from packtune.data import DataError, format_report, prepare_dataset
+from packtune.data.dataset import _in_order
 from packtune.data.readers import count_rows, open_rows
+from packtune.data.sources import OpenSource
 
 ROWS = alpaca_rows(300)
 
@@ -281,3 +283,33 @@ def test_bad_source_settings(cfg, message, sp_model):
     cfg.tokenizer = str(sp_model)
     with pytest.raises(ConfigError, match=message):
         prepare_dataset(cfg, use_cache=False)
+
+
+def test_rows_stream_lazily(tmp_path):
+    """The first chunk comes before the file is read to its (truncated) end, and no more than
+    `window` chunks wait in the worker pool at once."""
+    rows = alpaca_rows(3000, seed=1)
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    spec = {"path": str(path), "format": "auto", "field_map": [], "weight": 1.0}
+    chunks = OpenSource(spec, skip_bad_rows=False).chunks(100, 0, 0)
+    copies, first = next(chunks)
+    assert copies == 1 and [n for n, _ in first] == list(range(1, 101))
+    with pytest.raises(DataError, match="cannot read the file after line"):
+        list(chunks)
+
+    class Pool:
+        waiting = most = 0
+
+        def apply_async(self, fn, args):
+            Pool.waiting += 1
+            Pool.most = max(Pool.most, Pool.waiting)
+            return self
+
+        def get(self):
+            Pool.waiting -= 1
+            return {}
+
+    tasks = ((0, 1, [(i, b"")]) for i in range(20))
+    assert len(list(_in_order(Pool(), tasks, 4))) == 20 and Pool.most == 4
