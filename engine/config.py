@@ -34,9 +34,23 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One `[[data.sources]]` table: a data file mixed into the run with a weight."""
+
+    path: str = ""
+    """A data file (JSONL, JSON, CSV, Parquet, Arrow; .gz/.zst) or a `datasets.save_to_disk` folder."""
+    format: str | None = None
+    """The row layout, as data.format; unset: data.format."""
+    field_map: list[str] | None = None
+    """Field renames, as data.field_map; unset: data.field_map."""
+    weight: float = 1.0
+    """Mixing weight w > 0: int(w) copies of every row plus a seeded random w - int(w) share of them."""
+
+
+@dataclass
 class DataConfig:
     path: str = ""
-    """A JSONL (or JSON array) file of training rows."""
+    """A file of training rows (JSONL, JSON, CSV, Parquet, Arrow; .gz/.zst) or a save_to_disk folder."""
     format: str = "auto"
     """auto, alpaca, sharegpt, messages, prompt_completion or text."""
     template: str = "auto"
@@ -71,6 +85,10 @@ class DataConfig:
     little less dense (the data report shows the packing efficiency)."""
     padded_batch_size: int = 8
     """Samples per padded micro-batch when packing = false."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Several data files in one run (`[[data.sources]]` tables), instead of `path`."""
+    mix_seed: int = 0
+    """Seeds the random share of rows taken from sources with a fractional weight."""
 
 
 @dataclass
@@ -160,9 +178,24 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     elif origin is list and isinstance(value, list):
         (item,) = typing.get_args(annotation)
+        if dataclasses.is_dataclass(item):
+            return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return [_coerce(v, item, where) for v in value]
+    elif dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        return _build(annotation, value, where)
     name = getattr(annotation, "__name__", str(annotation))
     raise ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    """A dataclass from a TOML table, each key checked like a section's keys."""
+    keys = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in keys:
+            raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, list(keys))}")
+        values[key] = _coerce(value, keys[key], f"{where}.{key}")
+    return cls(**values)
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
@@ -214,10 +247,12 @@ def dump_config(cfg: Config) -> str:
     lines = []
     for section, table in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        for key, value in table.items():
-            if value is None:
-                continue
-            lines.append(f"{key} = {_toml_literal(value)}")
+        tables = {k: v for k, v in table.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        lines += [f"{k} = {_toml_literal(v)}" for k, v in table.items() if v is not None and k not in tables]
+        for key, items in tables.items():
+            for item in items:
+                lines.append(f"[[{section}.{key}]]")
+                lines += [f"{k} = {_toml_literal(v)}" for k, v in item.items() if v is not None]
         lines.append("")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ import torch
 
 from packtune.config import Config, ConfigError, dump_config
 from packtune.data.packing import PACKING_STRATEGIES
+from packtune.data.sources import resolve_sources
 from packtune.parallel import Dist
 
 
@@ -44,10 +45,10 @@ def check_config(cfg: Config) -> None:
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: {t.resume!r} is not auto, never or a checkpoint directory")
     check_packing_strategy(cfg)
-    if not cfg.data.path:
-        raise ConfigError("data.path is required (a JSONL or JSON file of training rows)")
-    if not Path(cfg.data.path).is_file():
-        raise ConfigError(f"data.path: {cfg.data.path} does not exist or is not a file")
+    for i, source in enumerate(resolve_sources(cfg.data)):
+        if not Path(source["path"]).exists():
+            key = f"data.sources[{i}].path" if cfg.data.sources else "data.path"
+            raise ConfigError(f"{key}: {source['path']} does not exist")
     if not cfg.model.path:
         raise ConfigError("model.path is required (a Hugging Face model directory)")
     if not (Path(cfg.model.path) / "config.json").is_file():

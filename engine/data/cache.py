@@ -1,9 +1,10 @@
 """The tokenize-once cache: memory-mapped numpy arrays in a folder named by a hash of the inputs.
 
-The key covers the bytes of the data file and the tokenizer files, the template definition and
-every option that changes the result, so editing any of them gives a new folder, and an unchanged
-input loads in milliseconds (the arrays are mapped, not read). A folder is written under a
-temporary name and renamed into place, so an interrupted run never leaves a half-written cache.
+The key covers the bytes of every data source (and its format, field map and weight), the
+tokenizer files, the template definition and every option that changes the result, so editing any
+of them gives a new folder, and an unchanged input loads in milliseconds (the arrays are mapped,
+not read). A folder is written under a temporary name and renamed into place, so an interrupted
+run never leaves a half-written cache.
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ def default_cache_dir() -> Path:
 def file_digest(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def path_digest(path: str | Path) -> str:
+    """`file_digest` of a file; of a folder (a `save_to_disk` dataset), a digest of its files'
+    names and digests."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{file_digest(f)}\n".encode())
+    return h.hexdigest()
 
 
 def cache_key(parts: dict[str, Any]) -> str:

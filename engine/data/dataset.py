@@ -1,19 +1,23 @@
-"""Tokenize a data file once into memory-mapped arrays: `prepare_dataset` and `TokenizedDataset`.
+"""Tokenize the data sources once into memory-mapped arrays: `prepare_dataset` and `TokenizedDataset`.
 
-rows -> formats -> template -> SegmentEncoder, in chunks, in parallel worker processes; samples
-longer than `max_tokens` are dropped or truncated; samples with no label token are dropped; every
-dropped or truncated row is counted with its reason. The result is cached (see cache.py).
+sources (read as streams, mixed by weight; sources.py) -> formats -> template -> ChatEncoder, in
+chunks, in parallel worker processes; samples longer than `max_tokens` are dropped or truncated;
+samples with no label token are dropped; every dropped or truncated row is counted with its
+reason. The result is cached (see cache.py).
 
 Storage: `tokens` (int32), `mask` (bool, True where the token is a training target), `offsets`
-(int64, n+1), `lines` (the source line or item of each sample) and `label_counts` (int64: label
-tokens per sample once labels are shifted, i.e. trainable tokens after the first position).
+(int64, n+1), `lines` (the line, item or row of each sample in its source file) and
+`label_counts` (int64: label tokens per sample once labels are shifted, i.e. trainable tokens
+after the first position).
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +27,8 @@ from packtune.config import ConfigError, DataConfig
 from packtune.data import cache, fidelity
 from packtune.data.chat_template import REWRITTEN_HISTORY, make_chat_format, template_identity
 from packtune.data.errors import DataError
-from packtune.data.formats import (
-    FORMATS,
-    decode_row,
-    detect_format,
-    field_names,
-    location,
-    read_rows,
-    to_conversation,
-)
+from packtune.data.formats import FORMATS, decode_row, field_names, location, to_conversation
+from packtune.data.sources import OpenSource, resolve_sources
 from packtune.data.templates import TRAIN_ON, get_template
 from packtune.data.tokenizer import default_threads, load_tokenizer
 
@@ -83,8 +80,8 @@ def prepare_dataset(
     num_workers: int | None = None,
     use_cache: bool = True,
 ) -> TokenizedDataset:
-    """Tokenize `data_cfg.path` (or load it from the cache) with the tokenizer at `tokenizer_path`
-    (default `data_cfg.tokenizer`)."""
+    """Tokenize `data_cfg.path` or `data_cfg.sources` (or load them from the cache) with the
+    tokenizer at `tokenizer_path` (default `data_cfg.tokenizer`)."""
     options = _options(data_cfg, tokenizer_path)
     workers = num_workers or data_cfg.num_workers or default_threads()
     tokenizer = load_tokenizer(options["tokenizer"])
@@ -92,12 +89,14 @@ def prepare_dataset(
     if use_cache:
         key = cache.cache_key(
             {
-                "data": cache.file_digest(options["path"])
-                if Path(options["path"]).is_file()
-                else options["path"],
+                # A source is known by its bytes, not its name (a digest streams through the file).
+                "sources": [
+                    {**s, "path": cache.path_digest(s["path"]) if Path(s["path"]).exists() else s["path"]}
+                    for s in options["sources"]
+                ],
                 "tokenizer": tokenizer.fingerprint(),
                 "template": template_identity(options["template"], options["tokenizer"]),
-                **{k: v for k, v in options.items() if k not in ("path", "tokenizer", "template")},
+                **{k: v for k, v in options.items() if k not in ("sources", "tokenizer", "template")},
             }
         )
         folder = Path(cache_dir or data_cfg.cache_dir or cache.default_cache_dir()) / key
@@ -119,8 +118,7 @@ def prepare_dataset(
 
 def _options(cfg: DataConfig, tokenizer_path: str | Path | None) -> dict[str, Any]:
     """The settings that decide the tokenized result, checked (they also make up the cache key)."""
-    if not cfg.path:
-        raise ConfigError("data.path is not set: give a JSONL or JSON file of training rows")
+    sources = resolve_sources(cfg)
     tokenizer = str(tokenizer_path or cfg.tokenizer)
     if not tokenizer:
         raise ConfigError("no tokenizer: set data.tokenizer (a .model or tokenizer.json) or model.path")
@@ -138,11 +136,10 @@ def _options(cfg: DataConfig, tokenizer_path: str | Path | None) -> dict[str, An
         get_template(cfg.template)
     field_names(cfg.field_map)
     return {
-        "path": str(cfg.path),
+        "sources": sources,
         "tokenizer": tokenizer,
         "template": cfg.template,
-        "format": cfg.format,
-        "field_map": list(cfg.field_map),
+        "mix_seed": cfg.mix_seed,
         "train_on": cfg.train_on,
         "rewritten_history": cfg.rewritten_history,
         "truncation": cfg.truncation,
@@ -152,32 +149,48 @@ def _options(cfg: DataConfig, tokenizer_path: str | Path | None) -> dict[str, An
 
 
 def tokenize_file(options: dict[str, Any], workers: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read, render and tokenize every row; chunks run in `workers` processes, results in file order."""
-    in_array, rows = read_rows(options["path"])
-    if options["format"] == "auto":
-        options = {**options, "format": _detect(options, rows, in_array)}
-    chunks = [(i, rows[i : i + CHUNK_ROWS]) for i in range(0, len(rows), CHUNK_ROWS)]
-    job = {**options, "in_array": in_array}
-    if workers > 1 and len(chunks) > 1:
+    """Read, render and tokenize every row of every source, results in source and file order.
+
+    Rows stream from the files in chunks of CHUNK_ROWS; chunks run in `workers` processes, at most
+    two per worker in flight, so only the tokenized result is held in memory, not the rows.
+    """
+    sources = [OpenSource(spec, options["skip_bad_rows"]) for spec in options["sources"]]
+    common = {k: v for k, v in options.items() if k not in ("sources", "mix_seed")}
+    jobs = [
+        {**common, "path": s.spec["path"], "format": s.format, "field_map": s.spec["field_map"],
+         "unit": s.unit}
+        for s in sources
+    ]
+    tasks = (
+        (index, copies, rows)
+        for index, source in enumerate(sources)
+        for copies, rows in source.chunks(CHUNK_ROWS, index, options["mix_seed"])
+    )
+    first = list(itertools.islice(tasks, 2))
+    tasks = itertools.chain(first, tasks)
+    if workers > 1 and len(first) > 1:
         context = multiprocessing.get_context("fork")
-        with context.Pool(min(workers, len(chunks)), _init_worker, (job, 1)) as pool:
-            results = list(pool.imap(_run_chunk, chunks))
+        with context.Pool(workers, _init_worker, (jobs, 1)) as pool:
+            results = list(_in_order(pool, tasks, 2 * workers))
     else:
-        tokenize_chunk = ChunkTokenizer(job, threads=workers)
-        results = [tokenize_chunk(chunk) for chunk in chunks]
-    return _combine(results, options, len(rows))
+        tokenize_chunk = _SourceTokenizers(jobs, threads=workers)
+        results = [(index, copies, tokenize_chunk((index, rows))) for index, copies, rows in tasks]
+    return _combine(results, options, sources)
 
 
-def _detect(options: dict[str, Any], rows: list, in_array: bool) -> str:
-    fields = field_names(options["field_map"])
-    for number, raw in rows:
-        where = location(options["path"], number, in_array)
-        try:
-            return detect_format(decode_row(where, raw), fields, where)
-        except DataError:
-            if not options["skip_bad_rows"]:
-                raise
-    raise DataError(f"{options['path']}: no row is readable, so the format cannot be detected", "empty_file")
+def _in_order(
+    pool: Any, tasks: Iterator[tuple[int, int, list]], window: int
+) -> Iterator[tuple[int, int, dict]]:
+    """(source index, copies, result) of each task, in order, with at most `window` tasks queued
+    (Pool.imap would read the whole file ahead into its queue)."""
+    pending: deque = deque()
+    for index, copies, rows in tasks:
+        pending.append((index, copies, pool.apply_async(_run_chunk, ((index, rows),))))
+        if len(pending) >= window:
+            index, copies, result = pending.popleft()
+            yield index, copies, result.get()
+    for index, copies, result in pending:
+        yield index, copies, result.get()
 
 
 class ChunkTokenizer:
@@ -190,6 +203,7 @@ class ChunkTokenizer:
         self.format = make_chat_format(
             job["template"], job["tokenizer"], self.tokenizer, job["train_on"], job["rewritten_history"]
         )
+        self.checks_left = fidelity.ROWS_CHECKED
 
     def describe(self) -> dict[str, Any]:
         """The template and the special-token ids used, for the data report."""
@@ -201,22 +215,21 @@ class ChunkTokenizer:
             "end_of_turn_ids": list(tok.end_of_turn_ids),
         }
 
-    def __call__(self, item: tuple[int, list[tuple[int, Any]]]) -> dict[str, Any]:
-        """Tokenize one chunk of rows (the first chunk's first rows are also checked by fidelity.py)."""
-        first_row, chunk = item
+    def __call__(self, chunk: list[tuple[int, Any]]) -> dict[str, Any]:
+        """Tokenize one chunk of rows (this process's first rows are also checked by fidelity.py)."""
         job, max_tokens = self.job, self.job["max_tokens"]
         checks: list = []
         errors: list[tuple[int, DataError]] = []
         rendered, wheres, numbers = [], [], []
         for number, raw in chunk:
-            where = location(job["path"], number, job["in_array"])
+            where = location(job["path"], number, job["unit"])
             try:
                 conv = to_conversation(decode_row(where, raw), job["format"], self.fields, where)
                 samples = self.format.render(conv, where)
             except DataError as e:
                 errors.append((number, e))
                 continue
-            if first_row == 0 and len(samples) == 1 and len(checks) < fidelity.ROWS_CHECKED:
+            if len(samples) == 1 and len(checks) < self.checks_left:
                 checks.append((len(rendered), self.format.render.messages(conv)))
             rendered += samples
             wheres += [where] * len(samples)
@@ -233,6 +246,7 @@ class ChunkTokenizer:
              if not isinstance(encoded[k], DataError)],
             self.format.encoder.find_controls,
         )
+        self.checks_left -= len(checks)
         for number, result in zip(numbers, encoded, strict=True):
             if isinstance(result, DataError):
                 errors.append((number, result))
@@ -274,20 +288,55 @@ class ChunkTokenizer:
         }
 
 
-_WORKER: dict[str, ChunkTokenizer] = {}
+class _SourceTokenizers:
+    """Tokenizes (source index, rows) tasks: one ChunkTokenizer per source (its own format and
+    fields), made on first use."""
+
+    def __init__(self, jobs: list[dict[str, Any]], threads: int) -> None:
+        self.jobs, self.threads = jobs, threads
+        self.tokenizers: dict[int, ChunkTokenizer] = {}
+
+    def __call__(self, task: tuple[int, list[tuple[int, Any]]]) -> dict[str, Any]:
+        index, rows = task
+        if index not in self.tokenizers:
+            self.tokenizers[index] = ChunkTokenizer(self.jobs[index], self.threads)
+        return self.tokenizers[index](rows)
 
 
-def _init_worker(job: dict[str, Any], threads: int) -> None:
-    _WORKER["tokenize"] = ChunkTokenizer(job, threads)
+_WORKER: dict[str, _SourceTokenizers] = {}
 
 
-def _run_chunk(chunk: tuple[int, list[tuple[int, Any]]]) -> dict[str, Any]:
-    return _WORKER["tokenize"](chunk)
+def _init_worker(jobs: list[dict[str, Any]], threads: int) -> None:
+    _WORKER["tokenize"] = _SourceTokenizers(jobs, threads)
+
+
+def _run_chunk(task: tuple[int, list[tuple[int, Any]]]) -> dict[str, Any]:
+    return _WORKER["tokenize"](task)
+
+
+def _repeat(result: dict[str, Any], copies: int) -> dict[str, Any]:
+    """A chunk's result with every sample (and every drop and truncation) counted `copies` times."""
+    if copies == 1:
+        return result
+    tiled = {k: np.tile(result[k], copies) for k in ("tokens", "mask", "lengths", "lines")}
+    counts = {k: Counter({r: n * copies for r, n in result[k].items()}) for k in ("dropped", "truncated")}
+    return {**result, **tiled, **counts}
 
 
 def _combine(
-    results: list[dict[str, Any]], options: dict[str, Any], n_rows: int
+    tagged: list[tuple[int, int, dict[str, Any]]], options: dict[str, Any], sources: list[OpenSource]
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    per_source = [
+        {"path": s.spec["path"], "format": s.format, "weight": s.spec["weight"],
+         "read": s.read, "rows": s.rows, "kept": 0}
+        for s in sources
+    ]
+    results = []
+    for index, copies, result in tagged:
+        result = _repeat(result, copies)
+        per_source[index]["kept"] += len(result["lengths"])
+        results.append(result)
+    n_rows = sum(s.rows for s in sources)
     tokens = np.concatenate([r["tokens"] for r in results]).astype(np.int32, copy=False)
     mask = np.concatenate([r["mask"] for r in results])
     lengths = np.concatenate([r["lengths"] for r in results])
@@ -295,7 +344,7 @@ def _combine(
     np.cumsum(lengths, out=offsets[1:])
     if len(lengths) == 0:
         raise DataError(
-            f"{options['path']}: no sample was kept out of {n_rows} rows "
+            f"{', '.join(s['path'] for s in per_source)}: no sample was kept out of {n_rows} rows "
             f"(dropped: {dict(sum((r['dropped'] for r in results), Counter()))})",
             "no_samples",
         )
@@ -312,12 +361,13 @@ def _combine(
         "tokens": int(len(tokens)),
         "label_tokens": n_label,
         "label_share": n_label / max(len(tokens), 1),
-        "format": options["format"],
+        "format": "+".join(dict.fromkeys(s.format for s in sources)),
         **results[0]["chat_format"],
         "rows_with_straddling_tokens": sum(r["straddling"] for r in results),
         "rows_checked_against_reference": sum(r["fidelity_checked"] for r in results),
         "max_tokens": options["max_tokens"],
         "errors": [e for r in results for e in r["errors"]][:MAX_ERRORS_KEPT],
+        "sources": per_source,
     }
     arrays = {
         "tokens": tokens,

@@ -5,8 +5,9 @@ Layouts (`[data] format`): `alpaca` (instruction / input / output, optional syst
 role / content), `prompt_completion`, and `text` (trained in full). `auto` picks the layout from
 the first row's keys. Field names can be renamed with `[data] field_map`.
 
-Files are JSONL (one object per line) or a JSON array. Every error names the file and line (item
-for JSON arrays) and, where it applies, the field.
+The files are read by readers.py (JSONL, JSON, CSV, Parquet, Arrow, each as a stream). Every error
+names the file and line (item for JSON arrays, row for Parquet and Arrow) and, where it applies,
+the field.
 """
 
 from __future__ import annotations
@@ -77,52 +78,24 @@ def field_names(field_map: list[str]) -> dict[str, str]:
     return fields
 
 
-def read_rows(path: str | Path) -> tuple[bool, list[tuple[int, bytes | Any]]]:
-    """(is a JSON array, [(line number or item index, raw row)]): raw bytes of a JSONL line, or a
-    parsed JSON-array item. `location` turns a number into the text errors use.
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """A row a reader could not turn into a dict (a CSV line with the wrong number of cells):
+    raised by `decode_row`, where the row's location is known, so `skip_bad_rows` counts it."""
 
-    Blank JSONL lines are skipped. A missing, unreadable or empty file is an error here; row
-    problems (bad JSON, bad UTF-8) surface in `decode_row` so that `skip_bad_rows` can count them.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist", "missing_file") from None
-    except OSError as e:
-        raise DataError(f"data file {path} cannot be read: {e.strerror}", "missing_file") from None
-    if not data.strip():
-        raise DataError(f"{path}: the file is empty", "empty_file")
-    if data.lstrip()[:1] == b"[":
-        return True, _read_json_array(path, data)
-    return False, [(n, line) for n, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+    message: str
+    reason: str
 
 
-def location(path: str | Path, number: int, in_array: bool) -> str:
-    return f"{path}: item {number}" if in_array else f"{path}:{number}"
+def location(path: str | Path, number: int, unit: str) -> str:
+    """The text errors use for row `number` of `path`: unit is line, item or row (readers.py)."""
+    return f"{path}:{number}" if unit == "line" else f"{path}: {unit} {number}"
 
 
-def _read_json_array(path: Path, data: bytes) -> list[tuple[int, Any]]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}", "invalid_utf8") from None
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})", "malformed_json"
-        ) from None
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON array of rows or JSON lines", "malformed_json")
-    if not items:
-        raise DataError(f"{path}: the file is empty (an empty JSON array)", "empty_file")
-    return list(enumerate(items))
-
-
-def decode_row(where: str, raw: bytes | Any) -> dict[str, Any]:
+def decode_row(where: str, raw: bytes | BadRow | Any) -> dict[str, Any]:
     """One row as a dict; JSONL bytes are decoded strictly (UTF-8, then JSON)."""
+    if isinstance(raw, BadRow):
+        raise DataError(f"{where}: {raw.message}", raw.reason)
     if isinstance(raw, bytes):
         try:
             text = raw.decode("utf-8")

@@ -1,4 +1,4 @@
-"""`packtune data inspect CONFIG [--rows N]`: the first rows as the model will see them.
+"""`packtune data inspect CONFIG [--rows N]`: the first rows (of the first source) as the model sees them.
 
 Each sample is printed token by token with the trained tokens marked (green on a terminal,
 [[brackets]] otherwise), then the ids on both sides of every prompt/answer boundary, the
@@ -13,7 +13,8 @@ from typing import TextIO
 from packtune.config import Config
 from packtune.data.chat_template import make_chat_format
 from packtune.data.errors import DataError
-from packtune.data.formats import decode_row, detect_format, field_names, location, read_rows, to_conversation
+from packtune.data.formats import decode_row, location, to_conversation
+from packtune.data.sources import OpenSource, resolve_sources
 from packtune.data.tokenizer import load_tokenizer
 
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -24,23 +25,18 @@ def inspect_rows(cfg: Config, n_rows: int = 3, out: TextIO = sys.stdout) -> None
     tokenizer_path = data.tokenizer or cfg.model.path
     tok = load_tokenizer(tokenizer_path)
     fmt = make_chat_format(data.template, tokenizer_path, tok, data.train_on, data.rewritten_history)
-    fields = field_names(data.field_map)
-    in_array, rows = read_rows(data.path)
     colour = out.isatty()
     eot = list(tok.end_of_turn_ids)
     print(f"template: {fmt.resolved}; BOS {tok.bos_id}, EOS {tok.eos_id}, end of turn {eot}", file=out)
-    shown = 0
-    for number, raw in rows:
-        if shown >= n_rows:
-            break
-        where = location(data.path, number, in_array)
+    spec = resolve_sources(data)[0]
+    source = OpenSource(spec, data.skip_bad_rows)
+    for number, raw in next(source.chunks(n_rows, 0, data.mix_seed), (1, []))[1]:
+        where = location(spec["path"], number, source.unit)
         try:
             row = decode_row(where, raw)
-            kind = data.format if data.format != "auto" else detect_format(row, fields, where)
-            samples = fmt.render(to_conversation(row, kind, fields, where), where)
+            samples = fmt.render(to_conversation(row, source.format, source.fields, where), where)
         except DataError as e:
             print(f"\n{where}: {e}", file=out)
-            shown += 1
             continue
         for result in fmt.encoder.encode_rows(samples, [where] * len(samples)):
             print(f"\n── {where} ──", file=out)
@@ -49,7 +45,6 @@ def inspect_rows(cfg: Config, n_rows: int = 3, out: TextIO = sys.stdout) -> None
                 continue
             print(_marked(tok, result.ids, result.mask, colour), file=out)
             _summary(tok, result.ids, result.mask, out)
-        shown += 1
 
 
 def _marked(tok, ids: list[int], mask: list[bool], colour: bool) -> str:

@@ -32,11 +32,19 @@ def format_report(report: dict[str, Any]) -> str:
     tokens, labels = report["tokens"], report["label_tokens"]
     dropped = sum(report["dropped"].values())
     truncated = sum(report["truncated"].values())
+    sources = report.get("sources", [])
+    weighted = " after source weights" if any(s["weight"] != 1 for s in sources) else ""
     lines = [
-        f"data: {report['rows']} rows read ({report.get('format', '?')} format, "
+        f"data: {report['rows']} rows read{weighted} ({report.get('format', '?')} format, "
         f"{report.get('template', '?')} template), {report['kept']} kept, {dropped} dropped, "
         f"{truncated} truncated",
     ]
+    if len(sources) > 1 or weighted:
+        lines += [
+            f"  source {s['path']} ({s['format']}, weight {s['weight']:g}): {s['read']} rows in the file, "
+            f"{s['rows']} after weighting, {s['kept']} kept"
+            for s in sources
+        ]
     lines += [f"  dropped  {n:>8}  {reason}" for reason, n in report["dropped"].items()]
     lines += [f"  truncated{n:>8}  {reason}" for reason, n in report["truncated"].items()]
     lines += [f"  skipped: {e}" for e in report.get("errors", [])]

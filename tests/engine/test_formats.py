@@ -10,9 +10,9 @@ from packtune.data.formats import (
     decode_row,
     detect_format,
     field_names,
-    read_rows,
     to_conversation,
 )
+from packtune.data.readers import open_rows
 
 
 def conv(row, fmt, fields=DEFAULT_FIELDS):
@@ -77,10 +77,11 @@ def test_jsonl_and_json_array_files(tmp_path):
     rows = [{"text": "a"}, {"text": "b"}]
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
-    in_array, read = read_rows(jsonl)
-    assert not in_array and [n for n, _ in read] == [1, 3]
+    stream = open_rows(jsonl)
+    read = list(stream.rows)
+    assert stream.unit == "line" and [n for n, _ in read] == [1, 3]
     assert [decode_row("x", raw) for _, raw in read] == rows
     array = tmp_path / "d.json"
     array.write_text(json.dumps(rows, indent=2))
-    in_array, read = read_rows(array)
-    assert in_array and [decode_row("x", raw) for _, raw in read] == rows
+    stream = open_rows(array)
+    assert stream.unit == "item" and [decode_row("x", raw) for _, raw in stream.rows] == rows

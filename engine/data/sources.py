@@ -1,0 +1,109 @@
+"""Data sources: `[data] path` or several `[[data.sources]]`, each opened, its layout told, and mixed.
+
+Mixing rule. A source of n rows with weight w contributes int(w) copies of every row, plus one
+more copy of round((w - int(w)) * n) of its rows, drawn without replacement by
+`numpy.random.default_rng([data.mix_seed, source index])`. So weight 1 takes the source as it is,
+2 twice, 0.5 a seeded half, 2.25 every row twice and a seeded quarter a third time. A fractional
+weight counts the rows first (Parquet and Arrow from their metadata, other files by a read).
+Rows are counted before tokenization, so a malformed row drawn is counted (or raised) like any.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from packtune.config import ConfigError, DataConfig
+from packtune.data.errors import DataError
+from packtune.data.formats import FORMATS, decode_row, detect_format, field_names, location
+from packtune.data.readers import check_columns, count_rows, open_rows
+
+
+def resolve_sources(cfg: DataConfig) -> list[dict[str, Any]]:
+    """The sources of a run, checked, with `[data]` format and field_map filled in where unset:
+    [{"path", "format", "field_map", "weight"}], JSON-serialisable (they are part of the cache key)."""
+    if cfg.path and cfg.sources:
+        raise ConfigError("data.path and [[data.sources]] are both set: give the path as a source instead")
+    if not cfg.path and not cfg.sources:
+        raise ConfigError(
+            "data.path is not set: give a data file (JSONL, JSON, CSV, Parquet, Arrow) or [[data.sources]]"
+        )
+    specs = [(cfg.path, None, None, 1.0, "data")] if cfg.path else []
+    specs += [
+        (s.path, s.format, s.field_map, s.weight, f"data.sources[{i}]") for i, s in enumerate(cfg.sources)
+    ]
+    sources = []
+    for path, fmt, field_map, weight, key in specs:
+        if not path:
+            raise ConfigError(f"{key}.path is not set")
+        fmt = cfg.format if fmt is None else fmt
+        if fmt not in ("auto", *FORMATS):
+            raise ConfigError(f"{key}.format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"{key}.weight: must be a number > 0, got {weight!r}")
+        field_map = list(cfg.field_map if field_map is None else field_map)
+        field_names(field_map)
+        sources.append({"path": str(path), "format": fmt, "field_map": field_map, "weight": weight})
+    return sources
+
+
+class OpenSource:
+    """One source being read: its rows (streamed once), resolved layout, fields and counts."""
+
+    def __init__(self, spec: dict[str, Any], skip_bad_rows: bool) -> None:
+        self.spec = spec
+        self.stream = open_rows(spec["path"])
+        self.fields = field_names(spec["field_map"])
+        self.read = 0
+        """Rows read from the file so far."""
+        self.rows = 0
+        """Rows after weighting (copies included) sent to tokenization so far."""
+        peeked: list[tuple[int, Any]] = []
+        self.format = spec["format"]
+        if self.format == "auto":
+            self.format = self._detect(peeked, skip_bad_rows)
+        check_columns(self.stream, self.format, self.fields)
+        self._rows = itertools.chain(peeked, self.stream.rows)
+
+    @property
+    def unit(self) -> str:
+        return self.stream.unit
+
+    def chunks(self, size: int, index: int, mix_seed: int) -> Iterator[tuple[int, list[tuple[int, Any]]]]:
+        """(copies, rows) for every `size` rows read, the rows grouped by how many copies the
+        mixing rule gives them; rows with no copy are left out (see the module docstring)."""
+        whole, fraction = divmod(self.spec["weight"], 1.0)
+        extra = None
+        if fraction:
+            n = count_rows(self.spec["path"])
+            extra = np.zeros(n, dtype=bool)
+            rng = np.random.default_rng([mix_seed, index])
+            extra[rng.choice(n, round(fraction * n), replace=False)] = True
+        while chunk := list(itertools.islice(self._rows, size)):
+            groups: dict[int, list[tuple[int, Any]]] = {}
+            for ordinal, row in enumerate(chunk, start=self.read):
+                copies = int(whole) + int(extra is not None and ordinal < len(extra) and extra[ordinal])
+                if copies:
+                    groups.setdefault(copies, []).append(row)
+            self.read += len(chunk)
+            for copies, rows in sorted(groups.items()):
+                self.rows += copies * len(rows)
+                yield copies, rows
+
+    def _detect(self, peeked: list[tuple[int, Any]], skip_bad_rows: bool) -> str:
+        """The layout of the first readable row; the rows read to find it are kept in `peeked`."""
+        for number, raw in self.stream.rows:
+            peeked.append((number, raw))
+            where = location(self.stream.path, number, self.unit)
+            try:
+                return detect_format(decode_row(where, raw), self.fields, where)
+            except DataError:
+                if not skip_bad_rows:
+                    raise
+        raise DataError(
+            f"{self.stream.path}: no row is readable, so the format cannot be detected", "empty_file"
+        )
