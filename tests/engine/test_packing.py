@@ -181,6 +181,29 @@ def test_packed_and_padded_rows_carry_the_same_weights(dataset, weighting):
             assert (batch.loss_weights[k][batch.labels[k] == IGNORE_INDEX] == 0).all()
 
 
+@pytest.mark.parametrize("template", ["vicuna_v1.1", "chatml"])
+def test_turns_are_the_assistant_answers(sp_model, tmp_path, template):
+    """Through the real pipeline: one turn per assistant answer (with its end-of-turn token)."""
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "echo", "fox"]
+    rows, answers = [], 0
+    for _ in range(40):
+        n = int(rng.integers(1, 4))
+        answers += n
+        rows.append({"conversations": [
+            {"from": who, "value": " ".join(rng.choice(words, int(rng.integers(2, 8))))}
+            for _ in range(n) for who in ("human", "gpt")
+        ]})
+    path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    cfg = DataConfig(path=str(path), tokenizer=str(sp_model), format="sharegpt", template=template,
+                     max_tokens=512)
+    chats = prepare_dataset(cfg, num_workers=1, use_cache=False)
+    packed_rows = chats.pack(loss_weighting="turn")
+    batches = [packed_rows.collate(r) for r in range(len(packed_rows))]
+    assert sum(b.num_items for b in batches) == answers
+    assert sum(float(b.loss_weights.sum()) for b in batches) == pytest.approx(answers, rel=1e-5)
+
+
 def test_split_to_multiple_keeps_every_sample_once():
     lengths = np.array([5, 3, 2, 2, 1, 1, 1])
     row_of = best_fit_decreasing(lengths, 8)
