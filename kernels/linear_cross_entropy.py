@@ -5,15 +5,15 @@ loss, so their logits are never formed and their FLOPs are skipped. The label ro
 in chunks of `chunk_size` rows, and per chunk:
 
     logits = h_c @ W.T (+ b)               [C, V] in the input dtype
-    fused CE kernel, in place              logits -> dloss/dlogits (already / denominator)
+    fused CE kernel, in place              logits -> dloss/dlogits (already * weight / denominator)
     dX[rows_c] = dlogits @ W               ignored rows keep dX = 0
     dW += dlogits.T @ h_c, db += sum(dlogits)    accumulated in fp32, in chunk order
 
-(with per-row `weights`, each row's loss and dlogits also times its weight) so peak memory is
-dW (fp32) + dX + one chunk of logits, and the result is deterministic (a fixed
-chunk order, no atomics). Backward is a scale of dX, dW, db by grad_output; for
-reduction="none" the per-row grad_output is only known in backward, so there the forward only
-computes the losses and backward recomputes the chunks with the grad_output folded in.
+so peak memory is dW (fp32) + dX + one chunk of logits, and the result is deterministic (a fixed
+chunk order, no atomics). Per-row `weights` (None: all ones) scale each row's loss and dlogits
+inside the CE kernel. Backward is a scale of dX, dW, db by grad_output; for reduction="none"
+the per-row grad_output is only known in backward, so there the forward only computes the
+losses and backward recomputes the chunks with the grad_output folded in.
 
 The label-row index: on CPU `nonzero` (reading a CPU tensor is free); on GPU a stable sort puts
 label rows first without a host sync, and the one sync is reading their count to size the chunk
