@@ -1,9 +1,11 @@
 // Fused masked cross-entropy forward+backward for CPU tensors (see kernels/cross_entropy.py for
 // the math and the PyTorch specification).
 //
-//   packtune::cross_entropy_fwd(logits, labels, scale, ...) -> (loss, lse, grad)   grad: new buffer
-//   packtune::cross_entropy_fwd_(logits, labels, scale, ...) -> (loss, lse)        grad over logits
+//   packtune::cross_entropy_fwd(logits, labels, weights, scale, ...) -> (loss, lse, grad)   grad: new buffer
+//   packtune::cross_entropy_fwd_(logits, labels, weights, scale, ...) -> (loss, lse)        grad over logits
 //
+// `weights` (optional fp32 [N]) multiplies row i's loss and gradient by weights[i]: the row runs
+// with scale * weights[i], so the inner loops are the same with or without weights.
 // Rows run in parallel (at::parallel_for, OpenMP in torch's CPU builds); a row (128 KB at
 // V=32000 fp32) stays in L2, so its passes after the first read cache, not DRAM. The hot loops
 // use AVX2+FMA with a polynomial exp (Cephes-style, ~1 ulp), compiled with a target attribute
@@ -18,6 +20,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 
 #if defined(__linux__)
@@ -184,13 +187,16 @@ PACKTUNE_AVX2 float row_avx2(const T* x, T* g, int64_t y, float* lse_out, const 
 #endif
 
 template <typename T>
-void run_rows(const at::Tensor& logits, const at::Tensor& labels, T* grad, int64_t grad_stride,
-              float* loss, float* lse, const RowArgs& a, int64_t ignore_index) {
+void run_rows(const at::Tensor& logits, const at::Tensor& labels, const float* w, T* grad, int64_t grad_stride,
+              float* loss, float* lse, const RowArgs& args, int64_t ignore_index) {
   const T* x = logits.data_ptr<T>();
   const int64_t x_stride = logits.stride(0), N = logits.size(0);
   const int64_t* lab = labels.data_ptr<int64_t>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    RowArgs a = args;
     for (int64_t i = begin; i < end; ++i) {
+      const float wi = w ? w[i] : 1.0f;
+      if (w) a.scale = args.scale * wi;
       const int64_t y = lab[i];
       T* g = grad ? grad + i * grad_stride : nullptr;
       if (y == ignore_index) {  // every output slot is written; in place this zeroes the row
@@ -203,16 +209,17 @@ void run_rows(const at::Tensor& logits, const at::Tensor& labels, T* grad, int64
                   " is outside the vocabulary [0, ", a.V, ") and is not ignore_index (", ignore_index, ")");
 #if PACKTUNE_X86
       if (packtune::cpu_has_avx2()) {
-        loss[i] = row_avx2<T>(x + i * x_stride, g, y, lse + i, a);
+        loss[i] = wi * row_avx2<T>(x + i * x_stride, g, y, lse + i, a);
         continue;
       }
 #endif
-      loss[i] = row_scalar<T>(x + i * x_stride, g, y, lse + i, a);
+      loss[i] = wi * row_scalar<T>(x + i * x_stride, g, y, lse + i, a);
     }
   });
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& scale) {
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor* weights,
+                  const at::Tensor& scale) {
   TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), "packtune cross_entropy: CPU tensors only");
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "packtune cross_entropy: logits must be [N, V] with unit column stride");
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
@@ -220,13 +227,19 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == logits.size(0),
               "packtune cross_entropy: labels must be int64 [N] matching logits");
   TORCH_CHECK(scale.numel() == 1, "packtune cross_entropy: scale must hold one value");
+  TORCH_CHECK(!weights || (weights->scalar_type() == at::kFloat && weights->dim() == 1 &&
+                           weights->size(0) == logits.size(0) && weights->device().is_cpu()),
+              "packtune cross_entropy: weights must be float32 [N] matching logits");
 }
 
-std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& scale,
+std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& labels_in,
+                                const std::optional<at::Tensor>& weights_in, const at::Tensor& scale,
                                 int64_t ignore_index, double eps, double z_loss, double softcap,
                                 bool compute_grad, const at::Tensor* grad) {
   const at::Tensor labels = labels_in.contiguous();
-  check_inputs(logits, labels, scale);
+  const at::Tensor weights = weights_in ? weights_in->contiguous() : at::Tensor();
+  check_inputs(logits, labels, weights.defined() ? &weights : nullptr, scale);
+  const float* w = weights.defined() ? weights.data_ptr<float>() : nullptr;
   const int64_t N = logits.size(0);
   at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({N}, logits.options().dtype(at::kFloat));
@@ -234,11 +247,11 @@ std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& labe
             scale.to(at::kFloat).item<float>(), softcap > 0, compute_grad};
   AT_DISPATCH_SWITCH(logits.scalar_type(), "packtune_cross_entropy",
       AT_DISPATCH_CASE(at::kFloat, [&] {
-        run_rows<scalar_t>(logits, labels, grad ? grad->data_ptr<scalar_t>() : nullptr, grad ? grad->stride(0) : 0,
+        run_rows<scalar_t>(logits, labels, w, grad ? grad->data_ptr<scalar_t>() : nullptr, grad ? grad->stride(0) : 0,
                            loss.data_ptr<float>(), lse.data_ptr<float>(), a, ignore_index);
       })
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        run_rows<scalar_t>(logits, labels, grad ? grad->data_ptr<scalar_t>() : nullptr, grad ? grad->stride(0) : 0,
+        run_rows<scalar_t>(logits, labels, w, grad ? grad->data_ptr<scalar_t>() : nullptr, grad ? grad->stride(0) : 0,
                            loss.data_ptr<float>(), lse.data_ptr<float>(), a, ignore_index);
       }));
   return {loss, lse};
@@ -264,27 +277,27 @@ at::Tensor new_grad_buffer(const at::Tensor& logits) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
-    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& scale, int64_t ignore_index,
-    double eps, double z_loss, double softcap, bool compute_grad) {
+    const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& weights,
+    const at::Tensor& scale, int64_t ignore_index, double eps, double z_loss, double softcap, bool compute_grad) {
   at::Tensor grad = compute_grad ? new_grad_buffer(logits) : at::empty({0}, logits.options());
-  auto out = forward(logits, labels, scale, ignore_index, eps, z_loss, softcap, compute_grad,
+  auto out = forward(logits, labels, weights, scale, ignore_index, eps, z_loss, softcap, compute_grad,
                      compute_grad ? &grad : nullptr);
   return {out[0], out[1], grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_(
-    at::Tensor& logits, const at::Tensor& labels, const at::Tensor& scale, int64_t ignore_index,
-    double eps, double z_loss, double softcap) {
-  auto out = forward(logits, labels, scale, ignore_index, eps, z_loss, softcap, true, &logits);
+    at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& weights,
+    const at::Tensor& scale, int64_t ignore_index, double eps, double z_loss, double softcap) {
+  auto out = forward(logits, labels, weights, scale, ignore_index, eps, z_loss, softcap, true, &logits);
   return {out[0], out[1]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(packtune, m) {
-  m.def("cross_entropy_fwd(Tensor logits, Tensor labels, Tensor scale, int ignore_index, float label_smoothing, "
-        "float z_loss, float softcap, bool compute_grad) -> (Tensor loss, Tensor lse, Tensor grad)");
-  m.def("cross_entropy_fwd_(Tensor(a!) logits, Tensor labels, Tensor scale, int ignore_index, "
+  m.def("cross_entropy_fwd(Tensor logits, Tensor labels, Tensor? weights, Tensor scale, int ignore_index, "
+        "float label_smoothing, float z_loss, float softcap, bool compute_grad) -> (Tensor loss, Tensor lse, Tensor grad)");
+  m.def("cross_entropy_fwd_(Tensor(a!) logits, Tensor labels, Tensor? weights, Tensor scale, int ignore_index, "
         "float label_smoothing, float z_loss, float softcap) -> (Tensor loss, Tensor lse)");
 }
 

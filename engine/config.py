@@ -127,6 +127,10 @@ class TrainConfig:
     """AdamW epsilon."""
     min_lr_ratio: float = 0.0
     """The cosine decays to lr * min_lr_ratio."""
+    loss_weighting: str = "token"
+    """How token losses are averaged over the optimizer step: token (every label token counts
+    equally), sample (every sample counts equally: its token losses are averaged, then the step
+    averages over samples) or turn (likewise per assistant turn, a contiguous run of trained tokens)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: measure only)."""
     max_bad_steps: int = 5

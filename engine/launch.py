@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from packtune.config import Config, ConfigError, dump_config
-from packtune.data.packing import PACKING_STRATEGIES
+from packtune.data.packing import LOSS_WEIGHTINGS, PACKING_STRATEGIES
 from packtune.data.sources import resolve_sources
 from packtune.parallel import Dist
 
@@ -44,6 +44,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("train.device = 'cuda' but no CUDA device is available")
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: {t.resume!r} is not auto, never or a checkpoint directory")
+    check_loss_weighting(cfg)
     check_packing_strategy(cfg)
     for i, source in enumerate(resolve_sources(cfg.data)):
         if not Path(source["path"]).exists():
@@ -60,6 +61,12 @@ def check_packing_strategy(cfg: Config) -> None:
     if cfg.data.packing_strategy not in PACKING_STRATEGIES:
         raise ConfigError(f"data.packing_strategy must be one of {', '.join(PACKING_STRATEGIES)}, "
                           f"got {cfg.data.packing_strategy!r}")
+
+
+def check_loss_weighting(cfg: Config) -> None:
+    if cfg.train.loss_weighting not in LOSS_WEIGHTINGS:
+        raise ConfigError(f"train.loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, "
+                          f"got {cfg.train.loss_weighting!r}")
 
 
 def check_writable(output_dir: str) -> None:
@@ -200,11 +207,14 @@ def build_samplers(cfg: Config, d: Dist):
 
 
 def build_rows(cfg: Config, dataset):
-    """The dataset's rows as the config asks: packed (by data.packing_strategy) or padded."""
+    """The dataset's rows as the config asks: packed (by data.packing_strategy) or padded, their
+    batches weighted by train.loss_weighting."""
+    check_loss_weighting(cfg)
+    weighting = cfg.train.loss_weighting
     if cfg.data.packing:
         check_packing_strategy(cfg)
-        return dataset.pack(strategy=cfg.data.packing_strategy, seed=cfg.train.seed)
-    return dataset.pad(cfg.data.padded_batch_size, cfg.train.seed)
+        return dataset.pack(strategy=cfg.data.packing_strategy, seed=cfg.train.seed, loss_weighting=weighting)
+    return dataset.pad(cfg.data.padded_batch_size, cfg.train.seed, loss_weighting=weighting)
 
 
 def held_out_split(dataset, fraction: float, seed: int):

@@ -1,4 +1,6 @@
-"""The training loss: summed token cross-entropy divided by the step's global label-token count.
+"""The training loss: summed token cross-entropy divided by the step's global label-token count
+(under sample/turn loss weighting: each token's loss times its weight, divided by the step's
+global sample/turn count; the batch carries the weights).
 
 The fused linear cross-entropy (packtune.kernels) applies lm_head and the masked loss chunk by
 chunk over the label rows only, without storing the N x V logits; `num_items` is a device
@@ -34,10 +36,11 @@ class CausalLMLoss(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         num_items: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden = self.model.hidden_states(
             input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
         )
         return linear_cross_entropy(
-            hidden, self.model.lm_head, labels, reduction="sum", num_items=num_items
+            hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum", num_items=num_items
         )

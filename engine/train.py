@@ -1,9 +1,10 @@
 """The training loop.
 
 One optimizer step (DESIGN.md, the loss contract):
-1. count this rank's label tokens and tokens on the host, all-reduce the counts over gloo (CPU,
-   so the GPU stream never waits) together with a "stop requested" flag;
-2. for each micro-batch: loss = sum of token losses / global label-token count, backward
+1. count this rank's label tokens, loss items (label tokens, or samples/turns under
+   `loss_weighting`) and tokens on the host, all-reduce the counts over gloo (CPU, so the GPU
+   stream never waits) together with a "stop requested" flag;
+2. for each micro-batch: loss = sum of (weighted) token losses / global item count, backward
    (FSDP sums gradients over ranks, see parallel.py);
 3. all-reduce the loss for logging, measure and clip the global gradient norm;
 4. NaN/inf guard: a non-finite loss or norm sets `optimizer.found_inf`, and the fused AdamW
@@ -223,7 +224,7 @@ class Trainer:
             )
 
     def _num_items(self, count: int) -> torch.Tensor:
-        """The global label-token count as a float32 device tensor, copied without a sync."""
+        """The global loss-item count as a float32 device tensor, copied without a sync."""
         host = torch.tensor(float(count), dtype=torch.float32)
         if self.d.device.type == "cuda":
             return host.pin_memory().to(self.d.device, non_blocking=True)
@@ -232,20 +233,23 @@ class Trainer:
     def train_step(self, micro_batches: list[Any], stop_requested: bool = False) -> bool:
         """One optimizer step; returns True when any rank asked to stop after it."""
         device = self.d.device
+        if any((b.loss_weights is None) != (self.cfg.loss_weighting == "token") for b in micro_batches):
+            raise TrainingError(f"train.loss_weighting = {self.cfg.loss_weighting!r} but the batches were "
+                                "built for another weighting (see PackedRows / PaddedRows loss_weighting)")
         counts = torch.tensor(
-            [sum(b.num_label_tokens for b in micro_batches), sum(b.input_ids.numel() for b in micro_batches),
-             int(stop_requested)],
+            [sum(b.num_label_tokens for b in micro_batches), sum(b.num_items for b in micro_batches),
+             sum(b.input_ids.numel() for b in micro_batches), int(stop_requested)],
             dtype=torch.int64,
         )
         self.d.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
-        label_tokens, tokens, stops = counts.tolist()
-        num_items = self._num_items(label_tokens)
+        label_tokens, items, tokens, stops = counts.tolist()
+        num_items = self._num_items(items)
         flops = 0.0
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
         for batch in micro_batches:
             if self.flops_per_token is not None:
                 flops += self.flops_per_token(_attended_length(batch)) * batch.input_ids.numel()
-            loss = self._loss(batch, num_items)
+            loss = self._loss(batch, num_items, weighted=True)
             loss.backward()
             loss_sum += loss.detach().float()
         self.d.all_reduce_sum(loss_sum)
@@ -262,8 +266,10 @@ class Trainer:
         self.metrics.record(self.step, lr, tokens, label_tokens, flops, values)
         return stops > 0
 
-    def _loss(self, batch: PackedBatch | PaddedBatch, num_items: torch.Tensor | None = None) -> torch.Tensor:
-        """Summed token loss of one micro-batch (÷ num_items when given), packed or padded."""
+    def _loss(self, batch: PackedBatch | PaddedBatch, num_items: torch.Tensor | None = None,
+              weighted: bool = False) -> torch.Tensor:
+        """Summed token loss of one micro-batch (times its loss weights when `weighted`, ÷ num_items
+        when given), packed or padded."""
         batch = batch.to(self.d.device)
         return self.module(
             batch.input_ids,
@@ -272,11 +278,13 @@ class Trainer:
             cu_seqlens=getattr(batch, "cu_seqlens", None),
             max_seqlen=getattr(batch, "max_seqlen", None),
             num_items=num_items,
+            loss_weights=batch.loss_weights if weighted else None,
         )
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the held-out split (all ranks), logged to metrics.jsonl."""
+        """Mean token loss over the held-out split (all ranks), logged to metrics.jsonl; unweighted
+        whatever `loss_weighting` is, so runs with different weightings compare."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.d.device)
         self.eval_sampler.set_epoch(0)
         for micro_batches in self.eval_sampler:

@@ -7,13 +7,16 @@ Per row i with label y (rows whose label is `ignore_index` give loss 0 and gradi
     loss  = lse - (1 - eps) * z_y - eps * mean_j(z_j) + z_loss * lse^2
     dloss/dz_j = softmax(z)_j * (1 + 2 * z_loss * lse) - eps / V - (1 - eps) * [j == y]
 
-then the chain rule through the softcap (dz/dx = 1 - (z / softcap)^2). The reduction divides
-the sum of row losses by `num_items` when given (a tensor or int: the global count of label
-tokens across micro-batches and ranks), else by the number of label rows for "mean"; the
-denominator is clamped to at least 1, so zero label tokens give loss 0 and gradients 0.
+then the chain rule through the softcap (dz/dx = 1 - (z / softcap)^2). Optional per-row
+`weights` w (float32 [N]; None means all ones and skips the weight load) multiply each row's loss
+and gradient. The reduction divides the sum of (weighted) row losses by `num_items` when given (a
+tensor or int: the global count of label tokens across micro-batches and ranks, or of samples or
+turns under sample/turn loss weighting), else for "mean" by the number of label rows (the sum of
+their weights when weighted); a count is clamped to at least 1 and a zero weight sum gives scale
+0, so zero label tokens give loss 0 and gradients 0.
 
 Because the gradient is known once the log-sum-exp is, the kernels write it during the forward
-pass (already multiplied by 1/denominator) and backward is one scale by grad_output. It goes
+pass (already multiplied by w/denominator) and backward is one scale by grad_output. It goes
 into the logits' own storage with `inplace_backward=True` (no N x V buffer beyond the logits;
 the logits are overwritten), else into one new buffer. Three implementations: a Triton kernel
 (one program per row, online log-sum-exp over vocab blocks, fp32 math), the C++ op
@@ -44,10 +47,10 @@ if triton is not None:
 
     @triton.jit
     def _cross_entropy_fwd_kernel(
-        x_ptr, x_stride, g_ptr, g_stride, labels_ptr, loss_ptr, lse_ptr, scale_ptr,
+        x_ptr, x_stride, g_ptr, g_stride, labels_ptr, w_ptr, loss_ptr, lse_ptr, scale_ptr,
         V, ignore_index, eps, z_loss, softcap,
-        HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-        BLOCK_V: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         x_ptr += row * x_stride
@@ -86,12 +89,17 @@ if triton is not None:
         loss = lse - (1.0 - eps) * z_y + z_loss * lse * lse
         if HAS_SMOOTHING:
             loss -= eps * sum_z / V
+        if HAS_WEIGHTS:
+            w = tl.load(w_ptr + row).to(tl.float32)
+            loss *= w
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
 
-        # Pass 2: the gradient, scaled by 1/denominator, written over the row (in place or not).
+        # Pass 2: the gradient, scaled by w/denominator, written over the row (in place or not).
         if COMPUTE_GRAD:
             scale = tl.load(scale_ptr).to(tl.float32)
+            if HAS_WEIGHTS:
+                scale *= w
             a = scale * (1.0 + 2.0 * z_loss * lse)
             b = scale * eps / V
             c = scale * (1.0 - eps)
@@ -107,7 +115,7 @@ if triton is not None:
                 tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _triton_forward(x, labels, scale, ignore_index, eps, z_loss, softcap, grad):
+def _triton_forward(x, labels, weights, scale, ignore_index, eps, z_loss, softcap, grad):
     """Launch one program per row; `grad` is the output buffer (x itself when in place) or None."""
     n, v = x.shape
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -115,9 +123,10 @@ def _triton_forward(x, labels, scale, ignore_index, eps, z_loss, softcap, grad):
     block_v = min(triton.next_power_of_2(v), 8192)
     _cross_entropy_fwd_kernel[(n,)](
         x, x.stride(0), x if grad is None else grad, x.stride(0) if grad is None else grad.stride(0),
-        labels, loss, lse, scale, v, ignore_index, eps, z_loss, 1.0 if softcap is None else softcap,
-        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0, COMPUTE_GRAD=grad is not None,
-        BLOCK_V=block_v, num_warps=16 if block_v >= 4096 else 8,
+        labels, loss if weights is None else weights, loss, lse, scale, v, ignore_index, eps, z_loss,
+        1.0 if softcap is None else softcap, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0,
+        HAS_WEIGHTS=weights is not None, COMPUTE_GRAD=grad is not None, BLOCK_V=block_v,
+        num_warps=16 if block_v >= 4096 else 8,
     )
     return loss, lse
 
@@ -125,40 +134,43 @@ def _triton_forward(x, labels, scale, ignore_index, eps, z_loss, softcap, grad):
 if _dispatch.cpu_extension() is not None:
 
     @torch.library.register_fake("packtune::cross_entropy_fwd")
-    def _(logits, labels, scale, ignore_index, eps, z_loss, softcap, compute_grad):
+    def _(logits, labels, weights, scale, ignore_index, eps, z_loss, softcap, compute_grad):
         n, v = logits.shape
         grad = logits.new_empty((n, v) if compute_grad else (0,))
         return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32), grad
 
     @torch.library.register_fake("packtune::cross_entropy_fwd_")
-    def _(logits, labels, scale, ignore_index, eps, z_loss, softcap):
+    def _(logits, labels, weights, scale, ignore_index, eps, z_loss, softcap):
         n = logits.shape[0]
         return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
-def cross_entropy_rows(x: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, backend: str, *,
-                       ignore_index: int, eps: float, z_loss: float, softcap: float | None,
-                       compute_grad: bool, inplace: bool):
+def cross_entropy_rows(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                       scale: torch.Tensor, backend: str, *, ignore_index: int, eps: float, z_loss: float,
+                       softcap: float | None, compute_grad: bool, inplace: bool):
     """Per-row (loss, lse) and the gradient scaled by `scale` (x itself when `inplace`, else a new
-    buffer; None when not `compute_grad`). x is [N, V] with unit column stride."""
+    buffer; None when not `compute_grad`), loss and gradient of row i also by weights[i] when
+    `weights` (fp32 [N]) is given. x is [N, V] with unit column stride."""
     if backend == "torch":
-        return _torch_rows(x, labels, scale, ignore_index, eps, z_loss, softcap, compute_grad, inplace)
+        return _torch_rows(x, labels, weights, scale, ignore_index, eps, z_loss, softcap, compute_grad,
+                           inplace)
     if backend == "cpu":
         ops = torch.ops.packtune
         if compute_grad and inplace:
-            loss, lse = ops.cross_entropy_fwd_(x, labels, scale, ignore_index, eps, z_loss, softcap or 0.0)
+            loss, lse = ops.cross_entropy_fwd_(x, labels, weights, scale, ignore_index, eps, z_loss,
+                                               softcap or 0.0)
             return loss, lse, x
-        loss, lse, grad = ops.cross_entropy_fwd(x, labels, scale, ignore_index, eps, z_loss, softcap or 0.0,
-                                                compute_grad)
+        loss, lse, grad = ops.cross_entropy_fwd(x, labels, weights, scale, ignore_index, eps, z_loss,
+                                                softcap or 0.0, compute_grad)
         return loss, lse, grad if compute_grad else None
     grad = None
     if compute_grad:
         grad = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
-    loss, lse = _triton_forward(x, labels, scale, ignore_index, eps, z_loss, softcap, grad)
+    loss, lse = _triton_forward(x, labels, weights, scale, ignore_index, eps, z_loss, softcap, grad)
     return loss, lse, grad
 
 
-def _torch_rows(x, labels, scale, ignore_index, eps, z_loss, softcap, compute_grad, inplace):
+def _torch_rows(x, labels, weights, scale, ignore_index, eps, z_loss, softcap, compute_grad, inplace):
     """`cross_entropy_rows` in PyTorch ops, fp32 math (linear CE's chunks use it on the torch backend)."""
     z = x.float()
     if softcap is not None:
@@ -170,11 +182,14 @@ def _torch_rows(x, labels, scale, ignore_index, eps, z_loss, softcap, compute_gr
     z_y = z.gather(1, safe)[:, 0]
     loss = torch.where(valid, lse - (1 - eps) * z_y - eps * z.mean(-1) + z_loss * lse * lse, 0.0)
     lse = torch.where(valid, lse, 0.0)
+    if weights is not None:
+        loss = loss * weights
     if not compute_grad:
         return loss, lse, None
-    grad = torch.softmax(z, dim=-1).mul_((scale * (1 + 2 * z_loss * lse))[:, None])
-    grad.sub_(scale * eps / z.shape[1])
-    grad.scatter_add_(1, safe, (-scale * (1 - eps)).expand(z.shape[0], 1))
+    s = (scale.expand(z.shape[0]) if weights is None else scale * weights)[:, None]  # per-row scale
+    grad = torch.softmax(z, dim=-1).mul_(s * (1 + 2 * z_loss * lse[:, None]))
+    grad.sub_(s * (eps / z.shape[1]))
+    grad.scatter_add_(1, safe, -s * (1 - eps))
     if softcap is not None:
         grad.mul_(1 - t * t)
     grad.mul_(valid[:, None])
@@ -185,15 +200,15 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
     """Forward computes loss and gradient together; backward scales the stored gradient."""
 
     @staticmethod
-    def forward(ctx, logits, labels, scale, backend, reduction, ignore_index, eps, z_loss, softcap,
+    def forward(ctx, logits, labels, weights, scale, backend, reduction, ignore_index, eps, z_loss, softcap,
                 inplace, compute_grad):
         shape = logits.shape
         x = logits.reshape(-1, shape[-1])
         if x.stride(-1) != 1:
             x = x.contiguous()
-        loss, lse, grad = cross_entropy_rows(x, labels, scale, backend, ignore_index=ignore_index, eps=eps,
-                                             z_loss=z_loss, softcap=softcap, compute_grad=compute_grad,
-                                             inplace=inplace)
+        loss, lse, grad = cross_entropy_rows(x, labels, weights, scale, backend, ignore_index=ignore_index,
+                                             eps=eps, z_loss=z_loss, softcap=softcap,
+                                             compute_grad=compute_grad, inplace=inplace)
         loss = loss * scale if reduction == "none" else loss.sum() * scale
         ctx.mark_non_differentiable(lse)
         ctx.reduction, ctx.shape = reduction, shape
@@ -210,7 +225,7 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
         elif torch.compiler.is_compiling() or grad.device.type != "cpu" or grad_loss.item() != 1.0:
             # Skipped only for CPU tensors, where reading grad_output is not a device sync.
             grad.mul_(grad_loss)
-        return grad.view(ctx.shape), None, None, None, None, None, None, None, None, None, None
+        return grad.view(ctx.shape), None, None, None, None, None, None, None, None, None, None, None
 
 
 def _mark_consumed(ctx) -> None:
@@ -222,12 +237,17 @@ def _mark_consumed(ctx) -> None:
     ctx.consumed = True
 
 
-def _row_scale(labels: torch.Tensor, reduction: str, num_items, ignore_index: int, device) -> torch.Tensor:
-    """1/denominator as a 0-dim fp32 tensor on `device`, computed without a host sync."""
+def _row_scale(labels: torch.Tensor, weights: torch.Tensor | None, reduction: str, num_items,
+               ignore_index: int, device) -> torch.Tensor:
+    """1/denominator as a 0-dim tensor on `device` (fp32; the weights' dtype for a weighted mean),
+    computed without a host sync."""
     if isinstance(num_items, torch.Tensor):
         count = num_items.to(device=device, dtype=torch.float32, non_blocking=True)
     elif num_items is not None:
         count = torch.full((), float(num_items), device=device)
+    elif reduction == "mean" and weights is not None:  # the weighted mean: / the label rows' weight sum
+        total = torch.where(labels != ignore_index, weights, 0.0).sum()
+        return torch.where(total > 0, 1.0 / total, 0.0)
     elif reduction == "mean":
         count = (labels != ignore_index).sum().to(torch.float32)
     else:
@@ -235,14 +255,14 @@ def _row_scale(labels: torch.Tensor, reduction: str, num_items, ignore_index: in
     return 1.0 / count.clamp(min=1.0)
 
 
-def _check_args(logits, labels, reduction, label_smoothing, softcap) -> None:
+def _check_args(logits, labels, weights, reduction, label_smoothing, softcap) -> None:
     if logits.dim() < 1 or logits.numel() // max(logits.shape[-1], 1) != labels.numel():
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
                          "expected logits [..., V] with one label per row")
-    check_options(labels, reduction, label_smoothing, softcap)
+    check_options(labels, weights, reduction, label_smoothing, softcap)
 
 
-def check_options(labels, reduction, label_smoothing, softcap) -> None:
+def check_options(labels, weights, reduction, label_smoothing, softcap) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; choose from {REDUCTIONS}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -251,13 +271,23 @@ def check_options(labels, reduction, label_smoothing, softcap) -> None:
         raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap={softcap} must be positive (or None)")
+    if weights is not None and (not weights.dtype.is_floating_point or weights.numel() != labels.numel()):
+        raise ValueError(f"weights {weights.dtype} {tuple(weights.shape)} must be floating point with one "
+                         f"weight per label ({labels.numel()})")
 
 
-def masked_cross_entropy_ref(logits, labels, *, ignore_index=-100, reduction="mean", num_items=None,
-                             label_smoothing=0.0, z_loss=0.0, softcap=None, return_lse=False):
+def flat_weights(weights: torch.Tensor | None, device) -> torch.Tensor | None:
+    """The weights as the kernels read them: fp32 [N], contiguous, on `device` (None stays None)."""
+    if weights is None:
+        return None
+    return weights.reshape(-1).to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+
+
+def masked_cross_entropy_ref(logits, labels, *, weights=None, ignore_index=-100, reduction="mean",
+                             num_items=None, label_smoothing=0.0, z_loss=0.0, softcap=None, return_lse=False):
     """The specification, in plain PyTorch (autograd differentiates it). Computes in float64 for
     float64 logits, else in float32."""
-    _check_args(logits, labels, reduction, label_smoothing, softcap)
+    _check_args(logits, labels, weights, reduction, label_smoothing, softcap)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.reshape(-1, logits.shape[-1]).to(dtype)
     labels = labels.reshape(-1)
@@ -268,18 +298,23 @@ def masked_cross_entropy_ref(logits, labels, *, ignore_index=-100, reduction="me
     z_y = z.gather(1, torch.where(valid, labels, 0).long()[:, None])[:, 0]
     loss = lse - (1 - label_smoothing) * z_y - label_smoothing * z.mean(-1) + z_loss * lse * lse
     loss = torch.where(valid, loss, 0.0)
-    scale = _row_scale(labels, reduction, num_items, ignore_index, z.device).to(dtype)
+    if weights is not None:
+        weights = weights.reshape(-1).to(z.device, dtype)
+        loss = loss * weights
+    scale = _row_scale(labels, weights, reduction, num_items, ignore_index, z.device).to(dtype)
     loss = (loss * scale).reshape(labels.shape) if reduction == "none" else loss.sum() * scale
     return (loss, torch.where(valid, lse, 0.0).detach()) if return_lse else loss
 
 
-def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                         reduction: str = "mean", num_items: torch.Tensor | int | None = None,
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, weights: torch.Tensor | None = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         num_items: torch.Tensor | int | None = None,
                          label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                          return_lse: bool = False, inplace_backward: bool = False,
                          backend: str | None = None):
     """Cross-entropy of `logits` [..., V] against `labels` [...], rows labelled `ignore_index` skipped.
 
+    `weights` [...] (float, like labels) multiplies each row's loss and gradient; None = all ones.
     Returns the loss (fp32: a scalar, or per row for reduction="none"), and with `return_lse` also
     the per-row log-sum-exp (0 on ignored rows, not differentiable). `inplace_backward=True`
     overwrites `logits` with the gradient (only for logits nobody else reads afterwards). The
@@ -288,18 +323,19 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_i
     backend = _dispatch.resolve_backend("masked_cross_entropy", logits.device.type, backend)
     if backend == "cpu" and logits.dtype not in (torch.float32, torch.bfloat16):
         backend = "torch"
-    options = dict(ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+    options = dict(weights=weights, ignore_index=ignore_index, reduction=reduction, num_items=num_items,
                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if backend == "torch":
         return masked_cross_entropy_ref(logits, labels, return_lse=return_lse, **options)
-    _check_args(logits, labels, reduction, label_smoothing, softcap)
+    _check_args(logits, labels, weights, reduction, label_smoothing, softcap)
     flat = labels.reshape(-1).long()
     if logits.device.type == "cpu" and backend == "triton":
         _check_labels_range(flat, ignore_index, logits.shape[-1])
-    scale = _row_scale(flat, reduction, num_items, ignore_index, logits.device)
+    weights = flat_weights(weights, logits.device)
+    scale = _row_scale(flat, weights, reduction, num_items, ignore_index, logits.device)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, lse = MaskedCrossEntropyFunction.apply(
-        logits, flat, scale, backend, reduction, ignore_index, float(label_smoothing), float(z_loss),
+        logits, flat, weights, scale, backend, reduction, ignore_index, float(label_smoothing), float(z_loss),
         None if softcap is None else float(softcap), inplace_backward, compute_grad)
     if reduction == "none":
         loss = loss.view(labels.shape)
@@ -315,7 +351,7 @@ def _check_labels_range(labels: torch.Tensor, ignore_index: int, vocab: int) -> 
 
 
 class MaskedCrossEntropy(torch.nn.Module):
-    """Module form of `masked_cross_entropy`; `forward(logits, labels, num_items=None)`."""
+    """Module form of `masked_cross_entropy`; `forward(logits, labels, num_items=None, weights=None)`."""
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False,
@@ -326,8 +362,8 @@ class MaskedCrossEntropy(torch.nn.Module):
                             inplace_backward=inplace_backward, backend=backend)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
-                num_items: torch.Tensor | int | None = None):
-        return masked_cross_entropy(logits, labels, num_items=num_items, **self.options)
+                num_items: torch.Tensor | int | None = None, weights: torch.Tensor | None = None):
+        return masked_cross_entropy(logits, labels, num_items=num_items, weights=weights, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -5,14 +5,15 @@ loss, so their logits are never formed and their FLOPs are skipped. The label ro
 in chunks of `chunk_size` rows, and per chunk:
 
     logits = h_c @ W.T (+ b)               [C, V] in the input dtype
-    fused CE kernel, in place              logits -> dloss/dlogits (already / denominator)
+    fused CE kernel, in place              logits -> dloss/dlogits (already * weight / denominator)
     dX[rows_c] = dlogits @ W               ignored rows keep dX = 0
     dW += dlogits.T @ h_c, db += sum(dlogits)    accumulated in fp32, in chunk order
 
 so peak memory is dW (fp32) + dX + one chunk of logits, and the result is deterministic (a fixed
-chunk order, no atomics). Backward is a scale of dX, dW, db by grad_output; for
-reduction="none" the per-row grad_output is only known in backward, so there the forward only
-computes the losses and backward recomputes the chunks with the grad_output folded in.
+chunk order, no atomics). Per-row `weights` (None: all ones) scale each row's loss and dlogits
+inside the CE kernel. Backward is a scale of dX, dW, db by grad_output; for reduction="none"
+the per-row grad_output is only known in backward, so there the forward only computes the
+losses and backward recomputes the chunks with the grad_output folded in.
 
 The label-row index: on CPU `nonzero` (reading a CPU tensor is free); on GPU a stable sort puts
 label rows first without a host sync, and the one sync is reading their count to size the chunk
@@ -32,6 +33,7 @@ from packtune.kernels.cross_entropy import (
     _row_scale,
     check_options,
     cross_entropy_rows,
+    flat_weights,
     masked_cross_entropy_ref,
 )
 
@@ -55,10 +57,10 @@ def _label_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return order[: int(valid.sum())]
 
 
-def _chunked_pass(x, weight, bias, labels, rows, scale, backend, options, chunk_size, row_grad=None,
+def _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, options, chunk_size, row_grad=None,
                   needs=(True, True, True)):
-    """Losses and lse per row; with any of `needs` (dX, dW, db) also those gradients, each label
-    row's gradient multiplied by `row_grad` when given."""
+    """Losses and lse per row (losses times `weights` when given); with any of `needs` (dX, dW, db)
+    also those gradients, each label row's gradient multiplied by `row_grad` when given."""
     n, v = x.shape[0], weight.shape[0]
     loss = torch.zeros(n, dtype=torch.float32, device=x.device)
     lse = torch.zeros(n, dtype=torch.float32, device=x.device)
@@ -75,7 +77,8 @@ def _chunked_pass(x, weight, bias, labels, rows, scale, backend, options, chunk_
             torch.mm(h, weight.t(), out=logits)
         else:
             torch.addmm(bias, h, weight.t(), out=logits)
-        loss_c, lse_c, dlogits = cross_entropy_rows(logits, labels.index_select(0, idx), scale, backend,
+        w_c = None if weights is None else weights.index_select(0, idx)
+        loss_c, lse_c, dlogits = cross_entropy_rows(logits, labels.index_select(0, idx), w_c, scale, backend,
                                                     compute_grad=compute_grad, inplace=True, **options)
         loss.index_copy_(0, idx, loss_c)
         lse.index_copy_(0, idx, lse_c)
@@ -97,15 +100,15 @@ def _chunked_pass(x, weight, bias, labels, rows, scale, backend, options, chunk_
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, scale, backend, reduction, options, chunk_size, needs):
+    def forward(ctx, x, weight, bias, labels, weights, scale, backend, reduction, options, chunk_size, needs):
         rows = _label_rows(labels, options["ignore_index"])
         deferred = reduction == "none"  # per-row grad_output: gradients are formed in backward
-        loss, lse, gx, gw, gb = _chunked_pass(x, weight, bias, labels, rows, scale, backend, options,
+        loss, lse, gx, gw, gb = _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, options,
                                               chunk_size, needs=(False,) * 3 if deferred else needs)
         ctx.mark_non_differentiable(lse)
         ctx.meta = (backend, reduction, options, chunk_size, needs, weight.dtype, bias is not None)
         if deferred:
-            ctx.save_for_backward(x, weight, bias, labels, rows, scale)
+            ctx.save_for_backward(x, weight, bias, labels, weights, rows, scale)
         else:
             ctx.save_for_backward(gx, gw, gb)
         loss = loss * scale if deferred else loss.sum() * scale
@@ -115,8 +118,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         backend, reduction, options, chunk_size, needs, w_dtype, has_bias = ctx.meta
         if reduction == "none":
-            x, weight, bias, labels, rows, scale = ctx.saved_tensors
-            _, _, gx, gw, gb = _chunked_pass(x, weight, bias, labels, rows, scale, backend, options,
+            x, weight, bias, labels, weights, rows, scale = ctx.saved_tensors
+            _, _, gx, gw, gb = _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, options,
                                              chunk_size, row_grad=grad_loss, needs=needs)
         else:
             gx, gw, gb = ctx.saved_tensors
@@ -127,7 +130,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 gx, gw, gb = (None if g is None else g.mul_(grad_loss) for g in (gx, gw, gb))
         gw = None if gw is None else gw.to(w_dtype)
         gb = gb.to(w_dtype) if has_bias and gb is not None else None
-        return gx, gw, gb, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -136,7 +139,7 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.Module, labels: torch.Tensor,
-                         *,
+                         *, weights: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          num_items: torch.Tensor | int | None = None, label_smoothing: float = 0.0,
                          z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False,
@@ -145,7 +148,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.M
     """masked_cross_entropy(hidden @ weight.T + bias, labels, ...) without storing N x V logits.
 
     hidden [..., H]; weight [V, H] or a module holding it (an `nn.Linear` lm_head, FSDP2-sharded or
-    not; its bias is used when `bias` is None); labels [...]. `inplace_backward` is accepted for
+    not; its bias is used when `bias` is None); labels [...]; `weights` [...] per-row loss weights
+    (float, like labels; None = all ones). `inplace_backward` is accepted for
     signature parity: the chunks' logits are internal, so they always become the gradient in place.
     dW and db come back in the weight's dtype after fp32 accumulation.
     """
@@ -161,17 +165,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.M
     backend = _dispatch.resolve_backend("linear_cross_entropy", hidden.device.type, backend)
     if backend == "cpu" and hidden.dtype not in (torch.float32, torch.bfloat16):
         backend = "torch"
-    check_options(labels, reduction, label_smoothing, softcap)
+    check_options(labels, weights, reduction, label_smoothing, softcap)
     flat = labels.reshape(-1).long()
-    scale = _row_scale(flat, reduction, num_items, ignore_index, hidden.device)
+    weights = flat_weights(weights, hidden.device)
+    scale = _row_scale(flat, weights, reduction, num_items, ignore_index, hidden.device)
     options = dict(ignore_index=ignore_index, eps=float(label_smoothing), z_loss=float(z_loss),
                    softcap=None if softcap is None else float(softcap))
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     chunk = chunk_size or default_chunk_size(n_rows, h, weight.shape[0])
-    loss, lse = LinearCrossEntropyFunction.apply(hidden.reshape(n_rows, h), weight, bias, flat, scale,
-                                                 backend, reduction, options, chunk, needs)
+    loss, lse = LinearCrossEntropyFunction.apply(hidden.reshape(n_rows, h), weight, bias, flat, weights,
+                                                 scale, backend, reduction, options, chunk, needs)
     if reduction == "none":
         loss = loss.view(labels.shape)
     return (loss, lse.view(labels.shape)) if return_lse else loss
@@ -194,8 +199,8 @@ def linear_cross_entropy_ref(hidden, weight, labels, *, bias=None, **options):
 
 
 class LinearCrossEntropy(torch.nn.Module):
-    """Module form of `linear_cross_entropy`; `forward(hidden, weight, labels, bias=None, num_items=None)`
-    where `weight` may be the lm_head module itself."""
+    """Module form of `linear_cross_entropy`; `forward(hidden, weight, labels, bias=None, num_items=None,
+    weights=None)` where `weight` may be the lm_head module itself."""
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False,
@@ -206,8 +211,10 @@ class LinearCrossEntropy(torch.nn.Module):
                             chunk_size=chunk_size)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor | torch.nn.Module, labels: torch.Tensor,
-                bias: torch.Tensor | None = None, num_items: torch.Tensor | int | None = None):
-        return linear_cross_entropy(hidden, weight, labels, bias=bias, num_items=num_items, **self.options)
+                bias: torch.Tensor | None = None, num_items: torch.Tensor | int | None = None,
+                weights: torch.Tensor | None = None):
+        return linear_cross_entropy(hidden, weight, labels, bias=bias, num_items=num_items, weights=weights,
+                                    **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

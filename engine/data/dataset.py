@@ -58,18 +58,20 @@ class TokenizedDataset:
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.tokens[lo:hi], self.mask[lo:hi]
 
-    def pack(self, max_tokens: int | None = None, strategy: str = "bfd", seed: int = 0):
+    def pack(self, max_tokens: int | None = None, strategy: str = "bfd", seed: int = 0,
+             loss_weighting: str = "token"):
         """Rows of at most `max_tokens` tokens (default: the prepared max_tokens), packed by
-        `strategy` (best-fit decreasing, or best fit over a seeded shuffle)."""
+        `strategy` (best-fit decreasing, or best fit over a seeded shuffle); their batches carry
+        the loss weights of `loss_weighting` (token, sample or turn)."""
         from packtune.data.packing import PackedRows
 
-        return PackedRows.packed(self, max_tokens or self.max_tokens, strategy, seed)
+        return PackedRows.packed(self, max_tokens or self.max_tokens, strategy, seed, loss_weighting)
 
-    def pad(self, batch_size: int, seed: int = 0):
+    def pad(self, batch_size: int, seed: int = 0, loss_weighting: str = "token"):
         """Padded micro-batches of `batch_size` samples in a seeded random grouping, for comparison."""
         from packtune.data.packing import PaddedRows
 
-        return PaddedRows.random_groups(self, batch_size, seed)
+        return PaddedRows.random_groups(self, batch_size, seed, loss_weighting)
 
 
 def prepare_dataset(

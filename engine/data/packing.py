@@ -13,6 +13,10 @@ A `PackedBatch` is one row: samples concatenated without padding, labels shifted
 position), `position_ids` restarting at 0 per sample, int32 `cu_seqlens` and a host-side
 `max_seqlen`, so varlen attention needs no device-to-host sync. `PaddedBatch` is the padded
 counterpart (pad-to-longest), for comparison.
+
+Both carry the loss weighting (`[train] loss_weighting`, see `loss_weights`): per-token weights
+(None for "token") and `num_items`, the batch's share of the step's loss normalizer (label tokens,
+samples or turns), both computed here on the host, once, from the shifted labels.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from packtune.data.errors import DataError
 
 IGNORE_INDEX = -100
+LOSS_WEIGHTINGS = ("token", "sample", "turn")
 
 
 def _extension_available() -> bool:
@@ -169,6 +174,10 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     num_label_tokens: int
+    num_items: int
+    """This row's share of the loss normalizer: label tokens, samples or turns (see loss_weights)."""
+    loss_weights: torch.Tensor | None
+    """fp32 per-token loss weights, None for token weighting."""
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
         return PackedBatch(
@@ -185,6 +194,8 @@ class PaddedBatch:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
     num_label_tokens: int
+    num_items: int
+    loss_weights: torch.Tensor | None
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PaddedBatch:
         return PaddedBatch(
@@ -204,11 +215,43 @@ def shifted_labels(ids: np.ndarray, mask: np.ndarray, seq_lens: np.ndarray) -> n
     return labels
 
 
-class _Rows:
-    """Rows of sample indices over a TokenizedDataset; subclasses collate a row into a batch."""
+def check_loss_weighting(weighting: str) -> None:
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {weighting!r}")
 
-    def __init__(self, dataset, row_of: np.ndarray, max_tokens: int) -> None:
+
+def loss_weights(labels: np.ndarray, seq_lens: np.ndarray, weighting: str) -> tuple[np.ndarray | None, int]:
+    """(per-token weights, the normalizer's count) for concatenated samples' shifted labels.
+
+    token: no weights (None), count = label tokens. sample: 1 / (label tokens of the token's
+    sample), count = samples with a label token. turn: 1 / (tokens of the token's turn), a turn
+    being a maximal run of label tokens within a sample, count = turns. Non-label tokens get 0.
+    Summed over a step's batches and ranks, the count divides the summed weighted token losses.
+    """
+    check_loss_weighting(weighting)
+    is_label = labels != IGNORE_INDEX
+    if weighting == "token":
+        return None, int(is_label.sum())
+    if weighting == "sample":
+        group = np.repeat(np.arange(len(seq_lens)), seq_lens)[is_label]
+    else:
+        after_label = np.r_[False, is_label[:-1]]
+        after_label[np.cumsum(seq_lens)[:-1]] = False  # a turn never continues into the next sample
+        group = np.cumsum(is_label & ~after_label)[is_label] - 1
+    sizes = np.bincount(group)
+    weights = np.zeros(len(labels), dtype=np.float32)
+    weights[is_label] = 1.0 / sizes[group]
+    return weights, int((sizes > 0).sum())
+
+
+class _Rows:
+    """Rows of sample indices over a TokenizedDataset; subclasses collate a row into a batch whose
+    loss weights follow `loss_weighting` (one of LOSS_WEIGHTINGS)."""
+
+    def __init__(self, dataset, row_of: np.ndarray, max_tokens: int, loss_weighting: str = "token") -> None:
+        check_loss_weighting(loss_weighting)
         self.dataset, self.row_of, self.max_tokens = dataset, row_of, max_tokens
+        self.loss_weighting = loss_weighting
         self.order, self.offsets = rows_from_assignment(row_of)
         lengths = dataset.lengths
         self.row_tokens = np.bincount(row_of, weights=lengths, minlength=len(self)).astype(np.int64)
@@ -225,7 +268,9 @@ class _Rows:
     def with_row_multiple(self, multiple: int):
         """The same rows, split so that their number is a multiple of `multiple`."""
         row_of = split_to_multiple(self.row_of, self.dataset.lengths, multiple)
-        return self if row_of is self.row_of else type(self)(self.dataset, row_of, self.max_tokens)
+        if row_of is self.row_of:
+            return self
+        return type(self)(self.dataset, row_of, self.max_tokens, self.loss_weighting)
 
     def _gather(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         samples = self.samples(row)
@@ -244,7 +289,8 @@ class PackedRows(_Rows):
     """Rows of at most `max_tokens` tokens: best-fit decreasing, or best fit in a shuffled order."""
 
     @classmethod
-    def packed(cls, dataset, max_tokens: int, strategy: str = "bfd", seed: int = 0) -> PackedRows:
+    def packed(cls, dataset, max_tokens: int, strategy: str = "bfd", seed: int = 0,
+               loss_weighting: str = "token") -> PackedRows:
         """`strategy` is one of PACKING_STRATEGIES (see DataConfig.packing_strategy)."""
         if strategy not in PACKING_STRATEGIES:
             raise ValueError(f"packing strategy must be one of {', '.join(PACKING_STRATEGIES)}, "
@@ -257,8 +303,8 @@ class PackedRows(_Rows):
                 "too_long",
             )
         if strategy == "shuffle":
-            return cls(dataset, shuffled_best_fit(lengths, max_tokens, seed), max_tokens)
-        return cls(dataset, best_fit_decreasing(lengths, max_tokens), max_tokens)
+            return cls(dataset, shuffled_best_fit(lengths, max_tokens, seed), max_tokens, loss_weighting)
+        return cls(dataset, best_fit_decreasing(lengths, max_tokens), max_tokens, loss_weighting)
 
     @property
     def efficiency(self) -> float:
@@ -267,15 +313,16 @@ class PackedRows(_Rows):
 
     def collate(self, row: int) -> PackedBatch:
         ids, mask, seq_lens = self._gather(row)
-        return build_packed_batch(ids, ids, mask, seq_lens)
+        return build_packed_batch(ids, ids, mask, seq_lens, self.loss_weighting)
 
 
 def build_packed_batch(ids: np.ndarray, targets: np.ndarray, trainable: np.ndarray,
-                       seq_lens: np.ndarray) -> PackedBatch:
+                       seq_lens: np.ndarray, loss_weighting: str = "token") -> PackedBatch:
     """One packed row from its samples' concatenated input ids, target ids (usually the inputs
     themselves), trainable mask and lengths: labels shifted per sample, positions restarting at 0,
-    int32 cu_seqlens, all computed on the host."""
+    int32 cu_seqlens, loss weights, all computed on the host."""
     labels = shifted_labels(targets, trainable, seq_lens)
+    weights, num_items = loss_weights(labels, seq_lens, loss_weighting)
     cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
     np.cumsum(seq_lens, out=cu[1:])
     positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seq_lens)
@@ -286,6 +333,8 @@ def build_packed_batch(ids: np.ndarray, targets: np.ndarray, trainable: np.ndarr
         torch.from_numpy(cu),
         int(seq_lens.max()),
         int((labels != IGNORE_INDEX).sum()),
+        num_items,
+        None if weights is None else torch.from_numpy(weights),
     )
 
 
@@ -295,11 +344,12 @@ class PaddedRows(_Rows):
     pad_id = 0
 
     @classmethod
-    def random_groups(cls, dataset, batch_size: int, seed: int = 0) -> PaddedRows:
+    def random_groups(cls, dataset, batch_size: int, seed: int = 0,
+                      loss_weighting: str = "token") -> PaddedRows:
         perm = np.random.default_rng(seed).permutation(len(dataset))
         row_of = np.empty(len(dataset), dtype=np.int64)
         row_of[perm] = np.arange(len(dataset)) // batch_size
-        return cls(dataset, row_of, dataset.max_tokens)
+        return cls(dataset, row_of, dataset.max_tokens, loss_weighting)
 
     @property
     def efficiency(self) -> float:
@@ -313,11 +363,16 @@ class PaddedRows(_Rows):
     def collate(self, row: int) -> PaddedBatch:
         ids, mask, seq_lens = self._gather(row)
         labels = shifted_labels(ids, mask, seq_lens)
+        weights, num_items = loss_weights(labels, seq_lens, self.loss_weighting)
         batch, width = len(seq_lens), int(seq_lens.max())
         valid = np.arange(width)[None, :] < seq_lens[:, None]
         input_ids = np.full((batch, width), self.pad_id, dtype=np.int64)
         padded_labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
         input_ids[valid], padded_labels[valid] = ids, labels
+        padded_weights = None
+        if weights is not None:
+            padded_weights = np.zeros((batch, width), dtype=np.float32)
+            padded_weights[valid] = weights
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
         return PaddedBatch(
             torch.from_numpy(input_ids),
@@ -325,4 +380,6 @@ class PaddedRows(_Rows):
             torch.from_numpy(positions),
             torch.from_numpy(valid),
             int((labels != IGNORE_INDEX).sum()),
+            num_items,
+            None if padded_weights is None else torch.from_numpy(padded_weights),
         )

@@ -8,7 +8,8 @@ exactly once per epoch. The state is two ints (epoch, step) plus a fingerprint t
 resume with different data or a different world size.
 
 Because every rank holds the full row table, the global label-token count of a step (the loss
-denominator) is known on the host without an all-reduce: `global_label_tokens()`.
+denominator under token loss weighting) is known on the host without an all-reduce:
+`global_label_tokens()`.
 """
 
 from __future__ import annotations

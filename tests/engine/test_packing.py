@@ -11,6 +11,8 @@ from packtune.data.packing import (
     IGNORE_INDEX,
     _extension_available,
     best_fit_decreasing,
+    build_packed_batch,
+    loss_weights,
     shuffled_best_fit,
     split_to_multiple,
 )
@@ -114,6 +116,92 @@ def test_unknown_packing_strategy_is_a_config_error(dataset):
     cfg.data.packing_strategy = "random"
     with pytest.raises(ConfigError, match="data.packing_strategy must be one of bfd, shuffle, got 'random'"):
         build_rows(cfg, dataset)
+
+
+def test_loss_weights_by_hand():
+    # Sample A: two answers (trained tokens 2-3 and 5), sample B: one (1-2), sample C: none.
+    ids = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])
+    trainable = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0], dtype=bool)
+    seq_lens = np.array([6, 3, 2])
+    x = -100
+    expected_labels = [x, 3, 4, x, 6, x, 8, 9, x, x, x]
+    expected = {
+        "token": (None, 5),
+        "sample": ([0, 1 / 3, 1 / 3, 0, 1 / 3, 0, 1 / 2, 1 / 2, 0, 0, 0], 2),
+        "turn": ([0, 1 / 2, 1 / 2, 0, 1, 0, 1 / 2, 1 / 2, 0, 0, 0], 3),
+    }
+    for weighting, (weights, count) in expected.items():
+        batch = build_packed_batch(ids, ids, trainable, seq_lens, weighting)
+        assert batch.labels.tolist() == expected_labels
+        assert batch.num_items == count and batch.num_label_tokens == 5
+        if weights is None:
+            assert batch.loss_weights is None
+        else:
+            assert batch.loss_weights.dtype == torch.float32
+            np.testing.assert_allclose(batch.loss_weights.numpy(), weights, rtol=1e-7)
+    # A run of labels never continues into the next sample (labels given directly here).
+    weights, count = loss_weights(np.array([5, 6, 7, x]), np.array([2, 2]), "turn")
+    assert weights.tolist() == [0.5, 0.5, 1.0, 0.0] and count == 2
+    with pytest.raises(ValueError, match="must be one of token, sample, turn, got 'tokens'"):
+        loss_weights(np.array([5, x]), np.array([2]), "tokens")
+
+
+def test_unknown_loss_weighting_is_a_config_error(dataset):
+    from packtune.config import Config, ConfigError
+    from packtune.launch import build_rows
+
+    cfg = Config()
+    cfg.train.loss_weighting = "per_sample"
+    with pytest.raises(ConfigError, match="loss_weighting must be one of token, sample, turn, got 'per_"):
+        build_rows(cfg, dataset)
+
+
+@pytest.mark.parametrize("weighting", ["sample", "turn"])
+def test_packed_and_padded_rows_carry_the_same_weights(dataset, weighting):
+    packed_rows = dataset.pack(loss_weighting=weighting).with_row_multiple(3)
+    padded_rows = dataset.pad(4, seed=0, loss_weighting=weighting)
+    assert packed_rows.loss_weighting == padded_rows.loss_weighting == weighting
+    weight_of = {}  # sample -> its label tokens' weights, from the packed rows
+    total = 0
+    for row in range(len(packed_rows)):
+        batch = packed_rows.collate(row)
+        cu = batch.cu_seqlens.tolist()
+        for k, s in enumerate(packed_rows.samples(row).tolist()):
+            labels, w = batch.labels[cu[k] : cu[k + 1]], batch.loss_weights[cu[k] : cu[k + 1]]
+            assert (w[labels == IGNORE_INDEX] == 0).all()
+            weight_of[s] = w[labels != IGNORE_INDEX]
+            assert abs(float(weight_of[s].sum()) - 1.0) < 1e-5  # one turn per alpaca sample
+        total += batch.num_items
+    assert total == len(dataset) == len(weight_of)
+    for row in range(len(padded_rows)):
+        batch = padded_rows.collate(row)
+        assert batch.num_items == len(padded_rows.samples(row))
+        for k, s in enumerate(padded_rows.samples(row).tolist()):
+            torch.testing.assert_close(batch.loss_weights[k][batch.labels[k] != IGNORE_INDEX], weight_of[s])
+            assert (batch.loss_weights[k][batch.labels[k] == IGNORE_INDEX] == 0).all()
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1.1", "chatml"])
+def test_turns_are_the_assistant_answers(sp_model, tmp_path, template):
+    """Through the real pipeline: one turn per assistant answer (with its end-of-turn token)."""
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "echo", "fox"]
+    rows, answers = [], 0
+    for _ in range(40):
+        n = int(rng.integers(1, 4))
+        answers += n
+        rows.append({"conversations": [
+            {"from": who, "value": " ".join(rng.choice(words, int(rng.integers(2, 8))))}
+            for _ in range(n) for who in ("human", "gpt")
+        ]})
+    path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    cfg = DataConfig(path=str(path), tokenizer=str(sp_model), format="sharegpt", template=template,
+                     max_tokens=512)
+    chats = prepare_dataset(cfg, num_workers=1, use_cache=False)
+    packed_rows = chats.pack(loss_weighting="turn")
+    batches = [packed_rows.collate(r) for r in range(len(packed_rows))]
+    assert sum(b.num_items for b in batches) == answers
+    assert sum(float(b.loss_weights.sum()) for b in batches) == pytest.approx(answers, rel=1e-5)
 
 
 def test_split_to_multiple_keeps_every_sample_once():

@@ -41,23 +41,26 @@ def flat_params(trainer):
     return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 
 
-def test_grad_accumulation_equals_one_big_batch(tmp_path):
+@pytest.mark.parametrize("weighting", ["token", "sample", "turn"])
+def test_grad_accumulation_equals_one_big_batch(tmp_path, weighting):
     # Each step: 4 packed micro-batches of very different label counts vs. one row holding all of
     # them. A large Adam eps makes the update proportional to the gradient, so the weights
     # check the gradient's scale, not just its sign.
-    samples = make_samples(4 * 3 * 4, seed=1, max_len=20)
+    samples = make_samples(4 * 3 * 4, seed=1, max_len=20, turns=1 if weighting == "token" else 3)
     groups = [samples[i : i + 3] for i in range(0, len(samples), 3)]
-    split = [[packed(g) for g in groups[i : i + 4]] for i in range(0, len(groups), 4)]
-    whole = [[packed([s for g in groups[i : i + 4] for s in g])] for i in range(0, len(groups), 4)]
-    a = make_trainer(tmp_path / "a", split, adam_eps=10.0, lr=1.0)
-    b = make_trainer(tmp_path / "b", whole, adam_eps=10.0, lr=1.0)
+    split = [[packed(g, weighting) for g in groups[i : i + 4]] for i in range(0, len(groups), 4)]
+    whole = [[packed([s for g in groups[i : i + 4] for s in g], weighting)] for i in range(0, len(groups), 4)]
+    kw = dict(adam_eps=10.0, lr=1.0, loss_weighting=weighting)
+    a = make_trainer(tmp_path / "a", split, **kw)
+    b = make_trainer(tmp_path / "b", whole, **kw)
     assert a.fit() == b.fit() == 4
     for ra, rb in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b"), strict=False):
         assert ra["label_tokens"] == rb["label_tokens"]
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
     torch.testing.assert_close(flat_params(a), flat_params(b), rtol=0, atol=1e-5)
-    assert not torch.equal(flat_params(a), flat_params(make_trainer(tmp_path / "c", whole)))
+    other = make_trainer(tmp_path / "c", whole, loss_weighting=weighting)  # lr 1e-2, eps 1e-8
+    assert not torch.equal(flat_params(a), flat_params(other))
 
 
 def test_step_loss_is_global_token_mean(tmp_path):
@@ -75,17 +78,20 @@ def test_step_loss_is_global_token_mean(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model", [ToyLM, tiny_llama, lambda: tiny_llama(tied=True)], ids=["toy", "llama", "llama-tied"]
+    "model, weighting",
+    [(ToyLM, "token"), (tiny_llama, "token"), (lambda: tiny_llama(tied=True), "token"), (ToyLM, "sample"),
+     (tiny_llama, "turn")],
+    ids=["toy", "llama", "llama-tied", "toy-sample", "llama-turn"],
 )
-def test_packed_equals_padded(tmp_path, model):
-    samples = make_samples(3 * 2 * 4, seed=2)
+def test_packed_equals_padded(tmp_path, model, weighting):
+    samples = make_samples(3 * 2 * 4, seed=2, max_len=16, turns=1 if weighting == "token" else 2)
     groups = [samples[i : i + 4] for i in range(0, len(samples), 4)]
-    as_packed = [[packed(g) for g in groups[i : i + 2]] for i in range(0, len(groups), 2)]
-    as_padded = [[padded(g) for g in groups[i : i + 2]] for i in range(0, len(groups), 2)]
+    as_packed = [[packed(g, weighting) for g in groups[i : i + 2]] for i in range(0, len(groups), 2)]
+    as_padded = [[padded(g, weighting) for g in groups[i : i + 2]] for i in range(0, len(groups), 2)]
     # Adam's g/sqrt(v) blows fp32 rounding up for near-zero gradients; a large eps keeps the
     # update proportional to the gradient, which is what the weight comparison is about.
-    a = make_trainer(tmp_path / "a", as_packed, model, adam_eps=10.0, lr=1.0)
-    b = make_trainer(tmp_path / "b", as_padded, model, adam_eps=10.0, lr=1.0)
+    a = make_trainer(tmp_path / "a", as_packed, model, adam_eps=10.0, lr=1.0, loss_weighting=weighting)
+    b = make_trainer(tmp_path / "b", as_padded, model, adam_eps=10.0, lr=1.0, loss_weighting=weighting)
     a.fit(), b.fit()
     ma, mb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert len(ma) == len(mb) == 3
@@ -95,9 +101,54 @@ def test_packed_equals_padded(tmp_path, model):
     torch.testing.assert_close(flat_params(a), flat_params(b), rtol=0, atol=1e-5)
 
 
+def per_token_losses(trainer, b):
+    """Each sample's float64 token losses (label positions only, in order) of a packed toy batch,
+    with the positions where a new turn (run of label tokens) starts."""
+    with torch.no_grad():
+        hidden = trainer.model.hidden_states(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
+        logits = trainer.model.lm_head(hidden).double()
+    losses = torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")
+    bounds = b.cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        labels = b.labels[start:end].tolist()
+        yield [(losses[start + t].item(), t == 0 or labels[t - 1] == -100)
+               for t in range(end - start) if labels[t] != -100]
+
+
+@pytest.mark.parametrize("weighting", ["sample", "turn"])
+def test_step_loss_is_global_sample_or_turn_mean(tmp_path, weighting):
+    # Written from the definition: the mean of per-sample (per-turn) mean token losses over every
+    # sample (turn) of the step's micro-batches.
+    steps = toy_steps(1, micro_batches=3, per_micro=2, seed=4, weighting=weighting, turns=3)
+    trainer = make_trainer(tmp_path, steps, loss_weighting=weighting)
+    means = []
+    for b in steps[0]:
+        for sample in per_token_losses(trainer, b):
+            if weighting == "sample":
+                groups = [[loss for loss, _ in sample]] if sample else []
+            else:
+                groups = []
+                for loss, starts_turn in sample:
+                    if starts_turn:
+                        groups.append([])
+                    groups[-1].append(loss)
+            means += [sum(g) / len(g) for g in groups]
+    assert sum(b.num_items for b in steps[0]) == len(means)
+    assert (len(means) == 6) if weighting == "sample" else (len(means) > 6)  # 3 rows of 2 samples
+    trainer.fit()
+    assert metrics(tmp_path)[0]["loss"] == pytest.approx(sum(means) / len(means), rel=1e-5)
+
+
+def test_batches_of_another_weighting_are_refused(tmp_path):
+    trainer = make_trainer(tmp_path, toy_steps(1, weighting="sample"))
+    with pytest.raises(TrainingError, match="loss_weighting = 'token' but the batches"):
+        trainer.fit()
+
+
 def test_zero_label_tokens_gives_zero_loss_and_no_update(tmp_path):
     ids = torch.randint(0, 37, (6,))
-    empty = Batch(ids, torch.full((6,), -100), torch.arange(6), 0, torch.tensor([0, 6], dtype=torch.int32), 6)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    empty = Batch(ids, torch.full((6,), -100), torch.arange(6), 0, 0, None, cu, 6)
     trainer = make_trainer(tmp_path, [[empty]])
     before = flat_params(trainer).clone()
     trainer.fit()

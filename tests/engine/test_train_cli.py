@@ -57,3 +57,5 @@ def test_missing_files_and_unwritable_output(tmp_path, capsys, paths):
     assert "train.lr must be > 0" in capsys.readouterr().err
     assert train(tmp_path, good_config(paths), 'train.resume="nowhere"') == 2
     assert "train.resume" in capsys.readouterr().err
+    assert train(tmp_path, good_config(paths), "train.loss_weighting=samples") == 2
+    assert "train.loss_weighting must be one of token, sample, turn, got 'samples'" in capsys.readouterr().err

@@ -3,13 +3,15 @@
 The real Llama with tied embeddings (the shared weight lives in the root FSDP unit that the
 fused loss reads), built on the meta device and filled by rank 0's broadcast, activation
 checkpointing on the sharded run, the Hugging Face export gathered from the shards, and the
-sharded checkpoint resumed in one process.
+sharded checkpoint resumed in one process; with token and with turn loss weighting (the
+normalizer, a global count of turns, summed across ranks).
 """
 
 import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from toy_training import ListSampler, tiny_llama, toy_steps
@@ -29,9 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def global_steps():
+def global_steps(weighting: str):
     """5 steps of 4 packed rows with uneven label counts; rank r takes rows 2r and 2r+1."""
-    return toy_steps(STEPS, micro_batches=4, per_micro=3, seed=5)
+    return toy_steps(STEPS, micro_batches=4, per_micro=3, seed=5, weighting=weighting,
+                     turns=1 if weighting == "token" else 2)
 
 
 def config(output_dir, **overrides) -> TrainConfig:
@@ -41,14 +44,14 @@ def config(output_dir, **overrides) -> TrainConfig:
     return cfg
 
 
-def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str, weighting: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     d = init_distributed("cpu")
     torch.manual_seed(0)
-    steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps()]
-    cfg = config(output_dir, activation_checkpointing=True, save_every=STEPS)
+    steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps(weighting)]
+    cfg = config(output_dir, activation_checkpointing=True, save_every=STEPS, loss_weighting=weighting)
     model, load_weights = load_model(model_dir, torch.float32, d)  # meta, then rank 0 broadcasts
     assert load_weights is not None and model.lm_head.weight.is_meta
     trainer = Trainer(cfg, model, ListSampler(steps), d, load_weights=load_weights)
@@ -57,17 +60,19 @@ def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str) -
     shutdown(d)
 
 
-def test_two_fsdp_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("weighting", ["token", "turn"])
+def test_two_fsdp_ranks_equal_one_process(tmp_path, weighting):
     os.environ["OMP_NUM_THREADS"] = "1"
     model_dir = save_pretrained(tiny_llama(tied=True), tmp_path / "model")
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "fsdp"), str(model_dir)), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "fsdp"), str(model_dir), weighting), nprocs=2)
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    sampler = ListSampler(global_steps())
+    sampler = ListSampler(global_steps(weighting))
     model, load_weights = load_model(str(model_dir), torch.float32, init_distributed("cpu"))
     assert load_weights is None
-    single = Trainer(config(tmp_path / "single"), model, sampler, init_distributed("cpu"))
+    single = Trainer(config(tmp_path / "single", loss_weighting=weighting), model, sampler,
+                     init_distributed("cpu"))
     single.fit()
 
     def losses(name):
@@ -87,7 +92,8 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path):
 
     # The sharded checkpoint (each rank wrote its half) loads into one unsharded process.
     other_init = tiny_llama(tied=True, seed=1)
-    resumed = Trainer(config(tmp_path / "fsdp"), other_init, sampler, init_distributed("cpu"))
+    resumed = Trainer(config(tmp_path / "fsdp", loss_weighting=weighting), other_init, sampler,
+                      init_distributed("cpu"))
     assert resumed.resume().name == f"step_{STEPS:08d}" and resumed.step == STEPS
     for name, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-5, msg=name)

@@ -50,12 +50,15 @@ def assets(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("name", "data"), [("demo", "alpaca"), ("alpaca_llama_7b", "alpaca"), ("vicuna_llama_7b", "sharegpt")]
+    ("name", "data", "extra"),
+    [("demo", "alpaca", []), ("alpaca_llama_7b", "alpaca", []), ("vicuna_llama_7b", "sharegpt", []),
+     ("vicuna_llama_7b", "sharegpt", ['train.loss_weighting="turn"'])],
+    ids=["demo", "alpaca", "vicuna", "vicuna-turn-weighting"],
 )
-def test_recipe_trains_two_steps(tmp_path, assets, capsys, name, data):
+def test_recipe_trains_two_steps(tmp_path, assets, capsys, name, data, extra):
     config = CONFIGS / f"{name}.toml"
     out = tmp_path / "run"
-    overrides = [
+    overrides = [*extra,
         f'model.path="{assets["model"]}"',
         f'data.path="{assets[data]}"',
         f'data.tokenizer="{assets["tokenizer"]}"',
@@ -77,6 +80,7 @@ def test_recipe_trains_two_steps(tmp_path, assets, capsys, name, data):
     recipe = load_config(config)
     assert resolved.data.template == recipe.data.template and resolved.train.lr == recipe.train.lr
     assert resolved.train.micro_batches == recipe.train.micro_batches
+    assert resolved.train.loss_weighting == ("turn" if extra else "token")
     assert load_pretrained(out / "final").args.vocab_size == 600
     exported, original = load_tokenizer(out / "final"), load_tokenizer(assets["tokenizer"])
     assert exported.encode_text("hello world") == original.encode_text("hello world")

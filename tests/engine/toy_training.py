@@ -14,10 +14,12 @@ import signal
 import sys
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import nn
 
 from packtune.config import TrainConfig
+from packtune.data.packing import loss_weights
 
 
 class ToyBlock(nn.Module):
@@ -77,47 +79,72 @@ class Batch:
     labels: torch.Tensor
     position_ids: torch.Tensor
     num_label_tokens: int
+    num_items: int
+    loss_weights: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device)
         return replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
-                       position_ids=move(self.position_ids), cu_seqlens=move(self.cu_seqlens))
+                       position_ids=move(self.position_ids), cu_seqlens=move(self.cu_seqlens),
+                       loss_weights=move(self.loss_weights))
 
 
-def make_samples(n: int, *, vocab: int = 37, seed: int = 0, min_len: int = 3, max_len: int = 12):
-    """(ids, labels) pairs: a prompt of ignored labels, then a trained response; shifted labels."""
+def make_samples(n: int, *, vocab: int = 37, seed: int = 0, min_len: int = 3, max_len: int = 12,
+                 turns: int = 1):
+    """(ids, labels) pairs: `turns` rounds of a prompt of ignored labels, then a trained response;
+    shifted labels (the label at t is token t+1 where that token is trained)."""
     g = torch.Generator().manual_seed(seed)
     samples = []
     for _ in range(n):
-        length = int(torch.randint(min_len, max_len + 1, (), generator=g))
+        length = int(torch.randint(max(min_len, 2 * turns), max_len + 1, (), generator=g))
         ids = torch.randint(0, vocab, (length,), generator=g)
-        prompt = int(torch.randint(1, length, (), generator=g))
+        if turns == 1:
+            cuts = [int(torch.randint(1, length, (), generator=g))]
+        else:  # prompt, response, prompt, ... boundaries
+            cuts = sorted((torch.randperm(length - 1, generator=g)[: 2 * turns - 1] + 1).tolist())
+        bounds = [*cuts, length]
+        trained = torch.zeros(length, dtype=torch.bool)
+        for start, end in zip(bounds[::2], bounds[1::2], strict=True):
+            trained[start:end] = True
         labels = torch.full((length,), -100)
-        labels[prompt - 1 : length - 1] = ids[prompt:]
+        labels[:-1] = torch.where(trained[1:], ids[1:], -100)
         samples.append((ids, labels))
     return samples
 
 
-def packed(samples) -> Batch:
+def weights_of(labels: torch.Tensor, lengths: list[int], weighting: str):
+    """(loss weights or None, num_items) by packtune's host-side computation."""
+    weights, count = loss_weights(labels.numpy(), np.array(lengths), weighting)
+    return (None if weights is None else torch.from_numpy(weights)), count
+
+
+def packed(samples, weighting: str = "token") -> Batch:
     ids = torch.cat([s[0] for s in samples])
     labels = torch.cat([s[1] for s in samples])
     lengths = [len(s[0]) for s in samples]
     positions = torch.cat([torch.arange(n) for n in lengths])
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return Batch(ids, labels, positions, int((labels != -100).sum()), cu, max(lengths))
+    weights, count = weights_of(labels, lengths, weighting)
+    return Batch(ids, labels, positions, int((labels != -100).sum()), count, weights, cu, max(lengths))
 
 
-def padded(samples) -> Batch:
+def padded(samples, weighting: str = "token") -> Batch:
     width = max(len(s[0]) for s in samples)
     ids = torch.zeros(len(samples), width, dtype=torch.long)
     labels = torch.full((len(samples), width), -100)
+    weights = None if weighting == "token" else torch.zeros(len(samples), width)
+    count = 0
     for row, (i, lab) in enumerate(samples):
         ids[row, : len(i)] = i
         labels[row, : len(i)] = lab
+        w, n = weights_of(lab, [len(i)], weighting)
+        count += n
+        if weights is not None:
+            weights[row, : len(i)] = w
     positions = torch.arange(width).expand(len(samples), width).contiguous()
-    return Batch(ids, labels, positions, int((labels != -100).sum()))
+    return Batch(ids, labels, positions, int((labels != -100).sum()), count, weights)
 
 
 class ListSampler:
@@ -149,9 +176,10 @@ class ListSampler:
         self.epoch, self.index = state["epoch"], state["index"]
 
 
-def toy_steps(n_steps: int, micro_batches: int = 2, per_micro: int = 3, seed: int = 0):
-    samples = make_samples(n_steps * micro_batches * per_micro, seed=seed)
-    rows = [packed(samples[i : i + per_micro]) for i in range(0, len(samples), per_micro)]
+def toy_steps(n_steps: int, micro_batches: int = 2, per_micro: int = 3, seed: int = 0,
+              weighting: str = "token", turns: int = 1):
+    samples = make_samples(n_steps * micro_batches * per_micro, seed=seed, turns=turns)
+    rows = [packed(samples[i : i + per_micro], weighting) for i in range(0, len(samples), per_micro)]
     return [rows[i : i + micro_batches] for i in range(0, len(rows), micro_batches)]
 
 

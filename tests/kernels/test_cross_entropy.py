@@ -180,15 +180,16 @@ def test_return_lse_and_module(backend):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_under_torch_compile(backend, inplace):
     logits, labels = make_inputs(16, 300)
-    ref_loss, ref_grad = reference(logits, labels, label_smoothing=0.1)
+    weights = make_weights(16) if inplace else None  # the weighted path, traced once per op
+    ref_loss, ref_grad = reference(logits, labels, label_smoothing=0.1, weights=weights)
 
-    def step(x, labels):
-        return masked_cross_entropy(x * 1.0, labels, label_smoothing=0.1, backend=backend,
+    def step(x, labels, weights):
+        return masked_cross_entropy(x * 1.0, labels, weights=weights, label_smoothing=0.1, backend=backend,
                                     inplace_backward=inplace)
 
     compiled = torch.compile(step, fullgraph=True)
     x = logits.float().requires_grad_()
-    loss = compiled(x, labels)
+    loss = compiled(x, labels, weights)
     loss.backward()
     assert_fp32_close(loss, x.grad, ref_loss, ref_grad)
 
@@ -211,3 +212,64 @@ def test_second_backward_is_refused(backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="ran twice"):
         loss.backward()
+
+
+def make_weights(n, seed=0):
+    """fp32 per-row weights in [0, 2), one of them exactly 0."""
+    w = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 2
+    w[n // 2] = 0.0
+    return w
+
+
+def test_weighted_reference_is_the_weighted_sum():
+    logits, labels = make_inputs(30, 200)
+    w = make_weights(30)
+    rows = F.cross_entropy(logits, labels, reduction="none") * w.double()
+    valid = labels != -100
+    loss = masked_cross_entropy_ref(logits, labels, weights=w, reduction="sum", num_items=7)
+    torch.testing.assert_close(loss, rows.sum() / 7, rtol=1e-7, atol=0)  # 1/num_items is an fp32 scale
+    mean = masked_cross_entropy_ref(logits, labels, weights=w)  # weighted mean: / the label rows' weight sum
+    torch.testing.assert_close(mean, rows.sum() / w.double()[valid].sum(), rtol=1e-12, atol=0)
+    none = masked_cross_entropy_ref(logits, labels, weights=w, reduction="none", num_items=2)
+    torch.testing.assert_close(none, rows / 2, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weighted_fp32_matches_float64_reference(backend, option, reduction):
+    logits, labels = make_inputs(37, 1000)
+    kw = dict(OPTIONS[option], reduction=reduction, weights=make_weights(37))
+    if reduction == "sum":
+        kw["num_items"] = torch.tensor(11)
+    go = torch.randn(37) if reduction == "none" else torch.tensor(-1.5)
+    expected = reference(logits, labels, go, **kw)
+    for inplace in (False, True):
+        got = run(backend, logits, labels, grad_output=go, inplace_backward=inplace, **kw)
+        assert_fp32_close(*got, *expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_weights_equals_all_ones(backend, reduction):
+    logits, labels = make_inputs(19, 700)
+    kw = dict(reduction=reduction, z_loss=1e-3, label_smoothing=0.1)
+    go = torch.randn(19) if reduction == "none" else None
+    loss, grad = run(backend, logits, labels, grad_output=go, **kw)
+    ones_loss, ones_grad = run(backend, logits, labels, grad_output=go, weights=torch.ones(19), **kw)
+    assert torch.equal(loss, ones_loss) and torch.equal(grad, ones_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_bf16_and_batched(backend):
+    logits, labels = make_inputs(24, 900)
+    w = make_weights(24, seed=1)
+    ref_loss, ref_grad = reference(logits, labels, weights=w, softcap=5.0)
+    x = logits.bfloat16().view(4, 6, 900).requires_grad_()
+    loss = masked_cross_entropy(x, labels.view(4, 6), weights=w.view(4, 6).double(), softcap=5.0,
+                                backend=backend)
+    loss.backward()
+    assert (loss.double() - ref_loss).abs() <= 1e-2 * ref_loss.abs() + 1e-3
+    assert (x.grad.view(24, 900).double() - ref_grad).abs().max() <= 1e-2 * ref_grad.abs().max()
+    with pytest.raises(ValueError, match="one weight per label"):
+        masked_cross_entropy(logits, labels, weights=w[:5], backend=backend)

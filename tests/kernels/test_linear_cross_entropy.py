@@ -154,3 +154,33 @@ def test_bad_input_errors():
         linear_cross_entropy(hidden, weight, labels[:3])
     with pytest.raises(ValueError, match="bias"):
         linear_cross_entropy(hidden, weight, labels, bias=torch.zeros(3, dtype=torch.float64))
+
+
+def make_weights(n, seed=0):
+    w = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 2
+    w[n // 3] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weighted_fp32_matches_float64_reference(backend, bias, reduction):
+    *tensors, labels = make_inputs(45, 24, 1000, bias=bias)
+    go = torch.randn(45) if reduction == "none" else torch.tensor(0.7)
+    kw = dict(reduction=reduction, weights=make_weights(45), label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
+    if reduction == "sum":
+        kw["num_items"] = torch.tensor(6)
+    expected = run(linear_cross_entropy_ref, tensors, labels, torch.float64, go, **kw)
+    assert_fp32_close(run(linear_cross_entropy, tensors, labels, torch.float32, go, backend=backend,
+                          chunk_size=8, **kw), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_weights_equals_all_ones(backend):
+    *tensors, labels = make_inputs(30, 16, 500)
+    kw = dict(reduction="sum", num_items=torch.tensor(9), z_loss=1e-3)
+    kw.update(backend=backend, chunk_size=8)
+    loss, grads = run(linear_cross_entropy, tensors, labels, torch.float32, **kw)
+    ones = run(linear_cross_entropy, tensors, labels, torch.float32, weights=torch.ones(30), **kw)
+    assert torch.equal(loss, ones[0]) and all(torch.equal(a, b) for a, b in zip(grads, ones[1], strict=True))
