@@ -116,6 +116,9 @@ class TrainConfig:
     """torch.compile each decoder block."""
     export: bool = True
     """Write the final model as a Hugging Face directory `<output_dir>/final`."""
+    overwrite: bool = False
+    """Start a new run even if output_dir holds a run (finished or not) or other files: they are
+    first moved aside to `<output_dir>.replaced-<time>`, never deleted (also `--overwrite`)."""
 
 
 @dataclass
