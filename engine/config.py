@@ -30,7 +30,9 @@ class ModelConfig:
     path: str = ""
     """A Hugging Face model directory (config.json + safetensors)."""
     dtype: str = "auto"
-    """Parameter dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
+    """Compute dtype over fp32 master weights: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    (also on CPU); float16 is refused (no loss scaling). The export is written in this dtype (auto:
+    the source checkpoint's)."""
 
 
 @dataclass
