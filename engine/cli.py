@@ -103,6 +103,7 @@ def _train(args: argparse.Namespace) -> int:
     from packtune.train import TrainingError
 
     cfg = load_config(args.config, args.set)
+    cfg.train.overwrite |= args.overwrite
     try:
         run_training(cfg)
     except DataError as e:
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="a TOML run configuration")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (TOML literal), repeatable")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start a new run even if output_dir holds one: its contents are moved aside to "
+                            "<output_dir>.replaced-<time> (never deleted); = train.overwrite")
     train.set_defaults(func=_train)
     demo = sub.add_parser("demo", help="train a tiny Llama on generated tasks, report accuracy")
     demo.add_argument("--out", default="runs/demo", help="folder for the data, tokenizer, run and model")

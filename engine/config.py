@@ -30,7 +30,9 @@ class ModelConfig:
     path: str = ""
     """A Hugging Face model directory (config.json + safetensors)."""
     dtype: str = "auto"
-    """Parameter dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."""
+    """Compute dtype over fp32 master weights: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    (also on CPU); float16 is refused (no loss scaling). The export is written in this dtype (auto:
+    the source checkpoint's)."""
 
 
 @dataclass
@@ -143,6 +145,9 @@ class TrainConfig:
     """torch.compile each decoder block."""
     export: bool = True
     """Write the final model as a Hugging Face directory `<output_dir>/final`."""
+    overwrite: bool = False
+    """Start a new run even if output_dir holds a run (finished or not) or other files: they are
+    first moved aside to `<output_dir>.replaced-<time>`, never deleted (also `--overwrite`)."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ Everything a user can get wrong in the config is checked before the first expens
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packtune.config import Config, ConfigError, dump_config
+from packtune.config import Config, ConfigError
 from packtune.data.packing import LOSS_WEIGHTINGS, PACKING_STRATEGIES
 from packtune.data.sources import resolve_sources
 from packtune.parallel import Dist
@@ -55,6 +56,21 @@ def check_config(cfg: Config) -> None:
     if not (Path(cfg.model.path) / "config.json").is_file():
         raise ConfigError(f"model.path: {cfg.model.path} has no config.json (not a Hugging Face directory)")
     check_writable(t.output_dir)
+    if model_dtype(cfg.model.dtype) == torch.float16:
+        raise ConfigError("model.dtype = 'float16' cannot train here: fp16 gradients need loss scaling, "
+                          "which packtune does not do; use 'bfloat16' (bf16 compute, fp32 master weights)")
+    check_model_config(cfg.model.path)
+
+
+def check_model_config(path: str) -> None:
+    """Parse the model's config.json now, so an unsupported model_type is reported before the
+    dataset is tokenized."""
+    from packtune.model.config import ModelArgs
+
+    try:
+        ModelArgs.from_file(path)
+    except ConfigError as e:
+        raise ConfigError(f"model.path: {e}") from None
 
 
 def check_packing_strategy(cfg: Config) -> None:
@@ -81,7 +97,9 @@ def check_writable(output_dir: str) -> None:
 
 
 def model_dtype(name: str) -> torch.dtype:
-    """`auto` keeps fp32 parameters: fp32 training on CPU, fp32 master weights under bf16 FSDP on GPU."""
+    """The dtype `model.dtype` names (`auto`: float32). Training keeps fp32 parameters whatever it
+    is: `bfloat16` means bf16 compute over fp32 master weights (FSDP's MixedPrecisionPolicy, on
+    CPU too), as `auto` on GPU; the export is written in the named dtype (see `export_dtype`)."""
     dtypes = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
               "float16": torch.float16}
     if name not in dtypes:
@@ -89,10 +107,15 @@ def model_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def save_resolved_config(cfg: Config) -> Path:
-    path = Path(cfg.train.output_dir) / "config.toml"
-    path.write_text(dump_config(cfg), encoding="utf-8")
-    return path
+def export_dtype(cfg: Config, model) -> torch.dtype | None:
+    """The export keeps the model's dtype: `model.dtype` when named, else the dtype the source
+    checkpoint was stored in (None: the parameters' own)."""
+    from packtune.model.hf_io import stored_dtype
+
+    if cfg.model.dtype != "auto":
+        return model_dtype(cfg.model.dtype)
+    source = getattr(model, "source_dir", None)
+    return stored_dtype(source) if source is not None else None
 
 
 def export_model(trainer, cfg: Config) -> Path | None:
@@ -109,7 +132,8 @@ def export_model(trainer, cfg: Config) -> Path | None:
     path = Path(cfg.train.output_dir) / "final"
     tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
     folder_files = sorted(tokenizer.glob("tokenizer*")) if tokenizer and tokenizer.is_dir() else []
-    save_pretrained(trainer.model, path, tokenizer_files=folder_files, state_dict=state)
+    save_pretrained(trainer.model, path, tokenizer_files=folder_files, state_dict=state,
+                    dtype=export_dtype(cfg, trainer.model))
     if tokenizer is not None and tokenizer.is_file():  # under the name loaders look for
         name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
         shutil.copyfile(tokenizer, path / name)
@@ -117,28 +141,49 @@ def export_model(trainer, cfg: Config) -> Path | None:
 
 
 def run_training(cfg: Config) -> Path | None:
-    """The whole run on this rank: returns the exported model directory (rank 0), else None."""
+    """The whole run on this rank: returns the exported model directory (rank 0), else None.
+
+    Everything that can refuse (the config, the model's config.json, what output_dir holds) is
+    checked before anything is written; see packtune.rundir for what happens to an existing run.
+    """
     from packtune.parallel import init_distributed, shutdown
+    from packtune.rundir import complete_message, finish_run, plan_run, start_run
     from packtune.train import Trainer
 
     check_config(cfg)
-    dtype = model_dtype(cfg.model.dtype)
-    d = init_distributed(cfg.train.device)
+    plan = plan_run(cfg)
+    final = plan.output_dir / "final"
+    if plan.complete:
+        if os.environ.get("RANK", "0") == "0":
+            print(complete_message(plan), flush=True)
+        return final if final.is_dir() else None
+    # bf16 compute over fp32 master weights; float32 computes in fp32 (auto: bf16 on GPU, fp32 on CPU)
+    mixed_precision = {"auto": None, "float32": False, "bfloat16": True}[cfg.model.dtype]
+    d = init_distributed(cfg.train.device, mixed_precision=bool(mixed_precision))
     try:
         if d.is_main:
-            save_resolved_config(cfg)
+            moved = start_run(cfg, plan)
+            if moved is not None:
+                print(f"train.overwrite: moved the previous contents of {plan.output_dir} to {moved}",
+                      flush=True)
+        d.barrier()
         torch.manual_seed(cfg.train.seed)
         sampler, eval_sampler = build_samplers(cfg, d)
-        model, load_weights = load_model(cfg.model.path, dtype, d)
+        model, load_weights = load_model(cfg.model.path, torch.float32, d)
         trainer = Trainer(cfg.train, model, sampler, d, eval_sampler=eval_sampler,
-                          flops_per_token=model.args.num_flops_per_token, load_weights=load_weights)
+                          flops_per_token=model.args.num_flops_per_token, load_weights=load_weights,
+                          mixed_precision=mixed_precision)
         resumed = trainer.resume()
         if resumed is not None and d.is_main:
             print(f"resumed from {resumed} at step {trainer.step}", flush=True)
-        last = trainer.fit()
-        if last == trainer.total_steps and cfg.train.export:
-            return export_model(trainer, cfg)
-        return None
+        if trainer.fit() < trainer.total_steps:
+            return None
+        exported = export_model(trainer, cfg) if cfg.train.export else None
+        if d.is_main:
+            m = trainer.metrics
+            line = finish_run(plan.output_dir, trainer.step, m.run_tokens, m.run_seconds, exported)
+            print(line, flush=True)
+        return exported
     finally:
         shutdown(d)
 

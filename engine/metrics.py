@@ -74,8 +74,9 @@ class MetricsLogger:
     max_bad_steps: int = 0
     _pending: list[_Pending] = field(default_factory=list)
     _window_start: float = field(default_factory=time.perf_counter)
-    _run_start: float = field(default_factory=time.perf_counter)
-    _steps_timed: int = 0
+    run_tokens: int = 0
+    """Tokens (all ranks) and seconds of the steps flushed so far: the run's overall throughput."""
+    run_seconds: float = 0.0
     bad_in_a_row: int = 0
     skipped_steps: int = 0
 
@@ -91,8 +92,9 @@ class MetricsLogger:
         values = torch.stack([p.values for p in self._pending]).tolist()
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)
-        self._steps_timed += len(self._pending)
         tokens = sum(p.tokens for p in self._pending)
+        self.run_tokens += tokens
+        self.run_seconds += elapsed
         labels = sum(p.label_tokens for p in self._pending)
         flops = sum(p.flops for p in self._pending)
         mfu = flops / elapsed / self.world_size / self.peak_flops if self.peak_flops else None

@@ -58,17 +58,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: str = "auto") -> Dist:
+def init_distributed(device: str = "auto", *, mixed_precision: bool = False) -> Dist:
     """Join the process group torchrun describes in the environment, or run alone.
 
     A single CUDA process still gets a one-rank group and mesh so that FSDP2's mixed precision
-    (bf16 compute, fp32 master weights and reduction) applies the same way as on many GPUs.
+    (bf16 compute, fp32 master weights and reduction) applies the same way as on many GPUs; so
+    does a single CPU process asked for `mixed_precision` (model.dtype = "bfloat16").
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
-    if world_size == 1 and dev.type == "cpu":
+    if world_size == 1 and dev.type == "cpu" and not mixed_precision:
         return Dist(0, 1, 0, dev, None)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

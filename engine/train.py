@@ -80,7 +80,8 @@ class Trainer:
     `model.model.layers`; `sampler` yields, per optimizer step, this rank's list of
     micro-batches (`PackedBatch` or `PaddedBatch`) and is resumable via state_dict(). A model
     built on the meta device is sharded first, then `load_weights(self.module)` fills the
-    shards, so no rank ever holds more than its shard on the accelerator.
+    shards, so no rank ever holds more than its shard on the accelerator. `mixed_precision`
+    (default: on CUDA) computes in bf16 over the fp32 parameters (see parallel.py).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class Trainer:
         flops_per_token: Callable[[float], float] | None = None,
         load_weights: Callable[[nn.Module], None] | None = None,
         log_stream: Any = None,
+        mixed_precision: bool | None = None,
     ) -> None:
         self.cfg, self.d, self.sampler, self.eval_sampler = cfg, d, sampler, eval_sampler
         self.flops_per_token = flops_per_token
@@ -106,6 +108,7 @@ class Trainer:
             d,
             activation_checkpointing=cfg.activation_checkpointing,
             compile_blocks=cfg.compile,
+            mixed_precision=mixed_precision,
         )
         self.model = model
         if any(p.is_meta for p in self.module.parameters()):

@@ -93,6 +93,7 @@ class DemoRecipe:
         t.log_every = self.log_every
         t.seed = seed
         t.resume = "never"
+        t.overwrite = True  # the demo regenerates its folder; an earlier run is moved aside, not reused
         t.device = "cpu"
         return cfg
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from packtune.integrations.lm_head import fused_lm_head_output, fused_loss
 from packtune.kernels import (
-    linear_cross_entropy,
     masked_cross_entropy,
     rms_norm,
     rotary,
@@ -147,12 +147,28 @@ def attention_forward_for(modeling: types.ModuleType, family: str, options: Pack
     return forward
 
 
-def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
-    """The *ForCausalLM forward: packed rows through varlen attention, the fused loss in training."""
+class ForwardState:
+    """Whether the patched causal-LM forward is running (apply_packtune warns when a training
+    forward reaches the final norm without it: something else computes the loss)."""
+
+    def __init__(self) -> None:
+        self.inside = False
+
+
+def causal_lm_forward_for(options: PacktuneOptions, state: ForwardState) -> Callable:
+    """The *ForCausalLM forward: packed rows through varlen attention, the fused loss in training,
+    and TRL's `fused_lm_head=True` call answered by packtune's kernel (see lm_head.py)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.modeling_utils import slice_logits_to_keep
 
-    def forward(
+    def forward(self, *args, **kwargs):  # takes patched's signature (the Trainer inspects it)
+        state.inside = True
+        try:
+            return patched(self, *args, **kwargs)
+        finally:
+            state.inside = False
+
+    def patched(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -169,6 +185,11 @@ def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
         shift_labels = kwargs.pop("shift_labels", None)
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("num_label_tokens", None)  # PackedCollator's host-side count; the Trainer sends its own
+        fused_lm_head = kwargs.pop("fused_lm_head", False)  # TRL's SFTTrainer asks for per-token outputs
+        if fused_lm_head and not (options.fused_loss and (labels is not None or shift_labels is not None)):
+            raise ValueError(
+                "fused_lm_head=True (TRL's SFTTrainer) needs labels and apply_packtune(fused_loss=True)"
+            )
         cu_seqlens, max_seqlen = (
             _packed_layout(kwargs, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
             if options.packed
@@ -192,9 +213,13 @@ def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
             hidden = outputs.last_hidden_state
         has_labels = labels is not None or shift_labels is not None
         targets = _shifted_targets(labels, shift_labels, cu_seqlens) if has_labels else None
+        if fused_lm_head:
+            return fused_lm_head_output(
+                hidden, self.lm_head, targets, drop_last=shift_labels is None, num_items=num_items
+            )
         loss = logits = None
         if has_labels and options.fused_loss and self.training:
-            loss = _fused_loss(hidden, self.lm_head, targets, num_items)
+            loss = fused_loss(hidden, self.lm_head, targets, num_items)
         else:
             logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
             if has_labels and options.fused_loss:
@@ -225,30 +250,7 @@ def causal_lm_forward_for(options: PacktuneOptions) -> Callable:
             return_dict = getattr(self.config, "return_dict", True)
         return output if return_dict else output.to_tuple()
 
-    return forward
-
-
-def _fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, num_items) -> torch.Tensor:
-    """linear_cross_entropy over the flat hidden states; under autocast the matmuls run in the
-    autocast dtype, as `lm_head(hidden)` would (the kernel itself then runs with autocast off)."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    weight, bias = lm_head.weight, lm_head.bias
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    elif hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    with torch.autocast(device, enabled=False):
-        return linear_cross_entropy(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            num_items=num_items,
-            reduction="sum" if num_items is not None else "mean",
-        )
+    return functools.wraps(patched)(forward)
 
 
 # ---- packed rows -----------------------------------------------------------------------------

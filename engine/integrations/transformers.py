@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from packtune.integrations.hf_forwards import (
+    ForwardState,
     PacktuneOptions,
     attention_forward_for,
     causal_lm_forward_for,
@@ -55,6 +58,9 @@ class PacktuneHandle:
     def __init__(self, model: nn.Module, options: PacktuneOptions) -> None:
         self.model, self.options = model, options
         self._patched: list[tuple[nn.Module, object]] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.forward_state = ForwardState()
+        self.warned = False
 
     def patch(self, module: nn.Module, forward: Callable) -> None:
         """Shadow `module.forward` with `forward` bound to the module, remembering what was there."""
@@ -72,6 +78,9 @@ class PacktuneHandle:
     def undo(self) -> None:
         if not self.active:
             return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         for module, previous in reversed(self._patched):
             if previous is None:
                 del module.forward
@@ -126,9 +135,30 @@ def apply_packtune(
         elif kind is classes["Attention"] and (rotary or packed):
             handle.patch(module, attention_forward_for(modeling, family, options))
     if fused_loss or packed:
-        handle.patch(model, causal_lm_forward_for(options))
+        handle.patch(model, causal_lm_forward_for(options, handle.forward_state))
+        handle._hooks.append(model.model.norm.register_forward_hook(_bypass_check(handle)))
     model._packtune_handle = handle
     return handle
+
+
+def _bypass_check(handle: PacktuneHandle) -> Callable:
+    """A hook on the final norm: a training forward that gets there outside packtune's causal-LM
+    forward computes its loss elsewhere, so `fused_loss` / `packed` never run; warn once."""
+
+    def hook(module: nn.Module, args, output) -> None:
+        if handle.warned or handle.forward_state.inside or not (module.training and torch.is_grad_enabled()):
+            return
+        handle.warned = True
+        switches = [name for name in ("fused_loss", "packed") if getattr(handle.options, name)]
+        warnings.warn(
+            f"apply_packtune: a training forward of {type(handle.model).__name__} ran without packtune's "
+            f"causal-LM forward, so {' and '.join(switches)} did not run: something replaced "
+            "model.forward after apply_packtune (TRL's SFTTrainer installs its own LM head in __init__). "
+            "Call apply_packtune(trainer.model) after building the trainer.",
+            stacklevel=2,
+        )
+
+    return hook
 
 
 def remove_packtune(model: nn.Module) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -128,7 +130,7 @@ def save_pretrained(
         dtype = tensors["model.embed_tokens.weight"].dtype
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _new_dir(path.parent, f".{path.name}.", ".tmp")
     try:
         _write_shards(tmp, tensors, dtype, max_shard_bytes)
         config = model.args.to_hf_config(dtype=_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")))
@@ -138,11 +140,35 @@ def save_pretrained(
         for file in [*known, *map(Path, tokenizer_files)]:
             if file.is_file():
                 shutil.copyfile(file, tmp / file.name)
+        # safetensors writes its files 0600; give them the mode a plain new file gets (umask applied)
+        mode = stat.S_IMODE((tmp / "config.json").stat().st_mode)
+        for file in tmp.iterdir():
+            os.chmod(file, mode)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a model directory stores its weights in (that of the embeddings), if known."""
+    path = Path(path)
+    files = _tensor_files(path)
+    name = "model.embed_tokens.weight"
+    return _SAFETENSORS_DTYPES.get(_read_header(files[name])[name][1]) if name in files else None
+
+
+def _new_dir(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new uniquely named directory with the umask's permissions (tempfile.mkdtemp makes 0700, which
+    would become the exported directory's mode)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:

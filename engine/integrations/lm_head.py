@@ -1,0 +1,95 @@
+"""packtune's fused loss at a transformers model's LM head, for the HF Trainer and for TRL.
+
+`fused_loss` is the loss `apply_packtune(fused_loss=True)` computes in training. TRL's
+`SFTTrainer` (1.16) does not ask the model for its loss: it installs its own chunked LM head
+on `model.forward` (`trl.trainer.utils.add_fused_lm_head`) and calls
+`model(**inputs, fused_lm_head=True)`, expecting per-token `log_probs` (its loss is
+`-log_probs.sum() / num_items_in_batch`), `entropy`, `is_top1` and `label_mask`. The patched
+forward answers that call with `fused_lm_head_output`: the per-token log-probabilities come from
+packtune's fused linear cross-entropy (reduction="none", so every TRL loss type, also DFT's
+per-token weights, gets exact gradients), and TRL's two metrics from one extra, gradient-free
+pass of the head over the label rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from packtune.kernels import linear_cross_entropy
+
+IGNORE_INDEX = -100
+_STATS_CHUNK_ROWS = 4096
+
+
+@dataclass
+class FusedLMHeadOutput(ModelOutput):
+    """The fields of TRL's `FusedCausalLMOutput` that SFTTrainer reads; per-token fields are zero
+    where the label is -100, shaped `(batch, seq_len - 1)`, or `(batch, seq_len)` given `shift_labels`."""
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, num_items,
+               reduction: str | None = None) -> torch.Tensor:
+    """linear_cross_entropy over the flat hidden states (reduction: "sum" over `num_items` when given,
+    else "mean"); under autocast the matmuls run in the autocast dtype, as `lm_head(hidden)` would
+    (the kernel itself then runs with autocast off)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    weight, bias = lm_head.weight, lm_head.bias
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    if reduction is None:
+        reduction = "sum" if num_items is not None else "mean"
+    with torch.autocast(device, enabled=False):
+        return linear_cross_entropy(hidden, weight, targets, bias=bias, num_items=num_items,
+                                    reduction=reduction)
+
+
+def fused_lm_head_output(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, *,
+                         drop_last: bool, num_items) -> FusedLMHeadOutput:
+    """TRL's `fused_lm_head=True` answer from packtune's kernel. `hidden` [B, L, H], `targets` the
+    flat shifted labels [B * L]; `drop_last`: the caller gave unshifted labels, so TRL expects L - 1
+    positions (the last one has no target)."""
+    nll = fused_loss(hidden, lm_head, targets, None, reduction="none").float()
+    mask = targets != IGNORE_INDEX
+    entropy, is_top1 = _head_stats(hidden, lm_head, targets, mask)
+    shape = hidden.shape[:-1]
+
+    def per_token(t: torch.Tensor) -> torch.Tensor:
+        t = t.view(shape)
+        return t[:, :-1] if drop_last else t
+
+    denominator = mask.sum().clamp(min=1) if num_items is None else num_items
+    return FusedLMHeadOutput(loss=nll.sum() / denominator, log_probs=per_token(-nll),
+                             entropy=per_token(entropy), is_top1=per_token(is_top1),
+                             label_mask=per_token(mask))
+
+
+@torch.no_grad()
+def _head_stats(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, mask: torch.Tensor):
+    """(entropy, is_top1) of the next-token distribution on the label rows, zero elsewhere."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    entropy = torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
+    is_top1 = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+    rows = mask.nonzero()[:, 0]
+    for start in range(0, len(rows), _STATS_CHUNK_ROWS):
+        r = rows[start : start + _STATS_CHUNK_ROWS]
+        logits = lm_head(flat[r]).float()
+        log_p = logits.log_softmax(-1)
+        entropy[r] = -(log_p.exp() * log_p).sum(-1)
+        is_top1[r] = logits.argmax(-1) == targets[r]
+    return entropy, is_top1
