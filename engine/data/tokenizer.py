@@ -28,6 +28,8 @@ import numpy as np
 
 from packtune.data.errors import DataError
 
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
 Encoded = tuple[list[int], list[tuple[int, int]] | None]
 """Token ids of a chunk and each token's [start, end) character span in that chunk."""
 
@@ -79,30 +81,21 @@ class Tokenizer:
 
     def _read_configs(self, folder: Path) -> None:
         """BOS/EOS and end-of-turn ids from the config files in `folder`; the files join the fingerprint."""
-        names = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-        found = {n: folder / n for n in names if (folder / n).is_file()}
+        found = {n: folder / n for n in CONFIG_FILES if (folder / n).is_file()}
         self.files = (*self.files, *found.values())
-        config: dict = {}
-        for name in names[1::-1]:  # tokenizer_config.json wins over special_tokens_map.json
-            if name in found:
-                config.update(_read_json(found[name]))
+        read = lambda name: _read_json(found[name]) if name in found else {}  # noqa: E731
+        special = {**read("special_tokens_map.json"), **read("tokenizer_config.json")}  # the latter wins
         for key in ("bos", "eos"):
-            if f"{key}_token" in config:
-                setattr(self, key, _token_text(config[f"{key}_token"]))
+            if f"{key}_token" in special:
+                setattr(self, key, _token_text(special[f"{key}_token"]))
             text = getattr(self, key)
             setattr(self, f"{key}_id", self.token_id(text) if text else None)
             if text and getattr(self, f"{key}_id") is None:
                 raise DataError(
                     f"tokenizer {self.path}: its {key}_token {text!r} is not in the vocabulary", "tokenizer"
                 )
-        eot = (
-            _read_json(found["generation_config.json"]).get("eos_token_id")
-            if "generation_config.json" in found
-            else None
-        )
-        if eot is None:
-            eot = [] if self.eos_id is None else [self.eos_id]
-        self.end_of_turn_ids = tuple([eot] if isinstance(eot, int) else eot)
+        eot = read("generation_config.json").get("eos_token_id", self.eos_id)
+        self.end_of_turn_ids = tuple([eot] if isinstance(eot, int) else eot or ())
         for text, i in (("bos", self.bos_id), ("eos", self.eos_id)):
             if i is not None:
                 self.controls.setdefault(getattr(self, text), i)

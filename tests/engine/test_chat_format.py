@@ -2,6 +2,8 @@
 `apply_chat_template`, masks cover exactly the answers and their end-of-turn token, and row text
 never becomes a control token."""
 
+import functools
+
 import numpy as np
 import pytest
 from real_files import real_path
@@ -13,6 +15,7 @@ from packtune.data.formats import Conversation, Message
 from packtune.data.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
+load_tokenizer = functools.cache(load_tokenizer)  # the real tokenizers take a second each to load
 
 SINGLE = [Message("user", "What is 7 * 6?"), Message("assistant", "7 * 6 = 42.")]
 MULTI = [
@@ -173,3 +176,17 @@ def test_cli_generate_chat_and_data_inspect(tmp_path, capsys):
     assert "template: auto (the chat template in" in out
     assert "[[<think>\n\n</think>\n\n5<|im_end|>]]" in out
     assert "end of turn 151645 at token" in out and ": trained" in out
+
+
+def test_a_mismatch_with_the_reference_names_the_row_and_the_token():
+    from packtune.data.fidelity import check_samples
+
+    tok = load_tokenizer(real_path("tokenizers", "qwen3"))
+    fmt, (rendered,), (row,) = encode(tok, "chatml", SINGLE)
+    sample = ("data.jsonl:7", None, rendered, row.ids)
+    assert check_samples(tok, tok.path, [sample], fmt.encoder.find_controls) == 1
+    wrong = [*row.ids[:3], tok.token_id("<|im_end|>"), *row.ids[4:]]
+    expected = (r"data.jsonl:7: packtune's token 3 is 151645 \('<\|im_end\|>'\) but the "
+                r"reference \(the whole text encoded in one piece\) has")
+    with pytest.raises(DataError, match=expected):
+        check_samples(tok, tok.path, [("data.jsonl:7", None, rendered, wrong)], fmt.encoder.find_controls)

@@ -34,7 +34,8 @@ def chat_rows(n: int) -> list[dict]:
 
 
 @pytest.mark.parametrize(("name", "template"), [("llama3_1", "auto"), ("llama3_1", "llama3"),
-                                                ("qwen3", "auto"), ("qwen3", "chatml")])
+                                                ("qwen3", "auto"), ("qwen3", "chatml"),
+                                                ("mistral_v3_sp", "llama2")])
 def test_train_two_steps_on_a_real_tokenizer(tmp_path, capsys, name, template):
     folder = real_path("tokenizers", name)
     vocab = load_tokenizer(folder).vocab_size
@@ -54,7 +55,7 @@ def test_train_two_steps_on_a_real_tokenizer(tmp_path, capsys, name, template):
                  "--report-json", str(report_json)]) == 0
     report = json.loads(report_json.read_text())
     assert report["dropped"] == {} and report["kept"] >= len(rows)
-    assert report["rows_checked_against_reference"] > 0
+    assert report["rows_checked_against_reference"] > 0 or name == "mistral_v3_sp"  # no reference for .model
     tok = load_tokenizer(folder)
     assert (report["bos_id"], report["eos_id"]) == (tok.bos_id, tok.eos_id)
     assert main(["train", str(CONFIG), *[a for o in overrides for a in ("--set", o)]]) == 0
