@@ -50,6 +50,20 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    try:
+        from packtune.plot import plot_runs
+
+        print(plot_runs(args.runs, args.out))
+    except ImportError:
+        print('packtune plot needs matplotlib (pip install "packtune[demo]")', file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"packtune plot: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -104,6 +118,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     cfg.train.overwrite |= args.overwrite
+    if args.quiet:
+        cfg.train.progress = "none"
     try:
         run_training(cfg)
     except DataError as e:
@@ -145,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a config value (repeatable)")
     inspect.set_defaults(func=_data_inspect)
+    plot = sub.add_parser("plot", help="loss, eval loss, lr and tokens/s curves of runs, overlaid")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding metrics.jsonl)")
+    plot.add_argument("--out", required=True, metavar="FILE.png")
+    plot.set_defaults(func=_plot)
     bench = sub.add_parser("bench", help="side-by-side benchmarks (ce, linear-ce, pack, rope, ...)")
     bench.add_argument("subject")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the subject's own options (--help)")
@@ -173,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="start a new run even if output_dir holds one: its contents are moved aside to "
                             "<output_dir>.replaced-<time> (never deleted); = train.overwrite")
+    train.add_argument("--quiet", action="store_true", help="no progress output (= train.progress none)")
     train.set_defaults(func=_train)
     demo = sub.add_parser("demo", help="train a tiny Llama on generated tasks, report accuracy")
     demo.add_argument("--out", default="runs/demo", help="folder for the data, tokenizer, run and model")

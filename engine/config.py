@@ -148,6 +148,11 @@ class TrainConfig:
     overwrite: bool = False
     """Start a new run even if output_dir holds a run (finished or not) or other files: they are
     first moved aside to `<output_dir>.replaced-<time>`, never deleted (also `--overwrite`)."""
+    report_to: list[str] = field(default_factory=list)
+    """Also send the metrics to: tensorboard, wandb (offline without WANDB_API_KEY)."""
+    progress: str = "auto"
+    """auto (a bar with ETA on a terminal, else one line per log_every steps), bar, line or none
+    (also `--quiet`)."""
 
 
 @dataclass

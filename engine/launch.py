@@ -18,6 +18,7 @@ from packtune.config import Config, ConfigError
 from packtune.data.packing import LOSS_WEIGHTINGS, PACKING_STRATEGIES
 from packtune.data.sources import resolve_sources
 from packtune.parallel import Dist
+from packtune.reporters import check_reporters
 
 
 def check_config(cfg: Config) -> None:
@@ -45,6 +46,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("train.device = 'cuda' but no CUDA device is available")
     if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
         raise ConfigError(f"train.resume: {t.resume!r} is not auto, never or a checkpoint directory")
+    if t.progress not in ("auto", "bar", "line", "none"):
+        raise ConfigError(f"train.progress must be auto, bar, line or none, got {t.progress!r}")
+    check_reporters(t.report_to)
     check_loss_weighting(cfg)
     check_packing_strategy(cfg)
     for i, source in enumerate(resolve_sources(cfg.data)):
@@ -147,6 +151,7 @@ def run_training(cfg: Config) -> Path | None:
     checked before anything is written; see packtune.rundir for what happens to an existing run.
     """
     from packtune.parallel import init_distributed, shutdown
+    from packtune.reporters import open_reporters
     from packtune.rundir import complete_message, finish_run, plan_run, start_run
     from packtune.train import Trainer
 
@@ -160,6 +165,7 @@ def run_training(cfg: Config) -> Path | None:
     # bf16 compute over fp32 master weights; float32 computes in fp32 (auto: bf16 on GPU, fp32 on CPU)
     mixed_precision = {"auto": None, "float32": False, "bfloat16": True}[cfg.model.dtype]
     d = init_distributed(cfg.train.device, mixed_precision=bool(mixed_precision))
+    trainer = None
     try:
         if d.is_main:
             moved = start_run(cfg, plan)
@@ -167,12 +173,13 @@ def run_training(cfg: Config) -> Path | None:
                 print(f"train.overwrite: moved the previous contents of {plan.output_dir} to {moved}",
                       flush=True)
         d.barrier()
+        reporters = open_reporters(cfg, plan.output_dir) if d.is_main else []
         torch.manual_seed(cfg.train.seed)
         sampler, eval_sampler = build_samplers(cfg, d)
         model, load_weights = load_model(cfg.model.path, torch.float32, d)
         trainer = Trainer(cfg.train, model, sampler, d, eval_sampler=eval_sampler,
                           flops_per_token=model.args.num_flops_per_token, load_weights=load_weights,
-                          mixed_precision=mixed_precision)
+                          mixed_precision=mixed_precision, reporters=reporters)
         resumed = trainer.resume()
         if resumed is not None and d.is_main:
             print(f"resumed from {resumed} at step {trainer.step}", flush=True)
@@ -185,6 +192,8 @@ def run_training(cfg: Config) -> Path | None:
             print(line, flush=True)
         return exported
     finally:
+        if trainer is not None:
+            trainer.metrics.close()
         shutdown(d)
 
 

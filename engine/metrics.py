@@ -72,6 +72,11 @@ class MetricsLogger:
     stream: Any = None
     """Where the progress line goes (None: sys.stdout at the time of printing)."""
     max_bad_steps: int = 0
+    reporters: list = field(default_factory=list)
+    """Each record also goes to these (packtune.reporters: TensorBoard, W&B)."""
+    progress: str = "line"
+    """bar (tqdm, with ETA), line (one line per flush) or none."""
+    _bar: Any = None
     _pending: list[_Pending] = field(default_factory=list)
     _window_start: float = field(default_factory=time.perf_counter)
     run_tokens: int = 0
@@ -122,10 +127,34 @@ class MetricsLogger:
             with open(self.path, "a", encoding="utf-8") as f:
                 for r in records:
                     f.write(json.dumps(r) + "\n")
-            self._print(records[-1], len(records) / elapsed, *values[-1][:2])
+            for reporter in self.reporters:
+                for r in records:
+                    reporter.log(r)
+            self._show(records, len(records) / elapsed, *values[-1][:2])
         self._pending.clear()
         self._window_start = time.perf_counter()
         return records
+
+    def _show(self, records: list[dict[str, Any]], steps_per_s: float, loss: float, grad_norm: float) -> None:
+        r = records[-1]
+        if self.progress == "bar":
+            from tqdm import tqdm
+
+            if self._bar is None:
+                self._bar = tqdm(total=self.total_steps, initial=records[0]["step"] - 1, unit="step",
+                                 file=self.stream, dynamic_ncols=True)
+            self._bar.update(len(records))
+            self._bar.set_postfix_str(f"loss {loss:.4f} | tok/s {r['tokens_per_s']:.0f}")
+            return
+        if self.progress == "line":
+            self._print(r, steps_per_s, loss, grad_norm)
+
+    def close(self) -> None:
+        """Close the progress bar and the reporters."""
+        if self._bar is not None:
+            self._bar.close()
+        for reporter in self.reporters:
+            reporter.close()
 
     def _print(self, r: dict[str, Any], steps_per_s: float, loss: float, grad_norm: float) -> None:
         remaining = (self.total_steps - r["step"]) / steps_per_s if steps_per_s > 0 else 0.0
@@ -147,10 +176,14 @@ class MetricsLogger:
     def log_eval(self, step: int, loss: float, label_tokens: int) -> None:
         if self.path is None:
             return
+        record = {"step": step, "eval_loss": loss, "eval_label_tokens": label_tokens}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "eval_loss": loss, "eval_label_tokens": label_tokens}) + "\n")
-        print(f"step {step}/{self.total_steps} | eval loss {loss:.4f} ({label_tokens} label tokens)",
-              file=self.stream, flush=True)
+            f.write(json.dumps(record) + "\n")
+        for reporter in self.reporters:
+            reporter.log(record)
+        if self.progress != "none":
+            line = f"step {step}/{self.total_steps} | eval loss {loss:.4f} ({label_tokens} label tokens)"
+            (self._bar.write(line) if self._bar is not None else print(line, file=self.stream, flush=True))
 
 
 def _finite_or_none(x: float) -> float | None:

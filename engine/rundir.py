@@ -30,13 +30,16 @@ from typing import Any
 
 from packtune.config import Config, ConfigError, dump_config, load_config
 
-RUN_FILES = frozenset({"config.toml", "run.json", "metrics.jsonl", "checkpoints", "final"})
+RUN_FILES = frozenset(
+    {"config.toml", "run.json", "metrics.jsonl", "checkpoints", "final", "tensorboard", "wandb"}
+)
 _TEMP_PREFIXES = (".write-test-", ".final.", ".run.json.", ".config.toml.")
 # Keys that change how a run is executed or logged, not what it trains: a resume may change them.
 _RESUMABLE_KEYS = frozenset({
     "train.resume", "train.overwrite", "train.log_every", "train.save_every", "train.keep_checkpoints",
     "train.eval_every", "train.max_bad_steps", "train.device", "train.compile",
-    "train.activation_checkpointing", "data.num_workers", "data.cache_dir",
+    "train.activation_checkpointing", "train.report_to", "train.progress", "data.num_workers",
+    "data.cache_dir",
 })
 _MAX_LISTED = 5
 

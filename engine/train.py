@@ -64,6 +64,17 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def progress_mode(progress: str, stream: Any = None) -> str:
+    """`[train] progress` resolved: auto is a bar on a terminal (when tqdm is installed), else lines."""
+    if progress != "auto":
+        return progress
+    import importlib.util
+    import sys
+
+    tty = (stream or sys.stdout).isatty()
+    return "bar" if tty and importlib.util.find_spec("tqdm") is not None else "line"
+
+
 def _attended_length(batch: Any) -> float:
     """Token-weighted mean sequence length each token attends over, for the attention FLOPs."""
     cu = getattr(batch, "cu_seqlens", None)
@@ -96,6 +107,7 @@ class Trainer:
         load_weights: Callable[[nn.Module], None] | None = None,
         log_stream: Any = None,
         mixed_precision: bool | None = None,
+        reporters: list | None = None,
     ) -> None:
         self.cfg, self.d, self.sampler, self.eval_sampler = cfg, d, sampler, eval_sampler
         self.flops_per_token = flops_per_token
@@ -140,6 +152,8 @@ class Trainer:
             d.device,
             max_bad_steps=cfg.max_bad_steps,
             stream=log_stream,
+            reporters=list(reporters or []),
+            progress=progress_mode(cfg.progress, log_stream),
         )
 
     # ---- resume -----------------------------------------------------------------------------

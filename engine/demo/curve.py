@@ -1,26 +1,17 @@
-"""The loss curve of a run: a PNG when matplotlib is installed, a plain-text chart otherwise."""
+"""The loss curve of a run: `packtune plot`'s PNG when matplotlib is installed, a text chart otherwise."""
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 
 def read_losses(metrics_path: str | Path) -> tuple[list[int], list[float]]:
     """(steps, losses) from a `metrics.jsonl`, skipping lines without a finite training loss."""
-    steps, losses = [], []
-    with open(metrics_path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            loss = record.get("loss")
-            if isinstance(loss, (int, float)) and math.isfinite(loss) and "step" in record:
-                steps.append(int(record["step"]))
-                losses.append(float(loss))
-    return steps, losses
+    from packtune.plot import read_metrics
+
+    train, _ = read_metrics(metrics_path)
+    return [int(r["step"]) for r in train], [float(r["loss"]) for r in train]
 
 
 def text_chart(steps: Sequence[int], losses: Sequence[float], width: int = 60, height: int = 12) -> str:
@@ -44,33 +35,17 @@ def text_chart(steps: Sequence[int], losses: Sequence[float], width: int = 60, h
     return "\n".join(rows)
 
 
-def write_curve(metrics_path: str | Path, out_stem: str | Path, title: str = "training loss") -> Path:
-    """Write `<out_stem>.png` (matplotlib) or `<out_stem>.txt` (text chart); returns the path written."""
-    steps, losses = read_losses(metrics_path)
+def write_curve(run_dir: str | Path, out_stem: str | Path, title: str = "training loss") -> Path:
+    """Write `<out_stem>.png` (`packtune plot`'s curves, with matplotlib) or `<out_stem>.txt` (a text
+    chart); returns the path written."""
     out_stem = Path(out_stem)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
+        steps, losses = read_losses(Path(run_dir) / "metrics.jsonl")
         path = out_stem.with_suffix(".txt")
         path.write_text(f"{title}\n{text_chart(steps, losses)}\n", encoding="utf-8")
         return path
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, linewidth=0.8, alpha=0.35, label="per step")
-    window = max(len(losses) // 50, 1)
-    smooth = [sum(losses[max(i - window + 1, 0):i + 1]) / (i + 1 - max(i - window + 1, 0))
-              for i in range(len(losses))]
-    ax.plot(steps, smooth, linewidth=1.6, label=f"mean of the last {window} steps")
-    ax.legend()
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over label tokens)")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_stem.with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from packtune.plot import plot_runs
+
+    return plot_runs([run_dir], out_stem.with_suffix(".png"))

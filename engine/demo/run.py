@@ -112,7 +112,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     after, after_pred = evaluate(model, prompts, heldout, max_new)
     phrasing, _ = evaluate(model, prompts, unseen_phrasing, max_new)
     _show("sample generations after training:", [heldout[i] for i in shown], [after_pred[i] for i in shown])
-    curve = write_curve(Path(cfg.train.output_dir) / "metrics.jsonl", out / "loss_curve")
+    curve = write_curve(cfg.train.output_dir, out / "loss_curve")
     metrics = {
         "heldout": after.to_dict(), "heldout_before_training": before.to_dict(),
         "unseen_phrasing": phrasing.to_dict(), "train_seconds": train_s,

@@ -33,7 +33,7 @@ def test_text_chart_puts_the_first_loss_top_left_and_the_last_bottom_right():
 
 def test_write_curve_png(tmp_path):
     pytest.importorskip("matplotlib")
-    path = write_curve(_metrics(tmp_path, [3.0, 2.5, 2.0]), tmp_path / "loss")
+    path = write_curve(_metrics(tmp_path, [3.0, 2.5, 2.0]).parent, tmp_path / "loss")
     assert path.name == "loss.png" and path.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -46,5 +46,5 @@ def test_write_curve_text_without_matplotlib(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    path = write_curve(_metrics(tmp_path, [3.0, 2.5, 2.0]), tmp_path / "loss")
+    path = write_curve(_metrics(tmp_path, [3.0, 2.5, 2.0]).parent, tmp_path / "loss")
     assert path.name == "loss.txt" and "*" in path.read_text()
