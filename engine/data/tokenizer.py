@@ -132,6 +132,14 @@ class SentencePieceTokenizer(Tokenizer):
     def _spans(self, ids: list[int], text: str, first: bool) -> list[tuple[int, int]] | None:
         """Character spans from the pieces' surfaces (sentencepiece's own offsets need protobuf);
         None when the pieces do not spell `text` (a normalizer rewrote it)."""
+        if not self.byte_piece[ids].any():  # the common case, without a per-token loop
+            pieces = [self.surface[i] for i in ids]
+            if pieces and first and self.dummy_prefix and pieces[0].startswith(" "):
+                pieces[0] = pieces[0][1:]  # the dummy prefix stands for no character of the text
+            if "".join(pieces) != text:
+                return None
+            ends = np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)))
+            return list(zip(np.concatenate([[0], ends[:-1]]).tolist(), ends.tolist(), strict=True))
         spans: list[tuple[int, int]] = []
         pos, pending, surfaces = 0, b"", []
         for k, i in enumerate(ids):
