@@ -29,8 +29,10 @@ $(STAMPS)/install: $(STAMPS)/torch pyproject.toml setup.py $(wildcard csrc/*.cpp
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	@touch $@
 
+# vermin: no syntax or stdlib use newer than the declared floor (pyproject's requires-python).
 lint: $(STAMPS)/install
 	$(PY) -m ruff check .
+	$(VENV)/bin/vermin -q --no-tips --eval-annotations --target=3.11- --violations engine kernels bench examples
 
 # The README's first command: generate data, train a tiny Llama from scratch, report accuracy.
 # matplotlib is the `demo` extra (the loss curve PNG), installed once beside the package.

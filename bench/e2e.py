@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"median {stats['median']}, p90 {stats['p90']}, max {stats['max']} tokens, "
           f"{100 * stats['response_share']:.1f}% response); fp32 matmul {rate / 1e9:.1f} GFLOP/s")
     work = Path(args.work)
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results = []
     for name in models:
         config = hf_config(name)

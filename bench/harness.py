@@ -126,7 +126,7 @@ def run_table(subject: str, factory: str, impls: Sequence[str], shapes: Sequence
     """Measure every (shape, implementation), print a table with ratios to `baseline`, write JSON/CSV."""
     impls = [i for i in impls if not args.impl or i in args.impl or i == baseline]
     env = environment()
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     rows = []
     print(f"packtune bench {subject}: {args.device}, {args.dtype}, {env['machine']}, torch {env['torch']}")
     labels = [",".join(f"{k}={v}" for k, v in shape.items()) for shape in shapes]

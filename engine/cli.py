@@ -131,6 +131,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from packtune.check import run_check
+    from packtune.data import DataError
+
+    cfg = load_config(args.config, args.set)
+    try:
+        return 0 if run_check(cfg, full=args.full) else 1
+    except DataError as e:
+        print(f"packtune: data error: {e}", file=sys.stderr)
+        return 2
+
+
 def _demo(args: argparse.Namespace) -> int:
     from packtune.demo.run import run_demo
 
@@ -195,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "<output_dir>.replaced-<time> (never deleted); = train.overwrite")
     train.add_argument("--quiet", action="store_true", help="no progress output (= train.progress none)")
     train.set_defaults(func=_train)
+    check = sub.add_parser("check", help="verify the loss on your model and data: packed == unpacked, "
+                                         "k micro-batches == 1 batch, N ranks == 1 process (torchrun)")
+    check.add_argument("config", help="a TOML run configuration")
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (TOML literal), repeatable")
+    check.add_argument("--full", action="store_true",
+                       help="train the model itself (default: a shrunken copy of its config)")
+    check.set_defaults(func=_check)
     demo = sub.add_parser("demo", help="train a tiny Llama on generated tasks, report accuracy")
     demo.add_argument("--out", default="runs/demo", help="folder for the data, tokenizer, run and model")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (accuracy not a goal)")

@@ -35,20 +35,32 @@ def _triton_line() -> str:
 
 def _cpu_ext_line() -> str:
     ext = _dispatch.cpu_extension()
+    if ext is None and "packtune._C" in _dispatch.LOAD_ERRORS:
+        return f"FAILED TO LOAD: {_dispatch.LOAD_ERRORS['packtune._C']}; CPU ops use the PyTorch reference"
     if ext is None:
         return "not built: CPU ops use the PyTorch reference"
     return f"built ({ext.cpu_capability()}), OpenMP threads: {ext.openmp_max_threads()}"
 
 
+def _flash_line(installed: bool) -> str:
+    if "flash_attn" in _dispatch.LOAD_ERRORS:
+        return f"installed but FAILED TO LOAD: {_dispatch.LOAD_ERRORS['flash_attn']}"
+    return "installed" if installed else "not installed"
+
+
 def report() -> str:
     """The text `packtune env` prints."""
     flash = importlib.util.find_spec("flash_attn") is not None
+    if flash:
+        from packtune.kernels.attention import _flash_attn
+
+        _flash_attn()  # records a load failure in _dispatch.LOAD_ERRORS
     lines = [
         f"packtune     {packtune.__version__}",
         f"python       {sys.version.split()[0]} ({platform.machine()}, {platform.system()})",
         f"torch        {_torch_line()}",
         f"triton       {_triton_line()}",
-        f"flash-attn   {'installed' if flash else 'not installed'}",
+        f"flash-attn   {_flash_line(flash)}",
         f"attention    {describe_attention_paths()}",
         f"packtune._C  {_cpu_ext_line()}",
         f"threads      torch intra-op: {torch.get_num_threads()}",

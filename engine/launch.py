@@ -177,6 +177,9 @@ def run_training(cfg: Config) -> Path | None:
         torch.manual_seed(cfg.train.seed)
         sampler, eval_sampler = build_samplers(cfg, d)
         model, load_weights = load_model(cfg.model.path, torch.float32, d)
+        for s in (sampler, eval_sampler):
+            if s is not None:
+                check_token_ids(s.rows.dataset, model.args.vocab_size, cfg.data.tokenizer or cfg.model.path)
         trainer = Trainer(cfg.train, model, sampler, d, eval_sampler=eval_sampler,
                           flops_per_token=model.args.num_flops_per_token, load_weights=load_weights,
                           mixed_precision=mixed_precision, reporters=reporters)
@@ -195,6 +198,16 @@ def run_training(cfg: Config) -> Path | None:
         if trainer is not None:
             trainer.metrics.close()
         shutdown(d)
+
+
+def check_token_ids(dataset, vocab_size: int, tokenizer: str) -> None:
+    """Refuse data whose token ids reach past the model's embedding (a tokenizer of another
+    model), before step 1 rather than as an index error inside the embedding."""
+    largest = int(dataset.tokens.max()) if len(dataset.tokens) else -1
+    if largest >= vocab_size:
+        raise ConfigError(f"the tokenizer ({tokenizer}) produced token id {largest}, a vocabulary of at "
+                          f"least {largest + 1}, but the model's vocab_size is {vocab_size}; use the model's "
+                          "own tokenizer (data.tokenizer) or resize its embeddings")
 
 
 def load_model(path: str, dtype: torch.dtype, d: Dist):
@@ -248,7 +261,10 @@ def build_samplers(cfg: Config, d: Dist):
     train_set, eval_set = held_out_split(dataset, cfg.train.eval_fraction, cfg.train.seed)
     rows = build_rows(cfg, train_set)
     if d.is_main:
-        print(format_report(data_report(train_set, rows, d.world_size, cfg.train.micro_batches)), flush=True)
+        split = ("all samples" if eval_set is None
+                 else f"training split ({len(train_set)} of {len(dataset)} samples)")
+        report = data_report(train_set, rows, d.world_size, cfg.train.micro_batches, split)
+        print(format_report(report), flush=True)
         if eval_set is not None:
             print(f"  held out {len(eval_set)} samples for evaluation", flush=True)
     sampler = PackedSampler(rows, seed=cfg.train.seed, rank=d.rank, world_size=d.world_size,

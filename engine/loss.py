@@ -4,7 +4,8 @@ global sample/turn count; the batch carries the weights).
 
 The fused linear cross-entropy (packtune.kernels) applies lm_head and the masked loss chunk by
 chunk over the label rows only, without storing the N x V logits; `num_items` is a device
-tensor, so the division needs no host sync. Zero label tokens give zero loss and gradients.
+tensor and the label rows come from the batch's PackedLayout, so the step needs no host
+sync. Zero label tokens give zero loss and gradients.
 
 `CausalLMLoss` is the module FSDP shards as its root. The loss runs *inside* its forward, so
 the root's parameters (embeddings, final norm, lm_head) are unsharded while the fused linear
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from packtune.kernels import linear_cross_entropy
+from packtune.kernels import PackedLayout, linear_cross_entropy
 
 
 class CausalLMLoss(nn.Module):
@@ -32,15 +33,10 @@ class CausalLMLoss(nn.Module):
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
+        layout: PackedLayout,
         num_items: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.model.hidden_states(
-            input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
-        )
-        return linear_cross_entropy(
-            hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum", num_items=num_items
-        )
+        hidden = self.model.hidden_states(input_ids, layout)
+        return linear_cross_entropy(hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum",
+                                    num_items=num_items, layout=layout)

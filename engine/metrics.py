@@ -85,6 +85,11 @@ class MetricsLogger:
     bad_in_a_row: int = 0
     skipped_steps: int = 0
 
+    def start_window(self) -> None:
+        """Time the next flushed steps from now (e.g. after loading a checkpoint, whose time is
+        no step's)."""
+        self._window_start = time.perf_counter()
+
     def record(
         self, step: int, lr: float, tokens: int, label_tokens: int, flops: float, values: torch.Tensor
     ) -> None:

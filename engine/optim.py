@@ -52,7 +52,8 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
     """Total L2 norm of all gradients (across ranks when they are FSDP DTensor shards), then clip.
 
     Returns the pre-clipping norm as a plain device tensor; no host sync. `max_norm <= 0` only
-    measures. A non-finite norm leaves the gradients alone (the step is skipped anyway).
+    measures. A non-finite norm leaves the gradients alone (clipping by norm 0 is a factor of 1;
+    the step is skipped anyway): clipping by inf would zero them, by NaN poison them.
     """
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
@@ -62,5 +63,6 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
     if hasattr(norm, "full_tensor"):  # DTensor: the local squares still have to be summed
         norm = norm.full_tensor()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.nan_to_num(norm, nan=0.0), foreach=True)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.where(norm.isfinite(), norm, 0.0),
+                                          foreach=True)
     return norm

@@ -1,6 +1,6 @@
 """The training loop.
 
-One optimizer step (DESIGN.md, the loss contract):
+One optimizer step (the loss contract, README "How it works"):
 1. count this rank's label tokens, loss items (label tokens, or samples/turns under
    `loss_weighting`) and tokens on the host, all-reduce the counts over gloo (CPU, so the GPU
    stream never waits) together with a "stop requested" flag;
@@ -73,15 +73,6 @@ def progress_mode(progress: str, stream: Any = None) -> str:
 
     tty = (stream or sys.stdout).isatty()
     return "bar" if tty and importlib.util.find_spec("tqdm") is not None else "line"
-
-
-def _attended_length(batch: Any) -> float:
-    """Token-weighted mean sequence length each token attends over, for the attention FLOPs."""
-    cu = getattr(batch, "cu_seqlens", None)
-    if cu is None:
-        return float(batch.input_ids.shape[-1])
-    lengths = (cu[1:] - cu[:-1]).double()
-    return float((lengths * lengths).sum() / lengths.sum().clamp(min=1))
 
 
 class Trainer:
@@ -182,6 +173,7 @@ class Trainer:
         except ValueError as e:
             raise CheckpointError(f"cannot resume from {path}: {e}") from None
         self.metrics.skipped_steps = extra.get("skipped_total", 0)
+        self.metrics.bad_in_a_row = extra.get("bad_in_a_row", 0)
         if self.d.is_main:
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         return path
@@ -192,6 +184,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "skipped_total": self.metrics.skipped_steps,
+            "bad_in_a_row": self.metrics.bad_in_a_row,
         }
         return save_checkpoint(
             self.output_dir, self.step, self.d, self.module, self.optimizer, extra,
@@ -210,6 +203,7 @@ class Trainer:
     def fit(self) -> int:
         """Train until `total_steps` or a stop signal; returns the last step reached."""
         saved_at = self.step
+        self.metrics.start_window()  # the first throughput excludes building and resuming
         with StopSignal() as stop:
             batches = self._step_batches()
             while self.step < self.total_steps:
@@ -265,7 +259,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
         for batch in micro_batches:
             if self.flops_per_token is not None:
-                flops += self.flops_per_token(_attended_length(batch)) * batch.input_ids.numel()
+                flops += self.flops_per_token(batch.layout.attended_length) * batch.input_ids.numel()
             loss = self._loss(batch, num_items, weighted=True)
             loss.backward()
             loss_sum += loss.detach().float()
@@ -288,15 +282,8 @@ class Trainer:
         """Summed token loss of one micro-batch (times its loss weights when `weighted`, ÷ num_items
         when given), packed or padded."""
         batch = batch.to(self.d.device)
-        return self.module(
-            batch.input_ids,
-            batch.labels,
-            position_ids=batch.position_ids,
-            cu_seqlens=getattr(batch, "cu_seqlens", None),
-            max_seqlen=getattr(batch, "max_seqlen", None),
-            num_items=num_items,
-            loss_weights=batch.loss_weights if weighted else None,
-        )
+        return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
+                           loss_weights=batch.loss_weights if weighted else None)
 
     @torch.no_grad()
     def evaluate(self) -> float:

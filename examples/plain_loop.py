@@ -54,14 +54,10 @@ for step in range(steps):
     num_items = torch.tensor(sum(b["num_label_tokens"] for b in batches))  # the whole step's count
     total = 0.0
     for b in batches:
-        hidden = model.hidden_states(
-            b["input_ids"],
-            position_ids=b["position_ids"],
-            cu_seqlens=b["cu_seqlens"],
-            max_seqlen=b["max_seqlen"],
-        )
+        layout = b["packed_layout"]  # positions, sample offsets and label rows, built on the host
+        hidden = model.hidden_states(b["input_ids"], layout)
         loss = linear_cross_entropy(
-            hidden, model.lm_head, b["shift_labels"], reduction="sum", num_items=num_items
+            hidden, model.lm_head, b["shift_labels"], reduction="sum", num_items=num_items, layout=layout
         )
         loss.backward()
         total += loss.item()

@@ -1,19 +1,30 @@
 """packtune.kernels: fused loss and packed-sequence ops for SFT, usable from any trainer.
 
-Every op has a Triton implementation (CUDA), a C++ implementation (CPU, packtune._C) and a
-PyTorch reference; `packtune.kernels._dispatch` picks one per call.
+What each op has (`packtune.kernels._dispatch` picks the backend per call; `registered_ops()`):
+
+    masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, swiglu
+        Triton (CUDA, or the interpreter on CPU), C++ (CPU, packtune._C) and a PyTorch reference
+    varlen_attention
+        flash-attn or torch's varlen_attn on CUDA fp16/bf16, else batched PyTorch SDPA over length
+        buckets (any device); `varlen_attention_ref` (SDPA per sample) is the reference
+    PackedLayout, shift_labels
+        the packed-batch contract every op above reads (plain PyTorch/numpy, built on the host)
 """
 
 from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
 from packtune.kernels.attention import varlen_attention, varlen_attention_ref
 from packtune.kernels.cross_entropy import MaskedCrossEntropy, masked_cross_entropy, masked_cross_entropy_ref
 from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
+from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
 from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
 from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
 from packtune.kernels.swiglu import SwiGLU, swiglu, swiglu_ref
 
 __all__ = [
     "BACKENDS",
+    "IGNORE_INDEX",
+    "PackedLayout",
+    "shift_labels",
     "registered_ops",
     "resolve_backend",
     "masked_cross_entropy",

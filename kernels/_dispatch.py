@@ -15,12 +15,26 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("triton", "cpu", "torch")
 _OPS: dict[str, tuple[str, ...]] = {}
+LOAD_ERRORS: dict[str, str] = {}
+"""Optional modules that are installed but failed to load (name -> the error): `packtune env`
+shows them; absence is not an error and is not recorded."""
+
+
+def broken_import(name: str, error: BaseException) -> None:
+    """Record and warn (once per module) that `name` is present but does not load, e.g. built
+    against another torch or missing a symbol: the slow path it leaves is not silent."""
+    if name in LOAD_ERRORS:
+        return
+    LOAD_ERRORS[name] = f"{type(error).__name__}: {error}"
+    warnings.warn(f"{name} is installed but failed to load ({LOAD_ERRORS[name]}); the slower fallback "
+                  "runs instead. Rebuild or reinstall it against this torch.", RuntimeWarning, stacklevel=3)
 
 
 def register_op(name: str, backends: tuple[str, ...]) -> None:
@@ -49,10 +63,16 @@ def triton_interpreted() -> bool:
 
 @functools.cache
 def cpu_extension() -> ModuleType | None:
-    """packtune._C if it was built and loads against this torch; None otherwise."""
+    """packtune._C if it was built and loads against this torch; None otherwise (a build that
+    fails to load is recorded and warned about: `broken_import`)."""
     try:
         return importlib.import_module("packtune._C")
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "packtune._C":  # the extension is there, something it needs is not
+            broken_import("packtune._C", e)
+        return None
+    except (ImportError, OSError) as e:  # built for another torch, an undefined symbol, ...
+        broken_import("packtune._C", e)
         return None
 
 
@@ -101,6 +121,8 @@ def resolve_backend(op: str, device: torch.device | str, backend: str | None = N
 def why_not(backend: str) -> str:
     if backend == "cpu":
         if cpu_extension() is None:
+            if "packtune._C" in LOAD_ERRORS:
+                return f"packtune._C failed to load ({LOAD_ERRORS['packtune._C']})"
             return "packtune._C is not built (reinstall with a C++ compiler)"
         return "the cpu backend takes CPU tensors only"
     if backend == "triton":

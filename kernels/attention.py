@@ -40,7 +40,10 @@ def _flash_attn() -> ModuleType | None:
         return None
     try:
         return importlib.import_module("flash_attn")
-    except (ImportError, OSError, RuntimeError):  # installed but built for another torch/CUDA
+    except (ImportError, OSError, RuntimeError) as e:  # installed but built for another torch/CUDA
+        from packtune.kernels._dispatch import broken_import
+
+        broken_import("flash_attn", e)
         return None
 
 

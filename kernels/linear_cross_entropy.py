@@ -15,9 +15,11 @@ inside the CE kernel. Backward is a scale of dX, dW, db by grad_output; for redu
 the per-row grad_output is only known in backward, so there the forward only computes the
 losses and backward recomputes the chunks with the grad_output folded in.
 
-The label-row index: on CPU `nonzero` (reading a CPU tensor is free); on GPU a stable sort puts
-label rows first without a host sync, and the one sync is reading their count to size the chunk
-loop (under torch.compile all rows are processed instead, keeping shapes static).
+The label-row index: given a `PackedLayout` (packtune.kernels.packed_layout), its `label_rows`,
+built on the host with the batch, so the chunk loop is sized without touching the device. A
+standalone call without a layout finds them itself: on CPU `nonzero` (reading a CPU tensor is
+free); on GPU a stable sort puts label rows first without a host sync, and the one sync is
+reading their count (under torch.compile all rows are processed instead, keeping shapes static).
 
 FSDP2: pass the lm_head module or its weight. A DTensor weight (an FSDP2-sharded parameter) is
 gathered explicitly with `full_tensor()`, whose backward reduce-scatters dW onto the shards.
@@ -36,6 +38,7 @@ from packtune.kernels.cross_entropy import (
     flat_weights,
     masked_cross_entropy_ref,
 )
+from packtune.kernels.packed_layout import PackedLayout
 
 _dispatch.register_op("linear_cross_entropy", ("triton", "cpu", "torch"))
 
@@ -100,8 +103,8 @@ def _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, option
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, weights, scale, backend, reduction, options, chunk_size, needs):
-        rows = _label_rows(labels, options["ignore_index"])
+    def forward(ctx, x, weight, bias, labels, weights, rows, scale, backend, reduction, options, chunk_size,
+                needs):
         deferred = reduction == "none"  # per-row grad_output: gradients are formed in backward
         loss, lse, gx, gw, gb = _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, options,
                                               chunk_size, needs=(False,) * 3 if deferred else needs)
@@ -130,7 +133,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 gx, gw, gb = (None if g is None else g.mul_(grad_loss) for g in (gx, gw, gb))
         gw = None if gw is None else gw.to(w_dtype)
         gb = gb.to(w_dtype) if has_bias and gb is not None else None
-        return gx, gw, gb, None, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -143,14 +146,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.M
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          num_items: torch.Tensor | int | None = None, label_smoothing: float = 0.0,
                          z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False,
-                         inplace_backward: bool = True, backend: str | None = None,
+                         layout: PackedLayout | None = None, backend: str | None = None,
                          chunk_size: int | None = None):
     """masked_cross_entropy(hidden @ weight.T + bias, labels, ...) without storing N x V logits.
 
     hidden [..., H]; weight [V, H] or a module holding it (an `nn.Linear` lm_head, FSDP2-sharded or
     not; its bias is used when `bias` is None); labels [...]; `weights` [...] per-row loss weights
-    (float, like labels; None = all ones). `inplace_backward` is accepted for
-    signature parity: the chunks' logits are internal, so they always become the gradient in place.
+    (float, like labels; None = all ones). `layout`: the batch's PackedLayout, whose label rows
+    (and, for reduction="mean", count) are used instead of deriving them from `labels` on the device.
+    The chunks' logits are internal, so they always become the gradient in place.
     dW and db come back in the weight's dtype after fp32 accumulation.
     """
     if isinstance(weight, torch.nn.Module):
@@ -168,14 +172,20 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.M
     check_options(labels, weights, reduction, label_smoothing, softcap)
     flat = labels.reshape(-1).long()
     weights = flat_weights(weights, hidden.device)
+    if layout is not None and layout.num_tokens != n_rows:
+        raise ValueError(f"layout has {layout.num_tokens} tokens, hidden {n_rows} rows")
+    known = layout is not None and layout.label_rows is not None
+    if known and num_items is None and reduction == "mean" and weights is None:
+        num_items = layout.num_label_rows
     scale = _row_scale(flat, weights, reduction, num_items, ignore_index, hidden.device)
+    rows = layout.label_rows.to(hidden.device) if known else _label_rows(flat, ignore_index)
     options = dict(ignore_index=ignore_index, eps=float(label_smoothing), z_loss=float(z_loss),
                    softcap=None if softcap is None else float(softcap))
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     chunk = chunk_size or default_chunk_size(n_rows, h, weight.shape[0])
-    loss, lse = LinearCrossEntropyFunction.apply(hidden.reshape(n_rows, h), weight, bias, flat, weights,
+    loss, lse = LinearCrossEntropyFunction.apply(hidden.reshape(n_rows, h), weight, bias, flat, weights, rows,
                                                  scale, backend, reduction, options, chunk, needs)
     if reduction == "none":
         loss = loss.view(labels.shape)

@@ -9,8 +9,9 @@ frequencies):
 
 The backward is the transposed rotation: dx1 = g1 * c1 + g2 * s2, dx2 = g2 * c2 - g1 * s1.
 
-Positions come from `position_ids`, else restart at 0 for every sample of a packed row given by
-`cu_seqlens` (computed on the device with `searchsorted`: no host sync), else 0..T-1 per row.
+Positions come from the batch's `layout` (a PackedLayout, built on the host: packtune's model
+always passes one), else `position_ids`, else restart at 0 for every sample of a packed row given
+by `cu_seqlens` (computed on the device with `searchsorted`: no host sync), else 0..T-1 per row.
 One launch rotates q and k together (any head counts, so GQA), one program per token. Rope
 scaling (Llama 3.1, linear, dynamic ...) belongs to the caller: it shapes `inv_freq` before
 `rope_cos_sin` builds the tables. Positions must be below the table length (not checked on the
@@ -23,6 +24,7 @@ import torch
 
 from packtune.kernels._dispatch import cpu_extension, register_op, resolve_backend
 from packtune.kernels._triton import tl, triton
+from packtune.kernels.packed_layout import PackedLayout
 
 register_op("rotary", ("triton", "cpu", "torch"))
 
@@ -162,13 +164,14 @@ def _positions(q: torch.Tensor, position_ids: torch.Tensor | None,
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-           position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+           layout: PackedLayout | None = None, position_ids: torch.Tensor | None = None,
+           cu_seqlens: torch.Tensor | None = None,
            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q `[T, Hq, D]` and k `[T, Hk, D]` (or `[B, T, H, D]`) by their positions; returns new (q, k).
 
-    cos/sin: `[max_positions, D]` tables from `rope_cos_sin`. Positions: `position_ids` (`[T]`,
-    `[B, T]` or `[1, T]`), else restarting at 0 per sample of `cu_seqlens` (int32 offsets over the
-    flattened tokens), else 0..T-1 in every row.
+    cos/sin: `[max_positions, D]` tables from `rope_cos_sin`. Positions: `layout.positions`, else
+    `position_ids` (`[T]`, `[B, T]` or `[1, T]`), else restarting at 0 per sample of `cu_seqlens`
+    (int32 offsets over the flattened tokens), else 0..T-1 in every row.
     """
     if q.dim() not in (3, 4) or k.dim() != q.dim() or q.shape[:-2] != k.shape[:-2]:
         raise ValueError(f"rotary: q {tuple(q.shape)} and k {tuple(k.shape)} must both be [T, H, D] or "
@@ -178,7 +181,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError(f"rotary: head_dim must be even and equal for q {tuple(q.shape)} and k "
                          f"{tuple(k.shape)}, and cos/sin tables [max_positions, {dim}] "
                          f"(got cos {tuple(cos.shape)}, sin {tuple(sin.shape)})")
-    positions = _positions(q, position_ids, cu_seqlens)
+    positions = _positions(q, layout.positions if layout is not None else position_ids, cu_seqlens)
     cos, sin = cos.to(q.device), sin.to(q.device)
     backend = resolve_backend("rotary", q.device, backend)
     if backend == "cpu" and q.dtype == torch.float64:  # the C++ kernels compute in fp32

@@ -1,4 +1,6 @@
+import importlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -7,7 +9,13 @@ import torch
 
 from packtune.kernels import _dispatch
 
+needs_extension = pytest.mark.skipif(
+    _dispatch.cpu_extension() is None and shutil.which(os.environ.get("CXX", "c++")) is None,
+    reason="packtune._C is not built and there is no C++ compiler to build it",
+)
 
+
+@needs_extension
 def test_env_command_reports_this_machine():
     out = subprocess.run(
         [sys.executable, "-m", "packtune", "env"], capture_output=True, text=True, check=True
@@ -21,6 +29,7 @@ def test_env_command_reports_this_machine():
     assert "attention    CPU: SDPA over length buckets" in out
 
 
+@needs_extension
 def test_cpu_extension_reports_openmp_threads():
     ext = _dispatch.cpu_extension()
     assert ext is not None, "packtune._C did not build"
@@ -68,3 +77,28 @@ def test_kernels_never_import_the_engine():
                          env={**os.environ}).stdout
     loaded = eval(out)
     assert all(m == "packtune" or m.startswith(("packtune.kernels", "packtune._C")) for m in loaded), loaded
+
+
+def test_an_extension_that_fails_to_load_is_reported_not_hidden(monkeypatch):
+    """Built against another torch (an undefined symbol): a warning with the real error, recorded
+    for `packtune env`; plain absence stays silent."""
+    real_import = importlib.import_module
+
+    def failing(name, *args):
+        if name == "packtune._C":
+            raise ImportError("_C.so: undefined symbol: _ZN3c10")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(_dispatch.importlib, "import_module", failing)
+    monkeypatch.setattr(_dispatch, "LOAD_ERRORS", {})
+    _dispatch.cpu_extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="undefined symbol"):
+            assert _dispatch.cpu_extension() is None
+        assert "undefined symbol" in _dispatch.LOAD_ERRORS["packtune._C"]
+        assert "failed to load" in _dispatch.why_not("cpu")
+        from packtune.env import _cpu_ext_line
+
+        assert "FAILED TO LOAD" in _cpu_ext_line()
+    finally:
+        _dispatch.cpu_extension.cache_clear()

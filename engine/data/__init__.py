@@ -1,4 +1,4 @@
-"""Instruction data -> packed, loss-masked batches (see DESIGN.md's data flow and loss contract).
+"""Instruction data -> packed, loss-masked batches (see the README, "How it works").
 
 readers (files -> streamed rows) -> sources (several files, mixed by weight)
 -> formats (rows -> Conversation) -> templates (-> segments) -> tokenize (-> ids + mask, checked)

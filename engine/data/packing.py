@@ -9,10 +9,11 @@ row, that row is still the best fit for the next item of the same length as long
 so the result is identical to placing items one by one.
 
 A `PackedBatch` is one row: samples concatenated without padding, labels shifted *per sample*
-(the label at t is token t+1 of the same sample, -100 on prompt tokens and on each sample's last
-position), `position_ids` restarting at 0 per sample, int32 `cu_seqlens` and a host-side
-`max_seqlen`, so varlen attention needs no device-to-host sync. `PaddedBatch` is the padded
-counterpart (pad-to-longest), for comparison.
+(`shift_labels`: the label at t is token t+1 of the same sample, -100 on prompt tokens and on
+each sample's last position) and the row's `PackedLayout` (packtune.kernels.packed_layout:
+sample offsets, positions, label rows and their count, all built here on the host, so the step
+needs no device-to-host sync). `PaddedBatch` is the padded counterpart (pad-to-longest), for
+comparison.
 
 Both carry the loss weighting (`[train] loss_weighting`, see `loss_weights`): per-token weights
 (None for "token") and `num_items`, the batch's share of the step's loss normalizer (label tokens,
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 
 from packtune.data.errors import DataError
+from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
 
-IGNORE_INDEX = -100
 LOSS_WEIGHTINGS = ("token", "sample", "turn")
 
 
@@ -170,49 +171,31 @@ class PackedBatch:
 
     input_ids: torch.Tensor
     labels: torch.Tensor
-    position_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    num_label_tokens: int
+    layout: PackedLayout
     num_items: int
     """This row's share of the loss normalizer: label tokens, samples or turns (see loss_weights)."""
     loss_weights: torch.Tensor | None
     """fp32 per-token loss weights, None for token weighting."""
 
+    @property
+    def num_label_tokens(self) -> int:
+        return self.layout.num_label_rows
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
-        return PackedBatch(
+        return type(self)(
             **{f.name: _move(getattr(self, f.name), device, non_blocking) for f in fields(self)}
         )
 
 
 @dataclass
-class PaddedBatch:
-    """`B` samples right-padded to the longest; `labels` are -100 on padding."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    num_label_tokens: int
-    num_items: int
-    loss_weights: torch.Tensor | None
-
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> PaddedBatch:
-        return PaddedBatch(
-            **{f.name: _move(getattr(self, f.name), device, non_blocking) for f in fields(self)}
-        )
+class PaddedBatch(PackedBatch):
+    """`B` samples right-padded to the longest (`[B, L]` tensors); `labels` are -100 on padding."""
 
 
 def _move(value, device, non_blocking):
-    return value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
-
-
-def shifted_labels(ids: np.ndarray, mask: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
-    """Labels for concatenated samples: token t+1 where it is trainable and in the same sample."""
-    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
-    labels[:-1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
-    labels[np.cumsum(seq_lens) - 1] = IGNORE_INDEX
-    return labels
+    if isinstance(value, (torch.Tensor, PackedLayout)):
+        return value.to(device, non_blocking=non_blocking)
+    return value
 
 
 def check_loss_weighting(weighting: str) -> None:
@@ -253,11 +236,7 @@ class _Rows:
         self.dataset, self.row_of, self.max_tokens = dataset, row_of, max_tokens
         self.loss_weighting = loss_weighting
         self.order, self.offsets = rows_from_assignment(row_of)
-        lengths = dataset.lengths
-        self.row_tokens = np.bincount(row_of, weights=lengths, minlength=len(self)).astype(np.int64)
-        self.row_label_tokens = np.bincount(row_of, weights=dataset.label_counts, minlength=len(self)).astype(
-            np.int64
-        )
+        self.row_tokens = np.bincount(row_of, weights=dataset.lengths, minlength=len(self)).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -319,20 +298,14 @@ class PackedRows(_Rows):
 def build_packed_batch(ids: np.ndarray, targets: np.ndarray, trainable: np.ndarray,
                        seq_lens: np.ndarray, loss_weighting: str = "token") -> PackedBatch:
     """One packed row from its samples' concatenated input ids, target ids (usually the inputs
-    themselves), trainable mask and lengths: labels shifted per sample, positions restarting at 0,
-    int32 cu_seqlens, loss weights, all computed on the host."""
-    labels = shifted_labels(targets, trainable, seq_lens)
+    themselves), trainable mask and lengths: labels shifted per sample, the row's PackedLayout and
+    loss weights, all computed on the host."""
+    labels = shift_labels(np.where(trainable, targets, IGNORE_INDEX), np.cumsum(seq_lens) - 1)
     weights, num_items = loss_weights(labels, seq_lens, loss_weighting)
-    cu = np.zeros(len(seq_lens) + 1, dtype=np.int32)
-    np.cumsum(seq_lens, out=cu[1:])
-    positions = np.arange(len(ids), dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seq_lens)
     return PackedBatch(
         torch.from_numpy(ids),
         torch.from_numpy(labels),
-        torch.from_numpy(positions),
-        torch.from_numpy(cu),
-        int(seq_lens.max()),
-        int((labels != IGNORE_INDEX).sum()),
+        PackedLayout.packed(seq_lens, labels),
         num_items,
         None if weights is None else torch.from_numpy(weights),
     )
@@ -362,7 +335,7 @@ class PaddedRows(_Rows):
 
     def collate(self, row: int) -> PaddedBatch:
         ids, mask, seq_lens = self._gather(row)
-        labels = shifted_labels(ids, mask, seq_lens)
+        labels = shift_labels(np.where(mask, ids, IGNORE_INDEX), np.cumsum(seq_lens) - 1)
         weights, num_items = loss_weights(labels, seq_lens, self.loss_weighting)
         batch, width = len(seq_lens), int(seq_lens.max())
         valid = np.arange(width)[None, :] < seq_lens[:, None]
@@ -373,13 +346,10 @@ class PaddedRows(_Rows):
         if weights is not None:
             padded_weights = np.zeros((batch, width), dtype=np.float32)
             padded_weights[valid] = weights
-        positions = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
         return PaddedBatch(
             torch.from_numpy(input_ids),
             torch.from_numpy(padded_labels),
-            torch.from_numpy(positions),
-            torch.from_numpy(valid),
-            int((labels != IGNORE_INDEX).sum()),
+            PackedLayout.padded(seq_lens, padded_labels),
             num_items,
             None if padded_weights is None else torch.from_numpy(padded_weights),
         )

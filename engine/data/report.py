@@ -8,8 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1) -> dict[str, Any]:
-    """The tokenization report of `dataset` plus packing figures for `rows` (packed or padded)."""
+def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1,
+                split: str = "all samples") -> dict[str, Any]:
+    """The tokenization report of `dataset` (all the data read) plus packing figures for `rows`
+    (packed or padded) of the split named by `split` (e.g. the training split when some samples
+    are held out)."""
     from packtune.data.packing import PackedRows
 
     group = world_size * micro_batches
@@ -23,6 +26,7 @@ def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1) -> d
             "steps_per_epoch": len(rows) // group,
             "world_size": world_size,
             "micro_batches": micro_batches,
+            "split": split,
         }
     )
     return report
@@ -58,7 +62,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
     if "packing_efficiency" in report:
         lines.append(
-            f"  {report['packing']} rows {report['packed_rows']} of max {report['max_tokens']} tokens: "
+            f"  {report.get('split', 'all samples')}: {report['packing']} rows {report['packed_rows']} "
+            f"of max {report['max_tokens']} tokens: "
             f"efficiency {100 * report['packing_efficiency']:.2f}% real tokens per slot, "
             f"{report['steps_per_epoch']} steps per epoch ({report['world_size']} rank(s) x "
             f"{report['micro_batches']} micro-batch(es))"

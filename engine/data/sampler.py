@@ -1,15 +1,15 @@
 """A deterministic, resumable sampler: per optimizer step, one rank's list of micro-batches.
 
-Rows are shuffled per epoch with a generator seeded by (seed, epoch), then dealt out in steps of
-`world_size * micro_batches` rows: step s, rank r takes rows `perm[s*G + r*m : s*G + (r+1)*m]`.
-The number of rows is first made a multiple of G by splitting rows (never by dropping or
-repeating samples), so every rank runs the same number of steps and every kept sample is seen
-exactly once per epoch. The state is two ints (epoch, step) plus a fingerprint that catches a
-resume with different data or a different world size.
+Rows are shuffled per epoch with a generator seeded by (seed, epoch) into one global order, then
+dealt out in groups of `world_size * micro_batches` rows: the group starting at `position`
+gives rank r the rows `perm[position + r*m : position + (r+1)*m]`. The number of rows is first
+made a multiple of the group size by splitting rows (never by dropping or repeating samples), so
+every rank runs the same number of steps and every kept sample is seen exactly once per epoch.
 
-Because every rank holds the full row table, the global label-token count of a step (the loss
-denominator under token loss weighting) is known on the host without an all-reduce:
-`global_label_tokens()`.
+The state is the epoch and `position`, the number of rows of the global order already dealt out
+(over all ranks), plus a fingerprint of the rows. It does not depend on the rank or on how rows
+are grouped, so a run saved by 2 ranks with m micro-batches resumes in 1 process with 2m
+micro-batches (any world size x micro-batches with the same product: the row split is the same).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ class PackedSampler:
         self.group = world_size * micro_batches
         self.rows = packed_rows.with_row_multiple(self.group)
         self.seed, self.rank, self.world_size, self.micro_batches = seed, rank, world_size, micro_batches
-        self.epoch, self.step = 0, 0
+        self.epoch = 0
+        self.position = 0
+        """Rows of this epoch's global order already dealt out, over all ranks."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -43,46 +45,38 @@ class PackedSampler:
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first step (no-op when already in that epoch, e.g. after a resume)."""
         if epoch != self.epoch:
-            self.epoch, self.step = epoch, 0
+            self.epoch, self.position = epoch, 0
 
     def permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
 
-    def step_rows(self, step: int, rank: int | None = None, epoch: int | None = None) -> np.ndarray:
-        """Row indices of rank `rank` (default: this rank) at `step` of `epoch` (default: current)."""
-        rank = self.rank if rank is None else rank
-        perm = self.permutation(self.epoch if epoch is None else epoch)
-        start = step * self.group + rank * self.micro_batches
-        return perm[start : start + self.micro_batches]
-
-    def global_label_tokens(self, step: int | None = None) -> int:
-        """Label tokens of every micro-batch on every rank in `step` (default: the next step)."""
-        step = self.step if step is None else step
-        perm = self.permutation(self.epoch)
-        return int(self.rows.row_label_tokens[perm[step * self.group : (step + 1) * self.group]].sum())
-
     def __iter__(self) -> Iterator[list]:
         """Micro-batch lists from the current step to the end of the epoch; the next epoch follows."""
         perm = self.permutation(self.epoch)
-        while self.step < self.steps_per_epoch:
-            start = self.step * self.group + self.rank * self.micro_batches
+        while self.position + self.group <= len(self.rows):
+            start = self.position + self.rank * self.micro_batches
             batches = [self.rows.collate(int(r)) for r in perm[start : start + self.micro_batches]]
-            self.step += 1
+            self.position += self.group
             yield batches
-        self.epoch, self.step = self.epoch + 1, 0
+        self.epoch, self.position = self.epoch + 1, 0
 
     def _fingerprint(self) -> list[int]:
-        return [len(self.rows), int(self.rows.row_tokens.sum()), self.world_size, self.micro_batches]
+        return [len(self.rows), int(self.rows.row_tokens.sum())]
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain ints: the epoch, the number of steps already taken in it, seed and fingerprint."""
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "fingerprint": self._fingerprint()}
+        """Plain ints: the epoch, the rows already dealt out in it, seed and fingerprint."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "fingerprint": self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["fingerprint"]) != self._fingerprint() or state["seed"] != self.seed:
             raise ValueError(
-                "sampler state is from different data, seed, world size or micro-batches "
-                f"(saved {state['fingerprint']} seed {state['seed']}, now "
-                f"{self._fingerprint()} seed {self.seed})"
+                "sampler state is from different data or seed, or rows split for another "
+                "world_size x micro_batches "
+                f"(saved {state['fingerprint']} seed {state['seed']}, "
+                f"now {self._fingerprint()} seed {self.seed})"
             )
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if state["position"] % self.group:
+            raise ValueError(f"the saved position ({state['position']} rows) is not a multiple of "
+                             f"world_size x micro_batches = {self.group}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -30,11 +30,6 @@ from packtune.data.errors import DataError
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenize import Rendered
 from packtune.data.tokenizer import Tokenizer
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 TRAIN_ON = ("assistant", "last", "all")
 PLACEHOLDER = re.compile(r"\{(content|input|system|bos|eos)\}")

@@ -15,16 +15,16 @@ The batch (one row, leading dimension 1 for transformers models):
                           shifts labels inside its loss (position t predicts labels[t + 1]), and the
                           -100 on each first token keeps the last position of one sample from
                           predicting the next sample's first token.
-    shift_labels  [1, T]  already shifted per sample, packtune's convention (= PackedBatch.labels):
-                          the label at t is token t + 1 of the same sample, -100 on untrained tokens
-                          and each sample's last position. Equal to labels shifted by one; when
-                          present, transformers' causal LM loss and the Trainer's
-                          `num_items_in_batch` count use it as is, and so does the patched model.
-                          For packtune's own loss (`linear_cross_entropy(hidden, lm_head, labels)`)
-                          use these.
-    position_ids  [1, T]  restarting at 0 for each sample
-    cu_seqlens    [n+1]   int32 sample offsets; `max_seqlen` the longest sample (host int), so
-                          varlen attention needs no device-to-host sync
+    shift_labels  [1, T]  already shifted per sample, packtune's convention (`shift_labels`, =
+                          PackedBatch.labels): the label at t is token t + 1 of the same sample,
+                          -100 on untrained tokens and each sample's last position. Equal to labels
+                          shifted by one; when present, transformers' causal LM loss and the
+                          Trainer's `num_items_in_batch` count use it as is, and so does the
+                          patched model. For packtune's own loss use these.
+    packed_layout         the row's PackedLayout (host tensors): positions, sample offsets, label
+                          rows and their count, what the patched model and packtune's kernels read
+    position_ids  [1, T]  = packed_layout.positions, for transformers' own packing detection
+    cu_seqlens    [n+1]   = packed_layout.cu_seqlens; `max_seqlen` the longest sample (host int)
     num_label_tokens      host int: trained tokens in the batch (the loss denominator for one
                           micro-batch; sum it over micro-batches and ranks for a step)
 
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from packtune.data.packing import PackedBatch, best_fit_decreasing, build_packed_batch, rows_from_assignment
+from packtune.kernels.packed_layout import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _MASK_KEYS = ("loss_mask", "completion_mask", "assistant_masks")
 _RESPONSE_KEYS = ("completion_ids", "response_ids")
 
@@ -120,25 +120,29 @@ class PackedCollator:
         self.max_tokens, self.batch_dim = max_tokens, batch_dim
 
     def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
-        batch = self.packed_batch(features)
+        samples = _samples(features)
+        batch = self._packed_batch(samples)
         row = (lambda t: t[None]) if self.batch_dim else (lambda t: t)
-        # labels[t] = the target of position t - 1: token t if trained and t is not a sample's first
-        # token (the previous sample's last position holds -100 in the shifted labels)
-        hf_labels = torch.full_like(batch.labels, IGNORE_INDEX)
-        hf_labels[1:] = batch.labels[:-1]
+        # Hugging Face's labels: each sample's own trained tokens, -100 on its first token (which
+        # no position of that sample predicts)
+        hf_labels = np.concatenate([np.r_[IGNORE_INDEX, labels[1:]] for _, labels in samples])
+        layout = batch.layout
         return {
             "input_ids": row(batch.input_ids),
-            "labels": row(hf_labels),
+            "labels": row(torch.from_numpy(hf_labels)),
             "shift_labels": row(batch.labels),
-            "position_ids": row(batch.position_ids),
-            "cu_seqlens": batch.cu_seqlens,
-            "max_seqlen": batch.max_seqlen,
-            "num_label_tokens": batch.num_label_tokens,
+            "packed_layout": layout,
+            "position_ids": row(layout.positions),
+            "cu_seqlens": layout.cu_seqlens,
+            "max_seqlen": layout.max_seqlen,
+            "num_label_tokens": layout.num_label_rows,
         }
 
     def packed_batch(self, features: Sequence[Any]) -> PackedBatch:
         """The same row as packtune's `PackedBatch` (1-D tensors, labels already shifted per sample)."""
-        samples = _samples(features)
+        return self._packed_batch(_samples(features))
+
+    def _packed_batch(self, samples: list[tuple[np.ndarray, np.ndarray]]) -> PackedBatch:
         seq_lens = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
         if self.max_tokens is not None and seq_lens.sum() > self.max_tokens:
             raise ValueError(

@@ -1,7 +1,10 @@
 """The forwards `apply_packtune` binds to a transformers model's modules (see transformers.py).
 
 Each mirrors the transformers 5.x Llama/Mistral/Qwen2 forward it shadows, with packtune's ops in
-place of the plain-torch ones and, for a packed row, varlen attention instead of a mask.
+place of the plain-torch ones and, for a packed row, its `PackedLayout` (from PackedCollator, or
+built from `cu_seqlens` / restarting `position_ids`): varlen attention instead of a mask, and
+packtune's rotary reading fp32 tables at the layout's positions. Unpacked batches (padded with
+an attention mask, generation with a cache) keep transformers' own attention and rotary.
 transformers 5.24 renamed the KV cache argument `past_key_values` to `cache` (the old name is
 deprecated until 5.40): the forwards take either and pass it on under the name the wrapped
 module declares.
@@ -16,20 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from packtune.integrations.lm_head import fused_lm_head_output, fused_loss
 from packtune.kernels import (
+    PackedLayout,
     masked_cross_entropy,
     rms_norm,
+    rope_cos_sin,
     rotary,
+    shift_labels,
     swiglu,
     varlen_attention,
 )
-from packtune.kernels.rotary import positions_from_cu_seqlens
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -64,25 +66,8 @@ def swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """packtune's rotary on q, k `[B, L, H, D]` with transformers' per-token cos/sin `[B or 1, L, D]`.
-
-    The per-token cos/sin become the table and each token indexes its own row, so positions and
-    any rope scaling are exactly what the model computed.
-    """
-    b, length = q.shape[:2]
-    table_rows = b * length
-    cos = cos.expand(b, length, -1).reshape(table_rows, -1)
-    sin = sin.expand(b, length, -1).reshape(table_rows, -1)
-    rows = torch.arange(table_rows, device=q.device)
-    q, k = rotary(
-        q.reshape(table_rows, *q.shape[2:]), k.reshape(table_rows, *k.shape[2:]), cos, sin, position_ids=rows
-    )
-    return q.view(b, length, *q.shape[1:]), k.view(b, length, *k.shape[1:])
-
-
 def attention_forward_for(modeling: types.ModuleType, family: str, options: PacktuneOptions) -> Callable:
-    """The family's attention forward with packtune's rotary and, for packed rows, varlen attention."""
+    """The family's attention forward: for packed rows packtune's rotary and varlen attention."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def window(attn: nn.Module) -> int | None:
@@ -106,24 +91,20 @@ def attention_forward_for(modeling: types.ModuleType, family: str, options: Pack
         q = self.q_proj(hidden_states).view(hidden_shape)
         k = self.k_proj(hidden_states).view(hidden_shape)
         v = self.v_proj(hidden_states).view(hidden_shape)
-        cos, sin = position_embeddings
-        if options.rotary:
-            q, k = _rotate(q, k, cos, sin)
-        else:
-            q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        cu_seqlens = kwargs.get("cu_seqlens")
-        if options.packed and cu_seqlens is not None:
+        layout, tables = kwargs.pop("packed_layout", None), kwargs.pop("rope_tables", None)
+        if layout is not None:  # one packed row [1, T]
             flat = lambda t: t.reshape(-1, *t.shape[2:])
-            out = varlen_attention(
-                flat(q),
-                flat(k),
-                flat(v),
-                cu_seqlens,
-                kwargs["max_seqlen"],
-                window=window(self),
-                scale=self.scaling,
-            )
+            q, k, v = flat(q), flat(k), flat(v)
+            if options.rotary:
+                q, k = rotary(q, k, *tables, layout=layout)
+            else:
+                cos, sin = (t.reshape(-1, t.shape[-1]) for t in position_embeddings)
+                q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+            out = varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, window=window(self),
+                                   scale=self.scaling)
             return self.o_proj(out.reshape(*input_shape, -1)), None
+        cos, sin = position_embeddings
+        q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -182,23 +163,24 @@ def causal_lm_forward_for(options: PacktuneOptions, state: ForwardState) -> Call
     ):
         past_key_values = _pop_cache(past_key_values, kwargs)
         return_dict = kwargs.pop("return_dict", None)
-        shift_labels = kwargs.pop("shift_labels", None)
+        given_shift_labels = kwargs.pop("shift_labels", None)
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("num_label_tokens", None)  # PackedCollator's host-side count; the Trainer sends its own
+        layout = kwargs.pop("packed_layout", None)
         fused_lm_head = kwargs.pop("fused_lm_head", False)  # TRL's SFTTrainer asks for per-token outputs
-        if fused_lm_head and not (options.fused_loss and (labels is not None or shift_labels is not None)):
+        has_labels = labels is not None or given_shift_labels is not None
+        if fused_lm_head and not (options.fused_loss and has_labels):
             raise ValueError(
                 "fused_lm_head=True (TRL's SFTTrainer) needs labels and apply_packtune(fused_loss=True)"
             )
-        cu_seqlens, max_seqlen = (
-            _packed_layout(kwargs, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
+        layout = (
+            _packed_layout(layout, kwargs, input_ids, inputs_embeds, attention_mask, position_ids,
+                           past_key_values)
             if options.packed
-            else (None, None)
+            else _drop_packing_keys(kwargs)
         )
-        if cu_seqlens is not None:
-            hidden = _packed_hidden_states(
-                self.model, input_ids, inputs_embeds, position_ids, cu_seqlens, max_seqlen, kwargs
-            )
+        if layout is not None:
+            hidden = _packed_hidden_states(self.model, input_ids, inputs_embeds, layout, kwargs)
             outputs = None
         else:
             outputs = self.model(
@@ -211,15 +193,18 @@ def causal_lm_forward_for(options: PacktuneOptions, state: ForwardState) -> Call
                 **kwargs,
             )
             hidden = outputs.last_hidden_state
-        has_labels = labels is not None or shift_labels is not None
-        targets = _shifted_targets(labels, shift_labels, cu_seqlens) if has_labels else None
+        targets = None
+        if given_shift_labels is not None:
+            targets = given_shift_labels.reshape(-1)
+        elif labels is not None:
+            targets = _shift(labels, layout)
         if fused_lm_head:
             return fused_lm_head_output(
-                hidden, self.lm_head, targets, drop_last=shift_labels is None, num_items=num_items
+                hidden, self.lm_head, targets, drop_last=given_shift_labels is None, num_items=num_items
             )
         loss = logits = None
         if has_labels and options.fused_loss and self.training:
-            loss = fused_loss(hidden, self.lm_head, targets, num_items)
+            loss = fused_loss(hidden, self.lm_head, targets, num_items, layout=layout)
         else:
             logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
             if has_labels and options.fused_loss:
@@ -256,31 +241,44 @@ def causal_lm_forward_for(options: PacktuneOptions, state: ForwardState) -> Call
 # ---- packed rows -----------------------------------------------------------------------------
 
 
-def _packed_layout(kwargs: dict, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values):
-    """(cu_seqlens int32 on the model's device, max_seqlen int) of a packed row, else (None, None).
+def _drop_packing_keys(kwargs: dict) -> None:
+    """apply_packtune(packed=False): the collator's packing keys are not for transformers' layers."""
+    for key in ("packed_layout", "cu_seqlens", "max_seqlen"):
+        kwargs.pop(key, None)
+    return None
 
-    Explicit offsets win (packtune's `cu_seqlens`/`max_seqlen`, or transformers' flash-attention
-    names); otherwise a single row without attention_mask or cache whose position_ids restart is
-    packed (as transformers detects it), at the cost of one device-to-host copy.
+
+def _packed_layout(layout: PackedLayout | None, kwargs: dict, input_ids, inputs_embeds, attention_mask,
+                   position_ids, past_key_values) -> PackedLayout | None:
+    """The PackedLayout of a packed row on the model's device, else None.
+
+    PackedCollator's `packed_layout` wins (built on the host with the batch: no sync). Otherwise
+    sample offsets (`cu_seqlens`, or transformers' flash-attention `cu_seq_lens_q`), or, for a
+    single row without attention_mask or cache, position_ids that restart (as transformers
+    detects packing); either costs one device-to-host copy.
     """
-    cu_seqlens, max_seqlen = kwargs.pop("cu_seqlens", None), kwargs.pop("max_seqlen", None)
-    hf_cu, hf_max = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("max_length_q", None)
-    kwargs.pop("cu_seq_lens_k", None), kwargs.pop("max_length_k", None)  # equal to _q in self-attention
-    if cu_seqlens is None and hf_cu is not None:
-        cu_seqlens, max_seqlen = hf_cu, hf_max
+    cu_seqlens = kwargs.pop("cu_seqlens", None)
+    kwargs.pop("max_seqlen", None)
+    hf_cu = kwargs.pop("cu_seq_lens_q", None)
+    for key in ("max_length_q", "cu_seq_lens_k", "max_length_k"):  # _k equal to _q in self-attention
+        kwargs.pop(key, None)
     tokens = input_ids if input_ids is not None else inputs_embeds
-    if cu_seqlens is None:
-        if position_ids is None or attention_mask is not None or past_key_values is not None:
-            return None, None
-        if position_ids.dim() != 2 or tokens.shape[0] != 1 or position_ids.shape[0] != 1:
-            return None, None
-        pos = position_ids[0]
-        starts = torch.ones_like(pos, dtype=torch.bool)
-        starts[1:] = pos[1:] != pos[:-1] + 1
-        start_idx = starts.nonzero()[:, 0].cpu()
-        if len(start_idx) == 1:
-            return None, None
-        cu_seqlens = torch.cat([start_idx, torch.tensor([pos.shape[0]])]).to(torch.int32)
+    if layout is None:
+        cu_seqlens = cu_seqlens if cu_seqlens is not None else hf_cu
+        if cu_seqlens is not None:
+            layout = PackedLayout.from_cu_seqlens(cu_seqlens)
+        else:
+            if position_ids is None or attention_mask is not None or past_key_values is not None:
+                return None
+            if position_ids.dim() != 2 or tokens.shape[0] != 1 or position_ids.shape[0] != 1:
+                return None
+            pos = position_ids[0].cpu()
+            starts = torch.ones_like(pos, dtype=torch.bool)
+            starts[1:] = pos[1:] != pos[:-1] + 1
+            start_idx = starts.nonzero()[:, 0]
+            if len(start_idx) == 1:
+                return None
+            layout = PackedLayout.packed(torch.diff(start_idx, append=torch.tensor([len(pos)])).numpy())
     if tokens.dim() != 2 or tokens.shape[0] != 1:
         raise ValueError(
             f"packed forward: cu_seqlens needs one packed row [1, T], got input of shape "
@@ -290,24 +288,27 @@ def _packed_layout(kwargs: dict, input_ids, inputs_embeds, attention_mask, posit
         raise ValueError(
             "packed forward: pass no attention_mask with cu_seqlens (samples are delimited by it)"
         )
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return cu_seqlens.to(device=tokens.device, dtype=torch.int32, non_blocking=True), int(max_seqlen)
+    return layout.to(tokens.device)
 
 
-def _packed_hidden_states(
-    base: nn.Module, input_ids, inputs_embeds, position_ids, cu_seqlens, max_seqlen, kwargs: dict
-) -> torch.Tensor:
-    """The base model's forward for one packed row, without a mask: varlen attention isolates samples."""
+def _packed_hidden_states(base: nn.Module, input_ids, inputs_embeds, layout: PackedLayout,
+                          kwargs: dict) -> torch.Tensor:
+    """The base model's forward for one packed row, without a mask: varlen attention isolates samples.
+
+    The rotary tables are fp32 `[max_seqlen, head_dim]` from the model's own inverse frequencies
+    (after its rotary module has run, so dynamic scaling has updated them), built once per forward
+    for all layers; transformers' per-token cos/sin are passed on for `rotary=False`.
+    """
     for unsupported in ("output_hidden_states", "output_attentions"):
         if kwargs.pop(unsupported, False):
             raise ValueError(
                 f"packed forward: {unsupported}=True is not supported with apply_packtune(packed=True)"
             )
     hidden = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-    if position_ids is None:
-        position_ids = positions_from_cu_seqlens(cu_seqlens, hidden.shape[1])[None]
+    position_ids = layout.positions[None]
     position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)
+    rope = base.rotary_emb
+    tables = rope_cos_sin(rope.inv_freq, layout.max_seqlen, rope.attention_scaling)
     for layer in base.layers[: base.config.num_hidden_layers]:
         hidden = layer(
             hidden,
@@ -315,20 +316,20 @@ def _packed_hidden_states(
             position_embeddings=position_embeddings,
             position_ids=position_ids,
             use_cache=False,
-            cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen,
+            packed_layout=layout,
+            rope_tables=tables,
             **kwargs,
         )
     return base.norm(hidden)
 
 
-def _shifted_targets(labels, shift_labels, cu_seqlens) -> torch.Tensor:
-    """Flat next-token targets: `shift_labels` as given, else `labels` shifted left by one (as
-    transformers' causal LM loss does); in a packed row each sample's last position is ignored."""
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    targets = shift_labels.reshape(-1)
-    if cu_seqlens is not None:
-        targets = targets.clone()
-        targets[cu_seqlens[1:].long() - 1] = IGNORE_INDEX
-    return targets
+def _shift(labels: torch.Tensor, layout: PackedLayout | None) -> torch.Tensor:
+    """Flat next-token targets from Hugging Face's unshifted labels (`shift_labels`): a packed row
+    ends a sample at each of its layout's offsets, a padded batch at the end of each row."""
+    flat = labels.reshape(-1)
+    if layout is not None:
+        ends = layout.cu_seqlens[1:].long() - 1
+    else:
+        width = labels.shape[-1]
+        ends = torch.arange(width - 1, flat.numel(), width, device=labels.device)
+    return shift_labels(flat, ends)

@@ -19,9 +19,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from packtune.kernels import linear_cross_entropy
+from packtune.kernels import IGNORE_INDEX, PackedLayout, linear_cross_entropy
 
-IGNORE_INDEX = -100
 _STATS_CHUNK_ROWS = 4096
 
 
@@ -39,7 +38,7 @@ class FusedLMHeadOutput(ModelOutput):
 
 
 def fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, num_items,
-               reduction: str | None = None) -> torch.Tensor:
+               reduction: str | None = None, layout: PackedLayout | None = None) -> torch.Tensor:
     """linear_cross_entropy over the flat hidden states (reduction: "sum" over `num_items` when given,
     else "mean"); under autocast the matmuls run in the autocast dtype, as `lm_head(hidden)` would
     (the kernel itself then runs with autocast off)."""
@@ -56,7 +55,7 @@ def fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, 
         reduction = "sum" if num_items is not None else "mean"
     with torch.autocast(device, enabled=False):
         return linear_cross_entropy(hidden, weight, targets, bias=bias, num_items=num_items,
-                                    reduction=reduction)
+                                    reduction=reduction, layout=layout)
 
 
 def fused_lm_head_output(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, *,

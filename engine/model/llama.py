@@ -1,24 +1,63 @@
 """The Llama-family decoder (Llama 1/2/3/3.1, Mistral, Qwen2) in Hugging Face's parameter layout.
 
 Module and parameter names are transformers' own (`model.layers.0.self_attn.q_proj.weight`, ...),
-so a Hugging Face checkpoint loads with no name map and exports back unchanged. The model works on
-packed input (`input_ids [T]` holding several samples, delimited by `cu_seqlens`, each with its own
-positions and causal attention) as well as padded `[B, L]` batches, and returns either logits or
-the final hidden states (for a fused linear cross-entropy that never materialises logits).
+so a Hugging Face checkpoint loads with no name map and exports back unchanged. The model reads
+a batch through its `PackedLayout` (packtune.kernels.packed_layout): a packed row `[T]` holding
+several samples (each with its own positions and causal attention, via varlen attention), or
+padded `[B, L]` rows. Decoding with a KV cache is the other path: one sequence, its positions
+continuing from the cache. It returns logits or the final hidden states (for a fused linear
+cross-entropy that never materialises logits).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from packtune.kernels import RMSNorm, swiglu, varlen_attention
+from packtune.kernels import PackedLayout, RMSNorm, rotary, swiglu, varlen_attention
 from packtune.model.config import ModelArgs
 from packtune.model.kv_cache import KVCache
-from packtune.model.ops import causal_attention, rotary
-from packtune.model.rope import inv_freq, rope_cos_sin
+from packtune.model.rope import RopeTables
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What every layer's attention reads besides its input: token positions (`[T]` or `[B, L]`),
+    the fp32 RoPE tables they index, and either the packed row's `cu_seqlens` / `max_seqlen`
+    (varlen attention), nothing more (padded rows: dense causal attention), or a KV cache."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    cache: KVCache | None = None
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
+                           q_offset: int = 0) -> torch.Tensor:
+    """Causal attention on `[B, Lq, Hq, D]` queries and `[B, Lk, Hk, D]` keys/values (GQA allowed),
+    for padded rows and the KV cache. Query i sits at position `q_offset + i`, key j at j. With
+    `window`, a query sees the `window` most recent keys, itself included (transformers'
+    `sliding_window`)."""
+    lq, lk = q.shape[1], k.shape[1]
+    mask, is_causal = None, False
+    if q_offset == 0 and lq == lk and (window is None or window >= lk):
+        is_causal = lq > 1
+    else:
+        q_pos = torch.arange(q_offset, q_offset + lq, device=q.device)[:, None]
+        k_pos = torch.arange(lk, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -34,30 +73,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=args.o_bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         tokens = x.shape[:-1]
         q = self.q_proj(x).view(*tokens, -1, self.head_dim)
         k = self.k_proj(x).view(*tokens, -1, self.head_dim)
         v = self.v_proj(x).view(*tokens, -1, self.head_dim)
-        q, k = rotary(q, k, cos, sin)
-        if cache is not None:
-            offset = cache.length
-            k, v = cache.update(self.layer, k, v)
-            out = causal_attention(q[None], k[None], v[None], window=self.window, q_offset=offset)[0]
-        elif x.dim() == 3:
-            out = causal_attention(q, k, v, window=self.window)
-        elif cu_seqlens is None:
-            out = causal_attention(q[None], k[None], v[None], window=self.window)[0]
-        else:
-            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, window=self.window)
+        q, k = rotary(q, k, inputs.cos, inputs.sin, position_ids=inputs.positions)
+        if inputs.cache is not None:  # decoding: this step's queries over every cached key
+            offset = inputs.cache.length
+            k, v = inputs.cache.update(self.layer, k, v)
+            out = dense_causal_attention(q[None], k[None], v[None], window=self.window, q_offset=offset)[0]
+        elif inputs.cu_seqlens is not None:  # a packed row
+            out = varlen_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, window=self.window)
+        else:  # padded rows
+            out = dense_causal_attention(q, k, v, window=self.window)
         return self.o_proj(out.reshape(*tokens, -1))
 
 
@@ -82,16 +111,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache)
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), inputs)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -115,6 +136,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
         self.source_dir: Path | None = None
         """The directory `load_pretrained` read, whose tokenizer files `save_pretrained` copies."""
+        self.rope = RopeTables(args)
 
     def tie_weights(self) -> None:
         """Share the embedding with lm_head when configured (again after `to_empty`, which unties)."""
@@ -135,69 +157,64 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Final-normed hidden states: `[T, H]` for packed `[T]` input, `[B, L, H]` for `[B, L]`.
+    def hidden_states(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states: `[T, H]` for a packed row `[T]`, `[B, L, H]` for `[B, L]`.
 
-        Packed input: `cu_seqlens` (int32 `[n+1]`) delimits the samples; positions restart at 0
-        in each sample unless `position_ids` are given. With no `cu_seqlens` the row is one
-        sample. `cache` (decoding one sequence) continues from the positions already cached.
+        `layout` describes the batch (from `PackedLayout.packed` / `.padded`, on the model's
+        device); None means one sample per row. `cache` decodes one sequence instead: `input_ids`
+        `[T]` continue the positions already cached (no layout).
         """
+        if cache is not None:
+            return self._decode(input_ids, cache)
         if input_ids.dim() not in (1, 2):
             raise ValueError(
                 f"input_ids must be [T] (packed) or [B, L] (padded), got shape {tuple(input_ids.shape)}"
             )
-        if cache is not None and (input_ids.dim() != 1 or cu_seqlens is not None):
-            raise ValueError("a KV cache decodes one sequence: pass input_ids [T] without cu_seqlens")
-        if position_ids is None:
-            position_ids = _default_positions(input_ids, cu_seqlens, cache.length if cache is not None else 0)
+        if layout is None:
+            n = input_ids.shape[-1]
+            layout = (PackedLayout.packed([n]) if input_ids.dim() == 1
+                      else PackedLayout.padded([n] * input_ids.shape[0])).to(input_ids.device)
+        if layout.positions.shape != input_ids.shape:
+            raise ValueError(f"layout positions {tuple(layout.positions.shape)} do not match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        self._check_dynamic_rope(layout)
+        cos, sin = self.rope(layout.max_seqlen, input_ids.device)
+        inputs = AttentionInputs(layout.positions, cos, sin, layout.cu_seqlens, layout.max_seqlen)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self._inv_freq(position_ids, cu_seqlens), position_ids, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache)
-        if cache is not None:
-            cache.advance(input_ids.shape[0])
+            x = layer(x, inputs)
         return self.model.norm(x)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Logits `[T, V]` or `[B, L, V]`; see `hidden_states` for the inputs."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, cache))
+    def _decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step of a single sequence: positions cache.length .. cache.length + T - 1."""
+        if input_ids.dim() != 1:
+            raise ValueError("a KV cache decodes one sequence: pass input_ids [T]")
+        start, end = cache.length, cache.length + input_ids.shape[0]
+        cos, sin = self.rope(end, input_ids.device)
+        positions = torch.arange(start, end, device=input_ids.device)
+        inputs = AttentionInputs(positions, cos, sin, cache=cache)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, inputs)
+        cache.advance(input_ids.shape[0])
+        return self.model.norm(x)
 
-    def _inv_freq(self, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits `[T, V]` or `[B, L, V]`; see `hidden_states` for the inputs."""
+        return self.lm_head(self.hidden_states(input_ids, layout, cache))
+
+    def _check_dynamic_rope(self, layout: PackedLayout) -> None:
+        """Dynamic NTK frequencies depend on the context length, so samples packed together must
+        share them: refuse a packed row whose longest sample outgrows max_position_embeddings."""
         args = self.args
         if args.rope_scaling is None or args.rope_scaling.rope_type != "dynamic":
-            return inv_freq(args, device=position_ids.device)
-        seq_len = int(position_ids.max()) + 1  # dynamic NTK depends on the context length: one host sync
-        if seq_len > args.max_position_embeddings and cu_seqlens is not None and cu_seqlens.numel() > 2:
+            return
+        packed = layout.cu_seqlens is not None and layout.cu_seqlens.numel() > 2
+        if packed and layout.max_seqlen > args.max_position_embeddings:
             raise ValueError(
-                f"dynamic rope scaling: a packed sample reaches position {seq_len - 1} beyond "
+                f"dynamic rope scaling: a packed sample reaches position {layout.max_seqlen - 1} beyond "
                 f"max_position_embeddings={args.max_position_embeddings}, where each sample needs its own "
                 "frequencies; pack samples beyond that length one per row"
             )
-        return inv_freq(args, seq_len, device=position_ids.device)
-
-
-def _default_positions(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, offset: int) -> torch.Tensor:
-    """0, 1, ... per sample (restarting at each `cu_seqlens` boundary), or per row for `[B, L]`."""
-    n = input_ids.shape[-1]
-    positions = torch.arange(offset, offset + n, device=input_ids.device)
-    if input_ids.dim() == 2:
-        return positions.expand(input_ids.shape[0], n)
-    if cu_seqlens is None:
-        return positions
-    starts = cu_seqlens.to(device=input_ids.device, dtype=torch.long)
-    sample = torch.searchsorted(starts[1:], positions, right=True)
-    return positions - starts[sample]

@@ -1,7 +1,9 @@
 """Rotary embedding frequencies (default, linear, dynamic NTK, llama3), as transformers computes them.
 
 The float operations follow transformers' `modeling_rope_utils` step for step (fp32 inverse
-frequencies, fp32 angles, cast to the activation dtype last), so positions rotate identically.
+frequencies, fp32 angles); the tables stay fp32 (transformers casts them to the activation dtype,
+packtune's rotary kernel computes in fp32), so positions rotate identically in fp32 and at least
+as accurately in bf16.
 """
 
 from __future__ import annotations
@@ -55,10 +57,34 @@ def _llama3(freq: torch.Tensor, factor: float, low: float, high: float, context:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(
-    freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[*position_ids.shape, head_dim]` in the rotate-half layout (`cat(angles, angles)`)."""
-    angles = position_ids[..., None].float() * freq.to(device=position_ids.device, dtype=torch.float)
-    emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+class RopeTables:
+    """fp32 cos/sin tables `[length, head_dim]`, row p for position p, built once per device and
+    grown (doubling) when a batch reaches past them; `kernels.rotary` indexes them by the layout's
+    positions. Dynamic NTK scaling changes the frequencies with the context length: beyond
+    `max_position_embeddings` the tables are rebuilt for that length (the last one is kept).
+
+    A plain cache, not registered buffers: a model built on the meta device and materialised with
+    `to_empty` (as the Trainer does) would leave buffers uninitialised, and FSDP need not shard them.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        self.args = args
+        self._tables: dict[torch.device, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables covering positions 0 .. seq_len - 1 (`seq_len` a host int: no sync)."""
+        args = self.args
+        dynamic = args.rope_scaling is not None and args.rope_scaling.rope_type == "dynamic"
+        key = seq_len if dynamic and seq_len > args.max_position_embeddings else 0  # 0: the base frequencies
+        cached = self._tables.get(device)
+        if cached is not None and cached[0] == key and cached[1].shape[0] >= seq_len:
+            return cached[1], cached[2]
+        if key:
+            length, freq = seq_len, inv_freq(args, seq_len, device=device)
+        else:
+            length, freq = max(64, 1 << (max(seq_len, 1) - 1).bit_length()), inv_freq(args, device=device)
+        angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freq)
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        self._tables[device] = (key, cos, sin)
+        return cos, sin

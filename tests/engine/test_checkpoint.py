@@ -13,6 +13,7 @@ from packtune.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from packtune.kernels import PackedLayout
 from packtune.optim import build_optimizer
 from packtune.parallel import init_distributed
 
@@ -21,7 +22,7 @@ def model_and_optimizer(seed):
     torch.manual_seed(seed)
     model = ToyLM()
     optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
-    loss = model.lm_head(model.hidden_states(torch.arange(5), torch.arange(5))).square().mean()
+    loss = model.lm_head(model.hidden_states(torch.arange(5), PackedLayout.packed([5]))).square().mean()
     loss.backward()
     optimizer.step()
     return model, optimizer

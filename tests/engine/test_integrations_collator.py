@@ -93,7 +93,7 @@ def test_packed_batch_is_packtunes_contract():
     pb = PackedCollator().packed_batch(SAMPLES)
     b = PackedCollator(batch_dim=False)(SAMPLES)
     assert torch.equal(pb.labels, b["shift_labels"]) and torch.equal(pb.input_ids, b["input_ids"])
-    assert pb.num_label_tokens == 4 and pb.max_seqlen == 4
+    assert pb.num_label_tokens == 4 and pb.layout.max_seqlen == 4 and b["packed_layout"].num_label_rows == 4
 
 
 def test_works_in_a_dataloader():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from model_fixtures import CONFIGS, save_hf_model
 
+from packtune.kernels import PackedLayout
 from packtune.model.hf_io import load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -92,7 +93,7 @@ def test_packed_logits_and_grads_match_each_sample_alone(checkpoints, name):
     ours = load_pretrained(checkpoints[name], dtype=dtype)
     samples, ids, cu = packed_row(ours.args.vocab_size, LENGTHS, torch.Generator().manual_seed(1))
 
-    logits = ours(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS))
+    logits = ours(ids, PackedLayout.from_cu_seqlens(cu))
     labels = torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in samples])
     F.cross_entropy(logits, labels, reduction="sum").backward()
 
@@ -117,21 +118,22 @@ def test_packed_fp32_grads_within_tolerance(checkpoints):
     ours = load_pretrained(checkpoints[name], dtype=torch.float32)
     samples, ids, cu = packed_row(ours.args.vocab_size, LENGTHS, torch.Generator().manual_seed(2))
     labels = torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in samples])
-    F.cross_entropy(ours(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS)), labels, reduction="sum").backward()
+    F.cross_entropy(ours(ids, PackedLayout.from_cu_seqlens(cu)), labels, reduction="sum").backward()
     sum(F.cross_entropy(hf(s[None]).logits[0, :-1], s[1:], reduction="sum") for s in samples).backward()
     hf_params = dict(hf.named_parameters())
     for n, p in ours.named_parameters():
         assert_close_rel(p.grad, hf_params[n].grad, 1e-4)
 
 
-def test_position_ids_given_explicitly_equal_derived(checkpoints):
+def test_layout_from_lengths_equals_layout_from_offsets(checkpoints):
     ours = load_pretrained(checkpoints["llama3_gqa"])
     _, ids, cu = packed_row(ours.args.vocab_size, LENGTHS, torch.Generator().manual_seed(3))
-    positions = torch.cat([torch.arange(n) for n in LENGTHS])
+    layout = PackedLayout.packed(LENGTHS)
+    assert layout.positions.tolist() == torch.cat([torch.arange(n) for n in LENGTHS]).tolist()
     with torch.no_grad():
-        derived = ours(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS))
-        given = ours(ids, position_ids=positions, cu_seqlens=cu, max_seqlen=max(LENGTHS))
-        hidden = ours.hidden_states(ids, cu_seqlens=cu, max_seqlen=max(LENGTHS))
+        derived = ours(ids, PackedLayout.from_cu_seqlens(cu))
+        given = ours(ids, layout)
+        hidden = ours.hidden_states(ids, layout)
     torch.testing.assert_close(given, derived, rtol=0, atol=0)
     torch.testing.assert_close(ours.lm_head(hidden), derived, rtol=0, atol=0)
     assert hidden.shape == (sum(LENGTHS), ours.args.hidden_size)
@@ -148,7 +150,7 @@ def test_dynamic_rope_beyond_max_positions(checkpoints):
             assert_close_rel(ours(ids), hf(ids).logits, 1e-12)
     _, ids, cu = packed_row(ours.args.vocab_size, (10, 20), torch.Generator().manual_seed(4))
     with pytest.raises(ValueError, match="dynamic rope scaling"):
-        ours(ids, cu_seqlens=cu, max_seqlen=20)
+        ours(ids, PackedLayout.from_cu_seqlens(cu))
 
 
 @pytest.mark.parametrize("name", NAMES)

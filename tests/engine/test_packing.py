@@ -165,7 +165,7 @@ def test_packed_and_padded_rows_carry_the_same_weights(dataset, weighting):
     total = 0
     for row in range(len(packed_rows)):
         batch = packed_rows.collate(row)
-        cu = batch.cu_seqlens.tolist()
+        cu = batch.layout.cu_seqlens.tolist()
         for k, s in enumerate(packed_rows.samples(row).tolist()):
             labels, w = batch.labels[cu[k] : cu[k + 1]], batch.loss_weights[cu[k] : cu[k + 1]]
             assert (w[labels == IGNORE_INDEX] == 0).all()
@@ -221,12 +221,13 @@ def dataset(sp_model, tmp_path_factory):
 
 
 def check_batch(batch, dataset, samples):
-    assert batch.cu_seqlens.dtype == torch.int32 and isinstance(batch.max_seqlen, int)
+    assert batch.layout.cu_seqlens.dtype == torch.int32 and isinstance(batch.layout.max_seqlen, int)
     lens = [int(dataset.offsets[s + 1] - dataset.offsets[s]) for s in samples]
-    assert batch.cu_seqlens.tolist() == np.r_[0, np.cumsum(lens)].tolist() and batch.max_seqlen == max(lens)
+    assert batch.layout.cu_seqlens.tolist() == np.r_[0, np.cumsum(lens)].tolist()
+    assert batch.layout.max_seqlen == max(lens)
     assert len(batch.input_ids) == sum(lens) <= dataset.max_tokens
     for k, s in enumerate(samples):
-        lo, hi = int(batch.cu_seqlens[k]), int(batch.cu_seqlens[k + 1])
+        lo, hi = int(batch.layout.cu_seqlens[k]), int(batch.layout.cu_seqlens[k + 1])
         ids, mask = dataset.sample(s)
         # Built per sample, independently of packing: the label at t is token t+1 of this sample.
         expected = [int(ids[t + 1]) if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [
@@ -234,7 +235,7 @@ def check_batch(batch, dataset, samples):
         ]
         assert batch.input_ids[lo:hi].tolist() == ids.tolist()
         assert batch.labels[lo:hi].tolist() == expected
-        assert batch.position_ids[lo:hi].tolist() == list(range(hi - lo))
+        assert batch.layout.positions[lo:hi].tolist() == list(range(hi - lo))
     assert batch.num_label_tokens == int((batch.labels != IGNORE_INDEX).sum())
 
 
@@ -244,10 +245,10 @@ def test_packed_batches_hold_every_sample_once_with_per_sample_labels(dataset, s
     seen = []
     sampler = PackedSampler(rows, seed=3, micro_batches=2)
     assert len(sampler) == sampler.steps_per_epoch == len(sampler.rows) // 2
+    perm = sampler.permutation(0)
     for step, micro in enumerate(sampler):
         assert len(micro) == 2
-        assert sum(b.num_label_tokens for b in micro) == sampler.global_label_tokens(step)
-        for row, batch in zip(sampler.step_rows(step), micro, strict=False):
+        for row, batch in zip(perm[2 * step : 2 * step + 2], micro, strict=True):
             samples = sampler.rows.samples(int(row)).tolist()
             check_batch(batch, dataset, samples)
             seen += samples
@@ -273,8 +274,14 @@ def test_sampler_resumes_mid_epoch_exactly(dataset):
     # Epochs differ in order, and a different seed gives another order.
     perm0, perm1 = full.permutation(0), full.permutation(1)
     assert not np.array_equal(perm0, perm1)
-    with pytest.raises(ValueError, match="different data, seed, world size"):
-        PackedSampler(rows, seed=7, world_size=2, micro_batches=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="different data or seed"):
+        PackedSampler(rows, seed=8, micro_batches=2).load_state_dict(state)
+    # The position is global: 2 ranks x 1 micro-batch continue where 1 process x 2 stopped.
+    ranks = [PackedSampler(rows, seed=7, rank=r, world_size=2, micro_batches=1) for r in range(2)]
+    for r, sampler in enumerate(ranks):
+        sampler.load_state_dict(state)
+        got = [step[0].input_ids for step in sampler][: len(reference) - 5]
+        assert all(torch.equal(a, want[r]) for a, want in zip(got, reference[5:], strict=False))
 
 
 def test_ranks_get_equal_steps_and_disjoint_rows(dataset):
@@ -285,7 +292,7 @@ def test_ranks_get_equal_steps_and_disjoint_rows(dataset):
     for s in samplers:
         for micro in s:
             assert len(micro) == 2
-            seen += [int(x) for b in micro for x in b.cu_seqlens[1:] - b.cu_seqlens[:-1]]
+            seen += [int(x) for b in micro for x in b.layout.cu_seqlens[1:] - b.layout.cu_seqlens[:-1]]
     assert len(seen) == len(dataset) and sum(seen) == int(dataset.lengths.sum())
 
 
@@ -298,6 +305,7 @@ def test_padded_batches(dataset):
         ids, _ = dataset.sample(s)
         n = len(ids)
         assert batch.input_ids[k, :n].tolist() == ids.tolist()
-        assert (batch.labels[k, n - 1 :] == IGNORE_INDEX).all() and batch.attention_mask[k].sum() == n
+        assert (batch.labels[k, n - 1 :] == IGNORE_INDEX).all()
+        assert batch.layout.positions[k].tolist() == list(range(batch.input_ids.shape[1]))
     assert batch.num_label_tokens == int(dataset.label_counts[samples].sum())
     assert rows.efficiency < dataset.pack().efficiency

@@ -6,9 +6,11 @@ import os
 
 import pytest
 import torch
-from toy_training import Batch, ListSampler, ToyLM, make_samples, packed, padded, tiny_llama, toy_steps
+from toy_training import ListSampler, ToyLM, make_samples, packed, padded, tiny_llama, toy_steps
 
 from packtune.config import TrainConfig
+from packtune.data.packing import PackedBatch
+from packtune.kernels import PackedLayout
 from packtune.optim import warmup_cosine
 from packtune.parallel import init_distributed
 from packtune.train import Trainer, TrainingError
@@ -69,7 +71,7 @@ def test_step_loss_is_global_token_mean(tmp_path):
     with torch.no_grad():
         logits_sum, count = 0.0, 0
         for b in steps[0]:
-            hidden = trainer.model.hidden_states(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
+            hidden = trainer.model.hidden_states(b.input_ids, b.layout)
             logits = trainer.model.lm_head(hidden).double()
             logits_sum += torch.nn.functional.cross_entropy(logits, b.labels, reduction="sum").item()
             count += b.num_label_tokens
@@ -105,10 +107,10 @@ def per_token_losses(trainer, b):
     """Each sample's float64 token losses (label positions only, in order) of a packed toy batch,
     with the positions where a new turn (run of label tokens) starts."""
     with torch.no_grad():
-        hidden = trainer.model.hidden_states(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
+        hidden = trainer.model.hidden_states(b.input_ids, b.layout)
         logits = trainer.model.lm_head(hidden).double()
     losses = torch.nn.functional.cross_entropy(logits, b.labels, reduction="none")
-    bounds = b.cu_seqlens.tolist()
+    bounds = b.layout.cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         labels = b.labels[start:end].tolist()
         yield [(losses[start + t].item(), t == 0 or labels[t - 1] == -100)
@@ -147,8 +149,8 @@ def test_batches_of_another_weighting_are_refused(tmp_path):
 
 def test_zero_label_tokens_gives_zero_loss_and_no_update(tmp_path):
     ids = torch.randint(0, 37, (6,))
-    cu = torch.tensor([0, 6], dtype=torch.int32)
-    empty = Batch(ids, torch.full((6,), -100), torch.arange(6), 0, 0, None, cu, 6)
+    labels = torch.full((6,), -100)
+    empty = PackedBatch(ids, labels, PackedLayout.packed([6], labels), 0, None)
     trainer = make_trainer(tmp_path, [[empty]])
     before = flat_params(trainer).clone()
     trainer.fit()
@@ -220,7 +222,7 @@ def test_eval_loss_is_held_out_token_mean(tmp_path):
     total, count = 0.0, 0
     with torch.no_grad():
         for b in (b for mbs in held_out for b in mbs):
-            hidden = trainer.model.hidden_states(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
+            hidden = trainer.model.hidden_states(b.input_ids, b.layout)
             logits = trainer.model.lm_head(hidden).double()
             total += torch.nn.functional.cross_entropy(logits, b.labels, reduction="sum").item()
             count += b.num_label_tokens

@@ -1,7 +1,7 @@
 """A tiny causal LM and batches in the training loop's interfaces, for the loop's own tests.
 
-`ToyLM` has the real model's surface (`hidden_states(input_ids, position_ids, cu_seqlens,
-max_seqlen)`, `lm_head`, blocks in `model.layers`) and, like attention, mixes tokens causally
+`ToyLM` has the real model's surface (`hidden_states(input_ids, layout)`, `lm_head`, blocks in
+`model.layers`) and, like attention, mixes tokens causally
 *within* each sample only (a running mean), so packing mistakes change the loss.
 `python toy_training.py OUTPUT_DIR [key=value ...]` runs a small training job (used by the
 kill/resume/signal tests, which need a separate process).
@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from packtune.config import TrainConfig
-from packtune.data.packing import loss_weights
+from packtune.data.packing import PackedBatch, PaddedBatch, loss_weights
+from packtune.kernels import PackedLayout
 
 
 class ToyBlock(nn.Module):
@@ -51,10 +51,10 @@ class ToyLM(nn.Module):
         self.model.norm = nn.LayerNorm(hidden)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
 
-    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
-        x = self.model.embed_tokens(input_ids) + self.model.embed_positions(position_ids)
+    def hidden_states(self, input_ids, layout):
+        x = self.model.embed_tokens(input_ids) + self.model.embed_positions(layout.positions)
         for block in self.model.layers:
-            x = block(x, cu_seqlens)
+            x = block(x, layout.cu_seqlens)
         return self.model.norm(x)
 
 
@@ -69,26 +69,6 @@ def tiny_llama(*, tied: bool = False, seed: int = 0, vocab: int = 37):
     model = LlamaForCausalLM(args)
     model.init_weights(torch.Generator().manual_seed(seed))
     return model
-
-
-@dataclass
-class Batch:
-    """PackedBatch (cu_seqlens given, [T]) or PaddedBatch (cu_seqlens None, [B, L])."""
-
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
-    num_label_tokens: int
-    num_items: int
-    loss_weights: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int | None = None
-
-    def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device)
-        return replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
-                       position_ids=move(self.position_ids), cu_seqlens=move(self.cu_seqlens),
-                       loss_weights=move(self.loss_weights))
 
 
 def make_samples(n: int, *, vocab: int = 37, seed: int = 0, min_len: int = 3, max_len: int = 12,
@@ -120,17 +100,15 @@ def weights_of(labels: torch.Tensor, lengths: list[int], weighting: str):
     return (None if weights is None else torch.from_numpy(weights)), count
 
 
-def packed(samples, weighting: str = "token") -> Batch:
+def packed(samples, weighting: str = "token") -> PackedBatch:
     ids = torch.cat([s[0] for s in samples])
     labels = torch.cat([s[1] for s in samples])
     lengths = [len(s[0]) for s in samples]
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     weights, count = weights_of(labels, lengths, weighting)
-    return Batch(ids, labels, positions, int((labels != -100).sum()), count, weights, cu, max(lengths))
+    return PackedBatch(ids, labels, PackedLayout.packed(lengths, labels), count, weights)
 
 
-def padded(samples, weighting: str = "token") -> Batch:
+def padded(samples, weighting: str = "token") -> PaddedBatch:
     width = max(len(s[0]) for s in samples)
     ids = torch.zeros(len(samples), width, dtype=torch.long)
     labels = torch.full((len(samples), width), -100)
@@ -143,14 +121,14 @@ def padded(samples, weighting: str = "token") -> Batch:
         count += n
         if weights is not None:
             weights[row, : len(i)] = w
-    positions = torch.arange(width).expand(len(samples), width).contiguous()
-    return Batch(ids, labels, positions, int((labels != -100).sum()), count, weights)
+    layout = PackedLayout.padded([len(s[0]) for s in samples], labels)
+    return PaddedBatch(ids, labels, layout, count, weights)
 
 
 class ListSampler:
     """Resumable sampler over fixed steps (a list of micro-batch lists), reshuffled per epoch."""
 
-    def __init__(self, steps: list[list[Batch]], *, shuffle: bool = False, seed: int = 0) -> None:
+    def __init__(self, steps: list[list[PackedBatch]], *, shuffle: bool = False, seed: int = 0) -> None:
         self.steps, self.shuffle, self.seed = steps, shuffle, seed
         self.epoch, self.index = 0, 0
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the kernel tests: the backends to force, and the DESIGN.md tolerances."""
+"""Shared pieces of the kernel tests: the backends to force, and the tolerances the README states."""
 
 import pytest
 import torch

@@ -1,0 +1,171 @@
+"""`packtune check CONFIG`: the loss semantics, verified on the user's own model and data.
+
+A few optimizer steps of packtune's Trainer, three ways each, on the first samples of the
+config's data (fp32, no checkpoints, in a temporary directory):
+
+    packed == unpacked         the same samples as packed rows and as padded batches
+    k micro-batches == 1 batch k micro-batches per step, and one micro-batch k times the size
+    N ranks == 1 process       under torchrun: this run's ranks, and one process taking every
+                               rank's micro-batches (skipped in a single process)
+
+Each line prints the largest relative difference of the step losses and of the final weights,
+and PASS when both are within `TOLERANCE`. By default the model is a shrunken copy of the
+config's (2 layers, hidden 64, the same vocabulary and rope), randomly initialised, so the
+check runs in seconds on a CPU; `--full` trains the real model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from packtune.config import Config, TrainConfig
+from packtune.parallel import Dist, init_distributed, shutdown
+
+TOLERANCE = 1e-4
+STEPS, MICRO_BATCHES, SAMPLES_PER_ROW, LONGEST = 3, 2, 3, 256
+
+
+class FixedSteps:
+    """A sampler over fixed steps (lists of micro-batches), one pass."""
+
+    def __init__(self, steps: list[list]) -> None:
+        self.steps, self.epoch, self.position = steps, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+
+    def __iter__(self):
+        while self.position < len(self.steps):
+            self.position += 1
+            yield self.steps[self.position - 1]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def shrunken(args):
+    """The config's architecture at toy size: 2 layers, hidden 64, 4 heads of 16 (2 KV heads when
+    the original uses GQA); vocabulary, rope, biases and tying unchanged."""
+    kv = 4 if args.num_key_value_heads == args.num_attention_heads else 2
+    return dataclasses.replace(args, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=kv, head_dim=16, layer_types=())
+
+
+def build_model(cfg: Config, full: bool):
+    from packtune.model.config import ModelArgs
+    from packtune.model.hf_io import load_pretrained
+    from packtune.model.llama import LlamaForCausalLM
+
+    if full:
+        return load_pretrained(cfg.model.path, dtype=torch.float32)
+    model = LlamaForCausalLM(shrunken(ModelArgs.from_file(cfg.model.path)))
+    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
+    return model
+
+
+def check_samples(cfg: Config, needed: int):
+    """The first `needed` samples of the config's data of at most LONGEST tokens, as a dataset."""
+    from packtune.data import TokenizedDataset, prepare_dataset
+    from packtune.launch import _subset
+
+    dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
+    index = np.flatnonzero(dataset.lengths <= LONGEST)[:needed]
+    if len(index) < needed:
+        raise ValueError(f"packtune check needs {needed} samples of at most {LONGEST} tokens; the data has "
+                         f"{len(index)}")
+    return TokenizedDataset(_subset(dataset, index), dataset.report)
+
+
+def batches(rows_cls, dataset, per_row: int, weighting: str) -> list:
+    """Every consecutive `per_row` samples as one batch (packed row or padded batch)."""
+    row_of = np.arange(len(dataset)) // per_row
+    rows = rows_cls(dataset, row_of, int(dataset.lengths.sum()), weighting)
+    return [rows.collate(r) for r in range(len(rows))]
+
+
+def train(cfg: TrainConfig, model, steps: list[list], d: Dist) -> tuple[list[float], torch.Tensor]:
+    """(step losses, final flat weights) of packtune's Trainer on fixed steps."""
+    from packtune.train import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_cfg = dataclasses.replace(cfg, output_dir=tmp, max_steps=len(steps), save_every=0, eval_every=0,
+                                      log_every=1, compile=False)
+        torch.manual_seed(cfg.seed)
+        trainer = Trainer(run_cfg, copy.deepcopy(model), FixedSteps(steps), d, log_stream=io.StringIO(),
+                          mixed_precision=False)
+        trainer.fit()
+        lines = (Path(tmp) / "metrics.jsonl").read_text().splitlines() if d.is_main else []
+    import json
+
+    losses = [json.loads(line)["loss"] for line in lines]
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards gathered
+    weights = torch.cat([full(p.detach()).flatten() for p in trainer.model.parameters()])
+    return losses, weights.cpu()
+
+
+def relative(a: tuple[list[float], torch.Tensor], b: tuple[list[float], torch.Tensor]) -> tuple[float, float]:
+    loss = max((abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a[0], b[0], strict=True)), default=0.0)
+    weights = float((a[1] - b[1]).norm() / b[1].norm().clamp(min=1e-12))
+    return loss, weights
+
+
+def report(name: str, diffs: tuple[float, float] | None) -> bool:
+    if diffs is None:
+        print(f"  {name:<28} SKIP (run under torchrun with more than one rank)", flush=True)
+        return True
+    ok = max(diffs) <= TOLERANCE
+    print(f"  {name:<28} loss rel diff {diffs[0]:.2e}  weights rel diff {diffs[1]:.2e}  "
+          f"{'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def run_check(cfg: Config, full: bool = False) -> bool:
+    """Run the three comparisons, print them (rank 0); True when all pass."""
+    from packtune.data.packing import PackedRows, PaddedRows
+
+    d = init_distributed(cfg.train.device)
+    try:
+        world, k, per_row = d.world_size, MICRO_BATCHES, SAMPLES_PER_ROW
+        weighting = cfg.train.loss_weighting
+        dataset = check_samples(cfg, STEPS * world * k * per_row)
+        model = build_model(cfg, full)
+        packed = batches(PackedRows, dataset, per_row, weighting)
+        padded = batches(PaddedRows, dataset, per_row, weighting)
+        bigger = batches(PackedRows, dataset, per_row * k, weighting)
+        group = world * k
+
+        def mine(rows: list, size: int) -> list[list]:  # this rank's micro-batches of each step
+            return [rows[s * world * size + d.rank * size:][:size] for s in range(STEPS)]
+
+        if d.is_main:
+            what = "the model" if full else "a shrunken copy of the model"
+            print(f"packtune check: {STEPS} steps x {world} rank(s) x {k} micro-batches of {per_row} "
+                  f"samples, {what}, fp32", flush=True)
+        base = train(cfg.train, model, mine(packed, k), d)
+        results = {
+            "packed == unpacked": relative(base, train(cfg.train, model, mine(padded, k), d)),
+            f"{k} micro-batches == 1 batch": relative(base, train(cfg.train, model, mine(bigger, 1), d)),
+            f"{world} ranks == 1 process": None,
+        }
+        if world > 1 and d.is_main:  # no collectives: rank 0 alone runs the one-process reference
+            alone = Dist(0, 1, 0, d.device, None)
+            steps = [packed[s * group : (s + 1) * group] for s in range(STEPS)]
+            results[f"{world} ranks == 1 process"] = relative(base, train(cfg.train, model, steps, alone))
+        ok = True
+        if d.is_main:
+            for name, diffs in results.items():
+                ok &= report(name, diffs)
+            print("packtune check: " + ("PASS" if ok else "FAIL"), flush=True)
+        return ok
+    finally:
+        shutdown(d)
