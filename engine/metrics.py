@@ -152,6 +152,16 @@ class MetricsLogger:
         print(f"step {step}/{self.total_steps} | eval loss {loss:.4f} ({label_tokens} label tokens)",
               file=self.stream, flush=True)
 
+    def log_generation_eval(self, step: int, scores: dict[str, Any]) -> None:
+        """`[train] eval_data` scores (packtune eval's), as `eval_<metric>` keys of one record."""
+        if self.path is None:
+            return
+        record = {"step": step, **{f"eval_{k}": v for k, v in scores.items() if k != "per_task"}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"step {step}/{self.total_steps} | eval exact match {100 * scores['exact_match']:.1f}%, "
+              f"ROUGE-L {100 * scores['rouge_l']:.1f} ({scores['rows']} rows)", file=self.stream, flush=True)
+
 
 def _finite_or_none(x: float) -> float | None:
     """metrics.jsonl stays strict JSON: a NaN/inf value is written as null (and `skipped`)."""
