@@ -18,11 +18,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PROPOSALS = [
-    "Summarize the plot of a famous novel in two sentences.",
+    "Summarize the story of a famous novel in two sentences.",
     "Classify the following animal as a mammal, bird or fish.",
     "Describe the image in one sentence.",  # unactionable word
     "Hi there",  # too short
-    "Summarize the plot of a famous novel in three sentences.",  # ROUGE-L >= 0.7 with the first
+    "Summarize the story of a famous novel in three sentences.",  # ROUGE-L >= 0.7 with the first
     "Translate the sentence into French.",
     "- List three fruits that are red.",  # starts with punctuation
     "Explain why the sky looks blue during the day.",
