@@ -68,6 +68,14 @@ class TextTemplate:
         """Column names a format template uses (Jinja templates are checked when rendered)."""
         return _format_fields(self.text, self.where) if self.engine == "format" else []
 
+    def uses(self, name: str) -> bool:
+        """Whether the template reads variable `name`."""
+        if self.engine == "format":
+            return name in self.fields()
+        from jinja2 import meta
+
+        return name in meta.find_undeclared_variables(_jinja().parse(self.text))
+
     def check(self, names: Sequence[str]) -> None:
         for name in self.fields():
             if name not in names:

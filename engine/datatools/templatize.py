@@ -62,7 +62,7 @@ def render_example(task: TaskSpec, template: InstructionTemplate, context: dict[
     instruction = template.instruction.render(context)
     text = template.input.render(context) if template.input else ""
     answer = template.answer or (task.inverse_answer if template.inverted else task.answer)
-    if listed and not any(OPTIONS_VARIABLE in part.text for part in template.parts()):
+    if listed and not any(part.uses(OPTIONS_VARIABLE) for part in template.parts()):
         if text:
             text = f"{text}\n\n{options_block(task.options)}"
         else:
@@ -110,12 +110,36 @@ def _selection(n: int, cap: int, weight: float, rng: random.Random, report: Task
     if cap and n > cap:
         indices = sorted(rng.sample(indices, cap))
         report.dropped["over_cap"] += n - cap
-    whole, part = divmod(weight * len(indices), len(indices) or 1)
-    extra = round(part)
-    chosen = indices * int(whole) + sorted(rng.sample(indices, min(extra, len(indices))))
+    copies, extra = divmod(round(weight * len(indices)), len(indices) or 1)
+    chosen = indices * copies + sorted(rng.sample(indices, extra))
     if weight < 1:
         report.dropped["weight"] += len(indices) - len(chosen)
     return chosen
+
+
+def _exemplars(task: TaskSpec, template: InstructionTemplate, examples: list[dict[str, str]], index: int,
+               example: Rendered, shots: int, rng: random.Random) -> list[Rendered]:
+    """Up to `shots` other examples of the task in `template`: never example `index` itself, nor one
+    that renders the same. A few spare draws cover those; a small task is searched whole."""
+    if shots == 0:
+        return []
+    n = len(examples)
+
+    def collect(order: Sequence[int]) -> list[Rendered]:
+        found: list[Rendered] = []
+        for i in order:
+            if len(found) == shots:
+                break
+            rendered = render_example(task, template, examples[i]) if i != index else example
+            if rendered != example and rendered not in found:
+                found.append(rendered)
+        return found
+
+    draws = rng.sample(range(n), min(n, shots + 4))
+    exemplars = collect(draws)
+    if len(exemplars) < shots and n > len(draws):
+        exemplars = collect(rng.sample(range(n), n))
+    return exemplars
 
 
 def templatize_task(task: TaskSpec, columns: Sequence[str], rows: list[tuple[str, dict[str, Any]]],
@@ -128,14 +152,7 @@ def templatize_task(task: TaskSpec, columns: Sequence[str], rows: list[tuple[str
         template = pick_template(rng, task.templates)
         shots = rng.choice(task.shots)
         example = render_example(task, template, examples[index])
-        others = [i for i in range(len(examples)) if i != index]
-        exemplars: list[Rendered] = []
-        for i in rng.sample(others, len(others)):
-            if len(exemplars) == shots:
-                break
-            exemplar = render_example(task, template, examples[i])
-            if exemplar != example:
-                exemplars.append(exemplar)
+        exemplars = _exemplars(task, template, examples, index, example, shots, rng)
         if len(exemplars) < shots:
             report.dropped["too_few_exemplars"] += 1
             continue

@@ -61,7 +61,9 @@ def test_classification_spec_verbalises_lists_options_and_inverts():
             assert "OPTIONS:\n- positive\n- negative" in row["instruction"] + row["input"]
             review = next(t for t in label_of if t in _split(row)[1])
             assert row["output"] == label_of[review]
-    assert sum(task["templates"].values()) == 11 and len(task["templates"]) == 4
+    assert sum(task["templates"].values()) == 11
+    drawn = {t for seed in range(4) for t in _rows("sentiment", seed)[1]["tasks"]["sentiment"]["templates"]}
+    assert drawn == {f"sentiment/{i}" for i in range(4)}
     assert set(task["shots"]) == {"0", "2"}
 
 
