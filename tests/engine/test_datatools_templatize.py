@@ -196,3 +196,18 @@ def test_the_demo_mix_is_rendered_by_templatize_and_unchanged():
     for split, digest in expected.items():
         rows = make_split(split, 60, seed=3, task_weights={"add": 1.5} if split == "train" else None)
         assert hashlib.sha1(json.dumps(rows).encode()).hexdigest() == digest, split
+
+
+def test_a_parquet_source(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    table = pa.table({"q": ["Is ice cold?", "Is fire cold?"], "label": [1, 0]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    (tmp_path / "spec.toml").write_text(
+        '[[sources]]\nname = "s"\npath = "d.parquet"\ncolumns = ["q", "label"]\n'
+        '[[tasks]]\nname = "t"\nsource = "s"\nlabel_column = "label"\nlabels = {"0" = "no", "1" = "yes"}\n'
+        'options = true\nanswer = "{label}"\ntemplates = ["{q}"]\n')
+    rows, _ = templatize(load_spec(tmp_path / "spec.toml"))
+    assert sorted((r["instruction"], r["output"]) for r in rows) == [
+        ("Is fire cold?\n\nOPTIONS:\n- no\n- yes", "no"), ("Is ice cold?\n\nOPTIONS:\n- no\n- yes", "yes")]
