@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from packtune.config import ConfigError, load_config
+from packtune.datatools.commands import add_data_commands, add_eval_command
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (holding metrics.jsonl)")
     plot.add_argument("--out", required=True, metavar="FILE.png")
     plot.set_defaults(func=_plot)
+    add_data_commands(data)
+    add_eval_command(sub)
     bench = sub.add_parser("bench", help="side-by-side benchmarks (ce, linear-ce, pack, rope, ...)")
     bench.add_argument("subject")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the subject's own options (--help)")

@@ -116,6 +116,11 @@ class TrainConfig:
     """Evaluate the held-out split every this many steps and at the end (0: never)."""
     eval_fraction: float = 0.0
     """Fraction of the samples (seeded random) held out of training for evaluation."""
+    eval_data: str = ""
+    """Instruction rows (any data layout) the model answers greedily every eval_generate_every steps
+    and at the end, scored as `packtune eval` scores them (exact match, ROUGE-L, ...) into metrics.jsonl."""
+    eval_generate_every: int = 0
+    """Steps between eval_data evaluations (0: only at the end, when eval_data is set)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (not applied to norms and biases)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

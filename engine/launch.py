@@ -29,7 +29,7 @@ def check_config(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"train.{key} must be > 0, got {value!r}")
     non_negative = ("max_steps", "warmup", "save_every", "eval_every", "keep_checkpoints", "weight_decay",
-                    "max_grad_norm", "max_bad_steps", "min_lr_ratio")
+                    "max_grad_norm", "max_bad_steps", "min_lr_ratio", "eval_generate_every")
     for key in non_negative:
         value = getattr(t, key)
         if value < 0:
@@ -180,9 +180,15 @@ def run_training(cfg: Config) -> Path | None:
         for s in (sampler, eval_sampler):
             if s is not None:
                 check_token_ids(s.rows.dataset, model.args.vocab_size, cfg.data.tokenizer or cfg.model.path)
+        generation_eval = None
+        if cfg.train.eval_data:
+            from packtune.datatools.evaluate import TrainingEval
+
+            generation_eval = TrainingEval(cfg.train.eval_data, cfg.data.tokenizer or cfg.model.path,
+                                           cfg.data.template)
         trainer = Trainer(cfg.train, model, sampler, d, eval_sampler=eval_sampler,
-                          flops_per_token=model.args.num_flops_per_token, load_weights=load_weights,
-                          mixed_precision=mixed_precision, reporters=reporters)
+                          generation_eval=generation_eval, flops_per_token=model.args.num_flops_per_token,
+                          load_weights=load_weights, mixed_precision=mixed_precision, reporters=reporters)
         resumed = trainer.resume()
         if resumed is not None and d.is_main:
             print(f"resumed from {resumed} at step {trainer.step}", flush=True)

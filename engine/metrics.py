@@ -179,16 +179,31 @@ class MetricsLogger:
         print(" | ".join(parts), file=self.stream, flush=True)
 
     def log_eval(self, step: int, loss: float, label_tokens: int) -> None:
+        self._write_eval(
+            {"step": step, "eval_loss": loss, "eval_label_tokens": label_tokens},
+            f"step {step}/{self.total_steps} | eval loss {loss:.4f} ({label_tokens} label tokens)",
+        )
+
+    def log_generation_eval(self, step: int, scores: dict[str, Any]) -> None:
+        """`[train] eval_data` scores (packtune eval's), as `eval_<metric>` keys of one record."""
+        self._write_eval(
+            {"step": step, **{f"eval_{k}": v for k, v in scores.items() if k != "per_task"}},
+            f"step {step}/{self.total_steps} | eval exact match {100 * scores['exact_match']:.1f}%, "
+            f"ROUGE-L {100 * scores['rouge_l']:.1f} ({scores['rows']} rows)",
+        )
+
+    def _write_eval(self, record: dict[str, Any], line: str) -> None:
+        """An eval record to metrics.jsonl and the reporters, its line to the progress output."""
         if self.path is None:
             return
-        record = {"step": step, "eval_loss": loss, "eval_label_tokens": label_tokens}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         for reporter in self.reporters:
             reporter.log(record)
-        if self.progress != "none":
-            line = f"step {step}/{self.total_steps} | eval loss {loss:.4f} ({label_tokens} label tokens)"
-            (self._bar.write(line) if self._bar is not None else print(line, file=self.stream, flush=True))
+        if self.progress == "bar" and self._bar is not None:
+            self._bar.write(line)
+        elif self.progress != "none":
+            print(line, file=self.stream, flush=True)
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -94,6 +94,7 @@ class Trainer:
         d: Dist,
         *,
         eval_sampler: Any = None,
+        generation_eval: Callable[[nn.Module], dict[str, Any]] | None = None,
         flops_per_token: Callable[[float], float] | None = None,
         load_weights: Callable[[nn.Module], None] | None = None,
         log_stream: Any = None,
@@ -101,6 +102,10 @@ class Trainer:
         reporters: list | None = None,
     ) -> None:
         self.cfg, self.d, self.sampler, self.eval_sampler = cfg, d, sampler, eval_sampler
+        self.generation_eval = generation_eval
+        if generation_eval is not None and d.world_size > 1:
+            raise TrainingError("train.eval_data generates on one process; run it with `packtune eval` "
+                                "on the exported model instead")
         self.flops_per_token = flops_per_token
         self.output_dir = Path(cfg.output_dir)
         if d.is_main:
@@ -214,6 +219,9 @@ class Trainer:
                 eval_every = self.cfg.eval_every if self.eval_sampler is not None else 0
                 if eval_every and (self.step % eval_every == 0 or self.step == self.total_steps):
                     self.evaluate()
+                every = self.cfg.eval_generate_every or self.total_steps
+                if self.generation_eval and (self.step % every == 0 or self.step == self.total_steps):
+                    self.metrics.log_generation_eval(self.step, self.generation_eval(self.model))
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or stop_now:
                     self._flush()
                     self.save()

@@ -5,6 +5,11 @@ drawing, so the held-out instances can never appear in training whatever the siz
 the two splits are disjoint by construction, and a test checks it. The held-out split is
 evaluated twice: with the training phrasings (unseen instances) and with each task's held-out
 phrasing (unseen instances and an instruction the model never saw).
+
+The rows are rendered by `packtune data templatize`'s machinery: each task is a templatize task
+(`task_spec`) over the columns `x` and `answer`, its phrasings the templates, drawn per instance
+with the same `pick_template`. Only the instances come from code (drawn, not read from a file),
+so the split stays a function of the hash above.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from packtune.datatools.instruction_templates import InstructionTemplate, TextTemplate, pick_template
+from packtune.datatools.templatize import render_example
+from packtune.datatools.templatize_spec import TaskSpec
 from packtune.demo.tasks import TASKS, Task
 
 HELDOUT_SHARE = 8
@@ -26,11 +34,21 @@ def is_heldout(task: str, x: str) -> bool:
     return int.from_bytes(digest[:4], "little") % HELDOUT_SHARE == 0
 
 
-def render(task: Task, phrasing: str, x: str, answer: str) -> dict[str, str]:
-    """One Alpaca row; the instance goes inline where the phrasing has `{x}`, else in `input`."""
-    if "{x}" in phrasing:
-        return {"instruction": phrasing.replace("{x}", x), "input": "", "output": answer, "task": task.name}
-    return {"instruction": phrasing, "input": x, "output": answer, "task": task.name}
+def task_spec(task: Task) -> TaskSpec:
+    """The demo task as a templatize task: a phrasing with `{x}` embeds the instance, one without
+    leaves it to the Alpaca `input` field; the answer is the `answer` column."""
+    where = f"demo task {task.name}"
+    x = TextTemplate("{x}", "format", where)
+    templates = tuple(InstructionTemplate(f"{task.name}/{i}", TextTemplate(p, "format", where),
+                                          None if "{x}" in p else x)
+                      for i, p in enumerate(task.phrasings))
+    return TaskSpec(task.name, "demo", templates, TextTemplate("{answer}", "format", where))
+
+
+def render(spec: TaskSpec, template: InstructionTemplate, x: str, answer: str) -> dict[str, str]:
+    """One Alpaca row of the demo task `spec`."""
+    r = render_example(spec, template, {"x": x, "answer": answer})
+    return {"instruction": r.instruction, "input": r.input, "output": r.output, "task": spec.name}
 
 
 EXHAUSTED = 200
@@ -82,12 +100,14 @@ def make_split(split: str, rows_per_task: int, seed: int = 0,
         rng = random.Random(f"{seed}/{split}/{index}")
         heldout = split != "train"
         count = round(weights.get(task.name, 1.0) * rows_per_task)
+        spec = task_spec(task)
+        *train_templates, heldout_template = spec.templates
         for x, answer in _instances(task, rng, heldout, count):
             if split == "heldout_phrasing":
-                phrasing = task.heldout_phrasing
+                template = heldout_template
             else:
-                phrasing = rng.choice(task.train_phrasings)
-            rows.append(render(task, phrasing, x, answer))
+                template = pick_template(rng, train_templates)
+            rows.append(render(spec, template, x, answer))
     random.Random(f"{seed}/{split}/order").shuffle(rows)
     return rows
 

@@ -18,22 +18,19 @@ from typing import Any
 
 import torch
 
-from packtune.demo.evaluate import ExactMatch, score
+from packtune.datatools.scoring import EvalReport
+from packtune.demo.evaluate import score
 from packtune.demo.mix import make_split, write_jsonl
 from packtune.demo.recipe import FULL, QUICK, DemoRecipe, write_template
 
 
-def answer(model, prompts, rows: list[dict[str, str]], max_new_tokens: int) -> list[str]:
-    """Greedy answers of `model` to `rows`."""
-    from packtune.model.generate import generate
+def evaluate(model, prompts, rows: list[dict[str, str]], max_new_tokens: int) -> tuple[EvalReport, list[str]]:
+    """Greedy answers of `model` to `rows`, scored by `packtune eval`'s generation and evaluator."""
+    from packtune.data.formats import Message
+    from packtune.datatools.local_generation import generate_answers
 
-    model.eval()
-    ids = prompts.encode(rows)
-    return [prompts.decode(generate(model, p, max_new_tokens, eos_id=prompts.eos_id)) for p in ids]
-
-
-def evaluate(model, prompts, rows: list[dict[str, str]], max_new_tokens: int) -> tuple[ExactMatch, list[str]]:
-    predictions = answer(model, prompts, rows, max_new_tokens)
+    conversations = [[Message("user", row["instruction"], row.get("input", ""))] for row in rows]
+    predictions = generate_answers(model, prompts, conversations, max_new_tokens)
     return score(rows, predictions), predictions
 
 
@@ -60,8 +57,9 @@ def _samples(rows: list[dict[str, str]], n: int) -> list[int]:
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0,
              recipe: DemoRecipe | None = None) -> dict[str, Any]:
     """Run the demo into `out_dir`; returns the metrics written to `<out_dir>/demo.json`."""
+    from packtune.data.prompt import PromptEncoder
     from packtune.demo.curve import write_curve
-    from packtune.demo.prompts import PromptEncoder, rendered_texts
+    from packtune.demo.prompts import rendered_texts
     from packtune.demo.tokenizer import train_tokenizer
     from packtune.launch import run_training
     from packtune.model.config import ModelArgs

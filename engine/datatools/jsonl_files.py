@@ -1,0 +1,87 @@
+"""JSONL and JSON files the data tools write: whole files atomically (a temporary file renamed
+over the target), growing files by appending whole lines (a line cut short by a kill is ignored
+when read back)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from packtune.data.errors import DataError
+from packtune.data.formats import decode_row, location
+from packtune.data.readers import open_rows
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    return write_atomic(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
+
+
+def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one row as one line, flushed and synced, so a kill loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, row) of every row of a data file (JSONL, JSON, CSV, Parquet, ...); a malformed row
+    is a DataError naming its file and line."""
+    stream = open_rows(path)
+    return [(where, decode_row(where, raw)) for where, raw in
+            ((location(stream.path, n, stream.unit), raw) for n, raw in stream.rows)]
+
+
+def read_appended(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a file grown by `append_jsonl`; a last line cut short by a kill is skipped (the
+    next append starts on a fresh line)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise DataError(f"{path}:{number}: malformed JSON (not a file this tool appended to?)",
+                            "malformed_json") from None
+    return rows
+
+
+def repair_tail(path: str | Path) -> None:
+    """Drop a last line cut short by a kill (no final newline), so the next append starts a fresh line."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
