@@ -25,7 +25,8 @@ def pick(impl: str, reference: Callable, fused: Callable) -> Callable:
 
 
 def fwd_bwd_step(fn: Callable, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> Callable[[], None]:
-    """One forward of fn(*inputs) and one backward of its output(s) against `grads`."""
+    """One forward of fn(*inputs) and one backward of its output(s) against `grads` (the step keeps
+    its `inputs`, whose .grad a test can compare across implementations)."""
 
     def step() -> None:
         for t in inputs:
@@ -34,4 +35,5 @@ def fwd_bwd_step(fn: Callable, inputs: list[torch.Tensor], grads: list[torch.Ten
         outs = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(outs, grads)
 
+    step.inputs = inputs
     return step

@@ -16,8 +16,8 @@ What each switch replaces:
 - `rotary`: the attention modules rotate q and k with packtune's fused rotary kernel (the cos/sin
   the model computed, so every rope scaling type transformers supports rotates identically).
 - `packed`: a packed row (batch of one row holding several samples) attends only within each
-  sample through packtune's `varlen_attention` (flash-attn / torch varlen on CUDA, an exact
-  per-sample SDPA reference elsewhere). The samples are given by `cu_seqlens` (+ `max_seqlen`),
+  sample through packtune's `varlen_attention` (flash-attn / torch varlen on CUDA, exact SDPA over
+  length buckets elsewhere). The samples are given by `cu_seqlens` (+ `max_seqlen`),
   as `PackedCollator` emits, or transformers' `cu_seq_lens_q`/`max_length_q`, or else found where
   `position_ids` restart. No T x T mask is built, and the label of each sample's last token is
   forced to -100 so no sample ever predicts the next one's first token. In a packed forward the
