@@ -39,4 +39,5 @@ class CausalLMLoss(nn.Module):
     ) -> torch.Tensor:
         hidden = self.model.hidden_states(input_ids, layout)
         return linear_cross_entropy(hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum",
-                                    num_items=num_items, layout=layout)
+                                    num_items=num_items, layout=layout,
+                                    softcap=self.model.args.final_logit_softcapping)
