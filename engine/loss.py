@@ -39,4 +39,11 @@ class CausalLMLoss(nn.Module):
     ) -> torch.Tensor:
         hidden = self.model.hidden_states(input_ids, layout)
         return linear_cross_entropy(hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum",
-                                    num_items=num_items, layout=layout)
+                                    num_items=num_items, layout=layout,
+                                    softcap=self.final_logit_softcap)
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """Gemma 2's output-logit cap, applied inside the fused loss (models without `args` have none)."""
+        args = getattr(self.model, "args", None)
+        return getattr(args, "final_logit_softcapping", None)

@@ -2,7 +2,7 @@
 
 What each op has (`packtune.kernels._dispatch` picks the backend per call; `registered_ops()`):
 
-    masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, swiglu
+    masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, swiglu, geglu
         Triton (CUDA, or the interpreter on CPU), C++ (CPU, packtune._C) and a PyTorch reference
     varlen_attention
         flash-attn or torch's varlen_attn on CUDA fp16/bf16, else batched PyTorch SDPA over length
@@ -14,6 +14,7 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
 from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
 from packtune.kernels.attention import varlen_attention, varlen_attention_ref
 from packtune.kernels.cross_entropy import MaskedCrossEntropy, masked_cross_entropy, masked_cross_entropy_ref
+from packtune.kernels.geglu import geglu, geglu_ref
 from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
 from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
 from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
@@ -42,6 +43,8 @@ __all__ = [
     "swiglu",
     "swiglu_ref",
     "SwiGLU",
+    "geglu",
+    "geglu_ref",
     "varlen_attention",
     "varlen_attention_ref",
 ]

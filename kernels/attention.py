@@ -20,6 +20,10 @@ path to: no token ever attends across a `cu_seqlens` boundary.
 without `causal`, |i - j| < window.
 GQA: k/v may have fewer heads than q (Hq a multiple of Hk). flash-attn is imported only when a
 call needs it, never at module import.
+
+`softcap` (Gemma 2) caps the scaled logits as softcap * tanh(logits / softcap) before the mask and
+softmax: flash-attn's `softcap`; torch's varlen_attn and SDPA have none, so such calls take the
+buckets path with the logits written out (`attention_scores`), as transformers' eager attention.
 """
 
 from __future__ import annotations
@@ -105,9 +109,31 @@ def sample_mask(length: int, causal: bool, window: int | None, device: torch.dev
     return allowed
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None,
+                         is_causal: bool, scale: float | None, softcap: float | None,
+                         enable_gqa: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` on `[B, H, L, D]`, with the logits capped at `softcap` (None:
+    SDPA itself). The capped form is transformers' eager attention (input-dtype matmuls, softmax in
+    fp32), with the softmax in float64 for float64 input."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    if enable_gqa:
+        repeat = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.tanh(q @ k.transpose(-2, -1) * scale / softcap) * softcap
+    if is_causal:
+        lq, lk = q.shape[-2], k.shape[-2]
+        attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, torch.finfo(logits.dtype).min)  # as transformers: no NaN rows
+    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype) @ v
+
+
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                          causal: bool = True, window: int | None = None,
-                         scale: float | None = None) -> torch.Tensor:
+                         scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """The specification: SDPA on each sample's own tokens; tokens past cu_seqlens[-1] give zeros."""
     out = torch.zeros_like(q)
     bounds = cu_seqlens.tolist()
@@ -118,8 +144,8 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         # Plain causal goes through is_causal (SDPA's fused CPU/GPU kernels); windows need the mask.
         mask = sample_mask(end - start, causal, window, q.device) if window is not None else None
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
-                                           scale=scale, enable_gqa=gqa)
+        o = softcapped_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
+                                 scale=scale, softcap=softcap, enable_gqa=gqa)
         out[start:end] = o.transpose(0, 1)
     return out
 
@@ -132,26 +158,31 @@ def _window_size(causal: bool, window: int | None) -> tuple[int, int]:
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, causal: bool = True, window: int | None = None,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention within each sample of a packed row: q `[T, Hq, D]`, k/v `[T, Hk, D]` -> `[T, Hq, D]`.
 
     cu_seqlens: int32 `[n+1]` sample offsets (on q's device); max_seqlen: the longest sample, a
-    host int (so no device-to-host sync on the fast paths); window: sliding window (Mistral).
+    host int (so no device-to-host sync on the fast paths); window: sliding window (Mistral);
+    softcap: logit cap (Gemma 2).
     """
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 1:
         raise ValueError(f"varlen_attention: window must be >= 1 or None, got {window}")
     path = attention_path(q.device, q.dtype)
+    if path == "torch_varlen" and softcap is not None:
+        path = "buckets"
     if path == "flash_attn":
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return _flash_attn().flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
                                                     softmax_scale=scale, causal=causal,
-                                                    window_size=_window_size(causal, window))
+                                                    window_size=_window_size(causal, window),
+                                                    **({} if softcap is None else {"softcap": softcap}))
     if path == "torch_varlen":
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return _torch_varlen()(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale,
                                window_size=_window_size(causal, window), enable_gqa=q.shape[1] != k.shape[1])
-    return _bucketed_attention(q, k, v, cu_seqlens, causal=causal, window=window, scale=scale)
+    return _bucketed_attention(q, k, v, cu_seqlens, causal=causal, window=window, scale=scale,
+                               softcap=softcap)
 
 
 BUCKET_WASTE = 1.25
@@ -175,7 +206,8 @@ def length_buckets(lengths: list[int], waste: float = BUCKET_WASTE) -> list[list
 
 
 def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                        causal: bool, window: int | None, scale: float | None) -> torch.Tensor:
+                        causal: bool, window: int | None, scale: float | None,
+                        softcap: float | None = None) -> torch.Tensor:
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     parts, rows = [], []
@@ -192,8 +224,8 @@ def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
             mask = real[:, None, None, :]  # [B, 1, 1, L]: real keys only
             within = sample_mask(longest, causal, window, q.device)
             mask = mask if within is None else mask & within
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and mask is None,
-                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        o = softcapped_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and mask is None,
+                                 scale=scale, softcap=softcap, enable_gqa=q.shape[1] != k.shape[1])
         parts.append(o.transpose(1, 2)[real])
         rows.append(index[real])
     out = torch.zeros_like(q)

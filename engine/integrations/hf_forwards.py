@@ -1,6 +1,6 @@
 """The forwards `apply_packtune` binds to a transformers model's modules (see transformers.py).
 
-Each mirrors the transformers 5.x Llama/Mistral/Qwen2 forward it shadows, with packtune's ops in
+Each mirrors the transformers 5.x Llama/Mistral/Qwen2/Qwen3 forward it shadows, with packtune's ops in
 place of the plain-torch ones and, for a packed row, its `PackedLayout` (from PackedCollator, or
 built from `cu_seqlens` / restarting `position_ids`): varlen attention instead of a mask, and
 packtune's rotary reading fp32 tables at the layout's positions. Unpacked batches (padded with
@@ -71,7 +71,7 @@ def attention_forward_for(modeling: types.ModuleType, family: str, options: Pack
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def window(attn: nn.Module) -> int | None:
-        if family == "Qwen2":
+        if family in ("Qwen2", "Qwen3"):
             return attn.sliding_window
         if family == "Mistral":
             return getattr(attn.config, "sliding_window", None)
@@ -91,6 +91,8 @@ def attention_forward_for(modeling: types.ModuleType, family: str, options: Pack
         q = self.q_proj(hidden_states).view(hidden_shape)
         k = self.k_proj(hidden_states).view(hidden_shape)
         v = self.v_proj(hidden_states).view(hidden_shape)
+        if family == "Qwen3":  # per-head norms before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         layout, tables = kwargs.pop("packed_layout", None), kwargs.pop("rope_tables", None)
         if layout is not None:  # one packed row [1, T]
             flat = lambda t: t.reshape(-1, *t.shape[2:])

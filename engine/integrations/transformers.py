@@ -1,6 +1,7 @@
 """packtune's kernels inside a Hugging Face transformers model: `apply_packtune(model)`.
 
-For transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (transformers 5.x).
+For transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM
+(transformers 5.x). Gemma 2/3, Phi-3 and BLOOM are refused by name (packtune's own model runs Gemma).
 Only the forwards of *this model instance* change (an instance attribute shadows the class's
 `forward`), nothing global: no module-level function, class or config is touched, so other
 models in the process are unaffected and `undo()` deletes exactly what was set.
@@ -45,7 +46,12 @@ from packtune.integrations.hf_forwards import (
     swiglu_mlp_forward,
 )
 
-SUPPORTED = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
+SUPPORTED = {
+    "LlamaForCausalLM": "Llama",
+    "MistralForCausalLM": "Mistral",
+    "Qwen2ForCausalLM": "Qwen2",
+    "Qwen3ForCausalLM": "Qwen3",
+}
 
 
 class UnsupportedModelError(TypeError):
@@ -103,7 +109,7 @@ def apply_packtune(
     rotary: bool = True,
     packed: bool = True,
 ) -> PacktuneHandle:
-    """Route a transformers Llama/Mistral/Qwen2 causal LM through packtune's kernels (see module doc).
+    """Route a transformers Llama/Mistral/Qwen2/Qwen3 causal LM through packtune's kernels (see module doc).
 
     Call it before building the Trainer (which inspects `model.forward` once). Returns a handle;
     `handle.undo()` or `remove_packtune(model)` restores the original forwards.

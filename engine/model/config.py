@@ -1,4 +1,5 @@
-"""Model shape and options from a Hugging Face `config.json` (Llama 1/2/3/3.1, Mistral, Qwen2).
+"""Model shape and options from a Hugging Face `config.json` (Llama 1/2/3/3.x, Mistral, Qwen2, Qwen3,
+Gemma 2, Gemma 3 text).
 
 Every option that changes the model's math is either supported exactly or rejected with an error
 that names it: a config we cannot reproduce never loads as a silent approximation. Defaults for
@@ -14,7 +15,8 @@ from typing import Any
 
 from packtune.config import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 # transformers' defaults for keys a config.json may omit, per model_type.
@@ -35,8 +37,55 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": 4096,
         "max_window_layers": 28,
     },
+    "qwen3": {
+        "max_position_embeddings": 32768,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+        "sliding_window": 4096,
+        "max_window_layers": 28,
+    },
+    "gemma2": {
+        "max_position_embeddings": 8192,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
+    "gemma3_text": {
+        "max_position_embeddings": 131072,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "sliding_window_pattern": 6,
+    },
 }
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+"""silu: SwiGLU MLP; gelu_pytorch_tanh: GeGLU (tanh-approximated GELU)."""
 # Keys whose presence means weights or math we do not reproduce.
 _REJECTED_KEYS = ("quantization_config", "moe_intermediate_size", "num_local_experts", "num_experts")
 
@@ -80,8 +129,26 @@ class ModelArgs:
     qkv_bias: bool = False
     """Bias on q/k/v projections (Llama attention_bias, always on for Qwen2)."""
     o_bias: bool = False
-    """Bias on the output projection (Llama attention_bias only)."""
+    """Bias on the output projection (Llama and Qwen3 attention_bias)."""
     mlp_bias: bool = False
+    qk_norm: bool = False
+    """Per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3)."""
+    hidden_act: str = "silu"
+    """The MLP gate's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU, Gemma)."""
+    norm_offset: float = 0.0
+    """RMSNorm scales by offset + weight: 0 (Llama), 1 (Gemma, whose weights are stored minus one)."""
+    scale_embeddings: bool = False
+    """Multiply the embeddings by sqrt(hidden_size), rounded to the weights' dtype (Gemma)."""
+    sandwich_norms: bool = False
+    """Gemma's four norms per layer: on the attention output and before and after the MLP."""
+    query_pre_attn_scalar: int | float | None = None
+    """Attention logits are scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (Gemma)."""
+    attn_logit_softcapping: float | None = None
+    """Attention logits capped as c * tanh(logits / c) (Gemma 2)."""
+    final_logit_softcapping: float | None = None
+    """Output logits capped as c * tanh(logits / c) (Gemma 2)."""
+    local_rope_theta: float | None = None
+    """RoPE base of the sliding-window layers, unscaled (Gemma 3's rope_local_base_freq); None: rope_theta."""
     sliding_window: int | None = None
     """Keys a query sees, itself included (Hugging Face semantics), on the layers that slide."""
     layer_types: tuple[str, ...] = ()
@@ -113,6 +180,15 @@ class ModelArgs:
             return None
         return self.sliding_window
 
+    @property
+    def attention_scale(self) -> float | None:
+        """The logit scale when it is not SDPA's default head_dim ** -0.5."""
+        return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar**-0.5
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` rotates with the local (sliding-window) RoPE base."""
+        return self.local_rope_theta is not None and self.window(layer) is not None
+
     def num_flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward), as torchtitan counts them for MFU.
 
@@ -123,9 +199,10 @@ class ModelArgs:
         h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
         q_dim, kv_dim = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * (q_dim + 2 * kv_dim) + q_dim * h
-        attn += (q_dim + 2 * kv_dim) * self.qkv_bias + h * self.o_bias
+        attn += (q_dim + 2 * kv_dim) * self.qkv_bias + h * self.o_bias + 2 * d * self.qk_norm
         mlp = 3 * h * i + (2 * i + h) * self.mlp_bias
-        params = self.num_hidden_layers * (attn + mlp + 2 * h) + h + self.vocab_size * h
+        norms = (4 if self.sandwich_norms else 2) * h
+        params = self.num_hidden_layers * (attn + mlp + norms) + h + self.vocab_size * h
         return 6 * params + 12 * self.num_hidden_layers * q_dim * seq_len
 
     @classmethod
@@ -140,18 +217,30 @@ class ModelArgs:
         for key in _REJECTED_KEYS:
             if cfg.get(key):
                 raise ModelConfigError(f"config option {key!r} is not supported")
-        if get("hidden_act", "silu") != "silu":
-            raise ModelConfigError(f"hidden_act={get('hidden_act')!r} is not supported (only 'silu')")
+        gemma = model_type in GEMMA_MODEL_TYPES
+        act_key = "hidden_activation" if gemma else "hidden_act"
+        hidden_act = get(act_key, "silu")
+        if hidden_act not in (("gelu_pytorch_tanh",) if gemma else ("silu",)):
+            raise ModelConfigError(f"{act_key}={hidden_act!r} is not supported for {model_type}")
         if get("attention_dropout", 0.0):
             raise ModelConfigError(f"attention_dropout={get('attention_dropout')} is not supported (only 0)")
+        if get("use_bidirectional_attention", False):
+            raise ModelConfigError("use_bidirectional_attention is not supported (causal decoders only)")
 
         heads = _required(cfg, "num_attention_heads")
         hidden = _required(cfg, "hidden_size")
-        rope_theta, rope_scaling = _parse_rope(cfg, get("max_position_embeddings"))
-        sliding_window, layer_types = _parse_sliding_window(
-            cfg, model_type, get, _required(cfg, "num_hidden_layers")
-        )
-        llama_bias = model_type == "llama" and bool(get("attention_bias", False))
+        layers = _required(cfg, "num_hidden_layers")
+        local_rope_theta = None
+        if model_type == "gemma3_text":
+            rope_theta, rope_scaling, local_rope_theta = _parse_gemma3_rope(cfg, get)
+        else:
+            rope_theta, rope_scaling = _parse_rope(cfg, get("max_position_embeddings"))
+        if gemma:
+            sliding_window, layer_types = _parse_gemma_layers(cfg, model_type, get, layers)
+        else:
+            sliding_window, layer_types = _parse_sliding_window(cfg, model_type, get, layers)
+        attention_bias = model_type in ("llama", "qwen3", *GEMMA_MODEL_TYPES)
+        llama_bias = attention_bias and bool(get("attention_bias", False))
         return cls(
             model_type=model_type,
             vocab_size=_required(cfg, "vocab_size"),
@@ -169,6 +258,15 @@ class ModelArgs:
             qkv_bias=model_type == "qwen2" or llama_bias,
             o_bias=llama_bias,
             mlp_bias=model_type == "llama" and bool(get("mlp_bias", False)),
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            hidden_act=hidden_act,
+            norm_offset=1.0 if gemma else 0.0,
+            scale_embeddings=gemma,
+            sandwich_norms=gemma,
+            query_pre_attn_scalar=get("query_pre_attn_scalar") if gemma else None,
+            attn_logit_softcapping=_optional_float(get("attn_logit_softcapping")),
+            final_logit_softcapping=_optional_float(get("final_logit_softcapping")),
+            local_rope_theta=local_rope_theta,
             sliding_window=sliding_window,
             layer_types=layer_types,
             bos_token_id=get("bos_token_id"),
@@ -215,7 +313,6 @@ class ModelArgs:
             head_dim=self.head_dim,
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
-            hidden_act="silu",
             tie_word_embeddings=self.tie_word_embeddings,
             bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id,
@@ -224,9 +321,19 @@ class ModelArgs:
         )
         if self.model_type == "llama":
             cfg.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.model_type in GEMMA_MODEL_TYPES:
+            cfg.update(hidden_activation=self.hidden_act, attention_bias=self.qkv_bias,
+                       query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
+                       layer_types=list(self.layer_types), attn_logit_softcapping=self.attn_logit_softcapping,
+                       final_logit_softcapping=self.final_logit_softcapping)
+            cfg.pop("hidden_act", None)
+        else:
+            cfg["hidden_act"] = self.hidden_act
+        if self.model_type == "qwen3":
+            cfg["attention_bias"] = self.qkv_bias
         if self.model_type == "mistral":
             cfg["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen2":
+        if self.model_type in ("qwen2", "qwen3"):
             cfg["use_sliding_window"] = self.sliding_window is not None
             cfg["sliding_window"] = self.sliding_window
             if self.layer_types:
@@ -240,7 +347,14 @@ class ModelArgs:
                     high_freq_factor=self.rope_scaling.high_freq_factor,
                     original_max_position_embeddings=self.rope_scaling.original_max_position_embeddings,
                 )
-        if "rope_parameters" in cfg:  # transformers >= 5 layout: one block holding theta too
+        if self.model_type == "gemma3_text":  # one block per layer type
+            cfg["rope_parameters"] = {
+                "full_attention": {"rope_type": "default", **(scaling or {}), "rope_theta": self.rope_theta},
+                "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
+            }
+            for key in ("rope_scaling", "rope_theta", "rope_local_base_freq"):
+                cfg.pop(key, None)
+        elif "rope_parameters" in cfg:  # transformers >= 5 layout: one block holding theta too
             cfg["rope_parameters"] = {
                 "rope_type": "default",
                 **(scaling or {}),
@@ -300,6 +414,53 @@ def _parse_rope(cfg: dict[str, Any], max_positions: int) -> tuple[float, RopeSca
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(original or max_positions),
     )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _parse_gemma3_rope(cfg: dict[str, Any], get) -> tuple[float, RopeScaling | None, float]:
+    """Gemma 3's two RoPE blocks: global layers (any supported scaling) and local ones (unscaled).
+
+    transformers 5 writes `rope_parameters` = {"full_attention": {...}, "sliding_attention": {...}};
+    older files have `rope_theta`, `rope_scaling` (global) and `rope_local_base_freq`.
+    """
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+    else:
+        full = dict(cfg.get("rope_scaling") or {})
+        full.setdefault("rope_theta", get("rope_theta"))
+        local = {"rope_theta": get("rope_local_base_freq")}
+    full.setdefault("rope_theta", get("rope_theta"))
+    local.setdefault("rope_theta", get("rope_local_base_freq"))
+    theta, scaling = _parse_rope({"rope_parameters": full}, get("max_position_embeddings"))
+    local_theta, local_scaling = _parse_rope({"rope_parameters": local}, get("max_position_embeddings"))
+    if local_scaling is not None:
+        raise ModelConfigError(
+            f"rope scaling {local_scaling.rope_type!r} on the sliding_attention layers is not supported"
+        )
+    return theta, scaling, local_theta
+
+
+def _parse_gemma_layers(cfg: dict[str, Any], model_type: str, get, layers: int) -> tuple[int, tuple]:
+    """Gemma's window and per-layer attention types: Gemma 2 alternates local/global from layer 0;
+    Gemma 3 has one global layer every `sliding_window_pattern` (5 local to 1 global)."""
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        period = 2 if model_type == "gemma2" else get("sliding_window_pattern")
+        layer_types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+    bad = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if bad or len(layer_types) != layers:
+        raise ModelConfigError(
+            f"layer_types must list {layers} of full_attention/sliding_attention, got {bad or layer_types}"
+        )
+    window = get("sliding_window")
+    if window is None and "sliding_attention" in layer_types:
+        raise ModelConfigError("sliding_window is required by layer_types with sliding_attention layers")
+    return window, tuple(layer_types)
 
 
 def _parse_sliding_window(cfg: dict[str, Any], model_type: str, get, layers: int) -> tuple[int | None, tuple]:

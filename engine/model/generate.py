@@ -61,7 +61,7 @@ def generate(
     out: list[int] = []
     while len(out) < max_new_tokens:
         last = model.hidden_states(ids, cache=cache)[-1]  # logits of the last position only
-        token = next_token(model.lm_head(last), temperature, top_p, generator)
+        token = next_token(model.logits(last), temperature, top_p, generator)
         out.append(token)
         if token in stop:
             break

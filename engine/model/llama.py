@@ -1,4 +1,10 @@
-"""The Llama-family decoder (Llama 1/2/3/3.1, Mistral, Qwen2) in Hugging Face's parameter layout.
+"""The Llama-family decoder (Llama 1/2/3/3.x, Mistral, Qwen2, Qwen3, Gemma 2/3) in Hugging Face's
+parameter layout.
+
+The families differ by options of one block (see `ModelArgs`): Qwen3 and Gemma 3 norm q and k per
+head; Gemma scales the embeddings, norms with 1 + weight, norms the attention and MLP outputs
+too ("sandwich" norms), gates with tanh-GELU, scales logits by query_pre_attn_scalar, gives its
+sliding-window layers their own RoPE base (Gemma 3) and caps attention and output logits (Gemma 2).
 
 Module and parameter names are transformers' own (`model.layers.0.self_attn.q_proj.weight`, ...),
 so a Hugging Face checkpoint loads with no name map and exports back unchanged. The model reads
@@ -11,14 +17,14 @@ cross-entropy that never materialises logits).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from packtune.kernels import PackedLayout, RMSNorm, rotary, swiglu, varlen_attention
+from packtune.kernels import PackedLayout, RMSNorm, geglu, rotary, swiglu, varlen_attention
+from packtune.kernels.attention import softcapped_attention
 from packtune.model.config import ModelArgs
 from packtune.model.kv_cache import KVCache
 from packtune.model.rope import RopeTables
@@ -28,7 +34,8 @@ from packtune.model.rope import RopeTables
 class AttentionInputs:
     """What every layer's attention reads besides its input: token positions (`[T]` or `[B, L]`),
     the fp32 RoPE tables they index, and either the packed row's `cu_seqlens` / `max_seqlen`
-    (varlen attention), nothing more (padded rows: dense causal attention), or a KV cache."""
+    (varlen attention), nothing more (padded rows: dense causal attention), or a KV cache.
+    `local_cos` / `local_sin`: the tables of the sliding-window layers when their RoPE base differs."""
 
     positions: torch.Tensor
     cos: torch.Tensor
@@ -36,14 +43,17 @@ class AttentionInputs:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     cache: KVCache | None = None
+    local_cos: torch.Tensor | None = None
+    local_sin: torch.Tensor | None = None
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
-                           q_offset: int = 0) -> torch.Tensor:
+                           q_offset: int = 0, scale: float | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """Causal attention on `[B, Lq, Hq, D]` queries and `[B, Lk, Hk, D]` keys/values (GQA allowed),
     for padded rows and the KV cache. Query i sits at position `q_offset + i`, key j at j. With
     `window`, a query sees the `window` most recent keys, itself included (transformers'
-    `sliding_window`)."""
+    `sliding_window`); `scale` and `softcap` as in `varlen_attention`."""
     lq, lk = q.shape[1], k.shape[1]
     mask, is_causal = None, False
     if q_offset == 0 and lq == lk and (window is None or window >= lk):
@@ -55,8 +65,8 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if window is not None:
             mask &= k_pos > q_pos - window
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    out = softcapped_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, softcap=softcap,
+                               enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)
 
 
@@ -66,27 +76,37 @@ class Attention(nn.Module):
         self.layer = layer
         self.head_dim = args.head_dim
         self.window = args.window(layer)
+        self.local_rope = args.local_rope(layer)
+        self.scale = args.attention_scale
+        self.softcap = args.attn_logit_softcapping
         hidden = args.hidden_size
         q_dim, kv_dim = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
         self.q_proj = nn.Linear(hidden, q_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=args.o_bias)
+        if args.qk_norm:  # per head, over head_dim: rms_norm reads the [.., H, D] view in place
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, offset=args.norm_offset)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, offset=args.norm_offset)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         tokens = x.shape[:-1]
         q = self.q_proj(x).view(*tokens, -1, self.head_dim)
         k = self.k_proj(x).view(*tokens, -1, self.head_dim)
         v = self.v_proj(x).view(*tokens, -1, self.head_dim)
-        q, k = rotary(q, k, inputs.cos, inputs.sin, position_ids=inputs.positions)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = (inputs.local_cos, inputs.local_sin) if self.local_rope else (inputs.cos, inputs.sin)
+        q, k = rotary(q, k, cos, sin, position_ids=inputs.positions)
+        options = dict(window=self.window, scale=self.scale, softcap=self.softcap)
         if inputs.cache is not None:  # decoding: this step's queries over every cached key
             offset = inputs.cache.length
             k, v = inputs.cache.update(self.layer, k, v)
-            out = dense_causal_attention(q[None], k[None], v[None], window=self.window, q_offset=offset)[0]
+            out = dense_causal_attention(q[None], k[None], v[None], q_offset=offset, **options)[0]
         elif inputs.cu_seqlens is not None:  # a packed row
-            out = varlen_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, window=self.window)
+            out = varlen_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, **options)
         else:  # padded rows
-            out = dense_causal_attention(q, k, v, window=self.window)
+            out = dense_causal_attention(q, k, v, **options)
         return self.o_proj(out.reshape(*tokens, -1))
 
 
@@ -96,24 +116,37 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.act = geglu if args.hidden_act == "gelu_pytorch_tanh" else swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; the unit FSDP and activation checkpointing wrap."""
+    """One pre-norm block; the unit FSDP and activation checkpointing wrap.
+
+    Llama: `post_attention_layernorm` norms the MLP input. Gemma (sandwich norms): it norms the
+    attention output, and `pre_feedforward_layernorm` / `post_feedforward_layernorm` the MLP's
+    input and output (transformers' names, hence the shift in meaning)."""
 
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        norm = lambda: RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = args.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), inputs)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if not self.sandwich:
+            h = x + self.self_attn(self.input_layernorm(x), inputs)
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), inputs))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class LlamaModel(nn.Module):
@@ -124,7 +157,7 @@ class LlamaModel(nn.Module):
         padding_idx = pad if isinstance(pad, int) and 0 <= pad < args.vocab_size else None
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=padding_idx)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -137,6 +170,9 @@ class LlamaForCausalLM(nn.Module):
         self.source_dir: Path | None = None
         """The directory `load_pretrained` read, whose tokenizer files `save_pretrained` copies."""
         self.rope = RopeTables(args)
+        self.local_rope = (RopeTables(replace(args, rope_theta=args.local_rope_theta, rope_scaling=None))
+                           if args.local_rope_theta is not None else None)
+        """Gemma 3: the sliding-window layers' tables (their own base, no scaling)."""
 
     def tie_weights(self) -> None:
         """Share the embedding with lm_head when configured (again after `to_empty`, which unties)."""
@@ -155,7 +191,7 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, nn.Embedding) and module.padding_idx is not None:
                 module.weight[module.padding_idx].zero_()
             if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+                module.weight.fill_(1.0 - module.offset)
 
     def hidden_states(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
@@ -180,8 +216,9 @@ class LlamaForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)}")
         self._check_dynamic_rope(layout)
         cos, sin = self.rope(layout.max_seqlen, input_ids.device)
-        inputs = AttentionInputs(layout.positions, cos, sin, layout.cu_seqlens, layout.max_seqlen)
-        x = self.model.embed_tokens(input_ids)
+        inputs = AttentionInputs(layout.positions, cos, sin, layout.cu_seqlens, layout.max_seqlen,
+                                 **self._local_tables(layout.max_seqlen, input_ids.device))
+        x = self._embed(input_ids)
         for layer in self.model.layers:
             x = layer(x, inputs)
         return self.model.norm(x)
@@ -193,17 +230,36 @@ class LlamaForCausalLM(nn.Module):
         start, end = cache.length, cache.length + input_ids.shape[0]
         cos, sin = self.rope(end, input_ids.device)
         positions = torch.arange(start, end, device=input_ids.device)
-        inputs = AttentionInputs(positions, cos, sin, cache=cache)
-        x = self.model.embed_tokens(input_ids)
+        local = self._local_tables(end, input_ids.device)
+        inputs = AttentionInputs(positions, cos, sin, cache=cache, **local)
+        x = self._embed(input_ids)
         for layer in self.model.layers:
             x = layer(x, inputs)
         cache.advance(input_ids.shape[0])
         return self.model.norm(x)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        if self.args.scale_embeddings:  # Gemma: sqrt(hidden) rounded to the weights' dtype, as transformers
+            x = x * torch.tensor(self.args.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
+        return x
+
+    def _local_tables(self, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.local_rope is None:
+            return {}
+        cos, sin = self.local_rope(seq_len, device)
+        return {"local_cos": cos, "local_sin": sin}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head on final hidden states, capped as c * tanh(logits / c) when configured (Gemma 2)."""
+        logits = self.lm_head(hidden)
+        cap = self.args.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
     def forward(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """Logits `[T, V]` or `[B, L, V]`; see `hidden_states` for the inputs."""
-        return self.lm_head(self.hidden_states(input_ids, layout, cache))
+        return self.logits(self.hidden_states(input_ids, layout, cache))
 
     def _check_dynamic_rope(self, layout: PackedLayout) -> None:
         """Dynamic NTK frequencies depend on the context length, so samples packed together must

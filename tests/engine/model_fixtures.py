@@ -11,7 +11,10 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 # name -> (transformers config class name, kwargs): together they cover GQA, llama3 / linear / dynamic
 # rope scaling, tied embeddings, Llama q/k/v/o and MLP biases, pad-token embedding, Mistral's sliding
 # window (smaller than the test sequences) with an explicit head_dim, and Qwen2's q/k/v bias with
-# sliding attention on its upper layer only.
+# sliding attention on its upper layer only; Llama 3.2's tied head with llama3 scaling; Qwen3's
+# per-head q/k norms (GQA with an explicit head_dim and a window; MHA with tied head and biases);
+# Gemma 2 (alternating windows, attention and final logit softcaps, query_pre_attn_scalar; GQA tied,
+# MHA untied) and Gemma 3 (q/k norms, a local RoPE base, linear scaling on the global layers).
 CONFIGS = {
     "llama3_gqa": (
         "LlamaConfig",
@@ -49,6 +52,59 @@ CONFIGS = {
             sliding_window=5,
             max_window_layers=1,
         ),
+    ),
+    "llama32_tied": (
+        "LlamaConfig",
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=64,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+    ),
+    "qwen3_gqa": (
+        "Qwen3Config",
+        dict(num_key_value_heads=2, head_dim=24, use_sliding_window=True, sliding_window=6,
+             max_window_layers=1),
+    ),
+    "qwen3_tied": ("Qwen3Config", dict(num_key_value_heads=4, head_dim=16, tie_word_embeddings=True,
+                                       attention_bias=True)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20, sliding_window=5,
+             attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    ),
+    "gemma2_mha": (
+        "Gemma2Config",
+        dict(num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+             tie_word_embeddings=False, attention_bias=True, attn_logit_softcapping=1.5,
+             final_logit_softcapping=None),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            },
+        ),
+    ),
+    "gemma3_mha": (
+        "Gemma3TextConfig",
+        dict(num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+             tie_word_embeddings=False, attention_bias=True),
     ),
     "llama_dynamic": (
         "LlamaConfig",

@@ -29,16 +29,46 @@ def _rms_norm_at_input_precision(self, hidden_states):
     return self.weight * x.to(hidden_states.dtype)
 
 
+def _gemma_rms_norm_at_input_precision(self, x):
+    """transformers' Gemma RMSNorm forward (scale 1 + weight), in float64 for float64 input."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    out = self._norm(x.to(compute)) * (1.0 + self.weight.to(compute))
+    return out.type_as(x)
+
+
+def _eager_attention_at_input_precision(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                        softcap=None, **kwargs):
+    """transformers' Gemma 2 eager attention, with its softmax in float64 for float64 input (it uses fp32)."""
+    from transformers.models.gemma2.modeling_gemma2 import repeat_kv
+
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    weights = query @ key.transpose(2, 3) * scaling
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = weights.softmax(-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
 @pytest.fixture(autouse=True)
 def float64_hf_norms(monkeypatch):
-    """packtune's norm keeps float64 statistics for float64 input; make transformers' do the same,
-    so the float64 comparisons are between two exact computations, not exact vs fp32-rounded."""
+    """packtune's norm (and capped attention softmax) keep float64 for float64 input; make
+    transformers' do the same, so the float64 comparisons are between two exact computations, not
+    exact vs fp32-rounded."""
+    from transformers.models.gemma2 import modeling_gemma2
+    from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.llama import modeling_llama
     from transformers.models.mistral import modeling_mistral
     from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen3 import modeling_qwen3
 
-    for norm in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm):
+    for norm in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm,
+                 modeling_qwen3.Qwen3RMSNorm):
         monkeypatch.setattr(norm, "forward", _rms_norm_at_input_precision)
+    monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", _eager_attention_at_input_precision)
+    for norm in (modeling_gemma2.Gemma2RMSNorm, modeling_gemma3.Gemma3RMSNorm):
+        monkeypatch.setattr(norm, "forward", _gemma_rms_norm_at_input_precision)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +141,9 @@ def test_packed_logits_and_grads_match_each_sample_alone(checkpoints, name):
         assert_close_rel(p.grad, hf_grads[n].grad, 1e-10)
 
 
-def test_packed_fp32_grads_within_tolerance(checkpoints):
+@pytest.mark.parametrize("name", ["mistral_window", "qwen3_gqa", "gemma2", "gemma3"])
+def test_packed_fp32_grads_within_tolerance(checkpoints, name):
     """fp32: packed gradients within 1e-4 relative of transformers' per-sample gradients."""
-    name = "mistral_window"
     hf = hf_model(checkpoints[name], torch.float32)
     ours = load_pretrained(checkpoints[name], dtype=torch.float32)
     samples, ids, cu = packed_row(ours.args.vocab_size, LENGTHS, torch.Generator().manual_seed(2))

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from toy_training import ListSampler, ToyLM, make_samples, packed, padded, tiny_llama, toy_steps
+from toy_training import ListSampler, ToyLM, make_samples, packed, padded, tiny_gemma, tiny_llama, toy_steps
 
 from packtune.config import TrainConfig
 from packtune.data.packing import PackedBatch
@@ -82,8 +82,8 @@ def test_step_loss_is_global_token_mean(tmp_path):
 @pytest.mark.parametrize(
     "model, weighting",
     [(ToyLM, "token"), (tiny_llama, "token"), (lambda: tiny_llama(tied=True), "token"), (ToyLM, "sample"),
-     (tiny_llama, "turn")],
-    ids=["toy", "llama", "llama-tied", "toy-sample", "llama-turn"],
+     (tiny_llama, "turn"), (tiny_gemma, "token")],
+    ids=["toy", "llama", "llama-tied", "toy-sample", "llama-turn", "gemma"],
 )
 def test_packed_equals_padded(tmp_path, model, weighting):
     samples = make_samples(3 * 2 * 4, seed=2, max_len=16, turns=1 if weighting == "token" else 2)

@@ -14,7 +14,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from toy_training import ListSampler, tiny_llama, toy_steps
+from toy_training import ListSampler, tiny_gemma, tiny_llama, toy_steps
 
 from packtune.config import Config, TrainConfig
 from packtune.launch import export_model, load_model
@@ -60,10 +60,14 @@ def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str, w
     shutdown(d)
 
 
-@pytest.mark.parametrize("weighting", ["token", "turn"])
-def test_two_fsdp_ranks_equal_one_process(tmp_path, weighting):
+MODELS = {"llama": lambda seed=0: tiny_llama(tied=True, seed=seed),
+          "gemma": lambda seed=0: tiny_gemma(seed=seed)}
+
+
+@pytest.mark.parametrize("weighting, family", [("token", "llama"), ("turn", "llama"), ("token", "gemma")])
+def test_two_fsdp_ranks_equal_one_process(tmp_path, weighting, family):
     os.environ["OMP_NUM_THREADS"] = "1"
-    model_dir = save_pretrained(tiny_llama(tied=True), tmp_path / "model")
+    model_dir = save_pretrained(MODELS[family](), tmp_path / "model")
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "fsdp"), str(model_dir), weighting), nprocs=2)
 
     torch.set_num_threads(1)
@@ -91,7 +95,7 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path, weighting):
         torch.testing.assert_close(exported[name], value, rtol=0, atol=1e-5, msg=name)
 
     # The sharded checkpoint (each rank wrote its half) loads into one unsharded process.
-    other_init = tiny_llama(tied=True, seed=1)
+    other_init = MODELS[family](seed=1)
     resumed = Trainer(config(tmp_path / "fsdp", loss_weighting=weighting), other_init, sampler,
                       init_distributed("cpu"))
     assert resumed.resume().name == f"step_{STEPS:08d}" and resumed.step == STEPS

@@ -71,6 +71,26 @@ def tiny_llama(*, tied: bool = False, seed: int = 0, vocab: int = 37):
     return model
 
 
+def tiny_gemma(*, seed: int = 0, vocab: int = 37):
+    """packtune's model in Gemma 3 shape at toy size (GQA, tied, sandwich norms, GeGLU, q/k norms, a
+    sliding window shorter than the samples with its own RoPE base, and Gemma 2's logit softcaps)."""
+    from packtune.model.config import ModelArgs
+    from packtune.model.llama import LlamaForCausalLM
+
+    args = ModelArgs.from_hf_config(dict(
+        model_type="gemma3_text", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=12,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}},
+        attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+    ))
+    model = LlamaForCausalLM(args)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
 def make_samples(n: int, *, vocab: int = 37, seed: int = 0, min_len: int = 3, max_len: int = 12,
                  turns: int = 1):
     """(ids, labels) pairs: `turns` rounds of a prompt of ignored labels, then a trained response;

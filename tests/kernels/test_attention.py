@@ -20,12 +20,14 @@ def _packed(lengths, hq=4, hk=4, d=32, dtype=torch.float64, device="cpu"):
     return q, k, v, cu, max(lengths)
 
 
-def _naive(q, k, v, causal=True, window=None, scale=None):
+def _naive(q, k, v, causal=True, window=None, scale=None, softcap=None):
     """Attention of one sample written out in float64: scores, mask, softmax, weighted sum."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
     scores = torch.einsum("ihd,jhd->hij", q.double(), k.double()) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     i, j = torch.arange(q.shape[0])[:, None], torch.arange(q.shape[0])[None]
     allowed = torch.ones_like(scores[0], dtype=torch.bool)
     if causal:
@@ -83,6 +85,30 @@ def test_packed_equals_per_sample_attention(hk, window):
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         expected = _naive(q[s:e], k[s:e], v[s:e], window=window)
         torch.testing.assert_close(out[s:e], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_softcap_packed_equals_per_sample_naive_values_and_gradients(window):
+    """Gemma 2's logit cap on the buckets path and the reference, GQA, float64."""
+    lengths = [1, 9, 14, 4, 9]
+    q, k, v, cu, max_len = _packed(lengths, hq=4, hk=2, d=8)
+    q = q * 3  # logits well beyond the cap
+    results = []
+    for fn in (varlen_attention, varlen_attention_ref, None):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        if fn is None:
+            parts = [_naive(*(t[s:e] for t in ins), window=window, scale=0.5, softcap=2.0)
+                     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)]
+            out = torch.cat(parts)
+        else:
+            args = (cu, max_len) if fn is varlen_attention else (cu,)
+            out = fn(*ins, *args, window=window, scale=0.5, softcap=2.0)
+        (out * torch.arange(out.numel(), dtype=out.dtype).view(out.shape).cos()).sum().backward()
+        results.append((out.detach(), *(t.grad for t in ins)))
+    for got, ref in zip(results[0], results[2], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    for got, ref in zip(results[1], results[2], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_non_causal_and_scale():

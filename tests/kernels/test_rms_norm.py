@@ -81,3 +81,30 @@ def test_module_matches_transformers_llama_rmsnorm():
 def test_weight_shape_error_is_specific():
     with pytest.raises(ValueError, match=r"weight has shape \(5,\), expected \(8,\)"):
         rms_norm(torch.randn(2, 8), torch.ones(5))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_offset_weight_matches_reference(backend):
+    """Gemma's norm, scale 1 + weight: fused backends against the float64 reference, forward and backward."""
+    dev = device_for(backend)
+    x, dy = torch.randn(13, 200, device=dev) * 2, torch.randn(13, 200, device=dev)
+    w = 0.3 * torch.randn(200, device=dev)
+    y, dx, dw = _fwd_bwd(lambda a, b: rms_norm(a, b, 1e-6, offset=1.0, backend=backend), x, w, dy)
+    exact = _fwd_bwd(lambda a, b: rms_norm_ref(a, b, 1e-6) , x.double(), 1 + w.double(), dy.double())
+    for got, ref, tol in zip((y, dx, dw), exact, (1e-5, 1e-4, 1e-4), strict=True):
+        assert_fp32_close(got, ref, tol)
+    module = RMSNorm(200, offset=1.0)
+    assert module.weight.abs().sum() == 0 and "offset=1.0" in repr(module)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_per_head_norm_of_a_projection_view(backend):
+    """q/k norm (Qwen3, Gemma 3): over head_dim of a [T, H, D] view of a projection output."""
+    dev = device_for(backend)
+    proj = torch.randn(11, 4 * 16, device=dev)
+    w = torch.randn(16, device=dev)
+    dy = torch.randn(11, 4, 16, device=dev)
+    got = _fwd_bwd(lambda a, b: rms_norm(a.view(11, 4, 16), b, backend=backend), proj, w, dy)
+    exact = _fwd_bwd(lambda a, b: rms_norm_ref(a.view(11, 4, 16), b), proj.double(), w.double(), dy.double())
+    for out, ref in zip(got, exact, strict=True):
+        assert_fp32_close(out, ref, 1e-4)
