@@ -204,7 +204,13 @@ class PaddedBatch:
 
 
 def _move(value, device, non_blocking):
-    return value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+    """A tensor field copied to `device`; host -> CUDA copies go through pinned memory, without which
+    `non_blocking=True` is a synchronous copy from pageable memory."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if non_blocking and value.device.type == "cpu" and torch.device(device).type == "cuda":
+        value = value.pin_memory()
+    return value.to(device, non_blocking=non_blocking)
 
 
 def shifted_labels(ids: np.ndarray, mask: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
