@@ -17,7 +17,7 @@ Parts, each a subprocess with its own time cap (a failing part never stops the n
 
 Everything goes to one folder, $OUT if set, else gpu_check_out/: summary.txt and summary.json
 (one line / record per part), <part>.log, suite.xml (JUnit), bench/*.json|csv, train/train.json
-and train/run/metrics.jsonl. The caps add up to 7.5 minutes (GPU_CHECK_TOTAL_S, default 450).
+and train/run/metrics.jsonl. The parts share a 7.5-minute budget (GPU_CHECK_TOTAL_S, default 450).
 In smoke mode the GPU-only parts (the suite's tests, torch.compile and Liger in the bench) report
 as skipped: smoke mode checks this script, not the GPU.
 """
@@ -119,11 +119,11 @@ def parts() -> list[tuple[str, list[str], float]]:
     ]
     train = [py, "-m", "packtune.bench.gpu_train", str(OUT / "train"), *(["--smoke"] if SMOKE else [])]
     return [
-        ("env", [py, "-m", "packtune", "env"], 60),
-        ("suite", suite, 60 if SMOKE else 200),
-        ("bench_ce", _bench_args("ce"), 60 if SMOKE else 70),
-        ("bench_linear_ce", _bench_args("linear-ce"), 60 if SMOKE else 70),
-        ("train", train, 90 if SMOKE else 170),
+        ("env", [py, "-m", "packtune", "env"], 30),
+        ("suite", suite, 60 if SMOKE else 160),
+        ("bench_ce", _bench_args("ce"), 60 if SMOKE else 80),
+        ("bench_linear_ce", _bench_args("linear-ce"), 60 if SMOKE else 80),
+        ("train", train, 90 if SMOKE else 120),
     ]
 
 

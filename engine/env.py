@@ -34,12 +34,13 @@ def _triton_line() -> str:
 
 
 def _linear_ce_line() -> str:
-    from packtune.kernels.linear_cross_entropy import GPU_LOGITS_BYTES, default_chunk_size
+    from packtune.kernels.linear_cross_entropy import ADDMM_OUT_DTYPE, GPU_LOGITS_BYTES, default_chunk_size
 
     gpu = default_chunk_size(8192, 4096, 128256, "cuda", 2)
+    cuda_dw = "cuBLAS addmm out_dtype=float32 on CUDA" if ADDMM_OUT_DTYPE else "vocabulary slabs on CUDA too"
     return (f"chunks of ~N*H/V rows (>= 128) on CPU; on CUDA a power of two in [1024, 4096] within "
             f"{GPU_LOGITS_BYTES >> 20} MiB of logits ({gpu} at V=128256 bf16); dW summed in fp32 "
-            f"(cuBLAS addmm out_dtype=float32 on CUDA, vocabulary slabs on CPU)")
+            f"({cuda_dw}, vocabulary slabs on CPU)")
 
 
 def _cpu_ext_line() -> str:

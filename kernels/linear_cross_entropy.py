@@ -15,7 +15,8 @@ chunk about the size of the hidden states; on a GPU a logits budget of `GPU_LOGI
 to 4096 rows: 4096 at Llama-3's V = 128256 in bf16), so each chunk's matmuls are large. The dW
 product never forms a [V, H] temporary in the input dtype: on CUDA one cuBLAS addmm reads bf16 /
 fp16 operands and accumulates into the fp32 dW in place (`out_dtype=float32`, `out=dW`); on the
-CPU the product goes in slabs of `DW_SLAB_ROWS` vocabulary rows. fp16 inputs get their
+CPU (or a torch without that addmm overload) the product goes in slabs of `DW_SLAB_ROWS`
+vocabulary rows. fp16 inputs get their
 1/denominator in backward (see `defer_scale` in cross_entropy.py), so loss-scaled fp16 gradients
 do not underflow. Per-row `weights` (None: all ones) scale each row's loss and dlogits
 inside the CE kernel. Backward is a scale of dX, dW, db by grad_output; for reduction="none"
@@ -57,6 +58,8 @@ GPU_LOGITS_BYTES = 1 << 30
 """A GPU chunk's logits buffer stays within this budget (then 1024 <= rows <= 4096, a power of two)."""
 DW_SLAB_ROWS = 4096
 """On the CPU, dW += dlogits.T @ h goes in slabs of this many vocabulary rows (bounds the temporary)."""
+ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+"""Whether this torch has addmm(..., out_dtype, out=): low-precision operands, an fp32 output (CUDA)."""
 
 
 def default_chunk_size(n: int, hidden: int, vocab: int, device: torch.device | str = "cpu",
@@ -76,7 +79,7 @@ def _accumulate_grad_w(grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Ten
     """grad_w (fp32 [V, H]) += dlogits.T @ h, with no [V, H] temporary in the input dtype."""
     if dlogits.dtype == torch.float32:
         grad_w.addmm_(dlogits.t(), h)
-    elif grad_w.device.type == "cuda":  # cuBLAS: low-precision operands, fp32 accumulate and output
+    elif grad_w.device.type == "cuda" and ADDMM_OUT_DTYPE:  # cuBLAS: bf16/fp16 in, fp32 accumulate and out
         torch.addmm(grad_w, dlogits.t(), h, out_dtype=torch.float32, out=grad_w)
     else:
         for start in range(0, grad_w.shape[0], DW_SLAB_ROWS):
