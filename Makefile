@@ -8,7 +8,7 @@ STAMPS := $(VENV)/.packtune-stamps
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: test install lint env clean demo
+.PHONY: test install lint env clean demo gpu-check
 
 test: $(STAMPS)/install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -45,6 +45,19 @@ $(STAMPS)/demo: $(STAMPS)/install
 
 env: $(STAMPS)/install
 	$(VENV)/bin/packtune env
+
+# `make gpu-check`: the GPU suite (pytest -m gpu), the loss benchmarks at Llama-3-8B shapes and a
+# 1B-shaped `packtune train`, in under 8 minutes, everything written to $OUT (else gpu_check_out/).
+# It runs on GPU_PYTHON, the machine's own CUDA torch (python3 unless a virtual environment is
+# active), never the CPU wheel: packtune is installed into it editable, without dependencies or the
+# C++ extension, when it does not import there. GPU_CHECK_SMOKE=1 runs it on the CPU (tiny shapes,
+# the Triton interpreter, GPU-only parts reported as skipped) to check the command itself.
+GPU_PYTHON ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,python3)
+
+gpu-check:
+	$(GPU_PYTHON) -c "import packtune.kernels" 2>/dev/null || \
+		PACKTUNE_NO_EXT=1 $(GPU_PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	$(GPU_PYTHON) -m packtune.bench.gpu_check
 
 clean:
 	rm -rf build engine/*.so *.egg-info $(STAMPS)

@@ -3,12 +3,14 @@
 Implementations: `torch` (eager F.cross_entropy, the baseline), `torch-compile` (the same under
 torch.compile, default options), `packtune` (masked_cross_entropy, gradient into a new buffer)
 and `packtune-inplace` (inplace_backward=True: the gradient overwrites the logits, so the step
-needs no N x V buffer; later steps then run on the previous gradient, which costs the same).
+needs no N x V buffer; later steps then run on the previous gradient, which costs the same), and
+`liger` (Liger-Kernel's LigerCrossEntropyLoss) when liger_kernel is installed.
 A step is `torch.autograd.grad(loss, logits)`, so no .grad accumulation is timed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 
 from packtune.bench import harness
 
-IMPLS = ("torch", "torch-compile", "packtune", "packtune-inplace")
+IMPLS = ("torch", "torch-compile", "packtune", "packtune-inplace",
+         *(("liger",) if importlib.util.find_spec("liger_kernel") else ()))
 SHAPES = ({"N": 2048, "V": 32000}, {"N": 1024, "V": 128256})
 
 
@@ -37,6 +40,10 @@ def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], o
         loss_fn = F.cross_entropy
     elif impl == "torch-compile":
         loss_fn = torch.compile(F.cross_entropy)
+    elif impl == "liger":
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        loss_fn = LigerCrossEntropyLoss()
     elif impl in ("packtune", "packtune-inplace"):
         inplace = impl == "packtune-inplace"
         loss_fn = lambda x, y: masked_cross_entropy(x, y, inplace_backward=inplace)
@@ -53,6 +60,9 @@ def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], o
 def main(argv: list[str] | None = None) -> None:
     parser = harness.bench_parser("ce", __doc__.splitlines()[0])
     parser.add_argument("--ignored", type=float, default=0.0, help="fraction of rows labelled -100")
+    parser.add_argument("--shape", type=int, nargs=2, action="append", metavar=("N", "V"),
+                        help="run only these shapes (repeatable); default: the two standard ones")
     args = parser.parse_args(argv)
-    shapes = [dict(s, ignored=args.ignored) for s in SHAPES]
+    shapes = [dict(N=n, V=v) for n, v in args.shape] if args.shape else list(SHAPES)
+    shapes = [dict(s, ignored=args.ignored) for s in shapes]
     harness.run_table("ce", "packtune.bench.ce:make_step", IMPLS, shapes, "torch", args)

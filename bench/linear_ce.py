@@ -2,12 +2,14 @@
 
 Implementations: `torch` (eager F.linear + F.cross_entropy on materialised logits, the
 baseline), `torch-compile` (the same function under torch.compile, default options) and
-`packtune` (linear_cross_entropy: label rows only, in chunks, no N x V logits). 30% of the labels
+`packtune` (linear_cross_entropy: label rows only, in chunks, no N x V logits), and `liger`
+(Liger-Kernel's LigerFusedLinearCrossEntropyLoss) when liger_kernel is installed. 30% of the labels
 are -100 by default (prompt tokens). A step is `torch.autograd.grad(loss, (hidden, weight))`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from packtune.bench import harness
 from packtune.bench.ce import make_labels
 
-IMPLS = ("torch", "torch-compile", "packtune")
+IMPLS = ("torch", "torch-compile", "packtune",
+         *(("liger",) if importlib.util.find_spec("liger_kernel") else ()))
 SHAPES = ({"N": 4096, "H": 1024, "V": 32000}, {"N": 2048, "H": 2048, "V": 128256})
 
 
@@ -32,8 +35,14 @@ def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], o
     hidden = torch.randn(n, h, dtype=dt, device=device).requires_grad_()
     weight = (torch.randn(v, h, dtype=dt, device=device) / h**0.5).requires_grad_()
     labels = make_labels(n, v, shape.get("ignored", 0.3), device)
-    loss_fn = {"torch": _eager, "torch-compile": torch.compile(_eager),
-               "packtune": linear_cross_entropy}.get(impl)
+    if impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        loss_fn = lambda hid, w, y: liger(w, hid, y)
+    else:
+        loss_fn = {"torch": _eager, "torch-compile": torch.compile(_eager),
+                   "packtune": linear_cross_entropy}.get(impl)
     if loss_fn is None:
         raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
 

@@ -33,6 +33,16 @@ def _triton_line() -> str:
     return f"{triton.__version__}, installed; no GPU here, so kernels run only under TRITON_INTERPRET=1"
 
 
+def _linear_ce_line() -> str:
+    from packtune.kernels.linear_cross_entropy import ADDMM_OUT_DTYPE, GPU_LOGITS_BYTES, default_chunk_size
+
+    gpu = default_chunk_size(8192, 4096, 128256, "cuda", 2)
+    cuda_dw = "cuBLAS addmm out_dtype=float32 on CUDA" if ADDMM_OUT_DTYPE else "vocabulary slabs on CUDA too"
+    return (f"chunks of ~N*H/V rows (>= 128) on CPU; on CUDA a power of two in [1024, 4096] within "
+            f"{GPU_LOGITS_BYTES >> 20} MiB of logits ({gpu} at V=128256 bf16); dW summed in fp32 "
+            f"({cuda_dw}, vocabulary slabs on CPU)")
+
+
 def _cpu_ext_line() -> str:
     ext = _dispatch.cpu_extension()
     if ext is None and "packtune._C" in _dispatch.LOAD_ERRORS:
@@ -58,10 +68,11 @@ def report() -> str:
     lines = [
         f"packtune     {packtune.__version__}",
         f"python       {sys.version.split()[0]} ({platform.machine()}, {platform.system()})",
-        f"torch        {_torch_line()}",
+        f"torch        {_torch_line()}; packtune needs >= {'.'.join(map(str, packtune.TORCH_MIN))}",
         f"triton       {_triton_line()}",
         f"flash-attn   {_flash_line(flash)}",
         f"attention    {describe_attention_paths()}",
+        f"linear CE    {_linear_ce_line()}",
         f"packtune._C  {_cpu_ext_line()}",
         f"threads      torch intra-op: {torch.get_num_threads()}",
     ]

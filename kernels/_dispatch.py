@@ -12,6 +12,7 @@ this to check every kernel without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -55,6 +56,16 @@ def triton_module() -> ModuleType | None:
         return importlib.import_module("triton")
     except ImportError:
         return None
+
+
+def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context a Triton launch runs in: the tensor's CUDA device made current (Triton launches
+    on the current device, so `cuda:1` inputs under device 0 would be read from the wrong GPU);
+    nothing to do for CPU tensors (the interpreter), nor under torch.compile, whose generated code
+    guards the device itself."""
+    if tensor.device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def triton_interpreted() -> bool:

@@ -3,8 +3,10 @@
 Three paths, chosen per call, best first:
 
 1. `flash_attn.flash_attn_varlen_func`, when flash-attn imports and q/k/v are CUDA fp16/bf16;
-2. `torch.nn.attention.varlen.varlen_attn`, on CUDA fp16/bf16 when this torch has it (the form
-   with `window_size` and `enable_gqa`, PyTorch >= 2.12);
+2. `torch.nn.attention.varlen.varlen_attn`, on CUDA fp16/bf16 whenever this torch has it. Its
+   signature moved: `enable_gqa` is passed where it exists (PyTorch >= 2.12), otherwise the kv
+   heads are expanded to the query heads; `window_size` where it exists, otherwise `is_causal`
+   (and a sliding-window call takes path 3); a custom `scale` only where `scale` exists;
 3. length buckets, on any device and dtype (the CPU path): samples sorted by length and cut into
    buckets whose padding to the bucket's longest costs at most `BUCKET_WASTE` x their real
    tokens; one batched scaled_dot_product_attention call per bucket. A padded key sits after
@@ -13,7 +15,9 @@ Three paths, chosen per call, best first:
    short samples costs a few SDPA calls instead of 32.
 
 `varlen_attention_ref` (SDPA per sample, a host loop) is the specification the tests hold every
-path to: no token ever attends across a `cu_seqlens` boundary.
+path to: no token ever attends across a `cu_seqlens` boundary, and rows past `cu_seqlens[-1]`
+come back as zeros (the fast paths leave them unwritten, so they are zeroed with a device-side
+mask: no host sync).
 
 `window` follows transformers' Mistral semantics: query i sees key j when 0 <= i - j < window
 (the token itself and the window - 1 before it), i.e. flash-attn's `window_size=(window - 1, 0)`;
@@ -53,22 +57,39 @@ def _flash_attn() -> ModuleType | None:
 
 @functools.cache
 def _torch_varlen():
-    """torch's varlen_attn if this torch has the keyword-only window_size/enable_gqa form (>= 2.12)."""
+    """torch's `varlen_attn`, whichever signature this torch gives it; None where it is missing."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    return varlen_attn if "window_size" in params and "enable_gqa" in params else None
+    return varlen_attn
 
 
-def attention_path(device: torch.device | str, dtype: torch.dtype) -> str:
-    """Which implementation `varlen_attention` uses for tensors of this device and dtype."""
+def _params(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def torch_varlen_supports(fn, *, window: int | None = None, scale: float | None = None) -> bool:
+    """Whether this `varlen_attn` signature can express the call (GQA always can: kv heads expand)."""
+    params = _params(fn)
+    if window is not None and "window_size" not in params:
+        return False
+    if "window_size" not in params and "is_causal" not in params:
+        return False
+    return scale is None or "scale" in params
+
+
+def attention_path(device: torch.device | str, dtype: torch.dtype, *, window: int | None = None,
+                   scale: float | None = None) -> str:
+    """Which implementation `varlen_attention` uses for tensors of this device and dtype (and, for
+    torch's `varlen_attn`, whether its signature on this torch can express the window and scale)."""
     device = torch.device(device)
     half = dtype in (torch.float16, torch.bfloat16)
     if device.type == "cuda" and half and _flash_attn() is not None:
         return "flash_attn"
-    if device.type == "cuda" and half and _torch_varlen() is not None:
+    varlen = _torch_varlen()
+    if device.type == "cuda" and half and varlen is not None and torch_varlen_supports(varlen, window=window,
+                                                                                        scale=scale):
         return "torch_varlen"
     return "buckets"
 
@@ -78,8 +99,17 @@ def describe_attention_paths() -> str:
     names = {"flash_attn": "flash-attn varlen", "torch_varlen": "torch varlen_attn",
              "buckets": "SDPA over length buckets"}
     cuda = names[attention_path("cuda", torch.bfloat16)]
-    if _flash_attn() is None and _torch_varlen() is None:
+    varlen = _torch_varlen()
+    if _flash_attn() is None and varlen is None:
         cuda += " (no flash-attn, no torch varlen_attn)"
+    elif _flash_attn() is None:
+        params = _params(varlen)
+        notes = ["GQA native" if "enable_gqa" in params else "GQA by expanding kv heads"]
+        if "window_size" not in params:
+            notes.append("sliding windows: SDPA over length buckets")
+        if "scale" not in params:
+            notes.append("custom scale: SDPA over length buckets")
+        cuda += f" ({'; '.join(notes)})"
     return f"CPU: {names[attention_path('cpu', torch.float32)]}; CUDA bf16: {cuda}"
 
 
@@ -168,21 +198,51 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 1:
         raise ValueError(f"varlen_attention: window must be >= 1 or None, got {window}")
-    path = attention_path(q.device, q.dtype)
+    path = attention_path(q.device, q.dtype, window=window, scale=scale)
     if path == "torch_varlen" and softcap is not None:
-        path = "buckets"
+        path = "buckets"  # torch's varlen_attn has no logit softcap
     if path == "flash_attn":
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        return _flash_attn().flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
-                                                    softmax_scale=scale, causal=causal,
-                                                    window_size=_window_size(causal, window),
-                                                    **({} if softcap is None else {"softcap": softcap}))
+        out = _flash_attn().flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
+                                                   softmax_scale=scale, causal=causal,
+                                                   window_size=_window_size(causal, window),
+                                                   **({} if softcap is None else {"softcap": softcap}))
+        return zero_tail(out, cu)
     if path == "torch_varlen":
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        return _torch_varlen()(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale,
-                               window_size=_window_size(causal, window), enable_gqa=q.shape[1] != k.shape[1])
+        out = call_torch_varlen(_torch_varlen(), q, k, v, cu, max_seqlen, causal=causal, window=window,
+                                scale=scale)
+        return zero_tail(out, cu)
     return _bucketed_attention(q, k, v, cu_seqlens, causal=causal, window=window, scale=scale,
                                softcap=softcap)
+
+
+def call_torch_varlen(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                      max_seqlen: int, *, causal: bool, window: int | None,
+                      scale: float | None) -> torch.Tensor:
+    """`fn` (a `varlen_attn`) called with the keywords its signature has (see `torch_varlen_supports`)."""
+    params = _params(fn)
+    kwargs: dict = {}
+    if "window_size" in params:
+        kwargs["window_size"] = _window_size(causal, window)
+    else:
+        kwargs["is_causal"] = causal
+    if scale is not None:
+        kwargs["scale"] = scale
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # query head h reads kv head h // groups, as SDPA's enable_gqa
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+def zero_tail(out: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """`out` with the rows past cu_seqlens[-1] (never written by the varlen kernels) set to zero,
+    through a device-side comparison: no host sync."""
+    rows = torch.arange(out.shape[0], device=out.device)
+    return out.masked_fill((rows >= cu_seqlens[-1])[:, None, None], 0.0)
 
 
 BUCKET_WASTE = 1.25

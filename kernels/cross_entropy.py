@@ -16,7 +16,10 @@ their weights when weighted); a count is clamped to at least 1 and a zero weight
 0, so zero label tokens give loss 0 and gradients 0.
 
 Because the gradient is known once the log-sum-exp is, the kernels write it during the forward
-pass (already multiplied by w/denominator) and backward is one scale by grad_output. It goes
+pass (already multiplied by w/denominator) and backward is one scale by grad_output. fp16 is the
+exception: there the 1/denominator waits for backward (`defer_scale`), where it is applied
+together with grad_output, so a loss-scaled gradient (GradScaler) does not underflow to zero in
+fp16 before the loss scale reaches it. It goes
 into the logits' own storage with `inplace_backward=True` (no N x V buffer beyond the logits;
 the logits are overwritten), else into one new buffer. Three implementations: a Triton kernel
 (one program per row, online log-sum-exp over vocab blocks, fp32 math), the C++ op
@@ -121,13 +124,14 @@ def _triton_forward(x, labels, weights, scale, ignore_index, eps, z_loss, softca
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     block_v = min(triton.next_power_of_2(v), 8192)
-    _cross_entropy_fwd_kernel[(n,)](
-        x, x.stride(0), x if grad is None else grad, x.stride(0) if grad is None else grad.stride(0),
-        labels, loss if weights is None else weights, loss, lse, scale, v, ignore_index, eps, z_loss,
-        1.0 if softcap is None else softcap, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0,
-        HAS_WEIGHTS=weights is not None, COMPUTE_GRAD=grad is not None, BLOCK_V=block_v,
-        num_warps=16 if block_v >= 4096 else 8,
-    )
+    with _dispatch.launch_device(x):
+        _cross_entropy_fwd_kernel[(n,)](
+            x, x.stride(0), x if grad is None else grad, x.stride(0) if grad is None else grad.stride(0),
+            labels, loss if weights is None else weights, loss, lse, scale, v, ignore_index, eps, z_loss,
+            1.0 if softcap is None else softcap, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0,
+            HAS_WEIGHTS=weights is not None, COMPUTE_GRAD=grad is not None, BLOCK_V=block_v,
+            num_warps=16 if block_v >= 4096 else 8,
+        )
     return loss, lse
 
 
@@ -206,26 +210,49 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
         x = logits.reshape(-1, shape[-1])
         if x.stride(-1) != 1:
             x = x.contiguous()
-        loss, lse, grad = cross_entropy_rows(x, labels, weights, scale, backend, ignore_index=ignore_index,
-                                             eps=eps, z_loss=z_loss, softcap=softcap,
-                                             compute_grad=compute_grad, inplace=inplace)
+        deferred = defer_scale(x.dtype)
+        grad_scale = torch.ones_like(scale) if deferred else scale
+        loss, lse, grad = cross_entropy_rows(x, labels, weights, grad_scale, backend,
+                                             ignore_index=ignore_index, eps=eps, z_loss=z_loss,
+                                             softcap=softcap, compute_grad=compute_grad, inplace=inplace)
+        if compute_grad and inplace:
+            bump_version(logits)
         loss = loss * scale if reduction == "none" else loss.sum() * scale
         ctx.mark_non_differentiable(lse)
-        ctx.reduction, ctx.shape = reduction, shape
-        if grad is not None:
-            ctx.save_for_backward(grad)
+        ctx.reduction, ctx.shape, ctx.deferred = reduction, shape, deferred
+        if grad is not None:  # detached: a view made here (no grad mode) must not carry view metadata
+            ctx.save_for_backward(grad.detach(), scale)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        (grad,) = ctx.saved_tensors
+        grad, scale = ctx.saved_tensors
         _mark_consumed(ctx)
+        if ctx.deferred:
+            grad_loss = grad_loss * scale
         if ctx.reduction == "none":
             grad.mul_(grad_loss.reshape(-1, 1))
-        elif torch.compiler.is_compiling() or grad.device.type != "cpu" or grad_loss.item() != 1.0:
+        elif (ctx.deferred or torch.compiler.is_compiling() or grad.device.type != "cpu"
+              or grad_loss.item() != 1.0):
             # Skipped only for CPU tensors, where reading grad_output is not a device sync.
             grad.mul_(grad_loss)
         return grad.view(ctx.shape), None, None, None, None, None, None, None, None, None, None, None
+
+
+def defer_scale(dtype: torch.dtype) -> bool:
+    """Whether the 1/denominator waits for backward: for fp16, where p/N written in the forward
+    underflows before GradScaler's loss scale multiplies it (bf16 and fp32 have fp32's range)."""
+    return dtype == torch.float16
+
+
+def bump_version(x: torch.Tensor) -> None:
+    """Record that a kernel overwrote `x` in place: the Triton kernel writes through a raw pointer,
+    and the C++ op's `Tensor(a!)` declaration does not bump the version inside an autograd.Function
+    (no grad mode, no autograd kernel for the op). Autograd then refuses a backward that needs x's
+    old values (e.g. the output of `z.exp()`) instead of computing wrong gradients from the gradient
+    written over them."""
+    if not torch.compiler.is_compiling():  # under torch.compile the kernel's mutation is traced
+        torch.autograd.graph.increment_version(x)
 
 
 def _mark_consumed(ctx) -> None:
@@ -329,8 +356,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, weights:
         return masked_cross_entropy_ref(logits, labels, return_lse=return_lse, **options)
     _check_args(logits, labels, weights, reduction, label_smoothing, softcap)
     flat = labels.reshape(-1).long()
-    if logits.device.type == "cpu" and backend == "triton":
-        _check_labels_range(flat, ignore_index, logits.shape[-1])
+    check_label_range(flat, ignore_index, logits.shape[-1], backend)
     weights = flat_weights(weights, logits.device)
     scale = _row_scale(flat, weights, reduction, num_items, ignore_index, logits.device)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -342,12 +368,28 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, weights:
     return (loss, lse.view(labels.shape)) if return_lse else loss
 
 
-def _check_labels_range(labels: torch.Tensor, ignore_index: int, vocab: int) -> None:
-    """On CPU tensors reading values is free: name the first bad label instead of reading out of bounds."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bad.any():
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"label {int(labels[i])} at row {i} is outside the vocabulary [0, {vocab})")
+def check_label_range(labels: torch.Tensor, ignore_index: int, vocab: int, backend: str) -> None:
+    """Reject labels outside [0, vocab) other than ignore_index before the Triton kernel reads
+    logits[row, label] out of bounds. The C++ op checks its own labels and the torch reference's
+    gather raises, so only the triton backend needs this: on CPU tensors (the interpreter) the
+    first bad label is named; on the GPU a device-side assert (no host sync) stops the step."""
+    if backend != "triton":
+        return
+    if labels.device.type == "cpu":
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"label {int(labels[i])} at row {i} is outside the vocabulary [0, {vocab})")
+    else:
+        assert_labels_in_range(labels, ignore_index, vocab)
+
+
+def assert_labels_in_range(labels: torch.Tensor, ignore_index: int, vocab: int) -> None:
+    """A device-side assert: the labels are ignore_index or in [0, vocab). Asynchronous on CUDA: a bad
+    label fails the step at the next sync (the metrics flush), as a CUDA device-side assert."""
+    ok = ((labels == ignore_index) | ((labels >= 0) & (labels < vocab))).all()
+    torch._assert_async(ok, f"packtune: a label is outside the vocabulary [0, {vocab}) and is not "
+                            f"ignore_index ({ignore_index})")
 
 
 class MaskedCrossEntropy(torch.nn.Module):

@@ -10,7 +10,15 @@ in chunks of `chunk_size` rows, and per chunk:
     dW += dlogits.T @ h_c, db += sum(dlogits)    accumulated in fp32, in chunk order
 
 so peak memory is dW (fp32) + dX + one chunk of logits, and the result is deterministic (a fixed
-chunk order, no atomics). Per-row `weights` (None: all ones) scale each row's loss and dlogits
+chunk order, no atomics). Chunks are sized per device (`default_chunk_size`): on the CPU a logits
+chunk about the size of the hidden states; on a GPU a logits budget of `GPU_LOGITS_BYTES` (1024
+to 4096 rows: 4096 at Llama-3's V = 128256 in bf16), so each chunk's matmuls are large. The dW
+product never forms a [V, H] temporary in the input dtype: on CUDA one cuBLAS addmm reads bf16 /
+fp16 operands and accumulates into the fp32 dW in place (`out_dtype=float32`, `out=dW`); on the
+CPU (or a torch without that addmm overload) the product goes in slabs of `DW_SLAB_ROWS`
+vocabulary rows. fp16 inputs get their
+1/denominator in backward (see `defer_scale` in cross_entropy.py), so loss-scaled fp16 gradients
+do not underflow. Per-row `weights` (None: all ones) scale each row's loss and dlogits
 inside the CE kernel. Backward is a scale of dX, dW, db by grad_output; for reduction="none"
 the per-row grad_output is only known in backward, so there the forward only computes the
 losses and backward recomputes the chunks with the grad_output folded in.
@@ -21,8 +29,13 @@ standalone call without a layout finds them itself: on CPU `nonzero` (reading a 
 free); on GPU a stable sort puts label rows first without a host sync, and the one sync is
 reading their count (under torch.compile all rows are processed instead, keeping shapes static).
 
-FSDP2: pass the lm_head module or its weight. A DTensor weight (an FSDP2-sharded parameter) is
-gathered explicitly with `full_tensor()`, whose backward reduce-scatters dW onto the shards.
+FSDP2: pass the lm_head module or its weight. A DTensor weight (an FSDP2-sharded parameter, e.g.
+an lm_head used outside its module's forward, where FSDP has not unsharded it) is gathered with
+`full_tensor(grad_placements=[Partial()])` and cast to the hidden states' dtype (the compute
+dtype; the sharded parameter is the fp32 master weight under mixed precision). Partial matters:
+each rank's full dW covers only its own rows' loss, and marking it partial makes the backward
+sum the ranks' contributions while it reduce-scatters (a plain `full_tensor()` would hand each
+shard only its own rank's gradient).
 """
 
 from __future__ import annotations
@@ -33,8 +46,10 @@ from packtune.kernels import _dispatch
 from packtune.kernels.cross_entropy import (
     _mark_consumed,
     _row_scale,
+    check_label_range,
     check_options,
     cross_entropy_rows,
+    defer_scale,
     flat_weights,
     masked_cross_entropy_ref,
 )
@@ -42,12 +57,36 @@ from packtune.kernels.packed_layout import PackedLayout
 
 _dispatch.register_op("linear_cross_entropy", ("triton", "cpu", "torch"))
 
+GPU_LOGITS_BYTES = 1 << 30
+"""A GPU chunk's logits buffer stays within this budget (then 1024 <= rows <= 4096, a power of two)."""
+DW_SLAB_ROWS = 4096
+"""On the CPU, dW += dlogits.T @ h goes in slabs of this many vocabulary rows (bounds the temporary)."""
+ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+"""Whether this torch has addmm(..., out_dtype, out=): low-precision operands, an fp32 output (CUDA)."""
 
-def default_chunk_size(n: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk: a logits chunk about the size of the hidden states (so the loss adds about
+
+def default_chunk_size(n: int, hidden: int, vocab: int, device: torch.device | str = "cpu",
+                       itemsize: int = 4) -> int:
+    """Rows per chunk. CPU: a logits chunk about the size of the hidden states (so the loss adds about
     one X to the dX + dW it must return anyway), at least 128 rows: each chunk's dW += product
-    reads and writes all of dW, and thinner chunks made that product measurably slower here."""
+    reads and writes all of dW, and thinner chunks made that product measurably slower there.
+    GPU: the most rows whose logits fit `GPU_LOGITS_BYTES`, a power of two in [1024, 4096], so the
+    three matmuls per chunk are large enough to run near the tensor cores' peak."""
+    if torch.device(device).type == "cuda":
+        rows = max(1, GPU_LOGITS_BYTES // (vocab * itemsize))
+        return min(4096, max(1024, 1 << (rows.bit_length() - 1)))
     return max(128, -(-n * hidden // vocab))
+
+
+def _accumulate_grad_w(grad_w: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (fp32 [V, H]) += dlogits.T @ h, with no [V, H] temporary in the input dtype."""
+    if dlogits.dtype == torch.float32:
+        grad_w.addmm_(dlogits.t(), h)
+    elif grad_w.device.type == "cuda" and ADDMM_OUT_DTYPE:  # cuBLAS: bf16/fp16 in, fp32 accumulate and out
+        torch.addmm(grad_w, dlogits.t(), h, out_dtype=torch.float32, out=grad_w)
+    else:
+        for start in range(0, grad_w.shape[0], DW_SLAB_ROWS):
+            grad_w[start:start + DW_SLAB_ROWS].add_(dlogits[:, start:start + DW_SLAB_ROWS].t() @ h)
 
 
 def _label_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -92,10 +131,7 @@ def _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, option
         if grad_x is not None:
             grad_x.index_copy_(0, idx, dlogits @ weight)
         if grad_w is not None:
-            if dlogits.dtype == torch.float32:
-                grad_w.addmm_(dlogits.t(), h)
-            else:  # the chunk product in the input dtype, the running sum in fp32
-                grad_w.add_(dlogits.t() @ h)
+            _accumulate_grad_w(grad_w, dlogits, h)
         if grad_b is not None:
             grad_b.add_(dlogits.sum(0, dtype=torch.float32))
     return loss, lse, grad_x, grad_w, grad_b
@@ -106,14 +142,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, labels, weights, rows, scale, backend, reduction, options, chunk_size,
                 needs):
         deferred = reduction == "none"  # per-row grad_output: gradients are formed in backward
-        loss, lse, gx, gw, gb = _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, options,
-                                              chunk_size, needs=(False,) * 3 if deferred else needs)
+        # fp16: the chunks' gradients leave out 1/denominator; backward applies it with grad_output.
+        ctx.defer = defer_scale(x.dtype)
+        grad_scale = torch.ones_like(scale) if ctx.defer else scale
+        loss, lse, gx, gw, gb = _chunked_pass(x, weight, bias, labels, weights, rows, grad_scale, backend,
+                                              options, chunk_size, needs=(False,) * 3 if deferred else needs)
         ctx.mark_non_differentiable(lse)
         ctx.meta = (backend, reduction, options, chunk_size, needs, weight.dtype, bias is not None)
         if deferred:
             ctx.save_for_backward(x, weight, bias, labels, weights, rows, scale)
         else:
-            ctx.save_for_backward(gx, gw, gb)
+            ctx.save_for_backward(gx, gw, gb, scale)
         loss = loss * scale if deferred else loss.sum() * scale
         return loss, lse
 
@@ -122,23 +161,33 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         backend, reduction, options, chunk_size, needs, w_dtype, has_bias = ctx.meta
         if reduction == "none":
             x, weight, bias, labels, weights, rows, scale = ctx.saved_tensors
-            _, _, gx, gw, gb = _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, options,
-                                             chunk_size, row_grad=grad_loss, needs=needs)
+            grad_scale, row_grad = scale, grad_loss
+            if ctx.defer:
+                grad_scale, row_grad = torch.ones_like(scale), grad_loss * scale
+            _, _, gx, gw, gb = _chunked_pass(x, weight, bias, labels, weights, rows, grad_scale, backend,
+                                             options, chunk_size, row_grad=row_grad, needs=needs)
         else:
-            gx, gw, gb = ctx.saved_tensors
+            gx, gw, gb, scale = ctx.saved_tensors
             _mark_consumed(ctx)
+            if ctx.defer:
+                grad_loss = grad_loss * scale
             # Reading grad_output is free on CPU: skip the scale when it is 1.
             on_cpu = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
-            if not (on_cpu and grad_loss.item() == 1.0):
+            if ctx.defer or not (on_cpu and grad_loss.item() == 1.0):
                 gx, gw, gb = (None if g is None else g.mul_(grad_loss) for g in (gx, gw, gb))
         gw = None if gw is None else gw.to(w_dtype)
         gb = gb.to(w_dtype) if has_bias and gb is not None else None
         return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
-def _full(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A DTensor (e.g. an FSDP2-sharded parameter) gathered to a full tensor, differentiably."""
-    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+def _full(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A DTensor (e.g. an FSDP2-sharded parameter) gathered to a full tensor of the compute `dtype`,
+    differentiably; its gradient is marked partial, so backward sums the ranks' contributions."""
+    if t is None or not hasattr(t, "full_tensor"):
+        return t
+    from torch.distributed.tensor import Partial
+
+    return t.full_tensor(grad_placements=[Partial()] * t.device_mesh.ndim).to(dtype)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.Module, labels: torch.Tensor,
@@ -160,7 +209,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.M
     if isinstance(weight, torch.nn.Module):
         bias = getattr(weight, "bias", None) if bias is None else bias
         weight = weight.weight
-    weight, bias = _full(weight), _full(bias)
+    weight, bias = _full(weight, hidden.dtype), _full(bias, hidden.dtype)
     _check_linear_args(hidden, weight, bias)
     n_rows, h = hidden.numel() // hidden.shape[-1], hidden.shape[-1]
     if labels.numel() != n_rows:
@@ -171,6 +220,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.M
         backend = "torch"
     check_options(labels, weights, reduction, label_smoothing, softcap)
     flat = labels.reshape(-1).long()
+    check_label_range(flat, ignore_index, weight.shape[0], backend)
     weights = flat_weights(weights, hidden.device)
     if layout is not None and layout.num_tokens != n_rows:
         raise ValueError(f"layout has {layout.num_tokens} tokens, hidden {n_rows} rows")
@@ -184,7 +234,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.M
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    chunk = chunk_size or default_chunk_size(n_rows, h, weight.shape[0])
+    chunk = chunk_size or default_chunk_size(n_rows, h, weight.shape[0], hidden.device, hidden.element_size())
     loss, lse = LinearCrossEntropyFunction.apply(hidden.reshape(n_rows, h), weight, bias, flat, weights, rows,
                                                  scale, backend, reduction, options, chunk, needs)
     if reduction == "none":

@@ -103,8 +103,11 @@ class PackedLayout:
         return self.positions.numel()
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedLayout:
-        """The same layout with its tensors on `device` (the host ints stay)."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)
+        """The same layout with its tensors on `device` (the host ints stay); host -> CUDA copies go
+        through pinned memory, without which `non_blocking=True` copies synchronously."""
+        pin = non_blocking and torch.device(device).type == "cuda"
+        move = lambda t: None if t is None else (t.pin_memory() if pin and t.device.type == "cpu" else t).to(
+            device, non_blocking=non_blocking)
         return replace(self, cu_seqlens=move(self.cu_seqlens), positions=move(self.positions),
                        label_rows=move(self.label_rows))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from packtune.kernels._dispatch import cpu_extension, register_op, resolve_backend
+from packtune.kernels._dispatch import cpu_extension, launch_device, register_op, resolve_backend
 from packtune.kernels._triton import tl, triton
 
 register_op("rms_norm", ("triton", "cpu", "torch"))
@@ -95,8 +95,9 @@ def _triton_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float,
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     if n_rows:
         block = _block(n_cols)
-        _rms_norm_fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                                        offset, BLOCK=block, num_warps=_num_warps(block))
+        with launch_device(x2):
+            _rms_norm_fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps,
+                                            offset, BLOCK=block, num_warps=_num_warps(block))
     return y, rstd
 
 
@@ -108,9 +109,10 @@ def _triton_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, r
     partial = torch.zeros(programs, n_cols, dtype=torch.float32, device=x2.device)
     if n_rows:
         block = _block(n_cols)
-        _rms_norm_bwd_kernel[(programs,)](dy, x2, weight, rstd, dx, partial, dy.stride(0), x2.stride(0),
-                                          dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, programs),
-                                          offset, BLOCK=block, num_warps=_num_warps(block))
+        with launch_device(x2):
+            _rms_norm_bwd_kernel[(programs,)](dy, x2, weight, rstd, dx, partial, dy.stride(0), x2.stride(0),
+                                              dx.stride(0), n_rows, n_cols, triton.cdiv(n_rows, programs),
+                                              offset, BLOCK=block, num_warps=_num_warps(block))
     return dx, partial.sum(0)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from packtune.kernels._dispatch import cpu_extension, register_op, resolve_backend
+from packtune.kernels._dispatch import cpu_extension, launch_device, register_op, resolve_backend
 from packtune.kernels._triton import tl, triton
 from packtune.kernels.packed_layout import PackedLayout
 
@@ -103,11 +103,12 @@ def _triton_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if n_tokens:
-        _rotary_kernel[(n_tokens,)](
-            q, k, qo, ko, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            cos.stride(0), n_qh, k.shape[1], dim // 2, BACKWARD=backward,
-            BLOCK_QH=triton.next_power_of_2(n_qh), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
-            BLOCK_D=triton.next_power_of_2(dim // 2))
+        with launch_device(q):
+            _rotary_kernel[(n_tokens,)](
+                q, k, qo, ko, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                cos.stride(0), n_qh, k.shape[1], dim // 2, BACKWARD=backward,
+                BLOCK_QH=triton.next_power_of_2(n_qh), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
+                BLOCK_D=triton.next_power_of_2(dim // 2))
     return qo, ko
 
 

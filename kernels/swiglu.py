@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from packtune.kernels._dispatch import cpu_extension, register_op, resolve_backend
+from packtune.kernels._dispatch import cpu_extension, launch_device, register_op, resolve_backend
 from packtune.kernels._triton import tl, triton
 
 register_op("swiglu", ("triton", "cpu", "torch"))
@@ -64,7 +64,8 @@ def _grid(n_rows: int, n_cols: int) -> tuple[int, int]:
 def _triton_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if y.numel():
-        _swiglu_fwd_kernel[_grid(*g.shape)](g, u, y, g.stride(0), u.stride(0), g.shape[1], BLOCK=_BLOCK)
+        with launch_device(g):
+            _swiglu_fwd_kernel[_grid(*g.shape)](g, u, y, g.stride(0), u.stride(0), g.shape[1], BLOCK=_BLOCK)
     return y
 
 
@@ -72,8 +73,9 @@ def _triton_backward(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tupl
     dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     if dg.numel():
-        _swiglu_bwd_kernel[_grid(*g.shape)](dy, g, u, dg, du, g.stride(0), u.stride(0), g.shape[1],
-                                            BLOCK=_BLOCK)
+        with launch_device(g):
+            _swiglu_bwd_kernel[_grid(*g.shape)](dy, g, u, dg, du, g.stride(0), u.stride(0), g.shape[1],
+                                                BLOCK=_BLOCK)
     return dg, du
 
 

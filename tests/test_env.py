@@ -1,5 +1,6 @@
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,3 +103,18 @@ def test_an_extension_that_fails_to_load_is_reported_not_hidden(monkeypatch):
         assert "FAILED TO LOAD" in _cpu_ext_line()
     finally:
         _dispatch.cpu_extension.cache_clear()
+
+
+@pytest.mark.parametrize("version", ["2.7.1", "2.5.0+cpu", "1.13.1"])
+def test_torch_below_the_floor_fails_at_import_with_a_clear_message(version):
+    import packtune
+
+    with pytest.raises(ImportError, match=r"packtune needs torch>=2\.8 .* has torch " + re.escape(version)):
+        packtune.check_torch(version)
+
+
+@pytest.mark.parametrize("version", ["2.8.0", "2.11.0+cu128", "2.12.0a0+git1234", "3.0.0"])
+def test_torch_at_or_above_the_floor_imports(version):
+    import packtune
+
+    packtune.check_torch(version)

@@ -193,9 +193,15 @@ class PaddedBatch(PackedBatch):
 
 
 def _move(value, device, non_blocking):
-    if isinstance(value, (torch.Tensor, PackedLayout)):
+    """A field copied to `device`; host -> CUDA tensor copies go through pinned memory, without which
+    `non_blocking=True` is a synchronous copy from pageable memory (PackedLayout.to pins its own)."""
+    if isinstance(value, PackedLayout):
         return value.to(device, non_blocking=non_blocking)
-    return value
+    if not isinstance(value, torch.Tensor):
+        return value
+    if non_blocking and value.device.type == "cpu" and torch.device(device).type == "cuda":
+        value = value.pin_memory()
+    return value.to(device, non_blocking=non_blocking)
 
 
 def check_loss_weighting(weighting: str) -> None:
