@@ -190,3 +190,26 @@ def test_a_mismatch_with_the_reference_names_the_row_and_the_token():
                 r"reference \(the whole text encoded in one piece\) has")
     with pytest.raises(DataError, match=expected):
         check_samples(tok, tok.path, [("data.jsonl:7", None, rendered, wrong)], fmt.encoder.find_controls)
+
+
+def test_generation_tags_give_the_masks(tmp_path):
+    """A template with {% generation %} blocks: the blocks are the trained spans, and the ids equal
+    the rendering encoded by the tokenizer (the marks leave no trace in the text)."""
+    import json
+    import shutil
+
+    folder = real_path("tokenizers", "qwen3")
+    shutil.copy(folder / "tokenizer.json", tmp_path / "tokenizer.json")
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+                "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}{% else %}{{ m.content }}"
+                "<|im_end|>{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                "{% endif %}")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    tok = load_tokenizer(tmp_path)
+    _, (rendered,), (row,) = encode(tok, "auto", MULTI[1:])
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    expected = reference.apply_chat_template(as_dicts(MULTI[1:]), tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True)
+    assert row.ids == list(expected["input_ids"])
+    assert [int(m) for m in row.mask] == list(expected["assistant_masks"])
