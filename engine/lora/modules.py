@@ -44,6 +44,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B)
 
+    @property
+    def draws_random(self) -> bool:
+        """Its forward draws dropout seeds (activation checkpointing must replay them)."""
+        return self.dropout > 0
+
     def lora_args(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         return self.weight, self.bias, self.lora_A, self.lora_B
 
