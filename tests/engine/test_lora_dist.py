@@ -72,7 +72,8 @@ def test_two_fsdp_ranks_equal_one_process_with_lora(tmp_path):
     for name, value in reference.items():
         torch.testing.assert_close(exported[name], value.detach(), rtol=0, atol=1e-5, msg=name)
 
-    resumed_model, _ = load_model(str(model_dir), torch.float32, d, lora_preparer(cfg, d.device, sharded=False))
+    prepare = lora_preparer(cfg, d.device, sharded=False)
+    resumed_model, _ = load_model(str(model_dir), torch.float32, d, prepare)
     resumed = Trainer(config(tmp_path / "fsdp"), resumed_model, ListSampler(global_steps("token")), d)
     assert resumed.resume().name == f"step_{STEPS:08d}"
     for name, value in resumed.model.named_parameters():

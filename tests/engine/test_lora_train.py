@@ -4,6 +4,7 @@ packtune's logits and a merged model that transformers loads; QLoRA (NF4 base) t
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,13 +34,19 @@ def hf_model_dir(name: str, directory: Path) -> Path:
     return directory
 
 
+def with_tokenizer(model_dir: Path, tokenizer: Path) -> Path:
+    shutil.copyfile(tokenizer, model_dir / "tokenizer.model")
+    return model_dir
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
+    tokenizer = trained_tokenizers(tmp_path_factory)["sp"]
     return {
-        "llama": hf_model_dir("llama3_gqa", root / "llama"),
-        "qwen2": hf_model_dir("qwen2", root / "qwen2"),
-        "tokenizer": trained_tokenizers(tmp_path_factory)["sp"],
+        "llama": with_tokenizer(hf_model_dir("llama3_gqa", root / "llama"), tokenizer),
+        "qwen2": with_tokenizer(hf_model_dir("qwen2", root / "qwen2"), tokenizer),
+        "tokenizer": tokenizer,
         "alpaca": write_jsonl(root / "alpaca.jsonl", alpaca_rows(48, max_words=20)),
     }
 
@@ -65,7 +72,7 @@ def run(*args):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_lora_run_resumes_identically_and_exports_for_peft(tmp_path, assets, family):
+def test_lora_run_resumes_identically_and_exports_for_peft(tmp_path, assets, family, capsys):
     reference = run("cli", *argv(assets, family, tmp_path / "a"))
     assert reference.returncode == 0, reference.stderr
     assert "lora: rank 8" in reference.stdout and "trainable" in reference.stdout
@@ -98,6 +105,19 @@ def test_lora_run_resumes_identically_and_exports_for_peft(tmp_path, assets, fam
         scale = expected_logits.abs().max().item()
         for logits in (peft_model(input_ids=ids).logits, merged.eval()(input_ids=ids).logits):
             torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5 * scale)
+
+    # `packtune merge` afterwards writes what the run's merged export wrote
+    assert main(["merge", str(assets[family]), str(out / "final"), str(tmp_path / "merged")]) == 0
+    merged_again = load_pretrained(tmp_path / "merged").state_dict()
+    for name, value in load_pretrained(out / "final-merged").state_dict().items():
+        torch.testing.assert_close(merged_again[name], value, rtol=0, atol=1e-6, msg=name)
+    # `generate --adapter` continues like the merged model
+    gen = ["generate", "--prompt", "the quick", "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert main([*gen, "--model", str(assets[family]), "--adapter", str(out / "final")]) == 0
+    assert main([*gen, "--model", str(out / "final-merged")]) == 0
+    with_adapter, merged_text = capsys.readouterr().out.splitlines()[-2:]
+    assert with_adapter == merged_text
 
 
 def test_qlora_run_trains_and_reports_base_memory(tmp_path, assets, capsys):
