@@ -1,0 +1,15 @@
+"""The LoRA benchmark's steps run at tiny shapes (eager PEFT and packtune; compile is slow)."""
+
+import pytest
+
+from packtune.bench import lora
+
+pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("impl", ["peft", "packtune"])
+@pytest.mark.parametrize("op", ["linear", "mlp"])
+def test_bench_lora_step_runs(impl, op):
+    step = lora.make_step(impl, {"op": op, "T": 6, "hidden": 16, "inter": 40, "rank": 4}, "float32", "cpu")
+    step()
+    step()
