@@ -29,9 +29,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args(argv)
     spec = LoRASpec(args.rank, 2.0 * args.rank)
-    print(f"packtune bench lora-memory: Llama-7B shapes / {args.scale}, {args.layers} layers, rank {args.rank}, "
-          "all-linear")
-    print(f"{'base storage':<14}{'linears MiB':>13}{'all frozen MiB':>16}{'vs bf16':>9}{'trainable':>22}")
+    print(f"packtune bench lora-memory: Llama-7B shapes / {args.scale}, {args.layers} layers, "
+          f"rank {args.rank}, all-linear")
+    print(f"{'base storage':<14}{'linears MiB':>13}{'all frozen MiB':>16}{'vs bf16':>9}  trainable of total")
     linear_bf16 = None
     for storage in (torch.bfloat16, torch.float32, "nf4"):
         model = _model(args.layers, args.scale)
@@ -42,4 +42,4 @@ def main(argv: list[str]) -> None:
         name = storage if isinstance(storage, str) else str(storage).removeprefix("torch.")
         ratio = f"{linears / linear_bf16:.3f}" if linear_bf16 else "-"
         print(f"{name:<14}{linears / 2**20:>13.1f}{base_bytes(model) / 2**20:>16.1f}{ratio:>9}"
-              f"{f'{trainable:,} of {total:,}':>22}")
+              f"  {trainable:,} of {total:,}")
