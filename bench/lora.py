@@ -87,7 +87,8 @@ def make_step(impl: str, shape: dict, dtype: str, device: str):
 def main(argv: list[str]) -> None:
     parser = harness.bench_parser("lora", __doc__)
     parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--scale", type=int, default=4, help="divide Llama-7B's hidden and intermediate sizes")
+    parser.add_argument("--scale", type=int, default=4,
+                        help="divide Llama-7B's hidden and intermediate sizes")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--ops", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
     args = parser.parse_args(argv)
