@@ -84,6 +84,27 @@ def make_step(impl: str, shape: dict, dtype: str, device: str):
     return step
 
 
+def saved_bytes(impl: str, shape: dict, dtype: str = "float32", device: str = "cpu") -> int:
+    """Bytes the forward keeps for the backward (autograd's saved tensors, each storage counted
+    once, the frozen weights and the input excluded): the activation memory a layer holds
+    between its forward and backward in a model."""
+    dt = getattr(torch, dtype)
+    module = _module("packtune" if impl == "packtune" else "peft", shape, dt, device)
+    x = torch.randn(shape["T"], shape["hidden"], device=device, dtype=dt, requires_grad=True)
+    known = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in known:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
 def main(argv: list[str]) -> None:
     parser = harness.bench_parser("lora", __doc__)
     parser.add_argument("--tokens", type=int, default=1024)
@@ -96,3 +117,8 @@ def main(argv: list[str]) -> None:
     shapes = [{"op": op, "T": args.tokens, "hidden": hidden, "inter": inter, "rank": rank}
               for op in args.ops for rank in args.ranks]
     harness.run_table("lora", "packtune.bench.lora:make_step", IMPLS, shapes, "peft", args)
+    print("activations saved for the backward (what each layer holds until its backward runs):")
+    for shape in shapes:
+        peft_bytes, ours = saved_bytes("peft", shape, args.dtype), saved_bytes("packtune", shape, args.dtype)
+        print(f"  {shape['op']:<7}rank {shape['rank']:<4}peft {peft_bytes / 2**20:8.1f} MiB   "
+              f"packtune {ours / 2**20:8.1f} MiB   ({ours / peft_bytes:.2f}x)")
