@@ -53,7 +53,9 @@ class LoRALinear(nn.Module):
         return self.weight, self.bias, self.lora_A, self.lora_B
 
     def active_dropout(self) -> float:
-        return self.dropout if self.training else 0.0
+        """Dropout applies in training forwards that build a graph: not in eval mode, and not in
+        the trainer's gradient-free held-out evaluation (which would also consume the RNG)."""
+        return self.dropout if self.training and torch.is_grad_enabled() else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.active_dropout()
