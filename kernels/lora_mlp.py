@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from packtune.kernels.lora import dense_weight, dropout_mask
+from packtune.kernels.lora import dense_weight, dropout_mask, lora_linear_ref
 from packtune.kernels.swiglu import swiglu_backward, swiglu_forward, swiglu_ref
 
 __all__ = ["LoRAMLPFunction", "lora_mlp", "lora_mlp_ref"]
@@ -25,8 +25,6 @@ LoRAWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tenso
 
 
 def _linear_ref(x: torch.Tensor, lin: LoRAWeights, scale: float, p: float, seed: int) -> torch.Tensor:
-    from packtune.kernels.lora import lora_linear_ref
-
     return lora_linear_ref(x, *lin, scale, p, seed)
 
 

@@ -38,9 +38,6 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
         w = dense_weight(state[f"{name}.weight"], torch.float32)
         a, b = state[f"{name}.lora_A"].float(), state[f"{name}.lora_B"].float()
         merged[f"{name}.weight"] = w + module.scale * (b @ a)
-    for name, t in merged.items():
-        if hasattr(t, "get_original_weight"):  # an untargeted NF4 tensor cannot occur, but be plain
-            merged[name] = dense_weight(t, torch.float32)
     return merged
 
 
