@@ -31,8 +31,11 @@ from packtune.bench.e2e_common import (
     read_jsonl,
 )
 
-IMPLS = ("packtune", "trl-padding", "trl-packing")
-BASELINES = ("trl-padding", "trl-packing")
+IMPLS = ("packtune", "trl-padding", "trl-packing", "packtune-lora", "trl-lora")
+DEFAULT_IMPLS = ("packtune", "trl-padding", "trl-packing")
+BASELINES = ("trl-padding", "trl-packing", "trl-lora")
+LORA_RANK = 16
+"""LoRA sides: rank 16, alpha 32, all linear layers, no dropout; judged on the merged model."""
 TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
                     "legacy": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                     "pad_token": "<pad>"}
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="packtune bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", choices=sorted(MODELS),
                    help="model config(s) to run (repeatable; default: small)")
-    p.add_argument("--impl", action="append", choices=IMPLS, help="sides to run (repeatable; default: all)")
+    p.add_argument("--impl", action="append", choices=IMPLS,
+                   help="sides to run (repeatable; default: the full fine-tuning ones, packtune and TRL)")
     p.add_argument("--tokens", type=int, default=24_000,
                    help="train on the first rows holding about this many tokens (prompt + answer)")
     p.add_argument("--step-tokens", type=int, default=4096,
@@ -116,14 +120,16 @@ def _init_model(init_dir: Path, name: str, tokenizer_model: Path, seed: int) -> 
 def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     """One side's run, in this process (the worker calls it)."""
     _set_threads(spec["threads"])
-    if spec["impl"] == "packtune":
+    lora = {"lora_rank": LORA_RANK} if spec["impl"].endswith("-lora") else {}
+    if spec["impl"].startswith("packtune"):
         from packtune.bench import e2e_packtune
 
-        result = e2e_packtune.run(spec)
+        result = e2e_packtune.run({**spec, **lora})
     else:
         from packtune.bench import e2e_trl
 
-        result = e2e_trl.run({**spec, "mode": spec["impl"].removeprefix("trl-")})
+        mode = "packing" if lora else spec["impl"].removeprefix("trl-")
+        result = e2e_trl.run({**spec, **lora, "mode": mode})
     result["heldout_loss"] = heldout_loss(result["model_dir"], read_jsonl(spec["heldout"]))
     return result
 
@@ -163,7 +169,7 @@ def plan(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     models = args.model or ["small"]
-    impls = args.impl or list(IMPLS)
+    impls = args.impl or list(DEFAULT_IMPLS)
     meta = prepare(args, models)
     shape = plan(args, meta)
     _set_threads(args.threads)

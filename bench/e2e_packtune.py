@@ -37,6 +37,9 @@ def config(spec: dict[str, Any]):
     t.resume = "never"
     t.device = "cpu"
     t.log_every = 1
+    if spec.get("lora_rank"):
+        cfg.lora.rank, cfg.lora.alpha = spec["lora_rank"], 2.0 * spec["lora_rank"]
+        t.export = "merged"  # the judge scores a Hugging Face model directory
     return cfg
 
 
@@ -50,6 +53,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from packtune.bench.e2e_common import read_jsonl
     from packtune.demo.mix import write_jsonl
     from packtune.launch import build_samplers, check_config, export_model, load_model, model_dtype
+    from packtune.lora.training import lora_preparer
     from packtune.parallel import init_distributed, shutdown
     from packtune.train import Trainer
 
@@ -61,7 +65,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     d = init_distributed(cfg.train.device)
     try:
         sampler, _ = build_samplers(cfg, d)
-        model, load_weights = load_model(cfg.model.path, model_dtype(cfg.model.dtype), d)
+        prepare = lora_preparer(cfg, d.device, sharded=d.mesh is not None)
+        model, load_weights = load_model(cfg.model.path, model_dtype(cfg.model.dtype), d, prepare)
         trainer = Trainer(cfg.train, model, sampler, d, flops_per_token=model.args.num_flops_per_token,
                           load_weights=load_weights)
         reset_peak_rss()

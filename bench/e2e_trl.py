@@ -6,7 +6,8 @@ Stanford Alpaca recipe's layout) and `packing` (`packing_strategy="bfd"`, which 
 padding-free with per-sample `position_ids`; on CPU transformers turns those into a
 block-diagonal SDPA mask, so no sample attends to another). Both in fp32 without activation
 checkpointing, as packtune runs on CPU: TRL's defaults (bf16 autocast, gradient checkpointing)
-would make it several times slower here, which is not the comparison a user asks for.
+would make it several times slower here, which is not the comparison a user asks for. With
+`lora_rank`, TRL trains a PEFT LoRA adapter (`peft_config`) and the merged model is saved.
 """
 
 from __future__ import annotations
@@ -70,8 +71,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    peft_config = None
+    if spec.get("lora_rank"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec["lora_rank"], lora_alpha=2 * spec["lora_rank"], lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=_dataset(spec["data"], spec["rows"]),
-                         processing_class=tokenizer)
+                         processing_class=tokenizer, peft_config=peft_config)
     columns = trainer.train_dataset
     real_tokens = sum(sum(1 for _ in ids) for ids in columns["input_ids"])
     label_tokens = sum(sum(1 for t in labels if t != -100) for labels in columns["labels"])
@@ -82,7 +89,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     peak = peak_rss_since_reset()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    trainer.save_model(spec["out_dir"])
+    if peft_config is not None:
+        trainer.model.merge_and_unload().save_pretrained(spec["out_dir"])
+        tokenizer.save_pretrained(spec["out_dir"])
+    else:
+        trainer.save_model(spec["out_dir"])
     Path(spec["out_dir"], "log_history.json").write_text(json.dumps(trainer.state.log_history))
     return {"train_s": seconds, "steps": trainer.state.global_step, "samples": samples,
             "real_tokens": real_tokens, "label_tokens": label_tokens, "peak_bytes": peak,

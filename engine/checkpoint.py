@@ -1,8 +1,9 @@
 """Resumable training checkpoints with PyTorch distributed checkpoint (DCP).
 
-Layout: `<output_dir>/checkpoints/step_00000120/` holds the DCP files (model and optimizer
-tensors, each rank writing its own shards, reshardable on load) plus `extra_rank<r>.pt`
-(per-rank plain state: step, scheduler, sampler position, RNG, optimizer hyper-parameters).
+Layout: `<output_dir>/checkpoints/step_00000120/` holds the DCP files (the trainable model and
+optimizer tensors, each rank writing its own shards, reshardable on load; a LoRA run's frozen
+base is not saved) plus `extra_rank<r>.pt` (per-rank plain state: step, scheduler, sampler
+position, RNG, optimizer hyper-parameters).
 A checkpoint is written into `step_XXXXXXXX.tmp` and renamed once every rank has finished, so
 a directory without the suffix is always complete; a run killed mid-write leaves only a
 `.tmp` directory, which `latest_checkpoint` ignores and the next save deletes.
@@ -27,7 +28,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from packtune.parallel import Dist
 
@@ -94,9 +95,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _state_options(model: nn.Module) -> StateDictOptions:
+    """Frozen parameters (a LoRA run's base) are not saved: they are reloaded from the base model."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+
+
 def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
     """DCP gets only tensors; the optimizer's hyper-parameters travel in the extra file."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options(model))
+    # ignore_frozen_params misses a second name of a shared frozen weight (a tied lm_head)
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    model_sd = {name: t for name, t in model_sd.items() if name not in frozen}
     as_list = lambda v: list(v) if isinstance(v, tuple) else v
     groups = [{k: as_list(v) for k, v in group.items()} for group in optim_sd["param_groups"]]
     return {"model": model_sd, "optim": {"state": optim_sd["state"]}}, groups
@@ -158,7 +168,8 @@ def load_checkpoint(
     with _single_process_quiet(d):
         dcp.load(tensors, storage_reader=reader, no_dist=d.mesh is None)
     optim_sd = {"state": tensors["optim"]["state"], "param_groups": extra["param_groups"]}
-    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_sd)
+    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_sd,
+                   options=_state_options(model))
     _set_rng_state(extra["rng"], d)
     return extra
 

@@ -103,11 +103,28 @@ def _generate(args: argparse.Namespace) -> int:
             dtype=dtype,
             device=args.device,
             template=template,
+            adapter=args.adapter,
         )
     except (CheckpointError, DataError, FileNotFoundError, RuntimeError) as e:
         print(f"packtune generate: {e}", file=sys.stderr)
         return 2
     print(text)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from packtune.lora import merge_adapter
+    from packtune.model.hf_io import CheckpointError
+
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:
+        out = merge_adapter(args.base, args.adapter, args.out, dtype)
+    except CheckpointError as e:
+        print(f"packtune merge: {e}", file=sys.stderr)
+        return 2
+    print(f"merged model: {out}")
     return 0
 
 
@@ -198,7 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    gen.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply to the model")
     gen.set_defaults(func=_generate)
+    merge = sub.add_parser("merge",
+                           help="merge a PEFT LoRA adapter into its base: a Hugging Face model directory")
+    merge.add_argument("base", help="the base model directory")
+    merge.add_argument("adapter",
+                       help="the adapter directory (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("out", help="the merged model directory to write (atomically)")
+    merge.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: the base checkpoint's dtype")
+    merge.set_defaults(func=_merge)
     train = sub.add_parser(
         "train", help="fine-tune a model (also under torchrun --nproc_per_node N -m packtune train ...)"
     )

@@ -143,8 +143,10 @@ class TrainConfig:
     """Recompute each decoder block in the backward pass instead of storing its activations."""
     compile: bool = False
     """torch.compile each decoder block."""
-    export: bool = True
-    """Write the final model as a Hugging Face directory `<output_dir>/final`."""
+    export: bool | str = True
+    """Write the final model: true writes `<output_dir>/final` (a Hugging Face model directory; with
+    [lora] a PEFT adapter), false nothing. LoRA runs also take "adapter" (final/), "merged" (the
+    merged model in Hugging Face format, final-merged/) or "both"."""
     overwrite: bool = False
     """Start a new run even if output_dir holds a run (finished or not) or other files: they are
     first moved aside to `<output_dir>.replaced-<time>`, never deleted (also `--overwrite`)."""
@@ -156,10 +158,32 @@ class TrainConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA / QLoRA: train low-rank adapters on a frozen base (see packtune.lora)."""
+
+    rank: int = 0
+    """Adapter rank r; 0 (or no [lora] table): full fine-tuning."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input only, in [0, 1)."""
+    targets: str | list[str] = "all-linear"
+    """all-linear, or a list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(rank)."""
+    base_dtype: str = "auto"
+    """The frozen base's storage: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, or nf4 (QLoRA:
+    4-bit NormalFloat through torchao, the `qlora` extra)."""
+    init_from: str = ""
+    """A PEFT adapter directory to continue training from (its rank, alpha and targets must match)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -17,6 +17,7 @@ import torch
 from packtune.config import Config, ConfigError
 from packtune.data.packing import LOSS_WEIGHTINGS, PACKING_STRATEGIES
 from packtune.data.sources import resolve_sources
+from packtune.lora.training import check_lora_run, lora_preparer, lora_summary
 from packtune.parallel import Dist
 from packtune.reporters import check_reporters
 
@@ -64,6 +65,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("model.dtype = 'float16' cannot train here: fp16 gradients need loss scaling, "
                           "which packtune does not do; use 'bfloat16' (bf16 compute, fp32 master weights)")
     check_model_config(cfg.model.path)
+    check_lora_run(cfg)
 
 
 def check_model_config(path: str) -> None:
@@ -123,25 +125,40 @@ def export_dtype(cfg: Config, model) -> torch.dtype | None:
 
 
 def export_model(trainer, cfg: Config) -> Path | None:
-    """Gather the full weights on rank 0 and write `<output_dir>/final` as a Hugging Face directory."""
+    """Gather the full weights on rank 0 and write `<output_dir>/final` as a Hugging Face directory
+    (a LoRA run: the PEFT adapter and/or the merged model, as `train.export` says)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from packtune.model.hf_io import save_pretrained
+    from packtune.lora.training import lora_enabled
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(trainer.module, options=options)
     if not trainer.d.is_main:
         return None
     state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
-    path = Path(cfg.train.output_dir) / "final"
+    output_dir = Path(cfg.train.output_dir)
+    write = lambda tensors, path: _write_model(trainer.model, tensors, path, cfg)
+    if lora_enabled(cfg):
+        from packtune.lora.apply import LoRASpec
+        from packtune.lora.export import export_lora, export_mode
+
+        return export_lora(trainer.model, LoRASpec.from_config(cfg.lora), state, output_dir,
+                           export_mode(cfg.train.export), str(Path(cfg.model.path).resolve()), write)
+    write(state, output_dir / "final")
+    return output_dir / "final"
+
+
+def _write_model(model, state: dict, path: Path, cfg: Config) -> None:
+    """A Hugging Face model directory with the run's tokenizer files."""
+    from packtune.model.hf_io import save_pretrained
+
     tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
     folder_files = sorted(tokenizer.glob("tokenizer*")) if tokenizer and tokenizer.is_dir() else []
-    save_pretrained(trainer.model, path, tokenizer_files=folder_files, state_dict=state,
-                    dtype=export_dtype(cfg, trainer.model))
+    save_pretrained(model, path, tokenizer_files=folder_files, state_dict=state,
+                    dtype=export_dtype(cfg, model))
     if tokenizer is not None and tokenizer.is_file():  # under the name loaders look for
         name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
         shutil.copyfile(tokenizer, path / name)
-    return path
 
 
 def run_training(cfg: Config) -> Path | None:
@@ -176,7 +193,10 @@ def run_training(cfg: Config) -> Path | None:
         reporters = open_reporters(cfg, plan.output_dir) if d.is_main else []
         torch.manual_seed(cfg.train.seed)
         sampler, eval_sampler = build_samplers(cfg, d)
-        model, load_weights = load_model(cfg.model.path, torch.float32, d)
+        prepare = lora_preparer(cfg, d.device, sharded=d.mesh is not None)
+        model, load_weights = load_model(cfg.model.path, torch.float32, d, prepare)
+        if prepare is not None and d.is_main:
+            print(lora_summary(cfg, model, d.device), flush=True)
         for s in (sampler, eval_sampler):
             if s is not None:
                 check_token_ids(s.rows.dataset, model.args.vocab_size, cfg.data.tokenizer or cfg.model.path)
@@ -216,8 +236,10 @@ def check_token_ids(dataset, vocab_size: int, tokenizer: str) -> None:
                           "own tokenizer (data.tokenizer) or resize its embeddings")
 
 
-def load_model(path: str, dtype: torch.dtype, d: Dist):
-    """The model to train and, when sharding, the function that fills its shards.
+def load_model(path: str, dtype: torch.dtype, d: Dist, prepare=None):
+    """The model to train and, when sharding, the function that fills its shards; `prepare`
+    (e.g. adding LoRA adapters) is applied to the loaded model, or to both the meta model and
+    rank 0's full copy.
 
     One process: load the checkpoint directly. Several ranks: every rank builds the model on
     the meta device (no memory), the Trainer shards it and allocates only the local shards, and
@@ -232,18 +254,24 @@ def load_model(path: str, dtype: torch.dtype, d: Dist):
 
     try:
         if d.mesh is None:
-            return load_pretrained(path, dtype=dtype), None
+            model = load_pretrained(path, dtype=dtype)
+            return (model if prepare is None else prepare(model)), None
         args = ModelArgs.from_file(path)
     except CheckpointError as e:
         raise ConfigError(f"model.path: {e}") from None
     with torch.device("meta"):
         model = LlamaForCausalLM(args).to(dtype)
     model.source_dir = Path(path)
+    if prepare is not None:
+        model = prepare(model)
 
     def load_weights(module: torch.nn.Module) -> None:
         full = {}
         if d.is_main:
-            full = {f"model.{k}": v for k, v in load_pretrained(path, dtype=dtype).state_dict().items()}
+            loaded = load_pretrained(path, dtype=dtype)
+            if prepare is not None:
+                loaded = prepare(loaded)
+            full = {f"model.{k}": v for k, v in loaded.state_dict().items()}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(module, full, options=options)
 

@@ -96,6 +96,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile_blocks: bool = False,
     mixed_precision: bool | None = None,
+    preserve_rng_state: bool = False,
 ) -> nn.Module:
     """Wrap `blocks` (a ModuleList inside `root`) in place and shard `root`; returns `root`.
 
@@ -104,12 +105,14 @@ def parallelize(
     size is switched off on every FSDP unit (sum-only collectives, so gloo works too).
     `mixed_precision` defaults to True on CUDA: parameters gathered in bf16, gradients reduced
     in fp32, the sharded fp32 parameters kept as master weights for the optimizer.
+    `preserve_rng_state`: blocks that draw random numbers (LoRA dropout) replay the same draws
+    when activation checkpointing recomputes them.
     """
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         for i, block in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=preserve_rng_state)
     if compile_blocks:
         for block in blocks:
             block.compile(fullgraph=False)

@@ -31,9 +31,10 @@ from typing import Any
 from packtune.config import Config, ConfigError, dump_config, load_config
 
 RUN_FILES = frozenset(
-    {"config.toml", "run.json", "metrics.jsonl", "checkpoints", "final", "tensorboard", "wandb"}
+    {"config.toml", "run.json", "metrics.jsonl", "checkpoints", "final", "final-merged", "tensorboard",
+     "wandb"}
 )
-_TEMP_PREFIXES = (".write-test-", ".final.", ".run.json.", ".config.toml.")
+_TEMP_PREFIXES = (".write-test-", ".final.", ".final-merged.", ".run.json.", ".config.toml.")
 # Keys that change how a run is executed or logged, not what it trains: a resume may change them.
 _RESUMABLE_KEYS = frozenset({
     "train.resume", "train.overwrite", "train.log_every", "train.save_every", "train.keep_checkpoints",

@@ -117,6 +117,7 @@ class Trainer:
             activation_checkpointing=cfg.activation_checkpointing,
             compile_blocks=cfg.compile,
             mixed_precision=mixed_precision,
+            preserve_rng_state=any(getattr(m, "draws_random", False) for m in model.modules()),
         )
         self.model = model
         if any(p.is_meta for p in self.module.parameters()):

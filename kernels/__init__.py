@@ -9,6 +9,8 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
         buckets (any device); `varlen_attention_ref` (SDPA per sample) is the reference
     PackedLayout, shift_labels
         the packed-batch contract every op above reads (plain PyTorch/numpy, built on the host)
+    lora_linear, lora_mlp
+        autograd Functions over BLAS GEMMs on every device (no Triton yet), beside their references
 """
 
 from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
@@ -16,6 +18,8 @@ from packtune.kernels.attention import varlen_attention, varlen_attention_ref
 from packtune.kernels.cross_entropy import MaskedCrossEntropy, masked_cross_entropy, masked_cross_entropy_ref
 from packtune.kernels.geglu import geglu, geglu_ref
 from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
+from packtune.kernels.lora import lora_linear, lora_linear_ref
+from packtune.kernels.lora_mlp import lora_mlp, lora_mlp_ref
 from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
 from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
 from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
@@ -33,6 +37,10 @@ __all__ = [
     "MaskedCrossEntropy",
     "linear_cross_entropy",
     "LinearCrossEntropy",
+    "lora_linear",
+    "lora_linear_ref",
+    "lora_mlp",
+    "lora_mlp_ref",
     "rotary",
     "rotary_ref",
     "rope_cos_sin",

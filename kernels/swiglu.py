@@ -109,6 +109,27 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
+def _raw_backend(t: torch.Tensor) -> str:
+    backend = resolve_backend("swiglu", t.device)
+    return "torch" if backend == "cpu" and t.dtype == torch.float64 else backend
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up on [N, C] rows without autograd, for fused callers (the LoRA MLP)."""
+    backend = _raw_backend(gate)
+    return swiglu_ref(gate, up) if backend == "torch" else _IMPLS[backend][0](gate, up)
+
+
+def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) of silu(gate) * up on [N, C] rows (see the module docstring for the formulas)."""
+    backend = _raw_backend(gate)
+    if backend != "torch":
+        return _IMPLS[backend][1](dy.contiguous(), gate, up)
+    s = torch.sigmoid(gate)
+    return dy * up * s * (1 + gate * (1 - s)), dy * gate * s
+
+
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:

@@ -113,8 +113,18 @@ def apply_packtune(
 
     Call it before building the Trainer (which inspects `model.forward` once). Returns a handle;
     `handle.undo()` or `remove_packtune(model)` restores the original forwards.
+
+    A PEFT-wrapped model (`get_peft_model`, as TRL builds for LoRA) is patched inside: its
+    transformers model gets the new forwards, the LoRA layers stay PEFT's and are called as
+    before, and the handle is found through the wrapper (`remove_packtune(peft_model)`).
     """
+    model = _unwrap_peft(model)
     family = _family(model)
+    if fused_loss and type(model.lm_head) is not nn.Linear:
+        raise UnsupportedModelError(
+            f"apply_packtune(fused_loss=True): lm_head is a {type(model.lm_head).__name__} (an adapter on "
+            "the LM head?), whose extra terms the fused loss would skip; pass fused_loss=False"
+        )
     if getattr(model, "_packtune_handle", None) is not None:
         raise RuntimeError("apply_packtune: already applied to this model; call remove_packtune(model) first")
     options = PacktuneOptions(fused_loss, rms_norm, swiglu, rotary, packed)
@@ -174,15 +184,18 @@ def remove_packtune(model: nn.Module) -> None:
         handle.undo()
 
 
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT PeftModel (itself when not wrapped)."""
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
 def _family(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in SUPPORTED or not type(model).__module__.startswith("transformers.models."):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        hint = (
-            " (a PEFT wrapper? apply it to model.get_base_model())"
-            if hasattr(model, "get_base_model")
-            else ""
-        )
+        hint = ""
         raise UnsupportedModelError(
             f"apply_packtune: {name} (model_type={model_type!r}) is not supported{hint}; supported are "
             f"transformers' {', '.join(SUPPORTED)}. Nothing was changed."

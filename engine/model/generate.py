@@ -109,13 +109,20 @@ def generate_text(
     dtype: torch.dtype | None = None,
     device: str | None = None,
     template: str = "raw",
+    adapter: str | Path | None = None,
 ) -> str:
     """Load `model_dir` and return the decoded continuation of `prompt`: as given (`raw`), or asked
-    as a user turn in `template` (`auto`: the model's chat template), tokenized as in training."""
+    as a user turn in `template` (`auto`: the model's chat template), tokenized as in training.
+    `adapter`: a PEFT LoRA adapter directory applied on top of the model."""
     from packtune.model.hf_io import load_pretrained
 
     model_dir = Path(model_dir)
     model = load_pretrained(model_dir, dtype=dtype, device=device)
+    if adapter:
+        from packtune.lora.peft_format import load_adapter_into
+
+        load_adapter_into(model, adapter)
+        model.eval()
     if template == "raw":
         encode, decode = _tokenizer(model_dir)
         eos = _eos_ids(model_dir, model)

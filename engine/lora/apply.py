@@ -1,0 +1,169 @@
+"""Turn a packtune causal LM into a LoRA model: freeze it, swap the targeted linears for LoRALinear.
+
+The decoder's linears are replaced in place (`self_attn.q_proj`, ..., `mlp.down_proj`); a layer
+whose three MLP projections are all targeted gets a `LoRAMLP` (the fused kernel) in place of its
+MLP. Every base parameter is frozen (embeddings, norms and lm_head too) and stored in the base
+dtype (bf16, fp32 or NF4); only `lora_A` / `lora_B` train, in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from packtune.config import ConfigError, LoRAConfig, _suggest
+from packtune.lora.modules import LoRALinear, LoRAMLP
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+BASE_DTYPES = ("auto", "float32", "bfloat16", "nf4")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What adapters to add: rank, scaling, dropout and the targeted projection names."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ALL_TARGETS
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @classmethod
+    def from_config(cls, cfg: LoRAConfig) -> LoRASpec:
+        check_lora_config(cfg)
+        return cls(cfg.rank, cfg.alpha, cfg.dropout, resolve_targets(cfg.targets), cfg.rslora)
+
+
+def resolve_targets(targets: str | list[str]) -> tuple[str, ...]:
+    """`all-linear` or a list of projection names -> the names, in the model's order."""
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            raise ConfigError(f"lora.targets must be \"all-linear\" or a list of {', '.join(ALL_TARGETS)}, "
+                              f"got {targets!r}")
+        return ALL_TARGETS
+    for name in targets:
+        if name not in ALL_TARGETS:
+            raise ConfigError(f"lora.targets: unknown projection {name!r}{_suggest(name, list(ALL_TARGETS))}")
+    if not targets:
+        raise ConfigError("lora.targets is empty; use \"all-linear\" or name the projections")
+    return tuple(name for name in ALL_TARGETS if name in targets)
+
+
+def check_lora_config(cfg: LoRAConfig) -> None:
+    """Raise ConfigError for impossible [lora] values (rank 0 is full fine-tuning and always valid)."""
+    if cfg.rank < 0:
+        raise ConfigError(f"lora.rank must be >= 0 (0: full fine-tuning), got {cfg.rank}")
+    if cfg.rank == 0:
+        return
+    if cfg.alpha <= 0:
+        raise ConfigError(f"lora.alpha must be > 0, got {cfg.alpha}")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.base_dtype not in BASE_DTYPES:
+        raise ConfigError(f"lora.base_dtype: {cfg.base_dtype!r}{_suggest(cfg.base_dtype, list(BASE_DTYPES))}")
+    resolve_targets(cfg.targets)
+
+
+def base_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """The frozen base's storage dtype: `auto` is bf16 on GPU and fp32 on CPU; "nf4" stays a name."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return "nf4" if name == "nf4" else getattr(torch, name)
+
+
+def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | None = None,
+               generator: torch.Generator | None = None) -> dict[str, LoRALinear]:
+    """Freeze `model` and add adapters in place (on meta too); returns the LoRA modules by name.
+
+    `storage` converts the frozen base weights (a dtype, or "nf4"); None keeps them as they are.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        for parent_name, names in (("self_attn", ATTENTION_TARGETS), ("mlp", MLP_TARGETS)):
+            parent = getattr(layer, parent_name)
+            for name in names:
+                if name in spec.targets:
+                    lora = LoRALinear(getattr(parent, name), spec.rank, spec.scale, spec.dropout)
+                    setattr(parent, name, lora)
+        if all(name in spec.targets for name in MLP_TARGETS):
+            mlp = layer.mlp
+            layer.mlp = LoRAMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    modules = lora_modules(model)
+    if storage is not None:
+        convert_base(model, storage)
+    init_lora(model, generator)
+    return modules
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@torch.no_grad()
+def init_lora(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """(Re-)initialise every adapter as PEFT does, in module order, from `generator`."""
+    for module in lora_modules(model).values():
+        if not module.lora_A.is_meta:
+            module.reset_lora(generator)
+
+
+@torch.no_grad()
+def convert_base(model: nn.Module, storage: torch.dtype | str) -> None:
+    """Store every frozen floating-point parameter in `storage`; "nf4" quantises the LoRA bases'
+    weights (the other frozen parameters, embeddings and norms, go to bf16)."""
+    if storage == "nf4":
+        from packtune.lora.qlora import to_nf4
+
+        for module in lora_modules(model).values():
+            module.weight = nn.Parameter(to_nf4(module.weight), requires_grad=False)
+        storage = torch.bfloat16
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.requires_grad and p.is_floating_point() and p.dtype != storage and not _is_nf4(p):
+                setattr(module, name, nn.Parameter(p.to(storage), requires_grad=False))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _is_nf4(p: torch.Tensor) -> bool:
+    return hasattr(p, "get_original_weight")
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, sum(p.numel() for p in seen.values())
+
+
+def base_bytes(model: nn.Module) -> int:
+    """Bytes the frozen parameters take (NF4 weights at their packed size)."""
+    from packtune.lora.qlora import nf4_bytes
+
+    seen = {id(p): p for p in model.parameters() if not p.requires_grad}
+    return sum(nf4_bytes(p) if _is_nf4(p) else p.numel() * p.element_size() for p in seen.values())
+
+
+def describe(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str) -> str:
+    """The line the run prints before step 1: adapters, trainable / total parameters, base memory."""
+    trainable, total = parameter_counts(model)
+    name = storage if isinstance(storage, str) else str(storage).removeprefix("torch.")
+    n = len(lora_modules(model))
+    return (f"lora: rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}) on {n} "
+            f"linears ({', '.join(spec.targets)}); trainable {trainable:,} of {total:,} parameters "
+            f"({100 * trainable / max(total, 1):.2f}%); "
+            f"frozen base {base_bytes(model) / 2**20:.1f} MiB ({name})")

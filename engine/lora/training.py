@@ -1,0 +1,80 @@
+"""LoRA in `packtune train`: check [lora], add the adapters to the model being trained, say what trains.
+
+One process: the loaded model gets its adapters at once (A from a generator seeded by
+`train.seed`, or the weights of `lora.init_from`). Sharded: the meta model gets meta adapters,
+and rank 0 builds the same adapters on its full copy, whose state it broadcasts, so every world
+size starts from identical adapters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from packtune.config import Config, ConfigError
+from packtune.lora.apply import LoRASpec, apply_lora, base_dtype, check_lora_config, describe
+from packtune.lora.export import EXPORT_MODES
+
+
+def lora_enabled(cfg: Config) -> bool:
+    return cfg.lora.rank > 0
+
+
+def check_lora_run(cfg: Config) -> None:
+    """Config checks of a LoRA run (and of `train.export` in either kind of run)."""
+    check_lora_config(cfg.lora)
+    export = cfg.train.export
+    if not lora_enabled(cfg):
+        if isinstance(export, str):
+            raise ConfigError(f"train.export = {export!r} needs a LoRA run ([lora] rank > 0); a full "
+                              "fine-tuning run takes true or false")
+        return
+    if isinstance(export, str) and export not in EXPORT_MODES:
+        raise ConfigError(f"train.export must be true, false or one of {', '.join(EXPORT_MODES)}, "
+                          f"got {export!r}")
+    if cfg.lora.base_dtype == "nf4":
+        from packtune.lora.qlora import check_nf4_available
+
+        check_nf4_available()
+    if cfg.lora.init_from:
+        from packtune.lora.peft_format import read_adapter
+
+        adapter, _ = read_adapter(cfg.lora.init_from)
+        ours = LoRASpec.from_config(cfg.lora)
+        for key in ("rank", "alpha", "targets", "rslora"):
+            if getattr(adapter, key) != getattr(ours, key):
+                raise ConfigError(f"lora.init_from: the adapter in {cfg.lora.init_from} has {key} = "
+                                  f"{getattr(adapter, key)!r} but [lora] says {getattr(ours, key)!r}; "
+                                  f"set lora.{key} to match it")
+
+
+def lora_preparer(cfg: Config, device: torch.device, sharded: bool):
+    """The function that adds this run's adapters to a model (None for full fine-tuning)."""
+    if not lora_enabled(cfg):
+        return None
+    spec = LoRASpec.from_config(cfg.lora)
+    storage = base_dtype(cfg.lora.base_dtype, device)
+    if storage == "nf4" and sharded:
+        raise ConfigError("lora.base_dtype = \"nf4\" runs in one process without FSDP for now (no torchrun, "
+                          "model.dtype float32 or auto on CPU); use base_dtype = \"bfloat16\" when sharding")
+
+    def prepare(model: nn.Module) -> nn.Module:
+        on_meta = any(p.is_meta for p in model.parameters())
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        apply_lora(model, spec, storage, generator)
+        if cfg.lora.init_from and not on_meta:
+            from packtune.lora.peft_format import load_adapter_weights, read_adapter
+
+            _, tensors = read_adapter(cfg.lora.init_from)
+            load_adapter_weights(model, tensors, Path(cfg.lora.init_from))
+        return model
+
+    return prepare
+
+
+def lora_summary(cfg: Config, model: nn.Module, device: torch.device) -> str:
+    spec = LoRASpec.from_config(cfg.lora)
+    line = describe(model, spec, base_dtype(cfg.lora.base_dtype, device))
+    return line + (f"; adapters from {cfg.lora.init_from}" if cfg.lora.init_from else "")

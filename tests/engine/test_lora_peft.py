@@ -1,0 +1,78 @@
+"""PEFT compatibility both ways: packtune's adapter loads in PEFT with packtune's logits, PEFT's
+adapter loads in packtune (lora.init_from's path) with PEFT's logits, and merging matches both."""
+
+import json
+
+import pytest
+import torch
+from model_fixtures import save_hf_model
+
+from packtune.lora import LoRASpec, apply_lora, load_adapter_into, merge_adapter, save_adapter
+from packtune.lora.peft_format import adapter_tensors
+from packtune.model.hf_io import load_pretrained
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ["llama3_gqa", "qwen2", "llama_tied"]
+
+
+def _randomise_adapters(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def _ids():
+    return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
+
+
+def _assert_logits_close(got, expected):
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+SPECS = [LoRASpec(4, 8.0), LoRASpec(2, 3.0, targets=("q_proj", "v_proj", "down_proj"), rslora=True)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", SPECS, ids=["all", "some-rslora"])
+def test_packtune_adapter_loads_in_peft(tmp_path, family, spec):
+    base_dir = save_hf_model(family, tmp_path / "base")
+    model = load_pretrained(base_dir, dtype=torch.float32)
+    apply_lora(model, spec)
+    _randomise_adapters(model)
+    save_adapter(tmp_path / "adapter", spec, adapter_tensors(model), str(base_dir))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == spec.rank and config["peft_type"] == "LORA"
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = _ids()
+    with torch.no_grad():
+        _assert_logits_close(model.eval()(ids), peft_model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_adapter_loads_in_packtune_and_merges(tmp_path, family):
+    base_dir = save_hf_model(family, tmp_path / "base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules="all-linear", init_lora_weights=False,
+                             task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(hf, config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = _ids()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+
+    model = load_pretrained(base_dir, dtype=torch.float32)
+    spec = load_adapter_into(model, tmp_path / "adapter")
+    assert spec.rank == 4 and spec.alpha == 6 and len(spec.targets) == 7
+    with torch.no_grad():
+        _assert_logits_close(model.eval()(ids), expected)
+
+    merged_dir = merge_adapter(base_dir, tmp_path / "adapter", tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        _assert_logits_close(merged(input_ids=ids).logits, expected)
