@@ -117,12 +117,15 @@ CONFIGS = {
 }
 
 
-def make_hf_model(name: str, seed: int = 0):
-    """A transformers model with weights spread wide enough that every op moves the logits."""
+def make_hf_model(name: str, seed: int = 0, vocab_size: int | None = None):
+    """A transformers model with weights spread wide enough that every op moves the logits.
+
+    `vocab_size` replaces TINY's (600 matches data_fixtures' sentencepiece tokenizers)."""
     import transformers
 
     cls_name, kwargs = CONFIGS[name]
-    config = getattr(transformers, cls_name)(**TINY, **kwargs)
+    tiny = TINY if vocab_size is None else {**TINY, "vocab_size": vocab_size}
+    config = getattr(transformers, cls_name)(**tiny, **kwargs)
     model = transformers.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -134,6 +137,6 @@ def make_hf_model(name: str, seed: int = 0):
     return model.eval()
 
 
-def save_hf_model(name: str, directory: Path, seed: int = 0) -> Path:
-    make_hf_model(name, seed).save_pretrained(directory)
+def save_hf_model(name: str, directory: Path, seed: int = 0, vocab_size: int | None = None) -> Path:
+    make_hf_model(name, seed, vocab_size).save_pretrained(directory)
     return directory
