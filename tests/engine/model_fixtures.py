@@ -14,7 +14,8 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 # sliding attention on its upper layer only; Llama 3.2's tied head with llama3 scaling; Qwen3's
 # per-head q/k norms (GQA with an explicit head_dim and a window; MHA with tied head and biases);
 # Gemma 2 (alternating windows, attention and final logit softcaps, query_pre_attn_scalar; GQA tied,
-# MHA untied) and Gemma 3 (q/k norms, a local RoPE base, linear scaling on the global layers).
+# MHA untied) and Gemma 3 (q/k norms, a local RoPE base, linear scaling on the global layers);
+# Phi-3 (fused qkv_proj / gate_up_proj; GQA tied with partial rotary 0.75 and a window; MHA untied).
 CONFIGS = {
     "llama3_gqa": (
         "LlamaConfig",
@@ -105,6 +106,17 @@ CONFIGS = {
         "Gemma3TextConfig",
         dict(num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
              tie_word_embeddings=False, attention_bias=True),
+    ),
+    "phi3": (
+        "Phi3Config",
+        dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=2, sliding_window=5,
+             tie_word_embeddings=True, original_max_position_embeddings=64,
+             rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.75}),
+    ),
+    "phi3_mha": (
+        "Phi3Config",
+        dict(num_key_value_heads=4, pad_token_id=None, eos_token_id=2,
+             rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
     ),
     "llama_dynamic": (
         "LlamaConfig",

@@ -26,6 +26,7 @@ FAMILIES = {  # family -> model_fixtures config
     "qwen3": "qwen3_gqa",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "phi3": "phi3",
 }
 
 
