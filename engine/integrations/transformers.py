@@ -1,7 +1,8 @@
 """packtune's kernels inside a Hugging Face transformers model: `apply_packtune(model)`.
 
 For transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM
-(transformers 5.x). Gemma 2/3, Phi-3 and BLOOM are refused by name (packtune's own model runs Gemma).
+(transformers 5.x). Gemma 2/3, Phi-3 and BLOOM are refused by name (packtune's own model, through
+`packtune train`, runs Gemma and Phi-3).
 Only the forwards of *this model instance* change (an instance attribute shadows the class's
 `forward`), nothing global: no module-level function, class or config is touched, so other
 models in the process are unaffected and `undo()` deletes exactly what was set.
@@ -45,6 +46,9 @@ from packtune.integrations.hf_forwards import (
     rms_norm_forward,
     swiglu_mlp_forward,
 )
+
+OWN_MODEL_TYPES = ("gemma2", "gemma3_text", "phi3")
+"""Refused here, but loaded by packtune's own model (packtune.model)."""
 
 SUPPORTED = {
     "LlamaForCausalLM": "Llama",
@@ -195,7 +199,8 @@ def _family(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in SUPPORTED or not type(model).__module__.startswith("transformers.models."):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        hint = ""
+        own = model_type in OWN_MODEL_TYPES
+        hint = " (`packtune train` runs it with packtune's own model)" if own else ""
         raise UnsupportedModelError(
             f"apply_packtune: {name} (model_type={model_type!r}) is not supported{hint}; supported are "
             f"transformers' {', '.join(SUPPORTED)}. Nothing was changed."

@@ -1,5 +1,5 @@
 """Model shape and options from a Hugging Face `config.json` (Llama 1/2/3/3.x, Mistral, Qwen2, Qwen3,
-Gemma 2, Gemma 3 text).
+Gemma 2, Gemma 3 text, Phi-3 / Phi-4).
 
 Every option that changes the model's math is either supported exactly or rejected with an error
 that names it: a config we cannot reproduce never loads as a silent approximation. Defaults for
@@ -15,7 +15,7 @@ from typing import Any
 
 from packtune.config import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -75,6 +75,14 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "rope_local_base_freq": 10_000.0,
         "sliding_window_pattern": 6,
     },
+    "phi3": {
+        "max_position_embeddings": 4096,
+        "bos_token_id": 1,
+        "eos_token_id": 32000,
+        "pad_token_id": 32000,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": None,
+    },
 }
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -83,6 +91,7 @@ _ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 """silu: SwiGLU MLP; gelu_pytorch_tanh: GeGLU (tanh-approximated GELU)."""
@@ -147,6 +156,11 @@ class ModelArgs:
     """Attention logits capped as c * tanh(logits / c) (Gemma 2)."""
     final_logit_softcapping: float | None = None
     """Output logits capped as c * tanh(logits / c) (Gemma 2)."""
+    partial_rotary_factor: float = 1.0
+    """The leading fraction of each head's dims that rotates; the rest passes through (Phi-3 / Phi-4-mini)."""
+    fused_projections: bool = False
+    """q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj` (Phi-3's layout, kept on disk and in
+    the model)."""
     local_rope_theta: float | None = None
     """RoPE base of the sliding-window layers, unscaled (Gemma 3's rope_local_base_freq); None: rope_theta."""
     sliding_window: int | None = None
@@ -169,8 +183,16 @@ class ModelArgs:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.head_dim % 2:
-            raise ModelConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rotary_dim % 2 or self.rotary_dim <= 0:
+            raise ModelConfigError(
+                f"head_dim={self.head_dim} x partial_rotary_factor={self.partial_rotary_factor} must give an "
+                "even, positive rotary dimension"
+            )
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that RoPE rotates (transformers' int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def window(self, layer: int) -> int | None:
         """The sliding window of layer `layer`, or None for full causal attention."""
@@ -217,6 +239,9 @@ class ModelArgs:
         for key in _REJECTED_KEYS:
             if cfg.get(key):
                 raise ModelConfigError(f"config option {key!r} is not supported")
+        for key in ("resid_pdrop", "embd_pdrop"):  # Phi-3's dropouts: packtune trains without dropout
+            if get(key, 0.0):
+                raise ModelConfigError(f"{key}={get(key)} is not supported (only 0)")
         gemma = model_type in GEMMA_MODEL_TYPES
         act_key = "hidden_activation" if gemma else "hidden_act"
         hidden_act = get(act_key, "silu")
@@ -234,12 +259,13 @@ class ModelArgs:
         if model_type == "gemma3_text":
             rope_theta, rope_scaling, local_rope_theta = _parse_gemma3_rope(cfg, get)
         else:
-            rope_theta, rope_scaling = _parse_rope(cfg, get("max_position_embeddings"))
+            rope_theta, rope_scaling = _parse_rope(cfg, get("max_position_embeddings"), model_type)
         if gemma:
             sliding_window, layer_types = _parse_gemma_layers(cfg, model_type, get, layers)
         else:
             sliding_window, layer_types = _parse_sliding_window(cfg, model_type, get, layers)
         attention_bias = model_type in ("llama", "qwen3", *GEMMA_MODEL_TYPES)
+        partial = _partial_rotary_factor(cfg, model_type)
         llama_bias = attention_bias and bool(get("attention_bias", False))
         return cls(
             model_type=model_type,
@@ -266,6 +292,8 @@ class ModelArgs:
             query_pre_attn_scalar=get("query_pre_attn_scalar") if gemma else None,
             attn_logit_softcapping=_optional_float(get("attn_logit_softcapping")),
             final_logit_softcapping=_optional_float(get("final_logit_softcapping")),
+            partial_rotary_factor=partial,
+            fused_projections=model_type == "phi3",
             local_rope_theta=local_rope_theta,
             sliding_window=sliding_window,
             layer_types=layer_types,
@@ -331,7 +359,7 @@ class ModelArgs:
             cfg["hidden_act"] = self.hidden_act
         if self.model_type == "qwen3":
             cfg["attention_bias"] = self.qkv_bias
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "phi3"):
             cfg["sliding_window"] = self.sliding_window
         if self.model_type in ("qwen2", "qwen3"):
             cfg["use_sliding_window"] = self.sliding_window is not None
@@ -360,10 +388,14 @@ class ModelArgs:
                 **(scaling or {}),
                 "rope_theta": self.rope_theta,
             }
+            if self.model_type == "phi3":
+                cfg["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
             cfg.pop("rope_scaling", None)
             cfg.pop("rope_theta", None)
         else:  # the layout every transformers version reads
             cfg.update(rope_theta=self.rope_theta, rope_scaling=scaling)
+        if self.model_type == "phi3":
+            cfg["partial_rotary_factor"] = self.partial_rotary_factor
         dtype = dtype or self.dtype
         if dtype is not None:
             cfg["torch_dtype"] = dtype
@@ -387,14 +419,40 @@ def _required(cfg: dict[str, Any], key: str) -> int:
     return value
 
 
-def _parse_rope(cfg: dict[str, Any], max_positions: int) -> tuple[float, RopeScaling | None]:
+def _rope_block(cfg: dict[str, Any]) -> dict[str, Any]:
+    return dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+
+
+def _partial_rotary_factor(cfg: dict[str, Any], model_type: str) -> float:
+    """Phi-3 rotates the leading `partial_rotary_factor` of each head (top level or in the rope block);
+    the other families' transformers code rotates whole heads, so anything but 1 is refused."""
+    partial = _rope_block(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    partial = 1.0 if partial is None else partial
+    if model_type == "phi3":
+        if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+            raise ModelConfigError(f"partial_rotary_factor={partial!r} must be in (0, 1]")
+        return float(partial)
+    if partial not in (1, 1.0):
+        raise ModelConfigError(
+            f"partial_rotary_factor={partial} is not supported for {model_type} (only 1.0)")
+    return 1.0
+
+
+def _parse_rope(cfg: dict[str, Any], max_positions: int, model_type: str = "llama"
+                ) -> tuple[float, RopeScaling | None]:
     """Both layouts: `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters` (5)."""
-    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    params = _rope_block(cfg)
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-    partial = params.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise ModelConfigError(f"partial_rotary_factor={partial} is not supported (only 1.0)")
+    params.pop("partial_rotary_factor", None)  # read by _partial_rotary_factor
     rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
+    if model_type == "phi3" and rope_type != "default":
+        # transformers' Phi-3 accepts only default and longrope ("su" and "yarn" are renamed longrope):
+        # longrope switches every position's frequencies once a sequence outgrows
+        # original_max_position_embeddings (and generation recomputes the cache then): not reproduced.
+        raise ModelConfigError(
+            f"rope scaling type {rope_type!r} is not supported for phi3 (only default rope; "
+            "longrope / su scaling is refused)"
+        )
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelConfigError(
             f"rope scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
@@ -436,6 +494,10 @@ def _parse_gemma3_rope(cfg: dict[str, Any], get) -> tuple[float, RopeScaling | N
         local = {"rope_theta": get("rope_local_base_freq")}
     full.setdefault("rope_theta", get("rope_theta"))
     local.setdefault("rope_theta", get("rope_local_base_freq"))
+    for block in (full, local):
+        if block.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
+            raise ModelConfigError(
+                f"partial_rotary_factor={block['partial_rotary_factor']} is not supported for gemma3_text")
     theta, scaling = _parse_rope({"rope_parameters": full}, get("max_position_embeddings"))
     local_theta, local_scaling = _parse_rope({"rope_parameters": local}, get("max_position_embeddings"))
     if local_scaling is not None:
@@ -467,9 +529,10 @@ def _parse_sliding_window(cfg: dict[str, Any], model_type: str, get, layers: int
     if model_type == "llama":
         return None, ()
     layer_types = cfg.get("layer_types")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):  # one window on every layer when set
         if layer_types:
-            raise ModelConfigError("layer_types on a mistral config (alternating attention) is not supported")
+            raise ModelConfigError(
+                f"layer_types on a {model_type} config (alternating attention) is not supported")
         return get("sliding_window"), ()
     window = get("sliding_window") if get("use_sliding_window", False) else None
     if layer_types is None:

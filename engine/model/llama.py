@@ -1,10 +1,12 @@
-"""The Llama-family decoder (Llama 1/2/3/3.x, Mistral, Qwen2, Qwen3, Gemma 2/3) in Hugging Face's
-parameter layout.
+"""The Llama-family decoder (Llama 1/2/3/3.x, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3/4) in Hugging
+Face's parameter layout.
 
 The families differ by options of one block (see `ModelArgs`): Qwen3 and Gemma 3 norm q and k per
 head; Gemma scales the embeddings, norms with 1 + weight, norms the attention and MLP outputs
 too ("sandwich" norms), gates with tanh-GELU, scales logits by query_pre_attn_scalar, gives its
 sliding-window layers their own RoPE base (Gemma 3) and caps attention and output logits (Gemma 2).
+Phi-3 keeps q/k/v and gate/up fused in one projection each (its checkpoint layout) and may rotate
+only the leading part of each head (`partial_rotary_factor`, Phi-4-mini).
 
 Module and parameter names are transformers' own (`model.layers.0.self_attn.q_proj.weight`, ...),
 so a Hugging Face checkpoint loads with no name map and exports back unchanged. The model reads
@@ -81,23 +83,37 @@ class Attention(nn.Module):
         self.softcap = args.attn_logit_softcapping
         hidden = args.hidden_size
         q_dim, kv_dim = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=args.o_bias)
+        self.rotary_dim = args.rotary_dim
+        self.fused = args.fused_projections
+        if self.fused:  # Phi-3: one projection, split into q, k, v (views, no copy); transformers' order
+            self.o_proj = nn.Linear(q_dim, hidden, bias=args.o_bias)
+            self.qkv_proj = nn.Linear(hidden, q_dim + 2 * kv_dim, bias=args.qkv_bias)
+            self.split = (q_dim, kv_dim, kv_dim)
+        else:
+            self.q_proj = nn.Linear(hidden, q_dim, bias=args.qkv_bias)
+            self.k_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
+            self.v_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
+            self.o_proj = nn.Linear(q_dim, hidden, bias=args.o_bias)
         if args.qk_norm:  # per head, over head_dim: rms_norm reads the [.., H, D] view in place
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, offset=args.norm_offset)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, offset=args.norm_offset)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         tokens = x.shape[:-1]
-        q = self.q_proj(x).view(*tokens, -1, self.head_dim)
-        k = self.k_proj(x).view(*tokens, -1, self.head_dim)
-        v = self.v_proj(x).view(*tokens, -1, self.head_dim)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (t.view(*tokens, -1, self.head_dim) for t in (q, k, v))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (inputs.local_cos, inputs.local_sin) if self.local_rope else (inputs.cos, inputs.sin)
-        q, k = rotary(q, k, cos, sin, position_ids=inputs.positions)
+        r = self.rotary_dim
+        if r == self.head_dim:
+            q, k = rotary(q, k, cos, sin, position_ids=inputs.positions)
+        else:  # partial rotary: the leading r dims rotate, the rest pass through
+            q_rot, k_rot = rotary(q[..., :r], k[..., :r], cos, sin, position_ids=inputs.positions)
+            q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
         options = dict(window=self.window, scale=self.scale, softcap=self.softcap)
         if inputs.cache is not None:  # decoding: this step's queries over every cached key
             offset = inputs.cache.length
@@ -113,12 +129,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.fused = args.fused_projections
+        if self.fused:  # Phi-3: gate then up in one projection
+            self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+            self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
         self.act = geglu if args.hidden_act == "gelu_pytorch_tanh" else swiglu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.down_proj(self.act(*self.gate_up_proj(x).chunk(2, dim=-1)))
         return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 

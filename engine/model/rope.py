@@ -16,12 +16,12 @@ from packtune.model.config import ModelArgs
 
 
 def inv_freq(args: ModelArgs, seq_len: int | None = None, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies `[head_dim // 2]` in fp32.
+    """Inverse frequencies `[rotary_dim // 2]` in fp32 (rotary_dim: head_dim unless partial rotary).
 
     `seq_len` (the longest context in the call) matters only for dynamic NTK scaling, which
     raises the base once a sequence outgrows `max_position_embeddings`.
     """
-    dim, base, scaling = args.head_dim, args.rope_theta, args.rope_scaling
+    dim, base, scaling = args.rotary_dim, args.rope_theta, args.rope_scaling
     if scaling is not None and scaling.rope_type == "dynamic":
         max_pos = args.max_position_embeddings
         if seq_len is not None and seq_len > max_pos:
@@ -58,7 +58,7 @@ def _llama3(freq: torch.Tensor, factor: float, low: float, high: float, context:
 
 
 class RopeTables:
-    """fp32 cos/sin tables `[length, head_dim]`, row p for position p, built once per device and
+    """fp32 cos/sin tables `[length, rotary_dim]`, row p for position p, built once per device and
     grown (doubling) when a batch reaches past them; `kernels.rotary` indexes them by the layout's
     positions. Dynamic NTK scaling changes the frequencies with the context length: beyond
     `max_position_embeddings` the tables are rebuilt for that length (the last one is kept).

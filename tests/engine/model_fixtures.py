@@ -14,7 +14,8 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 # sliding attention on its upper layer only; Llama 3.2's tied head with llama3 scaling; Qwen3's
 # per-head q/k norms (GQA with an explicit head_dim and a window; MHA with tied head and biases);
 # Gemma 2 (alternating windows, attention and final logit softcaps, query_pre_attn_scalar; GQA tied,
-# MHA untied) and Gemma 3 (q/k norms, a local RoPE base, linear scaling on the global layers).
+# MHA untied) and Gemma 3 (q/k norms, a local RoPE base, linear scaling on the global layers);
+# Phi-3 (fused qkv_proj / gate_up_proj; GQA tied with partial rotary 0.75 and a window; MHA untied).
 CONFIGS = {
     "llama3_gqa": (
         "LlamaConfig",
@@ -106,6 +107,17 @@ CONFIGS = {
         dict(num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
              tie_word_embeddings=False, attention_bias=True),
     ),
+    "phi3": (
+        "Phi3Config",
+        dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=2, sliding_window=5,
+             tie_word_embeddings=True, original_max_position_embeddings=64,
+             rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.75}),
+    ),
+    "phi3_mha": (
+        "Phi3Config",
+        dict(num_key_value_heads=4, pad_token_id=None, eos_token_id=2,
+             rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    ),
     "llama_dynamic": (
         "LlamaConfig",
         dict(
@@ -117,12 +129,15 @@ CONFIGS = {
 }
 
 
-def make_hf_model(name: str, seed: int = 0):
-    """A transformers model with weights spread wide enough that every op moves the logits."""
+def make_hf_model(name: str, seed: int = 0, vocab_size: int | None = None):
+    """A transformers model with weights spread wide enough that every op moves the logits.
+
+    `vocab_size` replaces TINY's (600 matches data_fixtures' sentencepiece tokenizers)."""
     import transformers
 
     cls_name, kwargs = CONFIGS[name]
-    config = getattr(transformers, cls_name)(**TINY, **kwargs)
+    tiny = TINY if vocab_size is None else {**TINY, "vocab_size": vocab_size}
+    config = getattr(transformers, cls_name)(**tiny, **kwargs)
     model = transformers.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -134,6 +149,6 @@ def make_hf_model(name: str, seed: int = 0):
     return model.eval()
 
 
-def save_hf_model(name: str, directory: Path, seed: int = 0) -> Path:
-    make_hf_model(name, seed).save_pretrained(directory)
+def save_hf_model(name: str, directory: Path, seed: int = 0, vocab_size: int | None = None) -> Path:
+    make_hf_model(name, seed, vocab_size).save_pretrained(directory)
     return directory

@@ -13,7 +13,7 @@ from packtune.integrations import PackedCollator, UnsupportedModelError, apply_p
 
 transformers = pytest.importorskip("transformers")
 
-APPLIED = sorted(n for n in CONFIGS if not n.startswith("gemma"))  # Gemma: refused by name (see below)
+APPLIED = sorted(n for n in CONFIGS if not n.startswith(("gemma", "phi3")))  # refused by name (below)
 LENGTHS = (7, 3, 12, 1, 9)  # longer than the Mistral/Qwen2 sliding windows (6, 5), and a 1-token sample
 
 
@@ -167,9 +167,12 @@ def test_unsupported_architecture_is_refused_by_name():
         apply_packtune(base)
 
 
-def test_gemma_is_refused_by_name():
-    model = make_hf_model("gemma2")
-    with pytest.raises(UnsupportedModelError, match="Gemma2ForCausalLM.*'gemma2'"):
+@pytest.mark.parametrize(("name", "cls", "model_type"), [("gemma2", "Gemma2ForCausalLM", "gemma2"),
+                                                     ("gemma3", "Gemma3ForCausalLM", "gemma3_text"),
+                                                     ("phi3", "Phi3ForCausalLM", "phi3")])
+def test_gemma_and_phi3_are_refused_by_name(name, cls, model_type):
+    model = make_hf_model(name)
+    with pytest.raises(UnsupportedModelError, match=f"{cls}.*'{model_type}'.*packtune train"):
         apply_packtune(model)
 
 

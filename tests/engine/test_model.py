@@ -60,11 +60,12 @@ def float64_hf_norms(monkeypatch):
     from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.llama import modeling_llama
     from transformers.models.mistral import modeling_mistral
+    from transformers.models.phi3 import modeling_phi3
     from transformers.models.qwen2 import modeling_qwen2
     from transformers.models.qwen3 import modeling_qwen3
 
     for norm in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm,
-                 modeling_qwen3.Qwen3RMSNorm):
+                 modeling_qwen3.Qwen3RMSNorm, modeling_phi3.Phi3RMSNorm):
         monkeypatch.setattr(norm, "forward", _rms_norm_at_input_precision)
     monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", _eager_attention_at_input_precision)
     for norm in (modeling_gemma2.Gemma2RMSNorm, modeling_gemma3.Gemma3RMSNorm):
@@ -141,7 +142,7 @@ def test_packed_logits_and_grads_match_each_sample_alone(checkpoints, name):
         assert_close_rel(p.grad, hf_grads[n].grad, 1e-10)
 
 
-@pytest.mark.parametrize("name", ["mistral_window", "qwen3_gqa", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["mistral_window", "qwen3_gqa", "gemma2", "gemma3", "phi3"])
 def test_packed_fp32_grads_within_tolerance(checkpoints, name):
     """fp32: packed gradients within 1e-4 relative of transformers' per-sample gradients."""
     hf = hf_model(checkpoints[name], torch.float32)

@@ -59,11 +59,11 @@ def test_transformers_4_config_layout():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "phi3"}, "model_type 'phi3' is not supported"),
+        ({"model_type": "bloom"}, "model_type 'bloom' is not supported"),
         ({"model_type": None}, "model_type None is not supported"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn' is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported for llama"),
         ({"quantization_config": {"quant_method": "gptq"}}, "'quantization_config' is not supported"),
         ({"attention_dropout": 0.1}, "attention_dropout=0.1"),
         ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
@@ -78,6 +78,38 @@ def test_unsupported_config_is_a_clear_error(tmp_path, llama_dir, change, messag
     with pytest.raises(ModelConfigError, match=message) as err:
         load_pretrained(tmp_path / "m")
     assert "config.json" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 6,
+                              "long_factor": [2.0] * 6}},
+         "rope scaling type 'longrope' is not supported for phi3"),
+        ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 6, "long_factor": [2.0] * 6}},
+         "rope scaling type 'su' is not supported for phi3"),
+        ({"resid_pdrop": 0.1}, "resid_pdrop=0.1 is not supported"),
+        ({"embd_pdrop": 0.1}, "embd_pdrop=0.1 is not supported"),
+        ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types on a phi3 config"),
+        ({"partial_rotary_factor": 1.5, "rope_parameters": None}, "partial_rotary_factor=1.5 must be in"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported for phi3"),
+    ],
+)
+def test_phi3_options_refused_by_name(tmp_path, change, message):
+    save_hf_model("phi3", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.update(change)
+    with pytest.raises(ModelConfigError, match=message):
+        ModelArgs.from_hf_config(cfg)
+
+
+def test_phi3_layout_and_partial_rotary(tmp_path):
+    args = ModelArgs.from_file(save_hf_model("phi3", tmp_path / "m"))
+    assert args.fused_projections and args.partial_rotary_factor == 0.75 and args.rotary_dim == 12
+    assert args.window(0) == args.window(1) == 5 and not args.qkv_bias and not args.mlp_bias
+    names = set(LlamaForCausalLM(args).state_dict())
+    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= names
+    assert not any("q_proj" in n or ".gate_proj" in n for n in names)
 
 
 def test_invalid_json_names_line(tmp_path):

@@ -51,6 +51,23 @@ def test_fp32_matches_float64_reference(backend, head_dim):
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_partial_rotary_on_strided_views(backend):
+    """Phi-3's partial rotary: the leading 48 of 64 dims, read as a strided view of q/k (no copy first);
+    gradients reach only those dims."""
+    dev = device_for(backend)
+    q, k, cu = _packed([5, 9], 4, 2, 64, dev)
+    cos, sin = _tables(48, device=dev)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    qo, ko = rotary(q[..., :48], k[..., :48], cos, sin, cu_seqlens=cu, backend=backend)
+    (qo.square().sum() + ko.sum()).backward()
+    pos = positions_from_cu_seqlens(cu, q.shape[0])
+    c64, s64 = cos.double(), sin.double()
+    assert_fp32_close(qo, rotary_ref(q[..., :48].detach().double(), c64, s64, pos), 1e-5)
+    assert_fp32_close(ko, rotary_ref(k[..., :48].detach().double(), c64, s64, pos), 1e-5)
+    assert not q.grad[..., 48:].any() and not k.grad[..., 48:].any() and k.grad[..., :48].any()
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_packed_equals_per_sample(backend):
     dev = device_for(backend)
     lengths = [6, 1, 11, 3]
