@@ -84,8 +84,13 @@ def init_distributed(device: str = "auto", *, mixed_precision: bool = False) -> 
 
 
 def shutdown(d: Dist) -> None:
+    """Tear the process group down once every rank is done with it (a rank destroying gloo's
+    group while another still talks to it can abort the process at exit)."""
     if d.mesh is not None and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def parallelize(

@@ -89,7 +89,11 @@ def test_self_instruct_over_http_keeps_n_filters_reports_and_resumes(server, tmp
         assert run["dropped"][reason] >= 1, run
     instructions = [r["instruction"] for r in rows]
     assert len(set(instructions)) == 5
-    assert "Summarize the story of a famous novel in two sentences." in instructions
+    # The server answers concurrent requests in arrival order, so which of two near-duplicates comes
+    # first varies; the ROUGE-L filter must keep exactly one of them.
+    near = {"Summarize the story of a famous novel in two sentences.",
+            "Summarize the story of a famous novel in three sentences."}
+    assert len(near & set(instructions)) == 1
     classify = next(r for r in rows if r["instruction"].startswith("Classify"))
     assert classify["is_classification"] and classify["output"] and classify["input"].startswith("an example")
     other = next(r for r in rows if r["instruction"].startswith("Summarize"))
