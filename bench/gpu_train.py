@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from packtune.config import dump_config
+from packtune.data.tokenizer import load_tokenizer
 from packtune.demo.mix import make_split, write_jsonl
-from packtune.demo.prompts import PromptEncoder, rendered_texts
+from packtune.demo.prompts import rendered_texts
 from packtune.demo.recipe import FULL, write_template
 from packtune.demo.tokenizer import train_tokenizer
 from packtune.model.config import ModelArgs
@@ -72,7 +73,7 @@ def prepare(out: Path, smoke: bool) -> Path:
     tokenizer = train_tokenizer(
         rendered_texts(rows, str(template)), out / "tokenizer.model", recipe.vocab_size, model_type="bpe"
     )
-    pieces = PromptEncoder(tokenizer, str(template)).tokenizer.vocab_size
+    pieces = load_tokenizer(tokenizer).vocab_size
     hf = recipe.hf_config(pieces if smoke else max(pieces, 128256))
     hf["num_key_value_heads"] = max(1, recipe.num_attention_heads // 4)
     device = "cpu" if smoke else "cuda"

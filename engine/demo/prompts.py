@@ -1,28 +1,12 @@
-"""The demo's prompts: instruction rows asked through the pipeline's own `PromptEncoder`, so the
-model is asked in the very token sequence it learned from; no second copy of the template lives here.
-"""
+"""The demo's tokenizer corpus: rows rendered by the training template (the demo asks its prompts
+through `packtune.data.prompt.PromptEncoder`, as training tokenizes them)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from packtune.data import prompt
 from packtune.data.formats import Conversation, Message
 from packtune.data.templates import get_template, render
-
-
-class PromptEncoder(prompt.PromptEncoder):
-    def __init__(self, tokenizer_path: str | Path, template: str) -> None:
-        super().__init__(tokenizer_path, template)
-
-    @property
-    def eos_id(self) -> int:
-        return self.tokenizer.eos_id
-
-    def encode(self, rows: Sequence[dict[str, str]]) -> list[list[int]]:
-        """Token ids of each row's prompt: everything up to where the answer starts."""
-        return super().encode([[Message("user", row["instruction"], row.get("input", ""))] for row in rows])
 
 
 def rendered_texts(rows: Sequence[dict[str, str]], template: str) -> list[str]:

@@ -8,9 +8,10 @@ from packtune.bench.e2e_common import alpaca_prompt
 from packtune.config import DataConfig
 from packtune.data import prepare_dataset
 from packtune.data.formats import Conversation, Message
+from packtune.data.prompt import PromptEncoder
 from packtune.data.templates import get_template, render, render_text
 from packtune.demo.mix import make_split, write_jsonl
-from packtune.demo.prompts import PromptEncoder, rendered_texts
+from packtune.demo.prompts import rendered_texts
 from packtune.demo.recipe import write_template
 from packtune.demo.tokenizer import train_tokenizer
 
@@ -32,13 +33,13 @@ def test_prompt_ids_are_the_training_samples_prompt_tokens(setup):
     dataset = prepare_dataset(cfg)
     assert len(dataset) == len(rows)
     prompts = PromptEncoder(tokenizer, template)
-    encoded = prompts.encode(rows)
+    encoded = prompts.encode([[Message("user", row["instruction"], row.get("input", ""))] for row in rows])
     for i, row in enumerate(rows):
         ids, mask = dataset.sample(i)
         first_answer = int(mask.argmax())
         assert encoded[i] == ids[:first_answer].tolist()
         answer = ids[first_answer:].tolist()
-        assert answer[-1] == prompts.eos_id
+        assert answer[-1] == prompts.tokenizer.eos_id
         assert prompts.decode(answer) == row["output"]
 
 
