@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from packtune.kernels._dispatch import cpu_extension, register_op, resolve_backend
+from packtune.kernels._dispatch import cpu_extension, launch_device, register_op, resolve_backend
 from packtune.kernels._triton import tl, triton
 from packtune.kernels.swiglu import _rows
 
@@ -79,8 +79,9 @@ def _grid(n_rows: int, n_cols: int) -> tuple[int, int]:
 def _triton_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     y = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if y.numel():
-        _geglu_fwd_kernel[_grid(*g.shape)](g, u, y, g.stride(0), u.stride(0), g.shape[1], C=_SQRT_2_OVER_PI,
-                                           A=_CUBIC, BLOCK=_BLOCK)
+        with launch_device(g):
+            _geglu_fwd_kernel[_grid(*g.shape)](g, u, y, g.stride(0), u.stride(0), g.shape[1],
+                                               C=_SQRT_2_OVER_PI, A=_CUBIC, BLOCK=_BLOCK)
     return y
 
 
@@ -88,8 +89,9 @@ def _triton_backward(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tupl
     dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     if dg.numel():
-        _geglu_bwd_kernel[_grid(*g.shape)](dy, g, u, dg, du, g.stride(0), u.stride(0), g.shape[1],
-                                           C=_SQRT_2_OVER_PI, A=_CUBIC, BLOCK=_BLOCK)
+        with launch_device(g):
+            _geglu_bwd_kernel[_grid(*g.shape)](dy, g, u, dg, du, g.stride(0), u.stride(0), g.shape[1],
+                                               C=_SQRT_2_OVER_PI, A=_CUBIC, BLOCK=_BLOCK)
     return dg, du
 
 

@@ -9,10 +9,11 @@ import types
 
 import torch
 
-from packtune.kernels import _dispatch, masked_cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu
+from packtune.kernels import _dispatch, geglu, masked_cross_entropy, rms_norm, rope_cos_sin, rotary, swiglu
 
 # the op modules (packtune.kernels re-exports functions under the modules' names)
-MODULES = [importlib.import_module(f"packtune.kernels.{name}") for name in ("rms_norm", "rotary", "swiglu")]
+MODULES = [importlib.import_module(f"packtune.kernels.{name}")
+           for name in ("rms_norm", "rotary", "swiglu", "geglu")]
 
 
 def test_every_triton_launcher_enters_the_inputs_device(monkeypatch):
@@ -36,6 +37,8 @@ def test_every_triton_launcher_enters_the_inputs_device(monkeypatch):
     qo, ko = rotary(q, k, cos, sin, cu_seqlens=torch.tensor([0, 6], dtype=torch.int32), backend="triton")
     (qo.sum() + ko.sum()).backward()
     assert len(seen) == 7
+    geglu(x, x.detach() * 2, backend="triton").sum().backward()
+    assert len(seen) == 9
     assert all(d == torch.device("cpu") for d in seen)
 
 
