@@ -244,6 +244,13 @@ class ChatFormat:
     resolved: str
 
 
+def auto_variant(template: str) -> str | None:
+    """For `auto` / `auto:NAME` the chat template variant asked for ("" for the default), else None."""
+    if template == "auto" or template.startswith("auto:"):
+        return template.partition(":")[2]
+    return None
+
+
 def _folder(tokenizer_path: str | Path) -> Path:
     path = Path(tokenizer_path)
     return path if path.is_dir() else path.parent
@@ -259,8 +266,9 @@ def make_chat_format(
     """`[data] template` resolved: `auto` is the tokenizer folder's chat template, or alpaca when it
     has none; `auto:NAME` a named variant; else a built-in or TOML template (see templates.py)."""
     folder = _folder(tokenizer_path)
-    if template == "auto" or template.startswith("auto:"):
-        source = find_chat_template(folder, template.partition(":")[2])
+    variant = auto_variant(template)
+    if variant is not None:
+        source = find_chat_template(folder, variant)
         if source is not None:
             encoder = ChatEncoder(tokenizer)
             renderer = ChatTemplateRenderer(
@@ -279,8 +287,9 @@ def make_chat_format(
 
 def template_identity(template: str, tokenizer_path: str | Path) -> object:
     """What decides the rendering, for the cache key: the chat template's source or the Template."""
-    if template == "auto" or template.startswith("auto:"):
-        source = find_chat_template(_folder(tokenizer_path), template.partition(":")[2])
+    variant = auto_variant(template)
+    if variant is not None:
+        source = find_chat_template(_folder(tokenizer_path), variant)
         if source is not None:
             return source
         template = "alpaca"

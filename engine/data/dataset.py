@@ -25,7 +25,7 @@ import numpy as np
 
 from packtune.config import ConfigError, DataConfig
 from packtune.data import cache, fidelity
-from packtune.data.chat_template import REWRITTEN_HISTORY, make_chat_format, template_identity
+from packtune.data.chat_template import REWRITTEN_HISTORY, auto_variant, make_chat_format, template_identity
 from packtune.data.errors import DataError
 from packtune.data.formats import FORMATS, decode_row, field_names, location, to_conversation
 from packtune.data.sources import OpenSource, resolve_sources
@@ -134,7 +134,7 @@ def _options(cfg: DataConfig, tokenizer_path: str | Path | None) -> dict[str, An
             raise ConfigError(f"data.{key}: {value!r} is not one of {', '.join(valid)}")
     if cfg.max_tokens < 2:
         raise ConfigError(f"data.max_tokens: must be at least 2, got {cfg.max_tokens}")
-    if not (cfg.template == "auto" or cfg.template.startswith("auto:")):
+    if auto_variant(cfg.template) is None:
         get_template(cfg.template)
     field_names(cfg.field_map)
     return {
