@@ -36,21 +36,21 @@ class FixedSteps:
     """A sampler over fixed steps (lists of micro-batches), one pass."""
 
     def __init__(self, steps: list[list]) -> None:
-        self.steps, self.epoch, self.position = steps, 0, 0
+        self.steps, self.epoch, self.steps_taken = steps, 0, 0
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
+        self.epoch, self.steps_taken = epoch, 0
 
     def __iter__(self):
-        while self.position < len(self.steps):
-            self.position += 1
-            yield self.steps[self.position - 1]
+        while self.steps_taken < len(self.steps):
+            self.steps_taken += 1
+            yield self.steps[self.steps_taken - 1]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "steps_taken": self.steps_taken}
 
 
 def shrunken(args):

@@ -3,7 +3,7 @@
 Layout: `<output_dir>/checkpoints/step_00000120/` holds the DCP files (the trainable model and
 optimizer tensors, each rank writing its own shards, reshardable on load; a LoRA run's frozen
 base is not saved) plus `extra_rank<r>.pt` (per-rank plain state: step, scheduler, sampler
-position, RNG, optimizer hyper-parameters).
+rows dealt, RNG, optimizer hyper-parameters).
 A checkpoint is written into `step_XXXXXXXX.tmp` and renamed once every rank has finished, so
 a directory without the suffix is always complete; a run killed mid-write leaves only a
 `.tmp` directory, which `latest_checkpoint` ignores and the next save deletes.

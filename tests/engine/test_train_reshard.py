@@ -1,6 +1,6 @@
 """A run saved by 2 ranks resumes in 1 process with twice the micro-batches, as if uninterrupted.
 
-The sampler's position is a position in the global order of packed rows, so the resumed process
+The sampler's rows_dealt counts rows of the global order of packed rows, so the resumed process
 deals out exactly the rows the 2 ranks would have taken next; the sharded checkpoint reshards on
 load. The resumed steps' losses and gradient norms equal the uninterrupted 2-rank run's to fp32
 rounding.
