@@ -281,7 +281,7 @@ def load_model(path: str, dtype: torch.dtype, dist_ctx: DistContext, prepare=Non
 def build_samplers(cfg: Config, dist_ctx: DistContext):
     """This rank's training sampler and held-out sampler (None without `train.eval_fraction`).
 
-    The data report (rows kept, dropped with reasons, tokens, packing efficiency) is printed
+    The data report (records read, samples kept, dropped with reasons, tokens, packing efficiency) is printed
     by rank 0 before step 1.
     """
     from packtune.data import PackedSampler, data_report, format_report, prepare_dataset

@@ -37,10 +37,10 @@ def write_template(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    rows_per_task: int
-    """Training rows per task (8 tasks), before `task_weights`."""
+    records_per_task: int
+    """Training records per task (8 tasks), before `task_weights`."""
     eval_per_task: int
-    """Held-out rows per task, for each of the two held-out splits."""
+    """Held-out records per task, for each of the two held-out splits."""
     vocab_size: int
     """Upper bound for the sentencepiece vocabulary (the model is sized to what it gets)."""
     hidden_size: int
@@ -54,7 +54,7 @@ class DemoRecipe:
     micro_batches: int
     """Packed rows per optimizer step."""
     task_weights: tuple[tuple[str, float], ...] = ()
-    """(task, weight): that task trains on weight × rows_per_task rows."""
+    """(task, weight): that task trains on weight × records_per_task records."""
     warmup: float = 0.05
     min_lr_ratio: float = 0.1
     log_every: int = 10
@@ -98,7 +98,7 @@ class DemoRecipe:
         return cfg
 
 
-FULL = DemoRecipe(rows_per_task=20000, eval_per_task=40, vocab_size=1000, hidden_size=128,
+FULL = DemoRecipe(records_per_task=20000, eval_per_task=40, vocab_size=1000, hidden_size=128,
                   num_hidden_layers=4, num_attention_heads=8, intermediate_size=352, epochs=1, lr=3e-3,
                   max_tokens=1024, micro_batches=1, log_every=250,
                   task_weights=(("reverse", 0.8), ("uppercase", 0.6), ("lowercase", 0.6), ("length", 0.5),
@@ -114,6 +114,6 @@ almost names a task, so each step would train one task; shuffled rows give every
 Eight heads of 16 rather than four of 32: the loss leaves its plateau (while the copying heads form)
 after about a third of the steps instead of a half (measured, one run each: 69.7% vs 55.9% held out,
 before the task weights)."""
-QUICK = replace(FULL, rows_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32, num_hidden_layers=1,
-                num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128, micro_batches=2,
-                log_every=20, samples_shown=2)
+QUICK = replace(FULL, records_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32,
+                num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128,
+                micro_batches=2, log_every=20, samples_shown=2)

@@ -304,7 +304,8 @@ def test_sampler_reads_states_saved_under_old_keys(dataset):
         assert (fresh.epoch, fresh.rows_dealt) == (0, 6)
         got = [[b.input_ids for b in micro] for micro in fresh]
         assert len(got) == len(want) > 0
-        assert all(torch.equal(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))
+        pairs = [(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)]
+        assert all(torch.equal(a, b) for a, b in pairs)
     with pytest.raises(ValueError, match="different data or seed"):  # an old state of other rows
         PackedSampler(rows, seed=7, micro_batches=2).load_state_dict(step | {"fingerprint": [9, 9, 2, 2]})
 
