@@ -2,7 +2,7 @@
 
 What matters for a throughput benchmark is the shape of the data, not its meaning: the length
 distribution (Alpaca-GPT4 rendered with the Alpaca template and a 32k sentencepiece tokenizer:
-mean ~212 tokens, median ~170, p90 ~420, p99 ~590, long tail to ~840), the share of rows with an
+mean ~212 tokens, median ~170, p90 ~420, p99 ~590, long tail to ~840), the share of records with an
 `input` (~41 %) and the share of tokens in the response (~73 %). Words are pronounceable
 pseudo-words with Zipf frequencies, so a sentencepiece model trained on the text has a realistic
 mix of whole-word and sub-word pieces. `length_stats` reports what a tokenizer actually makes of
@@ -70,10 +70,10 @@ class _Writer:
 
 
 def generate_rows(n: int, seed: int = 0, vocabulary_size: int = 6000) -> list[dict[str, str]]:
-    """`n` Alpaca rows (instruction, input, output) with Alpaca-like lengths."""
+    """`n` Alpaca records (instruction, input, output) with Alpaca-like lengths."""
     rng = random.Random(seed)
     writer = _Writer(rng, lexicon(vocabulary_size, rng))
-    rows = []
+    records = []
     for _ in range(n):
         instruction = writer.text(rng.randint(6, 22)).rstrip(".") + rng.choice(("?", ".", ":"))
         has_input = rng.random() < INPUT_SHARE
@@ -84,14 +84,15 @@ def generate_rows(n: int, seed: int = 0, vocabulary_size: int = 6000) -> list[di
         if len(paragraphs) > 6 and rng.random() < 0.5:
             cut = len(paragraphs) // 2
             output = ". ".join(paragraphs[:cut]) + ".\n\n" + ". ".join(paragraphs[cut:])
-        rows.append({"instruction": instruction, "input": inp, "output": output})
-    return rows
+        records.append({"instruction": instruction, "input": inp, "output": output})
+    return records
 
 
-def length_stats(rows: Sequence[dict[str, str]], sample_lengths: Callable[[dict[str, str]], tuple[int, int]]
-                 ) -> dict[str, float]:
-    """Token-length statistics; `sample_lengths(row)` -> (prompt tokens, response tokens)."""
-    prompt, response = zip(*(sample_lengths(r) for r in rows), strict=True)
+def length_stats(
+    records: Sequence[dict[str, str]], sample_lengths: Callable[[dict[str, str]], tuple[int, int]]
+) -> dict[str, float]:
+    """Token-length statistics; `sample_lengths(record)` -> (prompt tokens, response tokens)."""
+    prompt, response = zip(*(sample_lengths(r) for r in records), strict=True)
     total = sorted(p + r for p, r in zip(prompt, response, strict=True))
 
     def pct(q: float) -> int:
@@ -99,4 +100,4 @@ def length_stats(rows: Sequence[dict[str, str]], sample_lengths: Callable[[dict[
 
     return {"samples": len(total), "mean": sum(total) / len(total), "median": pct(0.5), "p90": pct(0.9),
             "p99": pct(0.99), "max": total[-1], "response_share": sum(response) / sum(total),
-            "input_share": sum(bool(r["input"]) for r in rows) / len(rows)}
+            "input_share": sum(bool(r["input"]) for r in records) / len(records)}

@@ -1,11 +1,11 @@
 """`packtune bench e2e`: whole fine-tuning runs, packtune against transformers + TRL SFTTrainer.
 
-Every side trains the same Llama config from the same random initial weights, on the same rows
+Every side trains the same Llama config from the same random initial weights, on the same records
 of generated Alpaca-shaped data (bench/alpaca_like.py), in the same order of magnitude of tokens
-per optimizer step, for one epoch over the same first rows, with the same learning rate and
+per optimizer step, for one epoch over the same first records, with the same learning rate and
 schedule, tokenized by the same sentencepiece model. Each run is a fresh process (honest peak
 memory, no warm caches), and one judge (transformers' model, eval mode) scores every side's
-final weights on the same held-out rows. Reported per side: real tokens/s (padding excluded),
+final weights on the same held-out records. Reported per side: real tokens/s (padding excluded),
 label tokens/s, peak resident memory of the training loop, held-out loss, the last training
 losses, and CPU MFU against the matmul rate measured on this machine in the same run.
 """
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", action="append", choices=IMPLS,
                    help="sides to run (repeatable; default: the full fine-tuning ones, packtune and TRL)")
     p.add_argument("--tokens", type=int, default=24_000,
-                   help="train on the first rows holding about this many tokens (prompt + answer)")
+                   help="train on the first records holding about this many tokens (prompt + answer)")
     p.add_argument("--step-tokens", type=int, default=4096,
                    help="about this many real tokens per optimizer step")
     p.add_argument("--max-tokens", type=int, default=2048,

@@ -21,12 +21,12 @@ MODELS: dict[str, dict[str, Any]] = {
 VOCAB_SIZE = 32000
 
 
-def alpaca_prompt(row: dict[str, str]) -> str:
+def alpaca_prompt(record: dict[str, str]) -> str:
     """Stanford Alpaca's prompt (without BOS) ending at "### Response:"; the answer follows after a space."""
-    if row.get("input"):
-        return (f"{ALPACA_SYSTEM_INPUT}\n\n### Instruction:\n{row['instruction']}\n\n"
-                f"### Input:\n{row['input']}\n\n### Response:")
-    return f"{ALPACA_SYSTEM}\n\n### Instruction:\n{row['instruction']}\n\n### Response:"
+    if record.get("input"):
+        return (f"{ALPACA_SYSTEM_INPUT}\n\n### Instruction:\n{record['instruction']}\n\n"
+                f"### Input:\n{record['input']}\n\n### Response:")
+    return f"{ALPACA_SYSTEM}\n\n### Instruction:\n{record['instruction']}\n\n### Response:"
 
 
 def hf_config(name: str) -> dict[str, Any]:
@@ -91,8 +91,8 @@ def peak_rss_since_reset() -> int:
     return max(_status_bytes("VmHWM") - _BASE_RSS[0], 0)
 
 
-def heldout_loss(model_dir: str, rows: list[dict[str, str]]) -> float:
-    """Mean cross-entropy over the answer tokens (and EOS) of `rows`, one sample at a time with
+def heldout_loss(model_dir: str, records: list[dict[str, str]]) -> float:
+    """Mean cross-entropy over the answer tokens (and EOS) of `records`, one sample at a time with
     transformers' own model: one judge for every side."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,9 +101,10 @@ def heldout_loss(model_dir: str, rows: list[dict[str, str]]) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for row in rows:
-            prompt = tokenizer(alpaca_prompt(row))["input_ids"]
-            full = tokenizer(alpaca_prompt(row) + " " + row["output"])["input_ids"] + [tokenizer.eos_token_id]
+        for record in records:
+            prompt = tokenizer(alpaca_prompt(record))["input_ids"]
+            whole = tokenizer(alpaca_prompt(record) + " " + record["output"])["input_ids"]
+            full = whole + [tokenizer.eos_token_id]
             ids = torch.tensor([full])
             labels = ids.clone()
             labels[0, :len(prompt)] = -100
@@ -115,11 +116,11 @@ def heldout_loss(model_dir: str, rows: list[dict[str, str]]) -> float:
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    rows = []
+    records = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if limit is not None and len(rows) >= limit:
+            if limit is not None and len(records) >= limit:
                 break
             if line.strip():
-                rows.append(json.loads(line))
-    return rows
+                records.append(json.loads(line))
+    return records

@@ -62,12 +62,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = config({**spec, "data": str(subset)})
     check_config(cfg)
     torch.manual_seed(cfg.train.seed)
-    d = init_distributed(cfg.train.device)
+    dist_ctx = init_distributed(cfg.train.device)
     try:
-        sampler, _ = build_samplers(cfg, d)
-        prepare = lora_preparer(cfg, d.device, sharded=d.mesh is not None)
-        model, load_weights = load_model(cfg.model.path, model_dtype(cfg.model.dtype), d, prepare)
-        trainer = Trainer(cfg.train, model, sampler, d, flops_per_token=model.args.num_flops_per_token,
+        sampler, _ = build_samplers(cfg, dist_ctx)
+        prepare = lora_preparer(cfg, dist_ctx.device, sharded=dist_ctx.mesh is not None)
+        model, load_weights = load_model(cfg.model.path, model_dtype(cfg.model.dtype), dist_ctx, prepare)
+        trainer = Trainer(cfg.train, model, sampler, dist_ctx, flops_per_token=model.args.num_flops_per_token,
                           load_weights=load_weights)
         reset_peak_rss()
         start = time.perf_counter()
@@ -76,7 +76,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         peak = peak_rss_since_reset()
         final = export_model(trainer, cfg)
     finally:
-        shutdown(d)
+        shutdown(dist_ctx)
     records = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8") if line.strip()]
     steps = [r for r in records if "loss" in r and "tokens" in r]
     return {"train_s": seconds, "steps": len(steps), "samples": spec["rows"],

@@ -1,6 +1,6 @@
 """The baseline side of `packtune bench e2e`: Hugging Face transformers + TRL `SFTTrainer`.
 
-Runs in a fresh process (see e2e.py). Prompt/completion rows with `completion_only_loss`, as a
+Runs in a fresh process (see e2e.py). Prompt/completion records with `completion_only_loss`, as a
 user of TRL would set up Alpaca data, in two modes: `padding` (right-padded micro-batches, the
 Stanford Alpaca recipe's layout) and `packing` (`packing_strategy="bfd"`, which TRL runs
 padding-free with per-sample `position_ids`; on CPU transformers turns those into a
@@ -28,8 +28,8 @@ def _dataset(data_path: str, rows: int):
         for line in f:
             if len(records) == rows:
                 break
-            row = json.loads(line)
-            records.append({"prompt": alpaca_prompt(row), "completion": " " + row["output"]})
+            record = json.loads(line)
+            records.append({"prompt": alpaca_prompt(record), "completion": " " + record["output"]})
     return Dataset.from_list(records)
 
 

@@ -39,7 +39,7 @@ from packtune.model.llama import LlamaForCausalLM
 
 GPU = replace(
     FULL,
-    rows_per_task=1000,
+    records_per_task=1000,
     vocab_size=4000,
     hidden_size=2048,
     num_hidden_layers=16,
@@ -52,7 +52,7 @@ GPU = replace(
 )
 SMOKE = replace(
     GPU,
-    rows_per_task=30,
+    records_per_task=30,
     hidden_size=32,
     num_hidden_layers=1,
     num_attention_heads=2,
@@ -67,11 +67,11 @@ STEPS = {"gpu": 20, "smoke": 3}
 def prepare(out: Path, smoke: bool) -> Path:
     """Data, tokenizer, model and config under `out`; returns the config file."""
     recipe = SMOKE if smoke else GPU
-    rows = make_split("train", recipe.rows_per_task, 0)
-    data = write_jsonl(rows, out / "data" / "train.jsonl")
+    records = make_split("train", recipe.records_per_task, 0)
+    data = write_jsonl(records, out / "data" / "train.jsonl")
     template = write_template(out / "template.toml")
     tokenizer = train_tokenizer(
-        rendered_texts(rows, str(template)), out / "tokenizer.model", recipe.vocab_size, model_type="bpe"
+        rendered_texts(records, str(template)), out / "tokenizer.model", recipe.vocab_size, model_type="bpe"
     )
     pieces = load_tokenizer(tokenizer).vocab_size
     hf = recipe.hf_config(pieces if smoke else max(pieces, 128256))

@@ -7,7 +7,7 @@
    512 / 2048 / 4096 (samples longer than max_tokens are left out, as `drop` does).
 2. Time to pack 1M lengths with best-fit decreasing (C++ op and the Python fallback) and with
    the `shuffle` strategy.
-3. Tokenizing generated Alpaca-like rows with the same sentencepiece model: packtune's
+3. Tokenizing generated Alpaca-like records with the same sentencepiece model: packtune's
    `prepare_dataset` (render, segment-wise encode, decode check, masks) against Hugging Face
    `datasets.map` doing the Stanford Alpaca preprocessing (encode prompt and prompt+answer, mask the
    prompt), plus packtune's cached second load. Needs `pip install datasets` (the `bench` extra).
@@ -128,7 +128,7 @@ def pack_speed(n: int, repeats: int) -> list[dict]:
 
 
 def write_rows(path: Path, n: int, seed: int) -> None:
-    """Alpaca-like rows over a Zipf-distributed vocabulary of 5000 made-up words."""
+    """Alpaca-like records over a Zipf-distributed vocabulary of 5000 made-up words."""
     rng = random.Random(seed)
     syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
     vocab = list(dict.fromkeys("".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(6000)))[
@@ -142,12 +142,12 @@ def write_rows(path: Path, n: int, seed: int) -> None:
 
     with path.open("w", encoding="utf-8") as f:
         for _ in range(n):
-            row = {
+            record = {
                 "instruction": text(rng.randint(4, 30)),
                 "input": text(rng.randint(2, 40)) if rng.random() < 0.4 else "",
                 "output": text(max(1, min(int(rng.lognormvariate(3.9, 0.7)), 1500))),
             }
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(record) + "\n")
 
 
 def train_tokenizer(folder: Path, data: Path) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from packtune.config import Config, TrainConfig
-from packtune.parallel import Dist, init_distributed, shutdown
+from packtune.parallel import DistContext, init_distributed, shutdown
 
 TOLERANCE = 1e-4
 STEPS, MICRO_BATCHES, SAMPLES_PER_ROW, LONGEST = 3, 2, 3, 256
@@ -36,21 +36,21 @@ class FixedSteps:
     """A sampler over fixed steps (lists of micro-batches), one pass."""
 
     def __init__(self, steps: list[list]) -> None:
-        self.steps, self.epoch, self.position = steps, 0, 0
+        self.steps, self.epoch, self.steps_taken = steps, 0, 0
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
+        self.epoch, self.steps_taken = epoch, 0
 
     def __iter__(self):
-        while self.position < len(self.steps):
-            self.position += 1
-            yield self.steps[self.position - 1]
+        while self.steps_taken < len(self.steps):
+            self.steps_taken += 1
+            yield self.steps[self.steps_taken - 1]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "steps_taken": self.steps_taken}
 
 
 def shrunken(args):
@@ -93,7 +93,9 @@ def batches(rows_cls, dataset, per_row: int, weighting: str) -> list:
     return [rows.collate(r) for r in range(len(rows))]
 
 
-def train(cfg: TrainConfig, model, steps: list[list], d: Dist) -> tuple[list[float], torch.Tensor]:
+def train(
+    cfg: TrainConfig, model, steps: list[list], dist_ctx: DistContext
+) -> tuple[list[float], torch.Tensor]:
     """(step losses, final flat weights) of packtune's Trainer on fixed steps."""
     from packtune.train import Trainer
 
@@ -101,10 +103,10 @@ def train(cfg: TrainConfig, model, steps: list[list], d: Dist) -> tuple[list[flo
         run_cfg = dataclasses.replace(cfg, output_dir=tmp, max_steps=len(steps), save_every=0, eval_every=0,
                                       log_every=1, compile=False)
         torch.manual_seed(cfg.seed)
-        trainer = Trainer(run_cfg, copy.deepcopy(model), FixedSteps(steps), d, log_stream=io.StringIO(),
-                          mixed_precision=False)
+        trainer = Trainer(run_cfg, copy.deepcopy(model), FixedSteps(steps), dist_ctx,
+                          log_stream=io.StringIO(), mixed_precision=False)
         trainer.fit()
-        lines = (Path(tmp) / "metrics.jsonl").read_text().splitlines() if d.is_main else []
+        lines = (Path(tmp) / "metrics.jsonl").read_text().splitlines() if dist_ctx.is_main else []
     import json
 
     losses = [json.loads(line)["loss"] for line in lines]
@@ -133,9 +135,9 @@ def run_check(cfg: Config, full: bool = False) -> bool:
     """Run the three comparisons, print them (rank 0); True when all pass."""
     from packtune.data.packing import PackedRows, PaddedRows
 
-    d = init_distributed(cfg.train.device)
+    dist_ctx = init_distributed(cfg.train.device)
     try:
-        world, k, per_row = d.world_size, MICRO_BATCHES, SAMPLES_PER_ROW
+        world, k, per_row = dist_ctx.world_size, MICRO_BATCHES, SAMPLES_PER_ROW
         weighting = cfg.train.loss_weighting
         dataset = check_samples(cfg, STEPS * world * k * per_row)
         model = build_model(cfg, full)
@@ -145,27 +147,29 @@ def run_check(cfg: Config, full: bool = False) -> bool:
         group = world * k
 
         def mine(rows: list, size: int) -> list[list]:  # this rank's micro-batches of each step
-            return [rows[s * world * size + d.rank * size:][:size] for s in range(STEPS)]
+            return [rows[s * world * size + dist_ctx.rank * size:][:size] for s in range(STEPS)]
 
-        if d.is_main:
+        if dist_ctx.is_main:
             what = "the model" if full else "a shrunken copy of the model"
             print(f"packtune check: {STEPS} steps x {world} rank(s) x {k} micro-batches of {per_row} "
                   f"samples, {what}, fp32", flush=True)
-        base = train(cfg.train, model, mine(packed, k), d)
+        base = train(cfg.train, model, mine(packed, k), dist_ctx)
         results = {
-            "packed == unpacked": relative(base, train(cfg.train, model, mine(padded, k), d)),
-            f"{k} micro-batches == 1 batch": relative(base, train(cfg.train, model, mine(bigger, 1), d)),
+            "packed == unpacked": relative(base, train(cfg.train, model, mine(padded, k), dist_ctx)),
+            f"{k} micro-batches == 1 batch": relative(
+                base, train(cfg.train, model, mine(bigger, 1), dist_ctx)
+            ),
             f"{world} ranks == 1 process": None,
         }
-        if world > 1 and d.is_main:  # no collectives: rank 0 alone runs the one-process reference
-            alone = Dist(0, 1, 0, d.device, None)
+        if world > 1 and dist_ctx.is_main:  # no collectives: rank 0 alone runs the one-process reference
+            alone = DistContext(0, 1, 0, dist_ctx.device, None)
             steps = [packed[s * group : (s + 1) * group] for s in range(STEPS)]
             results[f"{world} ranks == 1 process"] = relative(base, train(cfg.train, model, steps, alone))
         ok = True
-        if d.is_main:
+        if dist_ctx.is_main:
             for name, diffs in results.items():
                 ok &= report(name, diffs)
             print("packtune check: " + ("PASS" if ok else "FAIL"), flush=True)
         return ok
     finally:
-        shutdown(d)
+        shutdown(dist_ctx)

@@ -3,7 +3,7 @@
 Layout: `<output_dir>/checkpoints/step_00000120/` holds the DCP files (the trainable model and
 optimizer tensors, each rank writing its own shards, reshardable on load; a LoRA run's frozen
 base is not saved) plus `extra_rank<r>.pt` (per-rank plain state: step, scheduler, sampler
-position, RNG, optimizer hyper-parameters).
+rows dealt, RNG, optimizer hyper-parameters).
 A checkpoint is written into `step_XXXXXXXX.tmp` and renamed once every rank has finished, so
 a directory without the suffix is always complete; a run killed mid-write leaves only a
 `.tmp` directory, which `latest_checkpoint` ignores and the next save deletes.
@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from packtune.parallel import Dist
+from packtune.parallel import DistContext
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -115,7 +115,7 @@ def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
-    d: Dist,
+    dist_ctx: DistContext,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
@@ -125,37 +125,37 @@ def save_checkpoint(
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
-    if d.is_main:
+    if dist_ctx.is_main:
         for stale in root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():  # saving the same step again (e.g. SIGTERM right after a save)
             shutil.rmtree(final)
         tmp.mkdir(parents=True)
-    d.barrier()
+    dist_ctx.barrier()
     tensors, groups = _tensor_state(model, optimizer)
-    with _single_process_quiet(d):
-        dcp.save(tensors, checkpoint_id=tmp, no_dist=d.mesh is None)
-    state = {**extra, "step": step, "param_groups": groups, "rng": _rng_state(d)}
-    torch.save(state, tmp / f"extra_rank{d.rank}.pt")
-    d.barrier()
-    if d.is_main:
+    with _single_process_quiet(dist_ctx):
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=dist_ctx.mesh is None)
+    state = {**extra, "step": step, "param_groups": groups, "rng": _rng_state(dist_ctx)}
+    torch.save(state, tmp / f"extra_rank{dist_ctx.rank}.pt")
+    dist_ctx.barrier()
+    if dist_ctx.is_main:
         tmp.rename(final)
         if keep > 0:
             for old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
+    dist_ctx.barrier()
     return final
 
 
 def load_checkpoint(
-    path: str | Path, d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer
+    path: str | Path, dist_ctx: DistContext, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Restore model and optimizer in place (resharding if the world size changed); returns
     this rank's extra state (step, scheduler, sampler, ...), RNG already restored."""
     path = Path(path)
     if not (path / ".metadata").exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (no .metadata file)")
-    extra_file = path / f"extra_rank{d.rank}.pt"
+    extra_file = path / f"extra_rank{dist_ctx.rank}.pt"
     if not extra_file.exists():
         extra_file = path / "extra_rank0.pt"  # resumed with more ranks than saved it
     try:
@@ -165,32 +165,32 @@ def load_checkpoint(
     reader = SafeFileSystemReader(path)
     reader.read_metadata()  # refuse a tampered metadata pickle here, with a readable error
     tensors, _ = _tensor_state(model, optimizer)
-    with _single_process_quiet(d):
-        dcp.load(tensors, storage_reader=reader, no_dist=d.mesh is None)
+    with _single_process_quiet(dist_ctx):
+        dcp.load(tensors, storage_reader=reader, no_dist=dist_ctx.mesh is None)
     optim_sd = {"state": tensors["optim"]["state"], "param_groups": extra["param_groups"]}
     set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_sd,
                    options=_state_options(model))
-    _set_rng_state(extra["rng"], d)
+    _set_rng_state(extra["rng"], dist_ctx)
     return extra
 
 
 @contextlib.contextmanager
-def _single_process_quiet(d: Dist) -> Iterator[None]:
+def _single_process_quiet(dist_ctx: DistContext) -> Iterator[None]:
     """DCP warns that it 'assumes' a single process when there is no process group; we know."""
     with warnings.catch_warnings():
-        if d.mesh is None:
+        if dist_ctx.mesh is None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
 
-def _rng_state(d: Dist) -> dict[str, torch.Tensor]:
+def _rng_state(dist_ctx: DistContext) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
-    if d.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(d.device)
+    if dist_ctx.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dist_ctx.device)
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], d: Dist) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], dist_ctx: DistContext) -> None:
     torch.set_rng_state(state["cpu"])
-    if d.device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], d.device)
+    if dist_ctx.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], dist_ctx.device)

@@ -40,11 +40,14 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _data_inspect(args: argparse.Namespace) -> int:
     from packtune.data import DataError
-    from packtune.data.inspect import inspect_rows
+    from packtune.data.inspect import inspect_records
 
+    if args.rows is not None:
+        print("packtune data inspect: --rows is now called --records; the old name will stop working in a "
+              "later release", file=sys.stderr)
     cfg = load_config(args.config, args.set)
     try:
-        inspect_rows(cfg, args.rows)
+        inspect_records(cfg, args.records if args.rows is None else args.rows)
     except DataError as e:
         print(f"packtune: data error: {e}", file=sys.stderr)
         return 2
@@ -185,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--world-size", type=int, default=1, help="ranks the steps are counted for")
     prepare.set_defaults(func=_prepare)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    inspect = data.add_parser("inspect", help="the first rows token by token, trained tokens marked")
+    inspect = data.add_parser("inspect", help="the first records token by token, trained tokens marked")
     inspect.add_argument("config", help="a TOML run config")
-    inspect.add_argument("--rows", type=int, default=3)
+    inspect.add_argument("--records", type=int, default=3, help="how many records of the first source")
+    inspect.add_argument("--rows", type=int, help=argparse.SUPPRESS)  # the old name of --records
     inspect.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a config value (repeatable)")
     inspect.set_defaults(func=_data_inspect)

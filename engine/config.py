@@ -11,6 +11,7 @@ import difflib
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,17 +38,17 @@ class DataSource:
     path: str = ""
     """A data file (JSONL, JSON, CSV, Parquet, Arrow; .gz/.zst) or a `datasets.save_to_disk` folder."""
     format: str | None = None
-    """The row layout, as data.format; unset: data.format."""
+    """The record layout, as data.format; unset: data.format."""
     field_map: list[str] | None = None
     """Field renames, as data.field_map; unset: data.field_map."""
     weight: float = 1.0
-    """Mixing weight w > 0: int(w) copies of every row plus a seeded random w - int(w) share of them."""
+    """Mixing weight w > 0: int(w) copies of every record plus a seeded random w - int(w) share of them."""
 
 
 @dataclass
 class DataConfig:
     path: str = ""
-    """A file of training rows (JSONL, JSON, CSV, Parquet, Arrow; .gz/.zst) or a save_to_disk folder."""
+    """A file of training records (JSONL, JSON, CSV, Parquet, Arrow; .gz/.zst) or a save_to_disk folder."""
     format: str = "auto"
     """auto, alpaca, sharegpt, messages, prompt_completion or text."""
     template: str = "auto"
@@ -61,14 +62,14 @@ class DataConfig:
     """A sentencepiece .model or tokenizer.json; default: the model directory's."""
     max_tokens: int = 2048
     """Tokens per packed row; also the longest sample kept."""
-    skip_bad_rows: bool = False
-    """Skip (and count) malformed rows instead of stopping at the first one."""
+    skip_bad_records: bool = False
+    """Skip (and count) malformed records instead of stopping at the first one."""
     train_on: str = "assistant"
     """Trained tokens: assistant (every answer and its end token), last (the last answer only), all."""
     truncation: str = "drop"
     """Samples longer than max_tokens: drop, or truncate (cut the end of the response)."""
     field_map: list[str] = field(default_factory=list)
-    """Field renames for the input rows, canonical=actual: ["instruction=question", "output=answer"]."""
+    """Field renames for the input records, canonical=actual: ["instruction=question", "output=answer"]."""
     cache_dir: str = ""
     """Tokenize-once cache folder; default $PACKTUNE_CACHE or ~/.cache/packtune/data."""
     num_workers: int = 0
@@ -85,7 +86,7 @@ class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     """Several data files in one run (`[[data.sources]]` tables), instead of `path`."""
     mix_seed: int = 0
-    """Seeds the random share of rows taken from sources with a fractional weight."""
+    """Seeds the random share of records taken from sources with a fractional weight."""
 
 
 @dataclass
@@ -117,7 +118,7 @@ class TrainConfig:
     eval_fraction: float = 0.0
     """Fraction of the samples (seeded random) held out of training for evaluation."""
     eval_data: str = ""
-    """Instruction rows (any data layout) the model answers greedily every eval_generate_every steps
+    """Instruction records (any data layout) the model answers greedily every eval_generate_every steps
     and at the end, scored as `packtune eval` scores them (exact match, ROUGE-L, ...) into metrics.jsonl."""
     eval_generate_every: int = 0
     """Steps between eval_data evaluations (0: only at the end, when eval_data is set)."""
@@ -189,6 +190,23 @@ class Config:
         return dataclasses.asdict(self)
 
 
+RENAMED_KEYS = {"data.skip_bad_rows": "data.skip_bad_records"}
+"""Old key -> its new name. The old name still works and warns once per process."""
+_warned_renames: set[str] = set()
+
+
+def _renamed(section: str, key: str, source: str) -> str:
+    """`key`, or its new name (with a FutureWarning the first time) when it was renamed."""
+    new = RENAMED_KEYS.get(f"{section}.{key}")
+    if new is None:
+        return key
+    if f"{section}.{key}" not in _warned_renames:
+        _warned_renames.add(f"{section}.{key}")
+        warnings.warn(f"{source}: {section}.{key} is now called {new}; the old name will stop working "
+                      "in a later release", FutureWarning, stacklevel=4)
+    return new.partition(".")[2]
+
+
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(choices))}"
@@ -242,6 +260,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
         raise ConfigError(f"{source}: unknown section [{section}]{_suggest(section, list(sections))}")
     obj = getattr(cfg, section)
     keys = typing.get_type_hints(type(obj))
+    key = _renamed(section, key, source)
     if key not in keys:
         raise ConfigError(f"{source}: unknown key {section}.{key}{_suggest(key, list(keys))}")
     setattr(obj, key, _coerce(value, keys[key], f"{source}: {section}.{key}"))

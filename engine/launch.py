@@ -18,7 +18,7 @@ from packtune.config import Config, ConfigError
 from packtune.data.packing import LOSS_WEIGHTINGS, PACKING_STRATEGIES
 from packtune.data.sources import resolve_sources
 from packtune.lora.training import check_lora_run, lora_preparer, lora_summary
-from packtune.parallel import Dist
+from packtune.parallel import DistContext
 from packtune.reporters import check_reporters
 
 
@@ -133,7 +133,7 @@ def export_model(trainer, cfg: Config) -> Path | None:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(trainer.module, options=options)
-    if not trainer.d.is_main:
+    if not trainer.dist_ctx.is_main:
         return None
     state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
     output_dir = Path(cfg.train.output_dir)
@@ -181,22 +181,22 @@ def run_training(cfg: Config) -> Path | None:
         return final if final.is_dir() else None
     # bf16 compute over fp32 master weights; float32 computes in fp32 (auto: bf16 on GPU, fp32 on CPU)
     mixed_precision = {"auto": None, "float32": False, "bfloat16": True}[cfg.model.dtype]
-    d = init_distributed(cfg.train.device, mixed_precision=bool(mixed_precision))
+    dist_ctx = init_distributed(cfg.train.device, mixed_precision=bool(mixed_precision))
     trainer = None
     try:
-        if d.is_main:
+        if dist_ctx.is_main:
             moved = start_run(cfg, plan)
             if moved is not None:
                 print(f"train.overwrite: moved the previous contents of {plan.output_dir} to {moved}",
                       flush=True)
-        d.barrier()
-        reporters = open_reporters(cfg, plan.output_dir) if d.is_main else []
+        dist_ctx.barrier()
+        reporters = open_reporters(cfg, plan.output_dir) if dist_ctx.is_main else []
         torch.manual_seed(cfg.train.seed)
-        sampler, eval_sampler = build_samplers(cfg, d)
-        prepare = lora_preparer(cfg, d.device, sharded=d.mesh is not None)
-        model, load_weights = load_model(cfg.model.path, torch.float32, d, prepare)
-        if prepare is not None and d.is_main:
-            print(lora_summary(cfg, model, d.device), flush=True)
+        sampler, eval_sampler = build_samplers(cfg, dist_ctx)
+        prepare = lora_preparer(cfg, dist_ctx.device, sharded=dist_ctx.mesh is not None)
+        model, load_weights = load_model(cfg.model.path, torch.float32, dist_ctx, prepare)
+        if prepare is not None and dist_ctx.is_main:
+            print(lora_summary(cfg, model, dist_ctx.device), flush=True)
         for s in (sampler, eval_sampler):
             if s is not None:
                 check_token_ids(s.rows.dataset, model.args.vocab_size, cfg.data.tokenizer or cfg.model.path)
@@ -206,16 +206,16 @@ def run_training(cfg: Config) -> Path | None:
 
             generation_eval = TrainingEval(cfg.train.eval_data, cfg.data.tokenizer or cfg.model.path,
                                            cfg.data.template)
-        trainer = Trainer(cfg.train, model, sampler, d, eval_sampler=eval_sampler,
+        trainer = Trainer(cfg.train, model, sampler, dist_ctx, eval_sampler=eval_sampler,
                           generation_eval=generation_eval, flops_per_token=model.args.num_flops_per_token,
                           load_weights=load_weights, mixed_precision=mixed_precision, reporters=reporters)
         resumed = trainer.resume()
-        if resumed is not None and d.is_main:
+        if resumed is not None and dist_ctx.is_main:
             print(f"resumed from {resumed} at step {trainer.step}", flush=True)
         if trainer.fit() < trainer.total_steps:
             return None
         exported = export_model(trainer, cfg) if cfg.train.export else None
-        if d.is_main:
+        if dist_ctx.is_main:
             m = trainer.metrics
             line = finish_run(plan.output_dir, trainer.step, m.run_tokens, m.run_seconds, exported)
             print(line, flush=True)
@@ -223,7 +223,7 @@ def run_training(cfg: Config) -> Path | None:
     finally:
         if trainer is not None:
             trainer.metrics.close()
-        shutdown(d)
+        shutdown(dist_ctx)
 
 
 def check_token_ids(dataset, vocab_size: int, tokenizer: str) -> None:
@@ -236,7 +236,7 @@ def check_token_ids(dataset, vocab_size: int, tokenizer: str) -> None:
                           "own tokenizer (data.tokenizer) or resize its embeddings")
 
 
-def load_model(path: str, dtype: torch.dtype, d: Dist, prepare=None):
+def load_model(path: str, dtype: torch.dtype, dist_ctx: DistContext, prepare=None):
     """The model to train and, when sharding, the function that fills its shards; `prepare`
     (e.g. adding LoRA adapters) is applied to the loaded model, or to both the meta model and
     rank 0's full copy.
@@ -253,7 +253,7 @@ def load_model(path: str, dtype: torch.dtype, d: Dist, prepare=None):
     from packtune.model.llama import LlamaForCausalLM
 
     try:
-        if d.mesh is None:
+        if dist_ctx.mesh is None:
             model = load_pretrained(path, dtype=dtype)
             return (model if prepare is None else prepare(model)), None
         args = ModelArgs.from_file(path)
@@ -267,7 +267,7 @@ def load_model(path: str, dtype: torch.dtype, d: Dist, prepare=None):
 
     def load_weights(module: torch.nn.Module) -> None:
         full = {}
-        if d.is_main:
+        if dist_ctx.is_main:
             loaded = load_pretrained(path, dtype=dtype)
             if prepare is not None:
                 loaded = prepare(loaded)
@@ -278,35 +278,35 @@ def load_model(path: str, dtype: torch.dtype, d: Dist, prepare=None):
     return model, load_weights
 
 
-def build_samplers(cfg: Config, d: Dist):
+def build_samplers(cfg: Config, dist_ctx: DistContext):
     """This rank's training sampler and held-out sampler (None without `train.eval_fraction`).
 
-    The data report (rows kept, dropped with reasons, tokens, packing efficiency) is printed
+    The data report (records read, samples kept, dropped with reasons, tokens, packing efficiency) is printed
     by rank 0 before step 1.
     """
     from packtune.data import PackedSampler, data_report, format_report, prepare_dataset
 
     # One rank per node tokenizes (and fills the cache); the others then load the cached result.
-    if d.local_rank == 0:
+    if dist_ctx.local_rank == 0:
         dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
-    d.barrier()
-    if d.local_rank != 0:
+    dist_ctx.barrier()
+    if dist_ctx.local_rank != 0:
         dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
     train_set, eval_set = held_out_split(dataset, cfg.train.eval_fraction, cfg.train.seed)
     rows = build_rows(cfg, train_set)
-    if d.is_main:
+    if dist_ctx.is_main:
         split = ("all samples" if eval_set is None
                  else f"training split ({len(train_set)} of {len(dataset)} samples)")
-        report = data_report(train_set, rows, d.world_size, cfg.train.micro_batches, split)
+        report = data_report(train_set, rows, dist_ctx.world_size, cfg.train.micro_batches, split)
         print(format_report(report), flush=True)
         if eval_set is not None:
             print(f"  held out {len(eval_set)} samples for evaluation", flush=True)
-    sampler = PackedSampler(rows, seed=cfg.train.seed, rank=d.rank, world_size=d.world_size,
+    sampler = PackedSampler(rows, seed=cfg.train.seed, rank=dist_ctx.rank, world_size=dist_ctx.world_size,
                             micro_batches=cfg.train.micro_batches)
     eval_sampler = None
     if eval_set is not None:
-        eval_sampler = PackedSampler(build_rows(cfg, eval_set), seed=cfg.train.seed, rank=d.rank,
-                                     world_size=d.world_size, micro_batches=1)
+        eval_sampler = PackedSampler(build_rows(cfg, eval_set), seed=cfg.train.seed, rank=dist_ctx.rank,
+                                     world_size=dist_ctx.world_size, micro_batches=1)
     return sampler, eval_sampler
 
 

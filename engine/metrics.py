@@ -189,7 +189,7 @@ class MetricsLogger:
         self._write_eval(
             {"step": step, **{f"eval_{k}": v for k, v in scores.items() if k != "per_task"}},
             f"step {step}/{self.total_steps} | eval exact match {100 * scores['exact_match']:.1f}%, "
-            f"ROUGE-L {100 * scores['rouge_l']:.1f} ({scores['rows']} rows)",
+            f"ROUGE-L {100 * scores['rouge_l']:.1f} ({scores['rows']} records)",
         )
 
     def _write_eval(self, record: dict[str, Any], line: str) -> None:

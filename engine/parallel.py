@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 @dataclass
-class Dist:
+class DistContext:
     """Where this process runs and whom it trains with."""
 
     rank: int
@@ -58,7 +58,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: str = "auto", *, mixed_precision: bool = False) -> Dist:
+def init_distributed(device: str = "auto", *, mixed_precision: bool = False) -> DistContext:
     """Join the process group torchrun describes in the environment, or run alone.
 
     A single CUDA process still gets a one-rank group and mesh so that FSDP2's mixed precision
@@ -70,7 +70,7 @@ def init_distributed(device: str = "auto", *, mixed_precision: bool = False) -> 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
     if world_size == 1 and dev.type == "cpu" and not mixed_precision:
-        return Dist(0, 1, 0, dev, None)
+        return DistContext(0, 1, 0, dev, None)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -80,13 +80,13 @@ def init_distributed(device: str = "auto", *, mixed_precision: bool = False) -> 
         else:  # one process started without torchrun
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
-    return Dist(rank, world_size, local_rank, dev, mesh)
+    return DistContext(rank, world_size, local_rank, dev, mesh)
 
 
-def shutdown(d: Dist) -> None:
+def shutdown(dist_ctx: DistContext) -> None:
     """Tear the process group down once every rank is done with it (a rank destroying gloo's
     group while another still talks to it can abort the process at exit)."""
-    if d.mesh is not None and dist.is_initialized():
+    if dist_ctx.mesh is not None and dist.is_initialized():
         try:
             dist.barrier()
         finally:
@@ -96,7 +96,7 @@ def shutdown(d: Dist) -> None:
 def parallelize(
     root: nn.Module,
     blocks: nn.ModuleList,
-    d: Dist,
+    dist_ctx: DistContext,
     *,
     activation_checkpointing: bool = False,
     compile_blocks: bool = False,
@@ -121,20 +121,20 @@ def parallelize(
     if compile_blocks:
         for block in blocks:
             block.compile(fullgraph=False)
-    if d.mesh is None:
+    if dist_ctx.mesh is None:
         return root
     if mixed_precision is None:
-        mixed_precision = d.device.type == "cuda"
+        mixed_precision = dist_ctx.device.type == "cuda"
     policy = MixedPrecisionPolicy()
     if mixed_precision:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in blocks:
-        fully_shard(block, mesh=d.mesh, mp_policy=policy)
+        fully_shard(block, mesh=dist_ctx.mesh, mp_policy=policy)
     # The root's inputs include the float `num_items` count, which must not be rounded to bf16.
     root_policy = MixedPrecisionPolicy(
         param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, cast_forward_inputs=False
     )
-    fully_shard(root, mesh=d.mesh, mp_policy=root_policy)
+    fully_shard(root, mesh=dist_ctx.mesh, mp_policy=root_policy)
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,9 @@ def config_changes(cfg: Config, stored: Path) -> str:
     if not stored.is_file():
         return f"it has no {stored.name}"
     try:
-        old = load_config(stored).to_dict()
+        with warnings.catch_warnings():  # a key renamed since that run saved it is packtune's own
+            warnings.simplefilter("ignore", FutureWarning)
+            old = load_config(stored).to_dict()
     except ConfigError as e:
         return f"its {stored.name} does not load: {e}"
     new = cfg.to_dict()

@@ -29,7 +29,7 @@ from packtune.config import TrainConfig
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
-from packtune.parallel import Dist, parallelize
+from packtune.parallel import DistContext, parallelize
 
 if TYPE_CHECKING:
     from packtune.data.packing import PackedBatch, PaddedBatch
@@ -91,7 +91,7 @@ class Trainer:
         cfg: TrainConfig,
         model: nn.Module,
         sampler: Any,
-        d: Dist,
+        dist_ctx: DistContext,
         *,
         eval_sampler: Any = None,
         generation_eval: Callable[[nn.Module], dict[str, Any]] | None = None,
@@ -101,19 +101,19 @@ class Trainer:
         mixed_precision: bool | None = None,
         reporters: list | None = None,
     ) -> None:
-        self.cfg, self.d, self.sampler, self.eval_sampler = cfg, d, sampler, eval_sampler
+        self.cfg, self.dist_ctx, self.sampler, self.eval_sampler = cfg, dist_ctx, sampler, eval_sampler
         self.generation_eval = generation_eval
-        if generation_eval is not None and d.world_size > 1:
+        if generation_eval is not None and dist_ctx.world_size > 1:
             raise TrainingError("train.eval_data generates on one process; run it with `packtune eval` "
                                 "on the exported model instead")
         self.flops_per_token = flops_per_token
         self.output_dir = Path(cfg.output_dir)
-        if d.is_main:
+        if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.module = parallelize(
             CausalLMLoss(model),
             model.model.layers,
-            d,
+            dist_ctx,
             activation_checkpointing=cfg.activation_checkpointing,
             compile_blocks=cfg.compile,
             mixed_precision=mixed_precision,
@@ -124,7 +124,7 @@ class Trainer:
             # Built on the meta device: allocate only this rank's shards, then fill them.
             if load_weights is None:
                 raise TrainingError("the model is on the meta device but no load_weights was given")
-            self.module.to_empty(device=d.device)
+            self.module.to_empty(device=dist_ctx.device)
             load_weights(self.module)
         self.optimizer = build_optimizer(
             self.module,
@@ -142,11 +142,11 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.metrics = MetricsLogger(
-            self.output_dir / "metrics.jsonl" if d.is_main else None,
+            self.output_dir / "metrics.jsonl" if dist_ctx.is_main else None,
             self.total_steps,
-            d.world_size,
-            peak_flops(d.device),
-            d.device,
+            dist_ctx.world_size,
+            peak_flops(dist_ctx.device),
+            dist_ctx.device,
             max_bad_steps=cfg.max_bad_steps,
             stream=log_stream,
             reporters=list(reporters or []),
@@ -168,10 +168,10 @@ class Trainer:
             if not path.is_dir():
                 raise CheckpointError(f"train.resume: {path} is not a checkpoint directory")
         if path is None:
-            if self.d.is_main:
+            if self.dist_ctx.is_main:
                 _truncate_metrics(self.output_dir / "metrics.jsonl", 0)
             return None
-        extra = load_checkpoint(path, self.d, self.module, self.optimizer)
+        extra = load_checkpoint(path, self.dist_ctx, self.module, self.optimizer)
         self.step, self.epoch = extra["step"], extra["epoch"]
         self.scheduler.load_state_dict(extra["scheduler"])
         try:
@@ -180,7 +180,7 @@ class Trainer:
             raise CheckpointError(f"cannot resume from {path}: {e}") from None
         self.metrics.skipped_steps = extra.get("skipped_total", 0)
         self.metrics.bad_in_a_row = extra.get("bad_in_a_row", 0)
-        if self.d.is_main:
+        if self.dist_ctx.is_main:
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         return path
 
@@ -193,7 +193,7 @@ class Trainer:
             "bad_in_a_row": self.metrics.bad_in_a_row,
         }
         return save_checkpoint(
-            self.output_dir, self.step, self.d, self.module, self.optimizer, extra,
+            self.output_dir, self.step, self.dist_ctx, self.module, self.optimizer, extra,
             keep=self.cfg.keep_checkpoints,
         )
 
@@ -228,7 +228,7 @@ class Trainer:
                     self.save()
                     saved_at = self.step
                 if stop_now:
-                    if self.d.is_main:
+                    if self.dist_ctx.is_main:
                         print(f"stop requested: saved step {self.step}, exiting", flush=True)
                     return self.step
         if self.cfg.save_every and saved_at != self.step:
@@ -246,13 +246,13 @@ class Trainer:
     def _num_items(self, count: int) -> torch.Tensor:
         """The global loss-item count as a float32 device tensor, copied without a sync."""
         host = torch.tensor(float(count), dtype=torch.float32)
-        if self.d.device.type == "cuda":
-            return host.pin_memory().to(self.d.device, non_blocking=True)
+        if self.dist_ctx.device.type == "cuda":
+            return host.pin_memory().to(self.dist_ctx.device, non_blocking=True)
         return host
 
     def train_step(self, micro_batches: list[Any], stop_requested: bool = False) -> bool:
         """One optimizer step; returns True when any rank asked to stop after it."""
-        device = self.d.device
+        device = self.dist_ctx.device
         if any((b.loss_weights is None) != (self.cfg.loss_weighting == "token") for b in micro_batches):
             raise TrainingError(f"train.loss_weighting = {self.cfg.loss_weighting!r} but the batches were "
                                 "built for another weighting (see PackedRows / PaddedRows loss_weighting)")
@@ -261,7 +261,7 @@ class Trainer:
              sum(b.input_ids.numel() for b in micro_batches), int(stop_requested)],
             dtype=torch.int64,
         )
-        self.d.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
+        self.dist_ctx.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
         label_tokens, items, tokens, stops = counts.tolist()
         num_items = self._num_items(items)
         flops = 0.0
@@ -272,7 +272,7 @@ class Trainer:
             loss = self._loss(batch, num_items, weighted=True)
             loss.backward()
             loss_sum += loss.detach().float()
-        self.d.all_reduce_sum(loss_sum)
+        self.dist_ctx.all_reduce_sum(loss_sum)
         grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.max_grad_norm).to(device)
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()
@@ -281,7 +281,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
-        flops = self.d.world_size * flops  # every rank's share, assuming balanced ranks
+        flops = self.dist_ctx.world_size * flops  # every rank's share, assuming balanced ranks
         values = torch.stack([loss_sum, grad_norm.float(), finite.float()])
         self.metrics.record(self.step, lr, tokens, label_tokens, flops, values)
         return stops > 0
@@ -290,7 +290,7 @@ class Trainer:
               weighted: bool = False) -> torch.Tensor:
         """Summed token loss of one micro-batch (times its loss weights when `weighted`, ÷ num_items
         when given), packed or padded."""
-        batch = batch.to(self.d.device)
+        batch = batch.to(self.dist_ctx.device)
         return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
                            loss_weights=batch.loss_weights if weighted else None)
 
@@ -298,17 +298,17 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean token loss over the held-out split (all ranks), logged to metrics.jsonl; unweighted
         whatever `loss_weighting` is, so runs with different weightings compare."""
-        totals = torch.zeros(2, dtype=torch.float64, device=self.d.device)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.dist_ctx.device)
         self.eval_sampler.set_epoch(0)
         for micro_batches in self.eval_sampler:
             for batch in micro_batches:
                 loss = self._loss(batch)
                 totals[0] += loss.double()
                 totals[1] += batch.num_label_tokens
-        self.d.all_reduce_sum(totals)
+        self.dist_ctx.all_reduce_sum(totals)
         loss_sum, count = totals.tolist()
         mean = loss_sum / max(count, 1.0)
-        if self.d.is_main:
+        if self.dist_ctx.is_main:
             self.metrics.log_eval(self.step, mean, int(count))
         return mean
 

@@ -1,7 +1,7 @@
 """Instruction data -> packed, loss-masked batches (see the README, "How it works").
 
-readers (files -> streamed rows) -> sources (several files, mixed by weight)
--> formats (rows -> Conversation) -> templates (-> segments) -> tokenize (-> ids + mask, checked)
+readers (files -> streamed records) -> sources (several files, mixed by weight)
+-> formats (records -> Conversation) -> templates (-> segments) -> tokenize (-> ids + mask, checked)
 -> dataset (tokenize once, cached, memory-mapped) -> packing (best-fit decreasing rows, batches)
 -> sampler (deterministic, resumable, sharded per rank) -> report (printed before step 1).
 """

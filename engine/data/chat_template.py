@@ -12,8 +12,8 @@ after the first control token that follows (`<|im_end|>`, `<|eot_id|>`, `<end_of
 which is trained; the template's text after it is not. A template with `{% generation %}` blocks
 gets its masks from them instead. Some templates rewrite earlier turns once later ones exist (Qwen3
 drops the reasoning of past answers), so turn i renders differently alone than inside the whole
-conversation. That is detected per row and handled by `[data] rewritten_history`: `"error"` (the
-default: the row is reported), `"as_rendered"` (train each turn as the whole conversation renders
+conversation. That is detected per record and handled by `[data] rewritten_history`: `"error"` (the
+default: the record is reported), `"as_rendered"` (train each turn as the whole conversation renders
 it, as trainers that render once do) or `"split"` (one sample per assistant turn, the conversation up
 to it, only that turn trained: each turn exactly as the model sees it when generating).
 """
@@ -95,7 +95,7 @@ def _environment():
 
 
 class ChatTemplateRenderer:
-    """Renders conversations with a Jinja chat template into `Rendered` rows (one, or one per
+    """Renders conversations with a Jinja chat template into `Rendered` samples (one, or one per
     assistant turn with `rewritten_history = "split"`)."""
 
     def __init__(
@@ -147,12 +147,12 @@ class ChatTemplateRenderer:
     def __call__(self, conv: Conversation, where: str) -> list[Rendered]:
         if conv.plain_text:
             raise DataError(
-                f'{where}: a `text` row has no turns for a chat template; use template = "raw"', "config"
+                f'{where}: a `text` record has no turns for a chat template; use template = "raw"', "config"
             )
         messages = self.messages(conv)
         if any(_START in m["content"] or _END in m["content"] for m in messages):
             raise DataError(
-                f"{where}: the row holds the private-use characters U+E000/U+E001", "template_error"
+                f"{where}: the record holds the private-use characters U+E000/U+E001", "template_error"
             )
         answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not answers:
@@ -226,7 +226,7 @@ def _data_spans(
         at = text.find(content, pos)
         if at < 0:
             raise DataError(
-                f"{where}: the row's text holds a control-token string and the chat template changes that "
+                f"{where}: the record's text holds a control-token string and the chat template changes that "
                 "text, so it cannot be kept as text",
                 "control_token_in_text",
             )
@@ -237,7 +237,7 @@ def _data_spans(
 
 @dataclasses.dataclass(frozen=True)
 class ChatFormat:
-    """How rows become ids: the renderer, the encoder and what `[data] template` resolved to."""
+    """How records become ids: the renderer, the encoder and what `[data] template` resolved to."""
 
     render: Callable[[Conversation, str], list[Rendered]]
     encoder: ChatEncoder

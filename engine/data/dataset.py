@@ -2,11 +2,11 @@
 
 sources (read as streams, mixed by weight; sources.py) -> formats -> template -> ChatEncoder, in
 chunks, in parallel worker processes; samples longer than `max_tokens` are dropped or truncated;
-samples with no label token are dropped; every dropped or truncated row is counted with its
+samples with no label token are dropped; every dropped or truncated record is counted with its
 reason. The result is cached (see cache.py).
 
 Storage: `tokens` (int32), `mask` (bool, True where the token is a training target), `offsets`
-(int64, n+1), `lines` (the line, item or row of each sample in its source file) and
+(int64, n+1), `lines` (the line, item or record of each sample in its source file) and
 `label_counts` (int64: label tokens per sample once labels are shifted, i.e. trainable tokens
 after the first position).
 """
@@ -27,12 +27,12 @@ from packtune.config import ConfigError, DataConfig
 from packtune.data import cache, fidelity
 from packtune.data.chat_template import REWRITTEN_HISTORY, auto_variant, make_chat_format, template_identity
 from packtune.data.errors import DataError
-from packtune.data.formats import FORMATS, decode_row, field_names, location, to_conversation
+from packtune.data.formats import FORMATS, decode_record, field_names, location, to_conversation
 from packtune.data.sources import OpenSource, resolve_sources
 from packtune.data.templates import TRAIN_ON, get_template
 from packtune.data.tokenizer import default_threads, load_tokenizer
 
-CHUNK_ROWS = 2048
+CHUNK_RECORDS = 2048
 MAX_ERRORS_KEPT = 5
 
 
@@ -146,17 +146,17 @@ def _options(cfg: DataConfig, tokenizer_path: str | Path | None) -> dict[str, An
         "rewritten_history": cfg.rewritten_history,
         "truncation": cfg.truncation,
         "max_tokens": cfg.max_tokens,
-        "skip_bad_rows": cfg.skip_bad_rows,
+        "skip_bad_records": cfg.skip_bad_records,
     }
 
 
 def tokenize_file(options: dict[str, Any], workers: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read, render and tokenize every row of every source, results in source and file order.
+    """Read, render and tokenize every record of every source, results in source and file order.
 
-    Rows stream from the files in chunks of CHUNK_ROWS; chunks run in `workers` processes, at most
-    two per worker in flight, so only the tokenized result is held in memory, not the rows.
+    Records stream from the files in chunks of CHUNK_RECORDS; chunks run in `workers` processes, at most
+    two per worker in flight, so only the tokenized result is held in memory, not the records.
     """
-    sources = [OpenSource(spec, options["skip_bad_rows"]) for spec in options["sources"]]
+    sources = [OpenSource(spec, options["skip_bad_records"]) for spec in options["sources"]]
     common = {k: v for k, v in options.items() if k not in ("sources", "mix_seed")}
     jobs = [
         {**common, "path": s.spec["path"], "format": s.format, "field_map": s.spec["field_map"],
@@ -164,9 +164,9 @@ def tokenize_file(options: dict[str, Any], workers: int) -> tuple[dict[str, np.n
         for s in sources
     ]
     tasks = (
-        (index, copies, rows)
+        (index, copies, records)
         for index, source in enumerate(sources)
-        for copies, rows in source.chunks(CHUNK_ROWS, index, options["mix_seed"])
+        for copies, records in source.chunks(CHUNK_RECORDS, index, options["mix_seed"])
     )
     first = list(itertools.islice(tasks, 2))
     tasks = itertools.chain(first, tasks)
@@ -176,7 +176,7 @@ def tokenize_file(options: dict[str, Any], workers: int) -> tuple[dict[str, np.n
             results = list(_in_order(pool, tasks, 2 * workers))
     else:
         tokenize_chunk = _SourceTokenizers(jobs, threads=workers)
-        results = [(index, copies, tokenize_chunk((index, rows))) for index, copies, rows in tasks]
+        results = [(index, copies, tokenize_chunk((index, records))) for index, copies, records in tasks]
     return _combine(results, options, sources)
 
 
@@ -186,8 +186,8 @@ def _in_order(
     """(source index, copies, result) of each task, in order, with at most `window` tasks queued
     (Pool.imap would read the whole file ahead into its queue)."""
     pending: deque = deque()
-    for index, copies, rows in tasks:
-        pending.append((index, copies, pool.apply_async(_run_chunk, ((index, rows),))))
+    for index, copies, records in tasks:
+        pending.append((index, copies, pool.apply_async(_run_chunk, ((index, records),))))
         if len(pending) >= window:
             index, copies, result = pending.popleft()
             yield index, copies, result.get()
@@ -196,7 +196,7 @@ def _in_order(
 
 
 class ChunkTokenizer:
-    """Tokenizes chunks of raw rows for one process (the tokenizer and template loaded once)."""
+    """Tokenizes chunks of raw records for one process (the tokenizer and template loaded once)."""
 
     def __init__(self, job: dict[str, Any], threads: int = 1) -> None:
         self.job = job
@@ -205,7 +205,7 @@ class ChunkTokenizer:
         self.format = make_chat_format(
             job["template"], job["tokenizer"], self.tokenizer, job["train_on"], job["rewritten_history"]
         )
-        self.checks_left = fidelity.ROWS_CHECKED
+        self.checks_left = fidelity.SAMPLES_CHECKED
 
     def describe(self) -> dict[str, Any]:
         """The template and the special-token ids used, for the data report."""
@@ -218,7 +218,7 @@ class ChunkTokenizer:
         }
 
     def __call__(self, chunk: list[tuple[int, Any]]) -> dict[str, Any]:
-        """Tokenize one chunk of rows (this process's first rows are also checked by fidelity.py)."""
+        """Tokenize one chunk of records (the first ones of this process are also checked by fidelity.py)."""
         job, max_tokens = self.job, self.job["max_tokens"]
         checks: list = []
         errors: list[tuple[int, DataError]] = []
@@ -226,7 +226,7 @@ class ChunkTokenizer:
         for number, raw in chunk:
             where = location(job["path"], number, job["unit"])
             try:
-                conv = to_conversation(decode_row(where, raw), job["format"], self.fields, where)
+                conv = to_conversation(decode_record(where, raw), job["format"], self.fields, where)
                 samples = self.format.render(conv, where)
             except DataError as e:
                 errors.append((number, e))
@@ -241,7 +241,7 @@ class ChunkTokenizer:
         ids_out: list[int] = []
         mask_out: list[bool] = []
         lengths, kept_numbers = [], []
-        encoded = self.format.encoder.encode_rows(rendered, wheres)
+        encoded = self.format.encoder.encode_samples(rendered, wheres)
         checked = fidelity.check_samples(
             self.tokenizer, job["tokenizer"],
             [(wheres[k], messages, rendered[k], encoded[k].ids) for k, messages in checks
@@ -272,7 +272,7 @@ class ChunkTokenizer:
             lengths.append(len(ids))
             kept_numbers.append(number)
         errors.sort(key=lambda item: item[0])
-        if errors and not job["skip_bad_rows"]:
+        if errors and not job["skip_bad_records"]:
             raise errors[0][1]
         for _, e in errors:
             dropped[e.reason] += 1
@@ -291,7 +291,7 @@ class ChunkTokenizer:
 
 
 class _SourceTokenizers:
-    """Tokenizes (source index, rows) tasks: one ChunkTokenizer per source (its own format and
+    """Tokenizes (source index, records) tasks: one ChunkTokenizer per source (its own format and
     fields), made on first use."""
 
     def __init__(self, jobs: list[dict[str, Any]], threads: int) -> None:
@@ -299,10 +299,10 @@ class _SourceTokenizers:
         self.tokenizers: dict[int, ChunkTokenizer] = {}
 
     def __call__(self, task: tuple[int, list[tuple[int, Any]]]) -> dict[str, Any]:
-        index, rows = task
+        index, records = task
         if index not in self.tokenizers:
             self.tokenizers[index] = ChunkTokenizer(self.jobs[index], self.threads)
-        return self.tokenizers[index](rows)
+        return self.tokenizers[index](records)
 
 
 _WORKER: dict[str, _SourceTokenizers] = {}
@@ -330,7 +330,7 @@ def _combine(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     per_source = [
         {"path": s.spec["path"], "format": s.format, "weight": s.spec["weight"],
-         "read": s.read, "rows": s.rows, "kept": 0}
+         "read": s.read, "rows": s.records, "kept": 0}
         for s in sources
     ]
     results = []
@@ -338,7 +338,7 @@ def _combine(
         result = _repeat(result, copies)
         per_source[index]["kept"] += len(result["lengths"])
         results.append(result)
-    n_rows = sum(s.rows for s in sources)
+    n_records = sum(s.records for s in sources)
     tokens = np.concatenate([r["tokens"] for r in results]).astype(np.int32, copy=False)
     mask = np.concatenate([r["mask"] for r in results])
     lengths = np.concatenate([r["lengths"] for r in results])
@@ -346,7 +346,7 @@ def _combine(
     np.cumsum(lengths, out=offsets[1:])
     if len(lengths) == 0:
         raise DataError(
-            f"{', '.join(s['path'] for s in per_source)}: no sample was kept out of {n_rows} rows "
+            f"{', '.join(s['path'] for s in per_source)}: no sample was kept out of {n_records} records "
             f"(dropped: {dict(sum((r['dropped'] for r in results), Counter()))})",
             "no_samples",
         )
@@ -356,7 +356,7 @@ def _combine(
     truncated = sum((r["truncated"] for r in results), Counter())
     n_label = int(label_counts.sum())
     report = {
-        "rows": n_rows,
+        "rows": n_records,  # the --report-json keys stay as they were: "rows" counts records read
         "kept": len(lengths),
         "dropped": dict(sorted(dropped.items())),
         "truncated": dict(sorted(truncated.items())),

@@ -7,7 +7,7 @@ class DataError(ValueError):
     """A problem with the training data or tokenizer that the user must fix.
 
     The message names the file and line (and the field) at fault. `reason` is a short stable key
-    (`malformed_json`, `missing_field`, ...) under which `skip_bad_rows` counts skipped rows.
+    (`malformed_json`, `missing_field`, ...) under which `skip_bad_records` counts skipped records.
     """
 
     def __init__(self, message: str, reason: str = "bad_input") -> None:

@@ -1,9 +1,9 @@
-"""Proof, per dataset, that packtune's ids are the model's own: a sample of rows is encoded again
+"""Proof, per dataset, that packtune's ids are the model's own: the first records are encoded again
 by the reference and compared token for token before training starts.
 
 The reference is transformers' `apply_chat_template` for a chat template (when transformers is
 installed), and for a built-in template with a `tokenizer.json` the tokenizer's own encoding of the
-whole rendered text in one piece. Rows whose text holds a control-token string are left out: there
+whole rendered text in one piece. Records whose text holds a control-token string are left out: there
 packtune keeps the string as text on purpose, where the reference would emit the control token.
 """
 
@@ -17,7 +17,7 @@ from packtune.data.errors import DataError
 from packtune.data.tokenize import Rendered
 from packtune.data.tokenizer import HFTokenizer, Tokenizer
 
-ROWS_CHECKED = 8
+SAMPLES_CHECKED = 8
 
 
 @functools.cache
@@ -60,7 +60,7 @@ def check_samples(
     has_control: callable,
 ) -> int:
     """Compare (where, chat messages or None, rendered, ids) samples with the reference; the number
-    compared. A difference is a DataError naming the row and the first differing token."""
+    compared. A difference is a DataError naming the record and the first differing token."""
     checked = 0
     for where, messages, rendered, ids in samples:
         if any(has_control(rendered.text[lo:hi]) for lo, hi in rendered.data):

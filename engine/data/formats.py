@@ -1,12 +1,12 @@
-"""Readers for instruction data: every supported row layout becomes one `Conversation`.
+"""Readers for instruction data: every supported record layout becomes one `Conversation`.
 
 Layouts (`[data] format`): `alpaca` (instruction / input / output, optional system),
 `sharegpt` (conversations of from / value with human / gpt / system), `messages` (OpenAI-style
 role / content), `prompt_completion`, and `text` (trained in full). `auto` picks the layout from
-the first row's keys. Field names can be renamed with `[data] field_map`.
+the first record's keys. Field names can be renamed with `[data] field_map`.
 
 The files are read by readers.py (JSONL, JSON, CSV, Parquet, Arrow, each as a stream). Every error
-names the file and line (item for JSON arrays, row for Parquet and Arrow) and, where it applies,
+names the file and line (item for JSON arrays, record for Parquet and Arrow) and, where it applies,
 the field.
 """
 
@@ -60,7 +60,7 @@ class Message:
 class Conversation:
     messages: tuple[Message, ...]
     plain_text: bool = False
-    """A `text` row: one message trained in full, no chat markup."""
+    """A `text` record: one message trained in full, no chat markup."""
 
 
 def field_names(field_map: list[str]) -> dict[str, str]:
@@ -79,22 +79,22 @@ def field_names(field_map: list[str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
-class BadRow:
-    """A row a reader could not turn into a dict (a CSV line with the wrong number of cells):
-    raised by `decode_row`, where the row's location is known, so `skip_bad_rows` counts it."""
+class BadRecord:
+    """A record a reader could not turn into a dict (a CSV line with the wrong number of cells):
+    raised by `decode_record`, where the record's location is known, so `skip_bad_records` counts it."""
 
     message: str
     reason: str
 
 
 def location(path: str | Path, number: int, unit: str) -> str:
-    """The text errors use for row `number` of `path`: unit is line, item or row (readers.py)."""
+    """The text errors use for record `number` of `path`: unit is line, item or record (readers.py)."""
     return f"{path}:{number}" if unit == "line" else f"{path}: {unit} {number}"
 
 
-def decode_row(where: str, raw: bytes | BadRow | Any) -> dict[str, Any]:
-    """One row as a dict; JSONL bytes are decoded strictly (UTF-8, then JSON)."""
-    if isinstance(raw, BadRow):
+def decode_record(where: str, raw: bytes | BadRecord | Any) -> dict[str, Any]:
+    """One record as a dict; JSONL bytes are decoded strictly (UTF-8, then JSON)."""
+    if isinstance(raw, BadRecord):
         raise DataError(f"{where}: {raw.message}", raw.reason)
     if isinstance(raw, bytes):
         try:
@@ -112,8 +112,8 @@ def decode_row(where: str, raw: bytes | BadRow | Any) -> dict[str, Any]:
     return raw
 
 
-def detect_format(row: dict[str, Any], fields: dict[str, str], where: str) -> str:
-    """The layout a row is written in, judged by which known fields it has."""
+def detect_format(record: dict[str, Any], fields: dict[str, str], where: str) -> str:
+    """The layout a record is written in, judged by which known fields it has."""
     checks = (
         ("sharegpt", ("conversations",)),
         ("messages", ("messages",)),
@@ -122,44 +122,44 @@ def detect_format(row: dict[str, Any], fields: dict[str, str], where: str) -> st
         ("text", ("text",)),
     )
     for fmt, needed in checks:
-        if all(fields[k] in row for k in needed):
+        if all(fields[k] in record for k in needed):
             return fmt
     raise DataError(
-        f"{where}: cannot tell the data format from the fields {sorted(row)}; set "
+        f"{where}: cannot tell the data format from the fields {sorted(record)}; set "
         f"data.format to one of {', '.join(FORMATS)} (and data.field_map to rename fields)",
         "unknown_format",
     )
 
 
-def to_conversation(row: dict[str, Any], fmt: str, fields: dict[str, str], where: str) -> Conversation:
-    """Normalise one decoded row of layout `fmt` into a Conversation, checking every field."""
+def to_conversation(record: dict[str, Any], fmt: str, fields: dict[str, str], where: str) -> Conversation:
+    """Normalise one decoded record of layout `fmt` into a Conversation, checking every field."""
     if fmt == "alpaca":
-        system = _string(row, fields["system"], where, required=False)
-        output = _string(row, fields["output"], where, response=True)
+        system = _string(record, fields["system"], where, required=False)
+        output = _string(record, fields["output"], where, response=True)
         user = Message(
             "user",
-            _string(row, fields["instruction"], where),
-            _string(row, fields["input"], where, required=False),
+            _string(record, fields["instruction"], where),
+            _string(record, fields["input"], where, required=False),
         )
         head = (Message("system", system),) if system else ()
         return Conversation((*head, user, Message("assistant", output)))
     if fmt == "prompt_completion":
         return Conversation(
             (
-                Message("user", _string(row, fields["prompt"], where)),
-                Message("assistant", _string(row, fields["completion"], where, response=True)),
+                Message("user", _string(record, fields["prompt"], where)),
+                Message("assistant", _string(record, fields["completion"], where, response=True)),
             )
         )
     if fmt == "text":
         return Conversation(
-            (Message("assistant", _string(row, fields["text"], where, response=True)),), plain_text=True
+            (Message("assistant", _string(record, fields["text"], where, response=True)),), plain_text=True
         )
     if fmt in ("sharegpt", "messages"):
         key = fields["conversations" if fmt == "sharegpt" else "messages"]
         role_key, content_key = (
             (fields["from"], fields["value"]) if fmt == "sharegpt" else (fields["role"], fields["content"])
         )
-        turns = row.get(key)
+        turns = record.get(key)
         if turns is None:
             raise DataError(f"{where}: missing field {key!r}", "missing_field")
         if not isinstance(turns, list) or not turns:

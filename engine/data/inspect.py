@@ -1,4 +1,4 @@
-"""`packtune data inspect CONFIG [--rows N]`: the first rows (of the first source) as the model sees them.
+"""`packtune data inspect CONFIG [--records N]`: the first records of the first source as the model sees them.
 
 Each sample is printed token by token with the trained tokens marked (green on a terminal,
 [[brackets]] otherwise), then the ids on both sides of every prompt/answer boundary, the
@@ -13,14 +13,15 @@ from typing import TextIO
 from packtune.config import Config
 from packtune.data.chat_template import make_chat_format
 from packtune.data.errors import DataError
-from packtune.data.formats import decode_row, location, to_conversation
+from packtune.data.formats import decode_record, location, to_conversation
 from packtune.data.sources import OpenSource, resolve_sources
 from packtune.data.tokenizer import load_tokenizer
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
-def inspect_rows(cfg: Config, n_rows: int = 3, out: TextIO = sys.stdout) -> None:
+def inspect_records(cfg: Config, n_records: int = 3, out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
     data = cfg.data
     tokenizer_path = data.tokenizer or cfg.model.path
     tok = load_tokenizer(tokenizer_path)
@@ -29,16 +30,16 @@ def inspect_rows(cfg: Config, n_rows: int = 3, out: TextIO = sys.stdout) -> None
     eot = list(tok.end_of_turn_ids)
     print(f"template: {fmt.resolved}; BOS {tok.bos_id}, EOS {tok.eos_id}, end of turn {eot}", file=out)
     spec = resolve_sources(data)[0]
-    source = OpenSource(spec, data.skip_bad_rows)
-    for number, raw in next(source.chunks(n_rows, 0, data.mix_seed), (1, []))[1]:
+    source = OpenSource(spec, data.skip_bad_records)
+    for number, raw in next(source.chunks(n_records, 0, data.mix_seed), (1, []))[1]:
         where = location(spec["path"], number, source.unit)
         try:
-            row = decode_row(where, raw)
-            samples = fmt.render(to_conversation(row, source.format, source.fields, where), where)
+            record = decode_record(where, raw)
+            samples = fmt.render(to_conversation(record, source.format, source.fields, where), where)
         except DataError as e:
             print(f"\n{where}: {e}", file=out)
             continue
-        for result in fmt.encoder.encode_rows(samples, [where] * len(samples)):
+        for result in fmt.encoder.encode_samples(samples, [where] * len(samples)):
             print(f"\n── {where} ──", file=out)
             if isinstance(result, DataError):
                 print(f"error: {result}", file=out)

@@ -31,7 +31,7 @@ class PromptEncoder:
         """Token ids of each conversation (ending with a user turn) up to where the answer starts."""
         render = self.format.render
         prompts = [render.prompt(Conversation(tuple(messages)), "prompt") for messages in conversations]
-        encoded = self.format.encoder.encode_rows(prompts, ["prompt"] * len(prompts))
+        encoded = self.format.encoder.encode_samples(prompts, ["prompt"] * len(prompts))
         for result in encoded:
             if isinstance(result, DataError):
                 raise result

@@ -1,10 +1,10 @@
-"""File readers for data sources: each file type streams its rows, so files larger than memory work.
+"""File readers for data sources: each file type streams its records, so files larger than memory work.
 
-A reader yields `(number, raw row)` pairs lazily. `number` is what errors cite (`unit`): the line of
-a JSONL or CSV file (a CSV's header is line 1), the item of a JSON array, the row index of a
-Parquet or Arrow file or of a `datasets.save_to_disk` folder (counted across its shards). A raw row
-is the bytes of a JSONL line, a dict, or a `BadRow`; `formats.decode_row` turns it into a dict or
-raises, so that `skip_bad_rows` can count a bad row. A file that cannot be read at all (missing,
+A reader yields `(number, raw record)` pairs lazily. `number` is what errors cite (`unit`): the line of
+a JSONL or CSV file (a CSV's header is line 1), the item of a JSON array, the record index of a
+Parquet or Arrow file or of a `datasets.save_to_disk` folder (counted across its shards). A raw record
+is the bytes of a JSONL line, a dict, or a `BadRecord`; `formats.decode_record` turns it into a dict or
+raises, so that `skip_bad_records` can count a bad record. A file that cannot be read at all (missing,
 empty, corrupt, truncated) is a DataError naming the file, here.
 
 The type comes from the name: `.parquet` / `.pq`; `.arrow` / `.feather` / `.ipc` (Arrow IPC file
@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from packtune.data.errors import DataError
-from packtune.data.formats import BadRow
+from packtune.data.formats import BadRecord
 
-BATCH_ROWS = 1024
-"""Rows converted to Python objects at a time from a Parquet or Arrow record batch."""
+BATCH_RECORDS = 1024
+"""Records converted to Python objects at a time from a Parquet or Arrow record batch."""
 
 COMPRESSIONS = (".gz", ".zst")
 KINDS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
@@ -52,13 +52,13 @@ LIST_TYPES = ("list<", "large_list<", "fixed_size_list<", "list_view<", "null")
 
 
 @dataclass
-class RowStream:
-    """An opened data source: its rows (read lazily, once) and, for typed files, its columns."""
+class RecordStream:
+    """An opened data source: its records (read lazily, once) and, for typed files, its columns."""
 
     path: Path
     unit: str
-    """What a row number counts in errors: line, item or row (see `formats.location`)."""
-    rows: Iterator[tuple[int, Any]]
+    """What a record number counts in errors: line, item or record (see `formats.location`)."""
+    records: Iterator[tuple[int, Any]]
     columns: dict[str, str] | None = None
     """Column name -> type name (CSV: every column a string); None for JSON."""
 
@@ -78,8 +78,8 @@ def file_kind(path: str | Path) -> str:
     return kind
 
 
-def open_rows(path: str | Path) -> RowStream:
-    """Open `path` (checked now: missing, empty, unreadable or lacking an extra) to read its rows."""
+def open_records(path: str | Path) -> RecordStream:
+    """Open `path` (checked now: missing, empty, unreadable or lacking an extra) to read its records."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist", "missing_file")
@@ -95,12 +95,12 @@ def open_rows(path: str | Path) -> RowStream:
             stream = _json(path)
     except _read_errors() as e:
         raise _unreadable(path, e, "") from None
-    stream.rows = _guarded(stream.path, stream.unit, stream.rows)
+    stream.records = _guarded(stream.path, stream.unit, stream.records)
     return stream
 
 
-def count_rows(path: str | Path) -> int:
-    """The number of rows `open_rows(path)` yields (Parquet and Arrow from metadata; others read)."""
+def count_records(path: str | Path) -> int:
+    """The number of records `open_records(path)` yields (Parquet and Arrow from metadata; others read)."""
     path = Path(path)
     kind = file_kind(path)
     if kind == "parquet":
@@ -108,10 +108,10 @@ def count_rows(path: str | Path) -> int:
     if kind in ("arrow", "saved_dataset"):
         files = _shards(path) if kind == "saved_dataset" else [path]
         return sum(batch.num_rows for f in files for batch in _arrow_batches(f)[1])
-    return sum(1 for _ in open_rows(path).rows)
+    return sum(1 for _ in open_records(path).records)
 
 
-def check_columns(stream: RowStream, fmt: str, fields: dict[str, str]) -> None:
+def check_columns(stream: RecordStream, fmt: str, fields: dict[str, str]) -> None:
     """A file with a schema must have the columns layout `fmt` reads, of the right type."""
     if stream.columns is None:
         return
@@ -131,11 +131,11 @@ def check_columns(stream: RowStream, fmt: str, fields: dict[str, str]) -> None:
             raise DataError(f"{stream.path}: column {name!r} is {kind}, expected {want}", "wrong_schema")
 
 
-def _guarded(path: Path, unit: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
-    """`rows`, with a failure while reading (truncated, corrupt) as a DataError naming the file."""
+def _guarded(path: Path, unit: str, records: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    """`records`, with a failure while reading (truncated, corrupt) as a DataError naming the file."""
     number = None
     try:
-        for number, raw in rows:
+        for number, raw in records:
             yield number, raw
     except _read_errors() as e:
         where = "" if number is None else f" after {unit} {number}"
@@ -230,7 +230,7 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
-def _json(path: Path) -> RowStream:
+def _json(path: Path) -> RecordStream:
     stream = _open_binary(path)
     try:
         lines = ((n, _chomp(line)) for n, line in enumerate(stream, start=1) if line.strip())
@@ -241,20 +241,20 @@ def _json(path: Path) -> RowStream:
             # Blank leading lines kept as newlines, so JSON's line numbers match the file's.
             data = b"\n" * (first[0] - 1) + first[1] + b"\n" + stream.read()
             stream.close()
-            return RowStream(path, "item", iter(_read_json_array(path, data)))
+            return RecordStream(path, "item", iter(_read_json_array(path, data)))
     except BaseException:
         stream.close()
         raise
-    return RowStream(path, "line", _closing(stream, itertools.chain([first], lines)))
+    return RecordStream(path, "line", _closing(stream, itertools.chain([first], lines)))
 
 
 def _chomp(line: bytes) -> bytes:
     return line[:-1] if line.endswith(b"\n") else line
 
 
-def _closing(handle: Any, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+def _closing(handle: Any, records: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
     with handle:
-        yield from rows
+        yield from records
 
 
 def _read_json_array(path: Path, data: bytes) -> list[tuple[int, Any]]:
@@ -270,13 +270,13 @@ def _read_json_array(path: Path, data: bytes) -> list[tuple[int, Any]]:
             f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})", "malformed_json"
         ) from None
     if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON array of rows or JSON lines", "malformed_json")
+        raise DataError(f"{path}: expected a JSON array of records or JSON lines", "malformed_json")
     if not items:
         raise _empty(path, " (an empty JSON array)")
     return list(enumerate(items))
 
 
-def _csv(path: Path) -> RowStream:
+def _csv(path: Path) -> RecordStream:
     """CSV with a header line; every cell a string, so only the flat layouts (not sharegpt/messages)."""
     csv.field_size_limit(2**31 - 1)  # long responses exceed the default 128 KiB per cell
     text = io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline="")
@@ -285,18 +285,18 @@ def _csv(path: Path) -> RowStream:
         header = next((cells for cells in reader if cells), None)
         if header is None:
             raise _empty(path)
-        rows = _csv_rows(reader, header)
-        first = next(rows, None)
+        records = _csv_records(reader, header)
+        first = next(records, None)
         if first is None:
-            raise _empty(path, " (a header and no rows)")
+            raise _empty(path, " (a header and no records)")
     except BaseException:
         text.close()
         raise
     columns = {name: "string" for name in header}
-    return RowStream(path, "line", _closing(text, itertools.chain([first], rows)), columns)
+    return RecordStream(path, "line", _closing(text, itertools.chain([first], records)), columns)
 
 
-def _csv_rows(reader: Any, header: list[str]) -> Iterator[tuple[int, Any]]:
+def _csv_records(reader: Any, header: list[str]) -> Iterator[tuple[int, Any]]:
     end = reader.line_num
     for cells in reader:
         start, end = end + 1, reader.line_num
@@ -304,21 +304,21 @@ def _csv_rows(reader: Any, header: list[str]) -> Iterator[tuple[int, Any]]:
             continue
         if len(cells) != len(header):
             message = f"expected {len(header)} columns ({', '.join(header)}), got {len(cells)}"
-            yield start, BadRow(message, "wrong_columns")
+            yield start, BadRecord(message, "wrong_columns")
         else:
             yield start, dict(zip(header, cells, strict=True))
 
 
-def _parquet(path: Path) -> RowStream:
+def _parquet(path: Path) -> RecordStream:
     parquet = _pyarrow(path, "parquet")
     file = parquet.ParquetFile(path)
     if file.metadata.num_rows == 0:
-        raise _empty(path, " (no rows)")
-    batches = file.iter_batches(batch_size=BATCH_ROWS)
-    return RowStream(path, "row", _batch_rows(batches), _columns(file.schema_arrow))
+        raise _empty(path, " (no records)")
+    batches = file.iter_batches(batch_size=BATCH_RECORDS)
+    return RecordStream(path, "record", _batch_records(batches), _columns(file.schema_arrow))
 
 
-def _arrow(path: Path) -> RowStream:
+def _arrow(path: Path) -> RecordStream:
     schema, batches = _arrow_batches(path)
     return _arrow_stream(path, schema, batches)
 
@@ -336,21 +336,21 @@ def _arrow_batches(path: Path) -> tuple[Any, Iterator[Any]]:
         return reader.schema, iter(reader)
 
 
-def _arrow_stream(path: Path, schema: Any, batches: Iterator[Any]) -> RowStream:
+def _arrow_stream(path: Path, schema: Any, batches: Iterator[Any]) -> RecordStream:
     batches = iter(batches)
     first = next((b for b in batches if b.num_rows), None)
     if first is None:
-        raise _empty(path, " (no rows)")
-    rows = _batch_rows(itertools.chain([first], batches))
-    return RowStream(path, "row", rows, _columns(schema))
+        raise _empty(path, " (no records)")
+    records = _batch_records(itertools.chain([first], batches))
+    return RecordStream(path, "record", records, _columns(schema))
 
 
-def _batch_rows(batches: Iterator[Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _batch_records(batches: Iterator[Any]) -> Iterator[tuple[int, dict[str, Any]]]:
     number = 0
     for batch in batches:
-        for start in range(0, batch.num_rows, BATCH_ROWS):
-            for row in batch.slice(start, BATCH_ROWS).to_pylist():
-                yield number, row
+        for start in range(0, batch.num_rows, BATCH_RECORDS):
+            for record in batch.slice(start, BATCH_RECORDS).to_pylist():
+                yield number, record
                 number += 1
 
 
@@ -358,7 +358,7 @@ def _columns(schema: Any) -> dict[str, str]:
     return {f.name: str(f.type) for f in schema}
 
 
-def _saved_dataset(path: Path) -> RowStream:
+def _saved_dataset(path: Path) -> RecordStream:
     files = _shards(path)
     schema, first = _arrow_batches(files[0])
     rest = (batch for f in files[1:] for batch in _arrow_batches(f)[1])

@@ -39,13 +39,13 @@ def format_report(report: dict[str, Any]) -> str:
     sources = report.get("sources", [])
     weighted = " after source weights" if any(s["weight"] != 1 for s in sources) else ""
     lines = [
-        f"data: {report['rows']} rows read{weighted} ({report.get('format', '?')} format, "
+        f"data: {report['rows']} records read{weighted} ({report.get('format', '?')} format, "
         f"{report.get('template', '?')} template), {report['kept']} kept, {dropped} dropped, "
         f"{truncated} truncated",
     ]
     if len(sources) > 1 or weighted:
         lines += [
-            f"  source {s['path']} ({s['format']}, weight {s['weight']:g}): {s['read']} rows in the file, "
+            f"  source {s['path']} ({s['format']}, weight {s['weight']:g}): {s['read']} records in the file, "
             f"{s['rows']} after weighting, {s['kept']} kept"
             for s in sources
         ]
@@ -58,7 +58,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"  special tokens: BOS {report['bos_id']}, EOS {report['eos_id']}, "
             f"end of turn {report['end_of_turn_ids']}; {report['rows_with_straddling_tokens']} samples "
             "have a token across a prompt/answer boundary (trained: it holds answer characters); "
-            f"{report['rows_checked_against_reference']} rows checked against the reference"
+            f"{report['rows_checked_against_reference']} samples checked against the reference"
         )
     if "packing_efficiency" in report:
         lines.append(

@@ -1,11 +1,11 @@
 """Data sources: `[data] path` or several `[[data.sources]]`, each opened, its layout told, and mixed.
 
-Mixing rule. A source of n rows with weight w contributes int(w) copies of every row, plus one
-more copy of round((w - int(w)) * n) of its rows, drawn without replacement by
+Mixing rule. A source of n records with weight w contributes int(w) copies of every record, plus one
+more copy of round((w - int(w)) * n) of its records, drawn without replacement by
 `numpy.random.default_rng([data.mix_seed, source index])`. So weight 1 takes the source as it is,
-2 twice, 0.5 a seeded half, 2.25 every row twice and a seeded quarter a third time. A fractional
-weight counts the rows first (Parquet and Arrow from their metadata, other files by a read).
-Rows are counted before tokenization, so a malformed row drawn is counted (or raised) like any.
+2 twice, 0.5 a seeded half, 2.25 every record twice and a seeded quarter a third time. A fractional
+weight counts the records first (Parquet and Arrow from their metadata, other files by a read).
+Records are counted before tokenization, so a malformed record drawn is counted (or raised) like any.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 
 from packtune.config import ConfigError, DataConfig
 from packtune.data.errors import DataError
-from packtune.data.formats import FORMATS, decode_row, detect_format, field_names, location
-from packtune.data.readers import check_columns, count_rows, open_rows
+from packtune.data.formats import FORMATS, decode_record, detect_format, field_names, location
+from packtune.data.readers import check_columns, count_records, open_records
 
 
 def resolve_sources(cfg: DataConfig) -> list[dict[str, Any]]:
@@ -52,58 +52,58 @@ def resolve_sources(cfg: DataConfig) -> list[dict[str, Any]]:
 
 
 class OpenSource:
-    """One source being read: its rows (streamed once), resolved layout, fields and counts."""
+    """One source being read: its records (streamed once), resolved layout, fields and counts."""
 
-    def __init__(self, spec: dict[str, Any], skip_bad_rows: bool) -> None:
+    def __init__(self, spec: dict[str, Any], skip_bad_records: bool) -> None:
         self.spec = spec
-        self.stream = open_rows(spec["path"])
+        self.stream = open_records(spec["path"])
         self.fields = field_names(spec["field_map"])
         self.read = 0
-        """Rows read from the file so far."""
-        self.rows = 0
-        """Rows after weighting (copies included) sent to tokenization so far."""
+        """Records read from the file so far."""
+        self.records = 0
+        """Records after weighting (copies included) sent to tokenization so far."""
         peeked: list[tuple[int, Any]] = []
         self.format = spec["format"]
         if self.format == "auto":
-            self.format = self._detect(peeked, skip_bad_rows)
+            self.format = self._detect(peeked, skip_bad_records)
         check_columns(self.stream, self.format, self.fields)
-        self._rows = itertools.chain(peeked, self.stream.rows)
+        self._records = itertools.chain(peeked, self.stream.records)
 
     @property
     def unit(self) -> str:
         return self.stream.unit
 
     def chunks(self, size: int, index: int, mix_seed: int) -> Iterator[tuple[int, list[tuple[int, Any]]]]:
-        """(copies, rows) for every `size` rows read, the rows grouped by how many copies the
-        mixing rule gives them; rows with no copy are left out (see the module docstring)."""
+        """(copies, records) for every `size` records read, the records grouped by how many copies the
+        mixing rule gives them; records with no copy are left out (see the module docstring)."""
         whole, fraction = divmod(self.spec["weight"], 1.0)
         extra = None
         if fraction:
-            n = count_rows(self.spec["path"])
+            n = count_records(self.spec["path"])
             extra = np.zeros(n, dtype=bool)
             rng = np.random.default_rng([mix_seed, index])
             extra[rng.choice(n, round(fraction * n), replace=False)] = True
-        while chunk := list(itertools.islice(self._rows, size)):
+        while chunk := list(itertools.islice(self._records, size)):
             groups: dict[int, list[tuple[int, Any]]] = {}
-            for ordinal, row in enumerate(chunk, start=self.read):
+            for ordinal, record in enumerate(chunk, start=self.read):
                 copies = int(whole) + int(extra is not None and ordinal < len(extra) and extra[ordinal])
                 if copies:
-                    groups.setdefault(copies, []).append(row)
+                    groups.setdefault(copies, []).append(record)
             self.read += len(chunk)
-            for copies, rows in sorted(groups.items()):
-                self.rows += copies * len(rows)
-                yield copies, rows
+            for copies, records in sorted(groups.items()):
+                self.records += copies * len(records)
+                yield copies, records
 
-    def _detect(self, peeked: list[tuple[int, Any]], skip_bad_rows: bool) -> str:
-        """The layout of the first readable row; the rows read to find it are kept in `peeked`."""
-        for number, raw in self.stream.rows:
+    def _detect(self, peeked: list[tuple[int, Any]], skip_bad_records: bool) -> str:
+        """The layout of the first readable record; the records read to find it are kept in `peeked`."""
+        for number, raw in self.stream.records:
             peeked.append((number, raw))
             where = location(self.stream.path, number, self.unit)
             try:
-                return detect_format(decode_row(where, raw), self.fields, where)
+                return detect_format(decode_record(where, raw), self.fields, where)
             except DataError:
-                if not skip_bad_rows:
+                if not skip_bad_records:
                     raise
         raise DataError(
-            f"{self.stream.path}: no row is readable, so the format cannot be detected", "empty_file"
+            f"{self.stream.path}: no record is readable, so the format cannot be detected", "empty_file"
         )

@@ -2,8 +2,8 @@
 
 A template is a handful of format strings, not code, so users add their own in a TOML file
 (`[data] template = "my_template.toml"`, keys = the fields of `Template`). Format strings know
-five placeholders: `{content}`, `{input}` and `{system}` (the row's text, never parsed for
-special tokens, so a row cannot inject control tokens), and `{bos}` / `{eos}` (the tokenizer's own
+five placeholders: `{content}`, `{input}` and `{system}` (the record's text, never parsed for
+special tokens, so a record cannot inject control tokens), and `{bos}` / `{eos}` (the tokenizer's own
 BOS / EOS ids). Literal strings listed in `special_tokens` become single token ids when the
 tokenizer has them.
 
@@ -43,9 +43,9 @@ class Template:
     system: str = "{system}\n\n"
     """The system block, rendered when there is system text; empty when folded into the first user turn."""
     system_default: str = ""
-    """System text used when the row has none."""
+    """System text used when the record has none."""
     system_default_with_input: str = ""
-    """Alpaca: the system text for rows that have an `input` (falls back to system_default)."""
+    """Alpaca: the system text for records that have an `input` (falls back to system_default)."""
     user: str = "{content}"
     """A user turn, ending with the assistant header."""
     user_with_input: str = ""
@@ -152,7 +152,7 @@ class Segment(NamedTuple):
     """A single special token: `{bos}`, `{eos}` or one of the template's special_tokens."""
     role: str = ""
     data: bool = False
-    """Row text (`{content}`, `{input}`, `{system}`): never a control token."""
+    """Record text (`{content}`, `{input}`, `{system}`): never a control token."""
 
 
 def get_template(name: str) -> Template:

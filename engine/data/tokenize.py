@@ -1,17 +1,17 @@
 """Rendered conversations to token ids and a loss mask, as the model's own tokenizer encodes them.
 
 A template renders a conversation into one string (`Rendered`) and says which characters are
-trained and which came from the row. The encoder finds the template's control tokens (the
-tokenizer's special tokens, outside row text), cuts the string there, exactly where the tokenizer
+trained and which came from the record. The encoder finds the template's control tokens (the
+tokenizer's special tokens, outside record text), cuts the string there, exactly where the tokenizer
 itself would split it, and encodes the text between them in one batch with special-token matching
 off. So the ids equal the tokenizer's encoding of the whole rendered string (what transformers'
-`apply_chat_template` gives), except that a control-token string inside row text stays text:
+`apply_chat_template` gives), except that a control-token string inside record text stays text:
 data can never inject a stop or a turn marker.
 
 The loss mask is placed by characters: a token is trained when any of its characters is trained
 (as transformers' assistant masks do). A token that straddles the boundary between prompt and
 answer (a merge across the boundary, e.g. "\\n\\n" in byte-level BPE) is never an error; such
-tokens are counted (`straddling`) so the data report can say how many rows have one.
+tokens are counted (`straddling`) so the data report can say how many samples have one.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ class Rendered:
     trained: tuple[tuple[int, int], ...]
     """[start, end) character spans the model learns to produce."""
     data: tuple[tuple[int, int], ...] = ()
-    """Character spans of row text: never control tokens."""
+    """Character spans of record text: never control tokens."""
     leading_bos: bool = False
     """A BOS id before the text, as a tokenizer adds it (the text still starts the sample)."""
     bos_trained: bool = False
 
 
-class EncodedRow(NamedTuple):
+class EncodedSample(NamedTuple):
     ids: list[int]
     mask: list[bool]
     """True where the token is one the model learns to produce."""
@@ -50,7 +50,7 @@ class EncodedRow(NamedTuple):
 
 
 class ChatEncoder:
-    """Encodes `Rendered` rows with `tokenizer`; `extra_controls` are template strings to treat as
+    """Encodes `Rendered` samples with `tokenizer`; `extra_controls` are template strings to treat as
     control tokens when the vocabulary has them as one token (a template's `special_tokens`)."""
 
     def __init__(self, tokenizer: Tokenizer, extra_controls: Sequence[str] = ()) -> None:
@@ -67,42 +67,44 @@ class ChatEncoder:
         """[start, end) of each control-token string in `text`."""
         return [m.span() for m in self.pattern.finditer(text)] if self.pattern else []
 
-    def encode_rows(self, rows: Sequence[Rendered], wheres: Sequence[str]) -> list[EncodedRow | DataError]:
-        """Per row its ids and mask, or the DataError saying why it cannot be encoded exactly."""
+    def encode_samples(
+        self, samples: Sequence[Rendered], wheres: Sequence[str]
+    ) -> list[EncodedSample | DataError]:
+        """Per sample its ids and mask, or the DataError saying why it cannot be encoded exactly."""
         plans, jobs = [], {True: [], False: []}
-        for row in rows:
+        for sample in samples:
             plan = []
-            for start, end, cid in self._pieces(row):
+            for start, end, cid in self._pieces(sample):
                 if cid is not None:
                     plan.append((start, end, cid))
                 else:
                     first = start == 0
-                    jobs[first].append(row.text[start:end])
+                    jobs[first].append(sample.text[start:end])
                     plan.append((start, end, (first, len(jobs[first]) - 1)))
             plans.append(plan)
         encoded = {
             first: self.tok.encode_chunks(texts, first) if texts else [] for first, texts in jobs.items()
         }
         return [
-            self._assemble(row, plan, encoded, where)
-            for row, plan, where in zip(rows, plans, wheres, strict=True)
+            self._assemble(sample, plan, encoded, where)
+            for sample, plan, where in zip(samples, plans, wheres, strict=True)
         ]
 
-    def _pieces(self, row: Rendered) -> list[tuple[int, int, int | None]]:
+    def _pieces(self, sample: Rendered) -> list[tuple[int, int, int | None]]:
         """(start, end, control id) for each control token, (start, end, None) for text between."""
         pieces, pos = [], 0
-        for m in self.pattern.finditer(row.text) if self.pattern else ():
-            if any(lo < m.end() and m.start() < hi for lo, hi in row.data):
-                continue  # the string is row text
+        for m in self.pattern.finditer(sample.text) if self.pattern else ():
+            if any(lo < m.end() and m.start() < hi for lo, hi in sample.data):
+                continue  # the string is record text
             if m.start() > pos:
                 pieces.append((pos, m.start(), None))
             pieces.append((m.start(), m.end(), self.controls[m.group()]))
             pos = m.end()
-        if pos < len(row.text):
-            pieces.append((pos, len(row.text), None))
+        if pos < len(sample.text):
+            pieces.append((pos, len(sample.text), None))
         return pieces
 
-    def _assemble(self, row: Rendered, plan: list, encoded: dict, where: str) -> EncodedRow | DataError:
+    def _assemble(self, sample: Rendered, plan: list, encoded: dict, where: str) -> EncodedSample | DataError:
         ids: list[int] = []
         starts: list[int] = []
         ends: list[int] = []
@@ -114,7 +116,7 @@ class ChatEncoder:
                 continue
             chunk_ids, spans = encoded[item[0]][item[1]]
             if spans is None:
-                chunk = row.text[start:end]
+                chunk = sample.text[start:end]
                 decoded = self.tok.decode_batch([chunk_ids])[0]
                 at = next(
                     (k for k, (a, b) in enumerate(zip(chunk, decoded, strict=False)) if a != b),
@@ -125,28 +127,29 @@ class ChatEncoder:
                 )
             if self.tok.unk_id is not None and self.tok.unk_id in chunk_ids:
                 at = spans[chunk_ids.index(self.tok.unk_id)][0]
-                return self._error(where, row.text[start:end], at, "it has a character the vocabulary lacks")
+                why = "it has a character the vocabulary lacks"
+                return self._error(where, sample.text[start:end], at, why)
             ids += chunk_ids
             starts += [start + s for s, _ in spans]
             ends += [start + e for _, e in spans]
-        mask, straddling = _trained(row, np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64))
-        if row.leading_bos:
+        mask, straddling = _trained(sample, np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64))
+        if sample.leading_bos:
             ids.insert(0, self.tok.bos_id)
-            mask.insert(0, row.bos_trained)
-        return EncodedRow(ids, mask, straddling)
+            mask.insert(0, sample.bos_trained)
+        return EncodedSample(ids, mask, straddling)
 
     def _error(self, where: str, chunk: str, at: int, why: str) -> DataError:
         return DataError(
             f"{where}: the text {chunk[max(0, at - 20) : at + 20]!r} cannot be encoded exactly by "
-            f"tokenizer {self.tok.path.name}: {why}; fix the row or set data.skip_bad_rows = true",
+            f"tokenizer {self.tok.path.name}: {why}; fix the record or set data.skip_bad_records = true",
             "tokenization_mismatch",
         )
 
 
-def _trained(row: Rendered, starts: np.ndarray, ends: np.ndarray) -> tuple[list[bool], int]:
+def _trained(sample: Rendered, starts: np.ndarray, ends: np.ndarray) -> tuple[list[bool], int]:
     """Per token: does it hold a trained character (an empty span: is its position trained)."""
-    chars = np.zeros(len(row.text) + 1, dtype=np.int64)
-    for lo, hi in row.trained:
+    chars = np.zeros(len(sample.text) + 1, dtype=np.int64)
+    for lo, hi in sample.trained:
         chars[lo:hi] = 1
     before = np.concatenate([[0], np.cumsum(chars)])
     inside = before[ends] - before[starts]

@@ -52,7 +52,7 @@ class Tokenizer:
     end_of_turn_ids: tuple[int, ...]
     """generation_config.json's eos ids (chat models list their end-of-turn token there), else EOS."""
     controls: dict[str, int]
-    """Control-token text -> id: what a template may produce and row text never does."""
+    """Control-token text -> id: what a template may produce and record text never does."""
     unk_id: int | None
     vocab_size: int
 
@@ -190,7 +190,7 @@ class HFTokenizer(Tokenizer):
         self.tok_rest = self.tok
         if _no_prepend(spec.get("pre_tokenizer")):
             self.tok_rest = tokenizers.Tokenizer.from_str(json.dumps(spec))
-        # Row text is data: special-token strings inside it are encoded as text. Control tokens are
+        # Record text is data: special-token strings inside it are encoded as text. Control tokens are
         # placed by the encoder between chunks, so no chunk ever needs one.
         for t in {id(self.tok): self.tok, id(self.tok_rest): self.tok_rest}.values():
             t.encode_special_tokens = True

@@ -17,14 +17,14 @@ def _templatize(args: argparse.Namespace) -> int:
     from packtune.datatools.templatize_spec import load_spec
 
     try:
-        rows, report = templatize(load_spec(args.spec), args.seed)
+        records, report = templatize(load_spec(args.spec), args.seed)
     except DataError as e:
         print(f"packtune data templatize: {e}", file=sys.stderr)
         return 2
-    write_jsonl(args.out, rows)
+    write_jsonl(args.out, records)
     write_json(args.report or report_path(args.out), report)
     print(format_report(report))
-    print(f"wrote {len(rows)} rows to {args.out}; report: {args.report or report_path(args.out)}")
+    print(f"wrote {len(records)} records to {args.out}; report: {args.report or report_path(args.out)}")
     return 0
 
 
@@ -61,7 +61,7 @@ def _self_instruct(args: argparse.Namespace) -> int:
         print(f"packtune data self-instruct: {e}", file=sys.stderr)
         return 2
     except GeneratorError as e:
-        print(f"packtune data self-instruct: the generator failed: {e} (the rows kept so far are in "
+        print(f"packtune data self-instruct: the generator failed: {e} (the records kept so far are in "
               f"{args.out}; rerun to continue)", file=sys.stderr)
         return 1
     print(format_report(report))
@@ -88,17 +88,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 def add_data_commands(data: argparse._SubParsersAction) -> None:
     """`templatize` and `self-instruct` under `packtune data`."""
-    t = data.add_parser("templatize", help="labeled datasets -> instruction rows (FLAN-style templates)")
+    t = data.add_parser("templatize", help="labeled datasets -> instruction records (FLAN-style templates)")
     t.add_argument("spec", help="a templatize spec (TOML): sources, and per task templates, labels, options")
-    t.add_argument("--out", required=True, help="the JSONL file of rows to write (Alpaca or messages)")
+    t.add_argument("--out", required=True, help="the JSONL file of records to write (Alpaca or messages)")
     t.add_argument("--report", help="the JSON report (default: OUT.report.json)")
     t.add_argument("--seed", type=int, default=None, help="override the spec's seed")
     t.set_defaults(func=_templatize)
 
     s = data.add_parser("self-instruct", help="new instructions from seed tasks with an LLM (Self-Instruct)")
-    s.add_argument("--seed-tasks", required=True, help="Self-Instruct seed_tasks.jsonl or Alpaca rows")
-    s.add_argument("--out", required=True, help="JSONL of kept Alpaca rows, appended to: a rerun continues")
-    s.add_argument("--num", type=int, required=True, help="kept rows wanted in OUT (with those there)")
+    s.add_argument("--seed-tasks", required=True, help="Self-Instruct seed_tasks.jsonl or Alpaca records")
+    s.add_argument("--out", required=True, help="JSONL of kept Alpaca records, appended to: reruns continue")
+    s.add_argument("--num", type=int, required=True, help="kept records wanted in OUT (with those there)")
     s.add_argument("--max-requests", type=int, default=0, help="generator requests this run (0: 10 num + 50)")
     s.add_argument("--model", required=True, help="a model directory, or with --base-url the served model")
     s.add_argument("--base-url", help="an OpenAI-compatible server (http://host:port or .../v1)")
@@ -119,13 +119,13 @@ def add_data_commands(data: argparse._SubParsersAction) -> None:
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
     from packtune.datatools.answer_metrics import NORMALIZERS
 
-    e = sub.add_parser("eval", help="answer instruction rows with a model; exact match, ROUGE-L, per task")
+    e = sub.add_parser("eval", help="answer instruction records with a model; exact match, ROUGE-L, per task")
     e.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
     e.add_argument("--data", required=True,
-                   help="rows in any layout training reads; the last answer is the reference")
+                   help="records in any layout training reads; the last answer is the reference")
     e.add_argument("--template", default="auto",
                    help="auto (the model's chat template), or as [data] template: the training template")
-    e.add_argument("--limit", type=int, default=0, help="score the first N rows (0: all)")
+    e.add_argument("--limit", type=int, default=0, help="score the first N records (0: all)")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--normalize", default="squad", choices=sorted(NORMALIZERS),
                    help="squad: lowercase, no punctuation or articles; text: spaces and a final period only")

@@ -1,8 +1,8 @@
-"""`packtune eval`: answer held-out instruction rows with a model and score the answers.
+"""`packtune eval`: answer held-out instruction records with a model and score the answers.
 
-Rows are in any layout training reads (Alpaca, messages, ShareGPT, prompt/completion): the last
+Records are in any layout training reads (Alpaca, messages, ShareGPT, prompt/completion): the last
 assistant turn is the reference, everything before it the prompt, asked in the training template
-(or the model's chat template: `auto`). A row's `task` adds a per-task line, its `options` (a
+(or the model's chat template: `auto`). A record's `task` adds a per-task line, its `options` (a
 list, as `packtune data templatize` writes) option accuracy.
 """
 
@@ -17,36 +17,37 @@ import torch
 from packtune.data.errors import DataError
 from packtune.data.formats import DEFAULT_FIELDS, Message, detect_format, to_conversation
 from packtune.data.prompt import PromptEncoder
-from packtune.datatools.jsonl_files import read_rows, write_json
+from packtune.datatools.jsonl_files import read_records, write_json
 from packtune.datatools.local_generation import generate_answers
 from packtune.datatools.scoring import EvalReport, score_predictions
 
 
-def eval_rows(path: str | Path, limit: int = 0) -> tuple[list[list[Message]], list[dict[str, Any]]]:
-    """(prompt conversation, row with `output` = the reference) of the first `limit` rows (0: all)."""
-    conversations, rows = [], []
-    for where, row in read_rows(path):
-        if limit and len(rows) == limit:
+def eval_records(path: str | Path, limit: int = 0) -> tuple[list[list[Message]], list[dict[str, Any]]]:
+    """(prompt conversation, record with `output` = the reference) of the first `limit` records (0: all)."""
+    conversations, records = [], []
+    for where, record in read_records(path):
+        if limit and len(records) == limit:
             break
-        conv = to_conversation(row, detect_format(row, DEFAULT_FIELDS, where), DEFAULT_FIELDS, where)
+        conv = to_conversation(record, detect_format(record, DEFAULT_FIELDS, where), DEFAULT_FIELDS, where)
         messages = list(conv.messages)
         if len(messages) < 2 or messages[-1].role != "assistant":
-            raise DataError(f"{where}: an eval row ends with the answer (an assistant turn) after a prompt",
-                            "wrong_type")
+            raise DataError(f"{where}: an eval record ends with the answer (an assistant turn) after a "
+                            "prompt", "wrong_type")
         conversations.append(messages[:-1])
-        rows.append({**{k: v for k, v in row.items() if k in ("task", "options", "instruction", "input")},
-                     "prompt": messages[-2].content, "output": messages[-1].content})
-    if not rows:
-        raise DataError(f"{path}: no rows to evaluate", "empty_file")
-    return conversations, rows
+        kept = ("task", "options", "instruction", "input")
+        records.append({**{k: v for k, v in record.items() if k in kept},
+                        "prompt": messages[-2].content, "output": messages[-1].content})
+    if not records:
+        raise DataError(f"{path}: no records to evaluate", "empty_file")
+    return conversations, records
 
 
 def evaluate_model(model: torch.nn.Module, prompts: PromptEncoder, conversations: Sequence[Sequence[Message]],
-                   rows: Sequence[dict[str, Any]], max_new_tokens: int,
+                   records: Sequence[dict[str, Any]], max_new_tokens: int,
                    normalization: str = "squad") -> EvalReport:
-    """Greedy answers to `conversations`, scored against `rows`."""
+    """Greedy answers to `conversations`, scored against `records`."""
     predictions = generate_answers(model, prompts, conversations, max_new_tokens)
-    return score_predictions(rows, predictions, normalization)
+    return score_predictions(records, predictions, normalization)
 
 
 def run_eval(model_dir: str | Path, data: str | Path, *, template: str = "auto", limit: int = 0,
@@ -55,9 +56,9 @@ def run_eval(model_dir: str | Path, data: str | Path, *, template: str = "auto",
     """Load `model_dir`, answer and score `data`; with `json_out`, write every prediction there."""
     from packtune.model.hf_io import load_pretrained
 
-    conversations, rows = eval_rows(data, limit)
+    conversations, records = eval_records(data, limit)
     model = load_pretrained(model_dir, dtype=dtype, device=device)
-    report = evaluate_model(model, PromptEncoder(model_dir, template), conversations, rows, max_new_tokens,
+    report = evaluate_model(model, PromptEncoder(model_dir, template), conversations, records, max_new_tokens,
                             normalization)
     if json_out:
         write_json(json_out, {"model": str(model_dir), "data": str(data), "template": template,
@@ -66,14 +67,15 @@ def run_eval(model_dir: str | Path, data: str | Path, *, template: str = "auto",
 
 
 class TrainingEval:
-    """`[train] eval_data`: the rows loaded once, scored with the model being trained; answers may
+    """`[train] eval_data`: the records loaded once, scored with the model being trained; answers may
     run a few tokens past the longest reference."""
 
     def __init__(self, data: str | Path, tokenizer_path: str | Path, template: str) -> None:
-        self.conversations, self.rows = eval_rows(data)
+        self.conversations, self.records = eval_records(data)
         self.prompts = PromptEncoder(tokenizer_path, template)
-        self.max_new_tokens = max(len(self.prompts.tokenizer.encode_text(r["output"])) for r in self.rows) + 8
+        longest = max(len(self.prompts.tokenizer.encode_text(r["output"])) for r in self.records)
+        self.max_new_tokens = longest + 8
 
     def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
-        report = evaluate_model(model, self.prompts, self.conversations, self.rows, self.max_new_tokens)
+        report = evaluate_model(model, self.prompts, self.conversations, self.records, self.max_new_tokens)
         return report.to_dict()

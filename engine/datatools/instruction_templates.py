@@ -110,7 +110,7 @@ class InstructionTemplate:
     """One way of asking a task: instruction, optional Alpaca `input`, optional answer override."""
 
     id: str
-    """`<task>/<index>`: the report counts rows per template under it."""
+    """`<task>/<index>`: the report counts records per template under it."""
     instruction: TextTemplate
     input: TextTemplate | None = None
     answer: TextTemplate | None = None

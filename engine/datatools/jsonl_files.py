@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from packtune.data.errors import DataError
-from packtune.data.formats import decode_row, location
-from packtune.data.readers import open_rows
+from packtune.data.formats import decode_record, location
+from packtune.data.readers import open_records
 
 
 def write_atomic(path: str | Path, text: str) -> Path:
@@ -31,49 +31,49 @@ def write_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    return write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def write_json(path: str | Path, value: Any) -> Path:
     return write_atomic(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
 
 
-def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one row as one line, flushed and synced, so a kill loses at most the line being written."""
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record as one line, flushed and synced, so a kill loses at most the line being written."""
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(location, row) of every row of a data file (JSONL, JSON, CSV, Parquet, ...); a malformed row
+def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) of every record of a data file (JSONL, JSON, CSV, Parquet, ...); a malformed record
     is a DataError naming its file and line."""
-    stream = open_rows(path)
-    return [(where, decode_row(where, raw)) for where, raw in
-            ((location(stream.path, n, stream.unit), raw) for n, raw in stream.rows)]
+    stream = open_records(path)
+    return [(where, decode_record(where, raw)) for where, raw in
+            ((location(stream.path, n, stream.unit), raw) for n, raw in stream.records)]
 
 
 def read_appended(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a file grown by `append_jsonl`; a last line cut short by a kill is skipped (the
+    """The records of a file grown by `append_jsonl`; a last line cut short by a kill is skipped (the
     next append starts on a fresh line)."""
     path = Path(path)
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
+    records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             if number == len(lines):
                 break
             raise DataError(f"{path}:{number}: malformed JSON (not a file this tool appended to?)",
                             "malformed_json") from None
-    return rows
+    return records
 
 
 def repair_tail(path: str | Path) -> None:

@@ -1,5 +1,5 @@
 """Seed tasks for Self-Instruct: its `seed_tasks.jsonl` (`instruction`, `instances` of
-`input` / `output`, `is_classification`) or Alpaca rows (`instruction`, `input`, `output`)."""
+`input` / `output`, `is_classification`) or Alpaca records (`instruction`, `input`, `output`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packtune.data.errors import DataError
-from packtune.datatools.jsonl_files import read_rows
+from packtune.datatools.jsonl_files import read_records
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,8 @@ class SeedTask:
     is_classification: bool = False
 
 
-def _text(row: dict, key: str, where: str) -> str:
-    value = row.get(key, "")
+def _text(record: dict, key: str, where: str) -> str:
+    value = record.get(key, "")
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -30,25 +30,25 @@ def _text(row: dict, key: str, where: str) -> str:
 
 def read_seed_tasks(path: str | Path) -> list[SeedTask]:
     tasks = []
-    for where, row in read_rows(path):
-        instruction = _text(row, "instruction", where)
+    for where, record in read_records(path):
+        instruction = _text(record, "instruction", where)
         if not instruction:
             raise DataError(f"{where}: missing field 'instruction' (seed tasks are Self-Instruct's "
-                            "seed_tasks.jsonl rows or Alpaca rows)", "missing_field")
-        if "instances" in row:
-            instances = row["instances"]
+                            "seed_tasks.jsonl records or Alpaca records)", "missing_field")
+        if "instances" in record:
+            instances = record["instances"]
             if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
                 raise DataError(f"{where}: field 'instances': expected a list of {{input, output}} objects",
                                 "wrong_type")
             pairs = tuple((_text(i, "input", where), _text(i, "output", where)) for i in instances)
-        elif "output" in row:
-            pairs = ((_text(row, "input", where), _text(row, "output", where)),)
+        elif "output" in record:
+            pairs = ((_text(record, "input", where), _text(record, "output", where)),)
         else:
             raise DataError(f"{where}: a seed task needs 'instances' (Self-Instruct) or 'output' (Alpaca)",
                             "missing_field")
         if not pairs or not any(out for _, out in pairs):
             raise DataError(f"{where}: the seed task has no instance with an output", "missing_field")
-        tasks.append(SeedTask(instruction, pairs, bool(row.get("is_classification", False))))
+        tasks.append(SeedTask(instruction, pairs, bool(record.get("is_classification", False))))
     if not tasks:
         raise DataError(f"{path}: no seed tasks", "empty_file")
     return tasks

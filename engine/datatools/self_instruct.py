@@ -6,10 +6,10 @@ instructions to propose new ones; a proposal is dropped by a heuristic (length, 
 cannot act on, a non-text start) or when its ROUGE-L against any instruction kept so far (seeds
 included; ones accepted earlier in the round too) reaches 0.7. Each survivor is classified
 (classification task or not) and gets an instance: input then output, or for a classification
-task output then input. Kept rows are appended to `--out` as Alpaca rows as they come, so a rerun
+task output then input. Kept records are appended to `--out` as Alpaca records as they come, so a rerun
 with the same `--out` continues where the last one stopped, counting `--num` over the whole file
 and never repeating an instruction (the file's instructions are kept ones). The run stops at
-`--num` kept rows or after `--max-requests` generator requests (this run), and says which.
+`--num` kept records or after `--max-requests` generator requests (this run), and says which.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""`packtune data templatize`: labeled examples turned into instruction rows, the FLAN way.
+"""`packtune data templatize`: labeled examples turned into instruction records, the FLAN way.
 
 Per task: its source examples (label verbalised, empty or unknown labels dropped), at most `cap`
-of them (a seeded sample), `weight` times over; per row one template and one shot count drawn
+of them (a seeded sample), `weight` times over; per record one template and one shot count drawn
 with the spec's seed, few-shot exemplars drawn from the task's other examples (never the example
-itself, nor one that renders the same), options listed as FLAN lists them. Exact duplicate rows
-are dropped and the rows shuffled. The report counts rows per task, template and shot count, and
+itself, nor one that renders the same), options listed as FLAN lists them. Exact duplicate records
+are dropped and the records shuffled. The report counts records per task, template and shot count, and
 what was dropped and why.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from packtune.data.errors import DataError
 from packtune.datatools.instruction_templates import InstructionTemplate, pick_template
-from packtune.datatools.jsonl_files import read_rows
+from packtune.datatools.jsonl_files import read_records
 from packtune.datatools.templatize_spec import OPTIONS_VARIABLE, Spec, TaskSpec
 
 
@@ -35,14 +35,14 @@ class Rendered:
 
 @dataclass
 class TaskReport:
-    source_rows: int = 0
-    rows: int = 0
+    source_records: int = 0
+    records: int = 0
     templates: Counter = field(default_factory=Counter)
     shots: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source_rows": self.source_rows, "rows": self.rows,
+        return {"source_rows": self.source_records, "rows": self.records,
                 "templates": dict(sorted(self.templates.items())),
                 "shots": {str(k): v for k, v in sorted(self.shots.items())}, "dropped": dict(self.dropped)}
 
@@ -79,18 +79,18 @@ def with_exemplars(example: Rendered, exemplars: Sequence[Rendered]) -> Rendered
     return Rendered(f"{shots}\n\n{example.instruction}", example.input, example.output)
 
 
-def _examples(task: TaskSpec, columns: Sequence[str], rows: list[tuple[str, dict[str, Any]]],
+def _examples(task: TaskSpec, columns: Sequence[str], records: list[tuple[str, dict[str, Any]]],
               report: TaskReport) -> list[dict[str, str]]:
-    """Each row's template context (label verbalised); rows with an empty value or an unknown
+    """Each record's template context (label verbalised); records with an empty value or an unknown
     label dropped and counted."""
     labels = dict(task.labels)
     out = []
-    for where, row in rows:
-        missing = [c for c in columns if c not in row]
+    for where, record in records:
+        missing = [c for c in columns if c not in record]
         if missing:
             raise DataError(f"{where}: no column {missing[0]!r} (task {task.name}); columns: "
-                            f"{', '.join(map(str, row))}", "missing_field")
-        context = {c: "" if row[c] is None else str(row[c]) for c in columns}
+                            f"{', '.join(map(str, record))}", "missing_field")
+        context = {c: "" if record[c] is None else str(record[c]) for c in columns}
         if any(not v.strip() for v in context.values()):
             report.dropped["empty_value"] += 1
             continue
@@ -142,11 +142,11 @@ def _exemplars(task: TaskSpec, template: InstructionTemplate, examples: list[dic
     return exemplars
 
 
-def templatize_task(task: TaskSpec, columns: Sequence[str], rows: list[tuple[str, dict[str, Any]]],
+def templatize_task(task: TaskSpec, columns: Sequence[str], records: list[tuple[str, dict[str, Any]]],
                     rng: random.Random, output_format: str, report: TaskReport) -> list[dict[str, Any]]:
-    """One task's rows, before duplicates are dropped; counts go to `report`."""
-    report.source_rows = len(rows)
-    examples = _examples(task, columns, rows, report)
+    """One task's records, before duplicates are dropped; counts go to `report`."""
+    report.source_records = len(records)
+    examples = _examples(task, columns, records, report)
     out = []
     for index in _selection(len(examples), task.cap, task.weight, rng, report):
         template = pick_template(rng, task.templates)
@@ -158,66 +158,66 @@ def templatize_task(task: TaskSpec, columns: Sequence[str], rows: list[tuple[str
             continue
         report.templates[template.id] += 1
         report.shots[shots] += 1
-        out.append(to_row(with_exemplars(example, exemplars), output_format, task, template, shots))
+        out.append(to_record(with_exemplars(example, exemplars), output_format, task, template, shots))
     return out
 
 
-def to_row(r: Rendered, output_format: str, task: TaskSpec, template: InstructionTemplate,
+def to_record(r: Rendered, output_format: str, task: TaskSpec, template: InstructionTemplate,
            shots: int) -> dict[str, Any]:
-    """An Alpaca or messages row `packtune train` reads, tagged with its task, template and shots;
+    """An Alpaca or messages record `packtune train` reads, tagged with its task, template and shots;
     `options` (when listed) lets `packtune eval` score option accuracy."""
     if output_format == "messages":
-        row: dict[str, Any] = {"messages": [{"role": "user", "content": r.prompt},
+        record: dict[str, Any] = {"messages": [{"role": "user", "content": r.prompt},
                                             {"role": "assistant", "content": r.output}]}
     else:
-        row = {"instruction": r.instruction, "input": r.input, "output": r.output}
-    row.update(task=task.name, template=template.id, shots=shots)
+        record = {"instruction": r.instruction, "input": r.input, "output": r.output}
+    record.update(task=task.name, template=template.id, shots=shots)
     if task.options and not template.inverted:
-        row["options"] = list(task.options)
-    return row
+        record["options"] = list(task.options)
+    return record
 
 
-def _content(row: dict[str, Any]) -> tuple[str, ...]:
-    if "messages" in row:
-        return tuple(m["content"] for m in row["messages"])
-    return row["instruction"], row["input"], row["output"]
+def _content(record: dict[str, Any]) -> tuple[str, ...]:
+    if "messages" in record:
+        return tuple(m["content"] for m in record["messages"])
+    return record["instruction"], record["input"], record["output"]
 
 
 def templatize(spec: Spec, seed: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows of `spec` (shuffled) and the report."""
+    """The records of `spec` (shuffled) and the report."""
     rng = random.Random(spec.seed if seed is None else seed)
     cache: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     reports: dict[str, TaskReport] = {}
-    rows: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     for task in spec.tasks:
         if task.source not in cache:
-            cache[task.source] = read_rows(spec.sources[task.source].path)
+            cache[task.source] = read_records(spec.sources[task.source].path)
         report = reports[task.name] = TaskReport()
         columns = spec.sources[task.source].columns
-        rows += templatize_task(task, columns, cache[task.source], rng, spec.format, report)
+        records += templatize_task(task, columns, cache[task.source], rng, spec.format, report)
     kept, seen = [], set()
-    for row in rows:
-        key = _content(row)
+    for record in records:
+        key = _content(record)
         if spec.dedup and key in seen:
-            task_report = reports[row["task"]]
+            task_report = reports[record["task"]]
             task_report.dropped["duplicate"] += 1
-            task_report.templates[row["template"]] -= 1
-            task_report.shots[row["shots"]] -= 1
+            task_report.templates[record["template"]] -= 1
+            task_report.shots[record["shots"]] -= 1
             continue
         seen.add(key)
-        kept.append(row)
+        kept.append(record)
     rng.shuffle(kept)
-    for row in kept:
-        reports[row["task"]].rows += 1
+    for record in kept:
+        reports[record["task"]].records += 1
     return kept, {"spec": str(spec.path), "rows": len(kept), "format": spec.format,
                   "tasks": {name: r.to_dict() for name, r in reports.items()}}
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{report['rows']} rows ({report['format']}) from {report['spec']}"]
+    lines = [f"{report['rows']} records ({report['format']}) from {report['spec']}"]
     for name, task in report["tasks"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in task["dropped"].items() if v) or "none"
         templates = ", ".join(f"{k.split('/')[-1]}:{v}" for k, v in task["templates"].items())
-        lines.append(f"  {name}: {task['rows']} rows from {task['source_rows']} source rows; "
+        lines.append(f"  {name}: {task['rows']} records from {task['source_rows']} source records; "
                      f"per template {templates}; dropped: {dropped}")
     return "\n".join(lines)

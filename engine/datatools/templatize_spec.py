@@ -2,7 +2,7 @@
 
     seed = 0                 # template draws, few-shot exemplars, weights and the output order
     format = "alpaca"        # or "messages"
-    dedup = true             # drop exact duplicate rows
+    dedup = true             # drop exact duplicate records
 
     [[sources]]
     name = "reviews"
@@ -21,7 +21,7 @@
     options = true           # list the verbalised labels (or a list of your own) as "OPTIONS:"
     shots = [0, 2]           # per example, zero-shot or two exemplars of the same task
     cap = 1000               # at most this many source examples (FLAN's example cap)
-    weight = 1.0             # rows = weight x min(examples, cap): below 1 samples, above 1 repeats
+    weight = 1.0             # records = weight x min(examples, cap): below 1 samples, above 1 repeats
 
 Every key is checked: an unknown one is an error that suggests the closest valid key, and a
 template naming an unknown column suggests the closest column.

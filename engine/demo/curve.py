@@ -25,14 +25,14 @@ def text_chart(steps: Sequence[int], losses: Sequence[float], width: int = 60, h
         columns.append(sum(losses[lo:hi]) / (hi - lo))
     top, bottom = max(columns), min(columns)
     span = (top - bottom) or 1.0
-    rows = []
+    lines = []
     for r in range(height):
         level = top - span * r / (height - 1)
         marks = "".join("*" if abs(v - level) <= span / (2 * (height - 1)) else " " for v in columns)
-        rows.append(f"{level:8.3f} |{marks}")
-    rows.append(" " * 9 + "+" + "-" * width)
-    rows.append(" " * 10 + f"step {steps[0]}" + f"step {steps[-1]}".rjust(width - len(f"step {steps[0]}")))
-    return "\n".join(rows)
+        lines.append(f"{level:8.3f} |{marks}")
+    lines.append(" " * 9 + "+" + "-" * width)
+    lines.append(" " * 10 + f"step {steps[0]}" + f"step {steps[-1]}".rjust(width - len(f"step {steps[0]}")))
+    return "\n".join(lines)
 
 
 def write_curve(run_dir: str | Path, out_stem: str | Path, title: str = "training loss") -> Path:

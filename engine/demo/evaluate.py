@@ -11,6 +11,6 @@ from packtune.datatools.scoring import EvalReport, score_predictions
 __all__ = ["normalise", "score"]
 
 
-def score(rows: Sequence[dict[str, str]], predictions: Sequence[str]) -> EvalReport:
-    """Each prediction against its row's `output`; rows may carry a `task`."""
-    return score_predictions(rows, predictions, normalization="text")
+def score(records: Sequence[dict[str, str]], predictions: Sequence[str]) -> EvalReport:
+    """Each prediction against its record's `output`; records may carry a `task`."""
+    return score_predictions(records, predictions, normalization="text")

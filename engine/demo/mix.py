@@ -6,7 +6,7 @@ the two splits are disjoint by construction, and a test checks it. The held-out 
 evaluated twice: with the training phrasings (unseen instances) and with each task's held-out
 phrasing (unseen instances and an instruction the model never saw).
 
-The rows are rendered by `packtune data templatize`'s machinery: each task is a templatize task
+The records are rendered by `packtune data templatize`'s machinery: each task is a templatize task
 (`task_spec`) over the columns `x` and `answer`, its phrasings the templates, drawn per instance
 with the same `pick_template`. Only the instances come from code (drawn, not read from a file),
 so the split stays a function of the hash above.
@@ -46,7 +46,7 @@ def task_spec(task: Task) -> TaskSpec:
 
 
 def render(spec: TaskSpec, template: InstructionTemplate, x: str, answer: str) -> dict[str, str]:
-    """One Alpaca row of the demo task `spec`."""
+    """One Alpaca record of the demo task `spec`."""
     r = render_example(spec, template, {"x": x, "answer": answer})
     return {"instruction": r.instruction, "input": r.input, "output": r.output, "task": spec.name}
 
@@ -60,7 +60,7 @@ def _instances(task: Task, rng: random.Random, heldout: bool, count: int) -> Ite
 
     The held-out split then stops short; the training split starts another pass over the space,
     so a task with few instances (add: about 7,000 training sums) still gets its share of the
-    rows instead of a third of it.
+    records instead of a third of it.
     """
     seen: set[str] = set()
     produced = misses = 0
@@ -81,13 +81,13 @@ def _instances(task: Task, rng: random.Random, heldout: bool, count: int) -> Ite
         yield x, answer
 
 
-def make_split(split: str, rows_per_task: int, seed: int = 0,
+def make_split(split: str, records_per_task: int, seed: int = 0,
                task_weights: Mapping[str, float] | None = None) -> list[dict[str, str]]:
-    """Rows of one split, tasks interleaved in a seeded shuffle.
+    """Records of one split, tasks interleaved in a seeded shuffle.
 
     `split` is "train" (training phrasings), "heldout" (unseen instances, training phrasings)
     or "heldout_phrasing" (unseen instances, each task's held-out phrasing). A task named in
-    `task_weights` gets `round(weight * rows_per_task)` rows instead of `rows_per_task`.
+    `task_weights` gets `round(weight * records_per_task)` records instead of `records_per_task`.
     """
     if split not in ("train", "heldout", "heldout_phrasing"):
         raise ValueError(f"unknown split {split!r}: expected train, heldout or heldout_phrasing")
@@ -95,11 +95,11 @@ def make_split(split: str, rows_per_task: int, seed: int = 0,
     unknown = sorted(set(weights) - {task.name for task in TASKS})
     if unknown:
         raise ValueError(f"task_weights names unknown tasks {unknown}")
-    rows = []
+    records = []
     for index, task in enumerate(TASKS):
         rng = random.Random(f"{seed}/{split}/{index}")
         heldout = split != "train"
-        count = round(weights.get(task.name, 1.0) * rows_per_task)
+        count = round(weights.get(task.name, 1.0) * records_per_task)
         spec = task_spec(task)
         *train_templates, heldout_template = spec.templates
         for x, answer in _instances(task, rng, heldout, count):
@@ -107,22 +107,22 @@ def make_split(split: str, rows_per_task: int, seed: int = 0,
                 template = heldout_template
             else:
                 template = pick_template(rng, train_templates)
-            rows.append(render(spec, template, x, answer))
-    random.Random(f"{seed}/{split}/order").shuffle(rows)
-    return rows
+            records.append(render(spec, template, x, answer))
+    random.Random(f"{seed}/{split}/order").shuffle(records)
+    return records
 
 
 ALPACA_FIELDS = ("instruction", "input", "output")
 
 
-def write_jsonl(rows: list[dict[str, str]], path: str | Path,
+def write_jsonl(records: list[dict[str, str]], path: str | Path,
                 fields: tuple[str, ...] = ALPACA_FIELDS) -> Path:
-    """Write `fields` of each row; by default plain Alpaca rows, which every SFT data loader reads."""
+    """Write `fields` of each record; by default plain Alpaca records, which every SFT data loader reads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps({k: row[k] for k in fields}, ensure_ascii=False) + "\n")
+        for record in records:
+            f.write(json.dumps({k: record[k] for k in fields}, ensure_ascii=False) + "\n")
     return path
 
 

@@ -1,4 +1,4 @@
-"""The demo's tokenizer corpus: rows rendered by the training template (the demo asks its prompts
+"""The demo's tokenizer corpus: records rendered by the training template (the demo asks its prompts
 through `packtune.data.prompt.PromptEncoder`, as training tokenizes them)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from packtune.data.formats import Conversation, Message
 from packtune.data.templates import get_template, render
 
 
-def rendered_texts(rows: Sequence[dict[str, str]], template: str) -> list[str]:
-    """Each row rendered in full by `template` (answer included, BOS/EOS left out): the corpus the
+def rendered_texts(records: Sequence[dict[str, str]], template: str) -> list[str]:
+    """Each record rendered in full by `template` (answer included, BOS/EOS left out): the corpus the
     demo's tokenizer is trained on, so that it learns the template's text too."""
     tmpl = get_template(template)
     texts = []
-    for row in rows:
-        conv = Conversation((Message("user", row["instruction"], row.get("input", "")),
-                             Message("assistant", row["output"])))
+    for record in records:
+        conv = Conversation((Message("user", record["instruction"], record.get("input", "")),
+                             Message("assistant", record["output"])))
         texts.append("".join(seg.text for seg in render(conv, tmpl, "demo") if not seg.special))
     return texts

@@ -37,10 +37,10 @@ def write_template(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class DemoRecipe:
-    rows_per_task: int
-    """Training rows per task (8 tasks), before `task_weights`."""
+    records_per_task: int
+    """Training records per task (8 tasks), before `task_weights`."""
     eval_per_task: int
-    """Held-out rows per task, for each of the two held-out splits."""
+    """Held-out records per task, for each of the two held-out splits."""
     vocab_size: int
     """Upper bound for the sentencepiece vocabulary (the model is sized to what it gets)."""
     hidden_size: int
@@ -54,7 +54,7 @@ class DemoRecipe:
     micro_batches: int
     """Packed rows per optimizer step."""
     task_weights: tuple[tuple[str, float], ...] = ()
-    """(task, weight): that task trains on weight × rows_per_task rows."""
+    """(task, weight): that task trains on weight × records_per_task records."""
     outside_headline: tuple[tuple[str, str], ...] = ()
     """(task, why): trained, scored and printed, but left out of the headline exact match because
     the model does not learn it in the demo's budget; the demo prints the reason beside its score."""
@@ -103,7 +103,7 @@ class DemoRecipe:
 
 COUNT_WHY = ("counting needs a three-step circuit (find the letter, mark its matches, add them up) "
              "that a 4-layer, 0.9M-parameter model does not form in minutes: 25-38% at every weight tried")
-FULL = DemoRecipe(rows_per_task=20000, eval_per_task=40, vocab_size=1000, hidden_size=128,
+FULL = DemoRecipe(records_per_task=20000, eval_per_task=40, vocab_size=1000, hidden_size=128,
                   num_hidden_layers=4, num_attention_heads=8, intermediate_size=352, epochs=1, lr=3e-3,
                   max_tokens=1024, micro_batches=1, log_every=250,
                   task_weights=(("reverse", 1.25), ("uppercase", 0.6), ("lowercase", 0.6), ("length", 0.5),
@@ -111,17 +111,17 @@ FULL = DemoRecipe(rows_per_task=20000, eval_per_task=40, vocab_size=1000, hidden
                   outside_headline=(("count", COUNT_WHY),))
 """One pass over fresh instances (repeating a small set taught the model its training instances, not
 the tasks; add and sort, whose spaces are smaller than their share, pass over theirs about 7 and 3
-times), about 37 samples per step. The task weights move rows from the copying tasks, which reach
-100% held out with half to three fifths of the rows, to add, largest, sort and reverse, which are
+times), about 37 samples per step. The task weights move records from the copying tasks, which reach
+100% held out with half to three fifths of the records, to add, largest, sort and reverse, which are
 learned late and all at once: add at 1.8× reached 95-100% in three runs and 15% in a fourth, at
 2.5× 98-100% in every run; reverse at 0.8× reached 100% in four runs and 30% in a fifth (seed 0,
 two threads, AVX-512). Count stayed at 25-38% from 1.0× to 2.0×: it is left out of the headline
-(the reason is printed) and keeps 0.3× of the rows, so it is still shown, and its budget went to
+(the reason is printed) and keeps 0.3× of the records, so it is still shown, and its budget went to
 reverse and sort. Rows are packed with the `shuffle` strategy: best-fit decreasing fills a row
 with samples of one length, and here a length almost names a task, so each step would train one
 task; shuffled rows give every step the whole mix. Eight heads of 16 rather than four of 32: the
 loss leaves its plateau (while the copying heads form) after about a third of the steps instead
 of a half (measured, one run each: 69.7% vs 55.9% held out, before the task weights)."""
-QUICK = replace(FULL, rows_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32, num_hidden_layers=1,
-                num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128, micro_batches=2,
-                log_every=20, samples_shown=2)
+QUICK = replace(FULL, records_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32,
+                num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128,
+                micro_batches=2, log_every=20, samples_shown=2)

@@ -1,7 +1,7 @@
 """`packtune demo`: the whole engine on a fresh machine, with nothing to download.
 
 1. Generate the instruction mix (train, held-out instances, held-out phrasings) as Alpaca JSONL.
-2. Train a sentencepiece tokenizer on the rendered training rows.
+2. Train a sentencepiece tokenizer on the rendered training records.
 3. Write a randomly initialised tiny Llama as a Hugging Face directory.
 4. Score it on the held-out split (greedy generation, exact match): the "before" number.
 5. Train it with `packtune train`'s own code path (data pipeline, packing, fused masked loss,
@@ -25,39 +25,41 @@ from packtune.demo.recipe import FULL, QUICK, DemoRecipe, write_template
 from packtune.demo.tasks import TASKS
 
 
-def evaluate(model, prompts, rows: list[dict[str, str]], max_new_tokens: int) -> tuple[EvalReport, list[str]]:
-    """Greedy answers of `model` to `rows`, scored by `packtune eval`'s generation and evaluator."""
+def evaluate(
+    model, prompts, records: list[dict[str, str]], max_new_tokens: int
+) -> tuple[EvalReport, list[str]]:
+    """Greedy answers of `model` to `records`, scored by `packtune eval`'s generation and evaluator."""
     from packtune.data.formats import Message
     from packtune.datatools.local_generation import generate_answers
 
-    conversations = [[Message("user", row["instruction"], row.get("input", ""))] for row in rows]
+    conversations = [[Message("user", record["instruction"], record.get("input", ""))] for record in records]
     predictions = generate_answers(model, prompts, conversations, max_new_tokens)
-    return score(rows, predictions), predictions
+    return score(records, predictions), predictions
 
 
 def headline(report: EvalReport, recipe: DemoRecipe) -> float:
-    """Exact match over the held-out rows of the tasks in the headline (all but `outside_headline`)."""
+    """Exact match over the held-out records of the tasks in the headline (all but `outside_headline`)."""
     left_out = dict(recipe.outside_headline)
     totals = [t for task, t in report.per_task.items() if task not in left_out]
     rows = sum(t.rows for t in totals)
     return sum(t.exact_match for t in totals) / rows if rows else 0.0
 
 
-def _show(title: str, rows: list[dict[str, str]], predictions: list[str]) -> None:
+def _show(title: str, records: list[dict[str, str]], predictions: list[str]) -> None:
     print(title)
-    for row, pred in zip(rows, predictions, strict=False):
-        question = row["instruction"] + (f" [{row['input']}]" if row["input"] else "")
-        mark = "ok" if pred.strip() == row["output"] else "--"
-        print(f"  {mark} {question!r} -> {pred!r} (expected {row['output']!r})")
+    for record, pred in zip(records, predictions, strict=False):
+        question = record["instruction"] + (f" [{record['input']}]" if record["input"] else "")
+        mark = "ok" if pred.strip() == record["output"] else "--"
+        print(f"  {mark} {question!r} -> {pred!r} (expected {record['output']!r})")
 
 
-def _samples(rows: list[dict[str, str]], n: int) -> list[int]:
-    """Indices of up to `n` rows from different tasks."""
+def _samples(records: list[dict[str, str]], n: int) -> list[int]:
+    """Indices of up to `n` records from different tasks."""
     picked, tasks = [], set()
-    for i, row in enumerate(rows):
-        if row["task"] not in tasks:
+    for i, record in enumerate(records):
+        if record["task"] not in tasks:
             picked.append(i)
-            tasks.add(row["task"])
+            tasks.add(record["task"])
         if len(picked) == n:
             break
     return picked
@@ -80,12 +82,12 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     start = time.perf_counter()
     torch.manual_seed(seed)
 
-    train = make_split("train", recipe.rows_per_task, seed, dict(recipe.task_weights))
+    train = make_split("train", recipe.records_per_task, seed, dict(recipe.task_weights))
     heldout = make_split("heldout", recipe.eval_per_task, seed)
     unseen_phrasing = make_split("heldout_phrasing", recipe.eval_per_task, seed)
     data = write_jsonl(train, out / "data" / "train.jsonl")
     write_jsonl(heldout, out / "data" / "heldout.jsonl", fields=("instruction", "input", "output", "task"))
-    print(f"[1/5] data: {len(train)} training rows over 8 tasks, {len(heldout)} held-out instances, "
+    print(f"[1/5] data: {len(train)} training records over 8 tasks, {len(heldout)} held-out instances, "
           f"{len(unseen_phrasing)} with unseen phrasings ({out / 'data'})", flush=True)
 
     template = write_template(out / "template.toml")

@@ -115,7 +115,7 @@ class Attention(nn.Module):
             q_rot, k_rot = rotary(q[..., :r], k[..., :r], cos, sin, position_ids=inputs.positions)
             q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
         options = dict(window=self.window, scale=self.scale, softcap=self.softcap)
-        if inputs.cache is not None:  # decoding: this step's queries over every cached key
+        if inputs.cache is not None:  # decoding: this forward's queries over every cached key
             offset = inputs.cache.length
             k, v = inputs.cache.update(self.layer, k, v)
             out = dense_causal_attention(q[None], k[None], v[None], q_offset=offset, **options)[0]
@@ -246,7 +246,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def _decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decoding step of a single sequence: positions cache.length .. cache.length + T - 1."""
+        """One decoding forward of a single sequence: positions cache.length .. cache.length + T - 1."""
         if input_ids.dim() != 1:
             raise ValueError("a KV cache decodes one sequence: pass input_ids [T]")
         start, end = cache.length, cache.length + input_ids.shape[0]

@@ -13,7 +13,7 @@ SHAREGPT_GOOD = json.dumps(
     {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
 )
 
-# name -> (bad line, expected message after "<file>:2: ", reason counted under skip_bad_rows)
+# name -> (bad line, expected message after "<file>:2: ", reason counted under skip_bad_records)
 CASES = {
     "malformed_json": (
         b'{"instruction": "x", "output": ',
@@ -56,7 +56,7 @@ def test_bad_row_names_file_line_and_field(name, sp_model, tmp_path):
     path.write_bytes(GOOD + b"\n" + line + b"\n" + GOOD + b"\n")
     with pytest.raises(DataError, match=f"^{path}:2: {message}"):
         prepare_dataset(config(path, sp_model), num_workers=1, use_cache=False)
-    ds = prepare_dataset(config(path, sp_model, skip_bad_rows=True), num_workers=1, use_cache=False)
+    ds = prepare_dataset(config(path, sp_model, skip_bad_records=True), num_workers=1, use_cache=False)
     assert ds.report["rows"] == 3 and ds.report["kept"] == 2 and ds.report["dropped"] == {reason: 1}
     assert ds.report["errors"][0].startswith(f"{path}:2: ")
 
@@ -70,7 +70,7 @@ def test_unknown_role(sp_model, tmp_path):
     ):
         prepare_dataset(config(path, sp_model, template="chatml"), num_workers=1, use_cache=False)
     ds = prepare_dataset(
-        config(path, sp_model, template="chatml", skip_bad_rows=True), num_workers=1, use_cache=False
+        config(path, sp_model, template="chatml", skip_bad_records=True), num_workers=1, use_cache=False
     )
     assert ds.report["dropped"] == {"unknown_role": 1} and ds.report["kept"] == 1
 
@@ -80,7 +80,7 @@ def test_empty_and_missing_files(sp_model, tmp_path):
     empty.write_text("\n  \n")
     for skip in (False, True):
         with pytest.raises(DataError, match=f"^{empty}: the file is empty"):
-            prepare_dataset(config(empty, sp_model, skip_bad_rows=skip), num_workers=1, use_cache=False)
+            prepare_dataset(config(empty, sp_model, skip_bad_records=skip), num_workers=1, use_cache=False)
     with pytest.raises(DataError, match="data file .*nope.jsonl does not exist"):
         prepare_dataset(config(tmp_path / "nope.jsonl", sp_model), num_workers=1, use_cache=False)
 

@@ -31,7 +31,7 @@ END = {"llama3_1": "<|eot_id|>", "qwen3": "<|im_end|>"}
 def encode(tok, template, messages, **kw):
     fmt = make_chat_format(template, tok.path, tok, **kw)
     rendered = fmt.render(Conversation(tuple(messages)), "row:1")
-    results = fmt.encoder.encode_rows(rendered, ["row:1"] * len(rendered))
+    results = fmt.encoder.encode_samples(rendered, ["row:1"] * len(rendered))
     for r in results:
         if isinstance(r, DataError):
             raise r
@@ -171,7 +171,7 @@ def test_cli_generate_chat_and_data_inspect(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text(f'[model]\npath = "{model}"\n[data]\npath = "{rows}"\n')
     capsys.readouterr()
-    assert main(["data", "inspect", str(config), "--rows", "1"]) == 0
+    assert main(["data", "inspect", str(config), "--records", "1"]) == 0
     out = capsys.readouterr().out
     assert "template: auto (the chat template in" in out
     assert "[[<think>\n\n</think>\n\n5<|im_end|>]]" in out

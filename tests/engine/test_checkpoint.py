@@ -29,13 +29,13 @@ def model_and_optimizer(seed):
 
 
 def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
-    d = init_distributed("cpu")
+    dist_ctx = init_distributed("cpu")
     model, optimizer = model_and_optimizer(0)
     torch.manual_seed(123)
-    path = save_checkpoint(tmp_path, 7, d, model, optimizer, {"sampler": {"index": 3}, "epoch": 1})
+    path = save_checkpoint(tmp_path, 7, dist_ctx, model, optimizer, {"sampler": {"index": 3}, "epoch": 1})
     expected_draw = torch.rand(3)
     other, other_opt = model_and_optimizer(1)
-    extra = load_checkpoint(path, d, other, other_opt)
+    extra = load_checkpoint(path, dist_ctx, other, other_opt)
     assert extra["step"] == 7 and extra["sampler"] == {"index": 3} and extra["epoch"] == 1
     assert torch.equal(torch.rand(3), expected_draw)
     for a, b in zip(model.parameters(), other.parameters(), strict=True):
@@ -47,18 +47,18 @@ def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
 
 
 def test_incomplete_and_old_checkpoints(tmp_path):
-    d = init_distributed("cpu")
+    dist_ctx = init_distributed("cpu")
     model, optimizer = model_and_optimizer(0)
     for step in (2, 4, 6):
-        save_checkpoint(tmp_path, step, d, model, optimizer, {}, keep=2)
+        save_checkpoint(tmp_path, step, dist_ctx, model, optimizer, {}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
     (tmp_path / "checkpoints" / "step_00000008.tmp").mkdir()
     assert latest_checkpoint(tmp_path).name == "step_00000006"
-    save_checkpoint(tmp_path, 10, d, model, optimizer, {}, keep=0)
+    save_checkpoint(tmp_path, 10, dist_ctx, model, optimizer, {}, keep=0)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_00000004", "step_00000006", "step_00000010"]  # .tmp removed, none pruned
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
-        load_checkpoint(tmp_path / "checkpoints", d, model, optimizer)
+        load_checkpoint(tmp_path / "checkpoints", dist_ctx, model, optimizer)
 
 
 class Exploit:
@@ -68,10 +68,10 @@ class Exploit:
 
 def test_metadata_pickle_cannot_run_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    d = init_distributed("cpu")
+    dist_ctx = init_distributed("cpu")
     model, optimizer = model_and_optimizer(0)
-    path = save_checkpoint(tmp_path, 1, d, model, optimizer, {})
+    path = save_checkpoint(tmp_path, 1, dist_ctx, model, optimizer, {})
     (path / ".metadata").write_bytes(pickle.dumps(Exploit()))
     with pytest.raises(CheckpointError, match="builtins.exec, which is not allowed"):
-        load_checkpoint(path, d, model, optimizer)
+        load_checkpoint(path, dist_ctx, model, optimizer)
     assert not (tmp_path / "PWNED").exists()

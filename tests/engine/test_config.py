@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 
 from packtune.config import ConfigError, dump_config, load_config
@@ -11,12 +13,23 @@ def write(tmp_path, text):
 
 def test_toml_and_overrides(tmp_path):
     path = write(tmp_path, '[model]\npath = "m"\n[train]\nlr = 1\nmax_steps = 5\n')
-    cfg = load_config(path, ["train.lr=3e-4", "data.skip_bad_rows=true", "data.template=chatml"])
+    cfg = load_config(path, ["train.lr=3e-4", "data.skip_bad_records=true", "data.template=chatml"])
     assert cfg.model.path == "m"
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps == 5
-    assert cfg.data.skip_bad_rows is True
+    assert cfg.data.skip_bad_records is True
     assert cfg.data.template == "chatml"
+
+
+def test_renamed_key_still_works_and_warns_once(tmp_path, monkeypatch):
+    monkeypatch.setattr("packtune.config._warned_renames", set())
+    path = write(tmp_path, "[data]\nskip_bad_rows = true\n")
+    with pytest.warns(FutureWarning, match=r"run.toml: data.skip_bad_rows is now called data.skip_bad_rec"):
+        assert load_config(path).data.skip_bad_records is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(None, ["data.skip_bad_rows=true"]).data.skip_bad_records is True
+    assert "skip_bad_rows" not in dump_config(load_config(path))
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -100,3 +100,14 @@ def test_prepare_command_prints_and_writes_the_report(cfg, tmp_path, capsys):
     assert "efficiency" in capsys.readouterr().out
     assert main(["prepare", str(config), "--set", "data.path=missing.jsonl"]) == 2
     assert "data file missing.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_data_inspect_takes_records_and_still_the_old_rows_flag(cfg, tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\npath = "{cfg.path}"\ntokenizer = "{cfg.tokenizer}"\n')
+    assert main(["data", "inspect", str(config), "--records", "2"]) == 0
+    new = capsys.readouterr()
+    assert new.out.count(f"── {cfg.path}:") == 2 and new.err == ""
+    assert main(["data", "inspect", str(config), "--rows", "2"]) == 0
+    old = capsys.readouterr()
+    assert old.out == new.out and old.err.count("--rows is now called --records") == 1

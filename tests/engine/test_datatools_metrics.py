@@ -112,5 +112,5 @@ def test_scores_per_task_and_options():
     assert result["per_task"]["nli"]["exact_match"] == 0.5 and result["per_task"]["qa"]["exact_match"] == 0.0
     assert result["predictions"][1]["option_picked"] == "no"
     assert report.summary().splitlines()[-1] == "exact match: 33.3%"
-    with pytest.raises(ValueError, match="2 predictions for 3 rows"):
+    with pytest.raises(ValueError, match="2 predictions for 3 records"):
         score_predictions(rows, ["a", "b"])

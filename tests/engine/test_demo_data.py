@@ -134,7 +134,7 @@ def test_normalise_and_score():
     assert (result.correct, result.total) == (2, 3)
     assert result.task_accuracy() == {"add": 0.5, "sort": 1.0}
     assert result.to_dict()["exact_match"] == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="2 predictions for 3 rows"):
+    with pytest.raises(ValueError, match="2 predictions for 3 records"):
         score(rows, ["1", "2"])
 
 

@@ -7,16 +7,16 @@ from packtune.data.formats import (
     DEFAULT_FIELDS,
     Conversation,
     Message,
-    decode_row,
+    decode_record,
     detect_format,
     field_names,
     to_conversation,
 )
-from packtune.data.readers import open_rows
+from packtune.data.readers import open_records
 
 
-def conv(row, fmt, fields=DEFAULT_FIELDS):
-    return to_conversation(row, fmt, fields, "f:1")
+def conv(record, fmt, fields=DEFAULT_FIELDS):
+    return to_conversation(record, fmt, fields, "f:1")
 
 
 def test_every_layout_normalises_to_one_conversation_type():
@@ -52,9 +52,9 @@ def test_every_layout_normalises_to_one_conversation_type():
 
 def test_field_map_renames_fields():
     fields = field_names(["instruction=question", "output=answer"])
-    row = {"question": "q", "answer": "a"}
-    assert detect_format(row, fields, "f:1") == "alpaca"
-    assert conv(row, "alpaca", fields).messages[1] == Message("assistant", "a")
+    record = {"question": "q", "answer": "a"}
+    assert detect_format(record, fields, "f:1") == "alpaca"
+    assert conv(record, "alpaca", fields).messages[1] == Message("assistant", "a")
     with pytest.raises(DataError, match="unknown field 'instrucion'"):
         field_names(["instrucion=q"])
 
@@ -67,21 +67,21 @@ def test_auto_detection():
         "prompt_completion": {"prompt": "", "completion": ""},
         "text": {"text": ""},
     }
-    for fmt, row in cases.items():
-        assert detect_format(row, DEFAULT_FIELDS, "f:1") == fmt
+    for fmt, record in cases.items():
+        assert detect_format(record, DEFAULT_FIELDS, "f:1") == fmt
     with pytest.raises(DataError, match=r"f:1: cannot tell the data format from the fields \['question'\]"):
         detect_format({"question": "x"}, DEFAULT_FIELDS, "f:1")
 
 
 def test_jsonl_and_json_array_files(tmp_path):
-    rows = [{"text": "a"}, {"text": "b"}]
+    records = [{"text": "a"}, {"text": "b"}]
     jsonl = tmp_path / "d.jsonl"
-    jsonl.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
-    stream = open_rows(jsonl)
-    read = list(stream.rows)
+    jsonl.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n")
+    stream = open_records(jsonl)
+    read = list(stream.records)
     assert stream.unit == "line" and [n for n, _ in read] == [1, 3]
-    assert [decode_row("x", raw) for _, raw in read] == rows
+    assert [decode_record("x", raw) for _, raw in read] == records
     array = tmp_path / "d.json"
-    array.write_text(json.dumps(rows, indent=2))
-    stream = open_rows(array)
-    assert stream.unit == "item" and [decode_row("x", raw) for _, raw in stream.rows] == rows
+    array.write_text(json.dumps(records, indent=2))
+    stream = open_records(array)
+    assert stream.unit == "item" and [decode_record("x", raw) for _, raw in stream.records] == records

@@ -32,15 +32,16 @@ def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str) -
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    d = init_distributed("cpu")
+    dist_ctx = init_distributed("cpu")
     torch.manual_seed(0)
     steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps("token")]
     cfg = run_config(output_dir, activation_checkpointing=True, save_every=STEPS)
-    model, load_weights = load_model(model_dir, torch.float32, d, lora_preparer(cfg, d.device, sharded=True))
-    trainer = Trainer(cfg.train, model, ListSampler(steps), d, load_weights=load_weights)
+    prepare = lora_preparer(cfg, dist_ctx.device, sharded=True)
+    model, load_weights = load_model(model_dir, torch.float32, dist_ctx, prepare)
+    trainer = Trainer(cfg.train, model, ListSampler(steps), dist_ctx, load_weights=load_weights)
     assert trainer.fit() == STEPS
     export_model(trainer, cfg)
-    shutdown(d)
+    shutdown(dist_ctx)
     # The worker's checks are done. Leave without interpreter teardown: under load, gloo's threads
     # occasionally abort a 2-rank child at exit ("terminate called without an active exception")
     # after everything passed, which mp.spawn reports as a failure.
@@ -56,10 +57,11 @@ def test_two_fsdp_ranks_equal_one_process_with_lora(tmp_path):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    d = init_distributed("cpu")
+    dist_ctx = init_distributed("cpu")
     cfg = run_config(tmp_path / "single")
-    model, _ = load_model(str(model_dir), torch.float32, d, lora_preparer(cfg, d.device, sharded=False))
-    single = Trainer(cfg.train, model, ListSampler(global_steps("token")), d)
+    prepare = lora_preparer(cfg, dist_ctx.device, sharded=False)
+    model, _ = load_model(str(model_dir), torch.float32, dist_ctx, prepare)
+    single = Trainer(cfg.train, model, ListSampler(global_steps("token")), dist_ctx)
     trainable = [p for p in single.model.parameters() if p.requires_grad]
     assert sum(len(g["params"]) for g in single.optimizer.param_groups) == len(trainable) == 2 * 5 * 2
     single.fit()
@@ -78,9 +80,9 @@ def test_two_fsdp_ranks_equal_one_process_with_lora(tmp_path):
     for name, value in reference.items():
         torch.testing.assert_close(exported[name], value.detach(), rtol=0, atol=1e-5, msg=name)
 
-    prepare = lora_preparer(cfg, d.device, sharded=False)
-    resumed_model, _ = load_model(str(model_dir), torch.float32, d, prepare)
-    resumed = Trainer(config(tmp_path / "fsdp"), resumed_model, ListSampler(global_steps("token")), d)
+    prepare = lora_preparer(cfg, dist_ctx.device, sharded=False)
+    resumed_model, _ = load_model(str(model_dir), torch.float32, dist_ctx, prepare)
+    resumed = Trainer(config(tmp_path / "fsdp"), resumed_model, ListSampler(global_steps("token")), dist_ctx)
     assert resumed.resume().name == f"step_{STEPS:08d}"
     for name, value in resumed.model.named_parameters():
         if value.requires_grad:

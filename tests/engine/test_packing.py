@@ -276,12 +276,38 @@ def test_sampler_resumes_mid_epoch_exactly(dataset):
     assert not np.array_equal(perm0, perm1)
     with pytest.raises(ValueError, match="different data or seed"):
         PackedSampler(rows, seed=8, micro_batches=2).load_state_dict(state)
-    # The position is global: 2 ranks x 1 micro-batch continue where 1 process x 2 stopped.
+    # The rows dealt are global: 2 ranks x 1 micro-batch continue where 1 process x 2 stopped.
     ranks = [PackedSampler(rows, seed=7, rank=r, world_size=2, micro_batches=1) for r in range(2)]
     for r, sampler in enumerate(ranks):
         sampler.load_state_dict(state)
         got = [step[0].input_ids for step in sampler][: len(reference) - 5]
         assert all(torch.equal(a, want[r]) for a, want in zip(got, reference[5:], strict=False))
+
+
+def test_sampler_reads_states_saved_under_old_keys(dataset):
+    """Checkpoints written before `rows_dealt` was named saved it as "position"; older ones saved
+    "step" (steps of world_size x micro_batches rows, both at the end of the fingerprint)."""
+    rows = dataset.pack()
+    saved = PackedSampler(rows, seed=7, micro_batches=2)
+    it = iter(saved)
+    for _ in range(3):
+        next(it)
+    state = saved.state_dict()
+    assert state["rows_dealt"] == 6
+    position = {k: v for k, v in state.items() if k != "rows_dealt"} | {"position": 6}
+    step = position | {"fingerprint": [*state["fingerprint"], 1, 2], "step": 3}
+    del step["position"]
+    want = [[b.input_ids for b in micro] for micro in saved]
+    for old in (position, step):
+        fresh = PackedSampler(rows, seed=7, micro_batches=2)
+        fresh.load_state_dict(old)
+        assert (fresh.epoch, fresh.rows_dealt) == (0, 6)
+        got = [[b.input_ids for b in micro] for micro in fresh]
+        assert len(got) == len(want) > 0
+        pairs = [(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)]
+        assert all(torch.equal(a, b) for a, b in pairs)
+    with pytest.raises(ValueError, match="different data or seed"):  # an old state of other rows
+        PackedSampler(rows, seed=7, micro_batches=2).load_state_dict(step | {"fingerprint": [9, 9, 2, 2]})
 
 
 def test_ranks_get_equal_steps_and_disjoint_rows(dataset):

@@ -1,4 +1,4 @@
-"""Data sources: every file type reads the rows its JSONL twin holds; broken files name themselves;
+"""Data sources: every file type reads the records its JSONL twin holds; broken files name themselves;
 several weighted sources mix deterministically; the cache key covers every source."""
 
 import csv
@@ -14,7 +14,7 @@ from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
 from packtune.config import ConfigError, DataConfig, DataSource, dump_config, load_config
 from packtune.data import DataError, format_report, prepare_dataset
 from packtune.data.dataset import _in_order
-from packtune.data.readers import count_rows, open_rows
+from packtune.data.readers import count_records, open_records
 from packtune.data.sources import OpenSource
 
 ROWS = alpaca_rows(300)
@@ -33,11 +33,11 @@ def prepare(sp_model, path=None, sources=(), workers=1, cache_dir=None, **kw):
     return prepare_dataset(cfg, num_workers=workers, use_cache=cache_dir is not None)
 
 
-def write_csv(path, rows, opener=open):
+def write_csv(path, records, opener=open):
     with opener(path, "wt", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(records)
     return path
 
 
@@ -46,20 +46,20 @@ def zstd_bytes(data: bytes) -> bytes:
     return zstandard.ZstdCompressor().compress(data)
 
 
-def write_arrow(path, rows, stream=False, batch=64):
+def write_arrow(path, records, stream=False, batch=64):
     pa = pytest.importorskip("pyarrow")
-    table = pa.Table.from_pylist(rows)
+    table = pa.Table.from_pylist(records)
     new = pa.ipc.new_stream if stream else pa.ipc.new_file
     with new(str(path), table.schema) as writer:
         writer.write_table(table, max_chunksize=batch)
     return path
 
 
-def write_saved_dataset(folder, rows):
+def write_saved_dataset(folder, records):
     """The layout `datasets.Dataset.save_to_disk` writes: Arrow stream shards listed in state.json."""
     folder.mkdir(parents=True)
     names = [f"data-0000{i}-of-00002.arrow" for i in range(2)]
-    for name, part in zip(names, (rows[:120], rows[120:]), strict=True):
+    for name, part in zip(names, (records[:120], records[120:]), strict=True):
         write_arrow(folder / name, part, stream=True)
     (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names]}))
     (folder / "dataset_info.json").write_text("{}")
@@ -74,9 +74,9 @@ def write_parquet(path, rows_or_table, **kw):
     return path
 
 
-def write_with_datasets(folder, rows):
+def write_with_datasets(folder, records):
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_list(rows).save_to_disk(str(folder), num_shards=3)
+    datasets.Dataset.from_list(records).save_to_disk(str(folder), num_shards=3)
 
 
 JSONL = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
@@ -103,21 +103,21 @@ def test_every_source_type_reads_the_jsonl_rows(name, sp_model, tmp_path):
     other = prepare(sp_model, path)
     for key in ("tokens", "mask", "offsets"):
         assert np.array_equal(getattr(jsonl, key), getattr(other, key)), key
-    assert other.report["rows"] == other.report["kept"] == count_rows(path) == 300
+    assert other.report["rows"] == other.report["kept"] == count_records(path) == 300
     assert other.report["sources"] == [
         {"path": str(path), "format": "alpaca", "weight": 1.0, "read": 300, "rows": 300, "kept": 300}
     ]
     if name.endswith(("parquet", "feather", "arrow")) or name.startswith("saved"):
-        assert list(other.lines) == list(range(300))  # row indices
+        assert list(other.lines) == list(range(300))  # record indices
     elif name.startswith("d.jsonl"):
         assert list(other.lines) == list(jsonl.lines) == list(range(1, 301))
 
 
 def test_csv_lines_count_the_header_and_quoted_newlines(tmp_path):
-    rows = [{"text": "one\ntwo"}, {"text": "three"}]
-    stream = open_rows(write_csv(tmp_path / "d.csv", rows))
+    records = [{"text": "one\ntwo"}, {"text": "three"}]
+    stream = open_records(write_csv(tmp_path / "d.csv", records))
     assert stream.columns == {"text": "string"}
-    assert list(stream.rows) == [(2, rows[0]), (4, rows[1])]
+    assert list(stream.records) == [(2, records[0]), (4, records[1])]
 
 
 def test_broken_files_name_themselves(sp_model, tmp_path):
@@ -166,7 +166,7 @@ def test_wrong_parquet_schema(sp_model, tmp_path):
     with pytest.raises(DataError, match=rf"^{typed}: column 'output' is int64, expected a string"):
         prepare(sp_model, typed)
     nulls = write_parquet(tmp_path / "n.parquet", [*ROWS[:3], {"instruction": "x", "output": None}])
-    with pytest.raises(DataError, match=rf"^{nulls}: row 3: missing field 'output'"):
+    with pytest.raises(DataError, match=rf"^{nulls}: record 3: missing field 'output'"):
         prepare(sp_model, nulls)
 
 
@@ -175,7 +175,7 @@ def test_csv_row_with_a_missing_column(sp_model, tmp_path):
     path.write_text('instruction,output\nSay hi,hi\n"two\nlines",ok\nno output here\nSay yo,yo\n')
     with pytest.raises(DataError, match=rf"^{path}:5: expected 2 columns \(instruction, output\), got 1"):
         prepare(sp_model, path)
-    ds = prepare(sp_model, path, skip_bad_rows=True)
+    ds = prepare(sp_model, path, skip_bad_records=True)
     assert ds.report["dropped"] == {"wrong_columns": 1} and ds.report["kept"] == 3
     assert list(ds.lines) == [2, 3, 6]
 
@@ -187,8 +187,8 @@ def test_missing_extra_is_named(sp_model, tmp_path, monkeypatch):
         prepare(sp_model, path)
 
 
-def renamed(rows):
-    return [{"q": r["instruction"], "a": r["output"]} for r in rows]
+def renamed(records):
+    return [{"q": r["instruction"], "a": r["output"]} for r in records]
 
 
 def two_sources(tmp_path, weights=(2.5, 0.5)):
@@ -203,7 +203,7 @@ def two_sources(tmp_path, weights=(2.5, 0.5)):
 def test_weights_repeat_and_subsample_deterministically(sp_model, tmp_path):
     sources = two_sources(tmp_path)
     ds = prepare(sp_model, sources=sources)
-    # a: 100 rows x 2 + a seeded 50; b: 40 rows x 0.5 = a seeded 20.
+    # a: 100 records x 2 + a seeded 50; b: 40 records x 0.5 = a seeded 20.
     counts = [(s["read"], s["rows"], s["kept"]) for s in ds.report["sources"]]
     assert counts == [(100, 250, 250), (40, 20, 20)]
     assert ds.report["rows"] == ds.report["kept"] == len(ds) == 270
@@ -217,8 +217,9 @@ def test_weights_repeat_and_subsample_deterministically(sp_model, tmp_path):
     reseeded = prepare(sp_model, sources=sources, mix_seed=1)
     assert len(reseeded) == 270 and not np.array_equal(reseeded.lines, ds.lines)
     text = format_report(ds.report)
-    assert text.startswith("data: 270 rows read after source weights (alpaca format")
-    line = f"source {sources[1].path} (alpaca, weight 0.5): 40 rows in the file, 20 after weighting, 20 kept"
+    assert text.startswith("data: 270 records read after source weights (alpaca format")
+    line = (f"source {sources[1].path} (alpaca, weight 0.5): 40 records in the file, 20 after weighting, "
+            "20 kept")
     assert line in text
 
 
@@ -288,12 +289,12 @@ def test_bad_source_settings(cfg, message, sp_model):
 def test_rows_stream_lazily(tmp_path):
     """The first chunk comes before the file is read to its (truncated) end, and no more than
     `window` chunks wait in the worker pool at once."""
-    rows = alpaca_rows(3000, seed=1)
-    data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    records = alpaca_rows(3000, seed=1)
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
     path = tmp_path / "t.jsonl.gz"
     path.write_bytes(data[: len(data) // 2])
     spec = {"path": str(path), "format": "auto", "field_map": [], "weight": 1.0}
-    chunks = OpenSource(spec, skip_bad_rows=False).chunks(100, 0, 0)
+    chunks = OpenSource(spec, skip_bad_records=False).chunks(100, 0, 0)
     copies, first = next(chunks)
     assert copies == 1 and [n for n, _ in first] == list(range(1, 101))
     with pytest.raises(DataError, match="cannot read the file after line"):

@@ -37,7 +37,7 @@ def runs(mask):
 def encode(tok, template, conv=CONV, train_on="assistant"):
     fmt = make_chat_format(template, tok.path, tok, train_on)
     (rendered,) = fmt.render(conv, "f:1")
-    (result,) = fmt.encoder.encode_rows([rendered], ["f:1"])
+    (result,) = fmt.encoder.encode_samples([rendered], ["f:1"])
     if isinstance(result, DataError):
         raise result
     return rendered, (np.array(result.ids), np.array(result.mask))

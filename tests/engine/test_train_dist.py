@@ -49,16 +49,16 @@ def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str, w
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    d = init_distributed("cpu")
+    dist_ctx = init_distributed("cpu")
     torch.manual_seed(0)
     steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps(weighting)]
     cfg = config(output_dir, activation_checkpointing=True, save_every=STEPS, loss_weighting=weighting)
-    model, load_weights = load_model(model_dir, torch.float32, d)  # meta, then rank 0 broadcasts
+    model, load_weights = load_model(model_dir, torch.float32, dist_ctx)  # meta, then rank 0 broadcasts
     assert load_weights is not None and model.lm_head.weight.is_meta
-    trainer = Trainer(cfg, model, ListSampler(steps), d, load_weights=load_weights)
+    trainer = Trainer(cfg, model, ListSampler(steps), dist_ctx, load_weights=load_weights)
     assert trainer.fit() == STEPS
     export_model(trainer, Config(train=cfg))
-    shutdown(d)
+    shutdown(dist_ctx)
     # The worker's checks are done. Leave without interpreter teardown: under load, gloo's threads
     # occasionally abort a 2-rank child at exit ("terminate called without an active exception")
     # after everything passed, which mp.spawn reports as a failure.

@@ -71,7 +71,7 @@ def test_recipe_trains_two_steps(tmp_path, assets, capsys, name, data, extra):
     ]
     assert main(["train", str(config), *[a for o in overrides for a in ("--set", o)]]) == 0
     stdout = capsys.readouterr().out
-    assert "rows read" in stdout and "step 2/2" in stdout
+    assert "records read" in stdout and "step 2/2" in stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2]
@@ -138,7 +138,7 @@ def test_torchrun_two_ranks(tmp_path, assets):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert proc.stdout.count("rows read") == 1  # the data report comes from rank 0 only
+    assert proc.stdout.count("records read") == 1  # the data report comes from rank 0 only
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     assert sorted(p.name for p in (out / "checkpoints" / "step_00000003").glob("*.distcp")) == [
         "__0_0.distcp", "__1_0.distcp"]

@@ -1,6 +1,6 @@
 """A run saved by 2 ranks resumes in 1 process with twice the micro-batches, as if uninterrupted.
 
-The sampler's position is a position in the global order of packed rows, so the resumed process
+The sampler's rows_dealt counts rows of the global order of packed rows, so the resumed process
 deals out exactly the rows the 2 ranks would have taken next; the sharded checkpoint reshards on
 load. The resumed steps' losses and gradient norms equal the uninterrupted 2-rank run's to fp32
 rounding.
@@ -45,20 +45,20 @@ def config(output_dir) -> TrainConfig:
                        save_every=SAVE_AT, keep_checkpoints=0)
 
 
-def trainer(output_dir, rank: int, world: int, micro_batches: int, d) -> Trainer:
+def trainer(output_dir, rank: int, world: int, micro_batches: int, dist_ctx) -> Trainer:
     torch.manual_seed(0)
     sampler = PackedSampler(toy_rows(), seed=3, rank=rank, world_size=world, micro_batches=micro_batches)
     assert len(sampler) >= 2
-    return Trainer(config(output_dir), tiny_llama(), sampler, d)
+    return Trainer(config(output_dir), tiny_llama(), sampler, dist_ctx)
 
 
 def _worker(rank: int, world: int, port: int, output_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    d = init_distributed("cpu")
-    assert trainer(output_dir, rank, world, MICRO, d).fit() == STEPS
-    shutdown(d)
+    dist_ctx = init_distributed("cpu")
+    assert trainer(output_dir, rank, world, MICRO, dist_ctx).fit() == STEPS
+    shutdown(dist_ctx)
     # The worker's checks are done. Leave without interpreter teardown: under load, gloo's threads
     # occasionally abort a 2-rank child at exit ("terminate called without an active exception")
     # after everything passed, which mp.spawn reports as a failure.

@@ -119,7 +119,7 @@ def test_unsupported_model_type_is_reported_before_tokenizing(tmp_path, assets, 
     cache = tmp_path / "cache"
     assert train(assets, tmp_path / "run", f'model.path="{model}"', f'data.cache_dir="{cache}"') == 2
     captured = capsys.readouterr()
-    assert "model_type 'gpt2' is not supported" in captured.err and "rows read" not in captured.out
+    assert "model_type 'gpt2' is not supported" in captured.err and "records read" not in captured.out
     assert not cache.exists()
 
 

@@ -149,12 +149,12 @@ def test_bf16_fsdp2_step_of_a_1b_llama_on_packed_8k_rows():
     from packtune.optim import build_optimizer, clip_grad_norm
     from packtune.parallel import init_distributed, parallelize, shutdown
 
-    d = init_distributed("cuda")  # one rank: FSDP2 with bf16 compute over fp32 master weights
+    dist_ctx = init_distributed("cuda")  # one rank: FSDP2 with bf16 compute over fp32 master weights
     try:
         with torch.device("cuda"):
             model = LlamaForCausalLM(ModelArgs(**LLAMA_1B))
         model.init_weights()
-        module = parallelize(CausalLMLoss(model), model.model.layers, d)
+        module = parallelize(CausalLMLoss(model), model.model.layers, dist_ctx)
         opt = build_optimizer(module, lr=3e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
         ids, labels, layout = packed_row(LLAMA_1B["vocab_size"])
         num_items = torch.tensor(float(layout.num_label_rows), device="cuda")
@@ -170,7 +170,7 @@ def test_bf16_fsdp2_step_of_a_1b_llama_on_packed_8k_rows():
         assert 8.0 < losses[0] < 14.0, losses  # random init: about ln(128256) = 11.8
         assert losses[-1] < losses[0] - 0.1, losses
     finally:
-        shutdown(d)
+        shutdown(dist_ctx)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
