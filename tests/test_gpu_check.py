@@ -21,7 +21,7 @@ def test_gpu_check_smoke_mode_runs_to_the_end(tmp_path):
     assert summary["smoke"] is True
     assert status["suite"].startswith("SKIP (no CUDA"), status
     assert status["bench torch.compile, liger"].startswith("SKIP")
-    for part in ("env", "bench_ce", "bench_linear_ce", "train"):
+    for part in ("env", "bench_ce", "bench_linear_ce", "train", "bench_lora"):
         assert status[part] == "PASS", status
     for name in ("summary.txt", "env.log", "suite.log", "suite.xml", "bench/ce.json", "bench/linear_ce.json",
                  "train/train.json", "train/run/metrics.jsonl"):

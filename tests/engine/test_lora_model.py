@@ -119,3 +119,13 @@ def test_lora_defaults_are_full_fine_tuning():
     cfg = Config()
     assert cfg.lora.rank == 0 and cfg.train.export is True
     check_lora_run(cfg)
+
+
+def test_qlora_under_fsdp_is_refused_with_the_reason():
+    from packtune.config import LoRAConfig
+    from packtune.lora.training import lora_preparer
+
+    cfg = Config(lora=LoRAConfig(rank=4, alpha=8.0, base_dtype="nf4"))
+    with pytest.raises(ConfigError, match=r"torchao's NF4 tensor does not support \(c10d.broadcast_\)"):
+        lora_preparer(cfg, torch.device("cpu"), sharded=True)
+    assert lora_preparer(cfg, torch.device("cpu"), sharded=False) is not None
