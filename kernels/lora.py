@@ -84,22 +84,24 @@ def _lora_down_kernel(X, A, U, n_rows, n_in, rank, stride_x, seed, p, R: tl.cons
                     mask=(rows[:, None] < n_rows) & (cols[None, :] < n_in), other=0.0)
         if DROPOUT:
             x = _drop(x.to(tl.float32), seed, rows[:, None] * n_in + cols[None, :], p).to(X.dtype.element_ty)
-        a_t = tl.load(A + ranks[None, :] * n_in + cols[:, None], mask=(ranks[None, :] < rank) & (cols[:, None] < n_in),
-                      other=0.0)
+        a_t = tl.load(A + ranks[None, :] * n_in + cols[:, None],
+                      mask=(ranks[None, :] < rank) & (cols[:, None] < n_in), other=0.0)
         acc = _dot(x, a_t, acc, UPCAST)
     tl.store(U + rows[:, None] * rank + ranks[None, :], acc.to(U.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank))
 
 
 @triton.jit
-def _lora_up_kernel(Y, U, B, n_rows, n_cols, rank, stride_b_col, stride_b_rank, scale, seed, p, R: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr):
+def _lora_up_kernel(Y, U, B, n_rows, n_cols, rank, stride_b_col, stride_b_rank, scale, seed, p,
+                    R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr,
+                    UPCAST: tl.constexpr):
     """Y[N, C] += drop'(scale * U[N, r] @ B[C, r]^T) in place, one program per output tile. The
     forward adds the update into y (no dropout here); the backward adds drop'(du A) into dx."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     ranks = tl.arange(0, R)
-    u = tl.load(U + rows[:, None] * rank + ranks[None, :], mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank),
+    u = tl.load(U + rows[:, None] * rank + ranks[None, :],
+                mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank),
                 other=0.0)
     b_t = tl.load(B + cols[None, :] * stride_b_col + ranks[:, None] * stride_b_rank,
                   mask=(cols[None, :] < n_cols) & (ranks[:, None] < rank), other=0.0)
@@ -129,7 +131,8 @@ def _lora_da_kernel(DU, X, DA, n_rows, n_in, rank, stride_x, seed, p, R: tl.cons
         du_t = tl.load(DU + rows[None, :] * rank + ranks[:, None],
                        mask=(rows[None, :] < n_rows) & (ranks[:, None] < rank), other=0.0)
         acc = _dot(du_t, x, acc, UPCAST)
-    tl.store(DA + ranks[:, None] * n_in + cols[None, :], acc, mask=(ranks[:, None] < rank) & (cols[None, :] < n_in))
+    tl.store(DA + ranks[:, None] * n_in + cols[None, :], acc,
+             mask=(ranks[:, None] < rank) & (cols[None, :] < n_in))
 
 
 def _rank_block(rank: int) -> int:
@@ -149,7 +152,8 @@ def lora_down(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int) -> tor
     return u
 
 
-def lora_up_add_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scale: float, p: float = 0.0, seed: int = 0
+def lora_up_add_(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scale: float, p: float = 0.0,
+                 seed: int = 0
                  ) -> torch.Tensor:
     """y [N, C] += drop'(scale * u b^T) in place (Triton); u [N, r] contiguous, b [C, r] any strides."""
     n, n_cols = y.shape
@@ -260,7 +264,8 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight, lora_a, lora_b, u = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, da, db = lora_backward(dy.contiguous(), x, u, (weight, None, lora_a, lora_b), ctx.scale, ctx.dropout,
+        dx, da, db = lora_backward(dy.contiguous(), x, u, (weight, None, lora_a, lora_b), ctx.scale,
+                                   ctx.dropout,
                                    ctx.seed, ctx.backend, need[0], need[3], need[4])
         return dx, None, None, da, db, None, None, None, None
 
@@ -283,5 +288,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1 or x2.stride(0) != x2.shape[1]:
         x2 = x2.contiguous()
-    y = LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout), int(seed), backend)
+    y = LoRALinearFunction.apply(x2, weight, bias, lora_a, lora_b, float(scale), float(dropout), int(seed),
+                                 backend)
     return y.view(*x.shape[:-1], y.shape[-1])

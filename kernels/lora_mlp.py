@@ -68,16 +68,19 @@ def _act_and_grad(g, GELU: tl.constexpr):
     if GELU:
         c = 0.7978845608028654  # sqrt(2 / pi)
         t = _tanh(c * (g + 0.044715 * g * g * g))
-        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * g * g)
+        grad = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * g * g)
+        return 0.5 * g * (1.0 + t), grad
     s = tl.sigmoid(g)
     return g * s, s * (1.0 + g * (1.0 - s))
 
 
 @triton.jit
-def _tile_update(U, B, rows, cols, ranks, n_rows, n_cols, rank, stride_b_col, stride_b_rank, UPCAST: tl.constexpr,
+def _tile_update(U, B, rows, cols, ranks, n_rows, n_cols, rank, stride_b_col, stride_b_rank,
+                 UPCAST: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """U[rows, :r] @ B[cols, :r]^T as an fp32 [BLOCK_N, BLOCK_C] tile."""
-    u = tl.load(U + rows[:, None] * rank + ranks[None, :], mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank),
+    u = tl.load(U + rows[:, None] * rank + ranks[None, :],
+                mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank),
                 other=0.0)
     b_t = tl.load(B + cols[None, :] * stride_b_col + ranks[:, None] * stride_b_rank,
                   mask=(cols[None, :] < n_cols) & (ranks[:, None] < rank), other=0.0)
@@ -94,9 +97,11 @@ def _lora_gate_kernel(G, U, H, UG, UU, BG, BU, n_rows, n_cols, rank, scale, R: t
     inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offsets = rows[:, None] * n_cols + cols[None, :]
     g = tl.load(G + offsets, mask=inside, other=0.0).to(tl.float32)
-    g += scale * _tile_update(UG, BG, rows, cols, ranks, n_rows, n_cols, rank, rank, 1, UPCAST, BLOCK_N, BLOCK_C)
+    g += scale * _tile_update(UG, BG, rows, cols, ranks, n_rows, n_cols, rank, rank, 1, UPCAST, BLOCK_N,
+                              BLOCK_C)
     u = tl.load(U + offsets, mask=inside, other=0.0).to(tl.float32)
-    u += scale * _tile_update(UU, BU, rows, cols, ranks, n_rows, n_cols, rank, rank, 1, UPCAST, BLOCK_N, BLOCK_C)
+    u += scale * _tile_update(UU, BU, rows, cols, ranks, n_rows, n_cols, rank, rank, 1, UPCAST, BLOCK_N,
+                              BLOCK_C)
     g = g.to(G.dtype.element_ty)  # h from the stored values, as the backward recomputes it
     u = u.to(U.dtype.element_ty)
     tl.store(G + offsets, g, mask=inside)
@@ -107,15 +112,16 @@ def _lora_gate_kernel(G, U, H, UG, UU, BG, BU, n_rows, n_cols, rank, scale, R: t
 
 @triton.jit
 def _lora_act_grad_kernel(DH, DUP, G, U, DUD, AD, n_rows, n_cols, rank, seed, p, R: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, GELU: tl.constexpr,
-                          UPCAST: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr,
+                          GELU: tl.constexpr, UPCAST: tl.constexpr):
     """dh = DH + drop'(dud Ad) (DH holds dy Wd); DH <- dgate = dh u act'(g), DUP <- dup = dh act(g)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     ranks = tl.arange(0, R)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offsets = rows[:, None] * n_cols + cols[None, :]
-    update = _tile_update(DUD, AD, rows, cols, ranks, n_rows, n_cols, rank, 1, n_cols, UPCAST, BLOCK_N, BLOCK_C)
+    update = _tile_update(DUD, AD, rows, cols, ranks, n_rows, n_cols, rank, 1, n_cols, UPCAST, BLOCK_N,
+                          BLOCK_C)
     if DROPOUT:
         update = _drop(update, seed, offsets, p)
     dh = tl.load(DH + offsets, mask=inside, other=0.0).to(tl.float32) + update
@@ -130,7 +136,8 @@ def _tiles(n_rows: int, n_cols: int) -> tuple[int, int]:
     return (triton.cdiv(n_rows, _BLOCK_ROWS), triton.cdiv(n_cols, _BLOCK_COLS))
 
 
-def _triton_gate(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, scale: float, p: float, seeds, gelu: bool):
+def _triton_gate(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, scale: float, p: float, seeds,
+                 gelu: bool):
     """(g, u, h, ug, uu): the gate and up projections with their LoRA updates, and h = act(g) * u."""
     g, u = base_linear(x, gate[0], gate[1]), base_linear(x, up[0], up[1])
     ug, uu = lora_down(x, gate[2], p, seeds[0]), lora_down(x, up[2], p, seeds[1])
@@ -144,7 +151,8 @@ def _triton_gate(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, scale: flo
     return g, u, h, ug, uu
 
 
-def _triton_act_grad(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dud: torch.Tensor, lora_a: torch.Tensor,
+def _triton_act_grad(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dud: torch.Tensor,
+                     lora_a: torch.Tensor,
                      p: float, seed: int, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup) from dh = dh_base + drop'(dud A) (dh_base overwritten with dgate)."""
     dup = torch.empty_like(u)
@@ -174,7 +182,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         y, ud = lora_forward(h, down, scale, dropout, seeds[2], backend)
         del h
         ctx.save_for_backward(x, g, u, ug, uu, ud, wg, bg, ag, b_g, wu, bu, au, b_u, wd, bd, ad, b_d)
-        ctx.scale, ctx.dropout, ctx.seeds, ctx.activation, ctx.backend = scale, dropout, seeds, activation, backend
+        ctx.scale, ctx.dropout, ctx.seeds = scale, dropout, seeds
+        ctx.activation, ctx.backend = activation, backend
         return y
 
     @staticmethod
@@ -201,7 +210,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         dxg, dag, dbg = lora_backward(dg, x, ug, gate, s, p, seeds[0], backend, need_dx)
         dxu, dau, dbu = lora_backward(du, x, uu, up, s, p, seeds[1], backend, need_dx)
         dx = dxg.add_(dxu) if need_dx else None
-        return dx, None, None, dag, dbg, None, None, dau, dbu, None, None, dad, dbd, None, None, None, None, None
+        frozen = (None, None)
+        return (dx, *frozen, dag, dbg, *frozen, dau, dbu, *frozen, dad, dbd, None, None, None, None, None)
 
 
 def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, scale: float,

@@ -62,7 +62,8 @@ def peft_lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -
 
 
 def is_peft_lora_mlp(mlp: nn.Module) -> bool:
-    return all(is_peft_lora_linear(getattr(mlp, name, None)) for name in ("gate_proj", "up_proj", "down_proj"))
+    return all(is_peft_lora_linear(getattr(mlp, name, None)) for name in ("gate_proj", "up_proj",
+                                                                          "down_proj"))
 
 
 def peft_lora_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -162,7 +162,8 @@ def apply_packtune(
         if kind is classes["RMSNorm"] and rms_norm:
             handle.patch(module, rms_norm_forward)
         elif kind is classes["MLP"] and swiglu:
-            handle.patch(module, peft_lora_mlp_forward if lora and is_peft_lora_mlp(module) else swiglu_mlp_forward)
+            handle.patch(module,
+                         peft_lora_mlp_forward if lora and is_peft_lora_mlp(module) else swiglu_mlp_forward)
         elif lora and is_peft_lora_linear(module):
             handle.patch(module, peft_lora_linear_forward)
         elif kind is classes["Attention"] and (rotary or packed):

@@ -110,7 +110,8 @@ def test_peft_lora_layers_run_the_fused_kernels(fused_calls, targets, dtype, rto
     assert len(trained) == 2 * len(per_layer) * layers if targets != "all-linear" else 14 * layers
     for (n, p), q in zip(trained, [q for q in ref.parameters() if q.requires_grad], strict=True):
         scale = q.grad.abs().max().item()
-        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=rtol * scale, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=rtol * scale,
+                                   msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_peft_dropout_runs_in_the_kernel_and_other_cases_run_peft(fused_calls):

@@ -126,7 +126,8 @@ def test_sft_trainer_with_peft_runs_packtunes_lora_kernels(tmp_path, counted, mo
     fused = []
     for name in ("lora_linear", "lora_mlp"):
         original = getattr(peft_lora, name)
-        monkeypatch.setattr(peft_lora, name, lambda *a, _n=name, _o=original, **k: fused.append(_n) or _o(*a, **k))
+        counting = lambda *a, _n=name, _o=original, **k: fused.append(_n) or _o(*a, **k)  # noqa: E731
+        monkeypatch.setattr(peft_lora, name, counting)
     base = make_hf_model("llama3_gqa").float()
     base.config.use_cache = False
     vocab = base.config.vocab_size

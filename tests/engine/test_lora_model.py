@@ -48,7 +48,8 @@ def test_fused_lora_mlp_equals_the_models_own_mlp(hidden_act):
     from packtune.model.config import ModelArgs
     from packtune.model.llama import LlamaForCausalLM
 
-    args = ModelArgs(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    args = ModelArgs(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, hidden_act=hidden_act)
     model = LlamaForCausalLM(args)
     model.init_weights(torch.Generator().manual_seed(0))

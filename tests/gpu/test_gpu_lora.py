@@ -39,8 +39,10 @@ def test_lora_linear(dtype, dropout, n, n_in, n_out, rank):
     def fn(impl, **kw):
         return lambda x_, f, p: impl(x_, f[0], f[1], p[0], p[1], 2.0, dropout, 77, **kw)
 
-    ref = _run(fn(lora_linear_ref, mask_backend="triton"), x, (w, b), (a.double(), bb.double()), dy, torch.float64)
-    eager = _run(fn(lora_linear_ref, mask_backend="triton"), x, (w, b), (a.to(dtype), bb.to(dtype)), dy, dtype)
+    ref = _run(fn(lora_linear_ref, mask_backend="triton"), x, (w, b), (a.double(), bb.double()), dy,
+               torch.float64)
+    eager = _run(fn(lora_linear_ref, mask_backend="triton"), x, (w, b), (a.to(dtype), bb.to(dtype)), dy,
+                 dtype)
     out = _run(fn(lora_linear), x, (w, b), (a, bb), dy, dtype)
     for rtol, got, e, r in zip((1e-5, 1e-4, 1e-4, 1e-4), out, eager, ref, strict=True):
         assert_matches(got, e, r, rtol, dtype)
@@ -62,8 +64,10 @@ def test_lora_mlp(dtype, activation, dropout):
             return impl(x_, gate, up, down, 0.5, dropout, (1, 2, 3), activation, **kw)
         return call
 
-    ref = _run(fn(lora_mlp_ref, mask_backend="triton"), x, frozen, [t.double() for t in adapters], dy, torch.float64)
-    eager = _run(fn(lora_mlp_ref, mask_backend="triton"), x, frozen, [t.to(dtype) for t in adapters], dy, dtype)
+    ref = _run(fn(lora_mlp_ref, mask_backend="triton"), x, frozen, [t.double() for t in adapters], dy,
+               torch.float64)
+    eager = _run(fn(lora_mlp_ref, mask_backend="triton"), x, frozen, [t.to(dtype) for t in adapters], dy,
+                 dtype)
     out = _run(fn(lora_mlp), x, frozen, adapters, dy, dtype)
     for i, (got, e, r) in enumerate(zip(out, eager, ref, strict=True)):
         # y is three chained GEMMs: fp32 within a few ulps of its largest entry (the CPU test's bound)

@@ -59,11 +59,14 @@ def test_lora_linear_bf16_no_worse_than_torch(backend, dropout):
     w, b, a, bb = _linear(64, 96, 8, True)
     x, dy = torch.randn(33, 64), torch.randn(33, 96)
     bf = torch.bfloat16
-    got = _grads(lambda x_, p: lora_linear(x_, w.to(bf), b.to(bf), p[0], p[1], 2.0, dropout, 5, backend=backend),
+    got = _grads(lambda x_, p: lora_linear(x_, w.to(bf), b.to(bf), p[0], p[1], 2.0, dropout, 5,
+                                           backend=backend),
                  x.to(bf), [a, bb], dy.to(bf))
-    plain = _grads(lambda x_, p: lora_linear_ref(x_, w.to(bf), b.to(bf), p[0], p[1], 2.0, dropout, 5, backend),
+    plain = _grads(lambda x_, p: lora_linear_ref(x_, w.to(bf), b.to(bf), p[0], p[1], 2.0, dropout, 5,
+                                                 backend),
                    x.to(bf), [a.to(bf), bb.to(bf)], dy.to(bf))
-    exact = _grads(lambda x_, p: lora_linear_ref(x_, w.double(), b.double(), p[0], p[1], 2.0, dropout, 5, backend),
+    exact = _grads(lambda x_, p: lora_linear_ref(x_, w.double(), b.double(), p[0], p[1], 2.0, dropout, 5,
+                                                 backend),
                    x.double(), [a.double(), bb.double()], dy.double())
     for g, t, e in zip(got, plain, exact, strict=True):
         assert_low_precision_close(g, t, e, backend)
@@ -92,7 +95,8 @@ def test_dropout_mask_is_a_function_of_the_seed(backend):
 
 
 def _mlp_weights(hidden, inter, rank, bias, dtype=torch.float32):
-    lins = (_linear(hidden, inter, rank, bias), _linear(hidden, inter, rank, bias), _linear(inter, hidden, rank, bias))
+    lins = (_linear(hidden, inter, rank, bias), _linear(hidden, inter, rank, bias),
+            _linear(inter, hidden, rank, bias))
     frozen = [[t if t is None else t.to(dtype) for t in lin[:2]] for lin in lins]
     return frozen, [t for lin in lins for t in lin[2:]]
 
@@ -115,10 +119,12 @@ def test_lora_mlp_fp32_matches_float64_reference(shape, bias, dropout, activatio
     got = _mlp_grads(lora_mlp, x, frozen, adapters, dy, torch.float32, dropout=dropout, activation=activation,
                      backend=backend)
     frozen64 = [[t if t is None else t.double() for t in lin] for lin in frozen]
-    exact = _mlp_grads(lora_mlp_ref, x.double(), frozen64, adapters, dy.double(), torch.float64, dropout=dropout,
+    exact = _mlp_grads(lora_mlp_ref, x.double(), frozen64, adapters, dy.double(), torch.float64,
+                       dropout=dropout,
                        activation=activation, mask_backend=backend)
     # y is three chained fp32 GEMMs: within a few fp32 ulps (2^-23) of its largest entry
-    torch.testing.assert_close(got[0].double(), exact[0], rtol=1e-5, atol=2**-21 * exact[0].abs().max().item())
+    torch.testing.assert_close(got[0].double(), exact[0], rtol=1e-5,
+                               atol=2**-21 * exact[0].abs().max().item())
     for g, e in zip(got[1:], exact[1:], strict=True):
         assert_fp32_close(g, e, 1e-4)
 
@@ -129,8 +135,10 @@ def test_lora_mlp_triton_bf16_no_worse_than_torch(activation):
     frozen, adapters = _mlp_weights(32, 48, 4, True, bf)
     x, dy = torch.randn(17, 32), torch.randn(17, 32)
     kwargs = {"dropout": 0.1, "activation": activation}
-    got = _mlp_grads(lora_mlp, x.to(bf), frozen, adapters, dy.to(bf), torch.float32, backend="triton", **kwargs)
-    plain = _mlp_grads(lora_mlp_ref, x.to(bf), frozen, adapters, dy.to(bf), bf, mask_backend="triton", **kwargs)
+    got = _mlp_grads(lora_mlp, x.to(bf), frozen, adapters, dy.to(bf), torch.float32, backend="triton",
+                     **kwargs)
+    plain = _mlp_grads(lora_mlp_ref, x.to(bf), frozen, adapters, dy.to(bf), bf, mask_backend="triton",
+                       **kwargs)
     frozen64 = [[t if t is None else t.double() for t in lin] for lin in frozen]
     exact = _mlp_grads(lora_mlp_ref, x.double(), frozen64, adapters, dy.double(), torch.float64,
                        mask_backend="triton", **kwargs)
