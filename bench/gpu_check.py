@@ -87,7 +87,8 @@ def _lora_bench_args() -> list[str]:
     common = [sys.executable, "-m", "packtune", "bench", "lora", "--out", str(OUT / "bench")]
     if SMOKE:
         return [*common, "--impl", "peft", "--impl", "packtune", "--device", "cpu", "--dtype", "float32",
-                "--tokens", "64", "--scale", "64", "--ranks", "16", "--repeats", "1", "--warmup", "1"]
+                "--tokens", "64", "--scale", "64", "--ranks", "16", "--ops", "linear", "--repeats", "1",
+                "--warmup", "1"]
     return [*common, "--dtype", "bfloat16", "--tokens", "8192", "--scale", "1", "--ranks", "16", "64",
             "--repeats", "5", "--warmup", "2"]
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_check_smoke_mode_runs_to_the_end(tmp_path):
     env = {**os.environ, "GPU_CHECK_SMOKE": "1", "OUT": str(tmp_path / "out")}
     proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=170)
+                          capture_output=True, text=True, timeout=230)
     out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
