@@ -14,6 +14,8 @@ Parts, each a subprocess with its own time cap (a failing part never stops the n
            bf16): torch eager, torch.compile, packtune, and Liger-Kernel when it imports (installed
            from a wheel in $LIGER_WHEELS, default /work/shared/gpu/wheels, when missing)
   train    `packtune train` on a random-init 1B-shaped Llama (packtune.bench.gpu_train): tokens/s, MFU
+  bench_lora  `packtune bench lora` at Llama-7B widths (T=8192, bf16, ranks 16 and 64): PEFT eager and
+           compiled against packtune's Triton LoRA linear / MLP; last, so it runs in what is left
 
 Everything goes to one folder, $OUT if set, else gpu_check_out/: summary.txt and summary.json
 (one line / record per part), <part>.log, suite.xml (JUnit), bench/*.json|csv, train/train.json
@@ -80,6 +82,17 @@ def ensure_liger(env: dict[str, str]) -> str:
     return f"installed from {wheels[-1].name}"
 
 
+def _lora_bench_args() -> list[str]:
+    """`packtune bench lora`: packtune's LoRA linear / MLP against PEFT, at Llama-7B widths on the GPU."""
+    common = [sys.executable, "-m", "packtune", "bench", "lora", "--out", str(OUT / "bench")]
+    if SMOKE:
+        return [*common, "--impl", "peft", "--impl", "packtune", "--device", "cpu", "--dtype", "float32",
+                "--tokens", "64", "--scale", "64", "--ranks", "16", "--ops", "linear", "--repeats", "1",
+                "--warmup", "1"]
+    return [*common, "--dtype", "bfloat16", "--tokens", "8192", "--scale", "1", "--ranks", "16", "64",
+            "--repeats", "5", "--warmup", "2"]
+
+
 def _bench_args(subject: str) -> list[str]:
     common = [sys.executable, "-m", "packtune", "bench", subject, "--out", str(OUT / "bench")]
     if SMOKE:  # eager and packtune: torch.compile and Liger's Triton kernels belong to the GPU run
@@ -124,6 +137,7 @@ def parts() -> list[tuple[str, list[str], float]]:
         ("bench_ce", _bench_args("ce"), 60 if SMOKE else 80),
         ("bench_linear_ce", _bench_args("linear-ce"), 60 if SMOKE else 80),
         ("train", train, 90 if SMOKE else 120),
+        ("bench_lora", _lora_bench_args(), 60),
     ]
 
 

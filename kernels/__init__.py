@@ -10,7 +10,8 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
     PackedLayout, shift_labels
         the packed-batch contract every op above reads (plain PyTorch/numpy, built on the host)
     lora_linear, lora_mlp
-        autograd Functions over BLAS GEMMs on every device (no Triton yet), beside their references
+        torch GEMMs on every device; on CUDA Triton kernels fuse the LoRA parts around them
+        (dropout from a seed, the update added into the output tile, the MLP's gate); references beside
 """
 
 from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend

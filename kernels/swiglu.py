@@ -109,21 +109,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
-def _raw_backend(t: torch.Tensor) -> str:
-    backend = resolve_backend("swiglu", t.device)
+def raw_backend(op: str, t: torch.Tensor) -> str:
+    """The backend of `op`'s autograd-free forward / backward for fused callers (fp64: the reference)."""
+    backend = resolve_backend(op, t.device)
     return "torch" if backend == "cpu" and t.dtype == torch.float64 else backend
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up on [N, C] rows without autograd, for fused callers (the LoRA MLP)."""
-    backend = _raw_backend(gate)
+    backend = raw_backend("swiglu", gate)
     return swiglu_ref(gate, up) if backend == "torch" else _IMPLS[backend][0](gate, up)
 
 
 def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup) of silu(gate) * up on [N, C] rows (see the module docstring for the formulas)."""
-    backend = _raw_backend(gate)
+    backend = raw_backend("swiglu", gate)
     if backend != "torch":
         return _IMPLS[backend][1](dy.contiguous(), gate, up)
     s = torch.sigmoid(gate)

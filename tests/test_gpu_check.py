@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gpu_check_smoke_mode_runs_to_the_end(tmp_path):
     env = {**os.environ, "GPU_CHECK_SMOKE": "1", "OUT": str(tmp_path / "out")}
     proc = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=170)
+                          capture_output=True, text=True, timeout=230)
     out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -21,7 +21,7 @@ def test_gpu_check_smoke_mode_runs_to_the_end(tmp_path):
     assert summary["smoke"] is True
     assert status["suite"].startswith("SKIP (no CUDA"), status
     assert status["bench torch.compile, liger"].startswith("SKIP")
-    for part in ("env", "bench_ce", "bench_linear_ce", "train"):
+    for part in ("env", "bench_ce", "bench_linear_ce", "train", "bench_lora"):
         assert status[part] == "PASS", status
     for name in ("summary.txt", "env.log", "suite.log", "suite.xml", "bench/ce.json", "bench/linear_ce.json",
                  "train/train.json", "train/run/metrics.jsonl"):

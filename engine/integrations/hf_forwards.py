@@ -43,6 +43,7 @@ class PacktuneOptions:
     swiglu: bool = True
     rotary: bool = True
     packed: bool = True
+    lora: bool = True
 
 
 @functools.cache

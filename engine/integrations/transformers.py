@@ -26,6 +26,9 @@ What each switch replaces:
   decoder layers run from here (embed, rotary tables, layers, norm) rather than through the base
   model's forward, which would build a dense packed mask (or, with a cache, silently ignore the
   packing: transformers only detects packing from position_ids when no cache is passed).
+- `lora` (a PEFT-wrapped model): PEFT's LoRA linears run packtune's fused LoRA linear on PEFT's
+  own parameters where the layer is the plain case (peft_lora.py), and an MLP whose three
+  projections are all LoRA runs the fused LoRA MLP (with `swiglu`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ from packtune.integrations.hf_forwards import (
     causal_lm_forward_for,
     rms_norm_forward,
     swiglu_mlp_forward,
+)
+from packtune.integrations.peft_lora import (
+    is_peft_lora_linear,
+    is_peft_lora_mlp,
+    peft_lora_linear_forward,
+    peft_lora_mlp_forward,
 )
 
 OWN_MODEL_TYPES = ("gemma2", "gemma3_text", "phi3")
@@ -112,6 +121,7 @@ def apply_packtune(
     swiglu: bool = True,
     rotary: bool = True,
     packed: bool = True,
+    lora: bool = True,
 ) -> PacktuneHandle:
     """Route a transformers Llama/Mistral/Qwen2/Qwen3 causal LM through packtune's kernels (see module doc).
 
@@ -119,8 +129,9 @@ def apply_packtune(
     `handle.undo()` or `remove_packtune(model)` restores the original forwards.
 
     A PEFT-wrapped model (`get_peft_model`, as TRL builds for LoRA) is patched inside: its
-    transformers model gets the new forwards, the LoRA layers stay PEFT's and are called as
-    before, and the handle is found through the wrapper (`remove_packtune(peft_model)`).
+    transformers model gets the new forwards, PEFT's LoRA layers run packtune's fused LoRA kernels
+    on their own parameters where they allow it (`lora`; PEFT's forward otherwise), and the handle
+    is found through the wrapper (`remove_packtune(peft_model)`).
     """
     model = _unwrap_peft(model)
     family = _family(model)
@@ -131,7 +142,7 @@ def apply_packtune(
         )
     if getattr(model, "_packtune_handle", None) is not None:
         raise RuntimeError("apply_packtune: already applied to this model; call remove_packtune(model) first")
-    options = PacktuneOptions(fused_loss, rms_norm, swiglu, rotary, packed)
+    options = PacktuneOptions(fused_loss, rms_norm, swiglu, rotary, packed, lora)
     config = model.config
     if swiglu and config.hidden_act not in ("silu", "swish"):
         raise UnsupportedModelError(
@@ -151,7 +162,10 @@ def apply_packtune(
         if kind is classes["RMSNorm"] and rms_norm:
             handle.patch(module, rms_norm_forward)
         elif kind is classes["MLP"] and swiglu:
-            handle.patch(module, swiglu_mlp_forward)
+            handle.patch(module,
+                         peft_lora_mlp_forward if lora and is_peft_lora_mlp(module) else swiglu_mlp_forward)
+        elif lora and is_peft_lora_linear(module):
+            handle.patch(module, peft_lora_linear_forward)
         elif kind is classes["Attention"] and (rotary or packed):
             handle.patch(module, attention_forward_for(modeling, family, options))
     if fused_loss or packed:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from packtune.config import ConfigError, LoRAConfig, _suggest
+from packtune.kernels import geglu
 from packtune.lora.modules import LoRALinear, LoRAMLP
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -97,7 +98,8 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
                     setattr(parent, name, lora)
         if all(name in spec.targets for name in MLP_TARGETS):
             mlp = layer.mlp
-            layer.mlp = LoRAMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            activation = "gelu_tanh" if mlp.act is geglu else "silu"
+            layer.mlp = LoRAMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation)
     modules = lora_modules(model)
     if storage is not None:
         convert_base(model, storage)

@@ -18,7 +18,7 @@ from packtune.kernels.lora import dense_weight, lora_linear
 from packtune.kernels.lora_mlp import lora_mlp
 
 
-def _draw_seed() -> int:
+def draw_seed() -> int:
     """A dropout seed from torch's CPU generator: seeded by the run, restored on resume, no device sync."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
@@ -59,7 +59,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.active_dropout()
-        return lora_linear(x, *self.lora_args(), self.scale, p, _draw_seed() if p else 0)
+        return lora_linear(x, *self.lora_args(), self.scale, p, draw_seed() if p else 0)
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -74,16 +74,22 @@ class LoRALinear(nn.Module):
 
 
 class LoRAMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with all three projections LoRALinear, through the fused kernel."""
+    """down(act(gate(x)) * up(x)) with all three projections LoRALinear, through the fused kernel;
+    `activation` "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)."""
 
-    def __init__(self, gate_proj: LoRALinear, up_proj: LoRALinear, down_proj: LoRALinear) -> None:
+    def __init__(self, gate_proj: LoRALinear, up_proj: LoRALinear, down_proj: LoRALinear,
+                 activation: str = "silu") -> None:
         super().__init__()
         if len({gate_proj.scale, up_proj.scale, down_proj.scale}) != 1:
             raise ValueError("LoRAMLP: the three projections must share one LoRA scale")
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.gate_proj.active_dropout()
-        seeds = (_draw_seed(), _draw_seed(), _draw_seed()) if p else (0, 0, 0)
+        seeds = (draw_seed(), draw_seed(), draw_seed()) if p else (0, 0, 0)
         return lora_mlp(x, self.gate_proj.lora_args(), self.up_proj.lora_args(), self.down_proj.lora_args(),
-                        self.gate_proj.scale, p, seeds)
+                        self.gate_proj.scale, p, seeds, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"

@@ -57,8 +57,13 @@ def lora_preparer(cfg: Config, device: torch.device, sharded: bool):
     spec = LoRASpec.from_config(cfg.lora)
     storage = base_dtype(cfg.lora.base_dtype, device)
     if storage == "nf4" and sharded:
-        raise ConfigError("lora.base_dtype = \"nf4\" runs in one process without FSDP for now (no torchrun, "
-                          "model.dtype float32 or auto on CPU); use base_dtype = \"bfloat16\" when sharding")
+        # FSDP2 itself shards torchao's NF4Tensor (its fsdp pre/post all-gather hooks work on gloo too),
+        # but a sharded run loads by rank 0 broadcasting the full state dict, and torchao 0.18 refuses
+        # that collective: "NF4Tensor dispatch: attempting to run c10d.broadcast_.default, this is not
+        # supported". Quantising each rank's local shard after a bf16 broadcast would avoid it.
+        raise ConfigError("lora.base_dtype = \"nf4\" runs in one process without FSDP for now: sharded runs "
+                          "load by broadcasting the base from rank 0, which torchao's NF4 tensor does not "
+                          "support (c10d.broadcast_); use base_dtype = \"bfloat16\" when sharding")
 
     def prepare(model: nn.Module) -> nn.Module:
         on_meta = any(p.is_meta for p in model.parameters())

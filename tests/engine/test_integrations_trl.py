@@ -42,7 +42,7 @@ def _dataset(vocab: int, n: int = 24, seed: int = 0):
     return datasets.Dataset.from_list(rows)
 
 
-def _trainer(model, out_dir, vocab: int):
+def _trainer(model, out_dir, vocab: int, peft_config=None):
     args = trl.SFTConfig(
         output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
@@ -51,7 +51,7 @@ def _trainer(model, out_dir, vocab: int):
         packing_strategy="bfd", max_length=48, activation_checkpointing=False,
     )
     return trl.SFTTrainer(model=model, args=args, train_dataset=_dataset(vocab),
-                          processing_class=_tokenizer(vocab))
+                          processing_class=_tokenizer(vocab), peft_config=peft_config)
 
 
 def _losses(trainer) -> list[float]:
@@ -114,3 +114,35 @@ def test_applied_before_sft_trainer_warns_once(tmp_path, counted):
     assert len([w for w in record if "apply_packtune" in str(w.message)]) == 1
     assert "apply_packtune(trainer.model) after building the trainer" in str(record[0].message)
     assert counted == []
+
+
+def test_sft_trainer_with_peft_runs_packtunes_lora_kernels(tmp_path, counted, monkeypatch):
+    """TRL's LoRA path (SFTTrainer with a peft_config): after apply_packtune the LoRA layers run
+    packtune's fused LoRA linear / MLP on PEFT's parameters, and the losses and trained adapters
+    equal TRL + PEFT's own."""
+    peft = pytest.importorskip("peft")
+    import packtune.integrations.peft_lora as peft_lora
+
+    fused = []
+    for name in ("lora_linear", "lora_mlp"):
+        original = getattr(peft_lora, name)
+        counting = lambda *a, _n=name, _o=original, **k: fused.append(_n) or _o(*a, **k)  # noqa: E731
+        monkeypatch.setattr(peft_lora, name, counting)
+    base = make_hf_model("llama3_gqa").float()
+    base.config.use_cache = False
+    vocab = base.config.vocab_size
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    reference = _trainer(copy.deepcopy(base), tmp_path / "plain", vocab, lora)
+    reference.train()
+    trainer = _trainer(copy.deepcopy(base), tmp_path / "patched", vocab, lora)
+    apply_packtune(trainer.model)
+    trainer.train()
+    layers = base.config.num_hidden_layers
+    assert counted == ["none"] * 6 and fused == (["lora_linear"] * 4 + ["lora_mlp"]) * layers * 6
+    torch.testing.assert_close(torch.tensor(_losses(trainer)), torch.tensor(_losses(reference)),
+                               rtol=1e-5, atol=0)
+    adapters = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    expected = {n: p for n, p in reference.model.named_parameters() if "lora_" in n}
+    assert adapters.keys() == expected.keys() and adapters
+    for name, p in adapters.items():
+        torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

@@ -41,6 +41,31 @@ def test_partial_targets_keep_the_plain_mlp():
     assert isinstance(layer.mlp.up_proj, LoRALinear) and not isinstance(layer.mlp, LoRAMLP)
 
 
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu_pytorch_tanh"])
+def test_fused_lora_mlp_equals_the_models_own_mlp(hidden_act):
+    """The fused LoRAMLP computes the family's MLP (GeGLU for Gemma's gelu_pytorch_tanh) over the
+    same LoRALinears: logits equal the model with its own MLP modules put back."""
+    from packtune.model.config import ModelArgs
+    from packtune.model.llama import LlamaForCausalLM
+
+    args = ModelArgs(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, max_position_embeddings=64, hidden_act=hidden_act)
+    model = LlamaForCausalLM(args)
+    model.init_weights(torch.Generator().manual_seed(0))
+    own_mlps = [layer.mlp for layer in model.model.layers]
+    apply_lora(model, LoRASpec(4, 8.0), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        fused = model(_ids())
+        for layer, mlp in zip(model.model.layers, own_mlps, strict=True):
+            assert isinstance(layer.mlp, LoRAMLP) and isinstance(mlp.gate_proj, LoRALinear)
+            layer.mlp = mlp
+        torch.testing.assert_close(fused, model(_ids()), rtol=1e-5, atol=1e-5)
+
+
 def test_nf4_base_is_under_a_third_of_bf16():
     pytest.importorskip("torchao")
     bf16, nf4 = tiny_llama(), tiny_llama()
@@ -95,3 +120,13 @@ def test_lora_defaults_are_full_fine_tuning():
     cfg = Config()
     assert cfg.lora.rank == 0 and cfg.train.export is True
     check_lora_run(cfg)
+
+
+def test_qlora_under_fsdp_is_refused_with_the_reason():
+    from packtune.config import LoRAConfig
+    from packtune.lora.training import lora_preparer
+
+    cfg = Config(lora=LoRAConfig(rank=4, alpha=8.0, base_dtype="nf4"))
+    with pytest.raises(ConfigError, match=r"torchao's NF4 tensor does not support \(c10d.broadcast_\)"):
+        lora_preparer(cfg, torch.device("cpu"), sharded=True)
+    assert lora_preparer(cfg, torch.device("cpu"), sharded=False) is not None
