@@ -47,8 +47,8 @@ from packtune.integrations.hf_forwards import (
     attention_forward_for,
     causal_lm_forward_for,
     fused_swiglu_mlp_forward,
-    gemma_rms_norm_forward,
     geglu_mlp_forward,
+    gemma_rms_norm_forward,
     rms_norm_forward,
     swiglu_mlp_forward,
 )

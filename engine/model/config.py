@@ -469,7 +469,7 @@ def _parse_rope(cfg: dict[str, Any], max_positions: int, model_type: str = "llam
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     params.pop("partial_rotary_factor", None)  # read by _partial_rotary_factor
     rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
-    if model_type == "phi3" and rope_type in ("su", "yarn", "longrope"):  # transformers: all three are longrope
+    if model_type == "phi3" and rope_type in ("su", "yarn", "longrope"):  # all longrope to transformers
         return theta, _parse_longrope(cfg, params, max_positions)
     if model_type == "phi3" and rope_type != "default":
         raise ModelConfigError(

@@ -304,7 +304,8 @@ class LlamaForCausalLM(nn.Module):
     def _longrope(self) -> int | None:
         """original_max_position_embeddings under longrope scaling, else None."""
         scaling = self.args.rope_scaling
-        return scaling.original_max_position_embeddings if scaling and scaling.rope_type == "longrope" else None
+        longrope = scaling is not None and scaling.rope_type == "longrope"
+        return scaling.original_max_position_embeddings if longrope else None
 
     def _rope_rows(self, layout: PackedLayout, cos: torch.Tensor, full_rows: bool) -> torch.Tensor:
         """Each token's row in the RoPE tables: its position, or under longrope its row in the long
@@ -323,7 +324,8 @@ class LlamaForCausalLM(nn.Module):
             )
         return layout.positions + (cos.shape[0] // 2) * (layout.max_seqlen > original)
 
-    def _decode_rope_rows(self, start: int, end: int, cos: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def _decode_rope_rows(self, start: int, end: int, cos: torch.Tensor,
+                          device: torch.device) -> torch.Tensor:
         """Decoding positions start .. end - 1 (their longrope half chosen by the length `end`)."""
         positions = torch.arange(start, end, device=device)
         original = self._longrope()

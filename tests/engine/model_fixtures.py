@@ -122,7 +122,7 @@ CONFIGS = {
     ),
     "phi3_longrope": (
         "Phi3Config",
-        dict(num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=2, max_position_embeddings=64,
+        dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=2, max_position_embeddings=64,
              original_max_position_embeddings=10,
              rope_parameters={"rope_type": "longrope", "rope_theta": 1000.0, "partial_rotary_factor": 0.75,
                               "short_factor": [1.0, 1.2, 1.5, 1.9, 2.4, 3.0],
@@ -130,7 +130,7 @@ CONFIGS = {
     ),
     "phi3_longrope_mha": (
         "Phi3Config",
-        dict(num_key_value_heads=4, head_dim=16, pad_token_id=None, eos_token_id=2, max_position_embeddings=40,
+        dict(num_key_value_heads=4, pad_token_id=None, eos_token_id=2, max_position_embeddings=40,
              original_max_position_embeddings=10, sliding_window=5,
              rope_parameters={"rope_type": "longrope", "rope_theta": 500.0, "attention_factor": 1.25,
                               "short_factor": [1.0, 1.1, 1.2, 1.4, 1.6, 1.9, 2.2, 2.6],

@@ -67,6 +67,20 @@ def test_packed_equals_unpacked(name):
     _assert_close_grads(model, ref)
 
 
+@pytest.mark.parametrize("name", ["gemma3", "phi3", "phi3_longrope"])
+def test_packed_rows_with_transformers_rotary(name):
+    """rotary=False: packed rows rotate with transformers' per-token cos/sin (Gemma 3's per layer
+    type, Phi-3's partial and longrope per sample) and still equal each sample alone."""
+    ref = make_hf_model(name).float()
+    model = copy.deepcopy(ref)
+    apply_packtune(model, rotary=False)
+    samples = _samples(ref.config.vocab_size)
+    with torch.no_grad():
+        packed_logits = model(**PackedCollator()(samples)).logits[0]
+        alone = torch.cat([ref(input_ids=torch.tensor(s["input_ids"])[None]).logits[0] for s in samples])
+    torch.testing.assert_close(packed_logits, alone, rtol=1e-5, atol=1e-5)
+
+
 def test_packing_found_from_position_ids_alone():
     """Without cu_seqlens (e.g. transformers' DataCollatorWithFlattening), restarting position_ids
     delimit the samples; unshifted labels alone are shifted per sample, never across samples."""
@@ -131,7 +145,7 @@ def test_undo_restores_the_original_forward_bitwise(name):
     padded = {"input_ids": torch.randint(0, model.config.vocab_size, (2, 9))}
     handle = apply_packtune(model)
     kinds = ("RMSNorm", "MLP", "Attention")
-    patchable = sum(type(m).__name__.endswith(kinds) and "Rotary" not in type(m).__name__ for m in model.modules())
+    patchable = sum(type(m).__name__.endswith(kinds) for m in model.modules())
     assert handle.active and handle.patched_modules == patchable + 1  # norms (q/k too), mlps, attns, lm
     if name == "mistral_window":
         assert handle.patched_modules == 2 * 2 + 1 + 2 + 2 + 1
@@ -186,7 +200,8 @@ def test_gemma3_multimodal_is_refused_by_name():
     config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
                                        mm_tokens_per_image=4)
     model = transformers.Gemma3ForConditionalGeneration(config)
-    with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration.*'gemma3'.*Gemma3ForCausalLM"):
+    message = "Gemma3ForConditionalGeneration.*'gemma3'.*Gemma3ForCausalLM"
+    with pytest.raises(UnsupportedModelError, match=message):
         apply_packtune(model)
 
 

@@ -231,7 +231,8 @@ def test_longrope_generation_matches_transformers_or_refuses_the_crossing(checkp
     gen = torch.Generator().manual_seed(6)
     for prompt_len, new in ((12, 9), (4, 6)):
         prompt = torch.randint(3, eos, (prompt_len,), generator=gen)
-        out = hf.generate(prompt[None], max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        out = hf.generate(prompt[None], max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                          pad_token_id=eos)
         assert generate(ours, prompt, new, eos_id=eos) == out[0, prompt_len:].tolist()
     with pytest.raises(ValueError, match="longrope: generation crossing original_max_position_embeddings=10"):
         generate(ours, torch.randint(3, eos, (5,), generator=gen), 14, eos_id=eos)

@@ -121,7 +121,8 @@ def test_phi3_longrope_legacy_layout(tmp_path):
     cfg.pop("rope_parameters")
     cfg.update(rope_theta=1e4, partial_rotary_factor=0.75, max_position_embeddings=128,
                original_max_position_embeddings=32,
-               rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2, 3, 4, 5], "long_factor": [2.0] * 6})
+               rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2, 3, 4, 5],
+                             "long_factor": [2.0] * 6})
     args = ModelArgs.from_hf_config(cfg)
     su = ModelArgs.from_hf_config({**cfg, "rope_scaling": {**cfg["rope_scaling"], "type": "su"}})
     assert su.rope_scaling == args.rope_scaling
