@@ -38,8 +38,12 @@ def _per_sample_reference(model, samples, num_items):
 
 
 def _assert_close_grads(a, b, rtol=1e-4, atol=1e-6):
+    """fp32 rounding: `rtol` per element, and `atol` or 1e-5 of the tensor's largest gradient,
+    whichever is larger (the packed row and the separate samples sum their terms in different
+    orders, so a near-zero element of a tensor can differ by a few of the large ones' ulps)."""
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+        tol = max(atol, 1e-5 * float(pb.grad.abs().max()))
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=rtol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("name", APPLIED)
@@ -296,7 +300,7 @@ def test_bf16_autocast_error_no_worse_than_transformers():
     assert grad_err <= hf_grad_err + 1e-2
 
 
-@pytest.mark.parametrize("name", ["mistral_window", "qwen2", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("name", ["mistral_window", "qwen2", "gemma2", "gemma3", "phi3", "phi3_longrope"])
 def test_generation_with_cache_and_left_padding_unchanged(name):
     ref = make_hf_model(name).float()
     model = copy.deepcopy(ref)
