@@ -1,10 +1,13 @@
 """The forwards `apply_packtune` binds to a transformers model's modules (see transformers.py).
 
-Each mirrors the transformers 5.x Llama/Mistral/Qwen2/Qwen3 forward it shadows, with packtune's ops in
-place of the plain-torch ones and, for a packed row, its `PackedLayout` (from PackedCollator, or
-built from `cu_seqlens` / restarting `position_ids`): varlen attention instead of a mask, and
-packtune's rotary reading fp32 tables at the layout's positions. Unpacked batches (padded with
-an attention mask, generation with a cache) keep transformers' own attention and rotary.
+For a packed row (its `PackedLayout` from PackedCollator, or built from `cu_seqlens` / restarting
+`position_ids`) they replace transformers' Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3/Phi-3 forwards
+with packtune's ops: varlen attention instead of a mask (with the layer's sliding window, Gemma 2's
+logit softcap and Gemma's query_pre_attn_scalar scale), packtune's rotary reading fp32 tables at
+the layout's positions (Gemma 3's local layers their own tables, Phi-3's leading rotary dims
+only), RMSNorm (Gemma's with 1 + weight) and the gated MLP (SwiGLU, Phi-3's fused gate_up_proj,
+Gemma's tanh-GELU GeGLU) as packtune kernels. Unpacked batches (padded with an attention mask,
+generation with a cache) run transformers' own attention forward unchanged.
 transformers 5.24 renamed the KV cache argument `past_key_values` to `cache` (the old name is
 deprecated until 5.40): the forwards take either and pass it on under the name the wrapped
 module declares.
@@ -24,6 +27,7 @@ from torch import nn
 from packtune.integrations.lm_head import fused_lm_head_output, fused_loss
 from packtune.kernels import (
     PackedLayout,
+    geglu,
     masked_cross_entropy,
     rms_norm,
     rope_cos_sin,
@@ -32,6 +36,7 @@ from packtune.kernels import (
     swiglu,
     varlen_attention,
 )
+from packtune.model.rope import longrope_rows
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class PacktuneOptions:
     rotary: bool = True
     packed: bool = True
     lora: bool = True
+    geglu: bool = True
 
 
 @functools.cache
@@ -63,70 +69,69 @@ def rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+def gemma_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Gemma's RMSNorm scales by 1 + weight."""
+    return rms_norm(x, self.weight, self.eps, offset=1.0)
+
+
 def swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def fused_swiglu_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Phi-3: gate and up in one projection, gate first."""
+    return self.down_proj(swiglu(*self.gate_up_proj(hidden_states).chunk(2, dim=-1)))
+
+
+def geglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@dataclass(frozen=True)
+class PackedRope:
+    """One layer's rotary inputs in a packed row: fp32 cos/sin tables and each token's row in them
+    (its position, or past the short-factor rows for a long sample under longrope)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rows: torch.Tensor
+
+
 def attention_forward_for(modeling: types.ModuleType, family: str, options: PacktuneOptions) -> Callable:
-    """The family's attention forward: for packed rows packtune's rotary and varlen attention."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    """The family's attention forward: for packed rows packtune's rotary and varlen attention,
+    otherwise transformers' own forward (the class's, called unchanged)."""
 
     def window(attn: nn.Module) -> int | None:
-        if family in ("Qwen2", "Qwen3"):
-            return attn.sliding_window
-        if family == "Mistral":
+        if family in ("Mistral", "Phi3"):  # one window on every layer
             return getattr(attn.config, "sliding_window", None)
-        return None
+        return getattr(attn, "sliding_window", None)  # per layer (None on full-attention layers)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        **kwargs,
-    ):
-        past_key_values = _pop_cache(past_key_values, kwargs)
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape)
-        k = self.k_proj(hidden_states).view(hidden_shape)
-        v = self.v_proj(hidden_states).view(hidden_shape)
-        if family == "Qwen3":  # per-head norms before RoPE
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        layout, rope = kwargs.pop("packed_layout", None), kwargs.pop("packed_rope", None)
+        if layout is None:
+            return type(self).forward(self, hidden_states, *args, **kwargs)
+        x = hidden_states[0]  # one packed row [1, T, H]
+        if family == "Phi3":
+            q_dim = self.config.num_attention_heads * self.head_dim
+            kv_dim = self.config.num_key_value_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (t.view(x.shape[0], -1, self.head_dim) for t in (q, k, v))
+        if family in ("Qwen3", "Gemma3"):  # per-head norms before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        layout, tables = kwargs.pop("packed_layout", None), kwargs.pop("rope_tables", None)
-        if layout is not None:  # one packed row [1, T]
-            flat = lambda t: t.reshape(-1, *t.shape[2:])
-            q, k, v = flat(q), flat(k), flat(v)
-            if options.rotary:
-                q, k = rotary(q, k, *tables, layout=layout)
-            else:
-                cos, sin = (t.reshape(-1, t.shape[-1]) for t in position_embeddings)
-                q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-            out = varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, window=window(self),
-                                   scale=self.scaling)
-            return self.o_proj(out.reshape(*input_shape, -1)), None
-        cos, sin = position_embeddings
-        q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, modeling.eager_attention_forward
-        )
-        extra = {} if family == "Llama" else {"sliding_window": window(self)}
-        out, weights = interface(
-            self,
-            q,
-            k,
-            v,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **extra,
-            **kwargs,
-        )
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+        if options.rotary:
+            r = rope.cos.shape[-1]  # Phi-3's partial rotary: the leading r dims rotate
+            q_rot, k_rot = rotary(q[..., :r], k[..., :r], rope.cos, rope.sin, position_ids=rope.rows)
+            q, k = (q_rot, k_rot) if r == self.head_dim else (
+                torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1))
+        else:  # transformers' own rotation of the per-token cos/sin
+            cos, sin = (t[0] for t in kwargs["position_embeddings"])
+            q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        softcap = self.attn_logit_softcapping if family == "Gemma2" else None  # Gemma 3 does not cap
+        out = varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, window=window(self),
+                               scale=self.scaling, softcap=softcap)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), None
 
     return forward
 
@@ -201,15 +206,19 @@ def causal_lm_forward_for(options: PacktuneOptions, state: ForwardState) -> Call
             targets = given_shift_labels.reshape(-1)
         elif labels is not None:
             targets = _shift(labels, layout)
+        softcap = getattr(self.config, "final_logit_softcapping", None)  # Gemma
         if fused_lm_head:
             return fused_lm_head_output(
-                hidden, self.lm_head, targets, drop_last=given_shift_labels is None, num_items=num_items
+                hidden, self.lm_head, targets, drop_last=given_shift_labels is None, num_items=num_items,
+                softcap=softcap,
             )
         loss = logits = None
         if has_labels and options.fused_loss and self.training:
-            loss = fused_loss(hidden, self.lm_head, targets, num_items, layout=layout)
+            loss = fused_loss(hidden, self.lm_head, targets, num_items, layout=layout, softcap=softcap)
         else:
             logits = self.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+            if softcap is not None:  # as transformers' Gemma: cap * tanh(logits / cap)
+                logits = torch.tanh(logits / softcap) * softcap
             if has_labels and options.fused_loss:
                 loss = masked_cross_entropy(
                     logits.reshape(-1, logits.shape[-1]).float(),
@@ -296,12 +305,7 @@ def _packed_layout(layout: PackedLayout | None, kwargs: dict, input_ids, inputs_
 
 def _packed_hidden_states(base: nn.Module, input_ids, inputs_embeds, layout: PackedLayout,
                           kwargs: dict) -> torch.Tensor:
-    """The base model's forward for one packed row, without a mask: varlen attention isolates samples.
-
-    The rotary tables are fp32 `[max_seqlen, head_dim]` from the model's own inverse frequencies
-    (after its rotary module has run, so dynamic scaling has updated them), built once per forward
-    for all layers; transformers' per-token cos/sin are passed on for `rotary=False`.
-    """
+    """The base model's forward for one packed row, without a mask: varlen attention isolates samples."""
     for unsupported in ("output_hidden_states", "output_attentions"):
         if kwargs.pop(unsupported, False):
             raise ValueError(
@@ -309,10 +313,10 @@ def _packed_hidden_states(base: nn.Module, input_ids, inputs_embeds, layout: Pac
             )
     hidden = base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     position_ids = layout.positions[None]
-    position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)
-    rope = base.rotary_emb
-    tables = rope_cos_sin(rope.inv_freq, layout.max_seqlen, rope.attention_scaling)
-    for layer in base.layers[: base.config.num_hidden_layers]:
+    ropes = _packed_ropes(base, hidden, layout)
+    layer_types = getattr(base.config, "layer_types", None)
+    for i, layer in enumerate(base.layers[: base.config.num_hidden_layers]):
+        position_embeddings, rope = ropes[layer_types[i] if None not in ropes else None]
         hidden = layer(
             hidden,
             attention_mask=None,
@@ -320,10 +324,43 @@ def _packed_hidden_states(base: nn.Module, input_ids, inputs_embeds, layout: Pac
             position_ids=position_ids,
             use_cache=False,
             packed_layout=layout,
-            rope_tables=tables,
+            packed_rope=rope,
             **kwargs,
         )
     return base.norm(hidden)
+
+
+def _packed_ropes(base: nn.Module, hidden: torch.Tensor, layout: PackedLayout) -> dict:
+    """{layer type (Gemma 3's full / sliding attention; None for one RoPE): (transformers' per-token
+    cos/sin for `rotary=False`, PackedRope)}, built once per forward for all layers.
+
+    The tables are fp32 `[max_seqlen, rotary_dim]` from the model's own inverse frequencies, after its
+    rotary module has run (so dynamic scaling has updated them). Phi-3's longrope picks short or
+    long factors by the length of the sequence it is given: here by each sample's own length, from
+    tables stacked [short; long] (the attention factor on both), as each sample alone would get.
+    """
+    rope = base.rotary_emb
+    position_ids = layout.positions[None]
+    per_type = isinstance(rope.rope_type, dict)
+    out = {}
+    for layer_type in rope.layer_types if per_type else [None]:
+        prefix, extra = ("", {}) if layer_type is None else (f"{layer_type}_", {"layer_type": layer_type})
+        position_embeddings = rope(hidden, position_ids, **extra)
+        scaling = getattr(rope, f"{prefix}attention_scaling")
+        n = layout.max_seqlen
+        if (rope.rope_type[layer_type] if per_type else rope.rope_type) != "longrope":
+            cos, sin = rope_cos_sin(getattr(rope, f"{prefix}inv_freq"), n, scaling)
+            out[layer_type] = position_embeddings, PackedRope(cos, sin, layout.positions)
+            continue
+        params = base.config.rope_parameters
+        original = (params if layer_type is None else params[layer_type])["original_max_position_embeddings"]
+        short = rope_cos_sin(getattr(rope, f"{prefix}original_inv_freq"), n, scaling)
+        long = rope_cos_sin(getattr(rope, f"{prefix}long_inv_freq"), n, scaling)
+        cos, sin = torch.cat((short[0], long[0])), torch.cat((short[1], long[1]))
+        rows = longrope_rows(layout.positions, layout.cu_seqlens, original, n)
+        dtype = position_embeddings[0].dtype
+        out[layer_type] = (cos[rows][None].to(dtype), sin[rows][None].to(dtype)), PackedRope(cos, sin, rows)
+    return out
 
 
 def _shift(labels: torch.Tensor, layout: PackedLayout | None) -> torch.Tensor:

@@ -38,10 +38,11 @@ class FusedLMHeadOutput(ModelOutput):
 
 
 def fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, num_items,
-               reduction: str | None = None, layout: PackedLayout | None = None) -> torch.Tensor:
+               reduction: str | None = None, layout: PackedLayout | None = None,
+               softcap: float | None = None) -> torch.Tensor:
     """linear_cross_entropy over the flat hidden states (reduction: "sum" over `num_items` when given,
-    else "mean"); under autocast the matmuls run in the autocast dtype, as `lm_head(hidden)` would
-    (the kernel itself then runs with autocast off)."""
+    else "mean"; `softcap`: Gemma's final-logit cap); under autocast the matmuls run in the autocast
+    dtype, as `lm_head(hidden)` would (the kernel itself then runs with autocast off)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     weight, bias = lm_head.weight, lm_head.bias
     device = hidden.device.type
@@ -55,17 +56,17 @@ def fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, 
         reduction = "sum" if num_items is not None else "mean"
     with torch.autocast(device, enabled=False):
         return linear_cross_entropy(hidden, weight, targets, bias=bias, num_items=num_items,
-                                    reduction=reduction, layout=layout)
+                                    reduction=reduction, layout=layout, softcap=softcap)
 
 
 def fused_lm_head_output(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, *,
-                         drop_last: bool, num_items) -> FusedLMHeadOutput:
+                         drop_last: bool, num_items, softcap: float | None = None) -> FusedLMHeadOutput:
     """TRL's `fused_lm_head=True` answer from packtune's kernel. `hidden` [B, L, H], `targets` the
     flat shifted labels [B * L]; `drop_last`: the caller gave unshifted labels, so TRL expects L - 1
-    positions (the last one has no target)."""
-    nll = fused_loss(hidden, lm_head, targets, None, reduction="none").float()
+    positions (the last one has no target); `softcap`: Gemma's final-logit cap."""
+    nll = fused_loss(hidden, lm_head, targets, None, reduction="none", softcap=softcap).float()
     mask = targets != IGNORE_INDEX
-    entropy, is_top1 = _head_stats(hidden, lm_head, targets, mask)
+    entropy, is_top1 = _head_stats(hidden, lm_head, targets, mask, softcap)
     shape = hidden.shape[:-1]
 
     def per_token(t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,8 @@ def fused_lm_head_output(hidden: torch.Tensor, lm_head: nn.Linear, targets: torc
 
 
 @torch.no_grad()
-def _head_stats(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, mask: torch.Tensor):
+def _head_stats(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, mask: torch.Tensor,
+                softcap: float | None):
     """(entropy, is_top1) of the next-token distribution on the label rows, zero elsewhere."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     entropy = torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
@@ -88,6 +90,8 @@ def _head_stats(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor,
     for start in range(0, len(rows), _STATS_CHUNK_ROWS):
         r = rows[start : start + _STATS_CHUNK_ROWS]
         logits = lm_head(flat[r]).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         log_p = logits.log_softmax(-1)
         entropy[r] = -(log_p.exp() * log_p).sum(-1)
         is_top1[r] = logits.argmax(-1) == targets[r]

@@ -16,12 +16,12 @@ instead of storing it), so with dropout on the masks differ from PEFT's, not the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from packtune.integrations.hf_forwards import swiglu_mlp_forward
 from packtune.kernels.lora import lora_linear
 from packtune.kernels.lora_mlp import lora_mlp
 from packtune.lora.modules import draw_seed
@@ -66,12 +66,17 @@ def is_peft_lora_mlp(mlp: nn.Module) -> bool:
                                                                           "down_proj"))
 
 
-def peft_lora_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """The SwiGLU MLP: fused `lora_mlp` when its three projections allow it, else packtune's SwiGLU
-    between the projections' own forwards."""
-    fused = [fused_lora_args(proj) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
-    if all(f is not None for f in fused) and len({(f[1], f[2]) for f in fused}) == 1:
-        scale, p = fused[0][1], fused[0][2]
-        seeds = (draw_seed(), draw_seed(), draw_seed()) if p else (0, 0, 0)
-        return lora_mlp(x, fused[0][0], fused[1][0], fused[2][0], scale, p, seeds)
-    return swiglu_mlp_forward(self, x)
+def peft_lora_mlp_forward_for(activation: str, plain_forward: Callable) -> Callable:
+    """The gated MLP's forward with `activation` ("silu" or "gelu_tanh"): the fused `lora_mlp` when
+    its three projections allow it, else `plain_forward` (packtune's SwiGLU / GeGLU between the
+    projections' own forwards), decided on every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = [fused_lora_args(proj) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
+        if all(f is not None for f in fused) and len({(f[1], f[2]) for f in fused}) == 1:
+            scale, p = fused[0][1], fused[0][2]
+            seeds = (draw_seed(), draw_seed(), draw_seed()) if p else (0, 0, 0)
+            return lora_mlp(x, fused[0][0], fused[1][0], fused[2][0], scale, p, seeds, activation)
+        return plain_forward(self, x)
+
+    return forward

@@ -1,8 +1,8 @@
 """packtune's kernels inside a Hugging Face transformers model: `apply_packtune(model)`.
 
-For transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM
-(transformers 5.x). Gemma 2/3, Phi-3 and BLOOM are refused by name (packtune's own model, through
-`packtune train`, runs Gemma and Phi-3).
+For transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+Gemma2ForCausalLM, Gemma3ForCausalLM (text) and Phi3ForCausalLM (transformers 5.x); any other model
+is refused by name.
 Only the forwards of *this model instance* change (an instance attribute shadows the class's
 `forward`), nothing global: no module-level function, class or config is touched, so other
 models in the process are unaffected and `undo()` deletes exactly what was set.
@@ -14,9 +14,12 @@ What each switch replaces:
   `num_items_in_batch` from the Trainer (the token count over the whole gradient-accumulation
   window and all ranks) is the denominator, so gradient accumulation is exact. Out of training
   (eval, generation) logits are computed as usual and the loss is packtune's masked CE on them.
-- `rms_norm`, `swiglu`: the RMSNorm and MLP modules call packtune's kernels.
+- `rms_norm`, `swiglu`, `geglu`: the RMSNorm (Gemma's with 1 + weight) and gated MLP modules call
+  packtune's kernels: SwiGLU for Llama, Mistral, Qwen and Phi-3 (its fused gate_up_proj split),
+  tanh-GELU GeGLU for Gemma. Gemma's final-logit softcap is applied inside the fused loss.
 - `rotary`: the attention modules rotate q and k with packtune's fused rotary kernel (the cos/sin
-  the model computed, so every rope scaling type transformers supports rotates identically).
+  the model computed, so every rope scaling type transformers supports rotates identically; Phi-3's
+  longrope per sample, see hf_forwards.py).
 - `packed`: a packed row (batch of one row holding several samples) attends only within each
   sample through packtune's `varlen_attention` (flash-attn / torch varlen on CUDA, exact SDPA over
   length buckets elsewhere). The samples are given by `cu_seqlens` (+ `max_seqlen`),
@@ -46,6 +49,9 @@ from packtune.integrations.hf_forwards import (
     PacktuneOptions,
     attention_forward_for,
     causal_lm_forward_for,
+    fused_swiglu_mlp_forward,
+    geglu_mlp_forward,
+    gemma_rms_norm_forward,
     rms_norm_forward,
     swiglu_mlp_forward,
 )
@@ -53,18 +59,19 @@ from packtune.integrations.peft_lora import (
     is_peft_lora_linear,
     is_peft_lora_mlp,
     peft_lora_linear_forward,
-    peft_lora_mlp_forward,
+    peft_lora_mlp_forward_for,
 )
-
-OWN_MODEL_TYPES = ("gemma2", "gemma3_text", "phi3")
-"""Refused here, but loaded by packtune's own model (packtune.model)."""
 
 SUPPORTED = {
     "LlamaForCausalLM": "Llama",
     "MistralForCausalLM": "Mistral",
     "Qwen2ForCausalLM": "Qwen2",
     "Qwen3ForCausalLM": "Qwen3",
+    "Gemma2ForCausalLM": "Gemma2",
+    "Gemma3ForCausalLM": "Gemma3",
+    "Phi3ForCausalLM": "Phi3",
 }
+GEMMA = ("Gemma2", "Gemma3")
 
 
 class UnsupportedModelError(TypeError):
@@ -122,8 +129,10 @@ def apply_packtune(
     rotary: bool = True,
     packed: bool = True,
     lora: bool = True,
+    geglu: bool = True,
 ) -> PacktuneHandle:
-    """Route a transformers Llama/Mistral/Qwen2/Qwen3 causal LM through packtune's kernels (see module doc).
+    """Route a transformers Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3/Phi-3 causal LM through
+    packtune's kernels (see module doc).
 
     Call it before building the Trainer (which inspects `model.forward` once). Returns a handle;
     `handle.undo()` or `remove_packtune(model)` restores the original forwards.
@@ -142,28 +151,24 @@ def apply_packtune(
         )
     if getattr(model, "_packtune_handle", None) is not None:
         raise RuntimeError("apply_packtune: already applied to this model; call remove_packtune(model) first")
-    options = PacktuneOptions(fused_loss, rms_norm, swiglu, rotary, packed, lora)
-    config = model.config
-    if swiglu and config.hidden_act not in ("silu", "swish"):
-        raise UnsupportedModelError(
-            f"apply_packtune(swiglu=True): {type(model).__name__} uses hidden_act="
-            f"{config.hidden_act!r}, not silu; pass swiglu=False"
-        )
-    if packed and config.attention_dropout:
-        raise UnsupportedModelError(
-            f"apply_packtune(packed=True): attention_dropout={config.attention_dropout} "
-            "is not supported by varlen attention; set it to 0 or pass packed=False"
-        )
+    options = PacktuneOptions(fused_loss, rms_norm, swiglu, rotary, packed, lora, geglu)
+    gated = _check_config(model, family, options)
     modeling = sys.modules[type(model).__module__]
     classes = {kind: getattr(modeling, f"{family}{kind}") for kind in ("RMSNorm", "MLP", "Attention")}
+    norm_forward = gemma_rms_norm_forward if family in GEMMA else rms_norm_forward
+    mlp_forward = {"Gemma2": geglu_mlp_forward, "Gemma3": geglu_mlp_forward,
+                   "Phi3": fused_swiglu_mlp_forward}.get(family, swiglu_mlp_forward)
+    activation = "gelu_tanh" if family in GEMMA else "silu"
     handle = PacktuneHandle(model, options)
     for module in model.modules():
         kind = type(module)
         if kind is classes["RMSNorm"] and rms_norm:
-            handle.patch(module, rms_norm_forward)
-        elif kind is classes["MLP"] and swiglu:
-            handle.patch(module,
-                         peft_lora_mlp_forward if lora and is_peft_lora_mlp(module) else swiglu_mlp_forward)
+            handle.patch(module, norm_forward)
+        elif kind is classes["MLP"] and gated:
+            if lora and is_peft_lora_mlp(module):
+                handle.patch(module, peft_lora_mlp_forward_for(activation, mlp_forward))
+            else:
+                handle.patch(module, mlp_forward)
         elif lora and is_peft_lora_linear(module):
             handle.patch(module, peft_lora_linear_forward)
         elif kind is classes["Attention"] and (rotary or packed):
@@ -173,6 +178,37 @@ def apply_packtune(
         handle._hooks.append(model.model.norm.register_forward_hook(_bypass_check(handle)))
     model._packtune_handle = handle
     return handle
+
+
+def _check_config(model: nn.Module, family: str, options: PacktuneOptions) -> bool:
+    """Refuse what the switches cannot reproduce exactly; returns whether the MLPs get a kernel
+    (`geglu` for Gemma, `swiglu` for the others)."""
+    config, name = model.config, type(model).__name__
+    if family in GEMMA:
+        if options.geglu and config.hidden_activation != "gelu_pytorch_tanh":
+            raise UnsupportedModelError(
+                f"apply_packtune(geglu=True): {name} uses hidden_activation={config.hidden_activation!r}, "
+                "not gelu_pytorch_tanh; pass geglu=False"
+            )
+        if options.packed and getattr(config, "use_bidirectional_attention", False):
+            raise UnsupportedModelError(
+                f"apply_packtune(packed=True): {name} has use_bidirectional_attention=True; packed rows "
+                "attend causally; pass packed=False"
+            )
+        gated = options.geglu
+    else:
+        if options.swiglu and config.hidden_act not in ("silu", "swish"):
+            raise UnsupportedModelError(
+                f"apply_packtune(swiglu=True): {name} uses hidden_act={config.hidden_act!r}, not silu; "
+                "pass swiglu=False"
+            )
+        gated = options.swiglu
+    if options.packed and config.attention_dropout:
+        raise UnsupportedModelError(
+            f"apply_packtune(packed=True): attention_dropout={config.attention_dropout} "
+            "is not supported by varlen attention; set it to 0 or pass packed=False"
+        )
+    return gated
 
 
 def _bypass_check(handle: PacktuneHandle) -> Callable:
@@ -213,10 +249,8 @@ def _family(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in SUPPORTED or not type(model).__module__.startswith("transformers.models."):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        own = model_type in OWN_MODEL_TYPES
-        hint = " (`packtune train` runs it with packtune's own model)" if own else ""
         raise UnsupportedModelError(
-            f"apply_packtune: {name} (model_type={model_type!r}) is not supported{hint}; supported are "
+            f"apply_packtune: {name} (model_type={model_type!r}) is not supported; supported are "
             f"transformers' {', '.join(SUPPORTED)}. Nothing was changed."
         )
     return SUPPORTED[name]

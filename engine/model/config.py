@@ -9,6 +9,7 @@ keys missing from the file are the ones transformers uses for that `model_type`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,14 +109,20 @@ class RopeScaling:
     """RoPE frequency scaling (the `rope_scaling` / `rope_parameters` block of config.json)."""
 
     rope_type: str
-    """linear, dynamic or llama3."""
+    """linear, dynamic, llama3 or longrope (Phi-3)."""
     factor: float
     low_freq_factor: float = 1.0
     """llama3 only."""
     high_freq_factor: float = 4.0
     """llama3 only."""
     original_max_position_embeddings: int = 0
-    """llama3 only: the pretraining context length."""
+    """llama3 and longrope: the pretraining context length."""
+    short_factor: tuple[float, ...] = ()
+    """longrope only: per-frequency divisors for sequences up to original_max_position_embeddings."""
+    long_factor: tuple[float, ...] = ()
+    """longrope only: the divisors for longer sequences."""
+    attention_factor: float = 1.0
+    """longrope only: the scale of cos and sin."""
 
 
 @dataclass
@@ -188,6 +195,14 @@ class ModelArgs:
                 f"head_dim={self.head_dim} x partial_rotary_factor={self.partial_rotary_factor} must give an "
                 "even, positive rotary dimension"
             )
+        scaling = self.rope_scaling
+        if scaling is not None and scaling.rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(scaling, name)) != self.rotary_dim // 2:
+                    raise ModelConfigError(
+                        f"longrope {name} has {len(getattr(scaling, name))} entries, expected "
+                        f"{self.rotary_dim // 2} (rotary dimension {self.rotary_dim} / 2)"
+                    )
 
     @property
     def rotary_dim(self) -> int:
@@ -375,6 +390,15 @@ class ModelArgs:
                     high_freq_factor=self.rope_scaling.high_freq_factor,
                     original_max_position_embeddings=self.rope_scaling.original_max_position_embeddings,
                 )
+            if self.rope_scaling.rope_type == "longrope":
+                original = self.rope_scaling.original_max_position_embeddings
+                scaling.update(
+                    short_factor=list(self.rope_scaling.short_factor),
+                    long_factor=list(self.rope_scaling.long_factor),
+                    attention_factor=self.rope_scaling.attention_factor,
+                    original_max_position_embeddings=original,
+                )
+                cfg["original_max_position_embeddings"] = original  # transformers' Phi-3 reads this first
         if self.model_type == "gemma3_text":  # one block per layer type
             cfg["rope_parameters"] = {
                 "full_attention": {"rope_type": "default", **(scaling or {}), "rope_theta": self.rope_theta},
@@ -445,13 +469,11 @@ def _parse_rope(cfg: dict[str, Any], max_positions: int, model_type: str = "llam
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     params.pop("partial_rotary_factor", None)  # read by _partial_rotary_factor
     rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
+    if model_type == "phi3" and rope_type in ("su", "yarn", "longrope"):  # all longrope to transformers
+        return theta, _parse_longrope(cfg, params, max_positions)
     if model_type == "phi3" and rope_type != "default":
-        # transformers' Phi-3 accepts only default and longrope ("su" and "yarn" are renamed longrope):
-        # longrope switches every position's frequencies once a sequence outgrows
-        # original_max_position_embeddings (and generation recomputes the cache then): not reproduced.
         raise ModelConfigError(
-            f"rope scaling type {rope_type!r} is not supported for phi3 (only default rope; "
-            "longrope / su scaling is refused)"
+            f"rope scaling type {rope_type!r} is not supported for phi3 (only default and longrope / su)"
         )
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelConfigError(
@@ -472,6 +494,31 @@ def _parse_rope(cfg: dict[str, Any], max_positions: int, model_type: str = "llam
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(original or max_positions),
     )
+
+
+def _parse_longrope(cfg: dict[str, Any], params: dict[str, Any], max_positions: int) -> RopeScaling:
+    """Phi-3's longrope, resolved as transformers' `_compute_longrope_parameters` does: `factor`
+    defaults to max_position_embeddings / original_max_position_embeddings (the top-level key wins
+    over the block's), `attention_factor` to sqrt(1 + ln(factor) / ln(original)) above factor 1."""
+    original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    if not isinstance(original, int) or isinstance(original, bool) or original < 2:
+        raise ModelConfigError(f"longrope needs original_max_position_embeddings >= 2, got {original!r}")
+    factors = {}
+    for name in ("short_factor", "long_factor"):
+        value = params.get(name)
+        if not isinstance(value, list) or not all(isinstance(x, (int, float)) and x > 0 for x in value):
+            raise ModelConfigError(f"longrope {name} must be a list of positive numbers, got {value!r}")
+        factors[name] = tuple(float(x) for x in value)
+    factor = params.get("factor")
+    factor = max_positions / original if factor is None else factor
+    attention = params.get("attention_factor")
+    for name, value in (("factor", factor), ("attention_factor", attention)):
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise ModelConfigError(f"longrope {name} must be a positive number, got {value!r}")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling("longrope", float(factor), original_max_position_embeddings=original,
+                       attention_factor=float(attention), **factors)
 
 
 def _optional_float(value: Any) -> float | None:

@@ -29,7 +29,7 @@ from packtune.kernels import PackedLayout, RMSNorm, geglu, rotary, swiglu, varle
 from packtune.kernels.attention import softcapped_attention
 from packtune.model.config import ModelArgs
 from packtune.model.kv_cache import KVCache
-from packtune.model.rope import RopeTables
+from packtune.model.rope import RopeTables, longrope_rows
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(
                 f"input_ids must be [T] (packed) or [B, L] (padded), got shape {tuple(input_ids.shape)}"
             )
+        full_rows = layout is None
         if layout is None:
             n = input_ids.shape[-1]
             layout = (PackedLayout.packed([n]) if input_ids.dim() == 1
@@ -238,7 +239,8 @@ class LlamaForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)}")
         self._check_dynamic_rope(layout)
         cos, sin = self.rope(layout.max_seqlen, input_ids.device)
-        inputs = AttentionInputs(layout.positions, cos, sin, layout.cu_seqlens, layout.max_seqlen,
+        rows = self._rope_rows(layout, cos, full_rows)
+        inputs = AttentionInputs(rows, cos, sin, layout.cu_seqlens, layout.max_seqlen,
                                  **self._local_tables(layout.max_seqlen, input_ids.device))
         x = self._embed(input_ids)
         for layer in self.model.layers:
@@ -251,7 +253,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("a KV cache decodes one sequence: pass input_ids [T]")
         start, end = cache.length, cache.length + input_ids.shape[0]
         cos, sin = self.rope(end, input_ids.device)
-        positions = torch.arange(start, end, device=input_ids.device)
+        positions = self._decode_rope_rows(start, end, cos, input_ids.device)
         local = self._local_tables(end, input_ids.device)
         inputs = AttentionInputs(positions, cos, sin, cache=cache, **local)
         x = self._embed(input_ids)
@@ -296,3 +298,43 @@ class LlamaForCausalLM(nn.Module):
                 f"max_position_embeddings={args.max_position_embeddings}, where each sample needs its own "
                 "frequencies; pack samples beyond that length one per row"
             )
+
+    # ---- Phi-3's longrope: short or long factors per sequence ------------------------------------
+
+    def _longrope(self) -> int | None:
+        """original_max_position_embeddings under longrope scaling, else None."""
+        scaling = self.args.rope_scaling
+        longrope = scaling is not None and scaling.rope_type == "longrope"
+        return scaling.original_max_position_embeddings if longrope else None
+
+    def _rope_rows(self, layout: PackedLayout, cos: torch.Tensor, full_rows: bool) -> torch.Tensor:
+        """Each token's row in the RoPE tables: its position, or under longrope its row in the long
+        half for a sample longer than original_max_position_embeddings (as that sample alone gets).
+        `full_rows`: padded rows hold no padding (no layout was given)."""
+        original = self._longrope()
+        if original is None:
+            return layout.positions
+        if layout.cu_seqlens is not None:
+            return longrope_rows(layout.positions, layout.cu_seqlens, original, cos.shape[0] // 2)
+        if not full_rows and layout.positions.shape[0] > 1 and layout.max_seqlen > original:
+            raise ValueError(
+                f"longrope: padded rows {layout.max_seqlen} wide, beyond original_max_position_embeddings="
+                f"{original}: each sample's short or long factors depend on its own length, which padded "
+                "rows do not give; pack the samples instead"
+            )
+        return layout.positions + (cos.shape[0] // 2) * (layout.max_seqlen > original)
+
+    def _decode_rope_rows(self, start: int, end: int, cos: torch.Tensor,
+                          device: torch.device) -> torch.Tensor:
+        """Decoding positions start .. end - 1 (their longrope half chosen by the length `end`)."""
+        positions = torch.arange(start, end, device=device)
+        original = self._longrope()
+        if original is None:
+            return positions
+        if 0 < start <= original < end:
+            raise ValueError(
+                f"longrope: generation crossing original_max_position_embeddings={original} (a cache of "
+                f"{start} tokens growing to {end}) is not supported: transformers recomputes every cached "
+                "key with the long factors there; keep prompt + new tokens within it, or give a longer prompt"
+            )
+        return positions + (cos.shape[0] // 2) * (end > original)

@@ -1,4 +1,5 @@
-"""Rotary embedding frequencies (default, linear, dynamic NTK, llama3), as transformers computes them.
+"""Rotary embedding frequencies (default, linear, dynamic NTK, llama3, Phi-3's longrope), as
+transformers computes them.
 
 The float operations follow transformers' `modeling_rope_utils` step for step (fp32 inverse
 frequencies, fp32 angles); the tables stay fp32 (transformers casts them to the activation dtype,
@@ -19,9 +20,16 @@ def inv_freq(args: ModelArgs, seq_len: int | None = None, device: torch.device |
     """Inverse frequencies `[rotary_dim // 2]` in fp32 (rotary_dim: head_dim unless partial rotary).
 
     `seq_len` (the longest context in the call) matters only for dynamic NTK scaling, which
-    raises the base once a sequence outgrows `max_position_embeddings`.
+    raises the base once a sequence outgrows `max_position_embeddings`, and for longrope, whose
+    long factors replace the short ones once it outgrows `original_max_position_embeddings`.
     """
     dim, base, scaling = args.rotary_dim, args.rope_theta, args.rope_scaling
+    if scaling is not None and scaling.rope_type == "longrope":
+        long = seq_len is not None and seq_len > scaling.original_max_position_embeddings
+        factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32,
+                               device=device)
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+        return 1.0 / (factors * base**exponents)
     if scaling is not None and scaling.rope_type == "dynamic":
         max_pos = args.max_position_embeddings
         if seq_len is not None and seq_len > max_pos:
@@ -45,6 +53,21 @@ def inv_freq(args: ModelArgs, seq_len: int | None = None, device: torch.device |
     )
 
 
+def longrope_rows(positions: torch.Tensor, cu_seqlens: torch.Tensor, original_max: int,
+                  offset: int) -> torch.Tensor:
+    """Each token's row in longrope's tables stacked [short; long] (`offset` rows each).
+
+    transformers' longrope uses the long factors for a whole sequence longer than
+    `original_max_position_embeddings`, the short ones otherwise; a packed row decides per sample,
+    as each sample alone would get: its position, plus `offset` in a sample longer than that.
+    """
+    cu = cu_seqlens.to(positions.device, torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    tokens = torch.arange(positions.numel(), device=positions.device)
+    sample = torch.searchsorted(cu[1:], tokens, right=True).clamp(max=lengths.numel() - 1)
+    return positions.reshape(-1) + offset * (lengths[sample] > original_max)
+
+
 def _llama3(freq: torch.Tensor, factor: float, low: float, high: float, context: int) -> torch.Tensor:
     """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
     low_freq_wavelen = context / low
@@ -62,6 +85,8 @@ class RopeTables:
     grown (doubling) when a batch reaches past them; `kernels.rotary` indexes them by the layout's
     positions. Dynamic NTK scaling changes the frequencies with the context length: beyond
     `max_position_embeddings` the tables are rebuilt for that length (the last one is kept).
+    Longrope stacks two tables, `[2 * length, rotary_dim]`: the short factors' rows, then the long
+    factors' (both scaled by the attention factor); `longrope_rows` picks a token's row.
 
     A plain cache, not registered buffers: a model built on the meta device and materialised with
     `to_empty` (as the Trainer does) would leave buffers uninitialised, and FSDP need not shard them.
@@ -73,18 +98,24 @@ class RopeTables:
 
     def __call__(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables covering positions 0 .. seq_len - 1 (`seq_len` a host int: no sync)."""
-        args = self.args
-        dynamic = args.rope_scaling is not None and args.rope_scaling.rope_type == "dynamic"
+        args, scaling = self.args, self.args.rope_scaling
+        dynamic = scaling is not None and scaling.rope_type == "dynamic"
+        longrope = scaling is not None and scaling.rope_type == "longrope"
         key = seq_len if dynamic and seq_len > args.max_position_embeddings else 0  # 0: the base frequencies
         cached = self._tables.get(device)
-        if cached is not None and cached[0] == key and cached[1].shape[0] >= seq_len:
+        if cached is not None and cached[0] == key and cached[1].shape[0] // (1 + longrope) >= seq_len:
             return cached[1], cached[2]
         if key:
-            length, freq = seq_len, inv_freq(args, seq_len, device=device)
+            length, freqs = seq_len, [inv_freq(args, seq_len, device=device)]
         else:
-            length, freq = max(64, 1 << (max(seq_len, 1) - 1).bit_length()), inv_freq(args, device=device)
-        angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), freq)
+            length, freqs = max(64, 1 << (max(seq_len, 1) - 1).bit_length()), [inv_freq(args, device=device)]
+        if longrope:
+            freqs.append(inv_freq(args, scaling.original_max_position_embeddings + 1, device=device))
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        angles = torch.cat([torch.outer(positions, freq) for freq in freqs])
         emb = torch.cat((angles, angles), dim=-1)
         cos, sin = emb.cos(), emb.sin()
+        if longrope:  # as transformers: fp32 tables times a Python float
+            cos, sin = cos * scaling.attention_factor, sin * scaling.attention_factor
         self._tables[device] = (key, cos, sin)
         return cos, sin

@@ -15,7 +15,9 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 # per-head q/k norms (GQA with an explicit head_dim and a window; MHA with tied head and biases);
 # Gemma 2 (alternating windows, attention and final logit softcaps, query_pre_attn_scalar; GQA tied,
 # MHA untied) and Gemma 3 (q/k norms, a local RoPE base, linear scaling on the global layers);
-# Phi-3 (fused qkv_proj / gate_up_proj; GQA tied with partial rotary 0.75 and a window; MHA untied).
+# Phi-3 (fused qkv_proj / gate_up_proj; GQA tied with partial rotary 0.75 and a window; MHA untied);
+# Phi-3 longrope with a short original context (10) so that samples take either factor set (GQA with
+# partial rotary and the default attention factor; MHA with a window and a given attention factor).
 CONFIGS = {
     "llama3_gqa": (
         "LlamaConfig",
@@ -117,6 +119,22 @@ CONFIGS = {
         "Phi3Config",
         dict(num_key_value_heads=4, pad_token_id=None, eos_token_id=2,
              rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    ),
+    "phi3_longrope": (
+        "Phi3Config",
+        dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=2, max_position_embeddings=64,
+             original_max_position_embeddings=10,
+             rope_parameters={"rope_type": "longrope", "rope_theta": 1000.0, "partial_rotary_factor": 0.75,
+                              "short_factor": [1.0, 1.2, 1.5, 1.9, 2.4, 3.0],
+                              "long_factor": [1.3, 2.1, 3.4, 5.5, 8.9, 14.4]}),
+    ),
+    "phi3_longrope_mha": (
+        "Phi3Config",
+        dict(num_key_value_heads=4, pad_token_id=None, eos_token_id=2, max_position_embeddings=40,
+             original_max_position_embeddings=10, sliding_window=5,
+             rope_parameters={"rope_type": "longrope", "rope_theta": 500.0, "attention_factor": 1.25,
+                              "short_factor": [1.0, 1.1, 1.2, 1.4, 1.6, 1.9, 2.2, 2.6],
+                              "long_factor": [2.0, 3.0, 4.5, 6.0, 8.0, 11.0, 15.0, 20.0]}),
     ),
     "llama_dynamic": (
         "LlamaConfig",

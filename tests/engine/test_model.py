@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 NAMES = [n for n in CONFIGS if n != "llama_dynamic"]
 LENGTHS = (7, 13, 20)  # a packed row of 3 samples; every sliding window above is shorter than two
+# (and the longrope configs' original context, 10, lies between the first two: both factor sets)
+GENERATED = [n for n in NAMES if "longrope" not in n]  # 5 + 14 tokens cross 10: see the longrope test
 
 
 def _rms_norm_at_input_precision(self, hidden_states):
@@ -196,7 +198,7 @@ def test_export_reloads_in_transformers_with_identical_logits(checkpoints, tmp_p
     assert reloaded.config.tie_word_embeddings == hf.config.tie_word_embeddings
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", GENERATED)
 def test_greedy_generation_matches_transformers(checkpoints, name):
     from packtune.model.generate import generate
 
@@ -214,3 +216,33 @@ def test_greedy_generation_matches_transformers(checkpoints, name):
     expected = hf_generate(eos, 14)
     assert expected[-1] == eos and len(expected) <= 7
     assert generate(ours, prompt, 14, eos_id=eos) == expected
+
+
+@pytest.mark.parametrize("name", ["phi3_longrope", "phi3_longrope_mha"])
+def test_longrope_generation_matches_transformers_or_refuses_the_crossing(checkpoints, name):
+    """Greedy generation equals transformers' within either factor set: a prompt past the original
+    context (10) uses the long factors throughout, a sequence that stays within it the short ones.
+    Crossing it mid-generation (where transformers recomputes the cache) is refused by name."""
+    from packtune.model.generate import generate
+
+    hf = hf_model(checkpoints[name], torch.float64)
+    ours = load_pretrained(checkpoints[name], dtype=torch.float64)
+    eos = ours.args.vocab_size - 1
+    gen = torch.Generator().manual_seed(6)
+    for prompt_len, new in ((12, 9), (4, 6)):
+        prompt = torch.randint(3, eos, (prompt_len,), generator=gen)
+        out = hf.generate(prompt[None], max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                          pad_token_id=eos)
+        assert generate(ours, prompt, new, eos_id=eos) == out[0, prompt_len:].tolist()
+    with pytest.raises(ValueError, match="longrope: generation crossing original_max_position_embeddings=10"):
+        generate(ours, torch.randint(3, eos, (5,), generator=gen), 14, eos_id=eos)
+
+
+def test_longrope_padded_rows_beyond_the_original_context_are_refused(checkpoints):
+    ours = load_pretrained(checkpoints["phi3_longrope"], dtype=torch.float64)
+    ids = torch.randint(0, ours.args.vocab_size, (2, 14))
+    with pytest.raises(ValueError, match="longrope: padded rows 14 wide"):
+        ours(ids, PackedLayout.padded([5, 14]))
+    with torch.no_grad():  # rows within the original context need no lengths
+        short = ids[:, :9]
+        assert_close_rel(ours(short, PackedLayout.padded([9, 9])), ours(short), 0)
