@@ -50,6 +50,13 @@ from packtune.integrations.hf_forwards import (
 OWN_MODEL_TYPES = ("gemma2", "gemma3_text", "phi3")
 """Refused here, but loaded by packtune's own model (packtune.model)."""
 
+NO_PACKED_FORWARD = {
+    "bloom": "transformers' BLOOM forward cannot take packed input: it builds the ALiBi biases and "
+             "the causal mask over the whole row (it reads no position_ids or cu_seqlens), so packed "
+             "samples would attend to each other with biases that run across sample boundaries",
+}
+"""Refused because the model's own forward cannot take packed rows; packtune's own model runs them."""
+
 SUPPORTED = {
     "LlamaForCausalLM": "Llama",
     "MistralForCausalLM": "Mistral",
@@ -199,8 +206,9 @@ def _family(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in SUPPORTED or not type(model).__module__.startswith("transformers.models."):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        own = model_type in OWN_MODEL_TYPES
-        hint = " (`packtune train` runs it with packtune's own model)" if own else ""
+        own = model_type in OWN_MODEL_TYPES or model_type in NO_PACKED_FORWARD
+        reason = f": {NO_PACKED_FORWARD[model_type]}" if model_type in NO_PACKED_FORWARD else ""
+        hint = f"{reason} (`packtune train` runs it with packtune's own model)" if own else ""
         raise UnsupportedModelError(
             f"apply_packtune: {name} (model_type={model_type!r}) is not supported{hint}; supported are "
             f"transformers' {', '.join(SUPPORTED)}. Nothing was changed."

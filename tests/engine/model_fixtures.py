@@ -15,7 +15,9 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 # per-head q/k norms (GQA with an explicit head_dim and a window; MHA with tied head and biases);
 # Gemma 2 (alternating windows, attention and final logit softcaps, query_pre_attn_scalar; GQA tied,
 # MHA untied) and Gemma 3 (q/k norms, a local RoPE base, linear scaling on the global layers);
-# Phi-3 (fused qkv_proj / gate_up_proj; GQA tied with partial rotary 0.75 and a window; MHA untied).
+# Phi-3 (fused qkv_proj / gate_up_proj; GQA tied with partial rotary 0.75 and a window; MHA untied);
+# BLOOM (ALiBi: 4 heads, a power of two, tied; 6 heads, not one, untied, with
+# apply_residual_connection_post_layernorm).
 CONFIGS = {
     "llama3_gqa": (
         "LlamaConfig",
@@ -118,6 +120,12 @@ CONFIGS = {
         dict(num_key_value_heads=4, pad_token_id=None, eos_token_id=2,
              rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
     ),
+    "bloom": ("BloomConfig", dict(pad_token_id=3)),
+    "bloom_6heads": (
+        "BloomConfig",
+        dict(num_attention_heads=6, hidden_size=48, tie_word_embeddings=False,
+             apply_residual_connection_post_layernorm=True),
+    ),
     "llama_dynamic": (
         "LlamaConfig",
         dict(
@@ -137,7 +145,9 @@ def make_hf_model(name: str, seed: int = 0, vocab_size: int | None = None):
 
     cls_name, kwargs = CONFIGS[name]
     tiny = TINY if vocab_size is None else {**TINY, "vocab_size": vocab_size}
-    config = getattr(transformers, cls_name)(**tiny, **kwargs)
+    if cls_name == "BloomConfig":  # BLOOM's MLP is always 4 x hidden
+        tiny = {k: v for k, v in tiny.items() if k != "intermediate_size"}
+    config = getattr(transformers, cls_name)(**{**tiny, **kwargs})
     model = transformers.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from packtune.integrations import PackedCollator, UnsupportedModelError, apply_p
 
 transformers = pytest.importorskip("transformers")
 
-APPLIED = sorted(n for n in CONFIGS if not n.startswith(("gemma", "phi3")))  # refused by name (below)
+APPLIED = sorted(n for n in CONFIGS if not n.startswith(("gemma", "phi3", "bloom")))  # refused by name (below)
 LENGTHS = (7, 3, 12, 1, 9)  # longer than the Mistral/Qwen2 sliding windows (6, 5), and a 1-token sample
 
 
@@ -174,6 +174,14 @@ def test_gemma_and_phi3_are_refused_by_name(name, cls, model_type):
     model = make_hf_model(name)
     with pytest.raises(UnsupportedModelError, match=f"{cls}.*'{model_type}'.*packtune train"):
         apply_packtune(model)
+
+
+def test_bloom_is_refused_with_the_reason():
+    model = make_hf_model("bloom")
+    with pytest.raises(UnsupportedModelError, match="BloomForCausalLM.*'bloom'.*cannot take packed input.*"
+                                                    "ALiBi.*packtune train"):
+        apply_packtune(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
 
 
 def test_swiglu_refuses_other_activations():

@@ -27,6 +27,7 @@ FAMILIES = {  # family -> model_fixtures config
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    "bloom": "bloom",
 }
 
 
