@@ -107,16 +107,18 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
 
 
 def check_lora_targets(model: nn.Module, spec: LoRASpec) -> None:
-    """Refuse, naming the model type, a model whose blocks lack the targeted projections (BLOOM's are
-    query_key_value / dense / dense_h_to_4h / dense_4h_to_h; Phi-3's are fused qkv_proj / gate_up_proj)."""
+    """Refuse, naming the model type and its linears, a model whose blocks lack the targeted
+    projections (BLOOM's fused query_key_value and ungated MLP; Phi-3's fused qkv_proj / gate_up_proj)."""
     layer = model.decoder_layers[0]
     missing = [name for name in spec.targets
                if not hasattr(getattr(layer, "mlp" if name in MLP_TARGETS else "self_attn", None), name)]
     if missing:
         model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
+        linears = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
         raise ConfigError(f"[lora] is not supported for {model_type} models: their blocks have no "
                           f"{', '.join(missing)} projections (LoRA targets the Llama family's "
-                          f"{', '.join(ALL_TARGETS)}); fine-tune this model without [lora]")
+                          f"{', '.join(ALL_TARGETS)}; these blocks have {', '.join(linears)}); "
+                          "fine-tune this model without [lora]")
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
