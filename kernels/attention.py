@@ -208,7 +208,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_ma
 
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                          causal: bool = True, window: int | None = None, scale: float | None = None,
-                         softcap: float | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                         softcap: float | None = None,
+                         alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """The specification: SDPA on each sample's own tokens (ALiBi from the sample's own positions);
     tokens past cu_seqlens[-1] give zeros."""
     out = torch.zeros_like(q)
@@ -317,7 +318,8 @@ def length_buckets(lengths: list[int], waste: float = BUCKET_WASTE) -> list[list
 
 def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                         causal: bool, window: int | None, scale: float | None,
-                        softcap: float | None = None, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                        softcap: float | None = None,
+                        alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     parts, rows = [], []

@@ -16,7 +16,6 @@ packed row with its `PackedLayout`, padded rows, or one sequence with a KV cache
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from torch import nn
 from packtune.kernels import PackedLayout, varlen_attention
 from packtune.kernels.attention import alibi_head_slopes
 from packtune.kernels.bloom_gelu import bloom_gelu
+from packtune.model.causal_lm import CausalLM
 from packtune.model.config import ModelArgs
 from packtune.model.kv_cache import KVCache
 from packtune.model.llama import dense_causal_attention, resolve_layout
@@ -55,7 +55,8 @@ class BloomAttention(nn.Module):
         if inputs.cache is not None:  # decoding: this step's queries over every cached key
             offset = inputs.cache.length
             k, v = inputs.cache.update(self.layer, k, v)
-            out = dense_causal_attention(q[None], k[None], v[None], q_offset=offset, alibi_slopes=inputs.slopes)[0]
+            out = dense_causal_attention(q[None], k[None], v[None], q_offset=offset,
+                                         alibi_slopes=inputs.slopes)[0]
         elif inputs.cu_seqlens is not None:  # a packed row
             out = varlen_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, alibi_slopes=inputs.slopes)
         else:  # padded rows
@@ -102,18 +103,13 @@ class BloomModel(nn.Module):
         self.ln_f = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
 
 
-class BloomForCausalLM(nn.Module):
+class BloomForCausalLM(CausalLM):
     embedding_name = "transformer.word_embeddings.weight"
-    """The embedding's parameter name (its dtype is the checkpoint's)."""
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
+        super().__init__(args)
         self.transformer = BloomModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.tie_weights()
-        self.source_dir: Path | None = None
-        """The directory `load_pretrained` read, whose tokenizer files `save_pretrained` copies."""
+        self.add_head()
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -122,23 +118,6 @@ class BloomForCausalLM(nn.Module):
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.transformer.word_embeddings
-
-    def tie_weights(self) -> None:
-        """Share the embedding with lm_head when configured (again after `to_empty`, which unties)."""
-        if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
-
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """transformers' init for training from scratch: N(0, initializer_range), zero biases, unit norms."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, self.args.initializer_range, generator=generator)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
 
     def hidden_states(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
@@ -158,11 +137,3 @@ class BloomForCausalLM(nn.Module):
         if cache is not None:
             cache.advance(input_ids.shape[0])
         return self.transformer.ln_f(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def forward(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits `[T, V]` or `[B, L, V]`; see `hidden_states` for the inputs."""
-        return self.logits(self.hidden_states(input_ids, layout, cache))

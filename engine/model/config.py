@@ -168,7 +168,7 @@ class ModelArgs:
     layer_norm_eps: float = 1e-5
     """BLOOM's LayerNorm epsilon (`layer_norm_epsilon`)."""
     residual_post_layernorm: bool = False
-    """BLOOM's `apply_residual_connection_post_layernorm`: the residual branch starts from the normed input."""
+    """BLOOM's `apply_residual_connection_post_layernorm`: residual branches start from the normed input."""
     local_rope_theta: float | None = None
     """RoPE base of the sliding-window layers, unscaled (Gemma 3's rope_local_base_freq); None: rope_theta."""
     sliding_window: int | None = None
@@ -564,8 +564,8 @@ def _parse_sliding_window(cfg: dict[str, Any], model_type: str, get, layers: int
     return window, tuple(layer_types)
 
 
-_BLOOM_DEFAULTS = {"layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2,
-                   "pad_token_id": None, "tie_word_embeddings": True, "seq_length": 2048}
+_BLOOM_DEFAULTS = {"layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": 1,
+                   "eos_token_id": 2, "pad_token_id": None, "tie_word_embeddings": True, "seq_length": 2048}
 
 
 def _parse_bloom(cls, cfg: dict[str, Any]) -> ModelArgs:
@@ -616,7 +616,8 @@ def _parse_bloom(cls, cfg: dict[str, Any]) -> ModelArgs:
 
 def _bloom_hf_config(args: ModelArgs, dtype: str | None) -> dict[str, Any]:
     """BloomConfig's own keys (n_layer, n_head, layer_norm_epsilon, ...); the original's others kept."""
-    cfg = {k: v for k, v in args.hf_config.items() if k not in ("n_embed", "num_hidden_layers", "num_attention_heads")}
+    aliases = ("n_embed", "num_hidden_layers", "num_attention_heads")
+    cfg = {k: v for k, v in args.hf_config.items() if k not in aliases}
     cfg.update(
         architectures=[_ARCHITECTURES["bloom"]],
         model_type="bloom",

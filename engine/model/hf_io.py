@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from packtune.model.architectures import CausalLM, causal_lm
+from packtune.model.architectures import causal_lm
+from packtune.model.causal_lm import CausalLM
 from packtune.model.config import ModelArgs
 
 WEIGHTS_NAME = "model.safetensors"

@@ -20,13 +20,13 @@ cross-entropy that never materialises logits).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from packtune.kernels import PackedLayout, RMSNorm, geglu, rotary, swiglu, varlen_attention
 from packtune.kernels.attention import sdpa_attention
+from packtune.model.causal_lm import CausalLM
 from packtune.model.config import ModelArgs
 from packtune.model.kv_cache import KVCache
 from packtune.model.rope import RopeTables
@@ -76,7 +76,9 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 def resolve_layout(input_ids: torch.Tensor, layout: PackedLayout | None) -> PackedLayout:
     """`layout`, checked against `input_ids` `[T]` or `[B, L]`; None means one sample per row."""
     if input_ids.dim() not in (1, 2):
-        raise ValueError(f"input_ids must be [T] (packed) or [B, L] (padded), got shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be [T] (packed) or [B, L] (padded), got shape {tuple(input_ids.shape)}"
+        )
     if layout is None:
         n = input_ids.shape[-1]
         layout = (PackedLayout.packed([n]) if input_ids.dim() == 1
@@ -197,18 +199,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     embedding_name = "model.embed_tokens.weight"
-    """The embedding's parameter name (its dtype is the checkpoint's)."""
 
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
+        super().__init__(args)
         self.model = LlamaModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.tie_weights()
-        self.source_dir: Path | None = None
-        """The directory `load_pretrained` read, whose tokenizer files `save_pretrained` copies."""
+        self.add_head()
         self.rope = RopeTables(args)
         self.local_rope = (RopeTables(replace(args, rope_theta=args.local_rope_theta, rope_scaling=None))
                            if args.local_rope_theta is not None else None)
@@ -222,25 +219,6 @@ class LlamaForCausalLM(nn.Module):
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.model.embed_tokens
-
-    def tie_weights(self) -> None:
-        """Share the embedding with lm_head when configured (again after `to_empty`, which unties)."""
-        if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """transformers' init for training from scratch: N(0, initializer_range), zero biases, unit norms."""
-        std = self.args.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0 - module.offset)
 
     def hidden_states(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
@@ -288,17 +266,6 @@ class LlamaForCausalLM(nn.Module):
             return {}
         cos, sin = self.local_rope(seq_len, device)
         return {"local_cos": cos, "local_sin": sin}
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """lm_head on final hidden states, capped as c * tanh(logits / c) when configured (Gemma 2)."""
-        logits = self.lm_head(hidden)
-        cap = self.args.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    def forward(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits `[T, V]` or `[B, L, V]`; see `hidden_states` for the inputs."""
-        return self.logits(self.hidden_states(input_ids, layout, cache))
 
     def _check_dynamic_rope(self, layout: PackedLayout) -> None:
         """Dynamic NTK frequencies depend on the context length, so samples packed together must

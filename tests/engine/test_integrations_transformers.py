@@ -13,7 +13,7 @@ from packtune.integrations import PackedCollator, UnsupportedModelError, apply_p
 
 transformers = pytest.importorskip("transformers")
 
-APPLIED = sorted(n for n in CONFIGS if not n.startswith(("gemma", "phi3", "bloom")))  # refused by name (below)
+APPLIED = sorted(n for n in CONFIGS if not n.startswith(("gemma", "phi3", "bloom")))  # refused by name, below
 LENGTHS = (7, 3, 12, 1, 9)  # longer than the Mistral/Qwen2 sliding windows (6, 5), and a 1-token sample
 
 

@@ -30,7 +30,8 @@ def test_hub_layout_without_transformer_prefix_loads(tmp_path):
     ids = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(hub)(ids), load_pretrained(full)(ids), rtol=0, atol=0)
-        theirs = [transformers.AutoModelForCausalLM.from_pretrained(p).eval()(ids).logits for p in (hub, full)]
+        load = transformers.AutoModelForCausalLM.from_pretrained
+        theirs = [load(p).eval()(ids).logits for p in (hub, full)]
     torch.testing.assert_close(theirs[0], theirs[1], rtol=0, atol=0)  # transformers reads both alike
 
 
