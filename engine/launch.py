@@ -248,9 +248,9 @@ def load_model(path: str, dtype: torch.dtype, dist_ctx: DistContext, prepare=Non
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    from packtune.model.architectures import causal_lm
     from packtune.model.config import ModelArgs
     from packtune.model.hf_io import CheckpointError, load_pretrained
-    from packtune.model.llama import LlamaForCausalLM
 
     try:
         if dist_ctx.mesh is None:
@@ -260,7 +260,7 @@ def load_model(path: str, dtype: torch.dtype, dist_ctx: DistContext, prepare=Non
     except CheckpointError as e:
         raise ConfigError(f"model.path: {e}") from None
     with torch.device("meta"):
-        model = LlamaForCausalLM(args).to(dtype)
+        model = causal_lm(args).to(dtype)
     model.source_dir = Path(path)
     if prepare is not None:
         model = prepare(model)

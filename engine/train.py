@@ -79,7 +79,7 @@ class Trainer:
     """Owns the sharded model, optimizer, schedule, checkpoints and metrics of one run.
 
     `model` is a causal LM with `hidden_states(...)`, `lm_head` and its decoder blocks in
-    `model.model.layers`; `sampler` yields, per optimizer step, this rank's list of
+    `model.decoder_layers`; `sampler` yields, per optimizer step, this rank's list of
     micro-batches (`PackedBatch` or `PaddedBatch`) and is resumable via state_dict(). A model
     built on the meta device is sharded first, then `load_weights(self.module)` fills the
     shards, so no rank ever holds more than its shard on the accelerator. `mixed_precision`
@@ -112,7 +112,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.module = parallelize(
             CausalLMLoss(model),
-            model.model.layers,
+            model.decoder_layers,
             dist_ctx,
             activation_checkpointing=cfg.activation_checkpointing,
             compile_blocks=cfg.compile,

@@ -6,7 +6,11 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
         Triton (CUDA, or the interpreter on CPU), C++ (CPU, packtune._C) and a PyTorch reference
     varlen_attention
         flash-attn or torch's varlen_attn on CUDA fp16/bf16, else batched PyTorch SDPA over length
-        buckets (any device); `varlen_attention_ref` (SDPA per sample) is the reference
+        buckets (any device); `varlen_attention_ref` (SDPA per sample) is the reference;
+        ALiBi (BLOOM) through flash-attn's alibi_slopes or SDPA's float mask
+    bloom_gelu
+        Triton (CUDA, or the interpreter) and the reference's torch ops (every device): a pointwise
+        op, where torch's own CPU kernels are the C++ path
     PackedLayout, shift_labels
         the packed-batch contract every op above reads (plain PyTorch/numpy, built on the host)
     lora_linear, lora_mlp
@@ -16,6 +20,7 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
 
 from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
 from packtune.kernels.attention import varlen_attention, varlen_attention_ref
+from packtune.kernels.bloom_gelu import bloom_gelu, bloom_gelu_ref
 from packtune.kernels.cross_entropy import MaskedCrossEntropy, masked_cross_entropy, masked_cross_entropy_ref
 from packtune.kernels.geglu import geglu, geglu_ref
 from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
@@ -56,4 +61,6 @@ __all__ = [
     "geglu_ref",
     "varlen_attention",
     "varlen_attention_ref",
+    "bloom_gelu",
+    "bloom_gelu_ref",
 ]

@@ -28,6 +28,13 @@ call needs it, never at module import.
 `softcap` (Gemma 2) caps the scaled logits as softcap * tanh(logits / softcap) before the mask and
 softmax: flash-attn's `softcap`; torch's varlen_attn and SDPA have none, so such calls take the
 buckets path with the logits written out (`attention_scores`), as transformers' eager attention.
+
+`alibi_slopes` (BLOOM) adds slope_h * (j - i) to the logits of query i and key j, i and j being
+positions within the sample, so no bias crosses a sample boundary: flash-attn's `alibi_slopes`
+(the same bias); torch's varlen_attn has none, so such calls take the buckets path, with the
+biases as SDPA's float mask. transformers' BLOOM adds slope_h * j instead: within a causal
+softmax the two differ by a constant per row, so the probabilities are the same (and slope * j
+at long positions loses precision in bf16, where j - i near the diagonal does not).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import math
 from types import ModuleType
 
 import torch
@@ -139,12 +147,47 @@ def sample_mask(length: int, causal: bool, window: int | None, device: torch.dev
     return allowed
 
 
-def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None,
-                         is_causal: bool, scale: float | None, softcap: float | None,
-                         enable_gqa: bool = False) -> torch.Tensor:
-    """`F.scaled_dot_product_attention` on `[B, H, L, D]`, with the logits capped at `softcap` (None:
-    SDPA itself). The capped form is transformers' eager attention (input-dtype matmuls, softmax in
-    fp32), with the softmax in float64 for float64 input."""
+def alibi_head_slopes(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """ALiBi's fp32 slope per head, as transformers' BLOOM builds them (`_get_alibi_slopes`): the
+    geometric sequence 2^(-8 h / n) for the largest power of two n <= num_heads, then every other
+    term of the sequence for 2n to fill the remaining heads."""
+    def powers(n: int, count: int, step: int) -> torch.Tensor:
+        base = torch.full((), 2 ** (-(2 ** -(math.log2(n) - 3))), device=device, dtype=torch.float32)
+        return torch.pow(base, torch.arange(1, 1 + step * count, step, device=device, dtype=torch.int32))
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = powers(closest, closest, 1)
+    if closest != num_heads:
+        slopes = torch.cat([slopes, powers(2 * closest, min(closest, num_heads - closest), 2)])
+    return slopes
+
+
+def alibi_bias(slopes: torch.Tensor, lq: int, lk: int, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi biases `[H, lq, lk]`: slope_h * (j - i) for query i and key j, the queries being the
+    last `lq` of the `lk` positions (flash-attn's bottom-right alignment: a KV-cache step's queries
+    follow the cached keys). Computed in float64 from the positions, then cast to `dtype`."""
+    i = torch.arange(lk - lq, lk, device=slopes.device, dtype=torch.float64)[:, None]
+    j = torch.arange(lk, device=slopes.device, dtype=torch.float64)[None, :]
+    return (slopes.double()[:, None, None] * (j - i)).to(dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None,
+                   is_causal: bool, scale: float | None, softcap: float | None = None,
+                   alibi_slopes: torch.Tensor | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` on `[B, H, L, D]`, with the logits capped at `softcap` and
+    ALiBi biases added (`alibi_slopes`, one per query head; see `alibi_bias`); without either, SDPA
+    itself. The capped form is transformers' eager attention (input-dtype matmuls, softmax in fp32),
+    with the softmax in float64 for float64 input. ALiBi goes into SDPA as a float mask whose
+    disallowed entries hold the dtype's minimum (as transformers' BLOOM: no NaN rows)."""
+    if alibi_slopes is not None:
+        lq, lk = q.shape[-2], k.shape[-2]
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq) if is_causal else None
+        if attn_mask is not None:
+            allowed = attn_mask if allowed is None else attn_mask & allowed
+        bias = alibi_bias(alibi_slopes.to(q.device), lq, lk, q.dtype)
+        if allowed is not None:
+            bias = torch.where(allowed, bias, torch.finfo(q.dtype).min)
+        attn_mask, is_causal = bias, False
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
@@ -156,15 +199,19 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, a
     if is_causal:
         lq, lk = q.shape[-2], k.shape[-2]
         attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-    if attn_mask is not None:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
         logits = logits.masked_fill(~attn_mask, torch.finfo(logits.dtype).min)  # as transformers: no NaN rows
+    elif attn_mask is not None:  # ALiBi biases, masked entries already at the minimum
+        logits = logits + attn_mask
     return torch.softmax(logits, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype) @ v
 
 
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                         causal: bool = True, window: int | None = None,
-                         scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
-    """The specification: SDPA on each sample's own tokens; tokens past cu_seqlens[-1] give zeros."""
+                         causal: bool = True, window: int | None = None, scale: float | None = None,
+                         softcap: float | None = None,
+                         alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """The specification: SDPA on each sample's own tokens (ALiBi from the sample's own positions);
+    tokens past cu_seqlens[-1] give zeros."""
     out = torch.zeros_like(q)
     bounds = cu_seqlens.tolist()
     gqa = q.shape[1] != k.shape[1]
@@ -174,8 +221,8 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         # Plain causal goes through is_causal (SDPA's fused CPU/GPU kernels); windows need the mask.
         mask = sample_mask(end - start, causal, window, q.device) if window is not None else None
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        o = softcapped_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None,
-                                 scale=scale, softcap=softcap, enable_gqa=gqa)
+        o = sdpa_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                           softcap=softcap, alibi_slopes=alibi_slopes, enable_gqa=gqa)
         out[start:end] = o.transpose(0, 1)
     return out
 
@@ -188,25 +235,29 @@ def _window_size(causal: bool, window: int | None) -> tuple[int, int]:
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, causal: bool = True, window: int | None = None,
-                     scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, softcap: float | None = None,
+                     alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Attention within each sample of a packed row: q `[T, Hq, D]`, k/v `[T, Hk, D]` -> `[T, Hq, D]`.
 
     cu_seqlens: int32 `[n+1]` sample offsets (on q's device); max_seqlen: the longest sample, a
     host int (so no device-to-host sync on the fast paths); window: sliding window (Mistral);
-    softcap: logit cap (Gemma 2).
+    softcap: logit cap (Gemma 2); alibi_slopes: fp32 `[Hq]` ALiBi slopes (BLOOM), the bias
+    slope * (j - i) from each sample's own positions.
     """
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 1:
         raise ValueError(f"varlen_attention: window must be >= 1 or None, got {window}")
     path = attention_path(q.device, q.dtype, window=window, scale=scale)
-    if path == "torch_varlen" and softcap is not None:
-        path = "buckets"  # torch's varlen_attn has no logit softcap
+    if path == "torch_varlen" and (softcap is not None or alibi_slopes is not None):
+        path = "buckets"  # torch's varlen_attn has no logit softcap and no ALiBi
     if path == "flash_attn":
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         out = _flash_attn().flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
                                                    softmax_scale=scale, causal=causal,
                                                    window_size=_window_size(causal, window),
-                                                   **({} if softcap is None else {"softcap": softcap}))
+                                                   **({} if softcap is None else {"softcap": softcap}),
+                                                   **({} if alibi_slopes is None
+                                                      else {"alibi_slopes": alibi_slopes.float()}))
         return zero_tail(out, cu)
     if path == "torch_varlen":
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
@@ -214,7 +265,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                 scale=scale)
         return zero_tail(out, cu)
     return _bucketed_attention(q, k, v, cu_seqlens, causal=causal, window=window, scale=scale,
-                               softcap=softcap)
+                               softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 def call_torch_varlen(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
@@ -267,7 +318,8 @@ def length_buckets(lengths: list[int], waste: float = BUCKET_WASTE) -> list[list
 
 def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                         causal: bool, window: int | None, scale: float | None,
-                        softcap: float | None = None) -> torch.Tensor:
+                        softcap: float | None = None,
+                        alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     parts, rows = [], []
@@ -284,8 +336,8 @@ def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
             mask = real[:, None, None, :]  # [B, 1, 1, L]: real keys only
             within = sample_mask(longest, causal, window, q.device)
             mask = mask if within is None else mask & within
-        o = softcapped_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and mask is None,
-                                 scale=scale, softcap=softcap, enable_gqa=q.shape[1] != k.shape[1])
+        o = sdpa_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                           softcap=softcap, alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1])
         parts.append(o.transpose(1, 2)[real])
         rows.append(index[real])
     out = torch.zeros_like(q)

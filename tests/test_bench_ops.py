@@ -4,7 +4,7 @@ torch reference (tiny shapes; compile is slow)."""
 import pytest
 import torch
 
-from packtune.bench import rmsnorm, rope, swiglu
+from packtune.bench import layernorm, rmsnorm, rope, swiglu
 
 
 @pytest.mark.parametrize("module, shape", [
@@ -23,6 +23,24 @@ def test_bench_step_gradients_equal_the_reference(module, shape):
     for ours, ref in zip(grads["packtune"], grads["torch"], strict=True):
         assert ours is not None and ours.abs().sum() > 0
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_layernorm_bench_contenders_compute_torch_layer_norm():
+    """The written-out LayerNorm (what `compile` compiles) equals F.layer_norm, values and gradients."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 96, dtype=torch.float64), torch.randn(96, dtype=torch.float64), torch.randn(96)
+    ins = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = [t.double().requires_grad_() for t in (x, w, b)]
+    dy = torch.randn(5, 96, dtype=torch.float64)
+    layernorm.layer_norm_composed(*ins).backward(dy)
+    out = torch.nn.functional.layer_norm(ref[0], (96,), ref[1], ref[2], layernorm.EPS)
+    out.backward(dy)
+    torch.testing.assert_close(layernorm.layer_norm_composed(*ins), out)
+    for a, e in zip(ins, ref, strict=True):
+        torch.testing.assert_close(a.grad, e.grad)
+    step = layernorm.make_step("torch", {"T": 3, "hidden": 16}, "float32", "cpu")
+    step()
+    assert all(t.grad is not None for t in step.inputs)
 
 
 def test_unknown_implementation_is_an_error():

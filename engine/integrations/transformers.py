@@ -62,6 +62,13 @@ from packtune.integrations.peft_lora import (
     peft_lora_mlp_forward_for,
 )
 
+NO_PACKED_FORWARD = {
+    "bloom": "transformers' BLOOM forward cannot take packed input: it builds the ALiBi biases and "
+             "the causal mask over the whole row (it reads no position_ids or cu_seqlens), so packed "
+             "samples would attend to each other with biases that run across sample boundaries",
+}
+"""Refused because the model's own forward cannot take packed rows; packtune's own model runs them."""
+
 SUPPORTED = {
     "LlamaForCausalLM": "Llama",
     "MistralForCausalLM": "Mistral",
@@ -249,8 +256,10 @@ def _family(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in SUPPORTED or not type(model).__module__.startswith("transformers.models."):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        reason = (f": {NO_PACKED_FORWARD[model_type]} (`packtune train` runs it with packtune's own model)"
+                  if model_type in NO_PACKED_FORWARD else "")
         raise UnsupportedModelError(
-            f"apply_packtune: {name} (model_type={model_type!r}) is not supported; supported are "
+            f"apply_packtune: {name} (model_type={model_type!r}) is not supported{reason}; supported are "
             f"transformers' {', '.join(SUPPORTED)}. Nothing was changed."
         )
     return SUPPORTED[name]

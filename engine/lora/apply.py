@@ -87,9 +87,10 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
 
     `storage` converts the frozen base weights (a dtype, or "nf4"); None keeps them as they are.
     """
+    check_lora_targets(model, spec)
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in model.model.layers:
+    for layer in model.decoder_layers:
         for parent_name, names in (("self_attn", ATTENTION_TARGETS), ("mlp", MLP_TARGETS)):
             parent = getattr(layer, parent_name)
             for name in names:
@@ -105,6 +106,21 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
         convert_base(model, storage)
     init_lora(model, generator)
     return modules
+
+
+def check_lora_targets(model: nn.Module, spec: LoRASpec) -> None:
+    """Refuse, naming the model type and its linears, a model whose blocks lack the targeted
+    projections (BLOOM's fused query_key_value and ungated MLP; Phi-3's fused qkv_proj / gate_up_proj)."""
+    layer = model.decoder_layers[0]
+    missing = [name for name in spec.targets
+               if not hasattr(getattr(layer, "mlp" if name in MLP_TARGETS else "self_attn", None), name)]
+    if missing:
+        model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
+        linears = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        raise ConfigError(f"[lora] is not supported for {model_type} models: their blocks have no "
+                          f"{', '.join(missing)} projections (LoRA targets the Llama family's "
+                          f"{', '.join(ALL_TARGETS)}; these blocks have {', '.join(linears)}); "
+                          "fine-tune this model without [lora]")
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -1,5 +1,5 @@
 """Model shape and options from a Hugging Face `config.json` (Llama 1/2/3/3.x, Mistral, Qwen2, Qwen3,
-Gemma 2, Gemma 3 text, Phi-3 / Phi-4).
+Gemma 2, Gemma 3 text, Phi-3 / Phi-4, BLOOM / BLOOMZ).
 
 Every option that changes the model's math is either supported exactly or rejected with an error
 that names it: a config we cannot reproduce never loads as a silent approximation. Defaults for
@@ -16,7 +16,7 @@ from typing import Any
 
 from packtune.config import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "bloom")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -93,9 +93,10 @@ _ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "bloom": "BloomForCausalLM",
 }
-SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-"""silu: SwiGLU MLP; gelu_pytorch_tanh: GeGLU (tanh-approximated GELU)."""
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "bloom_gelu")
+"""silu: SwiGLU MLP; gelu_pytorch_tanh: GeGLU (tanh-approximated GELU); bloom_gelu: BLOOM's plain GELU MLP."""
 # Keys whose presence means weights or math we do not reproduce.
 _REJECTED_KEYS = ("quantization_config", "moe_intermediate_size", "num_local_experts", "num_experts")
 
@@ -150,7 +151,8 @@ class ModelArgs:
     qk_norm: bool = False
     """Per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3)."""
     hidden_act: str = "silu"
-    """The MLP gate's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU, Gemma)."""
+    """The MLP's activation: silu (SwiGLU), gelu_pytorch_tanh (GeGLU, Gemma) or bloom_gelu (BLOOM's
+    ungated GELU, kernels/bloom_gelu.py)."""
     norm_offset: float = 0.0
     """RMSNorm scales by offset + weight: 0 (Llama), 1 (Gemma, whose weights are stored minus one)."""
     scale_embeddings: bool = False
@@ -168,6 +170,12 @@ class ModelArgs:
     fused_projections: bool = False
     """q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj` (Phi-3's layout, kept on disk and in
     the model)."""
+    alibi: bool = False
+    """ALiBi attention biases instead of RoPE (BLOOM; see engine/model/bloom.py for its other parts)."""
+    layer_norm_eps: float = 1e-5
+    """BLOOM's LayerNorm epsilon (`layer_norm_epsilon`)."""
+    residual_post_layernorm: bool = False
+    """BLOOM's `apply_residual_connection_post_layernorm`: residual branches start from the normed input."""
     local_rope_theta: float | None = None
     """RoPE base of the sliding-window layers, unscaled (Gemma 3's rope_local_base_freq); None: rope_theta."""
     sliding_window: int | None = None
@@ -190,7 +198,7 @@ class ModelArgs:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.rotary_dim % 2 or self.rotary_dim <= 0:
+        if not self.alibi and (self.rotary_dim % 2 or self.rotary_dim <= 0):
             raise ModelConfigError(
                 f"head_dim={self.head_dim} x partial_rotary_factor={self.partial_rotary_factor} must give an "
                 "even, positive rotary dimension"
@@ -235,6 +243,10 @@ class ModelArgs:
         """
         h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
         q_dim, kv_dim = self.num_attention_heads * d, self.num_key_value_heads * d
+        if self.model_type == "bloom":  # biases everywhere, LayerNorms (weight + bias), a GELU MLP
+            layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
+            params = self.num_hidden_layers * layer + 4 * h + self.vocab_size * h
+            return 6 * params + 12 * self.num_hidden_layers * q_dim * seq_len
         attn = h * (q_dim + 2 * kv_dim) + q_dim * h
         attn += (q_dim + 2 * kv_dim) * self.qkv_bias + h * self.o_bias + 2 * d * self.qk_norm
         mlp = 3 * h * i + (2 * i + h) * self.mlp_bias
@@ -250,6 +262,8 @@ class ModelArgs:
             raise ModelConfigError(
                 f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
+        if model_type == "bloom":
+            return _parse_bloom(cls, cfg)
         get = _getter(cfg, _DEFAULTS[model_type])
         for key in _REJECTED_KEYS:
             if cfg.get(key):
@@ -343,6 +357,8 @@ class ModelArgs:
 
     def to_hf_config(self, dtype: str | None = None) -> dict[str, Any]:
         """A config.json dict that transformers loads as this model (original keys kept)."""
+        if self.model_type == "bloom":
+            return _bloom_hf_config(self, dtype)
         cfg = dict(self.hf_config)
         cfg.update(
             architectures=[_ARCHITECTURES[self.model_type]],
@@ -593,3 +609,79 @@ def _parse_sliding_window(cfg: dict[str, Any], model_type: str, get, layers: int
             f"layer_types must list {layers} of full_attention/sliding_attention, got {bad or layer_types}"
         )
     return window, tuple(layer_types)
+
+
+_BLOOM_DEFAULTS = {"layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": 1,
+                   "eos_token_id": 2, "pad_token_id": None, "tie_word_embeddings": True, "seq_length": 2048}
+
+
+def _parse_bloom(cls, cfg: dict[str, Any]) -> ModelArgs:
+    """BLOOM / BLOOMZ (transformers' BloomConfig): `n_layer` / `n_head` (or their long names),
+    `hidden_size` (or `n_embed`), an MLP of 4 x hidden, one kv head per head, ALiBi, no RoPE."""
+    get = _getter(cfg, _BLOOM_DEFAULTS)
+    for key in ("hidden_dropout", "attention_dropout"):
+        if get(key, 0.0):
+            raise ModelConfigError(f"{key}={get(key)} is not supported (only 0)")
+    if get("slow_but_exact", False) and get("pretraining_tp", 1) > 1:
+        raise ModelConfigError(
+            f"slow_but_exact with pretraining_tp={get('pretraining_tp')} is not supported (its sliced "
+            "matmuls round differently; set slow_but_exact to false)")
+    for key in _REJECTED_KEYS:
+        if cfg.get(key):
+            raise ModelConfigError(f"config option {key!r} is not supported")
+    aliases = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embed": "hidden_size"}
+    shape = {long: _required(cfg, short if short in cfg else long) for short, long in aliases.items()}
+    hidden, heads = shape["hidden_size"], shape["num_attention_heads"]
+    if hidden % heads:
+        raise ModelConfigError(f"hidden_size={hidden} is not a multiple of n_head={heads}")
+    return cls(
+        model_type="bloom",
+        vocab_size=_required(cfg, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=get("seq_length") or 2048,
+        layer_norm_eps=float(get("layer_norm_epsilon")),
+        tie_word_embeddings=bool(get("tie_word_embeddings")),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        hidden_act="bloom_gelu",
+        alibi=True,
+        residual_post_layernorm=bool(get("apply_residual_connection_post_layernorm", False)),
+        bos_token_id=get("bos_token_id"),
+        eos_token_id=get("eos_token_id"),
+        pad_token_id=get("pad_token_id"),
+        initializer_range=float(get("initializer_range")),
+        dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+        hf_config=dict(cfg),
+    )
+
+
+def _bloom_hf_config(args: ModelArgs, dtype: str | None) -> dict[str, Any]:
+    """BloomConfig's own keys (n_layer, n_head, layer_norm_epsilon, ...); the original's others kept."""
+    aliases = ("n_embed", "num_hidden_layers", "num_attention_heads")
+    cfg = {k: v for k, v in args.hf_config.items() if k not in aliases}
+    cfg.update(
+        architectures=[_ARCHITECTURES["bloom"]],
+        model_type="bloom",
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        n_layer=args.num_hidden_layers,
+        n_head=args.num_attention_heads,
+        layer_norm_epsilon=args.layer_norm_eps,
+        apply_residual_connection_post_layernorm=args.residual_post_layernorm,
+        tie_word_embeddings=args.tie_word_embeddings,
+        bos_token_id=args.bos_token_id,
+        eos_token_id=args.eos_token_id,
+        pad_token_id=args.pad_token_id,
+        initializer_range=args.initializer_range,
+    )
+    dtype = dtype or args.dtype
+    if dtype is not None:
+        cfg["torch_dtype"] = dtype
+        cfg["dtype"] = dtype
+    return cfg

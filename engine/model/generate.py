@@ -52,7 +52,7 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """New token ids after `prompt_ids` (the EOS included when generation stopped on it)."""
-    weight = model.model.embed_tokens.weight
+    weight = model.embed_tokens.weight
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=weight.device).flatten()
     if ids.numel() == 0:
         raise ValueError("generate: the prompt is empty")

@@ -24,8 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from packtune.model.architectures import causal_lm
+from packtune.model.causal_lm import CausalLM
 from packtune.model.config import ModelArgs
-from packtune.model.llama import LlamaForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -63,7 +64,7 @@ def load_pretrained(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> LlamaForCausalLM:
+) -> CausalLM:
     """Load a Hugging Face model directory (config.json + model.safetensors or a sharded index).
 
     `dtype` None keeps the checkpoint's stored dtype; `device` None means CPU.
@@ -73,17 +74,19 @@ def load_pretrained(
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model directory)")
     args = ModelArgs.from_file(path)
     files = _tensor_files(path)
+    stored = _stored_names(args, files)
+    files = {name: files[stored[name]] for name in stored}
     headers = {file: _read_header(file) for file in sorted(set(files.values()))}
+    headers = {file: {name: headers[file][stored[name]] for name in stored
+                      if files[name] == file and stored[name] in headers[file]} for file in headers}
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
+        model = causal_lm(args)
     expected = _expected_shapes(model)
     _check_tensors(path, expected, files, headers)
 
     if dtype is None:
-        dtype = _SAFETENSORS_DTYPES.get(
-            headers[files["model.embed_tokens.weight"]]["model.embed_tokens.weight"][1]
-        )
+        dtype = _SAFETENSORS_DTYPES.get(headers[files[model.embedding_name]][model.embedding_name][1])
         dtype = dtype or torch.float32
     model.to(dtype=dtype)
     model.to_empty(device=device or "cpu")
@@ -96,13 +99,13 @@ def load_pretrained(
         for file, names in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in names:
-                    params[name].copy_(f.get_tensor(name))
+                    params[name].copy_(f.get_tensor(stored[name]))
     model.source_dir = path
     return model
 
 
 def save_pretrained(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     path: str | os.PathLike,
     tokenizer_files: Iterable[str | os.PathLike] = (),
     *,
@@ -127,7 +130,7 @@ def save_pretrained(
                 f"{name}: {type(t).__name__} is not a full tensor; gather the state dict first"
             )
     if dtype is None:
-        dtype = tensors["model.embed_tokens.weight"].dtype
+        dtype = tensors[model.embedding_name].dtype
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_dir(path.parent, f".{path.name}.", ".tmp")
@@ -155,8 +158,19 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
     """The dtype a model directory stores its weights in (that of the embeddings), if known."""
     path = Path(path)
     files = _tensor_files(path)
-    name = "model.embed_tokens.weight"
-    return _SAFETENSORS_DTYPES.get(_read_header(files[name])[name][1]) if name in files else None
+    for name in ("model.embed_tokens.weight", "transformer.word_embeddings.weight", "word_embeddings.weight"):
+        if name in files:
+            return _SAFETENSORS_DTYPES.get(_read_header(files[name])[name][1])
+    return None
+
+
+def _stored_names(args: ModelArgs, files: dict[str, Path]) -> dict[str, str]:
+    """Model tensor name -> the name a checkpoint stores it under. The same name, except in BLOOM
+    checkpoints saved from transformers' BloomModel (bigscience's bloom and bloomz repositories),
+    which leave out the `transformer.` prefix, as transformers' `base_model_prefix` allows."""
+    if args.model_type == "bloom" and not any(name.startswith("transformer.") for name in files):
+        return {(name if name == "lm_head.weight" else f"transformer.{name}"): name for name in files}
+    return {name: name for name in files}
 
 
 def _new_dir(parent: Path, prefix: str, suffix: str) -> Path:
@@ -212,7 +226,7 @@ def _read_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         ) from None
 
 
-def _expected_shapes(model: LlamaForCausalLM) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if model.args.tie_word_embeddings:
         shapes.pop("lm_head.weight")

@@ -20,13 +20,13 @@ cross-entropy that never materialises logits).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from packtune.kernels import PackedLayout, RMSNorm, geglu, rotary, swiglu, varlen_attention
-from packtune.kernels.attention import softcapped_attention
+from packtune.kernels.attention import sdpa_attention
+from packtune.model.causal_lm import CausalLM
 from packtune.model.config import ModelArgs
 from packtune.model.kv_cache import KVCache
 from packtune.model.rope import RopeTables, longrope_rows
@@ -50,12 +50,13 @@ class AttentionInputs:
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
-                           q_offset: int = 0, scale: float | None = None,
-                           softcap: float | None = None) -> torch.Tensor:
+                           q_offset: int = 0, scale: float | None = None, softcap: float | None = None,
+                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention on `[B, Lq, Hq, D]` queries and `[B, Lk, Hk, D]` keys/values (GQA allowed),
     for padded rows and the KV cache. Query i sits at position `q_offset + i`, key j at j. With
     `window`, a query sees the `window` most recent keys, itself included (transformers'
-    `sliding_window`); `scale` and `softcap` as in `varlen_attention`."""
+    `sliding_window`); `scale`, `softcap` and `alibi_slopes` as in `varlen_attention` (the queries
+    being the last `Lq` of the `Lk` positions, as a KV cache holds them)."""
     lq, lk = q.shape[1], k.shape[1]
     mask, is_causal = None, False
     if q_offset == 0 and lq == lk and (window is None or window >= lk):
@@ -67,9 +68,25 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if window is not None:
             mask &= k_pos > q_pos - window
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out = softcapped_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, softcap=softcap,
-                               enable_gqa=q.shape[1] != k.shape[1])
+    out = sdpa_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, softcap=softcap,
+                         alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)
+
+
+def resolve_layout(input_ids: torch.Tensor, layout: PackedLayout | None) -> PackedLayout:
+    """`layout`, checked against `input_ids` `[T]` or `[B, L]`; None means one sample per row."""
+    if input_ids.dim() not in (1, 2):
+        raise ValueError(
+            f"input_ids must be [T] (packed) or [B, L] (padded), got shape {tuple(input_ids.shape)}"
+        )
+    if layout is None:
+        n = input_ids.shape[-1]
+        layout = (PackedLayout.packed([n]) if input_ids.dim() == 1
+                  else PackedLayout.padded([n] * input_ids.shape[0])).to(input_ids.device)
+    if layout.positions.shape != input_ids.shape:
+        raise ValueError(f"layout positions {tuple(layout.positions.shape)} do not match input_ids "
+                         f"{tuple(input_ids.shape)}")
+    return layout
 
 
 class Attention(nn.Module):
@@ -182,38 +199,26 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    embedding_name = "model.embed_tokens.weight"
+
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.args = args
+        super().__init__(args)
         self.model = LlamaModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.tie_weights()
-        self.source_dir: Path | None = None
-        """The directory `load_pretrained` read, whose tokenizer files `save_pretrained` copies."""
+        self.add_head()
         self.rope = RopeTables(args)
         self.local_rope = (RopeTables(replace(args, rope_theta=args.local_rope_theta, rope_scaling=None))
                            if args.local_rope_theta is not None else None)
         """Gemma 3: the sliding-window layers' tables (their own base, no scaling)."""
 
-    def tie_weights(self) -> None:
-        """Share the embedding with lm_head when configured (again after `to_empty`, which unties)."""
-        if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder blocks, the units FSDP and activation checkpointing wrap."""
+        return self.model.layers
 
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """transformers' init for training from scratch: N(0, initializer_range), zero biases, unit norms."""
-        std = self.args.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0 - module.offset)
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def hidden_states(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
@@ -225,18 +230,8 @@ class LlamaForCausalLM(nn.Module):
         """
         if cache is not None:
             return self._decode(input_ids, cache)
-        if input_ids.dim() not in (1, 2):
-            raise ValueError(
-                f"input_ids must be [T] (packed) or [B, L] (padded), got shape {tuple(input_ids.shape)}"
-            )
         full_rows = layout is None
-        if layout is None:
-            n = input_ids.shape[-1]
-            layout = (PackedLayout.packed([n]) if input_ids.dim() == 1
-                      else PackedLayout.padded([n] * input_ids.shape[0])).to(input_ids.device)
-        if layout.positions.shape != input_ids.shape:
-            raise ValueError(f"layout positions {tuple(layout.positions.shape)} do not match input_ids "
-                             f"{tuple(input_ids.shape)}")
+        layout = resolve_layout(input_ids, layout)
         self._check_dynamic_rope(layout)
         cos, sin = self.rope(layout.max_seqlen, input_ids.device)
         rows = self._rope_rows(layout, cos, full_rows)
@@ -273,17 +268,6 @@ class LlamaForCausalLM(nn.Module):
             return {}
         cos, sin = self.local_rope(seq_len, device)
         return {"local_cos": cos, "local_sin": sin}
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """lm_head on final hidden states, capped as c * tanh(logits / c) when configured (Gemma 2)."""
-        logits = self.lm_head(hidden)
-        cap = self.args.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    def forward(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits `[T, V]` or `[B, L, V]`; see `hidden_states` for the inputs."""
-        return self.logits(self.hidden_states(input_ids, layout, cache))
 
     def _check_dynamic_rope(self, layout: PackedLayout) -> None:
         """Dynamic NTK frequencies depend on the context length, so samples packed together must

@@ -18,6 +18,8 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 # Phi-3 (fused qkv_proj / gate_up_proj; GQA tied with partial rotary 0.75 and a window; MHA untied);
 # Phi-3 longrope with a short original context (10) so that samples take either factor set (GQA with
 # partial rotary and the default attention factor; MHA with a window and a given attention factor).
+# BLOOM (ALiBi: 4 heads, a power of two, tied; 6 heads, not one, untied, with
+# apply_residual_connection_post_layernorm).
 CONFIGS = {
     "llama3_gqa": (
         "LlamaConfig",
@@ -136,6 +138,12 @@ CONFIGS = {
                               "short_factor": [1.0, 1.1, 1.2, 1.4, 1.6, 1.9, 2.2, 2.6],
                               "long_factor": [2.0, 3.0, 4.5, 6.0, 8.0, 11.0, 15.0, 20.0]}),
     ),
+    "bloom": ("BloomConfig", dict(pad_token_id=3)),
+    "bloom_6heads": (
+        "BloomConfig",
+        dict(num_attention_heads=6, hidden_size=48, tie_word_embeddings=False,
+             apply_residual_connection_post_layernorm=True),
+    ),
     "llama_dynamic": (
         "LlamaConfig",
         dict(
@@ -155,7 +163,9 @@ def make_hf_model(name: str, seed: int = 0, vocab_size: int | None = None):
 
     cls_name, kwargs = CONFIGS[name]
     tiny = TINY if vocab_size is None else {**TINY, "vocab_size": vocab_size}
-    config = getattr(transformers, cls_name)(**tiny, **kwargs)
+    if cls_name == "BloomConfig":  # BLOOM's MLP is always 4 x hidden
+        tiny = {k: v for k, v in tiny.items() if k != "intermediate_size"}
+    config = getattr(transformers, cls_name)(**{**tiny, **kwargs})
     model = transformers.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -53,11 +53,24 @@ def _eager_attention_at_input_precision(module, query, key, value, attention_mas
     return (weights @ value).transpose(1, 2).contiguous(), weights
 
 
+class _SoftmaxAtInputPrecision:
+    """torch.nn.functional for transformers' BLOOM, whose attention softmax (dtype=float32) then
+    keeps float64 for float64 input."""
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    @staticmethod
+    def softmax(x, dim, dtype=None):
+        return F.softmax(x, dim, dtype=torch.promote_types(x.dtype, dtype or x.dtype))
+
+
 @pytest.fixture(autouse=True)
 def float64_hf_norms(monkeypatch):
-    """packtune's norm (and capped attention softmax) keep float64 for float64 input; make
+    """packtune's norm (and capped or ALiBi attention softmax) keep float64 for float64 input; make
     transformers' do the same, so the float64 comparisons are between two exact computations, not
     exact vs fp32-rounded."""
+    from transformers.models.bloom import modeling_bloom
     from transformers.models.gemma2 import modeling_gemma2
     from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.llama import modeling_llama
@@ -72,6 +85,7 @@ def float64_hf_norms(monkeypatch):
     monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", _eager_attention_at_input_precision)
     for norm in (modeling_gemma2.Gemma2RMSNorm, modeling_gemma3.Gemma3RMSNorm):
         monkeypatch.setattr(norm, "forward", _gemma_rms_norm_at_input_precision)
+    monkeypatch.setattr(modeling_bloom, "F", _SoftmaxAtInputPrecision())
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +158,7 @@ def test_packed_logits_and_grads_match_each_sample_alone(checkpoints, name):
         assert_close_rel(p.grad, hf_grads[n].grad, 1e-10)
 
 
-@pytest.mark.parametrize("name", ["mistral_window", "qwen3_gqa", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("name", ["mistral_window", "qwen3_gqa", "gemma2", "gemma3", "phi3", "bloom_6heads"])
 def test_packed_fp32_grads_within_tolerance(checkpoints, name):
     """fp32: packed gradients within 1e-4 relative of transformers' per-sample gradients."""
     hf = hf_model(checkpoints[name], torch.float32)

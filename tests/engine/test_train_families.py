@@ -27,6 +27,7 @@ FAMILIES = {  # family -> model_fixtures config
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    "bloom": "bloom",
 }
 
 
@@ -39,14 +40,8 @@ def shared(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_trains_two_steps(tmp_path, shared, capsys, family):
-    fixture = FAMILIES[family]
-    assert fixture in MODEL_CONFIGS
-    model_dir = save_hf_model(fixture, tmp_path / "model", vocab_size=600)
-    assert ModelArgs.from_file(model_dir).model_type == family
-    out = tmp_path / "run"
-    overrides = [
+def _overrides(model_dir, shared, tmp_path, out):
+    return [
         f'model.path="{model_dir}"',
         f'data.path="{shared["alpaca"]}"',
         f'data.tokenizer="{shared["tokenizer"]}"',
@@ -58,6 +53,16 @@ def test_family_trains_two_steps(tmp_path, shared, capsys, family):
         "train.log_every=1",
         'train.device="cpu"',
     ]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_trains_two_steps(tmp_path, shared, capsys, family):
+    fixture = FAMILIES[family]
+    assert fixture in MODEL_CONFIGS
+    model_dir = save_hf_model(fixture, tmp_path / "model", vocab_size=600)
+    assert ModelArgs.from_file(model_dir).model_type == family
+    out = tmp_path / "run"
+    overrides = _overrides(model_dir, shared, tmp_path, out)
     assert main(["train", str(DEMO), *[a for o in overrides for a in ("--set", o)]]) == 0
     assert "step 2/2" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -71,3 +76,13 @@ def test_family_trains_two_steps(tmp_path, shared, capsys, family):
     original = load_pretrained(model_dir)
     assert final.args.layer_types == original.args.layer_types
     assert final.args.sliding_window == original.args.sliding_window
+
+
+def test_lora_on_bloom_is_refused_by_name(tmp_path, shared, capsys):
+    """BLOOM's projections are not the Llama names LoRA targets: a clear error, no traceback."""
+    model_dir = save_hf_model("bloom", tmp_path / "model", vocab_size=600)
+    overrides = [*_overrides(model_dir, shared, tmp_path, tmp_path / "run"), "lora.rank=4"]
+    assert main(["train", str(DEMO), *[a for o in overrides for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err
+    assert "[lora] is not supported for bloom models" in err and "query_key_value" in err
+    assert "Traceback" not in err

@@ -51,6 +51,10 @@ class ToyLM(nn.Module):
         self.model.norm = nn.LayerNorm(hidden)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
 
+    @property
+    def decoder_layers(self) -> nn.ModuleList:  # the blocks the Trainer shards, as packtune's models
+        return self.model.layers
+
     def hidden_states(self, input_ids, layout):
         x = self.model.embed_tokens(input_ids) + self.model.embed_positions(layout.positions)
         for block in self.model.layers:

@@ -1,5 +1,5 @@
 """Each CUDA attention path against the per-sample reference, forward and backward: GQA, causal,
-non-causal and sliding windows, rows past cu_seqlens[-1] zero. Skipped without CUDA.
+non-causal and sliding windows, ALiBi, rows past cu_seqlens[-1] zero. Skipped without CUDA.
 
 "native" is the path `attention_path` picks on this machine (flash-attn, else torch's varlen_attn
 in whichever signature this torch has, else the buckets); "buckets" forces the SDPA-over-length-
@@ -39,9 +39,21 @@ def _fwd_bwd(fn, q, k, v, dout):
 def test_path_matches_per_sample_reference(monkeypatch, path, causal, window, hq, hk):
     if path == "buckets":
         monkeypatch.setattr(attention, "attention_path", lambda *args, **kwargs: "buckets")
-    q, k, v, cu = _packed(hq, hk)
+    _check_against_reference(*_packed(hq, hk), dict(causal=causal, window=window))
+
+
+@pytest.mark.parametrize("path", ["native", "buckets"])
+@pytest.mark.parametrize("heads", [8, 12])
+def test_alibi_matches_per_sample_reference(monkeypatch, path, heads):
+    """BLOOM's ALiBi: flash-attn's alibi_slopes (native, when installed) or SDPA's float mask."""
+    if path == "buckets":
+        monkeypatch.setattr(attention, "attention_path", lambda *args, **kwargs: "buckets")
+    slopes = attention.alibi_head_slopes(heads, "cuda")
+    _check_against_reference(*_packed(heads, heads), dict(alibi_slopes=slopes))
+
+
+def _check_against_reference(q, k, v, cu, kw):
     dout = torch.randn_like(q, dtype=torch.float64)
-    kw = dict(causal=causal, window=window)
     got = _fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, max(LENGTHS), **kw), q, k, v, dout)
     reference = lambda a, b, c: varlen_attention_ref(a, b, c, cu, **kw)
     exact = _fwd_bwd(reference, q.double(), k.double(), v.double(), dout)
