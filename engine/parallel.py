@@ -60,7 +60,8 @@ class Dist:
         longest = max(int(n) for n in sizes)
         parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
         dist.all_gather(parts, torch.cat([data, data.new_zeros(longest - data.numel())]))
-        return [json.loads(bytes(part[: int(n)].tolist()).decode()) for part, n in zip(parts, sizes, strict=True)]
+        return [json.loads(bytes(part[: int(n)].tolist()).decode())
+                for part, n in zip(parts, sizes, strict=True)]
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -112,7 +112,7 @@ def add_data_commands(data: argparse._SubParsersAction) -> None:
     s.add_argument("--base-url", help="an OpenAI-compatible server (http://host:port or .../v1)")
     s.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key")
     s.add_argument("--batch-size", type=int, default=4,
-                   help="proposal prompts per round; a local model also decodes up to this many prompts together")
+                   help="proposal prompts per round; a local model decodes up to this many together")
     s.add_argument("--concurrency", type=int, default=4, help="HTTP requests in flight at once")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
     s.add_argument("--retries", type=int, default=4, help="retries of a failed request (doubling backoff)")

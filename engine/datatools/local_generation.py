@@ -29,8 +29,8 @@ def generate_answers(model: torch.nn.Module, prompts: PromptEncoder,
     generator = torch.Generator(device=device).manual_seed(seed)
     stop = prompts.stop_ids
     try:
-        answers = generate_batch(model, prompts.encode(conversations), max_new_tokens, stop, temperature, top_p,
-                                 generator, batch_size)
+        answers = generate_batch(model, prompts.encode(conversations), max_new_tokens, stop, temperature,
+                                 top_p, generator, batch_size)
         return [prompts.decode(ids) for ids in answers]
     finally:
         model.train(was_training)

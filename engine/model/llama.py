@@ -246,12 +246,13 @@ class LlamaForCausalLM(nn.Module):
         """Packed prompts into an empty cache (`layout`), or one token per cache row (None)."""
         tokens = cache.batch if layout is None else layout.num_tokens
         if input_ids.dim() != 1 or input_ids.shape[0] != tokens:
-            raise ValueError(f"a KV cache step takes input_ids [{tokens}], got shape {tuple(input_ids.shape)}")
+            raise ValueError(f"a KV cache step takes input_ids [{tokens}], got {tuple(input_ids.shape)}")
         if layout is not None:
             self._check_dynamic_rope(layout)
         positions, end = cache.begin(layout)
         cos, sin = self.rope(end, input_ids.device)
-        inputs = AttentionInputs(positions, cos, sin, cache=cache, **self._local_tables(end, input_ids.device))
+        local = self._local_tables(end, input_ids.device)
+        inputs = AttentionInputs(positions, cos, sin, cache=cache, **local)
         x = self._embed(input_ids)
         for layer in self.model.layers:
             x = layer(x, inputs)

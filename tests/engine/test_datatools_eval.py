@@ -131,7 +131,8 @@ def test_two_ranks_share_the_eval_rows_and_log_what_one_process_scores(setup, tm
     cfg.train.eval_data = str(held)
     os.environ["OMP_NUM_THREADS"] = "1"
     mp.spawn(_train_worker, args=(2, free_port(), cfg), nprocs=2)
-    records = [json.loads(line) for line in (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    metrics = Path(cfg.train.output_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     [logged] = [r for r in records if "eval_exact_match" in r]
     evaluation = TrainingEval(held, tokenizer, str(template))
     alone = evaluation(load_pretrained(Path(cfg.train.output_dir) / "final"))
