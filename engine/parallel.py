@@ -12,7 +12,10 @@ per block -> `fully_shard` per block -> `fully_shard` on the root.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +49,19 @@ class DistContext:
     def barrier(self) -> None:
         if self.mesh is not None:
             dist.barrier()
+
+    def all_gather_texts(self, texts: list[str]) -> list[list[str]]:
+        """Every rank's `texts`, by rank. They travel as UTF-8 JSON in CPU tensors (gloo): no pickle."""
+        if self.mesh is None:
+            return [texts]
+        data = torch.frombuffer(bytearray(json.dumps(texts).encode()), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([data.numel()]))
+        longest = max(int(n) for n in sizes)
+        parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        dist.all_gather(parts, torch.cat([data, data.new_zeros(longest - data.numel())]))
+        return [json.loads(bytes(part[: int(n)].tolist()).decode())
+                for part, n in zip(parts, sizes, strict=True)]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -140,3 +156,24 @@ def parallelize(
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return root
+
+
+@contextmanager
+def gathered_parameters(root: nn.Module) -> Iterator[None]:
+    """Every FSDP unit of `root` unsharded, and kept so through any number of forwards, until the
+    block ends; then resharded. Inside, each rank may run forwards of its own (generation, a
+    different number of steps per rank) with no collective in between; the price is every
+    parameter gathered on every rank meanwhile. Without FSDP (a single CPU process) a no-op."""
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    blocks = [m for m in units if m is not root]  # fully_shard's default for them: reshard after forward
+    for unit in blocks:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:  # the same order on every rank: the all-gathers pair up
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for unit in blocks:
+            unit.set_reshard_after_forward(True, recurse=False)

@@ -29,7 +29,7 @@ from packtune.config import TrainConfig
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
-from packtune.parallel import DistContext, parallelize
+from packtune.parallel import DistContext, gathered_parameters, parallelize
 
 if TYPE_CHECKING:
     from packtune.data.packing import PackedBatch, PaddedBatch
@@ -94,7 +94,7 @@ class Trainer:
         dist_ctx: DistContext,
         *,
         eval_sampler: Any = None,
-        generation_eval: Callable[[nn.Module], dict[str, Any]] | None = None,
+        generation_eval: Callable[[nn.Module, DistContext], dict[str, Any]] | None = None,
         flops_per_token: Callable[[float], float] | None = None,
         load_weights: Callable[[nn.Module], None] | None = None,
         log_stream: Any = None,
@@ -103,9 +103,6 @@ class Trainer:
     ) -> None:
         self.cfg, self.dist_ctx, self.sampler, self.eval_sampler = cfg, dist_ctx, sampler, eval_sampler
         self.generation_eval = generation_eval
-        if generation_eval is not None and dist_ctx.world_size > 1:
-            raise TrainingError("train.eval_data generates on one process; run it with `packtune eval` "
-                                "on the exported model instead")
         self.flops_per_token = flops_per_token
         self.output_dir = Path(cfg.output_dir)
         if dist_ctx.is_main:
@@ -222,7 +219,9 @@ class Trainer:
                     self.evaluate()
                 every = self.cfg.eval_generate_every or self.total_steps
                 if self.generation_eval and (self.step % every == 0 or self.step == self.total_steps):
-                    self.metrics.log_generation_eval(self.step, self.generation_eval(self.model))
+                    with gathered_parameters(self.module):  # ranks generate their records independently
+                        scores = self.generation_eval(self.model, self.dist_ctx)
+                    self.metrics.log_generation_eval(self.step, scores)
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or stop_now:
                     self._flush()
                     self.save()

@@ -39,7 +39,8 @@ def _generator(args: argparse.Namespace):
     from packtune.datatools.local_generation import LocalGenerator
 
     return LocalGenerator(args.model, template=args.template, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device)
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device,
+                          batch_size=args.batch_size)
 
 
 def _self_instruct(args: argparse.Namespace) -> int:
@@ -48,8 +49,9 @@ def _self_instruct(args: argparse.Namespace) -> int:
     from packtune.datatools.self_instruct import SelfInstruct, SelfInstructOptions, format_report
     from packtune.model.hf_io import CheckpointError
 
-    if args.num < 1:
-        print("packtune data self-instruct: --num must be >= 1", file=sys.stderr)
+    if args.num < 1 or args.batch_size < 1:
+        print(f"packtune data self-instruct: {'--num' if args.num < 1 else '--batch-size'} must be >= 1",
+              file=sys.stderr)
         return 2
     options = SelfInstructOptions(num=args.num, max_requests=args.max_requests or 10 * args.num + 50,
                                   batch_size=args.batch_size, seed=args.seed)
@@ -72,13 +74,19 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from packtune.datatools.evaluate import run_eval
+    from packtune.model.generate import DEFAULT_BATCH_SIZE
     from packtune.model.hf_io import CheckpointError
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        print("packtune eval: --batch-size must be >= 1", file=sys.stderr)
+        return 2
     try:
         report = run_eval(args.model, args.data, template=args.template, limit=args.limit,
                           max_new_tokens=args.max_new_tokens, json_out=args.json,
-                          normalization=args.normalize, device=args.device, dtype=dtype)
+                          normalization=args.normalize, device=args.device, dtype=dtype,
+                          batch_size=batch_size)
     except (DataError, CheckpointError, FileNotFoundError) as e:
         print(f"packtune eval: {e}", file=sys.stderr)
         return 2
@@ -103,7 +111,8 @@ def add_data_commands(data: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, help="a model directory, or with --base-url the served model")
     s.add_argument("--base-url", help="an OpenAI-compatible server (http://host:port or .../v1)")
     s.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the API key")
-    s.add_argument("--batch-size", type=int, default=4, help="proposal prompts per round")
+    s.add_argument("--batch-size", type=int, default=4,
+                   help="proposal prompts per round; a local model decodes up to this many together")
     s.add_argument("--concurrency", type=int, default=4, help="HTTP requests in flight at once")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
     s.add_argument("--retries", type=int, default=4, help="retries of a failed request (doubling backoff)")
@@ -127,6 +136,8 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
                    help="auto (the model's chat template), or as [data] template: the training template")
     e.add_argument("--limit", type=int, default=0, help="score the first N records (0: all)")
     e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="prompts decoded together (default 32; greedy answers do not depend on it)")
     e.add_argument("--normalize", default="squad", choices=sorted(NORMALIZERS),
                    help="squad: lowercase, no punctuation or articles; text: spaces and a final period only")
     e.add_argument("--json", help="write the metrics and every prediction to this JSON file")

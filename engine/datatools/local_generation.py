@@ -1,8 +1,9 @@
 """Answers from a packtune model for many prompts: each asked in the training template through
-`PromptEncoder` and decoded with the KV-cache `generate` (greedy unless a temperature is given).
+`PromptEncoder` and decoded by the batched KV-cache `generate_batch` (greedy unless a temperature is
+given), `batch_size` prompts at a time, sorted by length; answers come back in input order.
 
-The KV cache decodes one sequence, so prompts run one after another; the seeded generator is
-shared, so a sampled batch is reproducible as a whole.
+Greedy answers do not depend on `batch_size`; sampled ones come from one seeded generator, so a
+call is reproducible for the same prompts, seed and `batch_size`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import torch
 
 from packtune.data.formats import Message
 from packtune.data.prompt import PromptEncoder
-from packtune.model.generate import generate
+from packtune.model.generate import DEFAULT_BATCH_SIZE, generate_batch
 
 
 def generate_answers(model: torch.nn.Module, prompts: PromptEncoder,
                      conversations: Sequence[Sequence[Message]], max_new_tokens: int, *,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
     """The model's answer to each conversation (ending with a user turn)."""
     was_training = model.training
     model.eval()
@@ -27,8 +29,9 @@ def generate_answers(model: torch.nn.Module, prompts: PromptEncoder,
     generator = torch.Generator(device=device).manual_seed(seed)
     stop = prompts.stop_ids
     try:
-        return [prompts.decode(generate(model, ids, max_new_tokens, stop, temperature, top_p, generator))
-                for ids in prompts.encode(conversations)]
+        answers = generate_batch(model, prompts.encode(conversations), max_new_tokens, stop, temperature,
+                                 top_p, generator, batch_size)
+        return [prompts.decode(ids) for ids in answers]
     finally:
         model.train(was_training)
 
@@ -39,17 +42,17 @@ class LocalGenerator:
 
     def __init__(self, model_dir: str | Path, *, template: str = "auto", max_new_tokens: int = 256,
                  temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
-                 device: str | None = None) -> None:
+                 device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         from packtune.model.hf_io import load_pretrained
 
         self.model = load_pretrained(model_dir, device=device)
         self.prompts = PromptEncoder(model_dir, template)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.seed = seed
+        self.seed, self.batch_size = seed, batch_size
         self.calls = 0
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
         self.calls += 1
         return generate_answers(self.model, self.prompts, [[Message("user", p)] for p in prompts],
                                 self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                seed=self.seed + self.calls)
+                                seed=self.seed + self.calls, batch_size=self.batch_size)

@@ -1,7 +1,8 @@
 """`packtune data self-instruct`: new instruction data from a few seed tasks, the Self-Instruct /
 Alpaca way.
 
-Each round prompts the generator (a batch of requests) with seed and already generated
+Each round prompts the generator (a batch of requests: one batched decode for a local model,
+concurrent HTTP requests for a server) with seed and already generated
 instructions to propose new ones; a proposal is dropped by a heuristic (length, words a text model
 cannot act on, a non-text start) or when its ROUGE-L against any instruction kept so far (seeds
 included; ones accepted earlier in the round too) reaches 0.7. Each survivor is classified

@@ -52,11 +52,9 @@ class BloomAttention(nn.Module):
         tokens = x.shape[:-1]
         # [.., heads, 3, head_dim]: q, k, v interleaved per head (views, no copy)
         q, k, v = self.query_key_value(x).view(*tokens, self.num_heads, 3, self.head_dim).unbind(-2)
-        if inputs.cache is not None:  # decoding: this step's queries over every cached key
-            offset = inputs.cache.length
-            k, v = inputs.cache.update(self.layer, k, v)
-            out = dense_causal_attention(q[None], k[None], v[None], q_offset=offset,
-                                         alibi_slopes=inputs.slopes)[0]
+        if inputs.cache is not None:  # generation: the cache stores k/v and attends (model/kv_cache.py)
+            out = inputs.cache.attend(self.layer, q, k, v, window=None, scale=None, softcap=None,
+                                      alibi_slopes=inputs.slopes)
         elif inputs.cu_seqlens is not None:  # a packed row
             out = varlen_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, alibi_slopes=inputs.slopes)
         else:  # padded rows
@@ -122,11 +120,10 @@ class BloomForCausalLM(CausalLM):
     def hidden_states(self, input_ids: torch.Tensor, layout: PackedLayout | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states: `[T, H]` for a packed row `[T]`, `[B, L, H]` for `[B, L]`;
-        `cache` decodes one sequence `[T]` after the positions already cached (no layout)."""
+        With a `cache`, a generation step as `LlamaForCausalLM.hidden_states` describes it."""
         slopes = alibi_head_slopes(self.args.num_attention_heads, input_ids.device)
         if cache is not None:
-            if input_ids.dim() != 1:
-                raise ValueError("a KV cache decodes one sequence: pass input_ids [T]")
+            cache.begin(input_ids, layout)
             inputs = BloomInputs(slopes, cache=cache)
         else:
             layout = resolve_layout(input_ids, layout)
@@ -135,5 +132,5 @@ class BloomForCausalLM(CausalLM):
         for layer in self.transformer.h:
             x = layer(x, inputs)
         if cache is not None:
-            cache.advance(input_ids.shape[0])
+            cache.advance()
         return self.transformer.ln_f(x)

@@ -1,8 +1,15 @@
-"""Text generation with a KV cache: greedy, or temperature + top-p (nucleus) sampling; stops at EOS.
+"""Text generation with a KV cache for a batch of prompts: greedy, or temperature + top-p (nucleus)
+sampling; each sequence stops at its own EOS / stop ids.
 
 Decoding follows transformers' `generate`: next-token logits in fp32, argmax for greedy (first
 index on ties), temperature before top-p, the nucleus being the most likely tokens whose mass
 before them is below `top_p` (the most likely token always stays).
+
+Prompts are sorted by length (longest first) and decoded `batch_size` at a time: one packed
+prefill of the batch's prompts, then one token per unfinished sequence per step (see
+`packtune.model.kv_cache`); a finished sequence leaves the batch. Answers come back in input order.
+Greedy answers do not depend on the batching; sampled ones are reproducible for the same seed,
+prompts and `batch_size` (the draws of one step come from one generator).
 """
 
 from __future__ import annotations
@@ -11,10 +18,15 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from packtune.kernels import PackedLayout
 from packtune.model.kv_cache import KVCache
-from packtune.model.llama import LlamaForCausalLM
+from packtune.model.causal_lm import CausalLM
+
+DEFAULT_BATCH_SIZE = 32
+"""Prompts decoded together by default."""
 
 
 def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -25,25 +37,89 @@ def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
-def next_token(
+def next_tokens(
     logits: torch.Tensor,
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> int:
-    """Pick one token from a `[V]` logits row."""
+) -> torch.Tensor:
+    """One token per row of `[B, V]` logits: `[B]` ids."""
     logits = logits.float()
     if temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         probs = probs.masked_fill(~top_p_mask(probs, top_p), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 @torch.no_grad()
+def generate_batch(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    max_new_tokens: int,
+    eos_id: int | Sequence[int] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[list[int]]:
+    """New token ids after each prompt (the EOS included where generation stopped on it)."""
+    if batch_size < 1:
+        raise ValueError(f"generate: batch_size must be >= 1, got {batch_size}")
+    device = model.embed_tokens.weight.device
+    ids = [torch.as_tensor(p, dtype=torch.long).flatten().to(device) for p in prompts]
+    for i, p in enumerate(ids):
+        if p.numel() == 0:
+            raise ValueError(f"generate: prompt {i} is empty")
+    stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    if max_new_tokens <= 0:
+        return [[] for _ in ids]
+    limit = model.args.max_position_embeddings
+    dynamic = model.args.rope_scaling is not None and model.args.rope_scaling.rope_type == "dynamic"
+    if dynamic and max((p.numel() for p in ids), default=0) + max_new_tokens > limit:
+        batch_size = 1  # dynamic NTK frequencies follow the longest sequence: no sharing past the limit
+    order = sorted(range(len(ids)), key=lambda i: -ids[i].numel())
+    answers: list[list[int]] = [[] for _ in ids]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        for i, answer in zip(batch, _decode(model, [ids[i] for i in batch], max_new_tokens, stop, temperature,
+                                            top_p, generator), strict=True):
+            answers[i] = answer
+    return answers
+
+
+def _decode(model: CausalLM, prompts: list[torch.Tensor], max_new_tokens: int, stop: set[int],
+            temperature: float, top_p: float, generator: torch.Generator | None) -> list[list[int]]:
+    """One batch: packed prefill, then a token per unfinished sequence until each stops."""
+    weight = model.embed_tokens.weight
+    lengths = [p.numel() for p in prompts]
+    cache = KVCache(model.args, len(prompts), max(lengths) + max_new_tokens, device=weight.device,
+                    dtype=weight.dtype)
+    layout = PackedLayout.packed(lengths).to(weight.device)
+    hidden = model.hidden_states(torch.cat(prompts), layout, cache=cache)
+    last = hidden[torch.from_numpy(np.cumsum(lengths) - 1).to(weight.device)]  # each prompt's last position
+    answers: list[list[int]] = [[] for _ in prompts]
+    sequence = list(range(len(prompts)))  # the prompt of each cache row
+    while True:
+        tokens = next_tokens(model.logits(last), temperature, top_p, generator)
+        live = []
+        for row, token in enumerate(tokens.tolist()):
+            answer = answers[sequence[row]]
+            answer.append(token)
+            if token not in stop and len(answer) < max_new_tokens:
+                live.append(row)
+        if not live:
+            return answers
+        if len(live) < len(sequence):
+            moved = cache.keep(live)
+            sequence = [sequence[row] for row in moved]
+            tokens = tokens[torch.tensor(moved, device=tokens.device)]
+        last = model.hidden_states(tokens, cache=cache)
+
+
 def generate(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     prompt_ids: Sequence[int] | torch.Tensor,
     max_new_tokens: int,
     eos_id: int | Sequence[int] | None = None,
@@ -51,22 +127,8 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """New token ids after `prompt_ids` (the EOS included when generation stopped on it)."""
-    weight = model.embed_tokens.weight
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=weight.device).flatten()
-    if ids.numel() == 0:
-        raise ValueError("generate: the prompt is empty")
-    stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    cache = KVCache(model.args, ids.numel() + max_new_tokens, device=weight.device, dtype=weight.dtype)
-    out: list[int] = []
-    while len(out) < max_new_tokens:
-        last = model.hidden_states(ids, cache=cache)[-1]  # logits of the last position only
-        token = next_token(model.logits(last), temperature, top_p, generator)
-        out.append(token)
-        if token in stop:
-            break
-        ids = torch.tensor([token], device=weight.device)
-    return out
+    """New token ids after `prompt_ids`: `generate_batch` of one prompt."""
+    return generate_batch(model, [prompt_ids], max_new_tokens, eos_id, temperature, top_p, generator)[0]
 
 
 def _tokenizer(model_dir: Path) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
@@ -89,7 +151,7 @@ def _tokenizer(model_dir: Path) -> tuple[Callable[[str], list[int]], Callable[[l
     raise FileNotFoundError(f"{model_dir}: no tokenizer.model or tokenizer.json to encode the prompt with")
 
 
-def _eos_ids(model_dir: Path, model: LlamaForCausalLM) -> list[int]:
+def _eos_ids(model_dir: Path, model: CausalLM) -> list[int]:
     """eos ids from generation_config.json (chat models list end-of-turn there), else config.json."""
     eos = model.args.eos_token_id
     gen_config = model_dir / "generation_config.json"

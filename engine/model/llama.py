@@ -12,9 +12,10 @@ Module and parameter names are transformers' own (`model.layers.0.self_attn.q_pr
 so a Hugging Face checkpoint loads with no name map and exports back unchanged. The model reads
 a batch through its `PackedLayout` (packtune.kernels.packed_layout): a packed row `[T]` holding
 several samples (each with its own positions and causal attention, via varlen attention), or
-padded `[B, L]` rows. Decoding with a KV cache is the other path: one sequence, its positions
-continuing from the cache. It returns logits or the final hidden states (for a fused linear
-cross-entropy that never materialises logits).
+padded `[B, L]` rows. Generation with a KV cache (engine/model/kv_cache.py) is the other path:
+packed prompts fill the cache, then each sequence adds one token per step at its own position.
+It returns logits or the final hidden states (for a fused linear cross-entropy that never
+materialises logits).
 """
 
 from __future__ import annotations
@@ -50,23 +51,19 @@ class AttentionInputs:
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
-                           q_offset: int = 0, scale: float | None = None, softcap: float | None = None,
+                           scale: float | None = None, softcap: float | None = None,
                            alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention on `[B, Lq, Hq, D]` queries and `[B, Lk, Hk, D]` keys/values (GQA allowed),
-    for padded rows and the KV cache. Query i sits at position `q_offset + i`, key j at j. With
-    `window`, a query sees the `window` most recent keys, itself included (transformers'
-    `sliding_window`); `scale`, `softcap` and `alibi_slopes` as in `varlen_attention` (the queries
-    being the last `Lq` of the `Lk` positions, as a KV cache holds them)."""
-    lq, lk = q.shape[1], k.shape[1]
+    """Causal attention on `[B, L, Hq, D]` queries and `[B, L, Hk, D]` keys/values (GQA allowed),
+    for padded rows. With `window`, a query sees the `window` most recent keys, itself included
+    (transformers' `sliding_window`); `scale`, `softcap` and `alibi_slopes` as in `varlen_attention`."""
+    length = q.shape[1]
     mask, is_causal = None, False
-    if q_offset == 0 and lq == lk and (window is None or window >= lk):
-        is_causal = lq > 1
+    if window is None or window >= length:
+        is_causal = length > 1
     else:
-        q_pos = torch.arange(q_offset, q_offset + lq, device=q.device)[:, None]
-        k_pos = torch.arange(lk, device=q.device)[None, :]
-        mask = k_pos <= q_pos
-        if window is not None:
-            mask &= k_pos > q_pos - window
+        q_pos = torch.arange(length, device=q.device)[:, None]
+        k_pos = torch.arange(length, device=q.device)[None, :]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = sdpa_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, softcap=softcap,
                          alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1])
@@ -132,10 +129,8 @@ class Attention(nn.Module):
             q_rot, k_rot = rotary(q[..., :r], k[..., :r], cos, sin, position_ids=inputs.positions)
             q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
         options = dict(window=self.window, scale=self.scale, softcap=self.softcap)
-        if inputs.cache is not None:  # decoding: this forward's queries over every cached key
-            offset = inputs.cache.length
-            k, v = inputs.cache.update(self.layer, k, v)
-            out = dense_causal_attention(q[None], k[None], v[None], q_offset=offset, **options)[0]
+        if inputs.cache is not None:  # generation: the cache stores k/v and attends (model/kv_cache.py)
+            out = inputs.cache.attend(self.layer, q, k, v, **options)
         elif inputs.cu_seqlens is not None:  # a packed row
             out = varlen_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, **options)
         else:  # padded rows
@@ -225,11 +220,12 @@ class LlamaForCausalLM(CausalLM):
         """Final-normed hidden states: `[T, H]` for a packed row `[T]`, `[B, L, H]` for `[B, L]`.
 
         `layout` describes the batch (from `PackedLayout.packed` / `.padded`, on the model's
-        device); None means one sample per row. `cache` decodes one sequence instead: `input_ids`
-        `[T]` continue the positions already cached (no layout).
+        device); None means one sample per row. With a `cache` this is a generation step instead:
+        the prompts packed in `layout` fill the empty cache, or (no layout) `input_ids` `[B]` add
+        one token to each of the cache's B sequences.
         """
         if cache is not None:
-            return self._decode(input_ids, cache)
+            return self._generation_step(input_ids, layout, cache)
         full_rows = layout is None
         layout = resolve_layout(input_ids, layout)
         self._check_dynamic_rope(layout)
@@ -242,19 +238,21 @@ class LlamaForCausalLM(CausalLM):
             x = layer(x, inputs)
         return self.model.norm(x)
 
-    def _decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One decoding forward of a single sequence: positions cache.length .. cache.length + T - 1."""
-        if input_ids.dim() != 1:
-            raise ValueError("a KV cache decodes one sequence: pass input_ids [T]")
-        start, end = cache.length, cache.length + input_ids.shape[0]
+    def _generation_step(self, input_ids: torch.Tensor, layout: PackedLayout | None,
+                         cache: KVCache) -> torch.Tensor:
+        """Packed prompts into an empty cache (`layout`), or one token per cache row (None)."""
+        if layout is not None:
+            self._check_dynamic_rope(layout)
+        positions, end = cache.begin(input_ids, layout)
         cos, sin = self.rope(end, input_ids.device)
-        positions = self._decode_rope_rows(start, end, cos, input_ids.device)
+        rows = (self._rope_rows(layout, cos, full_rows=False) if layout is not None
+                else self._decode_rope_rows(positions, cache.lengths, cos))
         local = self._local_tables(end, input_ids.device)
-        inputs = AttentionInputs(positions, cos, sin, cache=cache, **local)
+        inputs = AttentionInputs(rows, cos, sin, cache=cache, **local)
         x = self._embed(input_ids)
         for layer in self.model.layers:
             x = layer(x, inputs)
-        cache.advance(input_ids.shape[0])
+        cache.advance()
         return self.model.norm(x)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -308,17 +306,16 @@ class LlamaForCausalLM(CausalLM):
             )
         return layout.positions + (cos.shape[0] // 2) * (layout.max_seqlen > original)
 
-    def _decode_rope_rows(self, start: int, end: int, cos: torch.Tensor,
-                          device: torch.device) -> torch.Tensor:
-        """Decoding positions start .. end - 1 (their longrope half chosen by the length `end`)."""
-        positions = torch.arange(start, end, device=device)
+    def _decode_rope_rows(self, positions: torch.Tensor, lengths: list[int], cos: torch.Tensor) -> torch.Tensor:
+        """A decoding step's rows: each sequence's next position (its longrope half chosen by the
+        sequence's length after the step); `lengths` are the cached lengths, host ints."""
         original = self._longrope()
         if original is None:
             return positions
-        if 0 < start <= original < end:
+        if original in lengths:
             raise ValueError(
                 f"longrope: generation crossing original_max_position_embeddings={original} (a cache of "
-                f"{start} tokens growing to {end}) is not supported: transformers recomputes every cached "
-                "key with the long factors there; keep prompt + new tokens within it, or give a longer prompt"
+                f"{original} tokens growing to {original + 1}) is not supported: transformers recomputes every "
+                "cached key with the long factors there; keep prompt + new tokens within it, or give a longer prompt"
             )
-        return positions + (cos.shape[0] // 2) * (end > original)
+        return positions + (cos.shape[0] // 2) * (positions >= original)

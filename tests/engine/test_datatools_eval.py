@@ -1,8 +1,10 @@
 """`packtune eval` on a tiny model: batched greedy answers in the training template, metrics equal
 to the reference implementations on its own predictions, per task, options; and `[train] eval_data`
-logging the same metrics to metrics.jsonl during training."""
+logging the same metrics to metrics.jsonl during training, its rows shared by 2 gloo ranks."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,22 +82,62 @@ def test_eval_reads_messages_rows_and_reports_bad_input(setup, tmp_path, capsys)
     assert main(["eval", "--model", str(tmp_path / "none"), "--data", str(rows)]) == 2
 
 
+def eval_data_config(setup, tmp_path, rows: int, steps: int):
+    """The demo recipe's config for `steps` steps with `[train] eval_data`: the first `rows` rows."""
+    tmp, data, all_rows, template, tokenizer, model_dir, recipe = setup
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in all_rows[:rows]))
+    cfg = recipe.train_config(tmp_path, model_dir, data, tokenizer, template, 0)
+    cfg.train.max_steps = steps
+    cfg.train.eval_data = str(held)
+    return cfg
+
+
+def metrics_records(cfg) -> list[dict]:
+    lines = (Path(cfg.train.output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
 def test_training_logs_generation_metrics_beside_the_eval_loss(setup, tmp_path):
     from packtune.launch import run_training
 
-    tmp, data, rows, template, tokenizer, model_dir, recipe = setup
-    held = tmp_path / "held.jsonl"
-    held.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    cfg = recipe.train_config(tmp_path, model_dir, data, tokenizer, template, 0)
-    cfg.train.max_steps = 4
-    cfg.train.eval_data = str(held)
+    cfg = eval_data_config(setup, tmp_path, rows=4, steps=4)
     cfg.train.eval_generate_every = 2
     cfg.train.eval_every = 2
     cfg.train.eval_fraction = 0.1
     run_training(cfg)
-    metrics = Path(cfg.train.output_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = metrics_records(cfg)
     generated = [r for r in records if "eval_exact_match" in r]
     assert [r["step"] for r in generated] == [2, 4]
     assert all(r["eval_rows"] == 4 and 0 <= r["eval_rouge_l"] <= 1 for r in generated)
     assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+
+
+def _train_worker(rank: int, world: int, port: int, cfg) -> None:
+    from packtune.launch import run_training
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run_training(cfg)
+    sys.stdout.flush()
+    os._exit(0)  # as test_train_dist's workers: no interpreter teardown under gloo
+
+
+def test_two_ranks_share_the_eval_rows_and_log_what_one_process_scores(setup, tmp_path):
+    """FSDP over 2 gloo ranks: rank r answers rows r, r + 2, ... (5 rows: 3 and 2) with the gathered
+    parameters; the metrics rank 0 logs == one process scoring the exported model on all rows."""
+    import torch.multiprocessing as mp
+    from test_train_dist import free_port
+
+    from packtune.datatools.evaluate import TrainingEval
+    from packtune.model.hf_io import load_pretrained
+
+    cfg = eval_data_config(setup, tmp_path, rows=5, steps=2)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(_train_worker, args=(2, free_port(), cfg), nprocs=2)
+    [logged] = [r for r in metrics_records(cfg) if "eval_exact_match" in r]
+    evaluation = TrainingEval(cfg.train.eval_data, cfg.data.tokenizer, cfg.data.template)
+    alone = evaluation(load_pretrained(Path(cfg.train.output_dir) / "final"))
+    assert logged == {"step": 2, **{f"eval_{k}": v for k, v in alone.items() if k != "per_task"}}
+    assert logged["eval_rows"] == 5

@@ -1,4 +1,5 @@
-"""Generation: the KV cache against full recomputation, sampling against transformers' warpers, the CLI."""
+"""Generation: sampling against transformers' warpers, limits and stop ids, the CLI (batched decoding and
+the KV cache: test_model_generate_batch.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import torch
 from model_fixtures import save_hf_model
 
 from packtune.cli import main
-from packtune.model.generate import generate, next_token, top_p_mask
+from packtune.model.generate import generate, next_tokens, top_p_mask
 from packtune.model.hf_io import load_pretrained
-from packtune.model.kv_cache import KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,19 +19,6 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def mistral_dir(tmp_path_factory):
     return save_hf_model("mistral_window", tmp_path_factory.mktemp("hf") / "mistral")
-
-
-def test_kv_cache_steps_equal_full_forward(mistral_dir):
-    """Prefill, single tokens and a multi-token chunk through the cache (sliding window 6) == one pass."""
-    model = load_pretrained(mistral_dir, dtype=torch.float64)
-    ids = torch.randint(0, 96, (15,))
-    cache = KVCache(model.args, 15, device=torch.device("cpu"), dtype=torch.float64)
-    with torch.no_grad():
-        full = model(ids)
-        steps = [model(ids[a:b], cache=cache) for a, b in [(0, 5), (5, 6), (6, 9), (9, 10), (10, 15)]]
-    torch.testing.assert_close(torch.cat(steps), full, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="KV cache holds 15 positions"):
-        model(ids[:1], cache=cache)
 
 
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
@@ -47,12 +34,13 @@ def test_top_p_keeps_what_transformers_keeps(top_p):
 def test_sampling_follows_the_distribution():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -9.0])
     gen = torch.Generator().manual_seed(0)
-    draws = torch.tensor([next_token(logits, 1.5, 1.0, gen) for _ in range(4000)])
+    draws = next_tokens(logits.expand(4000, 5), 1.5, 1.0, gen)
     freq = torch.bincount(draws, minlength=5) / 4000
     torch.testing.assert_close(freq, torch.softmax(logits / 1.5, dim=0), atol=0.03, rtol=0)
-    nucleus = {next_token(logits, 1.5, 0.6, gen) for _ in range(300)}
+    nucleus = set(next_tokens(logits.expand(300, 5), 1.5, 0.6, gen).tolist())
     assert nucleus == {0, 1}  # p = .52, .27, ...: mass before token 1 is .52 < .6, before token 2 .79
-    assert next_token(logits, 1.0, 1e-6, gen) == 0
+    assert next_tokens(logits[None], 1.0, 1e-6, gen).tolist() == [0]
+    assert next_tokens(torch.stack([logits, logits.flip(0)])).tolist() == [0, 4]  # greedy: argmax per row
 
 
 def test_generate_limits_and_stop_ids(mistral_dir):

@@ -3,12 +3,14 @@
 transformers' bias slope * key_position."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from packtune.kernels import varlen_attention
+from packtune.kernels import PackedLayout, varlen_attention
 from packtune.kernels.attention import alibi_head_slopes, varlen_attention_ref
+from packtune.model.kv_cache import KVCache
 from packtune.model.llama import dense_causal_attention
 
 
@@ -67,14 +69,29 @@ def test_packed_alibi_equals_each_sample_alone(heads):
 
 
 def test_cached_queries_get_the_biases_of_their_positions():
-    """A KV-cache step (queries after cached keys) equals the same rows of the full sequence."""
+    """KV-cache decoding (a packed prefill of two prompts, then one query per sequence at its own
+    position) equals the same rows of each full sequence."""
     gen = torch.Generator().manual_seed(1)
-    heads, n, d = 3, 11, 8
-    q, k, v = (torch.randn(1, n, heads, d, dtype=torch.float64, generator=gen) for _ in range(3))
+    heads, d, lengths = 3, 8, (7, 4)
+    seqs = [tuple(torch.randn(n + 1, heads, d, dtype=torch.float64, generator=gen) for _ in range(3))
+            for n in lengths]
     slopes = alibi_head_slopes(heads)
-    full = dense_causal_attention(q, k, v, alibi_slopes=slopes)
-    expected = _alibi_naive(q[0], k[0], v[0], slopes, d**-0.5)
-    torch.testing.assert_close(full[0], expected, rtol=1e-12, atol=1e-12)
-    step = dense_causal_attention(q[:, 7:], k, v, q_offset=7, alibi_slopes=slopes)
-    torch.testing.assert_close(step, full[:, 7:], rtol=1e-12, atol=1e-12)
+    full = [dense_causal_attention(q[None], k[None], v[None], alibi_slopes=slopes)[0] for q, k, v in seqs]
+    for (q, k, v), out in zip(seqs, full, strict=True):
+        torch.testing.assert_close(out, _alibi_naive(q, k, v, slopes, d**-0.5), rtol=1e-12, atol=1e-12)
+
+    args = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=heads, head_dim=d)
+    cache = KVCache(args, len(lengths), max(lengths) + 1, device=torch.device("cpu"), dtype=torch.float64)
+    layout = PackedLayout.packed(list(lengths))
+    prompts = [torch.cat([s[i][:n] for s, n in zip(seqs, lengths, strict=True)]) for i in range(3)]
+    cache.begin(torch.zeros(sum(lengths), dtype=torch.long), layout)
+    prefill = cache.attend(0, *prompts, window=None, scale=None, softcap=None, alibi_slopes=slopes)
+    cache.advance()
+    torch.testing.assert_close(prefill, torch.cat([out[:n] for out, n in zip(full, lengths, strict=True)]),
+                               rtol=1e-12, atol=1e-12)
+    cache.begin(torch.zeros(len(lengths), dtype=torch.long), None)
+    step = cache.attend(0, *(torch.stack([s[i][n] for s, n in zip(seqs, lengths, strict=True)]) for i in range(3)),
+                        window=None, scale=None, softcap=None, alibi_slopes=slopes)
+    torch.testing.assert_close(step, torch.stack([out[n] for out, n in zip(full, lengths, strict=True)]),
+                               rtol=1e-12, atol=1e-12)
     assert math.isfinite(step.abs().max().item())
