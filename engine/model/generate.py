@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from packtune.kernels import PackedLayout
-from packtune.model.kv_cache import KVCache
 from packtune.model.causal_lm import CausalLM
+from packtune.model.kv_cache import KVCache
 
 DEFAULT_BATCH_SIZE = 32
 """Prompts decoded together by default."""

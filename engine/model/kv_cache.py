@@ -97,7 +97,8 @@ class KVCache:
             mask &= keys > query - window
         out = sdpa_attention(q[:, :, None], self._k[layer, :, :, :end], self._v[layer, :, :, :end],
                                    attn_mask=mask[:, None, None, :], is_causal=False, scale=scale,
-                                   softcap=softcap, alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1])
+                                   softcap=softcap, alibi_slopes=alibi_slopes,
+                                   enable_gqa=q.shape[1] != k.shape[1])
         return out[:, :, 0]
 
     def advance(self) -> None:

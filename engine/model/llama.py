@@ -306,7 +306,8 @@ class LlamaForCausalLM(CausalLM):
             )
         return layout.positions + (cos.shape[0] // 2) * (layout.max_seqlen > original)
 
-    def _decode_rope_rows(self, positions: torch.Tensor, lengths: list[int], cos: torch.Tensor) -> torch.Tensor:
+    def _decode_rope_rows(self, positions: torch.Tensor, lengths: list[int],
+                          cos: torch.Tensor) -> torch.Tensor:
         """A decoding step's rows: each sequence's next position (its longrope half chosen by the
         sequence's length after the step); `lengths` are the cached lengths, host ints."""
         original = self._longrope()
@@ -315,7 +316,8 @@ class LlamaForCausalLM(CausalLM):
         if original in lengths:
             raise ValueError(
                 f"longrope: generation crossing original_max_position_embeddings={original} (a cache of "
-                f"{original} tokens growing to {original + 1}) is not supported: transformers recomputes every "
-                "cached key with the long factors there; keep prompt + new tokens within it, or give a longer prompt"
+                f"{original} tokens growing to {original + 1}) is not supported: transformers recomputes "
+                "every cached key with the long factors there; keep prompt + new tokens within it, or give "
+                "a longer prompt"
             )
         return positions + (cos.shape[0] // 2) * (positions >= original)

@@ -90,8 +90,8 @@ def test_cached_queries_get_the_biases_of_their_positions():
     torch.testing.assert_close(prefill, torch.cat([out[:n] for out, n in zip(full, lengths, strict=True)]),
                                rtol=1e-12, atol=1e-12)
     cache.begin(torch.zeros(len(lengths), dtype=torch.long), None)
-    step = cache.attend(0, *(torch.stack([s[i][n] for s, n in zip(seqs, lengths, strict=True)]) for i in range(3)),
-                        window=None, scale=None, softcap=None, alibi_slopes=slopes)
+    queries = (torch.stack([s[i][n] for s, n in zip(seqs, lengths, strict=True)]) for i in range(3))
+    step = cache.attend(0, *queries, window=None, scale=None, softcap=None, alibi_slopes=slopes)
     torch.testing.assert_close(step, torch.stack([out[n] for out, n in zip(full, lengths, strict=True)]),
                                rtol=1e-12, atol=1e-12)
     assert math.isfinite(step.abs().max().item())
