@@ -41,8 +41,8 @@ def headline(report: EvalReport, recipe: DemoRecipe) -> float:
     """Exact match over the held-out records of the tasks in the headline (all but `outside_headline`)."""
     left_out = dict(recipe.outside_headline)
     totals = [t for task, t in report.per_task.items() if task not in left_out]
-    rows = sum(t.rows for t in totals)
-    return sum(t.exact_match for t in totals) / rows if rows else 0.0
+    records = sum(t.records for t in totals)
+    return sum(t.exact_match for t in totals) / records if records else 0.0
 
 
 def _show(title: str, records: list[dict[str, str]], predictions: list[str]) -> None:

@@ -20,7 +20,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     metrics = json.loads((out / "demo.json").read_text())
     assert metrics["heldout"]["total"] == 8 * 3 and metrics["unseen_phrasing"]["total"] == 8 * 3
     # The headline leaves out the tasks the recipe names, with the reason printed; it is the exact
-    # match over the other tasks' rows.
+    # match over the other tasks' records.
     assert "not in the headline: count (counting needs" in printed
     assert "% over 7 tasks (before training: " in last
     per_task = metrics["heldout"]["per_task"]
