@@ -21,6 +21,18 @@ GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 # transformers' defaults for keys a config.json may omit, per model_type.
+_GEMMA_DEFAULTS: dict[str, Any] = {
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+}
+"""What Gemma2Config and Gemma3TextConfig share."""
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
     "mistral": {
@@ -48,30 +60,14 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "max_window_layers": 28,
     },
     "gemma2": {
+        **_GEMMA_DEFAULTS,
         "max_position_embeddings": 8192,
-        "bos_token_id": 2,
-        "eos_token_id": 1,
-        "pad_token_id": 0,
-        "num_key_value_heads": 4,
-        "head_dim": 256,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "tie_word_embeddings": True,
-        "query_pre_attn_scalar": 256,
-        "sliding_window": 4096,
         "final_logit_softcapping": 30.0,
         "attn_logit_softcapping": 50.0,
     },
     "gemma3_text": {
+        **_GEMMA_DEFAULTS,
         "max_position_embeddings": 131072,
-        "bos_token_id": 2,
-        "eos_token_id": 1,
-        "pad_token_id": 0,
-        "num_key_value_heads": 4,
-        "head_dim": 256,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "tie_word_embeddings": True,
-        "query_pre_attn_scalar": 256,
-        "sliding_window": 4096,
         "rope_theta": 1_000_000.0,
         "rope_local_base_freq": 10_000.0,
         "sliding_window_pattern": 6,
@@ -263,7 +259,9 @@ class ModelArgs:
                 f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         if model_type == "bloom":
-            return _parse_bloom(cls, cfg)
+            from packtune.model.bloom_config import parse_bloom
+
+            return parse_bloom(cls, cfg)
         get = _getter(cfg, _DEFAULTS[model_type])
         for key in _REJECTED_KEYS:
             if cfg.get(key):
@@ -358,7 +356,9 @@ class ModelArgs:
     def to_hf_config(self, dtype: str | None = None) -> dict[str, Any]:
         """A config.json dict that transformers loads as this model (original keys kept)."""
         if self.model_type == "bloom":
-            return _bloom_hf_config(self, dtype)
+            from packtune.model.bloom_config import bloom_hf_config
+
+            return bloom_hf_config(self, dtype)
         cfg = dict(self.hf_config)
         cfg.update(
             architectures=[_ARCHITECTURES[self.model_type]],
@@ -609,79 +609,3 @@ def _parse_sliding_window(cfg: dict[str, Any], model_type: str, get, layers: int
             f"layer_types must list {layers} of full_attention/sliding_attention, got {bad or layer_types}"
         )
     return window, tuple(layer_types)
-
-
-_BLOOM_DEFAULTS = {"layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "bos_token_id": 1,
-                   "eos_token_id": 2, "pad_token_id": None, "tie_word_embeddings": True, "seq_length": 2048}
-
-
-def _parse_bloom(cls, cfg: dict[str, Any]) -> ModelArgs:
-    """BLOOM / BLOOMZ (transformers' BloomConfig): `n_layer` / `n_head` (or their long names),
-    `hidden_size` (or `n_embed`), an MLP of 4 x hidden, one kv head per head, ALiBi, no RoPE."""
-    get = _getter(cfg, _BLOOM_DEFAULTS)
-    for key in ("hidden_dropout", "attention_dropout"):
-        if get(key, 0.0):
-            raise ModelConfigError(f"{key}={get(key)} is not supported (only 0)")
-    if get("slow_but_exact", False) and get("pretraining_tp", 1) > 1:
-        raise ModelConfigError(
-            f"slow_but_exact with pretraining_tp={get('pretraining_tp')} is not supported (its sliced "
-            "matmuls round differently; set slow_but_exact to false)")
-    for key in _REJECTED_KEYS:
-        if cfg.get(key):
-            raise ModelConfigError(f"config option {key!r} is not supported")
-    aliases = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embed": "hidden_size"}
-    shape = {long: _required(cfg, short if short in cfg else long) for short, long in aliases.items()}
-    hidden, heads = shape["hidden_size"], shape["num_attention_heads"]
-    if hidden % heads:
-        raise ModelConfigError(f"hidden_size={hidden} is not a multiple of n_head={heads}")
-    return cls(
-        model_type="bloom",
-        vocab_size=_required(cfg, "vocab_size"),
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=shape["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=get("seq_length") or 2048,
-        layer_norm_eps=float(get("layer_norm_epsilon")),
-        tie_word_embeddings=bool(get("tie_word_embeddings")),
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        hidden_act="bloom_gelu",
-        alibi=True,
-        residual_post_layernorm=bool(get("apply_residual_connection_post_layernorm", False)),
-        bos_token_id=get("bos_token_id"),
-        eos_token_id=get("eos_token_id"),
-        pad_token_id=get("pad_token_id"),
-        initializer_range=float(get("initializer_range")),
-        dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
-        hf_config=dict(cfg),
-    )
-
-
-def _bloom_hf_config(args: ModelArgs, dtype: str | None) -> dict[str, Any]:
-    """BloomConfig's own keys (n_layer, n_head, layer_norm_epsilon, ...); the original's others kept."""
-    aliases = ("n_embed", "num_hidden_layers", "num_attention_heads")
-    cfg = {k: v for k, v in args.hf_config.items() if k not in aliases}
-    cfg.update(
-        architectures=[_ARCHITECTURES["bloom"]],
-        model_type="bloom",
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        n_layer=args.num_hidden_layers,
-        n_head=args.num_attention_heads,
-        layer_norm_epsilon=args.layer_norm_eps,
-        apply_residual_connection_post_layernorm=args.residual_post_layernorm,
-        tie_word_embeddings=args.tie_word_embeddings,
-        bos_token_id=args.bos_token_id,
-        eos_token_id=args.eos_token_id,
-        pad_token_id=args.pad_token_id,
-        initializer_range=args.initializer_range,
-    )
-    dtype = dtype or args.dtype
-    if dtype is not None:
-        cfg["torch_dtype"] = dtype
-        cfg["dtype"] = dtype
-    return cfg
