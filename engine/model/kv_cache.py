@@ -44,6 +44,7 @@ class KVCache:
         self._prefill: PackedLayout | None = None
         self._prompt_lengths: list[int] = []
         self._rows: torch.Tensor | None = None  # prefill: each packed token's cache row
+        self._keys = self._causal = self._batch_rows = torch.empty(0, device=device)  # decode: see begin
 
     @property
     def batch(self) -> int:
@@ -72,6 +73,10 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
         self._prefill = None
+        # the step's key positions and causal mask, the same in every layer: built once per step
+        self._keys = torch.arange(end, device=self._k.device)[None, :]
+        self._causal = self._keys <= self._lengths[:, None]
+        self._batch_rows = torch.arange(self.batch, device=self._k.device)
         return self._lengths, end
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None,
@@ -86,15 +91,12 @@ class KVCache:
             self._v[layer][self._rows, :, layout.positions] = v
             return varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, window=window, scale=scale,
                                     softcap=softcap, alibi_slopes=alibi_slopes)
-        rows = torch.arange(self.batch, device=q.device)
-        self._k[layer][rows, :, self._lengths] = k
-        self._v[layer][rows, :, self._lengths] = v
-        end = max(self.lengths) + 1
-        keys = torch.arange(end, device=q.device)[None, :]
-        query = self._lengths[:, None]
-        mask = keys <= query
+        self._k[layer][self._batch_rows, :, self._lengths] = k
+        self._v[layer][self._batch_rows, :, self._lengths] = v
+        end = self._keys.shape[1]
+        mask = self._causal
         if window is not None:
-            mask &= keys > query - window
+            mask = mask & (self._keys > self._lengths[:, None] - window)
         out = sdpa_attention(q[:, :, None], self._k[layer, :, :, :end], self._v[layer, :, :, :end],
                                    attn_mask=mask[:, None, None, :], is_causal=False, scale=scale,
                                    softcap=softcap, alibi_slopes=alibi_slopes,
