@@ -111,10 +111,12 @@ def base_dtype(name: str, device: torch.device) -> torch.dtype | str:
 
 
 def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | None = None,
-               generator: torch.Generator | None = None) -> dict[str, LoRALinear]:
+               generator: torch.Generator | None = None, nf4_others: torch.dtype = torch.bfloat16
+               ) -> dict[str, LoRALinear]:
     """Freeze `model` and add adapters in place (on meta too); returns the LoRA modules by name.
 
     `storage` converts the frozen base weights (a dtype, or "nf4"); None keeps them as they are.
+    With "nf4", the other frozen parameters are stored in `nf4_others` (see `convert_base`).
     """
     targets = spec.for_model(model).targets
     for p in model.parameters():
@@ -130,7 +132,7 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
             layer.mlp = LoRAMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation)
     modules = lora_modules(model)
     if storage is not None:
-        convert_base(model, storage)
+        convert_base(model, storage, nf4_others)
     init_lora(model, generator)
     return modules
 
@@ -152,15 +154,18 @@ def init_lora(model: nn.Module, generator: torch.Generator | None = None) -> Non
 
 
 @torch.no_grad()
-def convert_base(model: nn.Module, storage: torch.dtype | str) -> None:
+def convert_base(model: nn.Module, storage: torch.dtype | str, nf4_others: torch.dtype = torch.bfloat16
+                 ) -> None:
     """Store every frozen floating-point parameter in `storage`; "nf4" quantises the LoRA bases'
-    weights (the other frozen parameters, embeddings and norms, go to bf16)."""
+    weights and stores the other frozen parameters (embeddings, norms, lm_head) in `nf4_others`, the
+    dtype the model computes in: bf16 on GPU, fp32 on CPU (`packtune train` passes it), where
+    torch's bf16 matmuls keep memory per distinct row length (oneDNN; it grows with packed rows)."""
     if storage == "nf4":
         from packtune.lora.qlora import to_nf4
 
         for module in lora_modules(model).values():
             module.weight = nn.Parameter(to_nf4(module.weight), requires_grad=False)
-        storage = torch.bfloat16
+        storage = nf4_others
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if not p.requires_grad and p.is_floating_point() and p.dtype != storage and not _is_nf4(p):

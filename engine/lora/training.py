@@ -77,7 +77,7 @@ def lora_preparer(cfg: Config, device: torch.device, sharded: bool):
                 raise ConfigError(f"lora.init_from: the adapter in {cfg.lora.init_from} adapts "
                                   f"{', '.join(adapter.targets)} but [lora] targets {', '.join(ours)} of "
                                   f"this model; set lora.targets = {list(adapter.targets)}")
-        apply_lora(model, spec, storage, generator)
+        apply_lora(model, spec, storage, generator, nf4_others=base_dtype("auto", device))
         if cfg.lora.init_from and not on_meta:
             load_adapter_weights(model, tensors, Path(cfg.lora.init_from))
         return model
