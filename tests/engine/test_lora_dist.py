@@ -16,8 +16,9 @@ from toy_training import ListSampler, tiny_llama
 from packtune.config import Config, LoRAConfig
 from packtune.launch import export_model, load_model
 from packtune.lora import merged_state_dict, read_adapter
+from packtune.lora.apply import base_bytes
 from packtune.lora.sharded_nf4 import nf4_shards
-from packtune.lora.training import lora_preparer
+from packtune.lora.training import lora_preparer, lora_summary
 from packtune.model.hf_io import load_pretrained, save_pretrained
 from packtune.parallel import init_distributed, shutdown
 from packtune.train import Trainer
@@ -43,8 +44,15 @@ def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str, b
     cfg = run_config(output_dir, base_dtype, activation_checkpointing=True, save_every=STEPS, export="both")
     prepare = lora_preparer(cfg, dist_ctx.device, sharded=True)
     model, load_weights = load_model(model_dir, torch.float32, dist_ctx, prepare)
+    whole_base = base_bytes(model)
     trainer = Trainer(cfg.train, model, ListSampler(steps), dist_ctx, load_weights=load_weights)
     assert bool(nf4_shards(trainer.module)) == (base_dtype == "nf4")
+    # each rank holds half the base (plus an odd row, or NF4's replicated lookup table and mean)
+    assert abs(base_bytes(model) - whole_base / 2) <= 1024
+    line = lora_summary(cfg, model, dist_ctx.device, whole_base, world)
+    name = "nf4" if base_dtype == "nf4" else "float32"
+    assert (f"frozen base {whole_base / 2**20:.1f} MiB ({name}) in all, {base_bytes(model) / 2**20:.1f} MiB "
+            f"on rank {rank} (sharded over 2 ranks)") in line
     assert trainer.fit() == STEPS
     export_model(trainer, cfg)
     shutdown(dist_ctx)
