@@ -130,10 +130,10 @@ def export_model(trainer, cfg: Config) -> Path | None:
     (a LoRA run: the PEFT adapter and/or the merged model, as `train.export` says)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from packtune.lora.sharded_nf4 import gather_full_state, nf4_shards
+    from packtune.lora.sharded_nf4 import gather_full_state, nf4_weights
     from packtune.lora.training import lora_enabled
 
-    if nf4_shards(trainer.module):  # sharded QLoRA: torch's gather cannot all-gather NF4 shards
+    if nf4_weights(trainer.module):  # QLoRA: torch's gather cannot all-gather NF4 shards
         state = gather_full_state(trainer.module, keep=trainer.dist_ctx.is_main)
     else:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -272,7 +272,7 @@ def load_model(path: str, dtype: torch.dtype, dist_ctx: DistContext, prepare=Non
         model = prepare(model)
 
     def load_weights(module: torch.nn.Module) -> None:
-        from packtune.lora.sharded_nf4 import load_nf4_shards, nf4_shards
+        from packtune.lora.sharded_nf4 import load_nf4_weights, nf4_weights
 
         full = {}
         if dist_ctx.is_main:
@@ -282,12 +282,12 @@ def load_model(path: str, dtype: torch.dtype, dist_ctx: DistContext, prepare=Non
             full = {f"model.{k}": v for k, v in loaded.state_dict().items()}
         # QLoRA: torchao's NF4 tensor cannot be broadcast; rank 0 holds those weights dense and
         # every rank quantises them (packtune.lora.sharded_nf4). The rest is broadcast as usual.
-        nf4 = nf4_shards(module)
+        nf4 = nf4_weights(module)
         dense = {name: full.pop(name) for name in nf4 if dist_ctx.is_main}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not nf4)
         set_model_state_dict(module, full, options=options)
         if nf4:
-            load_nf4_shards(module, dense, dist_ctx.device)
+            load_nf4_weights(module, dense, dist_ctx.device)
 
     return model, load_weights
 

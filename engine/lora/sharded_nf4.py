@@ -40,37 +40,37 @@ def check_nf4_shardable(model: nn.Module, world_size: int) -> None:
                 "them or base_dtype = \"bfloat16\"")
 
 
-def nf4_shards(module: nn.Module) -> dict[str, DTensor]:
-    """The sharded parameters holding NF4 weights, by state-dict name (the same order on every rank)."""
+def nf4_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The NF4 weights of a model, by state-dict name (the same order on every rank): FSDP's
+    DTensor shards of them, or whole NF4 tensors (no FSDP, or FSDP on one rank, see parallelize)."""
     return {name: p for name, p in module.state_dict(keep_vars=True).items()
-            if isinstance(p, DTensor) and is_nf4(p.to_local())}
+            if is_nf4(p.to_local() if isinstance(p, DTensor) else p)}
 
 
 @torch.no_grad()
-def load_nf4_shards(module: nn.Module, dense: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Fill `module`'s NF4 shards from rank 0's dense weights `dense` (by state-dict name; empty on
+def load_nf4_weights(module: nn.Module, dense: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Fill `module`'s NF4 weights from rank 0's dense weights `dense` (by state-dict name; empty on
     the other ranks): broadcast, quantise the whole layer on every rank, keep this rank's chunk."""
     rank = dist.get_rank()
-    for name, param in nf4_shards(module).items():
-        local = param.to_local()
+    for name, param in nf4_weights(module).items():
         full = dense.pop(name).to(device, torch.bfloat16) if rank == 0 else \
             torch.empty(param.shape, dtype=torch.bfloat16, device=device)
         dist.broadcast(full, src=0)
-        quantised = to_nf4(full)
-        if (quantised.block_size, quantised.scaler_block_size) != (local.block_size, local.scaler_block_size):
-            raise AssertionError(f"{name}: NF4 blocks differ between the meta model and the loaded weights")
-        chunk = torch.chunk(quantised, param.device_mesh.size(), dim=0)[param.device_mesh.get_local_rank()]
-        shard = DTensor.from_local(chunk, param.device_mesh, param.placements, shape=param.shape,
-                                   stride=param.stride(), run_check=False)
-        # assign=True: the new shard replaces FSDP's (its load hook re-registers it)
-        module.load_state_dict({name: shard}, strict=False, assign=True)
+        value = to_nf4(full)
+        if isinstance(param, DTensor):
+            mesh = param.device_mesh
+            chunk = torch.chunk(value, mesh.size(), dim=0)[mesh.get_local_rank()]
+            value = DTensor.from_local(chunk, mesh, param.placements, shape=param.shape,
+                                       stride=param.stride(), run_check=False)
+        # assign=True: the new tensor replaces the empty one (FSDP's load hook re-registers a shard)
+        module.load_state_dict({name: value}, strict=False, assign=True)
     if dense:
-        raise AssertionError(f"dense weights without an NF4 shard: {sorted(dense)[:4]}")
+        raise AssertionError(f"dense weights without an NF4 parameter: {sorted(dense)[:4]}")
 
 
 def gather_full_state(module: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of a sharded model's state dict, whole and on the CPU (collective: every rank
-    calls it; only `keep` ranks return the tensors). NF4 shards are dequantised first (bf16, as the
+    """Every tensor of a (sharded) model's state dict, whole and on the CPU (collective: every rank
+    calls it; only `keep` ranks return the tensors). NF4 weights are dequantised first (bf16, as the
     LoRA kernels dequantise them), so an NF4 weight comes back as the dense base the run trained over."""
     state, gathered = {}, {}
     for name, param in module.state_dict(keep_vars=True).items():
@@ -82,6 +82,8 @@ def gather_full_state(module: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
                     local = dense_weight(local, torch.bfloat16)
                 tensor = DTensor.from_local(local, tensor.device_mesh, tensor.placements, shape=tensor.shape,
                                             stride=tensor.stride(), run_check=False).full_tensor()
+            elif is_nf4(tensor):
+                tensor = dense_weight(tensor, torch.bfloat16)
             gathered[id(param)] = tensor.cpu() if keep else None
         if keep:
             state[name] = gathered[id(param)]

@@ -17,7 +17,7 @@ from packtune.config import Config, LoRAConfig
 from packtune.launch import export_model, load_model
 from packtune.lora import merged_state_dict, read_adapter
 from packtune.lora.apply import base_bytes
-from packtune.lora.sharded_nf4 import nf4_shards
+from packtune.lora.sharded_nf4 import nf4_weights
 from packtune.lora.training import lora_preparer, lora_summary
 from packtune.model.hf_io import load_pretrained, save_pretrained
 from packtune.parallel import init_distributed, shutdown
@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str, b
     model, load_weights = load_model(model_dir, torch.float32, dist_ctx, prepare)
     whole_base = base_bytes(model)
     trainer = Trainer(cfg.train, model, ListSampler(steps), dist_ctx, load_weights=load_weights)
-    assert bool(nf4_shards(trainer.module)) == (base_dtype == "nf4")
+    assert bool(nf4_weights(trainer.module)) == (base_dtype == "nf4")
     # each rank holds half the base (plus an odd row, or NF4's replicated lookup table and mean)
     assert abs(base_bytes(model) - whole_base / 2) <= 1024
     line = lora_summary(cfg, model, dist_ctx.device, whole_base, world)

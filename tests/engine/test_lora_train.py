@@ -144,9 +144,15 @@ def test_lora_run_resumes_identically_and_exports_for_peft(tmp_path, assets, fam
     assert with_adapter == merged_text
 
 
-def test_adapter_export_writes_no_merged_model(tmp_path, assets):
+@pytest.mark.parametrize("extra", [(), ('lora.base_dtype="nf4"', 'model.dtype="bfloat16"')],
+                         ids=["lora", "qlora-one-rank-fsdp"])
+def test_adapter_export_writes_no_merged_model(tmp_path, assets, extra):
+    """Also QLoRA with bf16 compute: one process on a one-rank FSDP mesh (as on one GPU), where
+    FSDP leaves the NF4 weights whole."""
+    if extra:
+        pytest.importorskip("torchao")
     out = tmp_path / "adapter"
-    assert main(argv(assets, "llama", out, "train.max_steps=3", 'train.export="adapter"')) == 0
+    assert main(argv(assets, "llama", out, "train.max_steps=3", 'train.export="adapter"', *extra)) == 0
     records = [r for r in history(out) if "loss" in r]
     assert len(records) == 3 and all(r["loss"] > 0 and not r["skipped"] for r in records)
     assert (out / "final" / "adapter_model.safetensors").is_file() and not (out / "final-merged").exists()
