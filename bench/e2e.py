@@ -31,11 +31,14 @@ from packtune.bench.e2e_common import (
     read_jsonl,
 )
 
-IMPLS = ("packtune", "trl-padding", "trl-packing", "packtune-lora", "trl-lora")
+IMPLS = ("packtune", "trl-padding", "trl-packing", "packtune-lora", "packtune-qlora", "trl-lora")
 DEFAULT_IMPLS = ("packtune", "trl-padding", "trl-packing")
-BASELINES = ("trl-padding", "trl-packing", "trl-lora")
+BASELINES = {"packtune": ("trl-padding", "trl-packing"), "packtune-lora": ("trl-lora",),
+             "packtune-qlora": ("trl-lora", "packtune-lora")}
+"""The sides each side is compared with, when both ran (QLoRA also against packtune's own LoRA)."""
 LORA_RANK = 16
-"""LoRA sides: rank 16, alpha 32, all linear layers, no dropout; judged on the merged model."""
+"""LoRA sides: rank 16, alpha 32, all linear layers, no dropout; judged on the merged model.
+packtune-qlora is packtune-lora with its targeted base weights stored as NF4 (`lora.base_dtype`)."""
 TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
                     "legacy": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                     "pad_token": "<pad>"}
@@ -120,7 +123,9 @@ def _init_model(init_dir: Path, name: str, tokenizer_model: Path, seed: int) -> 
 def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     """One side's run, in this process (the worker calls it)."""
     _set_threads(spec["threads"])
-    lora = {"lora_rank": LORA_RANK} if spec["impl"].endswith("-lora") else {}
+    lora = {"lora_rank": LORA_RANK} if spec["impl"].endswith("lora") else {}
+    if spec["impl"] == "packtune-qlora":
+        lora["lora_base_dtype"] = "nf4"
     if spec["impl"].startswith("packtune"):
         from packtune.bench import e2e_packtune
 
@@ -226,8 +231,8 @@ def _print_table(model: str, rows: list[dict[str, Any]]) -> None:
               f"{r['peak_bytes'] / 2**20:>10.0f}{r['heldout_loss']:>9.3f}{r['train_losses'][-1]:>10.3f}"
               f"{100 * r['mfu']:>6.1f}%")
     for r in rows:
-        for name in BASELINES:
-            if r["implementation"] != name and name in base and "error" not in r:
+        for name in BASELINES.get(r["implementation"], ()):
+            if name in base and "error" not in r:
                 b = base[name]
                 r[f"speedup_vs_{name}"] = r["real_tokens_per_s"] / b["real_tokens_per_s"]
                 r[f"memory_vs_{name}"] = r["peak_bytes"] / max(b["peak_bytes"], 1)

@@ -39,6 +39,7 @@ def config(spec: dict[str, Any]):
     t.log_every = 1
     if spec.get("lora_rank"):
         cfg.lora.rank, cfg.lora.alpha = spec["lora_rank"], 2.0 * spec["lora_rank"]
+        cfg.lora.base_dtype = spec.get("lora_base_dtype", "auto")
         t.export = "merged"  # the judge scores a Hugging Face model directory
     return cfg
 

@@ -169,7 +169,10 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout on the adapters' input only, in [0, 1)."""
     targets: str | list[str] = "all-linear"
-    """all-linear, or a list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
+    """all-linear (every linear of the decoder blocks), or a list of the family's projection names:
+    q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (Llama, Mistral, Qwen, Gemma);
+    qkv_proj, o_proj, gate_up_proj, down_proj (Phi-3); query_key_value, dense, dense_h_to_4h,
+    dense_4h_to_h (BLOOM)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(rank)."""
     base_dtype: str = "auto"

@@ -229,23 +229,33 @@ def lora_forward(x: torch.Tensor, lin: tuple, scale: float, p: float, seed: int,
 
 
 def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, lin: tuple, scale: float, p: float,
-                  seed: int, backend: str, need_dx: bool = True, need_da: bool = True, need_db: bool = True):
-    """(dx, dA, dB) of one LoRA linear from its output gradient dy [N, out] (None where not needed)."""
+                  seed: int, backend: str, need_dx: bool = True, need_da: bool = True, need_db: bool = True,
+                  dx_into: torch.Tensor | None = None):
+    """(dx, dA, dB) of one LoRA linear from its output gradient dy [N, out] (None where not needed).
+    `dx_into` (the gradient of another linear over the same x) receives dx in place: the GEMM
+    accumulates into it (BLAS's beta = 1), no [N, in] temporary and no extra add."""
     weight, _, lora_a, lora_b = lin
     dtype = dy.dtype
+
+    def base_dx() -> torch.Tensor:
+        w = dense_weight(weight, dtype)
+        return dy @ w if dx_into is None else dx_into.addmm_(dy, w)
+
     db = (dy.t() @ u).mul_(scale).to(lora_b.dtype) if need_db else None
     du = (dy @ lora_b.to(dtype)).mul_(scale)
     if backend == "triton":
         da = lora_da(du, x, p, seed).to(lora_a.dtype) if need_da else None
-        dx = lora_up_add_(dy @ dense_weight(weight, dtype), du, lora_a.t(), 1.0, p, seed) if need_dx else None
+        dx = lora_up_add_(base_dx(), du, lora_a.t(), 1.0, p, seed) if need_dx else None
         return dx, da, db
     mask = dropout_mask(x.shape, p, seed, x.device, dtype) if p else None
     da = (du.t() @ (x if mask is None else x * mask)).to(lora_a.dtype) if need_da else None
     dx = None
     if need_dx:
-        lora_dx = du @ lora_a.to(dtype)
-        dx = dy @ dense_weight(weight, dtype)
-        dx += lora_dx if mask is None else lora_dx.mul_(mask)
+        dx = base_dx()
+        if mask is None:
+            dx.addmm_(du, lora_a.to(dtype))  # in place: no [N, in] temporary
+        else:
+            dx += (du @ lora_a.to(dtype)).mul_(mask)
     return dx, da, db
 
 

@@ -208,8 +208,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         del dh
         need_dx = ctx.needs_input_grad[0]
         dxg, dag, dbg = lora_backward(dg, x, ug, gate, s, p, seeds[0], backend, need_dx)
-        dxu, dau, dbu = lora_backward(du, x, uu, up, s, p, seeds[1], backend, need_dx)
-        dx = dxg.add_(dxu) if need_dx else None
+        dx, dau, dbu = lora_backward(du, x, uu, up, s, p, seeds[1], backend, need_dx, dx_into=dxg)
         frozen = (None, None)
         return (dx, *frozen, dag, dbg, *frozen, dau, dbu, *frozen, dad, dbd, None, None, None, None, None)
 

@@ -84,12 +84,18 @@ def test_tiny_trl_run_end_to_end(tmp_path):
 def test_tiny_lora_runs_end_to_end(tmp_path):
     pytest.importorskip("trl")
     pytest.importorskip("peft")
+    pytest.importorskip("torchao", reason="packtune-qlora needs the qlora extra (torchao)")
     results = e2e.main(["--tokens", "800", "--rows", "300", "--eval-rows", "2", "--step-tokens", "2048",
-                        "--threads", "1", "--impl", "packtune-lora", "--impl", "trl-lora",
-                        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
-    assert [r["implementation"] for r in results] == ["packtune-lora", "trl-lora"]
+                        "--threads", "1", "--impl", "packtune-lora", "--impl", "packtune-qlora",
+                        "--impl", "trl-lora", "--work", str(tmp_path / "work"),
+                        "--out", str(tmp_path / "out")])
+    assert [r["implementation"] for r in results] == ["packtune-lora", "packtune-qlora", "trl-lora"]
     for r in results:
         assert "error" not in r, r
         assert r["real_tokens"] > r["label_tokens"] > 0 and r["steps"] >= 1 and r["heldout_loss"] > 0
+    lora, qlora, trl = results
     # the same answers trained (TRL tokenizes prompt and completion apart: a token or two differ)
-    assert abs(results[0]["label_tokens"] - results[1]["label_tokens"]) <= 0.01 * results[1]["label_tokens"]
+    assert abs(lora["label_tokens"] - trl["label_tokens"]) <= 0.01 * trl["label_tokens"]
+    assert qlora["label_tokens"] == lora["label_tokens"] and qlora["train_losses"] != lora["train_losses"]
+    assert {"speedup_vs_trl-lora", "speedup_vs_packtune-lora"} <= qlora.keys()
+    assert "speedup_vs_trl-lora" in lora and "speedup_vs_packtune-lora" not in lora

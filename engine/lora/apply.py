@@ -1,7 +1,9 @@
 """Turn a packtune causal LM into a LoRA model: freeze it, swap the targeted linears for LoRALinear.
 
-The decoder's linears are replaced in place (`self_attn.q_proj`, ..., `mlp.down_proj`); a layer
-whose three MLP projections are all targeted gets a `LoRAMLP` (the fused kernel) in place of its
+The decoder's linears are replaced in place, under the family's own names (Llama's
+`self_attn.q_proj` ... `mlp.down_proj`, Phi-3's fused `qkv_proj` / `gate_up_proj`, BLOOM's
+`query_key_value` / `dense` / `dense_h_to_4h` / `dense_4h_to_h`), as PEFT names them; a layer whose
+gate, up and down projections are all targeted gets a `LoRAMLP` (the fused kernel) in place of its
 MLP. Every base parameter is frozen (embeddings, norms and lm_head too) and stored in the base
 dtype (bf16, fp32 or NF4); only `lora_A` / `lora_B` train, in fp32.
 """
@@ -9,7 +11,7 @@ dtype (bf16, fp32 or NF4); only `lora_A` / `lora_B` train, in fp32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -19,20 +21,26 @@ from packtune.config import ConfigError, LoRAConfig, _suggest
 from packtune.kernels import geglu
 from packtune.lora.modules import LoRALinear, LoRAMLP
 
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = "all-linear"
+"""`lora.targets` that adapts every linear of the decoder blocks (PEFT's "all-linear")."""
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", *MLP_TARGETS,  # Llama, Mistral, Qwen, Gemma
+                 "qkv_proj", "gate_up_proj",  # Phi-3's fused projections
+                 "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # BLOOM
+"""Every projection name a supported family's decoder block has (the config check; a model is
+checked against its own blocks when the adapters are added)."""
 BASE_DTYPES = ("auto", "float32", "bfloat16", "nf4")
 
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """What adapters to add: rank, scaling, dropout and the targeted projection names."""
+    """What adapters to add: rank, scaling, dropout and the targeted projection names (or
+    ALL_LINEAR, which `for_model` turns into the model's own names)."""
 
     rank: int
     alpha: float
     dropout: float = 0.0
-    targets: tuple[str, ...] = ALL_TARGETS
+    targets: str | tuple[str, ...] = ALL_LINEAR
     rslora: bool = False
 
     @property
@@ -44,20 +52,41 @@ class LoRASpec:
         check_lora_config(cfg)
         return cls(cfg.rank, cfg.alpha, cfg.dropout, resolve_targets(cfg.targets), cfg.rslora)
 
+    def for_model(self, model: nn.Module) -> LoRASpec:
+        """This spec with its targets named as `model`'s blocks name them, in block order; a target
+        the model's blocks lack is a ConfigError that names the model type and its linears."""
+        linears = block_linears(model)
+        if self.targets == ALL_LINEAR:
+            return replace(self, targets=linears)
+        missing = [name for name in self.targets if name not in linears]
+        if missing:
+            model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
+            raise ConfigError(f"lora.targets: {model_type} blocks have no {', '.join(missing)} projection "
+                              f"(their linears: {', '.join(linears)}); name those, or use \"{ALL_LINEAR}\"")
+        return replace(self, targets=tuple(name for name in linears if name in self.targets))
 
-def resolve_targets(targets: str | list[str]) -> tuple[str, ...]:
-    """`all-linear` or a list of projection names -> the names, in the model's order."""
+
+def resolve_targets(targets: str | list[str]) -> str | tuple[str, ...]:
+    """`all-linear` or a list of projection names, checked against every family's names."""
     if isinstance(targets, str):
-        if targets != "all-linear":
-            raise ConfigError(f"lora.targets must be \"all-linear\" or a list of {', '.join(ALL_TARGETS)}, "
-                              f"got {targets!r}")
-        return ALL_TARGETS
+        if targets != ALL_LINEAR:
+            raise ConfigError(f"lora.targets must be \"{ALL_LINEAR}\" or a list of projection names "
+                              f"(e.g. {', '.join(KNOWN_TARGETS[:7])}), got {targets!r}")
+        return ALL_LINEAR
     for name in targets:
-        if name not in ALL_TARGETS:
-            raise ConfigError(f"lora.targets: unknown projection {name!r}{_suggest(name, list(ALL_TARGETS))}")
+        if name not in KNOWN_TARGETS:
+            suggestion = _suggest(name, list(KNOWN_TARGETS))
+            raise ConfigError(f"lora.targets: unknown projection {name!r}{suggestion}")
     if not targets:
-        raise ConfigError("lora.targets is empty; use \"all-linear\" or name the projections")
-    return tuple(name for name in ALL_TARGETS if name in targets)
+        raise ConfigError(f"lora.targets is empty; use \"{ALL_LINEAR}\" or name the projections")
+    return tuple(dict.fromkeys(targets))
+
+
+def block_linears(model: nn.Module) -> tuple[str, ...]:
+    """The leaf names of a decoder block's linears (LoRA's possible targets), in module order."""
+    layer = model.decoder_layers[0]
+    return tuple(name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
+                 if isinstance(m, nn.Linear | LoRALinear))
 
 
 def check_lora_config(cfg: LoRAConfig) -> None:
@@ -88,17 +117,15 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
 
     `storage` converts the frozen base weights (a dtype, or "nf4"); None keeps them as they are.
     """
-    check_lora_targets(model, spec)
+    targets = spec.for_model(model).targets
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in model.decoder_layers:
-        for parent_name, names in (("self_attn", ATTENTION_TARGETS), ("mlp", MLP_TARGETS)):
-            parent = getattr(layer, parent_name)
-            for name in names:
-                if name in spec.targets:
-                    lora = LoRALinear(getattr(parent, name), spec.rank, spec.scale, spec.dropout)
-                    setattr(parent, name, lora)
-        if all(name in spec.targets for name in MLP_TARGETS):
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if name in targets and isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, spec.rank, spec.scale, spec.dropout))
+        if all(name in targets for name in MLP_TARGETS):
             mlp = layer.mlp
             activation = "gelu_tanh" if mlp.act is geglu else "silu"
             layer.mlp = LoRAMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation)
@@ -107,21 +134,6 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
         convert_base(model, storage)
     init_lora(model, generator)
     return modules
-
-
-def check_lora_targets(model: nn.Module, spec: LoRASpec) -> None:
-    """Refuse, naming the model type and its linears, a model whose blocks lack the targeted
-    projections (BLOOM's fused query_key_value and ungated MLP; Phi-3's fused qkv_proj / gate_up_proj)."""
-    layer = model.decoder_layers[0]
-    missing = [name for name in spec.targets
-               if not hasattr(getattr(layer, "mlp" if name in MLP_TARGETS else "self_attn", None), name)]
-    if missing:
-        model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
-        linears = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
-        raise ConfigError(f"[lora] is not supported for {model_type} models: their blocks have no "
-                          f"{', '.join(missing)} projections (LoRA targets the Llama family's "
-                          f"{', '.join(ALL_TARGETS)}; these blocks have {', '.join(linears)}); "
-                          "fine-tune this model without [lora]")
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -191,11 +203,11 @@ def describe(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str, whole
     bytes (measured before sharding) and the line adds what this rank holds."""
     trainable, total = parameter_counts(model)
     name = storage if isinstance(storage, str) else str(storage).removeprefix("torch.")
-    n = len(lora_modules(model))
+    n, targets = len(lora_modules(model)), ", ".join(spec.for_model(model).targets)
     base = f"frozen base {(base_bytes(model) if whole_base is None else whole_base) / 2**20:.1f} MiB ({name})"
     if world_size > 1:
         base += (f" in all, {base_bytes(model) / 2**20:.1f} MiB on rank {torch.distributed.get_rank()} "
                  f"(sharded over {world_size} ranks)")
     return (f"lora: rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}) on {n} "
-            f"linears ({', '.join(spec.targets)}); trainable {trainable:,} of {total:,} parameters "
+            f"linears ({targets}); trainable {trainable:,} of {total:,} parameters "
             f"({100 * trainable / max(total, 1):.2f}%); {base}")

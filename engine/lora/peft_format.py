@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from packtune.config import ConfigError
-from packtune.lora.apply import ALL_TARGETS, LoRASpec, lora_modules
+from packtune.lora.apply import KNOWN_TARGETS, LoRASpec, lora_modules
 from packtune.model.hf_io import CheckpointError, _fsync, _new_dir, _replace_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -36,7 +36,14 @@ def packtune_key(key: str) -> str:
     return key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
 
 
-def adapter_config(spec: LoRASpec, base_model: str = "") -> dict:
+def adapted_projections(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The projection names an adapter's tensors adapt (`...q_proj.lora_A` -> q_proj), sorted:
+    the `target_modules` PEFT writes for them, whatever the config asked (PEFT's may be full module
+    names, a regex or "all-linear")."""
+    return sorted({packtune_key(name).rsplit(".", 2)[-2] for name in tensors})
+
+
+def adapter_config(spec: LoRASpec, targets: list[str], base_model: str = "") -> dict:
     """PEFT's LoraConfig fields for these adapters (the defaults PEFT writes for the others)."""
     return {
         "peft_type": "LORA",
@@ -46,7 +53,7 @@ def adapter_config(spec: LoRASpec, base_model: str = "") -> dict:
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
         "use_rslora": spec.rslora,
-        "target_modules": list(spec.targets),
+        "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -87,7 +94,8 @@ def save_adapter(path: str | os.PathLike, spec: LoRASpec, tensors: dict[str, tor
     try:
         data = {k: v.to(dtype) if dtype is not None else v for k, v in tensors.items()}
         save_file(data, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config(spec, base_model), indent=2) + "\n")
+        config = adapter_config(spec, adapted_projections(tensors), base_model)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for file in tmp.iterdir():
             os.chmod(file, 0o644)
             _fsync(file)
@@ -111,17 +119,15 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRASpec, dict[str, torch.Ten
                        ("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None)):
         if config.get(key, plain) not in (plain, None, [], {}):
             raise ConfigError(f"{path}: {key} = {config[key]!r} is not supported (only {plain!r})")
-    tensors = {packtune_key(k): v for k, v in load_file(weights).items()}
-    # The tensors say which projections are adapted (PEFT's target_modules may be full module
-    # names, a regex or "all-linear").
-    targets = {name.rsplit(".", 2)[-2] for name in tensors}
-    unknown = sorted(targets - set(ALL_TARGETS))
+    peft_tensors = load_file(weights)
+    targets = adapted_projections(peft_tensors)
+    unknown = sorted(set(targets) - set(KNOWN_TARGETS))
     if unknown or not targets:
-        raise ConfigError(f"{path}: adapts {unknown or 'nothing'}; packtune adapts the decoder projections "
-                          f"{', '.join(ALL_TARGETS)}")
+        raise ConfigError(f"{path}: adapts {unknown or 'nothing'}; packtune adapts the decoder blocks' "
+                          f"projections ({', '.join(KNOWN_TARGETS)})")
     spec = LoRASpec(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout") or 0.0),
-                    tuple(n for n in ALL_TARGETS if n in targets), bool(config.get("use_rslora", False)))
-    return spec, tensors
+                    tuple(targets), bool(config.get("use_rslora", False)))
+    return spec, {packtune_key(k): v for k, v in peft_tensors.items()}
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ def check_lora_run(cfg: Config) -> None:
 
         adapter, _ = read_adapter(cfg.lora.init_from)
         ours = LoRASpec.from_config(cfg.lora)
-        for key in ("rank", "alpha", "targets", "rslora"):
+        for key in ("rank", "alpha", "rslora"):  # the targets are checked against the model (prepare)
             if getattr(adapter, key) != getattr(ours, key):
                 raise ConfigError(f"lora.init_from: the adapter in {cfg.lora.init_from} has {key} = "
                                   f"{getattr(adapter, key)!r} but [lora] says {getattr(ours, key)!r}; "
@@ -62,6 +62,15 @@ def lora_preparer(cfg: Config, device: torch.device, sharded: bool):
     def prepare(model: nn.Module) -> nn.Module:
         on_meta = any(p.is_meta for p in model.parameters())
         generator = torch.Generator().manual_seed(cfg.train.seed)
+        if cfg.lora.init_from:
+            from packtune.lora.peft_format import load_adapter_weights, read_adapter
+
+            adapter, tensors = read_adapter(cfg.lora.init_from)
+            ours = spec.for_model(model).targets
+            if set(adapter.targets) != set(ours):
+                raise ConfigError(f"lora.init_from: the adapter in {cfg.lora.init_from} adapts "
+                                  f"{', '.join(adapter.targets)} but [lora] targets {', '.join(ours)} of "
+                                  f"this model; set lora.targets = {list(adapter.targets)}")
         # Sharded QLoRA: rank 0's full copy keeps the NF4 weights dense (bf16) to broadcast them;
         # every rank quantises them itself (packtune.lora.sharded_nf4).
         dense_copy = storage == "nf4" and sharded and not on_meta
@@ -71,9 +80,6 @@ def lora_preparer(cfg: Config, device: torch.device, sharded: bool):
 
             check_nf4_shardable(model, torch.distributed.get_world_size())
         if cfg.lora.init_from and not on_meta:
-            from packtune.lora.peft_format import load_adapter_weights, read_adapter
-
-            _, tensors = read_adapter(cfg.lora.init_from)
             load_adapter_weights(model, tensors, Path(cfg.lora.init_from))
         return model
 

@@ -8,13 +8,16 @@ import torch
 from model_fixtures import save_hf_model
 
 from packtune.lora import LoRASpec, apply_lora, load_adapter_into, merge_adapter, save_adapter
+from packtune.lora.apply import block_linears
 from packtune.lora.peft_format import adapter_tensors
 from packtune.model.hf_io import load_pretrained
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = ["llama3_gqa", "qwen2", "llama_tied"]
+FAMILIES = ["llama3_gqa", "qwen2", "llama_tied", "qwen3_gqa", "gemma2", "gemma3", "phi3", "bloom"]
+SOME_TARGETS = {"phi3": ("qkv_proj", "down_proj"), "bloom": ("query_key_value", "dense_4h_to_h")}
+"""A partial target list per family (the Llama names for the others)."""
 
 
 def _randomise_adapters(model, seed=0):
@@ -33,12 +36,16 @@ def _assert_logits_close(got, expected):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-SPECS = [LoRASpec(4, 8.0), LoRASpec(2, 3.0, targets=("q_proj", "v_proj", "down_proj"), rslora=True)]
+def _spec(kind: str, family: str) -> LoRASpec:
+    if kind == "all":
+        return LoRASpec(4, 8.0)
+    return LoRASpec(2, 3.0, targets=SOME_TARGETS.get(family, ("q_proj", "v_proj", "down_proj")), rslora=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("spec", SPECS, ids=["all", "some-rslora"])
-def test_packtune_adapter_loads_in_peft(tmp_path, family, spec):
+@pytest.mark.parametrize("kind", ["all", "some-rslora"])
+def test_packtune_adapter_loads_in_peft(tmp_path, family, kind):
+    spec = _spec(kind, family)
     base_dir = save_hf_model(family, tmp_path / "base")
     model = load_pretrained(base_dir, dtype=torch.float32)
     apply_lora(model, spec)
@@ -68,7 +75,7 @@ def test_peft_adapter_loads_in_packtune_and_merges(tmp_path, family):
 
     model = load_pretrained(base_dir, dtype=torch.float32)
     spec = load_adapter_into(model, tmp_path / "adapter")
-    assert spec.rank == 4 and spec.alpha == 6 and len(spec.targets) == 7
+    assert spec.rank == 4 and spec.alpha == 6 and sorted(spec.targets) == sorted(block_linears(model))
     with torch.no_grad():
         _assert_logits_close(model.eval()(ids), expected)
 

@@ -15,6 +15,8 @@ from model_fixtures import CONFIGS as MODEL_CONFIGS
 from model_fixtures import save_hf_model
 
 from packtune.cli import main
+from packtune.lora import read_adapter
+from packtune.lora.apply import block_linears
 from packtune.model.config import ModelArgs
 from packtune.model.hf_io import load_pretrained
 
@@ -78,11 +80,30 @@ def test_family_trains_two_steps(tmp_path, shared, capsys, family):
     assert final.args.sliding_window == original.args.sliding_window
 
 
-def test_lora_on_bloom_is_refused_by_name(tmp_path, shared, capsys):
-    """BLOOM's projections are not the Llama names LoRA targets: a clear error, no traceback."""
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_trains_two_lora_steps_and_exports_its_adapter(tmp_path, shared, capsys, family):
+    """[lora] on every family adapts its own blocks' linears (Phi-3's fused qkv_proj, BLOOM's
+    query_key_value, ...): the base stays as loaded, only the adapters change, under PEFT's names."""
+    model_dir = save_hf_model(FAMILIES[family], tmp_path / "model", vocab_size=600)
+    out = tmp_path / "run"
+    overrides = [*_overrides(model_dir, shared, tmp_path, out), "lora.rank=4", "train.lr=1e-2"]
+    assert main(["train", str(DEMO), *[a for o in overrides for a in ("--set", o)]]) == 0
+    stdout = capsys.readouterr().out
+    linears = block_linears(load_pretrained(model_dir))
+    assert f"lora: rank 4, alpha 16 (scale 4) on {2 * len(linears)} linears ({', '.join(linears)})" in stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    spec, tensors = read_adapter(out / "final")
+    assert sorted(spec.targets) == sorted(linears) and len(tensors) == 2 * 2 * len(linears)
+    assert any(t.abs().sum() > 0 for name, t in tensors.items() if name.endswith("lora_B"))
+
+
+def test_lora_target_missing_from_the_family_is_refused_by_name(tmp_path, shared, capsys):
+    """BLOOM's blocks have no q_proj: a clear error naming their linears, no traceback."""
     model_dir = save_hf_model("bloom", tmp_path / "model", vocab_size=600)
-    overrides = [*_overrides(model_dir, shared, tmp_path, tmp_path / "run"), "lora.rank=4"]
+    overrides = [*_overrides(model_dir, shared, tmp_path, tmp_path / "run"), "lora.rank=4",
+                 'lora.targets=["q_proj", "v_proj"]']
     assert main(["train", str(DEMO), *[a for o in overrides for a in ("--set", o)]]) == 2
     err = capsys.readouterr().err
-    assert "[lora] is not supported for bloom models" in err and "query_key_value" in err
+    assert "bloom blocks have no q_proj, v_proj projection" in err and "query_key_value" in err
     assert "Traceback" not in err
