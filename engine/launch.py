@@ -17,6 +17,7 @@ import torch
 from packtune.config import Config, ConfigError
 from packtune.data.packing import LOSS_WEIGHTINGS, PACKING_STRATEGIES
 from packtune.data.sources import resolve_sources
+from packtune.lora.apply import base_bytes
 from packtune.lora.training import check_lora_run, lora_preparer, lora_summary
 from packtune.parallel import DistContext
 from packtune.reporters import check_reporters
@@ -129,10 +130,14 @@ def export_model(trainer, cfg: Config) -> Path | None:
     (a LoRA run: the PEFT adapter and/or the merged model, as `train.export` says)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from packtune.lora.sharded_nf4 import gather_full_state, nf4_weights
     from packtune.lora.training import lora_enabled
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(trainer.module, options=options)
+    if nf4_weights(trainer.module):  # QLoRA: torch's gather cannot all-gather NF4 shards
+        state = gather_full_state(trainer.module, keep=trainer.dist_ctx.is_main)
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(trainer.module, options=options)
     if not trainer.dist_ctx.is_main:
         return None
     state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
@@ -195,8 +200,7 @@ def run_training(cfg: Config) -> Path | None:
         sampler, eval_sampler = build_samplers(cfg, dist_ctx)
         prepare = lora_preparer(cfg, dist_ctx.device, sharded=dist_ctx.mesh is not None)
         model, load_weights = load_model(cfg.model.path, torch.float32, dist_ctx, prepare)
-        if prepare is not None and dist_ctx.is_main:
-            print(lora_summary(cfg, model, dist_ctx.device), flush=True)
+        whole_base = base_bytes(model) if prepare is not None else 0  # before sharding: the whole base
         for s in (sampler, eval_sampler):
             if s is not None:
                 check_token_ids(s.rows.dataset, model.args.vocab_size, cfg.data.tokenizer or cfg.model.path)
@@ -209,6 +213,8 @@ def run_training(cfg: Config) -> Path | None:
         trainer = Trainer(cfg.train, model, sampler, dist_ctx, eval_sampler=eval_sampler,
                           generation_eval=generation_eval, flops_per_token=model.args.num_flops_per_token,
                           load_weights=load_weights, mixed_precision=mixed_precision, reporters=reporters)
+        if prepare is not None and dist_ctx.is_main:
+            print(lora_summary(cfg, model, dist_ctx.device, whole_base, dist_ctx.world_size), flush=True)
         resumed = trainer.resume()
         if resumed is not None and dist_ctx.is_main:
             print(f"resumed from {resumed} at step {trainer.step}", flush=True)
@@ -266,14 +272,22 @@ def load_model(path: str, dtype: torch.dtype, dist_ctx: DistContext, prepare=Non
         model = prepare(model)
 
     def load_weights(module: torch.nn.Module) -> None:
+        from packtune.lora.sharded_nf4 import load_nf4_weights, nf4_weights
+
         full = {}
         if dist_ctx.is_main:
             loaded = load_pretrained(path, dtype=dtype)
             if prepare is not None:
                 loaded = prepare(loaded)
             full = {f"model.{k}": v for k, v in loaded.state_dict().items()}
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        # QLoRA: torchao's NF4 tensor cannot be broadcast; rank 0 holds those weights dense and
+        # every rank quantises them (packtune.lora.sharded_nf4). The rest is broadcast as usual.
+        nf4 = nf4_weights(module)
+        dense = {name: full.pop(name) for name in nf4 if dist_ctx.is_main}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not nf4)
         set_model_state_dict(module, full, options=options)
+        if nf4:
+            load_nf4_weights(module, dense, dist_ctx.device)
 
     return model, load_weights
 

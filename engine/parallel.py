@@ -24,6 +24,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from packtune.lora.apply import is_nf4
+
 
 @dataclass
 class DistContext:
@@ -144,13 +146,16 @@ def parallelize(
     policy = MixedPrecisionPolicy()
     if mixed_precision:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # On one rank FSDP2 (torch 2.13) unshards a tensor subclass from its first all-gather input
+    # only, and torchao's NF4 tensor has three: there the NF4 weights stay whole, outside FSDP.
+    ignored = {p for p in root.parameters() if is_nf4(p)} if dist_ctx.world_size == 1 else None
     for block in blocks:
-        fully_shard(block, mesh=dist_ctx.mesh, mp_policy=policy)
+        fully_shard(block, mesh=dist_ctx.mesh, mp_policy=policy, ignored_params=ignored)
     # The root's inputs include the float `num_items` count, which must not be rounded to bf16.
     root_policy = MixedPrecisionPolicy(
         param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, cast_forward_inputs=False
     )
-    fully_shard(root, mesh=dist_ctx.mesh, mp_policy=root_policy)
+    fully_shard(root, mesh=dist_ctx.mesh, mp_policy=root_policy, ignored_params=ignored)
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from packtune.config import ConfigError, LoRAConfig, _suggest
 from packtune.kernels import geglu
@@ -138,7 +139,10 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """The LoRA linears by their state-dict names (without the prefix activation checkpointing's
+    wrapper adds to module names and removes from state dicts)."""
+    return {name.replace("_checkpoint_wrapped_module.", ""): m for name, m in model.named_modules()
+            if isinstance(m, LoRALinear)}
 
 
 def is_lora_model(model: nn.Module) -> bool:
@@ -168,13 +172,14 @@ def convert_base(model: nn.Module, storage: torch.dtype | str, nf4_others: torch
         storage = nf4_others
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            if not p.requires_grad and p.is_floating_point() and p.dtype != storage and not _is_nf4(p):
+            if not p.requires_grad and p.is_floating_point() and p.dtype != storage and not is_nf4(p):
                 setattr(module, name, nn.Parameter(p.to(storage), requires_grad=False))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 
 
-def _is_nf4(p: torch.Tensor) -> bool:
+def is_nf4(p: torch.Tensor) -> bool:
+    """A torchao NF4Tensor (QLoRA's base weight)."""
     return hasattr(p, "get_original_weight")
 
 
@@ -186,19 +191,28 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def base_bytes(model: nn.Module) -> int:
-    """Bytes the frozen parameters take (NF4 weights at their packed size)."""
+    """Bytes the frozen parameters take in this process (NF4 weights at their packed size; a
+    sharded parameter counts this rank's shard)."""
     from packtune.lora.qlora import nf4_bytes
 
     seen = {id(p): p for p in model.parameters() if not p.requires_grad}
-    return sum(nf4_bytes(p) if _is_nf4(p) else p.numel() * p.element_size() for p in seen.values())
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in seen.values()]
+    return sum(nf4_bytes(p) if is_nf4(p) else p.numel() * p.element_size() for p in local)
 
 
-def describe(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str) -> str:
-    """The line the run prints before step 1: adapters, trainable / total parameters, base memory."""
+def describe(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str, whole_base: int | None = None,
+             world_size: int = 1) -> str:
+    """The line the run prints before step 1: adapters, trainable / total parameters, base memory.
+
+    Sharded (`world_size` > 1, `model` holding this rank's shards): `whole_base` is the whole base's
+    bytes (measured before sharding) and the line adds what this rank holds."""
     trainable, total = parameter_counts(model)
     name = storage if isinstance(storage, str) else str(storage).removeprefix("torch.")
     n, targets = len(lora_modules(model)), ", ".join(spec.for_model(model).targets)
+    base = f"frozen base {(base_bytes(model) if whole_base is None else whole_base) / 2**20:.1f} MiB ({name})"
+    if world_size > 1:
+        base += (f" in all, {base_bytes(model) / 2**20:.1f} MiB on rank {torch.distributed.get_rank()} "
+                 f"(sharded over {world_size} ranks)")
     return (f"lora: rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}) on {n} "
             f"linears ({targets}); trainable {trainable:,} of {total:,} parameters "
-            f"({100 * trainable / max(total, 1):.2f}%); "
-            f"frozen base {base_bytes(model) / 2**20:.1f} MiB ({name})")
+            f"({100 * trainable / max(total, 1):.2f}%); {base}")

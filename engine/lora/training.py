@@ -3,7 +3,9 @@
 One process: the loaded model gets its adapters at once (A from a generator seeded by
 `train.seed`, or the weights of `lora.init_from`). Sharded: the meta model gets meta adapters,
 and rank 0 builds the same adapters on its full copy, whose state it broadcasts, so every world
-size starts from identical adapters.
+size starts from identical adapters. Sharded QLoRA: the meta model holds meta NF4 weights (FSDP
+shards them), rank 0's copy dense bf16 ones, which `packtune.lora.sharded_nf4` broadcasts and
+quantises on every rank.
 """
 
 from __future__ import annotations
@@ -56,14 +58,6 @@ def lora_preparer(cfg: Config, device: torch.device, sharded: bool):
         return None
     spec = LoRASpec.from_config(cfg.lora)
     storage = base_dtype(cfg.lora.base_dtype, device)
-    if storage == "nf4" and sharded:
-        # FSDP2 itself shards torchao's NF4Tensor (its fsdp pre/post all-gather hooks work on gloo too),
-        # but a sharded run loads by rank 0 broadcasting the full state dict, and torchao 0.18 refuses
-        # that collective: "NF4Tensor dispatch: attempting to run c10d.broadcast_.default, this is not
-        # supported". Quantising each rank's local shard after a bf16 broadcast would avoid it.
-        raise ConfigError("lora.base_dtype = \"nf4\" runs in one process without FSDP for now: sharded runs "
-                          "load by broadcasting the base from rank 0, which torchao's NF4 tensor does not "
-                          "support (c10d.broadcast_); use base_dtype = \"bfloat16\" when sharding")
 
     def prepare(model: nn.Module) -> nn.Module:
         on_meta = any(p.is_meta for p in model.parameters())
@@ -77,7 +71,15 @@ def lora_preparer(cfg: Config, device: torch.device, sharded: bool):
                 raise ConfigError(f"lora.init_from: the adapter in {cfg.lora.init_from} adapts "
                                   f"{', '.join(adapter.targets)} but [lora] targets {', '.join(ours)} of "
                                   f"this model; set lora.targets = {list(adapter.targets)}")
-        apply_lora(model, spec, storage, generator, nf4_others=base_dtype("auto", device))
+        # Sharded QLoRA: rank 0's full copy keeps the NF4 weights dense (in the dtype of the other
+        # frozen weights) to broadcast them; every rank quantises them itself (packtune.lora.sharded_nf4).
+        dense_copy = storage == "nf4" and sharded and not on_meta
+        others = base_dtype("auto", device)
+        apply_lora(model, spec, others if dense_copy else storage, generator, nf4_others=others)
+        if storage == "nf4" and sharded and on_meta:
+            from packtune.lora.sharded_nf4 import check_nf4_shardable
+
+            check_nf4_shardable(model, torch.distributed.get_world_size())
         if cfg.lora.init_from and not on_meta:
             load_adapter_weights(model, tensors, Path(cfg.lora.init_from))
         return model
@@ -85,7 +87,9 @@ def lora_preparer(cfg: Config, device: torch.device, sharded: bool):
     return prepare
 
 
-def lora_summary(cfg: Config, model: nn.Module, device: torch.device) -> str:
+def lora_summary(cfg: Config, model: nn.Module, device: torch.device, whole_base: int | None = None,
+                 world_size: int = 1) -> str:
+    """The run's lora line (see `describe`; sharded: `model` holds this rank's shards)."""
     spec = LoRASpec.from_config(cfg.lora)
-    line = describe(model, spec, base_dtype(cfg.lora.base_dtype, device))
+    line = describe(model, spec, base_dtype(cfg.lora.base_dtype, device), whole_base, world_size)
     return line + (f"; adapters from {cfg.lora.init_from}" if cfg.lora.init_from else "")

@@ -1,6 +1,7 @@
-"""LoRA under FSDP2: two gloo ranks (meta model, rank 0 broadcasting base and initial adapters,
-activation checkpointing) train exactly like one process; only adapters are in the optimizer and
-the checkpoint, and the sharded checkpoint resumes in one process."""
+"""LoRA and QLoRA under FSDP2: two gloo ranks (meta model, rank 0 broadcasting base and initial
+adapters, every rank quantising an NF4 base itself, activation checkpointing) train exactly like
+one process; only adapters are in the optimizer and the checkpoint, the exported adapter is the
+same, and the sharded checkpoint resumes in one process."""
 
 import json
 import os
@@ -14,31 +15,44 @@ from toy_training import ListSampler, tiny_llama
 
 from packtune.config import Config, LoRAConfig
 from packtune.launch import export_model, load_model
-from packtune.lora import read_adapter
-from packtune.lora.training import lora_preparer
-from packtune.model.hf_io import save_pretrained
+from packtune.lora import merged_state_dict, read_adapter
+from packtune.lora.apply import base_bytes
+from packtune.lora.sharded_nf4 import nf4_weights
+from packtune.lora.training import lora_preparer, lora_summary
+from packtune.model.hf_io import load_pretrained, save_pretrained
 from packtune.parallel import init_distributed, shutdown
 from packtune.train import Trainer
 
 STEPS = 5
-LORA = LoRAConfig(rank=4, alpha=8.0, targets=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+# QLoRA: FSDP shards NF4 weights only evenly, so every layer needs >= 2 groups of 256 scale blocks
+NF4_DIMS = dict(hidden_size=256, intermediate_size=512, head_dim=64)
 
 
-def run_config(output_dir, **overrides) -> Config:
-    return Config(train=config(output_dir, **overrides), lora=LORA)
+def run_config(output_dir, base_dtype: str, **overrides) -> Config:
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=TARGETS, base_dtype=base_dtype)
+    return Config(train=config(output_dir, **overrides), lora=lora)
 
 
-def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str, base_dtype: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist_ctx = init_distributed("cpu")
     torch.manual_seed(0)
     steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps("token")]
-    cfg = run_config(output_dir, activation_checkpointing=True, save_every=STEPS)
+    cfg = run_config(output_dir, base_dtype, activation_checkpointing=True, save_every=STEPS, export="both")
     prepare = lora_preparer(cfg, dist_ctx.device, sharded=True)
     model, load_weights = load_model(model_dir, torch.float32, dist_ctx, prepare)
+    whole_base = base_bytes(model)
     trainer = Trainer(cfg.train, model, ListSampler(steps), dist_ctx, load_weights=load_weights)
+    assert bool(nf4_weights(trainer.module)) == (base_dtype == "nf4")
+    # each rank holds half the base (plus an odd row, or NF4's replicated lookup table and mean)
+    assert abs(base_bytes(model) - whole_base / 2) <= 1024
+    line = lora_summary(cfg, model, dist_ctx.device, whole_base, world)
+    name = "nf4" if base_dtype == "nf4" else "float32"
+    assert (f"frozen base {whole_base / 2**20:.1f} MiB ({name}) in all, {base_bytes(model) / 2**20:.1f} MiB "
+            f"on rank {rank} (sharded over 2 ranks)") in line
     assert trainer.fit() == STEPS
     export_model(trainer, cfg)
     shutdown(dist_ctx)
@@ -50,15 +64,19 @@ def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str) -
 
 
 @pytest.mark.slow
-def test_two_fsdp_ranks_equal_one_process_with_lora(tmp_path):
+@pytest.mark.parametrize("base_dtype", ["auto", "nf4"])
+def test_two_fsdp_ranks_equal_one_process_with_lora(tmp_path, base_dtype):
+    if base_dtype == "nf4":
+        pytest.importorskip("torchao")
     os.environ["OMP_NUM_THREADS"] = "1"
-    model_dir = save_pretrained(tiny_llama(tied=True), tmp_path / "model")
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "fsdp"), str(model_dir)), nprocs=2)
+    model = tiny_llama(tied=True, **(NF4_DIMS if base_dtype == "nf4" else {}))
+    model_dir = save_pretrained(model, tmp_path / "model")
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "fsdp"), str(model_dir), base_dtype), nprocs=2)
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dist_ctx = init_distributed("cpu")
-    cfg = run_config(tmp_path / "single")
+    cfg = run_config(tmp_path / "single", base_dtype)
     prepare = lora_preparer(cfg, dist_ctx.device, sharded=False)
     model, _ = load_model(str(model_dir), torch.float32, dist_ctx, prepare)
     single = Trainer(cfg.train, model, ListSampler(global_steps("token")), dist_ctx)
@@ -79,6 +97,12 @@ def test_two_fsdp_ranks_equal_one_process_with_lora(tmp_path):
     assert exported.keys() == reference.keys()
     for name, value in reference.items():
         torch.testing.assert_close(exported[name], value.detach(), rtol=0, atol=1e-5, msg=name)
+    # the merged export gathers the base from the shards (an NF4 base dequantised): the same model
+    merged = load_pretrained(tmp_path / "fsdp" / "final-merged").state_dict()
+    expected = merged_state_dict(single.model, single.model.state_dict())
+    assert merged.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value.float(), rtol=0, atol=1e-5, msg=name)
 
     prepare = lora_preparer(cfg, dist_ctx.device, sharded=False)
     resumed_model, _ = load_model(str(model_dir), torch.float32, dist_ctx, prepare)

@@ -122,11 +122,17 @@ def test_lora_defaults_are_full_fine_tuning():
     check_lora_run(cfg)
 
 
-def test_qlora_under_fsdp_is_refused_with_the_reason():
-    from packtune.config import LoRAConfig
-    from packtune.lora.training import lora_preparer
+def test_nf4_base_that_fsdp_cannot_split_evenly_is_refused_by_name():
+    pytest.importorskip("torchao")
+    from packtune.lora.sharded_nf4 import check_nf4_shardable
 
-    cfg = Config(lora=LoRAConfig(rank=4, alpha=8.0, base_dtype="nf4"))
-    with pytest.raises(ConfigError, match=r"torchao's NF4 tensor does not support \(c10d.broadcast_\)"):
-        lora_preparer(cfg, torch.device("cpu"), sharded=True)
-    assert lora_preparer(cfg, torch.device("cpu"), sharded=False) is not None
+    toy = tiny_llama()  # q_proj [32, 32]: 16 blocks of 64, one group of quantised scales
+    apply_lora(toy, LoRASpec(4, 8.0), "nf4")
+    with pytest.raises(ConfigError, match=r"over 2 ranks: model.layers.0.self_attn.q_proj.weight \(32, 32\) "
+                                          r"has 32 rows and 1 groups"):
+        check_nf4_shardable(toy, 2)
+    wide = tiny_llama(hidden_size=256, intermediate_size=512, head_dim=64)
+    apply_lora(wide, LoRASpec(4, 8.0), "nf4")
+    check_nf4_shardable(wide, 2)
+    with pytest.raises(ConfigError, match="over 3 ranks"):
+        check_nf4_shardable(wide, 3)

@@ -62,14 +62,15 @@ class ToyLM(nn.Module):
         return self.model.norm(x)
 
 
-def tiny_llama(*, tied: bool = False, seed: int = 0, vocab: int = 37):
-    """The real packtune Llama at toy size (GQA, optionally tied embeddings), randomly initialised."""
+def tiny_llama(*, tied: bool = False, seed: int = 0, vocab: int = 37, **dims):
+    """The real packtune Llama at toy size (GQA, optionally tied embeddings), randomly initialised;
+    `dims` (hidden_size, intermediate_size, head_dim, ...) replace the toy ones."""
     from packtune.model.config import ModelArgs
     from packtune.model.llama import LlamaForCausalLM
 
-    args = ModelArgs(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                     tie_word_embeddings=tied)
+    toy = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    args = ModelArgs(vocab_size=vocab, tie_word_embeddings=tied, **{**toy, **dims})
     model = LlamaForCausalLM(args)
     model.init_weights(torch.Generator().manual_seed(seed))
     return model
