@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     linear_bf16 = None
     for storage in (torch.bfloat16, torch.float32, "nf4"):
         model = _model(args.layers, args.scale)
-        apply_lora(model, spec, storage)
+        apply_lora(model, spec, storage, nf4_others=torch.bfloat16)  # QLoRA's other weights as on a GPU
         linears = sum(base_bytes(m) for m in lora_modules(model).values())
         linear_bf16 = linears if storage == torch.bfloat16 else linear_bf16
         trainable, total = parameter_counts(model)

@@ -112,7 +112,7 @@ def base_dtype(name: str, device: torch.device) -> torch.dtype | str:
 
 
 def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | None = None,
-               generator: torch.Generator | None = None, nf4_others: torch.dtype = torch.bfloat16
+               generator: torch.Generator | None = None, nf4_others: torch.dtype | None = None
                ) -> dict[str, LoRALinear]:
     """Freeze `model` and add adapters in place (on meta too); returns the LoRA modules by name.
 
@@ -158,19 +158,19 @@ def init_lora(model: nn.Module, generator: torch.Generator | None = None) -> Non
 
 
 @torch.no_grad()
-def convert_base(model: nn.Module, storage: torch.dtype | str, nf4_others: torch.dtype = torch.bfloat16
+def convert_base(model: nn.Module, storage: torch.dtype | str, nf4_others: torch.dtype | None = None
                  ) -> None:
     """Store every frozen floating-point parameter in `storage`; "nf4" quantises the LoRA bases'
-    weights and stores the other frozen parameters (embeddings, norms, lm_head) in `nf4_others`, the
-    dtype the model computes in: bf16 on GPU, fp32 on CPU (`packtune train` passes it), where
-    torch's bf16 matmuls keep memory per distinct row length (oneDNN; it grows with packed rows)."""
+    weights and stores the other frozen parameters (embeddings, norms, lm_head) in `nf4_others`
+    (None: as they are). `packtune train` passes the dtype it computes in: bf16 on GPU, fp32 on CPU,
+    where torch's bf16 matmuls keep memory per distinct row length (oneDNN; it grows with packed rows)."""
     if storage == "nf4":
         from packtune.lora.qlora import to_nf4
 
         for module in lora_modules(model).values():
             module.weight = nn.Parameter(to_nf4(module.weight), requires_grad=False)
         storage = nf4_others
-    for module in model.modules():
+    for module in model.modules() if storage is not None else ():
         for name, p in list(module.named_parameters(recurse=False)):
             if not p.requires_grad and p.is_floating_point() and p.dtype != storage and not is_nf4(p):
                 setattr(module, name, nn.Parameter(p.to(storage), requires_grad=False))

@@ -118,7 +118,7 @@ def test_lora_run_resumes_identically_and_exports_for_peft(tmp_path, assets, fam
     load_adapter_into(ours, out / "final", "nf4" if base_dtype == "nf4" else None)
     assert any(p.abs().max() > 0 for n, p in ours.named_parameters() if "lora_B" in n)  # it trained
     # QLoRA: PEFT's base holds the weights packtune's model computes with (NF4 dequantised, the other
-    # frozen weights bf16); both compute in fp32 (the bf16 weights upcast exactly)
+    # frozen weights as loaded: fp32 on a CPU); both compute in fp32 (the bf16 values upcast exactly)
     base_dir = assets[family] if base_dtype != "nf4" else dequantised_base(ours, tmp_path / "dequantised")
     convert_base(ours, torch.float32)
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
