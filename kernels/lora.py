@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 
 from packtune.kernels._dispatch import launch_device, register_op, resolve_backend, triton_interpreted
-from packtune.kernels._triton import tl, triton
+from packtune.kernels._triton import _dot, tl, triton
+from packtune.kernels.nf4_matmul import base_matmul, base_matmul_dx, dense_weight
 
 __all__ = ["LoRALinearFunction", "dense_weight", "dropout_mask", "lora_linear", "lora_linear_ref"]
 
@@ -40,22 +41,6 @@ register_op("lora_linear", ("triton", "torch"))
 
 _BLOCK_ROWS = 32
 _BLOCK_COLS = 64
-
-
-def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` as a plain tensor of `dtype`: dequantises a torchao NF4 tensor, casts otherwise."""
-    if hasattr(weight, "get_original_weight"):  # torchao NF4Tensor
-        return weight.get_original_weight().to(dtype)
-    return weight.to(dtype)
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b, fp32 accumulation; fp32 operands in full precision (not tf32). UPCAST computes
-    bf16/fp16 operands in fp32 (the interpreter's tl.dot is wrong on bf16)."""
-    if UPCAST or a.dtype == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b.to(a.dtype), acc)
 
 
 @triton.jit
@@ -210,17 +195,11 @@ def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return base + scale * update.view(*x.shape[:-1], -1)
 
 
-def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b in x's dtype: one GEMM (cuBLAS / BLAS), the bias added by addmm."""
-    w = dense_weight(weight, x.dtype)
-    return torch.addmm(bias.to(x.dtype), x, w.t()) if bias is not None else x @ w.t()
-
-
 def lora_forward(x: torch.Tensor, lin: tuple, scale: float, p: float, seed: int, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x W^T + b + s u B^T, u) with u = drop(x) A^T, for x [N, in] contiguous rows."""
     weight, bias, lora_a, lora_b = lin
-    y = base_linear(x, weight, bias)
+    y = base_matmul(x, weight, bias, backend)
     if backend == "triton":
         u = lora_down(x, lora_a, p, seed)
         return lora_up_add_(y, u, lora_b, scale), u
@@ -237,14 +216,16 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, lin: tuple
     du = (dy @ lora_b.to(dtype)).mul_(scale)
     if backend == "triton":
         da = lora_da(du, x, p, seed).to(lora_a.dtype) if need_da else None
-        dx = lora_up_add_(dy @ dense_weight(weight, dtype), du, lora_a.t(), 1.0, p, seed) if need_dx else None
+        dx = None
+        if need_dx:
+            dx = lora_up_add_(base_matmul_dx(dy, weight, backend), du, lora_a.t(), 1.0, p, seed)
         return dx, da, db
     mask = dropout_mask(x.shape, p, seed, x.device, dtype) if p else None
     da = (du.t() @ (x if mask is None else x * mask)).to(lora_a.dtype) if need_da else None
     dx = None
     if need_dx:
         lora_dx = du @ lora_a.to(dtype)
-        dx = dy @ dense_weight(weight, dtype)
+        dx = base_matmul_dx(dy, weight, backend)
         dx += lora_dx if mask is None else lora_dx.mul_(mask)
     return dx, da, db
 
