@@ -10,11 +10,13 @@ B [out, r], s the LoRA scale. With u = drop(x) A^T ([N, r], tiny) and g = dy:
 
 Forward saves x and u only (PEFT's eager lora.Linear also keeps the dropout output and the
 separate base and LoRA outputs). The base weight gets no gradient: no [out, in] buffer is ever
-allocated besides W itself (dequantised per call when it is NF4, never saved).
+allocated besides W itself (an NF4 W is dequantised in registers by nf4_matmul.py's kernels on
+`triton`, per call elsewhere; never saved).
 
 Backends (`lora_linear` op): the big GEMMs (x W^T, g W, g^T u, g B) are torch.matmul everywhere
-(cuBLAS / BLAS run them at peak). `triton` (CUDA) fuses the small parts around them: u = drop(x)
-A^T in one pass over x with the dropout mask drawn inside the kernel (`tl.rand`), the update
+(cuBLAS / BLAS run them at peak), but for x W^T and g W over an NF4 W on `triton`. `triton`
+(CUDA) fuses the small parts around them: u = drop(x) A^T in one pass over x with the dropout
+mask drawn inside the kernel (`tl.rand`), the update
 added into the base output tile (`y += s u B^T`, no [N, out] temporary), dA = du^T drop(x) with
 the mask redrawn, and dx += drop'(du A) in place. `torch` (CPU, and the fp64 reference path)
 does the same with torch ops: `addmm_` in place, the mask a tensor drawn from a torch Generator.

@@ -7,7 +7,8 @@ h = act(g) * u (the down projection's input) is recomputed in the backward, as i
 PEFT's eager MLP keeps g, act(g), u, h and the dropout outputs: four [N, I] tensors where this
 keeps two. Frozen bases get no gradient; only x, the A and the B matrices do.
 
-Backends (`lora_mlp` op): the six big GEMMs are torch.matmul everywhere. `triton` (CUDA) also
+Backends (`lora_mlp` op): the six big GEMMs are torch.matmul everywhere (but the base GEMMs over
+NF4 weights on `triton`: nf4_matmul.py). `triton` (CUDA) also
 fuses the gate: one kernel adds both LoRA updates into the gate and up base outputs and writes
 h = act(g) * u (forward); one adds the down projection's drop'(du A) into dh and applies the
 activation's backward, writing dgate and dup (backward). `torch` (CPU) composes torch ops with
