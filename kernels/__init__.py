@@ -16,6 +16,9 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
     lora_linear, lora_mlp
         torch GEMMs on every device; on CUDA Triton kernels fuse the LoRA parts around them
         (dropout from a seed, the update added into the output tile, the MLP's gate); references beside
+    nf4_matmul
+        QLoRA's base GEMMs over a torchao NF4 weight: on CUDA Triton kernels dequantise it tile by
+        tile in registers (forward and dx); elsewhere torch dequantises the layer, then matmul
 """
 
 from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
@@ -26,6 +29,7 @@ from packtune.kernels.geglu import geglu, geglu_ref
 from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
 from packtune.kernels.lora import lora_linear, lora_linear_ref
 from packtune.kernels.lora_mlp import lora_mlp, lora_mlp_ref
+from packtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_ref
 from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
 from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
 from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
@@ -47,6 +51,8 @@ __all__ = [
     "lora_linear_ref",
     "lora_mlp",
     "lora_mlp_ref",
+    "nf4_matmul",
+    "nf4_matmul_ref",
     "rotary",
     "rotary_ref",
     "rope_cos_sin",

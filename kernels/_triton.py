@@ -1,5 +1,7 @@
 """Triton, or a stand-in when it is not installed, so op files can define their kernels unguarded.
 
+Also the Triton helpers several op files share (`_dot`).
+
 Triton is a dependency on Linux only. Elsewhere the `@triton.jit` functions are defined as plain
 Python functions that are never launched: `_dispatch` never picks the `triton` backend without
 triton, and the `cpu` and `torch` backends still work.
@@ -21,3 +23,12 @@ except ImportError:
     tl = types.SimpleNamespace(constexpr=int)
 
 __all__ = ["triton", "tl"]
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b, fp32 accumulation; fp32 operands in full precision (not tf32). UPCAST computes
+    bf16/fp16 operands in fp32 (the interpreter's tl.dot is wrong on bf16)."""
+    if UPCAST or a.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype), acc)

@@ -10,11 +10,13 @@ B [out, r], s the LoRA scale. With u = drop(x) A^T ([N, r], tiny) and g = dy:
 
 Forward saves x and u only (PEFT's eager lora.Linear also keeps the dropout output and the
 separate base and LoRA outputs). The base weight gets no gradient: no [out, in] buffer is ever
-allocated besides W itself (dequantised per call when it is NF4, never saved).
+allocated besides W itself (an NF4 W is dequantised in registers by nf4_matmul.py's kernels on
+`triton`, per call elsewhere; never saved).
 
 Backends (`lora_linear` op): the big GEMMs (x W^T, g W, g^T u, g B) are torch.matmul everywhere
-(cuBLAS / BLAS run them at peak). `triton` (CUDA) fuses the small parts around them: u = drop(x)
-A^T in one pass over x with the dropout mask drawn inside the kernel (`tl.rand`), the update
+(cuBLAS / BLAS run them at peak), but for x W^T and g W over an NF4 W on `triton`. `triton`
+(CUDA) fuses the small parts around them: u = drop(x) A^T in one pass over x with the dropout
+mask drawn inside the kernel (`tl.rand`), the update
 added into the base output tile (`y += s u B^T`, no [N, out] temporary), dA = du^T drop(x) with
 the mask redrawn, and dx += drop'(du A) in place. `torch` (CPU, and the fp64 reference path)
 does the same with torch ops: `addmm_` in place, the mask a tensor drawn from a torch Generator.
@@ -32,7 +34,8 @@ from __future__ import annotations
 import torch
 
 from packtune.kernels._dispatch import launch_device, register_op, resolve_backend, triton_interpreted
-from packtune.kernels._triton import tl, triton
+from packtune.kernels._triton import _dot, tl, triton
+from packtune.kernels.nf4_matmul import base_matmul, base_matmul_dx, dense_weight
 
 __all__ = ["LoRALinearFunction", "dense_weight", "dropout_mask", "lora_linear", "lora_linear_ref"]
 
@@ -40,22 +43,6 @@ register_op("lora_linear", ("triton", "torch"))
 
 _BLOCK_ROWS = 32
 _BLOCK_COLS = 64
-
-
-def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` as a plain tensor of `dtype`: dequantises a torchao NF4 tensor, casts otherwise."""
-    if hasattr(weight, "get_original_weight"):  # torchao NF4Tensor
-        return weight.get_original_weight().to(dtype)
-    return weight.to(dtype)
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b, fp32 accumulation; fp32 operands in full precision (not tf32). UPCAST computes
-    bf16/fp16 operands in fp32 (the interpreter's tl.dot is wrong on bf16)."""
-    if UPCAST or a.dtype == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b.to(a.dtype), acc)
 
 
 @triton.jit
@@ -210,17 +197,11 @@ def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return base + scale * update.view(*x.shape[:-1], -1)
 
 
-def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b in x's dtype: one GEMM (cuBLAS / BLAS), the bias added by addmm."""
-    w = dense_weight(weight, x.dtype)
-    return torch.addmm(bias.to(x.dtype), x, w.t()) if bias is not None else x @ w.t()
-
-
 def lora_forward(x: torch.Tensor, lin: tuple, scale: float, p: float, seed: int, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x W^T + b + s u B^T, u) with u = drop(x) A^T, for x [N, in] contiguous rows."""
     weight, bias, lora_a, lora_b = lin
-    y = base_linear(x, weight, bias)
+    y = base_matmul(x, weight, bias, backend)
     if backend == "triton":
         u = lora_down(x, lora_a, p, seed)
         return lora_up_add_(y, u, lora_b, scale), u
@@ -237,21 +218,19 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, u: torch.Tensor, lin: tuple
     weight, _, lora_a, lora_b = lin
     dtype = dy.dtype
 
-    def base_dx() -> torch.Tensor:
-        w = dense_weight(weight, dtype)
-        return dy @ w if dx_into is None else dx_into.addmm_(dy, w)
-
     db = (dy.t() @ u).mul_(scale).to(lora_b.dtype) if need_db else None
     du = (dy @ lora_b.to(dtype)).mul_(scale)
     if backend == "triton":
         da = lora_da(du, x, p, seed).to(lora_a.dtype) if need_da else None
-        dx = lora_up_add_(base_dx(), du, lora_a.t(), 1.0, p, seed) if need_dx else None
+        dx = None
+        if need_dx:
+            dx = lora_up_add_(base_matmul_dx(dy, weight, backend, dx_into), du, lora_a.t(), 1.0, p, seed)
         return dx, da, db
     mask = dropout_mask(x.shape, p, seed, x.device, dtype) if p else None
     da = (du.t() @ (x if mask is None else x * mask)).to(lora_a.dtype) if need_da else None
     dx = None
     if need_dx:
-        dx = base_dx()
+        dx = base_matmul_dx(dy, weight, backend, dx_into)
         if mask is None:
             dx.addmm_(du, lora_a.to(dtype))  # in place: no [N, in] temporary
         else:

@@ -7,7 +7,8 @@ h = act(g) * u (the down projection's input) is recomputed in the backward, as i
 PEFT's eager MLP keeps g, act(g), u, h and the dropout outputs: four [N, I] tensors where this
 keeps two. Frozen bases get no gradient; only x, the A and the B matrices do.
 
-Backends (`lora_mlp` op): the six big GEMMs are torch.matmul everywhere. `triton` (CUDA) also
+Backends (`lora_mlp` op): the six big GEMMs are torch.matmul everywhere (but the base GEMMs over
+NF4 weights on `triton`: nf4_matmul.py). `triton` (CUDA) also
 fuses the gate: one kernel adds both LoRA updates into the gate and up base outputs and writes
 h = act(g) * u (forward); one adds the down projection's drop'(du A) into dh and applies the
 activation's backward, writing dgate and dup (backward). `torch` (CPU) composes torch ops with
@@ -22,23 +23,21 @@ from __future__ import annotations
 import torch
 
 from packtune.kernels._dispatch import launch_device, register_op, resolve_backend, triton_interpreted
-from packtune.kernels._triton import tl, triton
+from packtune.kernels._triton import _dot, tl, triton
 from packtune.kernels.geglu import _tanh, geglu_backward, geglu_forward, geglu_ref
 from packtune.kernels.lora import (
     _BLOCK_COLS,
     _BLOCK_ROWS,
-    _dot,
     _drop,
     _rank_block,
-    base_linear,
     check_dropout,
-    dense_weight,
     lora_backward,
     lora_da,
     lora_down,
     lora_forward,
     lora_linear_ref,
 )
+from packtune.kernels.nf4_matmul import base_matmul, base_matmul_dx
 from packtune.kernels.swiglu import swiglu_backward, swiglu_forward, swiglu_ref
 
 __all__ = ["ACTIVATIONS", "LoRAMLPFunction", "lora_mlp", "lora_mlp_ref"]
@@ -139,7 +138,7 @@ def _tiles(n_rows: int, n_cols: int) -> tuple[int, int]:
 def _triton_gate(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, scale: float, p: float, seeds,
                  gelu: bool):
     """(g, u, h, ug, uu): the gate and up projections with their LoRA updates, and h = act(g) * u."""
-    g, u = base_linear(x, gate[0], gate[1]), base_linear(x, up[0], up[1])
+    g, u = base_matmul(x, *gate[:2], "triton"), base_matmul(x, *up[:2], "triton")
     ug, uu = lora_down(x, gate[2], p, seeds[0]), lora_down(x, up[2], p, seeds[1])
     h = torch.empty_like(g)
     if g.numel():
@@ -199,7 +198,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             dud = (dy @ down[3].to(dy.dtype)).mul_(s)
             dad = lora_da(dud, h, p, seeds[2]).to(down[2].dtype)
             del h
-            dh = dy @ dense_weight(down[0], dy.dtype)
+            dh = base_matmul_dx(dy, down[0], backend)
             dg, du = _triton_act_grad(dh, g, u, dud, down[2], p, seeds[2], ctx.activation == "gelu_tanh")
         else:
             dh, dad, dbd = lora_backward(dy, h, ud, down, s, p, seeds[2], backend)

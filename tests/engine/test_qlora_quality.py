@@ -51,7 +51,8 @@ def test_qlora_reaches_loras_held_out_loss_on_a_real_model(tmp_path):
         out = tmp_path / base
         overrides = [f'model.path="{model_dir}"', f'data.path="{data}"', 'data.format="alpaca"',
                      f'data.tokenizer="{model_dir / "tokenizer.model"}"', "data.max_tokens=256",
-                     "data.num_workers=1", f'data.cache_dir="{tmp_path / "cache"}"', f'train.output_dir="{out}"',
+                     "data.num_workers=1", f'data.cache_dir="{tmp_path / "cache"}"',
+                     f'train.output_dir="{out}"',
                      "train.epochs=1", "train.eval_fraction=0.1", "train.eval_every=100", "train.log_every=5",
                      "train.save_every=0", "train.export=false", "lora.dropout=0.0", "lora.rank=8",
                      "lora.alpha=16", "train.lr=5e-3", f'lora.base_dtype="{base}"']

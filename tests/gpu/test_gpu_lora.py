@@ -1,5 +1,6 @@
 """The Triton LoRA linear and LoRA MLP compiled on the GPU against the float64 reference (values,
-dx, dA, dB; dropout on and off; fp32 / bf16 / fp16; odd shapes; x past 2^31 elements). Skipped
+dx, dA, dB; dropout on and off; fp32 / bf16 / fp16; odd shapes; x past 2^31 elements), and over
+NF4 bases (QLoRA, the NF4 GEMM kernels at Llama-7B widths; skipped without torchao). Skipped
 without CUDA."""
 
 import pytest
@@ -8,6 +9,7 @@ from gpu_checks import DTYPES, assert_matches
 
 from packtune.kernels.lora import lora_linear, lora_linear_ref
 from packtune.kernels.lora_mlp import lora_mlp, lora_mlp_ref
+from packtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_dx
 
 pytestmark = pytest.mark.gpu
 
@@ -22,7 +24,7 @@ def _weights(n_in, n_out, rank):
 
 def _run(fn, x, frozen, adapters, dy, dtype):
     """(y, dx, *d adapters) of fn(x, frozen..., adapters...) with x and frozen in `dtype`."""
-    x = x.to(dtype).requires_grad_()
+    x = x.detach().to(dtype).requires_grad_()  # a fresh leaf: x.to(x.dtype) would be x itself
     leaves = [t.detach().clone().requires_grad_() for t in adapters]
     y = fn(x, [t if t is None else t.to(dtype) for t in frozen], leaves)
     y.backward(dy.to(dtype))
@@ -90,3 +92,78 @@ def test_lora_linear_past_2_31_elements():
         assert torch.isfinite(g).all()
         err = (g.float() - r.float()).abs().max().item()
         assert err <= 2e-2 * r.float().abs().max().item(), err
+
+
+def _nf4(n_out, n_in):
+    """A QLoRA base weight on the GPU: torchao's NF4 tensor, quantised by packtune's `to_nf4`."""
+    pytest.importorskip("torchao", reason="the NF4 tensor is torchao's (the qlora extra)")
+    from packtune.lora.qlora import to_nf4
+
+    return to_nf4(torch.randn(n_out, n_in, device="cuda") / n_in**0.5)
+
+
+def _forbid_dense_dequantise(monkeypatch, weight):
+    """What runs after this reads the NF4 codes itself: torchao's whole-layer dequantisation fails."""
+    monkeypatch.setattr(type(weight), "get_original_weight",
+                        lambda self: pytest.fail("the NF4 weight was dequantised whole"))
+
+
+@pytest.mark.parametrize("n_out,n_in", [(11008, 4096), (4096, 11008)])
+def test_nf4_matmul_7b_widths(n_out, n_in, monkeypatch):
+    """QLoRA's base GEMMs at Llama-7B widths in bf16: the values dequantised in registers are
+    torchao's bit for bit (I deq(W)^T and I deq(W): one nonzero product per output), and y, dx
+    against float64 no worse than dequantise + matmul (odd N)."""
+    w = _nf4(n_out, n_in)
+    dense = w.get_original_weight()
+    b = torch.randn(n_out, device="cuda")
+    x, dy = torch.randn(1001, n_in, device="cuda"), torch.randn(1001, n_out, device="cuda")
+
+    def run(fn, weight, dtype):
+        x_ = x.to(dtype).requires_grad_()
+        y = fn(x_, weight, b.to(dtype))
+        y.backward(dy.to(dtype))
+        return y.detach(), x_.grad
+
+    ref = run(torch.nn.functional.linear, dense.double(), torch.float64)
+    eager = run(torch.nn.functional.linear, dense, torch.bfloat16)
+    _forbid_dense_dequantise(monkeypatch, w)
+    out = run(nf4_matmul, w, torch.bfloat16)
+    for got, e, r in zip(out, eager, ref, strict=True):
+        assert_matches(got, e, r, 1e-5, torch.bfloat16)
+    eye = torch.eye(max(n_in, n_out), device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(nf4_matmul(eye[:n_in, :n_in], w).t(), dense)
+    assert torch.equal(nf4_matmul_dx(eye[:n_out, :n_out], w), dense)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_linear_and_mlp_over_nf4_7b_widths(dropout, monkeypatch):
+    """The LoRA linear (4096 -> 11008) and LoRA MLP (4096, 11008) over NF4 bases in bf16 (values,
+    dx, dA, dB) against float64 over the dequantised bases, no worse than PyTorch over them."""
+    hidden, inter, rank, n = 4096, 11008, 16, 515
+    bases = [_nf4(inter, hidden), _nf4(inter, hidden), _nf4(hidden, inter)]
+    dense = [w.get_original_weight() for w in bases]
+    adapters = [t for n_in, n_out in ((hidden, inter), (hidden, inter), (inter, hidden))
+                for t in _weights(n_in, n_out, rank)[2:]]
+
+    def mlp(impl, weights, **kw):
+        def call(x_, _, p):
+            gate, up, down = ((weights[i], None, p[2 * i], p[2 * i + 1]) for i in range(3))
+            return impl(x_, gate, up, down, 0.5, dropout, (1, 2, 3), "silu", **kw)
+        return call
+
+    def linear(impl, weights, **kw):
+        return lambda x_, _, p: impl(x_, weights[0], None, p[0], p[1], 2.0, dropout, 77, **kw)
+
+    for call, impl, reference, n_out, n_adapters in ((mlp, lora_mlp, lora_mlp_ref, hidden, 6),
+                                                     (linear, lora_linear, lora_linear_ref, inter, 2)):
+        x, dy = (torch.randn(n, k, device="cuda", dtype=torch.float64) for k in (hidden, n_out))
+        ref = _run(call(reference, [d.double() for d in dense], mask_backend="triton"), x, (),
+                   [t.double() for t in adapters[:n_adapters]], dy, torch.float64)
+        eager = _run(call(reference, dense, mask_backend="triton"), x, (),
+                     [t.bfloat16() for t in adapters[:n_adapters]], dy, torch.bfloat16)
+        with monkeypatch.context() as patch:
+            for w in bases:
+                _forbid_dense_dequantise(patch, w)
+            out = _run(call(impl, bases), x, (), adapters[:n_adapters], dy, torch.bfloat16)
+        for got, e, r in zip(out, eager, ref, strict=True):
+            assert_matches(got, e, r, 1e-4, torch.bfloat16)
