@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results = []
     for name in models:
         config = hf_config(name)
-        flops = flops_per_token(config, shape["context"])
         for impl in impls:
+            flops = flops_per_token(config, shape["context"], LORA_RANK if impl.endswith("lora") else 0)
             padding = impl == "trl-padding"
             spec = {"impl": impl, "model": name, "init_dir": str(work / f"init_{name}"),
                     "out_dir": str(work / f"run_{name}_{impl}"), "data": str(work / "data.jsonl"),

@@ -39,17 +39,21 @@ def hf_config(name: str) -> dict[str, Any]:
             "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", **shape}
 
 
-def flops_per_token(config: dict[str, Any], context: float) -> float:
+def flops_per_token(config: dict[str, Any], context: float, lora_rank: int = 0) -> float:
     """Training FLOPs per token, as torchtitan and nanoGPT count them: 6 x the parameters the token
     passes through (every matmul weight: attention, MLP, lm_head; not the embedding lookup) plus
     12 x layers x hidden x `context` for the attention scores and their use. `context` is the
     length each token attends over: the sample's own length, since packed samples never see
-    each other. No causal discount and no recomputation, the usual MFU convention."""
+    each other. No causal discount and no recomputation, the usual MFU convention.
+
+    With `lora_rank` (adapters on all seven linears of every layer) the base is frozen: 4 x its
+    parameters (forward and the input gradient, no weight gradient) plus 6 x the adapters'."""
     h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
     params = layers * per_layer + h * config["vocab_size"]
-    return 6 * params + 12 * layers * h * context
+    adapters = layers * lora_rank * (9 * h + 2 * kv + 3 * inter)
+    return (4 if lora_rank else 6) * params + 6 * adapters + 12 * layers * h * context
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5) -> float:

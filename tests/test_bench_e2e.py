@@ -37,6 +37,8 @@ def test_flops_per_token_by_hand():
     h, layers, inter, vocab = 256, 4, 688, 32000
     params = layers * (4 * h * h + 3 * h * inter) + h * vocab
     assert flops_per_token(config, 200) == 6 * params + 12 * layers * h * 200
+    # LoRA rank 16 on all linears: PEFT counts 312,320 trainable parameters on this model
+    assert flops_per_token(config, 200, 16) == 4 * params + 6 * 312_320 + 12 * layers * h * 200
 
 
 def test_alpaca_prompt_variants():

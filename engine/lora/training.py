@@ -4,7 +4,7 @@ One process: the loaded model gets its adapters at once (A from a generator seed
 `train.seed`, or the weights of `lora.init_from`). Sharded: the meta model gets meta adapters,
 and rank 0 builds the same adapters on its full copy, whose state it broadcasts, so every world
 size starts from identical adapters. Sharded QLoRA: the meta model holds meta NF4 weights (FSDP
-shards them), rank 0's copy dense bf16 ones, which `packtune.lora.sharded_nf4` broadcasts and
+shards them), rank 0's copy dense ones, which `packtune.lora.sharded_nf4` broadcasts and
 quantises on every rank.
 """
 

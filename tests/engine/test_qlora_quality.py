@@ -45,7 +45,7 @@ def _eval_losses(out: Path) -> list[float]:
 @pytest.mark.slow
 def test_qlora_reaches_loras_held_out_loss_on_a_real_model(tmp_path):
     model_dir = real_path("stories260K")
-    data = write_jsonl(tmp_path / "stories.jsonl", story_records(80))
+    data = write_jsonl(tmp_path / "stories.jsonl", story_records(120))
     losses = {}
     for base in ("float32", "nf4"):
         out = tmp_path / base
