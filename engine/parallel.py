@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from packtune.lora.apply import is_nf4
+from packtune.kernels.nf4_matmul import is_nf4
 
 
 @dataclass

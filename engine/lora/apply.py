@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from packtune.config import ConfigError, LoRAConfig, _suggest
 from packtune.kernels import geglu
+from packtune.kernels.nf4_matmul import is_nf4
 from packtune.lora.modules import LoRALinear, LoRAMLP
 
 ALL_LINEAR = "all-linear"
@@ -177,10 +178,6 @@ def convert_base(model: nn.Module, storage: torch.dtype | str, nf4_others: torch
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 
-
-def is_nf4(p: torch.Tensor) -> bool:
-    """A torchao NF4Tensor (QLoRA's base weight)."""
-    return hasattr(p, "get_original_weight")
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

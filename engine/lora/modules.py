@@ -16,6 +16,7 @@ from torch import nn
 
 from packtune.kernels.lora import dense_weight, lora_linear
 from packtune.kernels.lora_mlp import lora_mlp
+from packtune.kernels.nf4_matmul import is_nf4
 
 
 def draw_seed() -> int:
@@ -64,7 +65,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W + scale * B A, in `dtype` (default: the base's; fp32 for an NF4 base)."""
-        dtype = dtype or (torch.float32 if hasattr(self.weight, "get_original_weight") else self.weight.dtype)
+        dtype = dtype or (torch.float32 if is_nf4(self.weight) else self.weight.dtype)
         w = dense_weight(self.weight, torch.float32)
         return (w + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(dtype)
 

@@ -21,7 +21,8 @@ from torch.distributed.tensor import DTensor
 
 from packtune.config import ConfigError
 from packtune.kernels.lora import dense_weight
-from packtune.lora.apply import is_nf4, lora_modules
+from packtune.kernels.nf4_matmul import is_nf4
+from packtune.lora.apply import lora_modules
 from packtune.lora.qlora import to_nf4
 
 
