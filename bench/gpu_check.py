@@ -11,11 +11,16 @@ Parts, each a subprocess with its own time cap (a failing part never stops the n
            reference, no host syncs in a training step, CUDA-graph capture of the loss,
            torch.compile without graph breaks, a bf16 FSDP2 step of a 1B-shaped Llama
   bench    `packtune bench ce` and `linear-ce` at Llama-3-8B shapes (N=8192, H=4096, V=128256,
-           bf16): torch eager, torch.compile, packtune, and Liger-Kernel when it imports (installed
-           from a wheel in $LIGER_WHEELS, default /work/shared/gpu/wheels, when missing)
+           bf16): torch eager, torch.compile, packtune, and Liger-Kernel when it imports
   train    `packtune train` on a random-init 1B-shaped Llama (packtune.bench.gpu_train): tokens/s, MFU
   bench_lora  `packtune bench lora` at Llama-7B widths (T=8192, bf16, ranks 16 and 64): PEFT eager and
            compiled against packtune's Triton LoRA linear / MLP; last, so it runs in what is left
+
+Optional packages the GPU Python lacks are installed first, without network or dependencies,
+from wheels in $GPU_WHEELS (default /work/shared/gpu/wheels; $LIGER_WHEELS is still read):
+liger_kernel (the bench's Liger side), torchao (the NF4 / QLoRA GPU tests, which skip without
+it) and peft (`bench lora`'s PEFT sides). A GPU session can `pip download --no-deps torchao peft
+-d DIR` on a machine with an index and carry DIR with the repository.
 
 Everything goes to one folder, $OUT if set, else gpu_check_out/: summary.txt and summary.json
 (one line / record per part), <part>.log, suite.xml (JUnit), bench/*.json|csv, train/train.json
@@ -38,7 +43,10 @@ SMOKE = os.environ.get("GPU_CHECK_SMOKE") == "1"
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(os.environ.get("OUT") or "gpu_check_out").resolve()
 TOTAL_S = float(os.environ.get("GPU_CHECK_TOTAL_S", "450"))
-LIGER_WHEELS = Path(os.environ.get("LIGER_WHEELS", "/work/shared/gpu/wheels"))
+GPU_WHEELS = Path(os.environ.get("GPU_WHEELS") or os.environ.get("LIGER_WHEELS")
+                  or "/work/shared/gpu/wheels")
+OPTIONAL_PACKAGES = ("liger_kernel", "torchao", "peft")
+"""Installed from a wheel in GPU_WHEELS when the GPU Python lacks them (see the module docstring)."""
 
 
 def _env() -> dict[str, str]:
@@ -51,13 +59,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def ensure_liger(env: dict[str, str]) -> str:
-    """Make liger_kernel importable (a --target install from a local wheel; no network needed)."""
-    if importlib.util.find_spec("liger_kernel") is not None:
+def ensure_wheel(package: str, env: dict[str, str]) -> str:
+    """Make `package` importable (a --target install from a local wheel; no network needed)."""
+    if importlib.util.find_spec(package) is not None:
         return "installed"
-    wheels = sorted(LIGER_WHEELS.glob("liger_kernel-*.whl")) if LIGER_WHEELS.is_dir() else []
+    wheels = sorted(GPU_WHEELS.glob(f"{package}-*.whl")) if GPU_WHEELS.is_dir() else []
     if not wheels:
-        return f"not installed, no wheel in {LIGER_WHEELS}: skipped"
+        return f"not installed, no wheel in {GPU_WHEELS}: skipped"
     site = OUT / "site"
     proc = subprocess.run(
         [
@@ -78,7 +86,8 @@ def ensure_liger(env: dict[str, str]) -> str:
     )
     if proc.returncode != 0:
         return f"wheel install failed: {proc.stderr.strip()[-200:]}"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+    paths = env.get("PYTHONPATH", "").split(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys([str(site), *paths]) if p)
     return f"installed from {wheels[-1].name}"
 
 
@@ -165,7 +174,8 @@ def main() -> int:
         return 2
     env = _env()
     start = time.perf_counter()
-    records = [{"part": "liger", "status": "SKIP (smoke mode: GPU only)" if SMOKE else ensure_liger(env)}]
+    records = [{"part": f"wheel {package}", "status": "SKIP (smoke mode: GPU only)" if SMOKE
+                else ensure_wheel(package, env)} for package in OPTIONAL_PACKAGES]
     if SMOKE:
         records.append({"part": "bench torch.compile, liger", "status": "SKIP (smoke mode: GPU only)"})
     print(f"gpu-check ({'SMOKE on CPU' if SMOKE else 'GPU'}), writing to {OUT}", flush=True)
