@@ -19,8 +19,8 @@ Parts, each a subprocess with its own time cap (a failing part never stops the n
 Optional packages the GPU Python lacks are installed first, without network or dependencies,
 from wheels in $GPU_WHEELS (default /work/shared/gpu/wheels; $LIGER_WHEELS is still read):
 liger_kernel (the bench's Liger side), torchao (the NF4 / QLoRA GPU tests, which skip without
-it) and peft (`bench lora`'s PEFT sides). A GPU session can `pip download --no-deps torchao peft
--d DIR` on a machine with an index and carry DIR with the repository.
+it), peft and accelerate (`bench lora`'s PEFT sides). A GPU session can `pip download --no-deps
+torchao peft accelerate -d DIR` on a machine with an index and carry DIR with the repository.
 
 Everything goes to one folder, $OUT if set, else gpu_check_out/: summary.txt and summary.json
 (one line / record per part), <part>.log, suite.xml (JUnit), bench/*.json|csv, train/train.json
@@ -45,7 +45,7 @@ OUT = Path(os.environ.get("OUT") or "gpu_check_out").resolve()
 TOTAL_S = float(os.environ.get("GPU_CHECK_TOTAL_S", "450"))
 GPU_WHEELS = Path(os.environ.get("GPU_WHEELS") or os.environ.get("LIGER_WHEELS")
                   or "/work/shared/gpu/wheels")
-OPTIONAL_PACKAGES = ("liger_kernel", "torchao", "peft")
+OPTIONAL_PACKAGES = ("liger_kernel", "torchao", "accelerate", "peft")
 """Installed from a wheel in GPU_WHEELS when the GPU Python lacks them (see the module docstring)."""
 
 
