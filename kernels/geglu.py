@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from packtune.kernels._dispatch import cpu_extension, launch_device, register_op, resolve_backend
 from packtune.kernels._triton import tl, triton
-from packtune.kernels.swiglu import _rows, raw_backend
+from packtune.kernels.swiglu import _rows, autograd_free
 
 register_op("geglu", ("triton", "cpu", "torch"))
 
@@ -117,21 +117,15 @@ if cpu_extension() is not None:  # shapes for torch.compile's fake tensors; the 
 _IMPLS = {"triton": (_triton_forward, _triton_backward), "cpu": (_cpu_forward, _cpu_backward)}
 
 
-def geglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(gate) * up on [N, C] rows without autograd, for fused callers (the LoRA MLP)."""
-    backend = raw_backend("geglu", gate)
-    return geglu_ref(gate, up) if backend == "torch" else _IMPLS[backend][0](gate, up)
-
-
-def geglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+def geglu_grad_ref(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dgate, dup) of gelu_tanh(gate) * up on [N, C] rows (the module docstring's formulas)."""
-    backend = raw_backend("geglu", gate)
-    if backend != "torch":
-        return _IMPLS[backend][1](dy.contiguous(), gate, up)
+    """(dgate, dup) of gelu_tanh(gate) * up (the module docstring's formulas)."""
     t = torch.tanh(_SQRT_2_OVER_PI * (gate + _CUBIC * gate**3))
     dgelu = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _CUBIC * gate * gate)
     return dy * up * dgelu, dy * 0.5 * gate * (1 + t)
+
+
+geglu_forward, geglu_backward = autograd_free("geglu", _IMPLS, geglu_ref, geglu_grad_ref)
 
 
 class GeGLUFunction(torch.autograd.Function):

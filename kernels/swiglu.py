@@ -109,26 +109,37 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
-def raw_backend(op: str, t: torch.Tensor) -> str:
-    """The backend of `op`'s autograd-free forward / backward for fused callers (fp64: the reference)."""
-    backend = resolve_backend(op, t.device)
-    return "torch" if backend == "cpu" and t.dtype == torch.float64 else backend
-
-
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up on [N, C] rows without autograd, for fused callers (the LoRA MLP)."""
-    backend = raw_backend("swiglu", gate)
-    return swiglu_ref(gate, up) if backend == "torch" else _IMPLS[backend][0](gate, up)
-
-
-def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+def swiglu_grad_ref(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dgate, dup) of silu(gate) * up on [N, C] rows (see the module docstring for the formulas)."""
-    backend = raw_backend("swiglu", gate)
-    if backend != "torch":
-        return _IMPLS[backend][1](dy.contiguous(), gate, up)
+    """(dgate, dup) of silu(gate) * up (see the module docstring for the formulas)."""
     s = torch.sigmoid(gate)
     return dy * up * s * (1 + gate * (1 - s)), dy * gate * s
+
+
+def autograd_free(op: str, impls: dict, reference, reference_grad):
+    """(forward(gate, up), backward(dy, gate, up)) of a gated activation on [N, C] rows without
+    autograd, for fused callers (the LoRA MLP): `op`'s kernels from `impls`, or the reference where
+    `op` resolves to torch, and for fp64 on the cpu backend (its C++ kernels compute in fp32)."""
+
+    def backend(t: torch.Tensor) -> str:
+        chosen = resolve_backend(op, t.device)
+        return "torch" if chosen == "cpu" and t.dtype == torch.float64 else chosen
+
+    def forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        chosen = backend(gate)
+        return reference(gate, up) if chosen == "torch" else impls[chosen][0](gate, up)
+
+    def backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = backend(gate)
+        if chosen == "torch":
+            return reference_grad(dy, gate, up)
+        return impls[chosen][1](dy.contiguous(), gate, up)
+
+    return forward, backward
+
+
+swiglu_forward, swiglu_backward = autograd_free("swiglu", _IMPLS, swiglu_ref, swiglu_grad_ref)
 
 
 class SwiGLUFunction(torch.autograd.Function):
