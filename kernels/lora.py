@@ -16,9 +16,9 @@ allocated besides W itself (an NF4 W is dequantised in registers by nf4_matmul.p
 Backends (`lora_linear` op): the big GEMMs (x W^T, g W, g^T u, g B) are torch.matmul everywhere
 (cuBLAS / BLAS run them at peak), but for x W^T and g W over an NF4 W on `triton`. `triton`
 (CUDA) fuses the small parts around them: u = drop(x) A^T in one pass over x with the dropout
-mask drawn inside the kernel (`tl.rand`), the update
-added into the base output tile (`y += s u B^T`, no [N, out] temporary), dA = du^T drop(x) with
-the mask redrawn, and dx += drop'(du A) in place. `torch` (CPU, and the fp64 reference path)
+mask drawn inside the kernel (`tl.rand`), the update added into the base output tile
+(`y += s u B^T`, no [N, out] temporary), dA = du^T drop(x) with the mask redrawn, and
+dx += drop'(du A) in place. `torch` (CPU, and the fp64 reference path)
 does the same with torch ops: `addmm_` in place, the mask a tensor drawn from a torch Generator.
 
 Dropout (on the LoRA input only, as PEFT) draws its mask from a seed: the module passes a seed

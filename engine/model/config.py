@@ -3,22 +3,24 @@ Gemma 2, Gemma 3 text, Phi-3 / Phi-4, BLOOM / BLOOMZ).
 
 Every option that changes the model's math is either supported exactly or rejected with an error
 that names it: a config we cannot reproduce never loads as a silent approximation. Defaults for
-keys missing from the file are the ones transformers uses for that `model_type`.
+keys missing from the file are the ones transformers uses for that `model_type`. RoPE's keys are
+read and written by rope_config.py, BLOOM's own config by bloom_config.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packtune.config import ConfigError
 
+if TYPE_CHECKING:
+    from packtune.model.rope_config import RopeScaling
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "bloom")
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3_text")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 # transformers' defaults for keys a config.json may omit, per model_type.
 _GEMMA_DEFAULTS: dict[str, Any] = {
@@ -99,27 +101,6 @@ _REJECTED_KEYS = ("quantization_config", "moe_intermediate_size", "num_local_exp
 
 class ModelConfigError(ConfigError):
     """A config.json this model cannot reproduce exactly; the message names the option."""
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling (the `rope_scaling` / `rope_parameters` block of config.json)."""
-
-    rope_type: str
-    """linear, dynamic, llama3 or longrope (Phi-3)."""
-    factor: float
-    low_freq_factor: float = 1.0
-    """llama3 only."""
-    high_freq_factor: float = 4.0
-    """llama3 only."""
-    original_max_position_embeddings: int = 0
-    """llama3 and longrope: the pretraining context length."""
-    short_factor: tuple[float, ...] = ()
-    """longrope only: per-frequency divisors for sequences up to original_max_position_embeddings."""
-    long_factor: tuple[float, ...] = ()
-    """longrope only: the divisors for longer sequences."""
-    attention_factor: float = 1.0
-    """longrope only: the scale of cos and sin."""
 
 
 @dataclass
@@ -262,6 +243,8 @@ class ModelArgs:
             from packtune.model.bloom_config import parse_bloom
 
             return parse_bloom(cls, cfg)
+        from packtune.model import rope_config
+
         get = _getter(cfg, _DEFAULTS[model_type])
         for key in _REJECTED_KEYS:
             if cfg.get(key):
@@ -284,15 +267,15 @@ class ModelArgs:
         layers = _required(cfg, "num_hidden_layers")
         local_rope_theta = None
         if model_type == "gemma3_text":
-            rope_theta, rope_scaling, local_rope_theta = _parse_gemma3_rope(cfg, get)
+            rope_theta, rope_scaling, local_rope_theta = rope_config.parse_gemma3_rope(cfg, get)
         else:
-            rope_theta, rope_scaling = _parse_rope(cfg, get("max_position_embeddings"), model_type)
+            rope_theta, rope_scaling = rope_config.parse_rope(cfg, get("max_position_embeddings"), model_type)
         if gemma:
             sliding_window, layer_types = _parse_gemma_layers(cfg, model_type, get, layers)
         else:
             sliding_window, layer_types = _parse_sliding_window(cfg, model_type, get, layers)
         attention_bias = model_type in ("llama", "qwen3", *GEMMA_MODEL_TYPES)
-        partial = _partial_rotary_factor(cfg, model_type)
+        partial = rope_config.partial_rotary_factor(cfg, model_type)
         llama_bias = attention_bias and bool(get("attention_bias", False))
         return cls(
             model_type=model_type,
@@ -359,6 +342,8 @@ class ModelArgs:
             from packtune.model.bloom_config import bloom_hf_config
 
             return bloom_hf_config(self, dtype)
+        from packtune.model import rope_config
+
         cfg = dict(self.hf_config)
         cfg.update(
             architectures=[_ARCHITECTURES[self.model_type]],
@@ -397,45 +382,7 @@ class ModelArgs:
             cfg["sliding_window"] = self.sliding_window
             if self.layer_types:
                 cfg["layer_types"] = list(self.layer_types)
-        scaling = None
-        if self.rope_scaling is not None:
-            scaling = {"rope_type": self.rope_scaling.rope_type, "factor": self.rope_scaling.factor}
-            if self.rope_scaling.rope_type == "llama3":
-                scaling.update(
-                    low_freq_factor=self.rope_scaling.low_freq_factor,
-                    high_freq_factor=self.rope_scaling.high_freq_factor,
-                    original_max_position_embeddings=self.rope_scaling.original_max_position_embeddings,
-                )
-            if self.rope_scaling.rope_type == "longrope":
-                original = self.rope_scaling.original_max_position_embeddings
-                scaling.update(
-                    short_factor=list(self.rope_scaling.short_factor),
-                    long_factor=list(self.rope_scaling.long_factor),
-                    attention_factor=self.rope_scaling.attention_factor,
-                    original_max_position_embeddings=original,
-                )
-                cfg["original_max_position_embeddings"] = original  # transformers' Phi-3 reads this first
-        if self.model_type == "gemma3_text":  # one block per layer type
-            cfg["rope_parameters"] = {
-                "full_attention": {"rope_type": "default", **(scaling or {}), "rope_theta": self.rope_theta},
-                "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
-            }
-            for key in ("rope_scaling", "rope_theta", "rope_local_base_freq"):
-                cfg.pop(key, None)
-        elif "rope_parameters" in cfg:  # transformers >= 5 layout: one block holding theta too
-            cfg["rope_parameters"] = {
-                "rope_type": "default",
-                **(scaling or {}),
-                "rope_theta": self.rope_theta,
-            }
-            if self.model_type == "phi3":
-                cfg["rope_parameters"]["partial_rotary_factor"] = self.partial_rotary_factor
-            cfg.pop("rope_scaling", None)
-            cfg.pop("rope_theta", None)
-        else:  # the layout every transformers version reads
-            cfg.update(rope_theta=self.rope_theta, rope_scaling=scaling)
-        if self.model_type == "phi3":
-            cfg["partial_rotary_factor"] = self.partial_rotary_factor
+        rope_config.write_rope(self, cfg)
         dtype = dtype or self.dtype
         if dtype is not None:
             cfg["torch_dtype"] = dtype
@@ -459,115 +406,8 @@ def _required(cfg: dict[str, Any], key: str) -> int:
     return value
 
 
-def _rope_block(cfg: dict[str, Any]) -> dict[str, Any]:
-    return dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
-
-
-def _partial_rotary_factor(cfg: dict[str, Any], model_type: str) -> float:
-    """Phi-3 rotates the leading `partial_rotary_factor` of each head (top level or in the rope block);
-    the other families' transformers code rotates whole heads, so anything but 1 is refused."""
-    partial = _rope_block(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    partial = 1.0 if partial is None else partial
-    if model_type == "phi3":
-        if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
-            raise ModelConfigError(f"partial_rotary_factor={partial!r} must be in (0, 1]")
-        return float(partial)
-    if partial not in (1, 1.0):
-        raise ModelConfigError(
-            f"partial_rotary_factor={partial} is not supported for {model_type} (only 1.0)")
-    return 1.0
-
-
-def _parse_rope(cfg: dict[str, Any], max_positions: int, model_type: str = "llama"
-                ) -> tuple[float, RopeScaling | None]:
-    """Both layouts: `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters` (5)."""
-    params = _rope_block(cfg)
-    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-    params.pop("partial_rotary_factor", None)  # read by _partial_rotary_factor
-    rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
-    if model_type == "phi3" and rope_type in ("su", "yarn", "longrope"):  # all longrope to transformers
-        return theta, _parse_longrope(cfg, params, max_positions)
-    if model_type == "phi3" and rope_type != "default":
-        raise ModelConfigError(
-            f"rope scaling type {rope_type!r} is not supported for phi3 (only default and longrope / su)"
-        )
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelConfigError(
-            f"rope scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-        )
-    if rope_type == "default":
-        return theta, None
-    factor = params.get("factor")
-    if not isinstance(factor, (int, float)) or factor < 1:
-        raise ModelConfigError(f"rope scaling {rope_type!r} needs factor >= 1, got {factor!r}")
-    if rope_type != "llama3":
-        return theta, RopeScaling(rope_type, float(factor))
-    original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-    return theta, RopeScaling(
-        "llama3",
-        float(factor),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(original or max_positions),
-    )
-
-
-def _parse_longrope(cfg: dict[str, Any], params: dict[str, Any], max_positions: int) -> RopeScaling:
-    """Phi-3's longrope, resolved as transformers' `_compute_longrope_parameters` does: `factor`
-    defaults to max_position_embeddings / original_max_position_embeddings (the top-level key wins
-    over the block's), `attention_factor` to sqrt(1 + ln(factor) / ln(original)) above factor 1."""
-    original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-    if not isinstance(original, int) or isinstance(original, bool) or original < 2:
-        raise ModelConfigError(f"longrope needs original_max_position_embeddings >= 2, got {original!r}")
-    factors = {}
-    for name in ("short_factor", "long_factor"):
-        value = params.get(name)
-        if not isinstance(value, list) or not all(isinstance(x, (int, float)) and x > 0 for x in value):
-            raise ModelConfigError(f"longrope {name} must be a list of positive numbers, got {value!r}")
-        factors[name] = tuple(float(x) for x in value)
-    factor = params.get("factor")
-    factor = max_positions / original if factor is None else factor
-    attention = params.get("attention_factor")
-    for name, value in (("factor", factor), ("attention_factor", attention)):
-        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            raise ModelConfigError(f"longrope {name} must be a positive number, got {value!r}")
-    if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    return RopeScaling("longrope", float(factor), original_max_position_embeddings=original,
-                       attention_factor=float(attention), **factors)
-
-
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _parse_gemma3_rope(cfg: dict[str, Any], get) -> tuple[float, RopeScaling | None, float]:
-    """Gemma 3's two RoPE blocks: global layers (any supported scaling) and local ones (unscaled).
-
-    transformers 5 writes `rope_parameters` = {"full_attention": {...}, "sliding_attention": {...}};
-    older files have `rope_theta`, `rope_scaling` (global) and `rope_local_base_freq`.
-    """
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
-        full = dict(params.get("full_attention") or {})
-        local = dict(params.get("sliding_attention") or {})
-    else:
-        full = dict(cfg.get("rope_scaling") or {})
-        full.setdefault("rope_theta", get("rope_theta"))
-        local = {"rope_theta": get("rope_local_base_freq")}
-    full.setdefault("rope_theta", get("rope_theta"))
-    local.setdefault("rope_theta", get("rope_local_base_freq"))
-    for block in (full, local):
-        if block.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
-            raise ModelConfigError(
-                f"partial_rotary_factor={block['partial_rotary_factor']} is not supported for gemma3_text")
-    theta, scaling = _parse_rope({"rope_parameters": full}, get("max_position_embeddings"))
-    local_theta, local_scaling = _parse_rope({"rope_parameters": local}, get("max_position_embeddings"))
-    if local_scaling is not None:
-        raise ModelConfigError(
-            f"rope scaling {local_scaling.rope_type!r} on the sliding_attention layers is not supported"
-        )
-    return theta, scaling, local_theta
 
 
 def _parse_gemma_layers(cfg: dict[str, Any], model_type: str, get, layers: int) -> tuple[int, tuple]:
