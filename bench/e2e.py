@@ -44,6 +44,11 @@ TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, 
                     "pad_token": "<pad>"}
 
 
+def lora_rank(impl: str) -> int:
+    """The adapters' rank of a side: LORA_RANK for the LoRA sides (their names end in "lora"), else 0."""
+    return LORA_RANK if impl.endswith("lora") else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="packtune bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", choices=sorted(MODELS),
@@ -123,7 +128,7 @@ def _init_model(init_dir: Path, name: str, tokenizer_model: Path, seed: int) -> 
 def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     """One side's run, in this process (the worker calls it)."""
     _set_threads(spec["threads"])
-    lora = {"lora_rank": LORA_RANK} if spec["impl"].endswith("lora") else {}
+    lora = {"lora_rank": lora_rank(spec["impl"])} if lora_rank(spec["impl"]) else {}
     if spec["impl"] == "packtune-qlora":
         lora["lora_base_dtype"] = "nf4"
     if spec["impl"].startswith("packtune"):
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in models:
         config = hf_config(name)
         for impl in impls:
-            flops = flops_per_token(config, shape["context"], LORA_RANK if impl.endswith("lora") else 0)
+            flops = flops_per_token(config, shape["context"], lora_rank(impl))
             padding = impl == "trl-padding"
             spec = {"impl": impl, "model": name, "init_dir": str(work / f"init_{name}"),
                     "out_dir": str(work / f"run_{name}_{impl}"), "data": str(work / "data.jsonl"),
