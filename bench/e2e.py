@@ -128,7 +128,8 @@ def _init_model(init_dir: Path, name: str, tokenizer_model: Path, seed: int) -> 
 def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     """One side's run, in this process (the worker calls it)."""
     _set_threads(spec["threads"])
-    lora = {"lora_rank": lora_rank(spec["impl"])} if lora_rank(spec["impl"]) else {}
+    rank = lora_rank(spec["impl"])
+    lora = {"lora_rank": rank} if rank else {}
     if spec["impl"] == "packtune-qlora":
         lora["lora_base_dtype"] = "nf4"
     if spec["impl"].startswith("packtune"):
