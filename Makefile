@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 .PHONY: test install lint env clean demo gpu-check
 
 test: $(STAMPS)/install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -P -m pytest $(PYTEST_ARGS)
 
 install: $(STAMPS)/install
 
@@ -57,7 +57,7 @@ GPU_PYTHON ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,python3)
 gpu-check:
 	$(GPU_PYTHON) -c "import packtune.kernels" 2>/dev/null || \
 		PACKTUNE_NO_EXT=1 $(GPU_PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
-	$(GPU_PYTHON) -m packtune.bench.gpu_check
+	$(GPU_PYTHON) -P -m packtune.bench.gpu_check
 
 clean:
 	rm -rf build engine/*.so *.egg-info $(STAMPS)

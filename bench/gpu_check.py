@@ -129,6 +129,7 @@ def parts() -> list[tuple[str, list[str], float]]:
     tests = ROOT / "tests" / "gpu" if SMOKE else ROOT / "tests"  # smoke: collect the GPU suite only
     suite = [
         py,
+        "-P",
         "-m",
         "pytest",
         "-m",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import platform
 import sys
@@ -58,6 +59,21 @@ def _flash_line(installed: bool) -> str:
     return "installed" if installed else "not installed"
 
 
+PEERS = ("transformers", "peft", "trl", "accelerate", "kernels", "torchao", "liger_kernel")
+"""The optional packages packtune is compared with or integrates into (read from their metadata,
+not imported): the versions a bug report needs."""
+
+
+def _peers_line() -> str:
+    found = []
+    for name in PEERS:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} -")
+    return ", ".join(found)
+
+
 def report() -> str:
     """The text `packtune env` prints."""
     flash = importlib.util.find_spec("flash_attn") is not None
@@ -75,6 +91,7 @@ def report() -> str:
         f"linear CE    {_linear_ce_line()}",
         f"packtune._C  {_cpu_ext_line()}",
         f"threads      torch intra-op: {torch.get_num_threads()}",
+        f"packages     {_peers_line()}",
     ]
     ops = kernels.registered_ops()
     if ops:

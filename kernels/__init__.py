@@ -21,19 +21,26 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
         tile in registers (forward and dx); elsewhere torch dequantises the layer, then matmul
 """
 
-from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
-from packtune.kernels.attention import varlen_attention, varlen_attention_ref
-from packtune.kernels.bloom_gelu import bloom_gelu, bloom_gelu_ref
-from packtune.kernels.cross_entropy import MaskedCrossEntropy, masked_cross_entropy, masked_cross_entropy_ref
-from packtune.kernels.geglu import geglu, geglu_ref
-from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
-from packtune.kernels.lora import lora_linear, lora_linear_ref
-from packtune.kernels.lora_mlp import lora_mlp, lora_mlp_ref
-from packtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_ref
-from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
-from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
-from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
-from packtune.kernels.swiglu import SwiGLU, swiglu, swiglu_ref
+if __name__ == "kernels":
+    # Imported as the top-level name `kernels` because the repository root is on sys.path (Python
+    # started there): that name belongs to Hugging Face's `kernels` package (transformers imports it).
+    from ._shadowed import load_installed_kernels
+
+    load_installed_kernels()
+else:
+    from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
+    from packtune.kernels.attention import varlen_attention, varlen_attention_ref
+    from packtune.kernels.bloom_gelu import bloom_gelu, bloom_gelu_ref
+    from packtune.kernels.cross_entropy import MaskedCrossEntropy, masked_cross_entropy, masked_cross_entropy_ref
+    from packtune.kernels.geglu import geglu, geglu_ref
+    from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
+    from packtune.kernels.lora import lora_linear, lora_linear_ref
+    from packtune.kernels.lora_mlp import lora_mlp, lora_mlp_ref
+    from packtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_ref
+    from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
+    from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
+    from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
+    from packtune.kernels.swiglu import SwiGLU, swiglu, swiglu_ref
 
 __all__ = [
     "BACKENDS",

@@ -11,8 +11,10 @@ before it with the generation prompt ends (that rendering must be a prefix of th
 after the first control token that follows (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`),
 which is trained; the template's text after it is not. A template with `{% generation %}` blocks
 gets its masks from them instead. Some templates rewrite earlier turns once later ones exist (Qwen3
-drops the reasoning of past answers), so turn i renders differently alone than inside the whole
-conversation. That is detected per record and handled by `[data] rewritten_history`: `"error"` (the
+drops the reasoning of past answers), so turn i, through its end-of-turn token, renders differently
+alone than inside the whole conversation (text a template appends after the last turn, as Llama
+3.0's always-on assistant header, is not part of any turn and never compared). That is detected per
+record and handled by `[data] rewritten_history`: `"error"` (the
 default: the record is reported), `"as_rendered"` (train each turn as the whole conversation renders
 it, as trainers that render once do) or `"split"` (one sample per assistant turn, the conversation up
 to it, only that turn trained: each turn exactly as the model sees it when generating).
@@ -170,7 +172,8 @@ class ChatTemplateRenderer:
                     "template_error",
                 )
             starts.append(len(prompt))
-            consistent &= full.startswith(self.text(messages[: i + 1], False, where))
+            alone = self.text(messages[: i + 1], False, where)
+            consistent &= full.startswith(self._through_turn(alone, starts[-1]))
         if not consistent:
             if self.history == "error":
                 raise DataError(
@@ -192,6 +195,12 @@ class ChatTemplateRenderer:
             starts = starts[-1:]
         trained = [(0, len(text))] if self.train_on == "all" else [self._turn(text, s) for s in starts]
         return Rendered(text, tuple(trained), _data_spans(text, messages, self.controls, where))
+
+    def _through_turn(self, text: str, start: int) -> str:
+        """`text` up to and including the end-of-turn token of the answer starting at `start`. What a
+        template appends after the last turn is no rewrite of it: Llama 3.0's template appends the
+        assistant header after every conversation, generation prompt asked for or not."""
+        return text[: self._turn(text, start)[1]]
 
     def _turn(self, text: str, start: int) -> tuple[int, int]:
         """The answer from `start` through the first control token after it (or to the end)."""
