@@ -31,7 +31,11 @@ else:
     from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
     from packtune.kernels.attention import varlen_attention, varlen_attention_ref
     from packtune.kernels.bloom_gelu import bloom_gelu, bloom_gelu_ref
-    from packtune.kernels.cross_entropy import MaskedCrossEntropy, masked_cross_entropy, masked_cross_entropy_ref
+    from packtune.kernels.cross_entropy import (
+        MaskedCrossEntropy,
+        masked_cross_entropy,
+        masked_cross_entropy_ref,
+    )
     from packtune.kernels.geglu import geglu, geglu_ref
     from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
     from packtune.kernels.lora import lora_linear, lora_linear_ref

@@ -84,7 +84,8 @@ def test_a_real_rewrite_is_still_detected():
     folder = real_path("tokenizers", "qwen3")
     tok = load_tokenizer(folder)
     fmt = make_chat_format("auto", folder, tok)
-    turns = [("user", "2+2?"), ("assistant", "<think>\nadd\n</think>\n\n4"), ("user", "3+3?"), ("assistant", "6")]
+    turns = [("user", "2+2?"), ("assistant", "<think>\nadd\n</think>\n\n4"),
+             ("user", "3+3?"), ("assistant", "6")]
     with pytest.raises(DataError, match="renders earlier assistant turns differently"):
         fmt.render(Conversation(tuple(Message(r, c) for r, c in turns)), "chat.jsonl:1")
 
