@@ -62,13 +62,13 @@ def shrunken(args):
 
 
 def build_model(cfg: Config, full: bool):
-    from packtune.model.architectures import causal_lm
     from packtune.model.config import ModelArgs
+    from packtune.model.families import build_model
     from packtune.model.hf_io import load_pretrained
 
     if full:
         return load_pretrained(cfg.model.path, dtype=torch.float32)
-    model = causal_lm(shrunken(ModelArgs.from_file(cfg.model.path)))
+    model = build_model(shrunken(ModelArgs.from_file(cfg.model.path)))
     model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
     return model
 

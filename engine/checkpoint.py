@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from packtune.errors import CheckpointError
 from packtune.parallel import DistContext
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -44,10 +45,6 @@ _METADATA_GLOBALS = {
     ("collections", "OrderedDict"),
 }
 _METADATA_MODULES = ("torch.distributed.checkpoint.",)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used for resuming; the message names it."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from packtune.config import ConfigError, load_config
+from packtune.config import load_config
 from packtune.datatools.commands import add_data_commands, add_eval_command
+from packtune.errors import PacktuneError
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -20,17 +21,13 @@ def _prepare(args: argparse.Namespace) -> int:
     import json
 
     from packtune.config import load_config
-    from packtune.data import DataError, data_report, format_report, prepare_dataset
+    from packtune.data import data_report, format_report, prepare_dataset
     from packtune.launch import build_rows
 
     cfg = load_config(args.config, args.set)
-    try:
-        dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
-        rows = build_rows(cfg, dataset)
-        report = data_report(dataset, rows, args.world_size, cfg.train.micro_batches)
-    except DataError as e:
-        print(f"packtune: data error: {e}", file=sys.stderr)
-        return 2
+    dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
+    rows = build_rows(cfg, dataset)
+    report = data_report(dataset, rows, args.world_size, cfg.train.micro_batches)
     print(format_report(report))
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:
@@ -39,18 +36,13 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
-    from packtune.data import DataError
     from packtune.data.inspect import inspect_records
 
     if args.rows is not None:
         print("packtune data inspect: --rows is now called --records; the old name will stop working in a "
               "later release", file=sys.stderr)
     cfg = load_config(args.config, args.set)
-    try:
-        inspect_records(cfg, args.records if args.rows is None else args.rows)
-    except DataError as e:
-        print(f"packtune: data error: {e}", file=sys.stderr)
-        return 2
+    inspect_records(cfg, args.records if args.rows is None else args.rows)
     return 0
 
 
@@ -86,9 +78,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from packtune.data import DataError
     from packtune.model.generate import generate_text
-    from packtune.model.hf_io import CheckpointError
 
     template = args.template or ("auto" if args.chat else "raw")
     if args.chat and template == "raw":
@@ -108,7 +98,7 @@ def _generate(args: argparse.Namespace) -> int:
             template=template,
             adapter=args.adapter,
         )
-    except (CheckpointError, DataError, FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError) as e:
         print(f"packtune generate: {e}", file=sys.stderr)
         return 2
     print(text)
@@ -119,49 +109,29 @@ def _merge(args: argparse.Namespace) -> int:
     import torch
 
     from packtune.lora import merge_adapter
-    from packtune.model.hf_io import CheckpointError
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    try:
-        out = merge_adapter(args.base, args.adapter, args.out, dtype)
-    except CheckpointError as e:
-        print(f"packtune merge: {e}", file=sys.stderr)
-        return 2
+    out = merge_adapter(args.base, args.adapter, args.out, dtype)
     print(f"merged model: {out}")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from packtune.checkpoint import CheckpointError
-    from packtune.data import DataError
     from packtune.launch import run_training
-    from packtune.train import TrainingError
 
     cfg = load_config(args.config, args.set)
     cfg.train.overwrite |= args.overwrite
     if args.quiet:
         cfg.train.progress = "none"
-    try:
-        run_training(cfg)
-    except DataError as e:
-        print(f"packtune: data error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, TrainingError) as e:
-        print(f"packtune train: {e}", file=sys.stderr)
-        return 1
+    run_training(cfg)
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     from packtune.check import run_check
-    from packtune.data import DataError
 
     cfg = load_config(args.config, args.set)
-    try:
-        return 0 if run_check(cfg, full=args.full) else 1
-    except DataError as e:
-        print(f"packtune: data error: {e}", file=sys.stderr)
-        return 2
+    return 0 if run_check(cfg, full=args.full) else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -263,6 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"packtune: config error: {e}", file=sys.stderr)
-        return 2
+    except PacktuneError as e:  # one line; any other exception is a bug and keeps its traceback
+        print(f"packtune {args.command}: {e.kind} error: {e}", file=sys.stderr)
+        return e.exit_code

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message says where and how."""
+from packtune.errors import ConfigError
 
 
 @dataclass

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packtune.config import Config, ConfigError
+from packtune.config import Config
 from packtune.data.packing import LOSS_WEIGHTINGS, PACKING_STRATEGIES
 from packtune.data.sources import resolve_sources
+from packtune.errors import ConfigError, ModelError
 from packtune.lora.apply import base_bytes
 from packtune.lora.training import check_lora_run, lora_preparer, lora_summary
 from packtune.parallel import DistContext
@@ -76,8 +77,8 @@ def check_model_config(path: str) -> None:
 
     try:
         ModelArgs.from_file(path)
-    except ConfigError as e:
-        raise ConfigError(f"model.path: {e}") from None
+    except ModelError as e:
+        raise ModelError(f"model.path: {e}") from None
 
 
 def check_packing_strategy(cfg: Config) -> None:
@@ -254,9 +255,10 @@ def load_model(path: str, dtype: torch.dtype, dist_ctx: DistContext, prepare=Non
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from packtune.model.architectures import causal_lm
+    from packtune.errors import CheckpointError
     from packtune.model.config import ModelArgs
-    from packtune.model.hf_io import CheckpointError, load_pretrained
+    from packtune.model.families import build_model
+    from packtune.model.hf_io import load_pretrained
 
     try:
         if dist_ctx.mesh is None:
@@ -266,7 +268,7 @@ def load_model(path: str, dtype: torch.dtype, dist_ctx: DistContext, prepare=Non
     except CheckpointError as e:
         raise ConfigError(f"model.path: {e}") from None
     with torch.device("meta"):
-        model = causal_lm(args).to(dtype)
+        model = build_model(args).to(dtype)
     model.source_dir = Path(path)
     if prepare is not None:
         model = prepare(model)

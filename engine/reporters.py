@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from packtune.config import Config, ConfigError, dump_config
+from packtune.config import Config, dump_config
+from packtune.errors import ConfigError
 
 REPORTERS = ("tensorboard", "wandb")
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from packtune.config import Config, ConfigError, dump_config, load_config
+from packtune.config import Config, dump_config, load_config
+from packtune.errors import ConfigError
 
 RUN_FILES = frozenset(
     {"config.toml", "run.json", "metrics.jsonl", "checkpoints", "final", "final-merged", "tensorboard",

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from packtune.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from packtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from packtune.config import TrainConfig
+from packtune.errors import CheckpointError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -33,10 +34,6 @@ from packtune.parallel import DistContext, gathered_parameters, parallelize
 
 if TYPE_CHECKING:
     from packtune.data.packing import PackedBatch, PaddedBatch
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. too many non-finite steps in a row)."""
 
 
 class StopSignal:

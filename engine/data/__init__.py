@@ -7,10 +7,10 @@ readers (files -> streamed records) -> sources (several files, mixed by weight)
 """
 
 from packtune.data.dataset import TokenizedDataset, prepare_dataset
-from packtune.data.errors import DataError
 from packtune.data.packing import PackedBatch, PackedRows, PaddedBatch, PaddedRows, best_fit_decreasing
 from packtune.data.report import data_report, format_report
 from packtune.data.sampler import PackedSampler
+from packtune.errors import DataError
 
 __all__ = [
     "DataError",

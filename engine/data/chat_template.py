@@ -29,11 +29,11 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from packtune.data.errors import DataError
 from packtune.data.formats import Conversation
 from packtune.data.templates import TemplateRenderer, get_template
 from packtune.data.tokenize import ChatEncoder, Rendered
 from packtune.data.tokenizer import Tokenizer
+from packtune.errors import DataError
 
 REWRITTEN_HISTORY = ("error", "as_rendered", "split")
 _START, _END = "\ue000", "\ue001"  # private-use marks around {% generation %} output

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from packtune.config import ConfigError, DataConfig
+from packtune.config import DataConfig
 from packtune.data import cache, fidelity
 from packtune.data.chat_template import REWRITTEN_HISTORY, auto_variant, make_chat_format, template_identity
-from packtune.data.errors import DataError
 from packtune.data.formats import FORMATS, decode_record, field_names, location, to_conversation
 from packtune.data.sources import OpenSource, resolve_sources
 from packtune.data.templates import TRAIN_ON, get_template
 from packtune.data.tokenizer import default_threads, load_tokenizer
+from packtune.errors import ConfigError, DataError
 
 CHUNK_RECORDS = 2048
 MAX_ERRORS_KEPT = 5

@@ -13,9 +13,9 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-from packtune.data.errors import DataError
 from packtune.data.tokenize import Rendered
 from packtune.data.tokenizer import HFTokenizer, Tokenizer
+from packtune.errors import DataError
 
 SAMPLES_CHECKED = 8
 

@@ -12,10 +12,10 @@ from typing import TextIO
 
 from packtune.config import Config
 from packtune.data.chat_template import make_chat_format
-from packtune.data.errors import DataError
 from packtune.data.formats import decode_record, location, to_conversation
 from packtune.data.sources import OpenSource, resolve_sources
 from packtune.data.tokenizer import load_tokenizer
+from packtune.errors import DataError
 
 GREEN, RESET = "\033[32m", "\033[0m"
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from packtune.data.errors import DataError
+from packtune.errors import DataError
 from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
 
 LOSS_WEIGHTINGS = ("token", "sample", "turn")

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from packtune.data.chat_template import make_chat_format
-from packtune.data.errors import DataError
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenizer import load_tokenizer
+from packtune.errors import DataError
 
 
 class PromptEncoder:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from packtune.data.errors import DataError
 from packtune.data.formats import BadRecord
+from packtune.errors import DataError
 
 BATCH_RECORDS = 1024
 """Records converted to Python objects at a time from a Parquet or Arrow record batch."""

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from packtune.config import ConfigError, DataConfig
-from packtune.data.errors import DataError
+from packtune.config import DataConfig
 from packtune.data.formats import FORMATS, decode_record, detect_format, field_names, location
 from packtune.data.readers import check_columns, count_records, open_records
+from packtune.errors import ConfigError, DataError
 
 
 def resolve_sources(cfg: DataConfig) -> list[dict[str, Any]]:

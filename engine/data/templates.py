@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from packtune.data.errors import DataError
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenize import Rendered
 from packtune.data.tokenizer import Tokenizer
+from packtune.errors import DataError
 
 TRAIN_ON = ("assistant", "last", "all")
 PLACEHOLDER = re.compile(r"\{(content|input|system|bos|eos)\}")

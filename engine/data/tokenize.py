@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from packtune.data.errors import DataError
 from packtune.data.tokenizer import Tokenizer
+from packtune.errors import DataError
 
 
 @dataclass(frozen=True)

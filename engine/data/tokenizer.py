@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packtune.data.errors import DataError
+from packtune.errors import DataError
 
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from packtune.data.errors import DataError
-
 
 def _templatize(args: argparse.Namespace) -> int:
     from packtune.datatools.jsonl_files import write_json, write_jsonl
@@ -16,11 +14,7 @@ def _templatize(args: argparse.Namespace) -> int:
     from packtune.datatools.templatize import format_report, templatize
     from packtune.datatools.templatize_spec import load_spec
 
-    try:
-        records, report = templatize(load_spec(args.spec), args.seed)
-    except DataError as e:
-        print(f"packtune data templatize: {e}", file=sys.stderr)
-        return 2
+    records, report = templatize(load_spec(args.spec), args.seed)
     write_jsonl(args.out, records)
     write_json(args.report or report_path(args.out), report)
     print(format_report(report))
@@ -47,7 +41,6 @@ def _self_instruct(args: argparse.Namespace) -> int:
     from packtune.datatools.openai_generator import GeneratorError
     from packtune.datatools.seed_tasks import read_seed_tasks
     from packtune.datatools.self_instruct import SelfInstruct, SelfInstructOptions, format_report
-    from packtune.model.hf_io import CheckpointError
 
     if args.num < 1 or args.batch_size < 1:
         print(f"packtune data self-instruct: {'--num' if args.num < 1 else '--batch-size'} must be >= 1",
@@ -59,7 +52,7 @@ def _self_instruct(args: argparse.Namespace) -> int:
         seeds = read_seed_tasks(args.seed_tasks)
         generator = _generator(args)
         report = SelfInstruct(generator, seeds, args.out, options).run()
-    except (DataError, CheckpointError, FileNotFoundError) as e:
+    except FileNotFoundError as e:
         print(f"packtune data self-instruct: {e}", file=sys.stderr)
         return 2
     except GeneratorError as e:
@@ -75,7 +68,6 @@ def _eval(args: argparse.Namespace) -> int:
 
     from packtune.datatools.evaluate import run_eval
     from packtune.model.generate import DEFAULT_BATCH_SIZE
-    from packtune.model.hf_io import CheckpointError
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
@@ -87,7 +79,7 @@ def _eval(args: argparse.Namespace) -> int:
                           max_new_tokens=args.max_new_tokens, json_out=args.json,
                           normalization=args.normalize, device=args.device, dtype=dtype,
                           batch_size=batch_size)
-    except (DataError, CheckpointError, FileNotFoundError) as e:
+    except FileNotFoundError as e:
         print(f"packtune eval: {e}", file=sys.stderr)
         return 2
     print(report.summary())

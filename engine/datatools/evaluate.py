@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from packtune.data.errors import DataError
 from packtune.data.formats import DEFAULT_FIELDS, Message, detect_format, to_conversation
 from packtune.data.prompt import PromptEncoder
 from packtune.datatools.jsonl_files import read_records, write_json
 from packtune.datatools.local_generation import generate_answers
 from packtune.datatools.scoring import EvalReport, score_predictions
+from packtune.errors import DataError
 from packtune.model.generate import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from packtune.data.errors import DataError
+from packtune.errors import DataError
 
 ENGINES = ("format", "jinja")
 

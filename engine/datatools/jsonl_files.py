@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from packtune.data.errors import DataError
 from packtune.data.formats import decode_record, location
 from packtune.data.readers import open_records
+from packtune.errors import DataError
 
 
 def write_atomic(path: str | Path, text: str) -> Path:

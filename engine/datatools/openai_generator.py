@@ -16,11 +16,15 @@ import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from packtune.errors import PacktuneError
+
 RETRIED_STATUS = (408, 409, 429)
 
 
-class GeneratorError(RuntimeError):
+class GeneratorError(PacktuneError, RuntimeError):
     """The endpoint failed for good (after the retries, or with a non-retryable status)."""
+
+    kind = "generator"
 
 
 def chat_completions_url(base_url: str) -> str:

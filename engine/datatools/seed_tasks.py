@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from packtune.data.errors import DataError
 from packtune.datatools.jsonl_files import read_records
+from packtune.errors import DataError
 
 
 @dataclass(frozen=True)

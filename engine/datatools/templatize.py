@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from packtune.data.errors import DataError
 from packtune.datatools.instruction_templates import InstructionTemplate, pick_template
 from packtune.datatools.jsonl_files import read_records
 from packtune.datatools.templatize_spec import OPTIONS_VARIABLE, Spec, TaskSpec
+from packtune.errors import DataError
 
 
 @dataclass(frozen=True)

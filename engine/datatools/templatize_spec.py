@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packtune.data.errors import DataError
 from packtune.datatools.instruction_templates import ENGINES, InstructionTemplate, TextTemplate
+from packtune.errors import DataError
 
 SPEC_KEYS = ("seed", "format", "dedup", "sources", "tasks")
 SOURCE_KEYS = ("name", "path", "columns")

@@ -1,13 +1,14 @@
 """The forwards `apply_packtune` binds to a transformers model's modules (see transformers.py).
 
 For a packed row (its `PackedLayout` from PackedCollator, or built from `cu_seqlens` / restarting
-`position_ids`) they replace transformers' Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3/Phi-3 forwards
-with packtune's ops: varlen attention instead of a mask (with the layer's sliding window, Gemma 2's
-logit softcap and Gemma's query_pre_attn_scalar scale), packtune's rotary reading fp32 tables at
-the layout's positions (Gemma 3's local layers their own tables, Phi-3's leading rotary dims
-only), RMSNorm (Gemma's with 1 + weight) and the gated MLP (SwiGLU, Phi-3's fused gate_up_proj,
-Gemma's tanh-GELU GeGLU) as packtune kernels. Unpacked batches (padded with an attention mask,
-generation with a cache) run transformers' own attention forward unchanged.
+`position_ids`) they replace the forwards of transformers' implementation of a family (what
+differs per family is its `HFModules`, engine/model/families/) with packtune's ops: varlen attention
+instead of a mask (with the layer's sliding window, Gemma 2's logit softcap and the module's own
+scale), packtune's rotary reading fp32 tables at the layout's positions (Gemma 3's local layers
+their own tables, Phi-3's leading rotary dims only), q/k norms per head or over the projection,
+RMSNorm (Gemma's with 1 + weight) and the gated MLP (SwiGLU, Phi-3's fused gate_up_proj, Gemma's
+tanh-GELU GeGLU) as packtune kernels. Unpacked batches (padded with an attention mask, generation
+with a cache) run transformers' own attention forward unchanged.
 transformers 5.24 renamed the KV cache argument `past_key_values` to `cache` (the old name is
 deprecated until 5.40): the forwards take either and pass it on under the name the wrapped
 module declares.
@@ -36,6 +37,7 @@ from packtune.kernels import (
     swiglu,
     varlen_attention,
 )
+from packtune.model.families import HFModules
 from packtune.model.rope import longrope_rows
 
 
@@ -97,12 +99,12 @@ class PackedRope:
     rows: torch.Tensor
 
 
-def attention_forward_for(modeling: types.ModuleType, family: str, options: PacktuneOptions) -> Callable:
+def attention_forward_for(modeling: types.ModuleType, spec: HFModules, options: PacktuneOptions) -> Callable:
     """The family's attention forward: for packed rows packtune's rotary and varlen attention,
     otherwise transformers' own forward (the class's, called unchanged)."""
 
     def window(attn: nn.Module) -> int | None:
-        if family in ("Mistral", "Phi3"):  # one window on every layer
+        if not spec.window_per_layer:  # one window on every layer
             return getattr(attn.config, "sliding_window", None)
         return getattr(attn, "sliding_window", None)  # per layer (None on full-attention layers)
 
@@ -111,14 +113,16 @@ def attention_forward_for(modeling: types.ModuleType, family: str, options: Pack
         if layout is None:
             return type(self).forward(self, hidden_states, *args, **kwargs)
         x = hidden_states[0]  # one packed row [1, T, H]
-        if family == "Phi3":
+        if spec.fused_projections:
             q_dim = self.config.num_attention_heads * self.head_dim
             kv_dim = self.config.num_key_value_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if spec.qk_norm == "projection":  # norms over all heads before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(x.shape[0], -1, self.head_dim) for t in (q, k, v))
-        if family in ("Qwen3", "Gemma3"):  # per-head norms before RoPE
+        if spec.qk_norm == "head":  # per-head norms before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if options.rotary:
             r = rope.cos.shape[-1]  # Phi-3's partial rotary: the leading r dims rotate
@@ -128,7 +132,7 @@ def attention_forward_for(modeling: types.ModuleType, family: str, options: Pack
         else:  # transformers' own rotation of the per-token cos/sin
             cos, sin = (t[0] for t in kwargs["position_embeddings"])
             q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-        softcap = self.attn_logit_softcapping if family == "Gemma2" else None  # Gemma 3 does not cap
+        softcap = self.attn_logit_softcapping if spec.attention_softcap else None
         out = varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, window=window(self),
                                scale=self.scaling, softcap=softcap)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), None

@@ -1,8 +1,8 @@
 """packtune's kernels inside a Hugging Face transformers model: `apply_packtune(model)`.
 
-For transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
-Gemma2ForCausalLM, Gemma3ForCausalLM (text) and Phi3ForCausalLM (transformers 5.x); any other model
-is refused by name.
+For the transformers causal-LM classes of the families whose file in engine/model/families/ gives
+`hf` (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, OLMo 2; transformers 5.x); any
+other model is refused by name, with the family's reason where it has one.
 Only the forwards of *this model instance* change (an instance attribute shadows the class's
 `forward`), nothing global: no module-level function, class or config is touched, so other
 models in the process are unaffected and `undo()` deletes exactly what was set.
@@ -44,6 +44,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from packtune.errors import ModelError
 from packtune.integrations.hf_forwards import (
     ForwardState,
     PacktuneOptions,
@@ -61,27 +62,10 @@ from packtune.integrations.peft_lora import (
     peft_lora_linear_forward,
     peft_lora_mlp_forward_for,
 )
-
-NO_PACKED_FORWARD = {
-    "bloom": "transformers' BLOOM forward cannot take packed input: it builds the ALiBi biases and "
-             "the causal mask over the whole row (it reads no position_ids or cu_seqlens), so packed "
-             "samples would attend to each other with biases that run across sample boundaries",
-}
-"""Refused because the model's own forward cannot take packed rows; packtune's own model runs them."""
-
-SUPPORTED = {
-    "LlamaForCausalLM": "Llama",
-    "MistralForCausalLM": "Mistral",
-    "Qwen2ForCausalLM": "Qwen2",
-    "Qwen3ForCausalLM": "Qwen3",
-    "Gemma2ForCausalLM": "Gemma2",
-    "Gemma3ForCausalLM": "Gemma3",
-    "Phi3ForCausalLM": "Phi3",
-}
-GEMMA = ("Gemma2", "Gemma3")
+from packtune.model.families import HFModules, families, family_for_architecture
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(ModelError, TypeError):
     """apply_packtune was given a model whose forward it does not know how to replace exactly."""
 
 
@@ -150,7 +134,7 @@ def apply_packtune(
     is found through the wrapper (`remove_packtune(peft_model)`).
     """
     model = _unwrap_peft(model)
-    family = _family(model)
+    spec = _modules(model)
     if fused_loss and type(model.lm_head) is not nn.Linear:
         raise UnsupportedModelError(
             f"apply_packtune(fused_loss=True): lm_head is a {type(model.lm_head).__name__} (an adapter on "
@@ -159,13 +143,14 @@ def apply_packtune(
     if getattr(model, "_packtune_handle", None) is not None:
         raise RuntimeError("apply_packtune: already applied to this model; call remove_packtune(model) first")
     options = PacktuneOptions(fused_loss, rms_norm, swiglu, rotary, packed, lora, geglu)
-    gated = _check_config(model, family, options)
+    gated = _check_config(model, spec, options)
     modeling = sys.modules[type(model).__module__]
-    classes = {kind: getattr(modeling, f"{family}{kind}") for kind in ("RMSNorm", "MLP", "Attention")}
-    norm_forward = gemma_rms_norm_forward if family in GEMMA else rms_norm_forward
-    mlp_forward = {"Gemma2": geglu_mlp_forward, "Gemma3": geglu_mlp_forward,
-                   "Phi3": fused_swiglu_mlp_forward}.get(family, swiglu_mlp_forward)
-    activation = "gelu_tanh" if family in GEMMA else "silu"
+    classes = {kind: getattr(modeling, f"{spec.prefix}{kind}") for kind in ("RMSNorm", "MLP", "Attention")}
+    norm_forward = gemma_rms_norm_forward if spec.norm_offset == 1.0 else rms_norm_forward
+    if spec.activation == "gelu_tanh":
+        mlp_forward = geglu_mlp_forward
+    else:
+        mlp_forward = fused_swiglu_mlp_forward if spec.fused_projections else swiglu_mlp_forward
     handle = PacktuneHandle(model, options)
     for module in model.modules():
         kind = type(module)
@@ -173,13 +158,13 @@ def apply_packtune(
             handle.patch(module, norm_forward)
         elif kind is classes["MLP"] and gated:
             if lora and is_peft_lora_mlp(module):
-                handle.patch(module, peft_lora_mlp_forward_for(activation, mlp_forward))
+                handle.patch(module, peft_lora_mlp_forward_for(spec.activation, mlp_forward))
             else:
                 handle.patch(module, mlp_forward)
         elif lora and is_peft_lora_linear(module):
             handle.patch(module, peft_lora_linear_forward)
         elif kind is classes["Attention"] and (rotary or packed):
-            handle.patch(module, attention_forward_for(modeling, family, options))
+            handle.patch(module, attention_forward_for(modeling, spec, options))
     if fused_loss or packed:
         handle.patch(model, causal_lm_forward_for(options, handle.forward_state))
         handle._hooks.append(model.model.norm.register_forward_hook(_bypass_check(handle)))
@@ -187,35 +172,29 @@ def apply_packtune(
     return handle
 
 
-def _check_config(model: nn.Module, family: str, options: PacktuneOptions) -> bool:
+def _check_config(model: nn.Module, spec: HFModules, options: PacktuneOptions) -> bool:
     """Refuse what the switches cannot reproduce exactly; returns whether the MLPs get a kernel
-    (`geglu` for Gemma, `swiglu` for the others)."""
+    (`geglu` for a tanh-GELU family, `swiglu` for the others)."""
     config, name = model.config, type(model).__name__
-    if family in GEMMA:
-        if options.geglu and config.hidden_activation != "gelu_pytorch_tanh":
-            raise UnsupportedModelError(
-                f"apply_packtune(geglu=True): {name} uses hidden_activation={config.hidden_activation!r}, "
-                "not gelu_pytorch_tanh; pass geglu=False"
-            )
-        if options.packed and getattr(config, "use_bidirectional_attention", False):
-            raise UnsupportedModelError(
-                f"apply_packtune(packed=True): {name} has use_bidirectional_attention=True; packed rows "
-                "attend causally; pass packed=False"
-            )
-        gated = options.geglu
-    else:
-        if options.swiglu and config.hidden_act not in ("silu", "swish"):
-            raise UnsupportedModelError(
-                f"apply_packtune(swiglu=True): {name} uses hidden_act={config.hidden_act!r}, not silu; "
-                "pass swiglu=False"
-            )
-        gated = options.swiglu
+    gelu = spec.activation == "gelu_tanh"
+    switch, allowed = ("geglu", ("gelu_pytorch_tanh",)) if gelu else ("swiglu", ("silu", "swish"))
+    activation = getattr(config, spec.activation_key)
+    if getattr(options, switch) and activation not in allowed:
+        raise UnsupportedModelError(
+            f"apply_packtune({switch}=True): {name} uses {spec.activation_key}={activation!r}, not "
+            f"{allowed[0]}; pass {switch}=False"
+        )
+    if options.packed and getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(
+            f"apply_packtune(packed=True): {name} has use_bidirectional_attention=True; packed rows "
+            "attend causally; pass packed=False"
+        )
     if options.packed and config.attention_dropout:
         raise UnsupportedModelError(
             f"apply_packtune(packed=True): attention_dropout={config.attention_dropout} "
             "is not supported by varlen attention; set it to 0 or pass packed=False"
         )
-    return gated
+    return getattr(options, switch)
 
 
 def _bypass_check(handle: PacktuneHandle) -> Callable:
@@ -252,14 +231,19 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model
 
 
-def _family(model: nn.Module) -> str:
+def _modules(model: nn.Module) -> HFModules:
+    """What to patch in `model`, from its family; a model of no family, or of one apply_packtune
+    refuses, raises UnsupportedModelError saying why."""
     name = type(model).__name__
-    if name not in SUPPORTED or not type(model).__module__.startswith("transformers.models."):
+    ours = type(model).__module__.startswith("transformers.models.")
+    family = family_for_architecture(name) if ours else None
+    if family is None or family.hf is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        reason = (f": {NO_PACKED_FORWARD[model_type]} (`packtune train` runs it with packtune's own model)"
-                  if model_type in NO_PACKED_FORWARD else "")
+        reason = (f": {family.hf_refusal} (`packtune train` runs it with packtune's own model)"
+                  if family is not None and family.hf_refusal else "")
+        supported = ", ".join(f.architecture for f in families() if f.hf is not None)
         raise UnsupportedModelError(
             f"apply_packtune: {name} (model_type={model_type!r}) is not supported{reason}; supported are "
-            f"transformers' {', '.join(SUPPORTED)}. Nothing was changed."
+            f"transformers' {supported}. Nothing was changed."
         )
-    return SUPPORTED[name]
+    return family.hf

@@ -17,19 +17,20 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from packtune.config import ConfigError, LoRAConfig, _suggest
+from packtune.config import LoRAConfig, _suggest
+from packtune.errors import ConfigError
 from packtune.kernels import geglu
 from packtune.kernels.nf4_matmul import is_nf4
 from packtune.lora.modules import LoRALinear, LoRAMLP
+from packtune.model.families import families
+from packtune.model.families.decoder import DECODER_LINEARS
 
 ALL_LINEAR = "all-linear"
 """`lora.targets` that adapts every linear of the decoder blocks (PEFT's "all-linear")."""
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-KNOWN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", *MLP_TARGETS,  # Llama, Mistral, Qwen, Gemma
-                 "qkv_proj", "gate_up_proj",  # Phi-3's fused projections
-                 "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # BLOOM
-"""Every projection name a supported family's decoder block has (the config check; a model is
-checked against its own blocks when the adapters are added)."""
+KNOWN_TARGETS = tuple(dict.fromkeys(name for family in families() for name in family.lora_targets))
+"""Every projection name a registered family's blocks have (the config check; a model is checked
+against its own blocks when the adapters are added)."""
 BASE_DTYPES = ("auto", "float32", "bfloat16", "nf4")
 
 
@@ -61,8 +62,8 @@ class LoRASpec:
             return replace(self, targets=linears)
         missing = [name for name in self.targets if name not in linears]
         if missing:
-            model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
-            raise ConfigError(f"lora.targets: {model_type} blocks have no {', '.join(missing)} projection "
+            kind = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
+            raise ConfigError(f"lora.targets: {kind} blocks have no {', '.join(missing)} projection "
                               f"(their linears: {', '.join(linears)}); name those, or use \"{ALL_LINEAR}\"")
         return replace(self, targets=tuple(name for name in linears if name in self.targets))
 
@@ -72,7 +73,7 @@ def resolve_targets(targets: str | list[str]) -> str | tuple[str, ...]:
     if isinstance(targets, str):
         if targets != ALL_LINEAR:
             raise ConfigError(f"lora.targets must be \"{ALL_LINEAR}\" or a list of projection names "
-                              f"(e.g. {', '.join(KNOWN_TARGETS[:7])}), got {targets!r}")
+                              f"(e.g. {', '.join(DECODER_LINEARS)}), got {targets!r}")
         return ALL_LINEAR
     for name in targets:
         if name not in KNOWN_TARGETS:

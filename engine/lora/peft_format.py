@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from packtune.config import ConfigError
+from packtune.errors import CheckpointError, ConfigError
 from packtune.lora.apply import KNOWN_TARGETS, LoRASpec, lora_modules
-from packtune.model.hf_io import CheckpointError, _fsync, _new_dir, _replace_dir
+from packtune.model.hf_io import _fsync, _new_dir, _replace_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from packtune.config import ConfigError
+from packtune.errors import ConfigError
 
 BLOCK_SIZE = 64
 SCALER_BLOCK_SIZE = 256

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from packtune.config import ConfigError
+from packtune.errors import ConfigError
 from packtune.kernels.lora import dense_weight
 from packtune.kernels.nf4_matmul import is_nf4
 from packtune.lora.apply import lora_modules

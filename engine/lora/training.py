@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from packtune.config import Config, ConfigError
+from packtune.config import Config
+from packtune.errors import ConfigError
 from packtune.lora.apply import LoRASpec, apply_lora, base_dtype, check_lora_config, describe
 from packtune.lora.export import EXPORT_MODES
 

@@ -24,9 +24,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from packtune.model.architectures import causal_lm
+from packtune.errors import CheckpointError
 from packtune.model.causal_lm import CausalLM
 from packtune.model.config import ModelArgs
+from packtune.model.families import build_model, family_for
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -56,10 +57,6 @@ _DTYPE_NAMES = {
 _MAX_LISTED = 20
 
 
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded or written; the message names the files and tensors."""
-
-
 def load_pretrained(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
@@ -81,7 +78,7 @@ def load_pretrained(
                       if files[name] == file and stored[name] in headers[file]} for file in headers}
 
     with torch.device("meta"):
-        model = causal_lm(args)
+        model = build_model(args)
     expected = _expected_shapes(model)
     _check_tensors(path, expected, files, headers)
 
@@ -157,20 +154,21 @@ def save_pretrained(
 def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
     """The dtype a model directory stores its weights in (that of the embeddings), if known."""
     path = Path(path)
+    args = ModelArgs.from_file(path)
     files = _tensor_files(path)
-    for name in ("model.embed_tokens.weight", "transformer.word_embeddings.weight", "word_embeddings.weight"):
-        if name in files:
-            return _SAFETENSORS_DTYPES.get(_read_header(files[name])[name][1])
-    return None
+    stored = _stored_names(args, files)
+    with torch.device("meta"):
+        name = build_model(args).embedding_name
+    if name not in stored:
+        return None
+    return _SAFETENSORS_DTYPES.get(_read_header(files[stored[name]])[stored[name]][1])
 
 
 def _stored_names(args: ModelArgs, files: dict[str, Path]) -> dict[str, str]:
-    """Model tensor name -> the name a checkpoint stores it under. The same name, except in BLOOM
-    checkpoints saved from transformers' BloomModel (bigscience's bloom and bloomz repositories),
-    which leave out the `transformer.` prefix, as transformers' `base_model_prefix` allows."""
-    if args.model_type == "bloom" and not any(name.startswith("transformer.") for name in files):
-        return {(name if name == "lm_head.weight" else f"transformer.{name}"): name for name in files}
-    return {name: name for name in files}
+    """Model tensor name -> the name a checkpoint stores it under (the same, unless the family says
+    otherwise: BLOOM's prefix-less checkpoints)."""
+    rename = family_for(args.model_type).stored_names
+    return rename(list(files)) if rename is not None else {name: name for name in files}
 
 
 def _new_dir(parent: Path, prefix: str, suffix: str) -> Path:

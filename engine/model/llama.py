@@ -1,12 +1,14 @@
-"""The Llama-family decoder (Llama 1/2/3/3.x, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3/4) in Hugging
-Face's parameter layout.
+"""The shared decoder of the Llama-like families (Llama 1/2/3/3.x, Mistral, Qwen2, Qwen3, Gemma 2/3,
+Phi-3/4, OLMo 2, Granite 3) in Hugging Face's parameter layout.
 
-The families differ by options of one block (see `ModelArgs`): Qwen3 and Gemma 3 norm q and k per
-head; Gemma scales the embeddings, norms with 1 + weight, norms the attention and MLP outputs
-too ("sandwich" norms), gates with tanh-GELU, scales logits by query_pre_attn_scalar, gives its
-sliding-window layers their own RoPE base (Gemma 3) and caps attention and output logits (Gemma 2).
-Phi-3 keeps q/k/v and gate/up fused in one projection each (its checkpoint layout) and may rotate
-only the leading part of each head (`partial_rotary_factor`, Phi-4-mini).
+The families differ by options of one block (see `ModelArgs`; each family's file in families/ sets
+them): Qwen3 and Gemma 3 norm q and k per head, OLMo 2 over the whole projection; Gemma scales the
+embeddings, norms with 1 + weight, norms the attention and MLP outputs too ("sandwich" norms),
+gates with tanh-GELU, scales logits by query_pre_attn_scalar, gives its sliding-window layers their
+own RoPE base (Gemma 3) and caps attention and output logits (Gemma 2); OLMo 2 norms only the
+sublayers' outputs ("post" norms). Phi-3 keeps q/k/v and gate/up fused in one projection each (its
+checkpoint layout) and may rotate only the leading part of each head (`partial_rotary_factor`,
+Phi-4-mini). Granite multiplies the embeddings and the sublayers' outputs and divides the logits.
 
 Module and parameter names are transformers' own (`model.layers.0.self_attn.q_proj.weight`, ...),
 so a Hugging Face checkpoint loads with no name map and exports back unchanged. The model reads
@@ -108,9 +110,11 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
             self.v_proj = nn.Linear(hidden, kv_dim, bias=args.qkv_bias)
             self.o_proj = nn.Linear(q_dim, hidden, bias=args.o_bias)
-        if args.qk_norm:  # per head, over head_dim: rms_norm reads the [.., H, D] view in place
-            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, offset=args.norm_offset)
-            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, offset=args.norm_offset)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm is not None:  # per head over head_dim ([.., H, D] views), or the whole projection
+            q_size, k_size = (args.head_dim, args.head_dim) if args.qk_norm == "head" else (q_dim, kv_dim)
+            self.q_norm = RMSNorm(q_size, args.rms_norm_eps, offset=args.norm_offset)
+            self.k_norm = RMSNorm(k_size, args.rms_norm_eps, offset=args.norm_offset)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         tokens = x.shape[:-1]
@@ -118,8 +122,10 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(*tokens, -1, self.head_dim) for t in (q, k, v))
-        if hasattr(self, "q_norm"):
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (inputs.local_cos, inputs.local_sin) if self.local_rope else (inputs.cos, inputs.sin)
         r = self.rotary_dim
@@ -157,30 +163,43 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; the unit FSDP and activation checkpointing wrap.
+    """One block; the unit FSDP and activation checkpointing wrap. Its norms stand where
+    `args.norm_placement` says, under transformers' names (hence their shifting meaning):
 
-    Llama: `post_attention_layernorm` norms the MLP input. Gemma (sandwich norms): it norms the
-    attention output, and `pre_feedforward_layernorm` / `post_feedforward_layernorm` the MLP's
-    input and output (transformers' names, hence the shift in meaning)."""
+    - "pre" (Llama): `input_layernorm` and `post_attention_layernorm` norm the attention and MLP inputs;
+    - "sandwich" (Gemma): `input_layernorm` the attention input, `post_attention_layernorm` its output,
+      `pre_feedforward_layernorm` / `post_feedforward_layernorm` the MLP's input and output;
+    - "post" (OLMo 2): `post_attention_layernorm` and `post_feedforward_layernorm` the outputs only.
+
+    Each sublayer's output joins the residual times `residual_multiplier` (Granite; 1 elsewhere)."""
 
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
         norm = lambda: RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset)
-        self.input_layernorm = norm()
+        self.placement = args.norm_placement
+        if self.placement != "post":
+            self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
-        self.sandwich = args.sandwich_norms
-        if self.sandwich:
+        if self.placement == "sandwich":
             self.pre_feedforward_layernorm = norm()
+        if self.placement != "pre":
             self.post_feedforward_layernorm = norm()
+        self.residual_multiplier = args.residual_multiplier
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        if not self.sandwich:
-            h = x + self.self_attn(self.input_layernorm(x), inputs)
-            return h + self.mlp(self.post_attention_layernorm(h))
+        if self.placement == "pre":
+            h = x + self._scaled(self.self_attn(self.input_layernorm(x), inputs))
+            return h + self._scaled(self.mlp(self.post_attention_layernorm(h)))
+        if self.placement == "post":
+            h = x + self.post_attention_layernorm(self.self_attn(x, inputs))
+            return h + self.post_feedforward_layernorm(self.mlp(h))
         h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), inputs))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
 
 class LlamaModel(nn.Module):
@@ -236,7 +255,7 @@ class LlamaForCausalLM(CausalLM):
         x = self._embed(input_ids)
         for layer in self.model.layers:
             x = layer(x, inputs)
-        return self.model.norm(x)
+        return self._final_norm(x)
 
     def _generation_step(self, input_ids: torch.Tensor, layout: PackedLayout | None,
                          cache: KVCache) -> torch.Tensor:
@@ -253,13 +272,22 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.model.layers:
             x = layer(x, inputs)
         cache.advance()
-        return self.model.norm(x)
+        return self._final_norm(x)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         if self.args.scale_embeddings:  # Gemma: sqrt(hidden) rounded to the weights' dtype, as transformers
             x = x * torch.tensor(self.args.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
+        if self.args.embedding_multiplier != 1.0:  # Granite
+            x = x * self.args.embedding_multiplier
         return x
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm; Granite's division of the logits by `logits_scaling` is applied to its
+        output, the lm_head's input (the same product), so every head over it (logits, the fused loss)
+        needs nothing of its own."""
+        x = self.model.norm(x)
+        return x if self.args.logits_scaling == 1.0 else x / self.args.logits_scaling
 
     def _local_tables(self, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
         if self.local_rope is None:

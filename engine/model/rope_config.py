@@ -1,6 +1,7 @@
 """How a Hugging Face config.json describes RoPE, read into `ModelArgs` and written back: the theta and
 scaling block in both layouts (transformers 4's `rope_theta` + `rope_scaling`, 5's `rope_parameters`),
-llama3 / linear / dynamic scaling, Phi-3's partial rotary and longrope, Gemma 3's two blocks."""
+llama3 / linear / dynamic scaling, longrope, partial rotary. What only one family does with them
+(Phi-3's longrope and partial rotary, Gemma 3's two blocks) is in that family's file."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from packtune.model.config import ModelConfigError
+from packtune.errors import ModelError
 
 if TYPE_CHECKING:
     from packtune.model.config import ModelArgs
@@ -41,43 +42,43 @@ def rope_block(cfg: dict[str, Any]) -> dict[str, Any]:
     return dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
 
 
-def partial_rotary_factor(cfg: dict[str, Any], model_type: str) -> float:
-    """Phi-3 rotates the leading `partial_rotary_factor` of each head (top level or in the rope block);
-    the other families' transformers code rotates whole heads, so anything but 1 is refused."""
+def partial_rotary_factor(cfg: dict[str, Any]) -> float:
+    """The leading fraction of each head that rotates (top level or in the rope block), in (0, 1]."""
     partial = rope_block(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     partial = 1.0 if partial is None else partial
-    if model_type == "phi3":
-        if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
-            raise ModelConfigError(f"partial_rotary_factor={partial!r} must be in (0, 1]")
-        return float(partial)
-    if partial not in (1, 1.0):
-        raise ModelConfigError(
-            f"partial_rotary_factor={partial} is not supported for {model_type} (only 1.0)")
-    return 1.0
+    if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise ModelError(f"partial_rotary_factor={partial!r} must be in (0, 1]")
+    return float(partial)
 
 
-def parse_rope(cfg: dict[str, Any], max_positions: int, model_type: str = "llama"
-                ) -> tuple[float, RopeScaling | None]:
+def whole_heads(cfg: dict[str, Any], model_type: str) -> None:
+    """Refuse a partial rotary factor for a family whose transformers code rotates whole heads."""
+    partial = rope_block(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ModelError(f"partial_rotary_factor={partial} is not supported for {model_type} (only 1.0)")
+
+
+def rope_type(cfg: dict[str, Any]) -> str:
+    """The scaling type the rope block names ("default" without one; `type` is the old key)."""
+    params = rope_block(cfg)
+    return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+def parse_rope(cfg: dict[str, Any], max_positions: int) -> tuple[float, RopeScaling | None]:
     """Both layouts: `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters` (5)."""
     params = rope_block(cfg)
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     params.pop("partial_rotary_factor", None)  # read by partial_rotary_factor
     rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
-    if model_type == "phi3" and rope_type in ("su", "yarn", "longrope"):  # all longrope to transformers
-        return theta, parse_longrope(cfg, params, max_positions)
-    if model_type == "phi3" and rope_type != "default":
-        raise ModelConfigError(
-            f"rope scaling type {rope_type!r} is not supported for phi3 (only default and longrope / su)"
-        )
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelConfigError(
+        raise ModelError(
             f"rope scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     if rope_type == "default":
         return theta, None
     factor = params.get("factor")
     if not isinstance(factor, (int, float)) or factor < 1:
-        raise ModelConfigError(f"rope scaling {rope_type!r} needs factor >= 1, got {factor!r}")
+        raise ModelError(f"rope scaling {rope_type!r} needs factor >= 1, got {factor!r}")
     if rope_type != "llama3":
         return theta, RopeScaling(rope_type, float(factor))
     original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
@@ -96,56 +97,27 @@ def parse_longrope(cfg: dict[str, Any], params: dict[str, Any], max_positions: i
     over the block's), `attention_factor` to sqrt(1 + ln(factor) / ln(original)) above factor 1."""
     original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
     if not isinstance(original, int) or isinstance(original, bool) or original < 2:
-        raise ModelConfigError(f"longrope needs original_max_position_embeddings >= 2, got {original!r}")
+        raise ModelError(f"longrope needs original_max_position_embeddings >= 2, got {original!r}")
     factors = {}
     for name in ("short_factor", "long_factor"):
         value = params.get(name)
         if not isinstance(value, list) or not all(isinstance(x, (int, float)) and x > 0 for x in value):
-            raise ModelConfigError(f"longrope {name} must be a list of positive numbers, got {value!r}")
+            raise ModelError(f"longrope {name} must be a list of positive numbers, got {value!r}")
         factors[name] = tuple(float(x) for x in value)
     factor = params.get("factor")
     factor = max_positions / original if factor is None else factor
     attention = params.get("attention_factor")
     for name, value in (("factor", factor), ("attention_factor", attention)):
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            raise ModelConfigError(f"longrope {name} must be a positive number, got {value!r}")
+            raise ModelError(f"longrope {name} must be a positive number, got {value!r}")
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     return RopeScaling("longrope", float(factor), original_max_position_embeddings=original,
                        attention_factor=float(attention), **factors)
 
 
-def parse_gemma3_rope(cfg: dict[str, Any], get) -> tuple[float, RopeScaling | None, float]:
-    """Gemma 3's two RoPE blocks: global layers (any supported scaling) and local ones (unscaled).
-
-    transformers 5 writes `rope_parameters` = {"full_attention": {...}, "sliding_attention": {...}};
-    older files have `rope_theta`, `rope_scaling` (global) and `rope_local_base_freq`.
-    """
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
-        full = dict(params.get("full_attention") or {})
-        local = dict(params.get("sliding_attention") or {})
-    else:
-        full = dict(cfg.get("rope_scaling") or {})
-        full.setdefault("rope_theta", get("rope_theta"))
-        local = {"rope_theta": get("rope_local_base_freq")}
-    full.setdefault("rope_theta", get("rope_theta"))
-    local.setdefault("rope_theta", get("rope_local_base_freq"))
-    for block in (full, local):
-        if block.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
-            raise ModelConfigError(
-                f"partial_rotary_factor={block['partial_rotary_factor']} is not supported for gemma3_text")
-    theta, scaling = parse_rope({"rope_parameters": full}, get("max_position_embeddings"))
-    local_theta, local_scaling = parse_rope({"rope_parameters": local}, get("max_position_embeddings"))
-    if local_scaling is not None:
-        raise ModelConfigError(
-            f"rope scaling {local_scaling.rope_type!r} on the sliding_attention layers is not supported"
-        )
-    return theta, scaling, local_theta
-
-
-def write_rope(args: ModelArgs, cfg: dict[str, Any]) -> None:
-    """Put `args`' RoPE into config.json dict `cfg`, in the layout `cfg` already uses."""
+def scaling_block(args: ModelArgs) -> dict[str, Any] | None:
+    """`args.rope_scaling` as config.json's scaling keys (None: no scaling)."""
     scaling = None
     if args.rope_scaling is not None:
         scaling = {"rope_type": args.rope_scaling.rope_type, "factor": args.rope_scaling.factor}
@@ -163,25 +135,19 @@ def write_rope(args: ModelArgs, cfg: dict[str, Any]) -> None:
                 attention_factor=args.rope_scaling.attention_factor,
                 original_max_position_embeddings=original,
             )
-            cfg["original_max_position_embeddings"] = original  # transformers' Phi-3 reads this first
-    if args.model_type == "gemma3_text":  # one block per layer type
-        cfg["rope_parameters"] = {
-            "full_attention": {"rope_type": "default", **(scaling or {}), "rope_theta": args.rope_theta},
-            "sliding_attention": {"rope_type": "default", "rope_theta": args.local_rope_theta},
-        }
-        for key in ("rope_scaling", "rope_theta", "rope_local_base_freq"):
-            cfg.pop(key, None)
-    elif "rope_parameters" in cfg:  # transformers >= 5 layout: one block holding theta too
+    return scaling
+
+
+def write_rope(args: ModelArgs, cfg: dict[str, Any]) -> None:
+    """Put `args`' RoPE into config.json dict `cfg`, in the layout `cfg` already uses."""
+    scaling = scaling_block(args)
+    if "rope_parameters" in cfg:  # transformers >= 5 layout: one block holding theta too
         cfg["rope_parameters"] = {
             "rope_type": "default",
             **(scaling or {}),
             "rope_theta": args.rope_theta,
         }
-        if args.model_type == "phi3":
-            cfg["rope_parameters"]["partial_rotary_factor"] = args.partial_rotary_factor
         cfg.pop("rope_scaling", None)
         cfg.pop("rope_theta", None)
     else:  # the layout every transformers version reads
         cfg.update(rope_theta=args.rope_theta, rope_scaling=scaling)
-    if args.model_type == "phi3":
-        cfg["partial_rotary_factor"] = args.partial_rotary_factor

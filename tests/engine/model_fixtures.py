@@ -19,7 +19,9 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 # Phi-3 longrope with a short original context (10) so that samples take either factor set (GQA with
 # partial rotary and the default attention factor; MHA with a window and a given attention factor).
 # BLOOM (ALiBi: 4 heads, a power of two, tied; 6 heads, not one, untied, with
-# apply_residual_connection_post_layernorm).
+# apply_residual_connection_post_layernorm); OLMo 2 (post-norm blocks, q/k norms over the whole
+# projection, GQA, attention biases); Granite 3 (its four multipliers at Granite-3.0-2b's values but
+# an attention multiplier unlike head_dim ** -0.5, GQA, tied, biases).
 CONFIGS = {
     "llama3_gqa": (
         "LlamaConfig",
@@ -144,6 +146,11 @@ CONFIGS = {
         dict(num_attention_heads=6, hidden_size=48, tie_word_embeddings=False,
              apply_residual_connection_post_layernorm=True),
     ),
+    "olmo2": ("Olmo2Config", dict(num_key_value_heads=2, attention_bias=True, pad_token_id=1, eos_token_id=2,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "granite": ("GraniteConfig", dict(num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
+                                      mlp_bias=True, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                      attention_multiplier=0.0625, logits_scaling=8.0)),
     "llama_dynamic": (
         "LlamaConfig",
         dict(
@@ -180,3 +187,23 @@ def make_hf_model(name: str, seed: int = 0, vocab_size: int | None = None):
 def save_hf_model(name: str, directory: Path, seed: int = 0, vocab_size: int | None = None) -> Path:
     make_hf_model(name, seed, vocab_size).save_pretrained(directory)
     return directory
+
+
+def model_type(name: str) -> str:
+    """The `model_type` of fixture `name` (its transformers config class's)."""
+    import transformers
+
+    return getattr(transformers, CONFIGS[name][0]).model_type
+
+
+def family_fixtures() -> dict[str, str]:
+    """model_type -> the first fixture of that family, for every registered family (the per-family
+    tests run on these; a family without a fixture fails here, so a new family cannot go untested)."""
+    from packtune.model.families import model_types
+
+    first: dict[str, str] = {}
+    for name in CONFIGS:
+        first.setdefault(model_type(name), name)
+    missing = [t for t in model_types() if t not in first]
+    assert not missing, f"no model_fixtures.CONFIGS entry for the families {missing}"
+    return {t: first[t] for t in model_types()}

@@ -5,8 +5,9 @@ import json
 import pytest
 from data_fixtures import trained_tokenizers
 
-from packtune.config import ConfigError, DataConfig
-from packtune.data import DataError, prepare_dataset
+from packtune.config import DataConfig
+from packtune.data import prepare_dataset
+from packtune.errors import ConfigError, DataError
 
 GOOD = json.dumps({"instruction": "Say hi", "output": "hi"}).encode()
 SHAREGPT_GOOD = json.dumps(

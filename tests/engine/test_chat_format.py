@@ -9,10 +9,10 @@ import pytest
 from real_files import real_path
 
 from packtune.data.chat_template import make_chat_format
-from packtune.data.errors import DataError
 from packtune.data.fidelity import reference_ids
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenizer import load_tokenizer
+from packtune.errors import DataError
 
 transformers = pytest.importorskip("transformers")
 load_tokenizer = functools.cache(load_tokenizer)  # the real tokenizers take a second each to load

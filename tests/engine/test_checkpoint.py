@@ -6,13 +6,8 @@ import pytest
 import torch
 from toy_training import ToyLM
 
-from packtune.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from packtune.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from packtune.errors import CheckpointError
 from packtune.kernels import PackedLayout
 from packtune.optim import build_optimizer
 from packtune.parallel import init_distributed

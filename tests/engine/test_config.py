@@ -2,7 +2,8 @@ import warnings
 
 import pytest
 
-from packtune.config import ConfigError, dump_config, load_config
+from packtune.config import dump_config, load_config
+from packtune.errors import ConfigError
 
 
 def write(tmp_path, text):

@@ -2,7 +2,6 @@ import json
 
 import pytest
 
-from packtune.data.errors import DataError
 from packtune.data.formats import (
     DEFAULT_FIELDS,
     Conversation,
@@ -13,6 +12,7 @@ from packtune.data.formats import (
     to_conversation,
 )
 from packtune.data.readers import open_records
+from packtune.errors import DataError
 
 
 def conv(record, fmt, fields=DEFAULT_FIELDS):

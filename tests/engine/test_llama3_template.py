@@ -16,9 +16,9 @@ from toy_training import tiny_llama
 
 from packtune.cli import main
 from packtune.data.chat_template import make_chat_format
-from packtune.data.errors import DataError
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenizer import load_tokenizer
+from packtune.errors import DataError
 from packtune.model.hf_io import save_pretrained
 
 transformers = pytest.importorskip("transformers")

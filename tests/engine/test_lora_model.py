@@ -5,7 +5,8 @@ import pytest
 import torch
 from toy_training import tiny_llama
 
-from packtune.config import Config, ConfigError, load_config
+from packtune.config import Config, load_config
+from packtune.errors import ConfigError
 from packtune.lora import LoRALinear, LoRAMLP, LoRASpec, apply_lora, parameter_counts
 from packtune.lora.apply import base_bytes
 from packtune.lora.training import check_lora_run

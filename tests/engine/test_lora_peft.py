@@ -5,19 +5,18 @@ import json
 
 import pytest
 import torch
-from model_fixtures import save_hf_model
+from model_fixtures import family_fixtures, model_type, save_hf_model
 
 from packtune.lora import LoRASpec, apply_lora, load_adapter_into, merge_adapter, save_adapter
 from packtune.lora.apply import block_linears
 from packtune.lora.peft_format import adapter_tensors
+from packtune.model.families import family_for
 from packtune.model.hf_io import load_pretrained
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-FAMILIES = ["llama3_gqa", "qwen2", "llama_tied", "qwen3_gqa", "gemma2", "gemma3", "phi3", "bloom"]
-SOME_TARGETS = {"phi3": ("qkv_proj", "down_proj"), "bloom": ("query_key_value", "dense_4h_to_h")}
-"""A partial target list per family (the Llama names for the others)."""
+FAMILIES = [*family_fixtures().values(), "llama_tied"]  # every registered family, and a tied Llama
 
 
 def _randomise_adapters(model, seed=0):
@@ -39,7 +38,8 @@ def _assert_logits_close(got, expected):
 def _spec(kind: str, family: str) -> LoRASpec:
     if kind == "all":
         return LoRASpec(4, 8.0)
-    return LoRASpec(2, 3.0, targets=SOME_TARGETS.get(family, ("q_proj", "v_proj", "down_proj")), rslora=True)
+    targets = family_for(model_type(family)).lora_targets[::3]  # a partial list in the family's own names
+    return LoRASpec(2, 3.0, targets=targets, rslora=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -23,18 +23,15 @@ LENGTHS = (7, 13, 20)  # a packed row of 3 samples; every sliding window above i
 GENERATED = [n for n in NAMES if "longrope" not in n]  # 5 + 14 tokens cross 10: see the longrope test
 
 
-def _rms_norm_at_input_precision(self, hidden_states):
-    """transformers' RMSNorm forward, but in float64 for float64 input (it always uses fp32)."""
-    compute = torch.promote_types(hidden_states.dtype, torch.float32)
-    x = hidden_states.to(compute)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-    return self.weight * x.to(hidden_states.dtype)
-
-
-def _gemma_rms_norm_at_input_precision(self, x):
-    """transformers' Gemma RMSNorm forward (scale 1 + weight), in float64 for float64 input."""
+def _rms_norm_at_input_precision(self, x):
+    """transformers' RMSNorm forwards (weight, or Gemma's 1 + weight), in float64 for float64 input
+    (they always compute in fp32)."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    out = self._norm(x.to(compute)) * (1.0 + self.weight.to(compute))
+    if hasattr(self, "variance_epsilon"):
+        h = x.to(compute)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+    out = self._norm(x.to(compute)) * (1.0 + self.weight.to(compute))  # Gemma's
     return out.type_as(x)
 
 
@@ -70,21 +67,19 @@ def float64_hf_norms(monkeypatch):
     """packtune's norm (and capped or ALiBi attention softmax) keep float64 for float64 input; make
     transformers' do the same, so the float64 comparisons are between two exact computations, not
     exact vs fp32-rounded."""
+    import sys
+
     from transformers.models.bloom import modeling_bloom
     from transformers.models.gemma2 import modeling_gemma2
-    from transformers.models.gemma3 import modeling_gemma3
-    from transformers.models.llama import modeling_llama
-    from transformers.models.mistral import modeling_mistral
-    from transformers.models.phi3 import modeling_phi3
-    from transformers.models.qwen2 import modeling_qwen2
-    from transformers.models.qwen3 import modeling_qwen3
 
-    for norm in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm,
-                 modeling_qwen3.Qwen3RMSNorm, modeling_phi3.Phi3RMSNorm):
-        monkeypatch.setattr(norm, "forward", _rms_norm_at_input_precision)
+    from packtune.model.families import families
+
+    for family in families():
+        modeling = sys.modules[getattr(transformers, family.architecture).__module__]
+        for name, cls in vars(modeling).items():
+            if name.endswith("RMSNorm") and isinstance(cls, type):
+                monkeypatch.setattr(cls, "forward", _rms_norm_at_input_precision)
     monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", _eager_attention_at_input_precision)
-    for norm in (modeling_gemma2.Gemma2RMSNorm, modeling_gemma3.Gemma3RMSNorm):
-        monkeypatch.setattr(norm, "forward", _gemma_rms_norm_at_input_precision)
     monkeypatch.setattr(modeling_bloom, "F", _SoftmaxAtInputPrecision())
 
 

@@ -10,7 +10,8 @@ import torch
 from model_fixtures import save_hf_model
 from safetensors.torch import load_file, save_file
 
-from packtune.model.config import ModelArgs, ModelConfigError
+from packtune.errors import ModelError
+from packtune.model.config import ModelArgs
 from packtune.model.hf_io import load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -63,7 +64,7 @@ def test_unsupported_bloom_config_is_a_clear_error(tmp_path, change, message):
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(change)
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelConfigError, match=message):
+    with pytest.raises(ModelError, match=message):
         load_pretrained(path)
 
 

@@ -9,8 +9,9 @@ import torch
 from model_fixtures import CONFIGS, save_hf_model
 from safetensors.torch import load_file, save_file
 
-from packtune.model.config import ModelArgs, ModelConfigError
-from packtune.model.hf_io import INDEX_NAME, WEIGHTS_NAME, CheckpointError, load_pretrained, save_pretrained
+from packtune.errors import CheckpointError, ModelError
+from packtune.model.config import ModelArgs
+from packtune.model.hf_io import INDEX_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained
 from packtune.model.llama import LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -75,7 +76,7 @@ def test_unsupported_config_is_a_clear_error(tmp_path, llama_dir, change, messag
     cfg.update(change)
     copy_dir(llama_dir, tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelConfigError, match=message) as err:
+    with pytest.raises(ModelError, match=message) as err:
         load_pretrained(tmp_path / "m")
     assert "config.json" in str(err.value)
 
@@ -102,7 +103,7 @@ def test_phi3_options_refused_by_name(tmp_path, change, message):
     save_hf_model("phi3", tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg.update(change)
-    with pytest.raises(ModelConfigError, match=message):
+    with pytest.raises(ModelError, match=message):
         ModelArgs.from_hf_config(cfg)
 
 
@@ -148,7 +149,7 @@ def test_phi3_layout_and_partial_rotary(tmp_path):
 
 def test_invalid_json_names_line(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama",\n  "vocab_size": }')
-    with pytest.raises(ModelConfigError, match=r"config.json:2:\d+: invalid JSON"):
+    with pytest.raises(ModelError, match=r"config.json:2:\d+: invalid JSON"):
         ModelArgs.from_file(tmp_path)
 
 

@@ -109,7 +109,8 @@ def test_shuffled_best_fit_mixes_lengths_and_is_seeded():
 
 
 def test_unknown_packing_strategy_is_a_config_error(dataset):
-    from packtune.config import Config, ConfigError
+    from packtune.config import Config
+    from packtune.errors import ConfigError
     from packtune.launch import build_rows
 
     cfg = Config()
@@ -147,7 +148,8 @@ def test_loss_weights_by_hand():
 
 
 def test_unknown_loss_weighting_is_a_config_error(dataset):
-    from packtune.config import Config, ConfigError
+    from packtune.config import Config
+    from packtune.errors import ConfigError
     from packtune.launch import build_rows
 
     cfg = Config()

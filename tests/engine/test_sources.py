@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
 
-from packtune.config import ConfigError, DataConfig, DataSource, dump_config, load_config
-from packtune.data import DataError, format_report, prepare_dataset
+from packtune.config import DataConfig, DataSource, dump_config, load_config
+from packtune.data import format_report, prepare_dataset
 from packtune.data.dataset import _in_order
 from packtune.data.readers import count_records, open_records
 from packtune.data.sources import OpenSource
+from packtune.errors import ConfigError, DataError
 
 ROWS = alpaca_rows(300)
 

@@ -1,8 +1,8 @@
 import pytest
 
-from packtune.data.errors import DataError
 from packtune.data.formats import Conversation, Message
 from packtune.data.templates import get_template, render, render_text
+from packtune.errors import DataError
 
 SYS = Message("system", "Be brief.")
 TURNS = (

@@ -3,9 +3,9 @@ import pytest
 from data_fixtures import trained_tokenizers
 
 from packtune.data.chat_template import make_chat_format
-from packtune.data.errors import DataError
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenizer import load_tokenizer
+from packtune.errors import DataError
 
 CONV = Conversation(
     (

@@ -10,10 +10,11 @@ from toy_training import ListSampler, ToyLM, make_samples, packed, padded, tiny_
 
 from packtune.config import TrainConfig
 from packtune.data.packing import PackedBatch
+from packtune.errors import TrainingError
 from packtune.kernels import PackedLayout
 from packtune.optim import warmup_cosine
 from packtune.parallel import init_distributed
-from packtune.train import Trainer, TrainingError
+from packtune.train import Trainer
 
 
 @pytest.fixture(autouse=True)

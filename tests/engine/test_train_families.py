@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
 from model_fixtures import CONFIGS as MODEL_CONFIGS
-from model_fixtures import save_hf_model
+from model_fixtures import family_fixtures, save_hf_model
 
 from packtune.cli import main
 from packtune.lora import read_adapter
@@ -21,16 +21,7 @@ from packtune.model.config import ModelArgs
 from packtune.model.hf_io import load_pretrained
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
-FAMILIES = {  # family -> model_fixtures config
-    "llama": "llama3_gqa",
-    "mistral": "mistral_window",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3_gqa",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "phi3": "phi3",
-    "bloom": "bloom",
-}
+FAMILIES = family_fixtures()  # model_type -> its first model_fixtures config, for every registered family
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,18 @@
+"""The model families packtune runs, one file each, registered by config.json's `model_type`
+(family.py says what a family holds). A new family is a new file here, imported below."""
+
+from packtune.model.families import bloom, gemma, granite, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401
+from packtune.model.families.decoder import decoder_flops
+from packtune.model.families.family import (
+    Family,
+    HFConfig,
+    HFModules,
+    build_model,
+    families,
+    family_for,
+    family_for_architecture,
+    model_types,
+)
+
+__all__ = ["Family", "HFConfig", "HFModules", "build_model", "decoder_flops", "families", "family_for",
+           "family_for_architecture", "model_types"]
