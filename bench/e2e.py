@@ -98,7 +98,7 @@ def _generate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     from packtune.bench.alpaca_like import generate_rows, length_stats
     from packtune.demo.mix import write_jsonl
-    from packtune.demo.tokenizer import train_tokenizer
+    from packtune.demo.tokenizer_training import train_tokenizer
 
     rows = generate_rows(args.rows + args.eval_rows, seed=args.seed)
     train, heldout = rows[:args.rows], rows[args.rows:]

@@ -1,4 +1,4 @@
-"""The packtune side of `packtune bench e2e`: the same code path as `packtune train`.
+"""The packtune side of `packtune bench e2e`: the stages of `packtune train` (packtune.run).
 
 The config is what a user would write for this data (alpaca format and template, packed rows of
 `max_tokens`, the bench's rows per step, lr and warmup); the timed part is `Trainer.fit()`, as
@@ -52,24 +52,21 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from packtune.bench.e2e_common import read_jsonl
+    from packtune.data.rows import prepare_run_data
     from packtune.demo.mix import write_jsonl
-    from packtune.launch import build_samplers, check_config, export_model, load_model, model_dtype
-    from packtune.lora.training import lora_preparer
+    from packtune.export import export_model
     from packtune.parallel import init_distributed, shutdown
-    from packtune.train import Trainer
+    from packtune.run import build_trainer, mixed_precision
 
     out = Path(spec["out_dir"])
     subset = write_jsonl(read_jsonl(spec["data"], spec["rows"]), out / "data.jsonl")
     cfg = config({**spec, "data": str(subset)})
-    check_config(cfg)
+    cfg.check()
     torch.manual_seed(cfg.train.seed)
-    dist_ctx = init_distributed(cfg.train.device)
+    mixed = mixed_precision(cfg)
+    dist_ctx = init_distributed(cfg.train.device, mixed_precision=mixed)
     try:
-        sampler, _ = build_samplers(cfg, dist_ctx)
-        prepare = lora_preparer(cfg, dist_ctx.device, sharded=dist_ctx.mesh is not None)
-        model, load_weights = load_model(cfg.model.path, model_dtype(cfg.model.dtype), dist_ctx, prepare)
-        trainer = Trainer(cfg.train, model, sampler, dist_ctx, flops_per_token=model.args.num_flops_per_token,
-                          load_weights=load_weights)
+        trainer = build_trainer(cfg, prepare_run_data(cfg, dist_ctx), dist_ctx, mixed)
         reset_peak_rss()
         start = time.perf_counter()
         trainer.fit()

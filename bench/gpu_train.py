@@ -32,7 +32,7 @@ from packtune.data.tokenizer import load_tokenizer
 from packtune.demo.mix import make_split, write_jsonl
 from packtune.demo.prompts import rendered_texts
 from packtune.demo.recipe import FULL, write_template
-from packtune.demo.tokenizer import train_tokenizer
+from packtune.demo.tokenizer_training import train_tokenizer
 from packtune.model.config import ModelArgs
 from packtune.model.hf_io import save_pretrained
 from packtune.model.llama import LlamaForCausalLM

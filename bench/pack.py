@@ -176,7 +176,7 @@ def hf_datasets_map(data: Path, model: Path, cache: Path, num_proc: int | None) 
     import datasets
     import sentencepiece as spm
 
-    from packtune.data.templates import ALPACA_SYSTEM, ALPACA_SYSTEM_INPUT
+    from packtune.data.builtin_templates import ALPACA_SYSTEM, ALPACA_SYSTEM_INPUT
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from packtune.config import Config, TrainConfig
+from packtune.errors import DataError
 from packtune.parallel import DistContext, init_distributed, shutdown
 
 TOLERANCE = 1e-4
@@ -61,7 +62,8 @@ def shrunken(args):
                                num_attention_heads=4, num_key_value_heads=kv, head_dim=16, layer_types=())
 
 
-def build_model(cfg: Config, full: bool):
+def check_model(cfg: Config, full: bool):
+    """The config's model (`full`), or its shrunken copy, randomly initialised."""
     from packtune.model.config import ModelArgs
     from packtune.model.families import build_model
     from packtune.model.hf_io import load_pretrained
@@ -75,15 +77,14 @@ def build_model(cfg: Config, full: bool):
 
 def check_samples(cfg: Config, needed: int):
     """The first `needed` samples of the config's data of at most LONGEST tokens, as a dataset."""
-    from packtune.data import TokenizedDataset, prepare_dataset
-    from packtune.launch import _subset
+    from packtune.data import prepare_dataset
 
-    dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
+    dataset = prepare_dataset(cfg.data, cfg.tokenizer)
     index = np.flatnonzero(dataset.lengths <= LONGEST)[:needed]
     if len(index) < needed:
-        raise ValueError(f"packtune check needs {needed} samples of at most {LONGEST} tokens; the data has "
-                         f"{len(index)}")
-    return TokenizedDataset(_subset(dataset, index), dataset.report)
+        raise DataError(f"packtune check needs {needed} samples of at most {LONGEST} tokens; the data has "
+                        f"{len(index)}")
+    return dataset.subset(index)
 
 
 def batches(rows_cls, dataset, per_row: int, weighting: str) -> list:
@@ -140,7 +141,7 @@ def run_check(cfg: Config, full: bool = False) -> bool:
         world, k, per_row = dist_ctx.world_size, MICRO_BATCHES, SAMPLES_PER_ROW
         weighting = cfg.train.loss_weighting
         dataset = check_samples(cfg, STEPS * world * k * per_row)
-        model = build_model(cfg, full)
+        model = check_model(cfg, full)
         packed = batches(PackedRows, dataset, per_row, weighting)
         padded = batches(PaddedRows, dataset, per_row, weighting)
         bigger = batches(PackedRows, dataset, per_row * k, weighting)

@@ -22,10 +22,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
     from packtune.config import load_config
     from packtune.data import data_report, format_report, prepare_dataset
-    from packtune.launch import build_rows
+    from packtune.data.rows import build_rows
 
     cfg = load_config(args.config, args.set)
-    dataset = prepare_dataset(cfg.data, cfg.data.tokenizer or cfg.model.path)
+    dataset = prepare_dataset(cfg.data, cfg.tokenizer)
     rows = build_rows(cfg, dataset)
     report = data_report(dataset, rows, args.world_size, cfg.train.micro_batches)
     print(format_report(report))
@@ -76,7 +76,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
 
     from packtune.model.generate import generate_text
 
@@ -84,7 +83,6 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat and template == "raw":
         print("packtune generate: --chat needs a chat template, not --template raw", file=sys.stderr)
         return 2
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         text = generate_text(
             args.model,
@@ -93,12 +91,12 @@ def _generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
-            dtype=dtype,
+            dtype=args.dtype,
             device=args.device,
             template=template,
             adapter=args.adapter,
         )
-    except (FileNotFoundError, RuntimeError) as e:
+    except FileNotFoundError as e:
         print(f"packtune generate: {e}", file=sys.stderr)
         return 2
     print(text)
@@ -117,13 +115,13 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from packtune.launch import run_training
+    from packtune.run import run
 
     cfg = load_config(args.config, args.set)
     cfg.train.overwrite |= args.overwrite
     if args.quiet:
         cfg.train.progress = "none"
-    run_training(cfg)
+    run(cfg)
     return 0
 
 

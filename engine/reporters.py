@@ -88,5 +88,7 @@ def check_reporters(names: list[str]) -> None:
             )
 
 
-def open_reporters(cfg: Config, output_dir: Path) -> list[Reporter]:
+def open_reporters(cfg: Config) -> list[Reporter]:
+    """The reporters `train.report_to` names, writing under the run's output_dir."""
+    output_dir = Path(cfg.train.output_dir)
     return [_MODULES[name][1](output_dir, cfg) for name in dict.fromkeys(cfg.train.report_to)]

@@ -78,8 +78,9 @@ class Trainer:
     `model` is a causal LM with `hidden_states(...)`, `lm_head` and its decoder blocks in
     `model.decoder_layers`; `sampler` yields, per optimizer step, this rank's list of
     micro-batches (`PackedBatch` or `PaddedBatch`) and is resumable via state_dict(). A model
-    built on the meta device is sharded first, then `load_weights(self.module)` fills the
-    shards, so no rank ever holds more than its shard on the accelerator. `mixed_precision`
+    built on the meta device is sharded, then only this rank's shards are allocated (empty): the
+    caller fills them before `resume()` / `fit()` (packtune.model.loading.fill_shards), so no rank
+    ever holds more than its shard on the accelerator. `mixed_precision`
     (default: on CUDA) computes in bf16 over the fp32 parameters (see parallel.py).
     """
 
@@ -93,7 +94,6 @@ class Trainer:
         eval_sampler: Any = None,
         generation_eval: Callable[[nn.Module, DistContext], dict[str, Any]] | None = None,
         flops_per_token: Callable[[float], float] | None = None,
-        load_weights: Callable[[nn.Module], None] | None = None,
         log_stream: Any = None,
         mixed_precision: bool | None = None,
         reporters: list | None = None,
@@ -114,12 +114,8 @@ class Trainer:
             preserve_rng_state=any(getattr(m, "draws_random", False) for m in model.modules()),
         )
         self.model = model
-        if any(p.is_meta for p in self.module.parameters()):
-            # Built on the meta device: allocate only this rank's shards, then fill them.
-            if load_weights is None:
-                raise TrainingError("the model is on the meta device but no load_weights was given")
+        if any(p.is_meta for p in self.module.parameters()):  # allocate only this rank's shards
             self.module.to_empty(device=dist_ctx.device)
-            load_weights(self.module)
         self.optimizer = build_optimizer(
             self.module,
             lr=cfg.lr,
@@ -194,9 +190,18 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def _step_batches(self) -> Iterator[list[Any]]:
-        """The sampler's steps, epoch after epoch, from wherever it was restored to."""
+        """The sampler's steps, epoch after epoch, from wherever it was restored to; the first step's
+        batches must carry the configured loss weighting (the rows were built for one)."""
+        first = True
         while True:
-            yield from self.sampler
+            for micro_batches in self.sampler:
+                if first and any((b.loss_weights is None) != (self.cfg.loss_weighting == "token")
+                                 for b in micro_batches):
+                    raise TrainingError(f"train.loss_weighting = {self.cfg.loss_weighting!r} but the batches "
+                                        "were built for another weighting (see PackedRows / PaddedRows "
+                                        "loss_weighting)")
+                first = False
+                yield micro_batches
             self.epoch += 1
             self.sampler.set_epoch(self.epoch)
 
@@ -249,9 +254,6 @@ class Trainer:
     def train_step(self, micro_batches: list[Any], stop_requested: bool = False) -> bool:
         """One optimizer step; returns True when any rank asked to stop after it."""
         device = self.dist_ctx.device
-        if any((b.loss_weights is None) != (self.cfg.loss_weighting == "token") for b in micro_batches):
-            raise TrainingError(f"train.loss_weighting = {self.cfg.loss_weighting!r} but the batches were "
-                                "built for another weighting (see PackedRows / PaddedRows loss_weighting)")
         counts = torch.tensor(
             [sum(b.num_label_tokens for b in micro_batches), sum(b.num_items for b in micro_batches),
              sum(b.input_ids.numel() for b in micro_batches), int(stop_requested)],

@@ -51,7 +51,7 @@ def test_alpaca_prompt_variants():
 def test_generated_rows_are_deterministic_and_alpaca_shaped(tmp_path):
     import sentencepiece as spm
 
-    from packtune.demo.tokenizer import train_tokenizer
+    from packtune.demo.tokenizer_training import train_tokenizer
 
     rows = generate_rows(600, seed=1)
     assert rows == generate_rows(600, seed=1)

@@ -1,10 +1,11 @@
 """Instruction data -> packed, loss-masked batches (see the README, "How it works").
 
 readers (files -> streamed records) -> sources (several files, mixed by weight)
--> formats (records -> Conversation) -> templates (-> segments) -> tokenize (-> ids + mask, checked)
+-> formats (records -> Conversation) -> chat_format (the model's Jinja chat template, jinja_template,
+or a built-in one, builtin_templates: -> text and trained spans) -> encoding (-> ids + mask, checked)
 -> dataset (tokenize once, cached, memory-mapped) -> packing (best-fit decreasing rows, batches)
--> sampler (deterministic, resumable, sharded per rank) -> report (printed before step 1).
-"""
+-> rows (held-out split, rows of a run) -> sampler (deterministic, resumable, sharded per rank)
+-> report (printed before step 1)."""
 
 from packtune.data.dataset import TokenizedDataset, prepare_dataset
 from packtune.data.packing import PackedBatch, PackedRows, PaddedBatch, PaddedRows, best_fit_decreasing

@@ -25,12 +25,11 @@ import numpy as np
 
 from packtune.config import DataConfig
 from packtune.data import cache, fidelity
-from packtune.data.chat_template import REWRITTEN_HISTORY, auto_variant, make_chat_format, template_identity
-from packtune.data.formats import FORMATS, decode_record, field_names, location, to_conversation
+from packtune.data.chat_format import make_chat_format, template_identity
+from packtune.data.formats import decode_record, field_names, location, to_conversation
 from packtune.data.sources import OpenSource, resolve_sources
-from packtune.data.templates import TRAIN_ON, get_template
 from packtune.data.tokenizer import default_threads, load_tokenizer
-from packtune.errors import ConfigError, DataError
+from packtune.errors import DataError
 
 CHUNK_RECORDS = 2048
 MAX_ERRORS_KEPT = 5
@@ -52,6 +51,16 @@ class TokenizedDataset:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def subset(self, index: np.ndarray) -> TokenizedDataset:
+        """The samples at `index` (in that order) as a dataset of their own, with this one's report."""
+        lengths = self.lengths[index]
+        offsets = np.zeros(len(index) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        token_index = np.repeat(self.offsets[index] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        arrays = {"tokens": self.tokens[token_index], "mask": self.mask[token_index], "offsets": offsets,
+                  "lines": self.lines[index], "label_counts": self.label_counts[index]}
+        return TokenizedDataset(arrays, self.report)
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, trainable mask) of sample `i`."""
@@ -120,23 +129,9 @@ def prepare_dataset(
 
 def _options(cfg: DataConfig, tokenizer_path: str | Path | None) -> dict[str, Any]:
     """The settings that decide the tokenized result, checked (they also make up the cache key)."""
-    sources = resolve_sources(cfg)
     tokenizer = str(tokenizer_path or cfg.tokenizer)
-    if not tokenizer:
-        raise ConfigError("no tokenizer: set data.tokenizer (a .model or tokenizer.json) or model.path")
-    for key, value, valid in (
-        ("format", cfg.format, ("auto", *FORMATS)),
-        ("train_on", cfg.train_on, TRAIN_ON),
-        ("truncation", cfg.truncation, ("drop", "truncate")),
-        ("rewritten_history", cfg.rewritten_history, REWRITTEN_HISTORY),
-    ):
-        if value not in valid:
-            raise ConfigError(f"data.{key}: {value!r} is not one of {', '.join(valid)}")
-    if cfg.max_tokens < 2:
-        raise ConfigError(f"data.max_tokens: must be at least 2, got {cfg.max_tokens}")
-    if auto_variant(cfg.template) is None:
-        get_template(cfg.template)
-    field_names(cfg.field_map)
+    cfg.check(tokenizer)
+    sources = resolve_sources(cfg)
     return {
         "sources": sources,
         "tokenizer": tokenizer,

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-from packtune.data.tokenize import Rendered
+from packtune.data.encoding import Rendered
 from packtune.data.tokenizer import HFTokenizer, Tokenizer
 from packtune.errors import DataError
 

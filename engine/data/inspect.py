@@ -11,7 +11,7 @@ import sys
 from typing import TextIO
 
 from packtune.config import Config
-from packtune.data.chat_template import make_chat_format
+from packtune.data.chat_format import make_chat_format
 from packtune.data.formats import decode_record, location, to_conversation
 from packtune.data.sources import OpenSource, resolve_sources
 from packtune.data.tokenizer import load_tokenizer
@@ -23,7 +23,7 @@ GREEN, RESET = "\033[32m", "\033[0m"
 def inspect_records(cfg: Config, n_records: int = 3, out: TextIO | None = None) -> None:
     out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
     data = cfg.data
-    tokenizer_path = data.tokenizer or cfg.model.path
+    tokenizer_path = cfg.tokenizer
     tok = load_tokenizer(tokenizer_path)
     fmt = make_chat_format(data.template, tokenizer_path, tok, data.train_on, data.rewritten_history)
     colour = out.isatty()

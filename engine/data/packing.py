@@ -27,10 +27,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from packtune.config.train import LOSS_WEIGHTINGS
 from packtune.errors import DataError
 from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
-
-LOSS_WEIGHTINGS = ("token", "sample", "turn")
 
 
 def _extension_available() -> bool:
@@ -166,8 +165,8 @@ def split_to_multiple(row_of: np.ndarray, lengths: np.ndarray, multiple: int) ->
 
 
 @dataclass
-class PackedBatch:
-    """One packed row: `T` real tokens of several samples, no padding."""
+class Batch:
+    """A micro-batch: token ids, unshifted labels, the layout every op reads, and its loss items."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -181,14 +180,17 @@ class PackedBatch:
     def num_label_tokens(self) -> int:
         return self.layout.num_label_rows
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         return type(self)(
             **{f.name: _move(getattr(self, f.name), device, non_blocking) for f in fields(self)}
         )
 
 
-@dataclass
-class PaddedBatch(PackedBatch):
+class PackedBatch(Batch):
+    """One packed row: `T` real tokens of several samples, no padding."""
+
+
+class PaddedBatch(Batch):
     """`B` samples right-padded to the longest (`[B, L]` tensors); `labels` are -100 on padding."""
 
 
@@ -204,7 +206,8 @@ def _move(value, device, non_blocking):
     return value.to(device, non_blocking=non_blocking)
 
 
-def check_loss_weighting(weighting: str) -> None:
+def _check_weighting(weighting: str) -> None:
+    """The library-level guard (the run's config is checked before, in packtune.config)."""
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {weighting!r}")
 
@@ -217,7 +220,7 @@ def loss_weights(labels: np.ndarray, seq_lens: np.ndarray, weighting: str) -> tu
     being a maximal run of label tokens within a sample, count = turns. Non-label tokens get 0.
     Summed over a step's batches and ranks, the count divides the summed weighted token losses.
     """
-    check_loss_weighting(weighting)
+    _check_weighting(weighting)
     is_label = labels != IGNORE_INDEX
     if weighting == "token":
         return None, int(is_label.sum())
@@ -238,7 +241,7 @@ class _Rows:
     loss weights follow `loss_weighting` (one of LOSS_WEIGHTINGS)."""
 
     def __init__(self, dataset, row_of: np.ndarray, max_tokens: int, loss_weighting: str = "token") -> None:
-        check_loss_weighting(loss_weighting)
+        _check_weighting(loss_weighting)
         self.dataset, self.row_of, self.max_tokens = dataset, row_of, max_tokens
         self.loss_weighting = loss_weighting
         self.order, self.offsets = rows_from_assignment(row_of)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from packtune.data.chat_template import make_chat_format
+from packtune.data.chat_format import make_chat_format
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenizer import load_tokenizer
 from packtune.errors import DataError

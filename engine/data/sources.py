@@ -11,44 +11,27 @@ Records are counted before tokenization, so a malformed record drawn is counted 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from packtune.config import DataConfig
-from packtune.data.formats import FORMATS, decode_record, detect_format, field_names, location
+from packtune.data.formats import decode_record, detect_format, field_names, location
 from packtune.data.readers import check_columns, count_records, open_records
-from packtune.errors import ConfigError, DataError
+from packtune.errors import DataError
 
 
 def resolve_sources(cfg: DataConfig) -> list[dict[str, Any]]:
-    """The sources of a run, checked, with `[data]` format and field_map filled in where unset:
-    [{"path", "format", "field_map", "weight"}], JSON-serialisable (they are part of the cache key)."""
-    if cfg.path and cfg.sources:
-        raise ConfigError("data.path and [[data.sources]] are both set: give the path as a source instead")
-    if not cfg.path and not cfg.sources:
-        raise ConfigError(
-            "data.path is not set: give a data file (JSONL, JSON, CSV, Parquet, Arrow) or [[data.sources]]"
-        )
-    specs = [(cfg.path, None, None, 1.0, "data")] if cfg.path else []
-    specs += [
-        (s.path, s.format, s.field_map, s.weight, f"data.sources[{i}]") for i, s in enumerate(cfg.sources)
+    """The sources of a run (checked by `DataConfig.check`), with `[data]` format and field_map filled
+    in where unset: [{"path", "format", "field_map", "weight"}], JSON-serialisable (they are part of
+    the cache key)."""
+    return [
+        {"path": str(source.path), "format": cfg.format if source.format is None else source.format,
+         "field_map": list(cfg.field_map if source.field_map is None else source.field_map),
+         "weight": source.weight}
+        for _, source in cfg.sources_given()
     ]
-    sources = []
-    for path, fmt, field_map, weight, key in specs:
-        if not path:
-            raise ConfigError(f"{key}.path is not set")
-        fmt = cfg.format if fmt is None else fmt
-        if fmt not in ("auto", *FORMATS):
-            raise ConfigError(f"{key}.format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
-        if not (math.isfinite(weight) and weight > 0):
-            raise ConfigError(f"{key}.weight: must be a number > 0, got {weight!r}")
-        field_map = list(cfg.field_map if field_map is None else field_map)
-        field_names(field_map)
-        sources.append({"path": str(path), "format": fmt, "field_map": field_map, "weight": weight})
-    return sources
 
 
 class OpenSource:

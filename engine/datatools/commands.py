@@ -64,12 +64,10 @@ def _self_instruct(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
 
     from packtune.datatools.evaluate import run_eval
     from packtune.model.generate import DEFAULT_BATCH_SIZE
 
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     if batch_size < 1:
         print("packtune eval: --batch-size must be >= 1", file=sys.stderr)
@@ -77,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         report = run_eval(args.model, args.data, template=args.template, limit=args.limit,
                           max_new_tokens=args.max_new_tokens, json_out=args.json,
-                          normalization=args.normalize, device=args.device, dtype=dtype,
+                          normalization=args.normalize, device=args.device, dtype=args.dtype,
                           batch_size=batch_size)
     except FileNotFoundError as e:
         print(f"packtune eval: {e}", file=sys.stderr)

@@ -57,13 +57,13 @@ def evaluate_model(model: torch.nn.Module, prompts: PromptEncoder, conversations
 
 def run_eval(model_dir: str | Path, data: str | Path, *, template: str = "auto", limit: int = 0,
              max_new_tokens: int = 128, json_out: str | Path | None = None, normalization: str = "squad",
-             device: str | None = None, dtype: torch.dtype | None = None,
+             device: str | None = None, dtype: str = "auto",
              batch_size: int = DEFAULT_BATCH_SIZE) -> EvalReport:
     """Load `model_dir`, answer and score `data`; with `json_out`, write every prediction there."""
-    from packtune.model.hf_io import load_pretrained
+    from packtune.model.loading import load_for_inference
 
     conversations, records = eval_records(data, limit)
-    model = load_pretrained(model_dir, dtype=dtype, device=device)
+    model = load_for_inference(model_dir, dtype, device)
     report = evaluate_model(model, PromptEncoder(model_dir, template), conversations, records, max_new_tokens,
                             normalization, batch_size)
     if json_out:

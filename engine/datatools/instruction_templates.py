@@ -8,7 +8,6 @@ error. Either way a name that is not a column is reported with the closest colum
 
 from __future__ import annotations
 
-import difflib
 import random
 import re
 import string
@@ -16,14 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from packtune.config import suggest
 from packtune.errors import DataError
 
 ENGINES = ("format", "jinja")
-
-
-def _suggest(name: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; available: {', '.join(sorted(choices))}"
 
 
 def _format_fields(text: str, where: str) -> list[str]:
@@ -80,7 +75,7 @@ class TextTemplate:
         for name in self.fields():
             if name not in names:
                 raise DataError(f"{self.where}: {{{name}}} in {self.text!r} is not a column"
-                                f"{_suggest(name, names)}", "config")
+                                f"{suggest(name, names)}", "config")
         if self.engine == "jinja":
             from jinja2 import TemplateSyntaxError
 
@@ -99,7 +94,7 @@ class TextTemplate:
             return _jinja().from_string(self.text).render(**context)
         except UndefinedError as e:
             name = re.match(r"'(\w+)' is undefined", str(e))
-            hint = _suggest(name.group(1), list(context)) if name else ""
+            hint = suggest(name.group(1), list(context)) if name else ""
             raise DataError(f"{self.where}: {e} in {self.text!r}{hint}", "config") from None
         except SecurityError as e:
             raise DataError(f"{self.where}: {e}", "config") from None

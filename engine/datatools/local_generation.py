@@ -43,9 +43,9 @@ class LocalGenerator:
     def __init__(self, model_dir: str | Path, *, template: str = "auto", max_new_tokens: int = 256,
                  temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
                  device: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-        from packtune.model.hf_io import load_pretrained
+        from packtune.model.loading import load_for_inference
 
-        self.model = load_pretrained(model_dir, device=device)
+        self.model = load_for_inference(model_dir, "auto", device)
         self.prompts = PromptEncoder(model_dir, template)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.seed, self.batch_size = seed, batch_size

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from packtune.data.builtin_templates import get_template, render
 from packtune.data.formats import Conversation, Message
-from packtune.data.templates import get_template, render
 
 
 def rendered_texts(records: Sequence[dict[str, str]], template: str) -> list[str]:

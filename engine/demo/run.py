@@ -71,11 +71,12 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     from packtune.data.prompt import PromptEncoder
     from packtune.demo.curve import write_curve
     from packtune.demo.prompts import rendered_texts
-    from packtune.demo.tokenizer import train_tokenizer
-    from packtune.launch import run_training
+    from packtune.demo.tokenizer_training import train_tokenizer
     from packtune.model.config import ModelArgs
-    from packtune.model.hf_io import load_pretrained, save_pretrained
+    from packtune.model.hf_io import save_pretrained
     from packtune.model.llama import LlamaForCausalLM
+    from packtune.model.loading import load_for_inference
+    from packtune.run import run
 
     recipe = recipe or (QUICK if quick else FULL)
     out = Path(out_dir)
@@ -114,10 +115,10 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     print(f"[4/5] training ({recipe.epochs} epochs, lr {recipe.lr}, "
           f"{recipe.micro_batches} packed rows of {recipe.max_tokens} tokens per step) ...", flush=True)
     train_start = time.perf_counter()
-    final = run_training(cfg)
+    final = run(cfg)
     train_s = time.perf_counter() - train_start
 
-    model = load_pretrained(final)
+    model = load_for_inference(final)
     after, after_pred = evaluate(model, prompts, heldout, max_new)
     phrasing, _ = evaluate(model, prompts, unseen_phrasing, max_new)
     _show("sample generations after training:", [heldout[i] for i in shown], [after_pred[i] for i in shown])

@@ -17,21 +17,15 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from packtune.config import LoRAConfig, _suggest
+from packtune.config import LoRAConfig
+from packtune.config.lora import ALL_LINEAR
 from packtune.errors import ConfigError
 from packtune.kernels import geglu
 from packtune.kernels.nf4_matmul import is_nf4
 from packtune.lora.modules import LoRALinear, LoRAMLP
-from packtune.model.families import families
-from packtune.model.families.decoder import DECODER_LINEARS
+from packtune.precision import compute_dtype
 
-ALL_LINEAR = "all-linear"
-"""`lora.targets` that adapts every linear of the decoder blocks (PEFT's "all-linear")."""
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-KNOWN_TARGETS = tuple(dict.fromkeys(name for family in families() for name in family.lora_targets))
-"""Every projection name a registered family's blocks have (the config check; a model is checked
-against its own blocks when the adapters are added)."""
-BASE_DTYPES = ("auto", "float32", "bfloat16", "nf4")
 
 
 @dataclass(frozen=True)
@@ -51,8 +45,8 @@ class LoRASpec:
 
     @classmethod
     def from_config(cls, cfg: LoRAConfig) -> LoRASpec:
-        check_lora_config(cfg)
-        return cls(cfg.rank, cfg.alpha, cfg.dropout, resolve_targets(cfg.targets), cfg.rslora)
+        cfg.check()
+        return cls(cfg.rank, cfg.alpha, cfg.dropout, cfg.resolved_targets(), cfg.rslora)
 
     def for_model(self, model: nn.Module) -> LoRASpec:
         """This spec with its targets named as `model`'s blocks name them, in block order; a target
@@ -68,22 +62,6 @@ class LoRASpec:
         return replace(self, targets=tuple(name for name in linears if name in self.targets))
 
 
-def resolve_targets(targets: str | list[str]) -> str | tuple[str, ...]:
-    """`all-linear` or a list of projection names, checked against every family's names."""
-    if isinstance(targets, str):
-        if targets != ALL_LINEAR:
-            raise ConfigError(f"lora.targets must be \"{ALL_LINEAR}\" or a list of projection names "
-                              f"(e.g. {', '.join(DECODER_LINEARS)}), got {targets!r}")
-        return ALL_LINEAR
-    for name in targets:
-        if name not in KNOWN_TARGETS:
-            suggestion = _suggest(name, list(KNOWN_TARGETS))
-            raise ConfigError(f"lora.targets: unknown projection {name!r}{suggestion}")
-    if not targets:
-        raise ConfigError(f"lora.targets is empty; use \"{ALL_LINEAR}\" or name the projections")
-    return tuple(dict.fromkeys(targets))
-
-
 def block_linears(model: nn.Module) -> tuple[str, ...]:
     """The leaf names of a decoder block's linears (LoRA's possible targets), in module order."""
     layer = model.decoder_layers[0]
@@ -91,26 +69,10 @@ def block_linears(model: nn.Module) -> tuple[str, ...]:
                  if isinstance(m, nn.Linear | LoRALinear))
 
 
-def check_lora_config(cfg: LoRAConfig) -> None:
-    """Raise ConfigError for impossible [lora] values (rank 0 is full fine-tuning and always valid)."""
-    if cfg.rank < 0:
-        raise ConfigError(f"lora.rank must be >= 0 (0: full fine-tuning), got {cfg.rank}")
-    if cfg.rank == 0:
-        return
-    if cfg.alpha <= 0:
-        raise ConfigError(f"lora.alpha must be > 0, got {cfg.alpha}")
-    if not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.base_dtype not in BASE_DTYPES:
-        raise ConfigError(f"lora.base_dtype: {cfg.base_dtype!r}{_suggest(cfg.base_dtype, list(BASE_DTYPES))}")
-    resolve_targets(cfg.targets)
-
-
 def base_dtype(name: str, device: torch.device) -> torch.dtype | str:
-    """The frozen base's storage dtype: `auto` is bf16 on GPU and fp32 on CPU; "nf4" stays a name."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return "nf4" if name == "nf4" else getattr(torch, name)
+    """The frozen base's storage dtype: a compute dtype (packtune.precision: `auto` is bf16 on GPU and
+    fp32 on CPU); "nf4" stays a name."""
+    return "nf4" if name == "nf4" else compute_dtype(name, device)
 
 
 def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | None = None,

@@ -1,5 +1,5 @@
-"""A LoRA run's outputs: the PEFT adapter (`final/`) and/or the merged model (`final-merged/`), and
-`packtune merge BASE ADAPTER OUT` which merges afterwards.
+"""Merging LoRA adapters into their base: what a LoRA run's `final-merged/` holds (engine/export.py),
+and `packtune merge BASE ADAPTER OUT`, which merges afterwards.
 
 Merging computes W + scale * B A in fp32 per linear and writes a plain Hugging Face model
 directory (the LoRA tensors dropped), in the export dtype.
@@ -8,26 +8,13 @@ directory (the LoRA tensors dropped), in the export dtype.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from packtune.kernels.lora import dense_weight
-from packtune.lora.apply import LoRASpec, lora_modules
-from packtune.lora.peft_format import adapter_tensors, save_adapter
-
-EXPORT_MODES = ("adapter", "merged", "both")
-
-
-def export_mode(value: bool | str) -> str | None:
-    """`train.export` for a LoRA run: true -> adapter, false -> None, else the named mode."""
-    if value is True:
-        return "adapter"
-    if value is False:
-        return None
-    return value
+from packtune.lora.apply import lora_modules
 
 
 def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -39,21 +26,6 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
         a, b = state[f"{name}.lora_A"].float(), state[f"{name}.lora_B"].float()
         merged[f"{name}.weight"] = w + module.scale * (b @ a)
     return merged
-
-
-def export_lora(model: nn.Module, spec: LoRASpec, state: dict[str, torch.Tensor], output_dir: Path,
-                mode: str, base_model: str, write_model: Callable[[dict[str, torch.Tensor], Path], None]
-                ) -> Path:
-    """Write the adapter to `final/` and/or the merged model to `final-merged/` (via `write_model`,
-    which saves a Hugging Face directory with the tokenizer); returns the first path written."""
-    written = []
-    if mode in ("adapter", "both"):
-        written.append(save_adapter(output_dir / "final", spec, adapter_tensors(model, state), base_model))
-    if mode in ("merged", "both"):
-        path = output_dir / "final-merged"
-        write_model(merged_state_dict(model, state), path)
-        written.append(path)
-    return written[0]
 
 
 def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike,

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from packtune.errors import CheckpointError, ConfigError
-from packtune.lora.apply import KNOWN_TARGETS, LoRASpec, lora_modules
+from packtune.lora.apply import LoRASpec, lora_modules
+from packtune.model.families import lora_target_names
 from packtune.model.hf_io import _fsync, _new_dir, _replace_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -121,10 +122,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRASpec, dict[str, torch.Ten
             raise ConfigError(f"{path}: {key} = {config[key]!r} is not supported (only {plain!r})")
     peft_tensors = load_file(weights)
     targets = adapted_projections(peft_tensors)
-    unknown = sorted(set(targets) - set(KNOWN_TARGETS))
+    unknown = sorted(set(targets) - set(lora_target_names()))
     if unknown or not targets:
         raise ConfigError(f"{path}: adapts {unknown or 'nothing'}; packtune adapts the decoder blocks' "
-                          f"projections ({', '.join(KNOWN_TARGETS)})")
+                          f"projections ({', '.join(lora_target_names())})")
     spec = LoRASpec(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout") or 0.0),
                     tuple(targets), bool(config.get("use_rslora", False)))
     return spec, {packtune_key(k): v for k, v in peft_tensors.items()}

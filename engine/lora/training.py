@@ -15,47 +15,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from packtune.config import Config
+from packtune.config import Config, LoRAConfig
 from packtune.errors import ConfigError
-from packtune.lora.apply import LoRASpec, apply_lora, base_dtype, check_lora_config, describe
-from packtune.lora.export import EXPORT_MODES
+from packtune.lora.apply import LoRASpec, apply_lora, base_dtype, describe
 
 
-def lora_enabled(cfg: Config) -> bool:
-    return cfg.lora.rank > 0
+def check_init_from(cfg: LoRAConfig) -> None:
+    """`lora.init_from`'s adapter has this run's rank, alpha and scaling (its targets are checked
+    against the model when the adapters are added)."""
+    from packtune.lora.peft_format import read_adapter
 
-
-def check_lora_run(cfg: Config) -> None:
-    """Config checks of a LoRA run (and of `train.export` in either kind of run)."""
-    check_lora_config(cfg.lora)
-    export = cfg.train.export
-    if not lora_enabled(cfg):
-        if isinstance(export, str):
-            raise ConfigError(f"train.export = {export!r} needs a LoRA run ([lora] rank > 0); a full "
-                              "fine-tuning run takes true or false")
-        return
-    if isinstance(export, str) and export not in EXPORT_MODES:
-        raise ConfigError(f"train.export must be true, false or one of {', '.join(EXPORT_MODES)}, "
-                          f"got {export!r}")
-    if cfg.lora.base_dtype == "nf4":
-        from packtune.lora.qlora import check_nf4_available
-
-        check_nf4_available()
-    if cfg.lora.init_from:
-        from packtune.lora.peft_format import read_adapter
-
-        adapter, _ = read_adapter(cfg.lora.init_from)
-        ours = LoRASpec.from_config(cfg.lora)
-        for key in ("rank", "alpha", "rslora"):  # the targets are checked against the model (prepare)
-            if getattr(adapter, key) != getattr(ours, key):
-                raise ConfigError(f"lora.init_from: the adapter in {cfg.lora.init_from} has {key} = "
-                                  f"{getattr(adapter, key)!r} but [lora] says {getattr(ours, key)!r}; "
-                                  f"set lora.{key} to match it")
+    adapter, _ = read_adapter(cfg.init_from)
+    ours = LoRASpec.from_config(cfg)
+    for key in ("rank", "alpha", "rslora"):
+        if getattr(adapter, key) != getattr(ours, key):
+            raise ConfigError(f"lora.init_from: the adapter in {cfg.init_from} has {key} = "
+                              f"{getattr(adapter, key)!r} but [lora] says {getattr(ours, key)!r}; "
+                              f"set lora.{key} to match it")
 
 
 def lora_preparer(cfg: Config, device: torch.device, sharded: bool):
     """The function that adds this run's adapters to a model (None for full fine-tuning)."""
-    if not lora_enabled(cfg):
+    if not cfg.lora.enabled:
         return None
     spec = LoRASpec.from_config(cfg.lora)
     storage = base_dtype(cfg.lora.base_dtype, device)

@@ -1,1 +1,5 @@
-"""The Llama-family model: config.json parsing, the decoder, Hugging Face checkpoint I/O, generation."""
+"""packtune's models: the family registry (families/, one file per family), the shared decoder of
+the Llama-like families (llama.py) and BLOOM's own model (bloom.py) on one causal-LM base
+(causal_lm.py), config.json <-> ModelArgs (config.py, rope_config.py), Hugging Face checkpoint I/O
+(hf_io.py), loading for training and inference (loading.py), generation with a KV cache
+(generate.py, kv_cache.py)."""

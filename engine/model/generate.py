@@ -14,8 +14,7 @@ prompts and `batch_size` (the draws of one step come from one generator).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,35 +130,6 @@ def generate(
     return generate_batch(model, [prompt_ids], max_new_tokens, eos_id, temperature, top_p, generator)[0]
 
 
-def _tokenizer(model_dir: Path) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
-    """encode/decode from the model directory: sentencepiece `tokenizer.model`, else `tokenizer.json`."""
-    if (model_dir / "tokenizer.model").is_file():
-        import sentencepiece
-
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
-        bos = [sp.bos_id()] if sp.bos_id() >= 0 else []
-        return (lambda text: bos + sp.encode(text)), sp.decode
-    if (model_dir / "tokenizer.json").is_file():
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise RuntimeError(
-                f"{model_dir}/tokenizer.json needs the `tokenizers` package (pip install tokenizers)"
-            ) from None
-        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        return (lambda text: tok.encode(text).ids), (lambda ids: tok.decode(ids, skip_special_tokens=True))
-    raise FileNotFoundError(f"{model_dir}: no tokenizer.model or tokenizer.json to encode the prompt with")
-
-
-def _eos_ids(model_dir: Path, model: CausalLM) -> list[int]:
-    """eos ids from generation_config.json (chat models list end-of-turn there), else config.json."""
-    eos = model.args.eos_token_id
-    gen_config = model_dir / "generation_config.json"
-    if gen_config.is_file():
-        eos = json.loads(gen_config.read_text()).get("eos_token_id", eos)
-    return [eos] if isinstance(eos, int) else list(eos or ())
-
-
 def generate_text(
     model_dir: str | Path,
     prompt: str,
@@ -168,35 +138,35 @@ def generate_text(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    dtype: torch.dtype | None = None,
+    dtype: str = "auto",
     device: str | None = None,
     template: str = "raw",
     adapter: str | Path | None = None,
 ) -> str:
-    """Load `model_dir` and return the decoded continuation of `prompt`: as given (`raw`), or asked
-    as a user turn in `template` (`auto`: the model's chat template), tokenized as in training.
-    `adapter`: a PEFT LoRA adapter directory applied on top of the model."""
-    from packtune.model.hf_io import load_pretrained
+    """Load `model_dir` (computing in `dtype`, packtune.precision's rule) and return the decoded
+    continuation of `prompt`: as given (`raw`), or asked as a user turn in `template` (`auto`: the
+    model's chat template), rendered and tokenized exactly as training does (the model's tokenizer
+    loaded by packtune.data.tokenizer, BOS as the template places it). `adapter`: a PEFT LoRA
+    adapter directory applied on top of the model."""
+    from packtune.data.formats import Message
+    from packtune.data.prompt import PromptEncoder
+    from packtune.model.loading import load_for_inference
 
-    model_dir = Path(model_dir)
-    model = load_pretrained(model_dir, dtype=dtype, device=device)
+    model = load_for_inference(model_dir, dtype, device)
     if adapter:
         from packtune.lora.peft_format import load_adapter_into
 
         load_adapter_into(model, adapter)
         model.eval()
-    if template == "raw":
-        encode, decode = _tokenizer(model_dir)
-        eos = _eos_ids(model_dir, model)
-    else:
-        from packtune.data.formats import Message
-        from packtune.data.prompt import PromptEncoder
-
-        prompts = PromptEncoder(model_dir, template)
-        encode, decode = (lambda text: prompts.encode([[Message("user", text)]])[0]), prompts.decode
-        eos = prompts.stop_ids or _eos_ids(model_dir, model)
+    prompts = PromptEncoder(model_dir, template)
+    eos = prompts.stop_ids or _model_eos(model)
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-    new = generate(model, encode(prompt), max_new_tokens, eos, temperature, top_p, generator)
-    if new and new[-1] in eos:
-        new = new[:-1]
-    return decode(new)
+    new = generate(model, prompts.encode([[Message("user", prompt)]])[0], max_new_tokens, eos, temperature,
+                   top_p, generator)
+    return prompts.decode(new)
+
+
+def _model_eos(model: CausalLM) -> list[int]:
+    """config.json's eos ids, for a tokenizer that names no EOS or end-of-turn token."""
+    eos = model.args.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or ())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from packtune.data.templates import ALPACA_SYSTEM, ALPACA_SYSTEM_INPUT, VICUNA_SYSTEM
+from packtune.data.builtin_templates import ALPACA_SYSTEM, ALPACA_SYSTEM_INPUT, VICUNA_SYSTEM
 
 WORDS = (
     "the a to of and in is it you that he was for on are with as his they be at one have this from "

@@ -82,7 +82,7 @@ def test_empty_and_missing_files(sp_model, tmp_path):
     for skip in (False, True):
         with pytest.raises(DataError, match=f"^{empty}: the file is empty"):
             prepare_dataset(config(empty, sp_model, skip_bad_records=skip), num_workers=1, use_cache=False)
-    with pytest.raises(DataError, match="data file .*nope.jsonl does not exist"):
+    with pytest.raises(ConfigError, match="data.path: .*nope.jsonl does not exist"):
         prepare_dataset(config(tmp_path / "nope.jsonl", sp_model), num_workers=1, use_cache=False)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from real_files import real_path
 
-from packtune.data.chat_template import make_chat_format
+from packtune.data.chat_format import make_chat_format
 from packtune.data.fidelity import reference_ids
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenizer import load_tokenizer

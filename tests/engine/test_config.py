@@ -23,7 +23,7 @@ def test_toml_and_overrides(tmp_path):
 
 
 def test_renamed_key_still_works_and_warns_once(tmp_path, monkeypatch):
-    monkeypatch.setattr("packtune.config._warned_renames", set())
+    monkeypatch.setattr("packtune.config.toml._warned_renames", set())
     path = write(tmp_path, "[data]\nskip_bad_rows = true\n")
     with pytest.warns(FutureWarning, match=r"run.toml: data.skip_bad_rows is now called data.skip_bad_rec"):
         assert load_config(path).data.skip_bad_records is True

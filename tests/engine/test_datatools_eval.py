@@ -22,7 +22,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "templatize"
 def setup(tmp_path_factory):
     from packtune.demo.prompts import rendered_texts
     from packtune.demo.recipe import QUICK, write_template
-    from packtune.demo.tokenizer import train_tokenizer
+    from packtune.demo.tokenizer_training import train_tokenizer
     from packtune.model.config import ModelArgs
     from packtune.model.hf_io import save_pretrained
     from packtune.model.llama import LlamaForCausalLM
@@ -99,13 +99,13 @@ def metrics_records(cfg) -> list[dict]:
 
 
 def test_training_logs_generation_metrics_beside_the_eval_loss(setup, tmp_path):
-    from packtune.launch import run_training
+    from packtune.run import run
 
     cfg = eval_data_config(setup, tmp_path, rows=4, steps=4)
     cfg.train.eval_generate_every = 2
     cfg.train.eval_every = 2
     cfg.train.eval_fraction = 0.1
-    run_training(cfg)
+    run(cfg)
     records = metrics_records(cfg)
     generated = [r for r in records if "eval_exact_match" in r]
     assert [r["step"] for r in generated] == [2, 4]
@@ -114,12 +114,12 @@ def test_training_logs_generation_metrics_beside_the_eval_loss(setup, tmp_path):
 
 
 def _train_worker(rank: int, world: int, port: int, cfg) -> None:
-    from packtune.launch import run_training
+    from packtune.run import run
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    run_training(cfg)
+    run(cfg)
     sys.stdout.flush()
     os._exit(0)  # as test_train_dist's workers: no interpreter teardown under gloo
 

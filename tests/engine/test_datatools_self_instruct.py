@@ -159,11 +159,11 @@ def test_self_instruct_with_a_local_model_trained_on_the_seed_tasks(tmp_path, ca
 
     from packtune.demo.prompts import rendered_texts
     from packtune.demo.recipe import QUICK, write_template
-    from packtune.demo.tokenizer import train_tokenizer
-    from packtune.launch import run_training
+    from packtune.demo.tokenizer_training import train_tokenizer
     from packtune.model.config import ModelArgs
     from packtune.model.hf_io import save_pretrained
     from packtune.model.llama import LlamaForCausalLM
+    from packtune.run import run
 
     seeds = read_seed_tasks(SEEDS)
     rows = [{"instruction": s.instruction, "input": given, "output": output}
@@ -182,7 +182,7 @@ def test_self_instruct_with_a_local_model_trained_on_the_seed_tasks(tmp_path, ca
     init = save_pretrained(model, tmp_path / "init", tokenizer_files=[tokenizer])
     cfg = QUICK.train_config(tmp_path, init, data, tokenizer, template, 0)
     cfg.train.max_steps = 6
-    final = run_training(cfg)
+    final = run(cfg)
     capsys.readouterr()
 
     out = tmp_path / "generated.jsonl"

@@ -143,7 +143,7 @@ def test_cli_writes_rows_packtune_train_reads(tmp_path, capsys):
 
 
 def _tokenizer(tmp_path, rows):
-    from packtune.demo.tokenizer import train_tokenizer
+    from packtune.demo.tokenizer_training import train_tokenizer
 
     texts = [r["instruction"] + r["input"] + r["output"] + "### Instruction: Response Input" for r in rows]
     return train_tokenizer(texts, tmp_path / "tok.model", 500, model_type="bpe")

@@ -8,7 +8,7 @@ import sentencepiece as spm
 from packtune.demo.evaluate import normalise, score
 from packtune.demo.mix import is_heldout, make_split, read_jsonl, write_jsonl
 from packtune.demo.tasks import TASKS, TASKS_BY_NAME
-from packtune.demo.tokenizer import train_tokenizer
+from packtune.demo.tokenizer_training import train_tokenizer
 
 
 def _instance(row):

@@ -7,13 +7,13 @@ import sentencepiece as spm
 from packtune.bench.e2e_common import alpaca_prompt
 from packtune.config import DataConfig
 from packtune.data import prepare_dataset
+from packtune.data.builtin_templates import get_template, render, render_text
 from packtune.data.formats import Conversation, Message
 from packtune.data.prompt import PromptEncoder
-from packtune.data.templates import get_template, render, render_text
 from packtune.demo.mix import make_split, write_jsonl
 from packtune.demo.prompts import rendered_texts
 from packtune.demo.recipe import write_template
-from packtune.demo.tokenizer import train_tokenizer
+from packtune.demo.tokenizer_training import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from real_files import npm_tokenizer, real_path
 from toy_training import tiny_llama
 
 from packtune.cli import main
-from packtune.data.chat_template import make_chat_format
+from packtune.data.chat_format import make_chat_format
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenizer import load_tokenizer
 from packtune.errors import DataError

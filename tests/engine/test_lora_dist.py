@@ -14,12 +14,13 @@ from test_train_dist import config, free_port, global_steps
 from toy_training import ListSampler, tiny_llama
 
 from packtune.config import Config, LoRAConfig
-from packtune.launch import export_model, load_model
+from packtune.export import export_model
 from packtune.lora import merged_state_dict, read_adapter
 from packtune.lora.apply import base_bytes
 from packtune.lora.sharded_nf4 import nf4_weights
 from packtune.lora.training import lora_preparer, lora_summary
 from packtune.model.hf_io import load_pretrained, save_pretrained
+from packtune.model.loading import fill_shards, load_for_training
 from packtune.parallel import init_distributed, shutdown
 from packtune.train import Trainer
 
@@ -43,9 +44,10 @@ def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str, b
     steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps("token")]
     cfg = run_config(output_dir, base_dtype, activation_checkpointing=True, save_every=STEPS, export="both")
     prepare = lora_preparer(cfg, dist_ctx.device, sharded=True)
-    model, load_weights = load_model(model_dir, torch.float32, dist_ctx, prepare)
+    model = load_for_training(model_dir, dist_ctx, prepare)
     whole_base = base_bytes(model)
-    trainer = Trainer(cfg.train, model, ListSampler(steps), dist_ctx, load_weights=load_weights)
+    trainer = Trainer(cfg.train, model, ListSampler(steps), dist_ctx)
+    fill_shards(trainer.module, model_dir, dist_ctx, prepare)
     assert bool(nf4_weights(trainer.module)) == (base_dtype == "nf4")
     # each rank holds half the base (plus an odd row, or NF4's replicated lookup table and mean)
     assert abs(base_bytes(model) - whole_base / 2) <= 1024
@@ -78,7 +80,7 @@ def test_two_fsdp_ranks_equal_one_process_with_lora(tmp_path, base_dtype):
     dist_ctx = init_distributed("cpu")
     cfg = run_config(tmp_path / "single", base_dtype)
     prepare = lora_preparer(cfg, dist_ctx.device, sharded=False)
-    model, _ = load_model(str(model_dir), torch.float32, dist_ctx, prepare)
+    model = load_for_training(str(model_dir), dist_ctx, prepare)
     single = Trainer(cfg.train, model, ListSampler(global_steps("token")), dist_ctx)
     trainable = [p for p in single.model.parameters() if p.requires_grad]
     assert sum(len(g["params"]) for g in single.optimizer.param_groups) == len(trainable) == 2 * 5 * 2
@@ -105,7 +107,7 @@ def test_two_fsdp_ranks_equal_one_process_with_lora(tmp_path, base_dtype):
         torch.testing.assert_close(merged[name], value.float(), rtol=0, atol=1e-5, msg=name)
 
     prepare = lora_preparer(cfg, dist_ctx.device, sharded=False)
-    resumed_model, _ = load_model(str(model_dir), torch.float32, dist_ctx, prepare)
+    resumed_model = load_for_training(str(model_dir), dist_ctx, prepare)
     resumed = Trainer(config(tmp_path / "fsdp"), resumed_model, ListSampler(global_steps("token")), dist_ctx)
     assert resumed.resume().name == f"step_{STEPS:08d}"
     for name, value in resumed.model.named_parameters():

@@ -9,7 +9,6 @@ from packtune.config import Config, load_config
 from packtune.errors import ConfigError
 from packtune.lora import LoRALinear, LoRAMLP, LoRASpec, apply_lora, parameter_counts
 from packtune.lora.apply import base_bytes
-from packtune.lora.training import check_lora_run
 
 
 def _ids():
@@ -114,13 +113,16 @@ def test_lora_config_errors(tmp_path, text, message):
     path = tmp_path / "run.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        check_lora_run(load_config(path))
+        cfg = load_config(path)
+        cfg.lora.check()
+        cfg.check_export()
 
 
 def test_lora_defaults_are_full_fine_tuning():
     cfg = Config()
-    assert cfg.lora.rank == 0 and cfg.train.export is True
-    check_lora_run(cfg)
+    assert cfg.lora.rank == 0 and cfg.train.export is True and not cfg.lora.enabled
+    cfg.lora.check()
+    cfg.check_export()
 
 
 def test_nf4_base_that_fsdp_cannot_split_evenly_is_refused_by_name():

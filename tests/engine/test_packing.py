@@ -108,15 +108,15 @@ def test_shuffled_best_fit_mixes_lengths_and_is_seeded():
         shuffled_best_fit(np.array([300]), capacity)
 
 
-def test_unknown_packing_strategy_is_a_config_error(dataset):
-    from packtune.config import Config
+def test_unknown_packing_strategy_is_a_config_error(tmp_path):
+    from packtune.config import DataConfig
     from packtune.errors import ConfigError
-    from packtune.launch import build_rows
 
-    cfg = Config()
-    cfg.data.packing_strategy = "random"
-    with pytest.raises(ConfigError, match="data.packing_strategy must be one of bfd, shuffle, got 'random'"):
-        build_rows(cfg, dataset)
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    cfg = DataConfig(path=str(data), tokenizer="tokenizer.model", packing_strategy="random")
+    with pytest.raises(ConfigError, match="data.packing_strategy: 'random' is not one of bfd, shuffle"):
+        cfg.check()
 
 
 def test_loss_weights_by_hand():
@@ -147,15 +147,12 @@ def test_loss_weights_by_hand():
         loss_weights(np.array([5, x]), np.array([2]), "tokens")
 
 
-def test_unknown_loss_weighting_is_a_config_error(dataset):
-    from packtune.config import Config
+def test_unknown_loss_weighting_is_a_config_error():
+    from packtune.config import TrainConfig
     from packtune.errors import ConfigError
-    from packtune.launch import build_rows
 
-    cfg = Config()
-    cfg.train.loss_weighting = "per_sample"
     with pytest.raises(ConfigError, match="loss_weighting must be one of token, sample, turn, got 'per_"):
-        build_rows(cfg, dataset)
+        TrainConfig(loss_weighting="per_sample").check()
 
 
 @pytest.mark.parametrize("weighting", ["sample", "turn"])

@@ -1,7 +1,7 @@
 import pytest
 
+from packtune.data.builtin_templates import get_template, render, render_text
 from packtune.data.formats import Conversation, Message
-from packtune.data.templates import get_template, render, render_text
 from packtune.errors import DataError
 
 SYS = Message("system", "Be brief.")

@@ -18,8 +18,9 @@ import torch.multiprocessing as mp
 from toy_training import ListSampler, tiny_gemma, tiny_llama, toy_steps
 
 from packtune.config import Config, TrainConfig
-from packtune.launch import export_model, load_model
+from packtune.export import export_model
 from packtune.model.hf_io import load_pretrained, save_pretrained
+from packtune.model.loading import fill_shards, load_for_training
 from packtune.parallel import init_distributed, shutdown
 from packtune.train import Trainer
 
@@ -53,9 +54,10 @@ def _worker(rank: int, world: int, port: int, output_dir: str, model_dir: str, w
     torch.manual_seed(0)
     steps = [mbs[2 * rank : 2 * rank + 2] for mbs in global_steps(weighting)]
     cfg = config(output_dir, activation_checkpointing=True, save_every=STEPS, loss_weighting=weighting)
-    model, load_weights = load_model(model_dir, torch.float32, dist_ctx)  # meta, then rank 0 broadcasts
-    assert load_weights is not None and model.lm_head.weight.is_meta
-    trainer = Trainer(cfg, model, ListSampler(steps), dist_ctx, load_weights=load_weights)
+    model = load_for_training(model_dir, dist_ctx)  # meta, then rank 0 broadcasts
+    assert model.lm_head.weight.is_meta
+    trainer = Trainer(cfg, model, ListSampler(steps), dist_ctx)
+    fill_shards(trainer.module, model_dir, dist_ctx)
     assert trainer.fit() == STEPS
     export_model(trainer, Config(train=cfg))
     shutdown(dist_ctx)
@@ -79,8 +81,8 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path, weighting, family):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     sampler = ListSampler(global_steps(weighting))
-    model, load_weights = load_model(str(model_dir), torch.float32, init_distributed("cpu"))
-    assert load_weights is None
+    model = load_for_training(str(model_dir), init_distributed("cpu"))
+    assert not model.lm_head.weight.is_meta
     single = Trainer(config(tmp_path / "single", loss_weighting=weighting), model, sampler,
                      init_distributed("cpu"))
     single.fit()

@@ -11,8 +11,9 @@ from packtune.model.families.family import (
     families,
     family_for,
     family_for_architecture,
+    lora_target_names,
     model_types,
 )
 
 __all__ = ["Family", "HFConfig", "HFModules", "build_model", "decoder_flops", "families", "family_for",
-           "family_for_architecture", "model_types"]
+           "family_for_architecture", "lora_target_names", "model_types"]

@@ -115,6 +115,11 @@ def families() -> tuple[Family, ...]:
     return tuple(_REGISTRY.values())
 
 
+def lora_target_names() -> tuple[str, ...]:
+    """Every projection name a registered family's blocks have (`lora.targets` may name these)."""
+    return tuple(dict.fromkeys(name for family in _REGISTRY.values() for name in family.lora_targets))
+
+
 def family_for(model_type: Any) -> Family:
     """The family of config.json's `model_type`; an unknown one raises ModelError listing the known."""
     found = _REGISTRY.get(model_type) if isinstance(model_type, str) else None

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from data_fixtures import trained_tokenizers
 
-from packtune.data.chat_template import make_chat_format
+from packtune.data.chat_format import make_chat_format
 from packtune.data.formats import Conversation, Message
 from packtune.data.tokenizer import load_tokenizer
 from packtune.errors import DataError

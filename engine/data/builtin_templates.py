@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from packtune.data.encoding import Rendered
 from packtune.data.formats import Conversation, Message
-from packtune.data.tokenize import Rendered
 from packtune.data.tokenizer import Tokenizer
 from packtune.errors import DataError
 

@@ -1,0 +1,64 @@
+"""A run's configuration: one dataclass per TOML section, each checking its own keys (`check()`),
+and `Config`, the sections together, which adds the checks that span sections.
+
+    [model]  model.py   which checkpoint trains, in which dtype
+    [data]   data.py    what trains, how it is rendered, tokenized and packed
+    [train]  train.py   the optimizer, schedule, cadence and output directory
+    [lora]   lora.py    LoRA / QLoRA adapters on a frozen base
+    toml.py             reading a TOML file and `--set` overrides, writing one back
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from packtune.config.data import DataConfig, DataSource
+from packtune.config.lora import EXPORT_MODES, LoRAConfig
+from packtune.config.model import ModelConfig
+from packtune.config.toml import RENAMED_KEYS, dump_config, load_config, suggest
+from packtune.config.train import LOSS_WEIGHTINGS, TrainConfig
+from packtune.errors import ConfigError
+
+__all__ = ["Config", "DataConfig", "DataSource", "LoRAConfig", "ModelConfig", "TrainConfig", "RENAMED_KEYS",
+           "LOSS_WEIGHTINGS", "dump_config", "load_config", "suggest"]
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @property
+    def tokenizer(self) -> str:
+        """What the run tokenizes with: data.tokenizer, else the model directory's."""
+        return self.data.tokenizer or self.model.path
+
+    def check(self) -> None:
+        """Every key of every section, then what spans sections; raises ConfigError (ModelError for
+        a model packtune cannot reproduce) before anything is read at length or written."""
+        self.train.check()
+        self.data.check(self.tokenizer)
+        self.model.check()
+        self.lora.check()
+        self.check_export()
+        if self.lora.enabled and self.lora.init_from:
+            from packtune.lora.training import check_init_from
+
+            check_init_from(self.lora)
+
+    def check_export(self) -> None:
+        """`train.export` as the kind of run allows: a LoRA run may name what it writes."""
+        export = self.train.export
+        if not self.lora.enabled and isinstance(export, str):
+            raise ConfigError(f"train.export = {export!r} needs a LoRA run ([lora] rank > 0); a full "
+                              "fine-tuning run takes true or false")
+        if self.lora.enabled and isinstance(export, str) and export not in EXPORT_MODES:
+            raise ConfigError(f"train.export must be true, false or one of {', '.join(EXPORT_MODES)}, "
+                              f"got {export!r}")

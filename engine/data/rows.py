@@ -1,0 +1,70 @@
+"""The run's data stage: the tokenized dataset split into training and held-out samples, built into
+rows (packed, or padded for comparison) and dealt to this rank by samplers; the data report is
+printed by rank 0 before step 1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from packtune.config import Config
+from packtune.data.dataset import TokenizedDataset, prepare_dataset
+from packtune.data.report import data_report, format_report
+from packtune.data.sampler import PackedSampler
+from packtune.errors import ConfigError
+from packtune.parallel import DistContext
+
+
+@dataclass
+class RunData:
+    """This rank's samplers: training, and the held-out split's (None without train.eval_fraction)."""
+
+    sampler: PackedSampler
+    eval_sampler: PackedSampler | None
+
+
+def prepare_run_data(cfg: Config, dist_ctx: DistContext) -> RunData:
+    """Tokenize (one rank per node fills the cache, the others then read it), hold out, build rows."""
+    if dist_ctx.local_rank == 0:
+        dataset = prepare_dataset(cfg.data, cfg.tokenizer)
+    dist_ctx.barrier()
+    if dist_ctx.local_rank != 0:
+        dataset = prepare_dataset(cfg.data, cfg.tokenizer)
+    train_set, eval_set = held_out_split(dataset, cfg.train.eval_fraction, cfg.train.seed)
+    rows = build_rows(cfg, train_set)
+    if dist_ctx.is_main:
+        split = ("all samples" if eval_set is None
+                 else f"training split ({len(train_set)} of {len(dataset)} samples)")
+        report = data_report(train_set, rows, dist_ctx.world_size, cfg.train.micro_batches, split)
+        print(format_report(report), flush=True)
+        if eval_set is not None:
+            print(f"  held out {len(eval_set)} samples for evaluation", flush=True)
+    deal = dict(seed=cfg.train.seed, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+    sampler = PackedSampler(rows, micro_batches=cfg.train.micro_batches, **deal)
+    if eval_set is None:
+        return RunData(sampler, None)
+    return RunData(sampler, PackedSampler(build_rows(cfg, eval_set), micro_batches=1, **deal))
+
+
+def build_rows(cfg: Config, dataset: TokenizedDataset):
+    """The dataset's rows as the config asks: packed (by data.packing_strategy) or padded, their
+    batches weighted by train.loss_weighting."""
+    weighting = cfg.train.loss_weighting
+    if cfg.data.packing:
+        return dataset.pack(strategy=cfg.data.packing_strategy, seed=cfg.train.seed, loss_weighting=weighting)
+    return dataset.pad(cfg.data.padded_batch_size, cfg.train.seed, loss_weighting=weighting)
+
+
+def held_out_split(dataset: TokenizedDataset, fraction: float, seed: int
+                   ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """(train, held-out): a seeded random `fraction` of the samples held out (None for 0)."""
+    if fraction <= 0:
+        return dataset, None
+    n = len(dataset)
+    held = round(n * fraction)
+    if not 1 <= held < n:
+        raise ConfigError(f"train.eval_fraction = {fraction} holds out {held} of {n} samples; "
+                          "it must leave at least one sample on each side")
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    return dataset.subset(np.sort(perm[held:])), dataset.subset(np.sort(perm[:held]))
