@@ -30,11 +30,21 @@ $(STAMPS)/install: $(STAMPS)/torch pyproject.toml setup.py $(wildcard csrc/*.cpp
 	@touch $@
 
 # vermin: no syntax or stdlib use newer than the declared floor (pyproject's requires-python).
-lint: $(STAMPS)/install
+# mkdocs: the docs build with --strict into site/ (git-ignored): a broken link or anchor, or a page
+# missing from mkdocs.yml's nav, fails the lint.
+lint: $(STAMPS)/install $(STAMPS)/docs
 	$(PY) -m ruff check .
 	$(VENV)/bin/vermin -q --no-tips --eval-annotations --target=3.11- --violations engine kernels bench examples
+	$(PY) -m mkdocs build --strict --quiet
 
-# The README's first command: generate data, train a tiny Llama from scratch, report accuracy.
+# mkdocs is in the test extra (so `make test` installs it); an environment installed without it (an
+# active virtual environment, a stamp from before) gets the `docs` extra's mkdocs here, once.
+$(STAMPS)/docs: $(STAMPS)/install
+	$(PY) -c "import mkdocs" 2>/dev/null || $(PY) -m pip install -q "mkdocs>=1.6,<2"
+	@touch $@
+
+# The README's first command: generate data, train a tiny Llama from scratch, report accuracy
+# (docs/demo.md).
 # matplotlib is the `demo` extra (the loss curve PNG), installed once beside the package.
 demo: $(STAMPS)/demo
 	$(VENV)/bin/packtune demo
@@ -60,4 +70,4 @@ gpu-check:
 	$(GPU_PYTHON) -P -m packtune.bench.gpu_check
 
 clean:
-	rm -rf build engine/*.so *.egg-info $(STAMPS)
+	rm -rf build engine/*.so *.egg-info site $(STAMPS)

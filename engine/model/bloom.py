@@ -6,7 +6,7 @@ samples never see each other's biases); LayerNorm with a bias everywhere, includ
 after the embedding (`word_embeddings_layernorm`); one fused `query_key_value` projection whose
 output is laid out per head as [heads, 3, head_dim]; biases on every linear; an ungated MLP of
 4 x hidden with BLOOM's tanh GELU; a head tied to the embeddings by default. LayerNorm is torch's
-own (measured faster on the CPU than a compiled or packtune-style fused norm: README, Benchmarks).
+own (measured faster on the CPU than a compiled or packtune-style fused norm: docs/benchmarks.md).
 
 Module and parameter names are transformers' (`transformer.h.0.self_attention.query_key_value`),
 so checkpoints load and export with no name map. Inputs are read as in `LlamaForCausalLM`: a
