@@ -64,12 +64,13 @@ gpu-check:
 # GPU machine that has no network, as wheels for its Python 3.12 on x86-64, into .gpu-wheels/ (git-
 # ignored; name it in the device run's `carry`). Their own requirements are all in the CUDA image.
 GPU_WHEEL_SPECS ?= torchao==0.18.0 liger-kernel==0.8.5 peft==0.21.2 accelerate==1.16.0
+GPU_WHEELS_DIR ?= .gpu-wheels
 GPU_WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
 	manylinux1_x86_64
 
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		$(addprefix --platform ,$(GPU_WHEEL_PLATFORMS)) -d .gpu-wheels $(GPU_WHEEL_SPECS)
+		$(addprefix --platform ,$(GPU_WHEEL_PLATFORMS)) -d $(GPU_WHEELS_DIR) $(GPU_WHEEL_SPECS)
 
 clean:
 	rm -rf build engine/*.so *.egg-info $(STAMPS)

@@ -43,14 +43,14 @@ TOTAL_S = {"full": 480, "quick": 290, "smoke": 900}
 """Seconds for the whole check per mode (GPU_CHECK_TOTAL_S overrides)."""
 BUDGETS = {
     #                 (estimate s, budget s) per mode; None: the part does not run in that mode
-    "env":             {"full": (8, 15), "quick": (8, 15), "smoke": (15, 60)},
-    "suite_kernels":   {"full": (90, 115), "quick": (70, 95), "smoke": (15, 60)},
-    "suite_models":    {"full": (80, 105), "quick": (65, 90), "smoke": (15, 60)},
-    "bench_ce":        {"full": (28, 35), "quick": None, "smoke": (40, 150)},
-    "bench_linear_ce": {"full": (28, 35), "quick": None, "smoke": (45, 150)},
-    "bench_nf4":       {"full": (15, 25), "quick": (15, 25), "smoke": (15, 90)},
-    "bench_lora":      {"full": (32, 40), "quick": (20, 30), "smoke": (40, 150)},
-    "train":           {"full": (50, 60), "quick": None, "smoke": (30, 150)},
+    "env":             {"full": (8, 15), "quick": (8, 15), "smoke": (15, 45)},
+    "suite_kernels":   {"full": (90, 115), "quick": (70, 95), "smoke": (15, 45)},
+    "suite_models":    {"full": (80, 105), "quick": (65, 90), "smoke": (15, 45)},
+    "bench_ce":        {"full": (28, 35), "quick": None, "smoke": (40, 120)},
+    "bench_linear_ce": {"full": (28, 35), "quick": None, "smoke": (45, 120)},
+    "bench_nf4":       {"full": (15, 25), "quick": (15, 25), "smoke": (15, 60)},
+    "bench_lora":      {"full": (32, 40), "quick": (20, 30), "smoke": (40, 120)},
+    "train":           {"full": (50, 60), "quick": None, "smoke": (30, 120)},
 }
 MARGIN = {"full": 50, "quick": 35, "smoke": 120}
 """Seconds of the total no budget may take: the wheel installs, the parent's own start and end,
@@ -94,6 +94,17 @@ def check_budgets(mode: str, total: float) -> None:
     if planned + MARGIN[mode] > total:
         raise SystemExit(f"gpu-check: the {mode} budgets add up to {planned} s; with the {MARGIN[mode]} s "
                          f"margin that is over the {total:g} s total")
+
+
+def plan(mode: str, total: float) -> str:
+    """The parts of `mode` with their estimates and budgets, and the budget arithmetic."""
+    runs = {name: b[mode] for name, b in BUDGETS.items() if b[mode]}
+    lines = [f"gpu-check {mode}: {'part':<16}{'estimate s':>11}{'budget s':>10}"]
+    lines += [f"{'':<{len(mode) + 12}}{name:<16}{e:>11}{b:>10}" for name, (e, b) in runs.items()]
+    estimates, budgets = sum(e for e, _ in runs.values()), sum(b for _, b in runs.values())
+    lines.append(f"estimates {estimates} s; budgets {budgets} s + margin {MARGIN[mode]} s = "
+                 f"{budgets + MARGIN[mode]} s <= total {total:g} s")
+    return "\n".join(lines)
 
 
 def _suite(name: str, mode: str, out: Path) -> list[str]:
@@ -186,10 +197,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", default=os.environ.get("GPU_CHECK_QUICK") == "1",
                         help="the second pass: the suites (bf16, no > 2^31 shapes), the NF4 and LoRA benches")
+    parser.add_argument("--plan", action="store_true", help="print the parts and their budgets, run nothing")
     args = parser.parse_args(argv)
     mode = "smoke" if os.environ.get("GPU_CHECK_SMOKE") == "1" else "quick" if args.quick else "full"
     total = float(os.environ.get("GPU_CHECK_TOTAL_S") or TOTAL_S[mode])
     check_budgets(mode, total)
+    if args.plan:
+        print(plan(mode, total))
+        return 0
     out = Path(os.environ.get("OUT") or "gpu_check_out").resolve()
     out.mkdir(parents=True, exist_ok=True)
     import torch

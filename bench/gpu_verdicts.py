@@ -53,11 +53,16 @@ def suite_verdict(xml: Path, rc: int, *, smoke: bool = False) -> str:
     counts = Counter(c["outcome"] for c in cases)
     tally = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
     skips = [c for c in cases if c["outcome"] == "skipped"]
-    if smoke and cases and all(c["reason"].startswith(NO_CUDA) for c in skips) and len(skips) == len(cases):
-        return f"SKIP (no CUDA: {len(cases)} tests collected, all need a GPU)"
     required = [c for c in skips if allowed(c["reason"]) is None]
+    no_cuda = all(c["reason"].startswith(NO_CUDA) for c in required)
+    if smoke and required and no_cuda and len(skips) == len(cases):
+        return f"SKIP (no CUDA: {len(cases)} tests collected, all need a GPU)"
     if counts["failed"] or rc not in (0, 5) or required or not cases:
-        why = [f"{c['name']} skipped: {c['reason']}" for c in required]
+        by_reason: dict[str, list[str]] = {}
+        for c in required:
+            by_reason.setdefault(c["reason"], []).append(c["name"])
+        why = [f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} "
+               f"skipped: {reason}" for reason, names in by_reason.items()]
         missing = "; required tests did not run: " + "; ".join(why) if why else ""
         return f"FAIL ({tally or 'no tests'}{missing})"
     named = sorted({f"{c['reason']} ({allowed(c['reason'])})" for c in skips})
