@@ -44,13 +44,13 @@ TOTAL_S = {"full": 480, "quick": 290, "smoke": 900}
 BUDGETS = {
     #                 (estimate s, budget s) per mode; None: the part does not run in that mode
     "env":             {"full": (8, 15), "quick": (8, 15), "smoke": (15, 45)},
-    "suite_kernels":   {"full": (90, 115), "quick": (70, 95), "smoke": (15, 45)},
-    "suite_models":    {"full": (80, 105), "quick": (65, 90), "smoke": (15, 45)},
+    "suite_kernels":   {"full": (85, 110), "quick": (70, 95), "smoke": (15, 45)},
+    "suite_models":    {"full": (75, 100), "quick": (65, 90), "smoke": (15, 45)},
     "bench_ce":        {"full": (28, 35), "quick": None, "smoke": (40, 120)},
     "bench_linear_ce": {"full": (28, 35), "quick": None, "smoke": (45, 120)},
     "bench_nf4":       {"full": (15, 25), "quick": (15, 25), "smoke": (15, 60)},
-    "bench_lora":      {"full": (32, 40), "quick": (20, 30), "smoke": (40, 120)},
-    "train":           {"full": (50, 60), "quick": None, "smoke": (30, 120)},
+    "bench_lora":      {"full": (30, 35), "quick": (20, 30), "smoke": (40, 120)},
+    "train":           {"full": (60, 75), "quick": None, "smoke": (30, 120)},
 }
 MARGIN = {"full": 50, "quick": 35, "smoke": 120}
 """Seconds of the total no budget may take: the wheel installs, the parent's own start and end,

@@ -9,9 +9,9 @@ B [out, r], s the LoRA scale. With u = drop(x) A^T ([N, r], tiny) and g = dy:
     dx = g W + drop'(du A)       [N, in]   (drop' applies the same mask and 1 / (1 - p))
 
 Forward saves x and u only (PEFT's eager lora.Linear also keeps the dropout output and the
-separate base and LoRA outputs). The base weight gets no gradient: no [out, in] buffer is ever
-allocated besides W itself (an NF4 W is dequantised in registers by nf4_matmul.py's kernels on
-`triton`, per call elsewhere; never saved).
+separate base and LoRA outputs). The base weight gets no gradient and no [out, in] gradient buffer
+(an NF4 W goes through nf4_matmul.py's GEMMs on `triton`: dequantised in registers, or into a
+per-call scratch for cuBLAS where that measured faster; dequantised per call elsewhere; never saved).
 
 Backends (`lora_linear` op): the big GEMMs (x W^T, g W, g^T u, g B) are torch.matmul everywhere
 (cuBLAS / BLAS run them at peak), but for x W^T and g W over an NF4 W on `triton`. `triton`
@@ -159,7 +159,7 @@ def split_rows(device: torch.device, n_rows: int, programs: int) -> tuple[int, i
     whole row tiles each, none empty."""
     row_tiles = triton.cdiv(n_rows, _BLOCK_ROWS)
     wanted = min(2, row_tiles) if device.type != "cuda" else triton.cdiv(4 * sm_count(device), programs)
-    rows_per_split = triton.cdiv(row_tiles, max(1, min(row_tiles, wanted))) * _BLOCK_ROWS
+    rows_per_split = max(1, triton.cdiv(row_tiles, max(1, min(row_tiles, wanted)))) * _BLOCK_ROWS
     return rows_per_split, max(1, triton.cdiv(n_rows, rows_per_split))
 
 

@@ -10,6 +10,8 @@ import triton.language as tl
 
 from packtune.kernels.dropout import draw_seed, keep_threshold, keep_tile, philox, philox_keep
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter without a GPU
+
 
 @triton.jit
 def _words_kernel(OUT, SEED, base, BLOCK: tl.constexpr):
@@ -34,11 +36,11 @@ def _mask_kernel(OUT, SEED, n_rows, n_cols, threshold, BLOCK_N: tl.constexpr, BL
 @pytest.mark.parametrize("seed", [0, 5, 2**40 + 7, 2**62 - 1])
 def test_torch_philox_is_tritons_randint4x(seed):
     """Counters past 2^32 too (their high word is Philox's second counter word)."""
-    seed = torch.tensor(seed)
+    seed = torch.tensor(seed, device=DEVICE)
     for base in (0, 2**33 + 5):
-        words = torch.zeros(64, dtype=torch.int64)
+        words = torch.zeros(64, dtype=torch.int64, device=DEVICE)
         _words_kernel[(1,)](words, seed, base, BLOCK=16)
-        expected = torch.stack(philox(seed, torch.arange(16) + base), dim=-1).flatten()
+        expected = torch.stack(philox(seed, torch.arange(16, device=DEVICE) + base), dim=-1).flatten()
         assert torch.equal(words, expected)
 
 
@@ -46,8 +48,8 @@ def test_torch_philox_is_tritons_randint4x(seed):
                          [(37, 70, (16, 32)), (5, 3, (16, 16)), (40, 64, (8, 64))])
 def test_kernel_tiles_draw_the_torch_mask(n_rows, n_cols, blocks):
     """Partial tiles, widths not a multiple of 4 or of the tile: the same mask from any tiling."""
-    seed = torch.tensor(2**41 + 3)
-    got = torch.zeros(n_rows, n_cols, dtype=torch.int8)
+    seed = torch.tensor(2**41 + 3, device=DEVICE)
+    got = torch.zeros(n_rows, n_cols, dtype=torch.int8, device=DEVICE)
     grid = (triton.cdiv(n_rows, blocks[0]), triton.cdiv(n_cols, blocks[1]))
     _mask_kernel[grid](got, seed, n_rows, n_cols, keep_threshold(0.3), BLOCK_N=blocks[0], BLOCK_C=blocks[1])
     assert torch.equal(got.bool(), philox_keep((n_rows, n_cols), 0.3, seed))
