@@ -21,6 +21,8 @@ recomputes each chunk's logits and runs the row kernel with -g_i as its row weig
 dL/dz over the logits in one fp32 pass, then dX = dL/dz @ W and dW += dL/dz.T @ h. Backends are the
 CE row kernel's: Triton, the C++ op packtune::cross_entropy_fwd_ (OpenMP) and torch ops.
 
+Deterministic: chunks run in a fixed order, and the segment sums avoid CUDA's atomic index_add.
+
 The cost is four matmuls over the label rows (the forward's, and backward's recompute, dX and dW)
 against eager's three over all rows: the gradients g_s are unknown until the loss has seen every
 log-prob, so the forward cannot form dL/dz the way linear CE does.
@@ -55,14 +57,15 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.Module
     """
     if segment_ids is None and (num_segments is not None or return_counts):
         raise ValueError("num_segments and return_counts need segment_ids")
+    if segment_ids is not None:
+        valid, seg = _segment_index(labels, segment_ids, num_segments, ignore_index, hidden.device)
     backend = _dispatch.resolve_backend("linear_logprobs", hidden.device.type, backend)
     token_logp = -linear_cross_entropy(hidden, weight, labels, reduction="none", softcap=softcap,
                                        ignore_index=ignore_index, layout=layout, backend=backend,
                                        chunk_size=chunk_size)
     if segment_ids is None:
         return token_logp
-    valid, seg = _segment_index(labels, segment_ids, num_segments, ignore_index, token_logp.device)
-    sums = token_logp.new_zeros(num_segments).index_add(0, seg, token_logp.reshape(-1))
+    sums = _segment_sum(token_logp.reshape(-1), seg, num_segments)
     if not return_counts:
         return sums
     return sums, _counts(valid, seg, num_segments)
@@ -90,6 +93,16 @@ def _segment_index(labels, segment_ids, num_segments, ignore_index, device):
     else:  # no host sync: a device-side assert fails the step at the next sync
         torch._assert_async(~bad.any(), f"packtune: a label row's segment id is outside [0, {num_segments})")
     return valid, torch.where(valid, seg, 0)
+
+
+def _segment_sum(values: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Differentiable per-segment sums, deterministic on every device: on CUDA index_put with
+    accumulate=True (sorts the indices, then each segment's run is summed in a fixed order; CUDA's
+    index_add adds with atomics, in any order), elsewhere index_add (a serial loop on CPU)."""
+    zeros = values.new_zeros(num_segments)
+    if values.device.type == "cuda":
+        return zeros.index_put((seg,), values, accumulate=True)
+    return zeros.index_add(0, seg, values)
 
 
 def layout_segments(layout: PackedLayout) -> tuple[torch.Tensor, int]:
