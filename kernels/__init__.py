@@ -2,7 +2,7 @@
 
 What each op has (`packtune.kernels._dispatch` picks the backend per call; `registered_ops()`):
 
-    masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, swiglu, geglu
+    masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, glu (swiglu, geglu)
         Triton (CUDA, or the interpreter on CPU), C++ (CPU, packtune._C) and a PyTorch reference
     varlen_attention
         flash-attn or torch's varlen_attn on CUDA fp16/bf16, else batched PyTorch SDPA over length
@@ -36,7 +36,7 @@ else:
         masked_cross_entropy,
         masked_cross_entropy_ref,
     )
-    from packtune.kernels.geglu import geglu, geglu_ref
+    from packtune.kernels.glu import SwiGLU, geglu, geglu_ref, glu, glu_ref, swiglu, swiglu_ref
     from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
     from packtune.kernels.lora import lora_linear, lora_linear_ref
     from packtune.kernels.lora_mlp import lora_mlp, lora_mlp_ref
@@ -44,7 +44,6 @@ else:
     from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
     from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
     from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
-    from packtune.kernels.swiglu import SwiGLU, swiglu, swiglu_ref
 
 __all__ = [
     "BACKENDS",
@@ -71,6 +70,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_ref",
     "RMSNorm",
+    "glu",
+    "glu_ref",
     "swiglu",
     "swiglu_ref",
     "SwiGLU",

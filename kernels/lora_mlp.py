@@ -12,7 +12,7 @@ NF4 weights on `triton`: nf4_matmul.py). `triton` (CUDA) also
 fuses the gate: one kernel adds both LoRA updates into the gate and up base outputs and writes
 h = act(g) * u (forward); one adds the down projection's drop'(du A) into dh and applies the
 activation's backward, writing dgate and dup (backward). `torch` (CPU) composes torch ops with
-packtune's SwiGLU / GeGLU kernels.
+packtune's gated-activation kernels (glu.py).
 
 Dropout masks (one seed per linear, as PEFT draws one mask per layer) are regenerated in the
 backward from their seeds, never stored.
@@ -24,7 +24,7 @@ import torch
 
 from packtune.kernels._dispatch import launch_device, register_op, resolve_backend, triton_interpreted
 from packtune.kernels._triton import _dot, tl, triton
-from packtune.kernels.geglu import _tanh, geglu_backward, geglu_forward, geglu_ref
+from packtune.kernels.glu import ACTIVATIONS, act_and_grad, glu_backward, glu_forward, glu_ref
 from packtune.kernels.lora import (
     _BLOCK_COLS,
     _BLOCK_ROWS,
@@ -38,7 +38,6 @@ from packtune.kernels.lora import (
     lora_linear_ref,
 )
 from packtune.kernels.nf4_matmul import base_matmul, base_matmul_dx
-from packtune.kernels.swiglu import swiglu_backward, swiglu_forward, swiglu_ref
 
 __all__ = ["ACTIVATIONS", "LoRAMLPFunction", "lora_mlp", "lora_mlp_ref"]
 
@@ -47,30 +46,13 @@ register_op("lora_mlp", ("triton", "torch"))
 LoRAWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
 """(W, bias, A, B) of one LoRA linear."""
 
-ACTIVATIONS = {"silu": (swiglu_ref, swiglu_forward, swiglu_backward),
-               "gelu_tanh": (geglu_ref, geglu_forward, geglu_backward)}
-"""The gate's activation: (reference, autograd-free forward, backward)."""
-
-
 def lora_mlp_ref(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, scale: float,
                  dropout: float = 0.0, seeds: tuple[int, int, int] = (0, 0, 0), activation: str = "silu",
                  mask_backend: str = "torch") -> torch.Tensor:
     """The specification: a PEFT-wrapped LlamaMLP (GemmaMLP for gelu_tanh), down(act(gate(x)) * up(x))."""
     g = lora_linear_ref(x, *gate, scale, dropout, seeds[0], mask_backend)
-    h = ACTIVATIONS[activation][0](g, lora_linear_ref(x, *up, scale, dropout, seeds[1], mask_backend))
+    h = glu_ref(g, lora_linear_ref(x, *up, scale, dropout, seeds[1], mask_backend), activation)
     return lora_linear_ref(h, *down, scale, dropout, seeds[2], mask_backend)
-
-
-@triton.jit
-def _act_and_grad(g, GELU: tl.constexpr):
-    """(act(g), act'(g)) in fp32: SiLU, or GELU-tanh with geglu.py's constants."""
-    if GELU:
-        c = 0.7978845608028654  # sqrt(2 / pi)
-        t = _tanh(c * (g + 0.044715 * g * g * g))
-        grad = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * g * g)
-        return 0.5 * g * (1.0 + t), grad
-    s = tl.sigmoid(g)
-    return g * s, s * (1.0 + g * (1.0 - s))
 
 
 @triton.jit
@@ -88,7 +70,8 @@ def _tile_update(U, B, rows, cols, ranks, n_rows, n_cols, rank, stride_b_col, st
 
 @triton.jit
 def _lora_gate_kernel(G, U, H, UG, UU, BG, BU, n_rows, n_cols, rank, scale, R: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACTIVATION: tl.constexpr,
+                      UPCAST: tl.constexpr):
     """g += s ug Bg^T, u += s uu Bu^T (in place: they are saved), h = act(g) * u."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -105,14 +88,14 @@ def _lora_gate_kernel(G, U, H, UG, UU, BG, BU, n_rows, n_cols, rank, scale, R: t
     u = u.to(U.dtype.element_ty)
     tl.store(G + offsets, g, mask=inside)
     tl.store(U + offsets, u, mask=inside)
-    act, _ = _act_and_grad(g.to(tl.float32), GELU)
+    act, _ = act_and_grad(g.to(tl.float32), ACTIVATION)
     tl.store(H + offsets, (act * u.to(tl.float32)).to(H.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _lora_act_grad_kernel(DH, DUP, G, U, DUD, AD, n_rows, n_cols, rank, seed, p, R: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr,
-                          GELU: tl.constexpr, UPCAST: tl.constexpr):
+                          ACTIVATION: tl.constexpr, UPCAST: tl.constexpr):
     """dh = DH + drop'(dud Ad) (DH holds dy Wd); DH <- dgate = dh u act'(g), DUP <- dup = dh act(g)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -126,7 +109,7 @@ def _lora_act_grad_kernel(DH, DUP, G, U, DUD, AD, n_rows, n_cols, rank, seed, p,
     dh = tl.load(DH + offsets, mask=inside, other=0.0).to(tl.float32) + update
     g = tl.load(G + offsets, mask=inside, other=0.0).to(tl.float32)
     u = tl.load(U + offsets, mask=inside, other=0.0).to(tl.float32)
-    act, act_grad = _act_and_grad(g, GELU)
+    act, act_grad = act_and_grad(g, ACTIVATION)
     tl.store(DH + offsets, (dh * u * act_grad).to(DH.dtype.element_ty), mask=inside)
     tl.store(DUP + offsets, (dh * act).to(DUP.dtype.element_ty), mask=inside)
 
@@ -136,7 +119,7 @@ def _tiles(n_rows: int, n_cols: int) -> tuple[int, int]:
 
 
 def _triton_gate(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, scale: float, p: float, seeds,
-                 gelu: bool):
+                 activation: str):
     """(g, u, h, ug, uu): the gate and up projections with their LoRA updates, and h = act(g) * u."""
     g, u = base_matmul(x, *gate[:2], "triton"), base_matmul(x, *up[:2], "triton")
     ug, uu = lora_down(x, gate[2], p, seeds[0]), lora_down(x, up[2], p, seeds[1])
@@ -146,13 +129,14 @@ def _triton_gate(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, scale: flo
             _lora_gate_kernel[_tiles(*g.shape)](g, u, h, ug, uu, gate[3].contiguous(), up[3].contiguous(),
                                                 g.shape[0], g.shape[1], ug.shape[1], scale,
                                                 R=_rank_block(ug.shape[1]), BLOCK_N=_BLOCK_ROWS,
-                                                BLOCK_C=_BLOCK_COLS, GELU=gelu, UPCAST=triton_interpreted())
+                                                BLOCK_C=_BLOCK_COLS, ACTIVATION=activation,
+                                                UPCAST=triton_interpreted())
     return g, u, h, ug, uu
 
 
 def _triton_act_grad(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dud: torch.Tensor,
                      lora_a: torch.Tensor,
-                     p: float, seed: int, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     p: float, seed: int, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup) from dh = dh_base + drop'(dud A) (dh_base overwritten with dgate)."""
     dup = torch.empty_like(u)
     if dh.numel():
@@ -160,8 +144,8 @@ def _triton_act_grad(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dud: to
             _lora_act_grad_kernel[_tiles(*dh.shape)](dh, dup, g, u, dud, lora_a.contiguous(), dh.shape[0],
                                                      dh.shape[1], dud.shape[1], seed, p,
                                                      R=_rank_block(dud.shape[1]), BLOCK_N=_BLOCK_ROWS,
-                                                     BLOCK_C=_BLOCK_COLS, DROPOUT=p > 0, GELU=gelu,
-                                                     UPCAST=triton_interpreted())
+                                                     BLOCK_C=_BLOCK_COLS, DROPOUT=p > 0,
+                                                     ACTIVATION=activation, UPCAST=triton_interpreted())
     return dh, dup
 
 
@@ -173,11 +157,11 @@ class LoRAMLPFunction(torch.autograd.Function):
                 backend):
         gate, up, down = (wg, bg, ag, b_g), (wu, bu, au, b_u), (wd, bd, ad, b_d)
         if backend == "triton":
-            g, u, h, ug, uu = _triton_gate(x, gate, up, scale, dropout, seeds, activation == "gelu_tanh")
+            g, u, h, ug, uu = _triton_gate(x, gate, up, scale, dropout, seeds, activation)
         else:
             g, ug = lora_forward(x, gate, scale, dropout, seeds[0], backend)
             u, uu = lora_forward(x, up, scale, dropout, seeds[1], backend)
-            h = ACTIVATIONS[activation][1](g, u)
+            h = glu_forward(g, u, activation)
         y, ud = lora_forward(h, down, scale, dropout, seeds[2], backend)
         del h
         ctx.save_for_backward(x, g, u, ug, uu, ud, wg, bg, ag, b_g, wu, bu, au, b_u, wd, bd, ad, b_d)
@@ -190,20 +174,19 @@ class LoRAMLPFunction(torch.autograd.Function):
         x, g, u, ug, uu, ud, *weights = ctx.saved_tensors
         gate, up, down = tuple(weights[0:4]), tuple(weights[4:8]), tuple(weights[8:12])
         s, p, seeds, backend = ctx.scale, ctx.dropout, ctx.seeds, ctx.backend
-        _, act_forward, act_backward = ACTIVATIONS[ctx.activation]
         dy = dy.contiguous()
-        h = act_forward(g, u)
+        h = glu_forward(g, u, ctx.activation)
         if backend == "triton":  # dB and dA of down as in lora_backward; its dx fused with act's backward
             dbd = (dy.t() @ ud).mul_(s).to(down[3].dtype)
             dud = (dy @ down[3].to(dy.dtype)).mul_(s)
             dad = lora_da(dud, h, p, seeds[2]).to(down[2].dtype)
             del h
             dh = base_matmul_dx(dy, down[0], backend)
-            dg, du = _triton_act_grad(dh, g, u, dud, down[2], p, seeds[2], ctx.activation == "gelu_tanh")
+            dg, du = _triton_act_grad(dh, g, u, dud, down[2], p, seeds[2], ctx.activation)
         else:
             dh, dad, dbd = lora_backward(dy, h, ud, down, s, p, seeds[2], backend)
             del h
-            dg, du = act_backward(dh, g, u)
+            dg, du = glu_backward(dh, g, u, ctx.activation)
         del dh
         need_dx = ctx.needs_input_grad[0]
         dxg, dag, dbg = lora_backward(dg, x, ug, gate, s, p, seeds[0], backend, need_dx)
