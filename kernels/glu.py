@@ -35,8 +35,8 @@ register_op("glu", ("triton", "cpu", "torch"))
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 _BLOCK = 1024
-_TWO_C: tl.constexpr = 2 * math.sqrt(2.0 / math.pi)
-_CUBIC: tl.constexpr = 0.044715
+_TWO_C = 2 * math.sqrt(2.0 / math.pi)
+_CUBIC = 0.044715
 
 
 def _check_activation(activation: str) -> None:
@@ -66,9 +66,9 @@ def glu_grad_ref(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activat
 @triton.jit
 def act_and_grad(g, ACTIVATION: tl.constexpr):
     """(act(g), act'(g)) in fp32 (the module docstring's formulas); the LoRA MLP's kernels use it too."""
-    if ACTIVATION == "gelu_tanh":
-        z = _TWO_C * g * (1.0 + _CUBIC * g * g)
-        dz = _TWO_C * (1.0 + 3.0 * _CUBIC * g * g)
+    if ACTIVATION == "gelu_tanh":  # _TWO_C and _CUBIC as literals: a jit function reads no float globals
+        z = 1.5957691216057308 * g * (1.0 + 0.044715 * g * g)
+        dz = 1.5957691216057308 * (1.0 + 3.0 * 0.044715 * g * g)
     else:
         z = g
         dz = 1.0
