@@ -5,7 +5,8 @@ One optimizer step (the loss contract, README "How it works"):
    `loss_weighting`) and tokens on the host, all-reduce the counts over gloo (CPU, so the GPU
    stream never waits) together with a "stop requested" flag;
 2. for each micro-batch: loss = sum of (weighted) token losses / global item count, backward
-   (FSDP sums gradients over ranks, see parallel.py);
+   (FSDP sums gradients over ranks, see parallel.py); a mixture of experts adds its router losses
+   / the global micro-batch count (packtune.loss), so the step adds their mean;
 3. all-reduce the loss for logging, measure and clip the global gradient norm;
 4. NaN/inf guard: a non-finite loss or norm sets `optimizer.found_inf`, and the fused AdamW
    skips the update on the device, without a host sync; skips are counted when metrics are

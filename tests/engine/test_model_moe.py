@@ -210,3 +210,60 @@ def test_apply_packtune_refuses_the_moe_families_with_the_reason(name):
     model = make_hf_model(name)
     with pytest.raises(UnsupportedModelError, match="load-balancing loss .*packtune train"):
         apply_packtune(model)
+
+
+def test_a_released_gpt_oss_config_parses():
+    """gpt-oss-20b's config.json layout (transformers 4 keys: rope_scaling + rope_theta, MXFP4
+    quantization_config, router_aux_loss_coef 0.9): the args, and a config transformers reads back."""
+    layers = 24
+    cfg = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "attention_bias": True,
+           "attention_dropout": 0.0, "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64,
+           "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096,
+           "initializer_range": 0.02, "intermediate_size": 2880, "max_position_embeddings": 131072,
+           "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": layers,
+           "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False,
+           "pad_token_id": 199999, "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+           "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+               "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]},
+           "rms_norm_eps": 1e-05, "rope_theta": 150000,
+           "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "rope_type": "yarn",
+                            "original_max_position_embeddings": 4096, "truncate": False},
+           "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+           "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088}
+    args = ModelArgs.from_hf_config(cfg)
+    assert (args.num_experts, args.num_experts_per_tok, args.moe_intermediate_size) == (32, 4, 2880)
+    assert args.window(0) == 128 and args.window(1) is None and args.attention_sinks and args.router_bias
+    assert args.rope_scaling.rope_type == "yarn" and not args.rope_scaling.truncate
+    assert args.rope_theta == 150000
+    assert args.router_aux_loss_coef == 0.9
+    written = args.to_hf_config()
+    assert "quantization_config" not in written
+    assert transformers.GptOssConfig.from_dict(written).rope_parameters["rope_type"] == "yarn"
+    assert ModelArgs.from_hf_config(written) == args
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe_dense", "gpt_oss"])
+def test_the_loss_adds_the_weighted_router_terms(checkpoints, name):
+    """CausalLMLoss adds router_weight x (aux_coef x aux + z_coef x z); the z-loss is the mean over the
+    sparse layers' tokens of logsumexp(router logits) ** 2, worked out here from the routers' inputs."""
+    from packtune.kernels.packed_layout import shift_labels
+    from packtune.loss import CausalLMLoss
+    from packtune.model.moe import Router
+
+    model = load_pretrained(checkpoints[name], dtype=torch.float64)
+    inputs = []
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.register_forward_hook(lambda m, args, out: inputs.append(
+                torch.nn.functional.linear(args[0], m.weight, m.bias)))
+    ids = torch.cat(_samples(model.args.vocab_size))
+    layout = PackedLayout.packed(LENGTHS)
+    labels = shift_labels(ids, layout.cu_seqlens[1:].long() - 1)
+    plain = CausalLMLoss(model)(ids, labels, layout)
+    inputs.clear()
+    loss = CausalLMLoss(model, aux_coef=0.5, z_coef=0.1)(ids, labels, layout, router_weight=0.25)
+    aux, z = router_losses(model.router_loads)
+    expected_z = torch.cat([logits.logsumexp(-1) ** 2 for logits in inputs]).mean()
+    torch.testing.assert_close(z, expected_z, rtol=1e-12, atol=0)
+    expected = plain.double() + 0.25 * (0.5 * aux + 0.1 * z)  # the fused loss is fp32
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
