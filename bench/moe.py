@@ -1,10 +1,10 @@
 """`packtune bench moe`: a mixture-of-experts layer's experts, forward+backward, packtune vs transformers 5.
 
 The layer is Qwen3-30B-A3B's (hidden 2048, moe_intermediate 768, 128 experts, top-8; `--model
-gpt-oss-20b`: hidden 2880, intermediate 2880, 32 experts, top-4, biases, clamped SwiGLU) with the
-hidden and intermediate sizes divided by `--scale` so it fits a CPU; the expert count and top-k
-stay. A uniformly random router picks the experts (softmax over random logits, top-k, Qwen3's
-renormalised weights); x, the routing weights and the expert weights all get gradients.
+gpt-oss-20b`: hidden 2880, intermediate 2880, 32 experts, top-4, biases, clamped SwiGLU; name both
+for one table) with the hidden and intermediate sizes divided by `--scale` so it fits a CPU; the
+expert count and top-k stay. A uniformly random router picks the experts (softmax over random
+logits, top-k, Qwen3's renormalised weights); x, the routing weights and the expert weights all get gradients.
 
 Implementations: transformers' own expert module of that family (Qwen3MoeExperts / GptOssExperts)
 under each `experts_implementation` it offers on every device: `eager` (a Python loop over the
@@ -13,7 +13,7 @@ experts hit), `grouped_mm` (its default: torch's grouped GEMM over expert-sorted
 `packtune` (`moe_experts`, its default backend: C++ on CPU, Triton on CUDA); and `torch-grouped-mm`,
 packtune's sorted routing with torch._grouped_mm for the two GEMMs and autograd for the rest (the
 alternative to the C++ backend on CPU: the faster of the two is the CPU backend). Ratios are against
-`grouped_mm`; the last line compares packtune with transformers' fastest in this run.
+`grouped_mm`; the last lines compare packtune with transformers' fastest in this run.
 """
 
 from __future__ import annotations
@@ -70,11 +70,13 @@ def make_step(impl: str, shape: dict, dtype: str, device: str):
     hidden, inter, experts, top_k = shape["hidden"], shape["inter"], shape["experts"], shape["top_k"]
     gate_up = (experts, hidden, 2 * inter) if gpt_oss else (experts, 2 * inter, hidden)
     down = (experts, inter, hidden) if gpt_oss else (experts, hidden, inter)
-    params = {"gate_up_proj": torch.randn(gate_up) / hidden**0.5, "down_proj": torch.randn(down) / inter**0.5}
-    if gpt_oss:
-        params |= {"gate_up_proj_bias": torch.randn(experts, 2 * inter) * 0.1,
-                   "down_proj_bias": torch.randn(experts, hidden) * 0.1}
-    params = {k: torch.nn.Parameter(v.to(device, dt)) for k, v in params.items()}
+    with torch.device(device):  # built where they run (gpt-oss-20b's experts are 0.8 G parameters)
+        params = {"gate_up_proj": torch.randn(gate_up) / hidden**0.5,
+                  "down_proj": torch.randn(down) / inter**0.5}
+        if gpt_oss:
+            params |= {"gate_up_proj_bias": torch.randn(experts, 2 * inter) * 0.1,
+                       "down_proj_bias": torch.randn(experts, hidden) * 0.1}
+    params = {k: torch.nn.Parameter(v.to(dt)) for k, v in params.items()}
     x = torch.randn(shape["T"], hidden, device=device, dtype=dt, requires_grad=True)
     probs = torch.randn(shape["T"], experts, device=device).softmax(-1)
     weights, index = torch.topk(probs, top_k)
@@ -84,7 +86,8 @@ def make_step(impl: str, shape: dict, dtype: str, device: str):
     dy = torch.randn_like(x)
     biases = (params.get("gate_up_proj_bias"), params.get("down_proj_bias"))
     if impl in TRANSFORMERS:
-        module = _hf_experts(shape["model"], shape, impl).to(device, dt)
+        with torch.device("meta"):  # no storage: the parameters are replaced by the shared ones
+            module = _hf_experts(shape["model"], shape, impl)
         for name, p in params.items():
             setattr(module, name, p)
 
@@ -110,20 +113,20 @@ def make_step(impl: str, shape: dict, dtype: str, device: str):
 
 def main(argv: list[str]) -> None:
     parser = harness.bench_parser("moe", __doc__)
-    parser.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(MODELS))
+    parser.add_argument("--model", nargs="+", default=["qwen3-30b-a3b"], choices=sorted(MODELS),
+                        help="the layer shape(s); several give one table")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--scale", type=int, default=8, help="divide the hidden and intermediate sizes")
     args = parser.parse_args(argv)
-    layer = MODELS[args.model]
-    shape = {"model": args.model, "T": args.tokens, "hidden": layer["hidden"] // args.scale,
-             "inter": layer["inter"] // args.scale, "experts": layer["experts"], "top_k": layer["top_k"]}
-    rows = harness.run_table("moe", "packtune.bench.moe:make_step", IMPLS, [shape], "grouped_mm", args)
-    measured = {r["implementation"]: r for r in rows if "median_s" in r}
-    ours = measured.get("packtune")
-    theirs = [measured[i] for i in TRANSFORMERS if i in measured]
-    if ours and theirs:
-        fastest = min(theirs, key=lambda r: r["median_s"])
-        speedup = fastest["median_s"] / ours["median_s"]
-        memory = ours["peak_bytes"] / max(fastest["peak_bytes"], 1)
-        print(f"packtune vs transformers' fastest ({fastest['implementation']}): {speedup:.2f}x faster, "
-              f"{memory:.2f}x its peak memory")
+    shapes = [{"model": model, "T": args.tokens, "hidden": MODELS[model]["hidden"] // args.scale,
+               "inter": MODELS[model]["inter"] // args.scale, "experts": MODELS[model]["experts"],
+               "top_k": MODELS[model]["top_k"]} for model in args.model]
+    rows = harness.run_table("moe", "packtune.bench.moe:make_step", IMPLS, shapes, "grouped_mm", args)
+    for shape in shapes:
+        measured = {r["implementation"]: r for r in rows if r["shape"] == shape and "median_s" in r}
+        theirs = [measured[i] for i in TRANSFORMERS if i in measured]
+        if "packtune" in measured and theirs:
+            ours, fastest = measured["packtune"], min(theirs, key=lambda r: r["median_s"])
+            print(f"{shape['model']}: packtune vs transformers' fastest ({fastest['implementation']}): "
+                  f"{fastest['median_s'] / ours['median_s']:.2f}x faster, "
+                  f"{ours['peak_bytes'] / max(fastest['peak_bytes'], 1):.2f}x its peak memory")
