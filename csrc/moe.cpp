@@ -38,11 +38,13 @@ struct GatedActivation {
     return gc / (T(1) + std::exp(-alpha * gc)) * (uc + shift);
   }
 
-  void backward(T dh, T g, T u, T* dg, T* du) const {
+  // h and, for dh, the gradients dg and du (one exp for the three).
+  T backward(T dh, T g, T u, T* dg, T* du) const {
     const T gc = std::min(g, limit), uc = std::min(std::max(u, -limit), limit);
     const T s = T(1) / (T(1) + std::exp(-alpha * gc));
     *dg = g <= limit ? dh * (uc + shift) * (s + alpha * gc * s * (T(1) - s)) : T(0);
     *du = (u >= -limit && u <= limit) ? dh * gc * s : T(0);
+    return gc * s * (uc + shift);
   }
 };
 
@@ -234,10 +236,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t j = 0; j < inter; ++j) {
           const int64_t cg = ex.columns.gate(j), cu = ex.columns.up(j);
           const opmath_t gv = g[r * 2 * inter + cg], uv = g[r * 2 * inter + cu];
-          const opmath_t h = act.forward(gv, uv), dh = static_cast<opmath_t>(hp[r * inter + j]);
-          dwr += dh * h;
+          const opmath_t dh = static_cast<opmath_t>(hp[r * inter + j]);
           opmath_t dgate, dup;
-          act.backward(dh * wr, gv, uv, &dgate, &dup);
+          const opmath_t h = act.backward(dh * wr, gv, uv, &dgate, &dup);
+          dwr += dh * h;
           dg[r * 2 * inter + cg] = static_cast<scalar_t>(dgate);
           dg[r * 2 * inter + cu] = static_cast<scalar_t>(dup);
           hp[r * inter + j] = static_cast<scalar_t>(h * wr);

@@ -28,8 +28,8 @@ read each expert's rows from device tensors (no host sync), the gather fused int
 activation fused into the gate/up GEMM's epilogue and the routing weight and bias into the down
 GEMM's; `cpu` (packtune._C, csrc/moe.cpp): the experts in parallel over CPU threads, each a chain
 of BLAS GEMMs on its contiguous slice of sorted rows with the activation, bias and weighting in
-fused loops; `torch`: `moe_experts_ref`, the specification (a loop over experts, as transformers'
-eager experts), which also serves float64 for the fused backends.
+fused loops (float64 in float64); `torch`: `moe_experts_ref`, the specification (a loop over
+experts, as transformers' eager experts), which also runs float64 where `triton` is chosen.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import torch
 
+from packtune.kernels import moe_triton
 from packtune.kernels._dispatch import cpu_extension, register_op, resolve_backend
 
 __all__ = ["SWIGLU", "ExpertFormat", "ExpertRouting", "gpt_oss_format", "moe_experts", "moe_experts_ref",
@@ -130,8 +131,7 @@ def route_to_experts(top_k_index: torch.Tensor, num_experts: int) -> ExpertRouti
     ids = top_k_index.reshape(-1).long()
     expert, order = torch.sort(ids, stable=True)
     ends = torch.searchsorted(expert, torch.arange(num_experts, device=ids.device), right=True)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=ids.device)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=ids.device))
     return ExpertRouting(order, order // top_k_index.shape[-1], expert, ends, position)
 
 
@@ -167,10 +167,7 @@ if cpu_extension() is not None:  # shapes for torch.compile's fake tensors; the 
                 like(gate_up_bias, need_weights), like(down, need_weights), like(down_bias, need_weights))
 
 
-def _impls() -> dict:
-    from packtune.kernels import moe_triton
-
-    return {"triton": (moe_triton.forward, moe_triton.backward), "cpu": (_cpu_forward, _cpu_backward)}
+_IMPLS = {"triton": (moe_triton.forward, moe_triton.backward), "cpu": (_cpu_forward, _cpu_backward)}
 
 
 class MoEExpertsFunction(torch.autograd.Function):
@@ -179,7 +176,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         routing = route_to_experts(top_k_index, gate_up.shape[0])
         opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
         w_sorted = top_k_weights.reshape(-1)[routing.order].to(opmath)
-        out, gu = _impls()[backend][0](x, routing, w_sorted, gate_up, gate_up_bias, down, down_bias, fmt,
+        out, gu = _IMPLS[backend][0](x, routing, w_sorted, gate_up, gate_up_bias, down, down_bias, fmt,
                                        any(ctx.needs_input_grad))
         ctx.save_for_backward(x, gu, w_sorted, gate_up, gate_up_bias, down, down_bias, *routing)
         ctx.fmt, ctx.backend = fmt, backend
@@ -192,7 +189,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         routing = ExpertRouting(*routing)
         need = ctx.needs_input_grad
         need_weights = need[3] or need[4] or need[5] or need[6]
-        dx, dw_sorted, dgu, dgu_bias, ddown, ddown_bias = _impls()[ctx.backend][1](
+        dx, dw_sorted, dgu, dgu_bias, ddown, ddown_bias = _IMPLS[ctx.backend][1](
             dy.contiguous(), x, routing, w_sorted, gu, gate_up, gate_up_bias, down, down_bias, ctx.fmt,
             (need[0], need_weights))
         dw = dw_sorted[routing.position].view(ctx.weights_shape).to(ctx.weights_dtype) if need[2] else None
@@ -227,7 +224,7 @@ def _check(x, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias
     if any(t.dtype != x.dtype or t.device != x.device for t in tensors) or top_k_index.device != x.device:
         fail(f"the expert weights must have x's dtype and device ({x.dtype}, {x.device}), got "
              f"{', '.join(f'{t.dtype} {t.device}' for t in tensors)}")
-    if x.device.type == "cpu" and top_k_index.numel():
+    if x.device.type == "cpu" and top_k_index.numel() and not torch.compiler.is_compiling():
         if top_k_index.min() < 0 or top_k_index.max() >= e:
             fail(f"top_k_index must lie in [0, {e}), got [{top_k_index.min()}, {top_k_index.max()}]")
     elif top_k_index.numel():  # checked on the device, without waiting for it

@@ -150,9 +150,6 @@ def test_bad_input_is_one_clear_error(fix, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-transformers = pytest.importorskip("transformers")
-
-
 def _hf_experts(family: str, hidden: int, inter: int, experts: int, k: int):
     """transformers' own expert module of `family` (its eager forward), float64."""
     if family == "gpt_oss":
@@ -176,6 +173,7 @@ def _hf_experts(family: str, hidden: int, inter: int, experts: int, k: int):
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss"])
 def test_equals_transformers_experts(family):
     """Layouts and activation exactly as transformers 5 stores and runs them (float64, 1e-10)."""
+    pytest.importorskip("transformers")
     hidden, inter, experts, k, tokens = 12, 6, 5, 2, 11
     hf, fmt = _hf_experts(family, hidden, inter, experts, k)
     for p in hf.parameters():
@@ -197,3 +195,20 @@ def test_equals_transformers_experts(family):
         got = [y, *torch.autograd.grad(y, leaves, dy)]
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(_dispatch.cpu_extension() is None, reason="packtune._C not built")
+def test_cpu_backend_compiles_without_graph_breaks():
+    leaves, index, dy = _case(SWIGLU, 6, 16, 6, 4, 2, "random", bias=False)
+    leaves = [t.float().requires_grad_() for t in leaves]
+
+    def block(x, weights, gate_up, down):
+        return moe_experts(x, index, weights, gate_up, down, backend="cpu")
+
+    torch.compile(block, fullgraph=True)(*leaves).backward(dy.float())
+    compiled = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    block(*leaves).backward(dy.float())
+    for got, eager in zip(compiled, (t.grad for t in leaves), strict=True):
+        torch.testing.assert_close(got, eager)
