@@ -103,12 +103,13 @@ def tiny_moe(*, seed: int = 0, vocab: int = 37, **dims):
     from packtune.model.config import ModelArgs
     from packtune.model.families import build_model
 
-    args = ModelArgs.from_hf_config(dict(
+    toy = dict(
         model_type="qwen3_moe", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_experts=6,
         num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=[1],
-        router_aux_loss_coef=0.1, **dims,
-    ))
+        router_aux_loss_coef=0.1,
+    )
+    args = ModelArgs.from_hf_config({**toy, **dims})
     model = build_model(args)
     model.init_weights(torch.Generator().manual_seed(seed))
     return model
