@@ -5,7 +5,8 @@ One optimizer step (the loss contract, docs/how-it-works.md):
    `loss_weighting`) and tokens on the host, all-reduce the counts over gloo (CPU, so the GPU
    stream never waits) together with a "stop requested" flag;
 2. for each micro-batch: loss = sum of (weighted) token losses / global item count, backward
-   (FSDP sums gradients over ranks, see parallel.py);
+   (FSDP sums gradients over ranks, see parallel.py); a mixture of experts adds its router losses
+   / the global micro-batch count (packtune.loss), so the step adds their mean;
 3. all-reduce the loss for logging, measure and clip the global gradient norm;
 4. NaN/inf guard: a non-finite loss or norm sets `optimizer.found_inf`, and the fused AdamW
    skips the update on the device, without a host sync; skips are counted when metrics are
@@ -26,6 +27,7 @@ from torch import nn
 
 from packtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from packtune.config import TrainConfig
+from packtune.config.train import router_coefficients
 from packtune.errors import CheckpointError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
@@ -104,8 +106,10 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        args = getattr(model, "args", None)
+        router = router_coefficients(cfg, getattr(args, "router_aux_loss_coef", 0.0))
         self.module = parallelize(
-            CausalLMLoss(model),
+            CausalLMLoss(model, *router),
             model.decoder_layers,
             dist_ctx,
             activation_checkpointing=cfg.activation_checkpointing,
@@ -256,21 +260,30 @@ class Trainer:
         device = self.dist_ctx.device
         counts = torch.tensor(
             [sum(b.num_label_tokens for b in micro_batches), sum(b.num_items for b in micro_batches),
-             sum(b.input_ids.numel() for b in micro_batches), int(stop_requested)],
+             sum(b.input_ids.numel() for b in micro_batches), int(stop_requested), len(micro_batches)],
             dtype=torch.int64,
         )
         self.dist_ctx.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
-        label_tokens, items, tokens, stops = counts.tolist()
+        label_tokens, items, tokens, stops, batches = counts.tolist()
         num_items = self._num_items(items)
         flops = 0.0
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        router = None  # MoE: [aux, z] (their mean over the step's micro-batches) and the expert counts
         for batch in micro_batches:
             if self.flops_per_token is not None:
                 flops += self.flops_per_token(batch.layout.attended_length) * batch.input_ids.numel()
-            loss = self._loss(batch, num_items, weighted=True)
+            loss = self._loss(batch, num_items, weighted=True, router_weight=1.0 / batches)
             loss.backward()
             loss_sum += loss.detach().float()
-        self.dist_ctx.all_reduce_sum(loss_sum)
+            if self.module.router_stats is not None:
+                terms, experts = self.module.router_stats
+                part = torch.cat([terms / batches, experts.flatten()])
+                router, layers = (part if router is None else router + part), experts.shape
+        if router is None:
+            self.dist_ctx.all_reduce_sum(loss_sum)
+        else:  # one all-reduce for both
+            summed = self.dist_ctx.all_reduce_sum(torch.cat([loss_sum[None], router]))
+            loss_sum, router = summed[0], summed[1:]
         grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.max_grad_norm).to(device)
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()
@@ -281,16 +294,17 @@ class Trainer:
         self.step += 1
         flops = self.dist_ctx.world_size * flops  # every rank's share, assuming balanced ranks
         values = torch.stack([loss_sum, grad_norm.float(), finite.float()])
-        self.metrics.record(self.step, lr, tokens, label_tokens, flops, values)
+        extra = None if router is None else router_metrics(router[:2], router[2:].view(layers))
+        self.metrics.record(self.step, lr, tokens, label_tokens, flops, values, extra)
         return stops > 0
 
     def _loss(self, batch: PackedBatch | PaddedBatch, num_items: torch.Tensor | None = None,
-              weighted: bool = False) -> torch.Tensor:
+              weighted: bool = False, router_weight: float = 0.0) -> torch.Tensor:
         """Summed token loss of one micro-batch (times its loss weights when `weighted`, ÷ num_items
-        when given), packed or padded."""
+        when given), packed or padded; plus `router_weight` x its router losses (MoE models)."""
         batch = batch.to(self.dist_ctx.device)
         return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
-                           loss_weights=batch.loss_weights if weighted else None)
+                           loss_weights=batch.loss_weights if weighted else None, router_weight=router_weight)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -309,6 +323,15 @@ class Trainer:
         if self.dist_ctx.is_main:
             self.metrics.log_eval(self.step, mean, int(count))
         return mean
+
+
+def router_metrics(terms: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A mixture-of-experts step's router metrics, on the device: the mean load-balancing and z-loss
+    (`terms`, unscaled by their coefficients) and the least and most loaded expert's share of its
+    layer's routed (token, expert) pairs (`counts` [sparse layers, E]; 1 / E each when balanced)."""
+    share = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    return {"router_aux_loss": terms[0], "router_z_loss": terms[1], "router_load_min": share.min(),
+            "router_load_max": share.max()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -58,6 +58,14 @@ class TrainConfig:
     """How token losses are averaged over the optimizer step: token (every label token counts
     equally), sample (every sample counts equally: its token losses are averaged, then the step
     averages over samples) or turn (likewise per assistant turn, a contiguous run of trained tokens)."""
+    router_aux_loss: bool | float = True
+    """Mixture-of-experts models: add the routers' load-balancing loss (transformers'
+    `load_balancing_loss_func`, over each micro-batch's real tokens; the step adds the mean over its
+    micro-batches) times a coefficient: true takes the model's `router_aux_loss_coef` (config.json),
+    a number replaces it, false leaves the loss out. Dense models ignore it."""
+    router_z_loss: float = 0.0
+    """Mixture-of-experts models: the coefficient of the router z-loss (ST-MoE: the mean over tokens
+    and sparse layers of logsumexp(router logits) ** 2); 0: none."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: measure only)."""
     max_bad_steps: int = 5
@@ -92,7 +100,8 @@ class TrainConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be > 0, got {getattr(self, key)!r}")
         for key in ("max_steps", "warmup", "save_every", "eval_every", "keep_checkpoints", "weight_decay",
-                    "max_grad_norm", "max_bad_steps", "min_lr_ratio", "eval_generate_every"):
+                    "max_grad_norm", "max_bad_steps", "min_lr_ratio", "eval_generate_every",
+                    "router_aux_loss", "router_z_loss"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)!r}")
         if not 0 <= self.eval_fraction < 1:
@@ -114,6 +123,15 @@ class TrainConfig:
             raise ConfigError(f"train.eval_data: {self.eval_data} does not exist")
         check_reporters(self.report_to)
         _check_writable(Path(self.output_dir))
+
+
+def router_coefficients(cfg: TrainConfig, model_coef: float) -> tuple[float, float]:
+    """(load-balancing, z-loss) coefficients of a mixture-of-experts run: `router_aux_loss` true
+    takes the model's `model_coef`, false none, a number itself."""
+    aux = cfg.router_aux_loss
+    if isinstance(aux, bool):
+        aux = model_coef if aux else 0.0
+    return float(aux), float(cfg.router_z_loss)
 
 
 def _check_writable(path: Path) -> None:

@@ -96,6 +96,25 @@ def tiny_gemma(*, seed: int = 0, vocab: int = 37):
     return model
 
 
+def tiny_moe(*, seed: int = 0, vocab: int = 37, **dims):
+    """packtune's model in Qwen3-MoE shape at toy size: 6 experts, top 2 renormalised, a dense layer
+    between two sparse ones, GQA, per-head q/k norms; the router's load-balancing coefficient large
+    enough (0.1) that its gradient shows in the grad norm. `dims` replace the toy config's keys."""
+    from packtune.model.config import ModelArgs
+    from packtune.model.families import build_model
+
+    toy = dict(
+        model_type="qwen3_moe", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_experts=6,
+        num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=[1],
+        router_aux_loss_coef=0.1,
+    )
+    args = ModelArgs.from_hf_config({**toy, **dims})
+    model = build_model(args)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
 def make_samples(n: int, *, vocab: int = 37, seed: int = 0, min_len: int = 3, max_len: int = 12,
                  turns: int = 1):
     """(ids, labels) pairs: `turns` rounds of a prompt of ignored labels, then a trained response;
