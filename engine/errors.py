@@ -59,3 +59,10 @@ class TrainingError(PacktuneError, RuntimeError):
     """The run cannot continue (e.g. too many non-finite steps in a row)."""
 
     kind = "training"
+
+
+class StorageError(CheckpointError):
+    """A checkpoint or the exported model could not be written: the disk is full, read-only, not
+    permitted, or failing (packtune.storage words the message: what to free or change)."""
+
+    kind = "storage"
