@@ -1,7 +1,8 @@
 """A run's output directory: what a new `packtune train` may do with what is already there.
 
 A packtune run's output_dir holds only packtune's own files: `config.toml`, `run.json`,
-`metrics.jsonl`, `checkpoints/`, `final/` (and packtune's temporary names while they are written).
+`metrics.jsonl`, `checkpoints/`, `final/`, `run.lock` (packtune.runlock: the live run's lock, empty when
+none runs), and packtune's temporary names while they are written.
 `run.json` is the run's marker, replaced atomically (temp file, fsync, rename): written
 `{"status": "running"}` when the run starts and `{"status": "complete", ...}` (steps, tokens,
 tokens/s, final/) as the run's very last act, so a run is finished exactly when run.json says so
@@ -16,7 +17,8 @@ tokens/s, final/) as the run's very last act, so a run is finished exactly when 
   refused (a resume would mix two configs, a restart would overwrite the checkpoints);
 - an explicit checkpoint directory in `train.resume`: resumed from it, whatever the state;
 - `train.overwrite` (`--overwrite`): a new run; what was there is first moved aside to
-  `<output_dir>.replaced-<YYYYmmdd-HHMMSS>` (never deleted: remove it yourself when done with it).
+  `<output_dir>.replaced-<YYYYmmdd-HHMMSS>` (never deleted: remove it yourself when done with it),
+  never while another run holds the directory's lock (the run takes the lock before `start_run`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 from packtune.config import Config, dump_config, load_config
 from packtune.errors import ConfigError
+from packtune.runlock import LOCK_NAME
 
 RUN_FILES = frozenset(
     {"config.toml", "run.json", "metrics.jsonl", "checkpoints", "final", "final-merged", "tensorboard",
@@ -63,7 +66,7 @@ def plan_run(cfg: Config) -> RunPlan:
     t = cfg.train
     out = Path(t.output_dir)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    entries = [name for name in entries if not name.startswith(_TEMP_PREFIXES)]
+    entries = [name for name in entries if not name.startswith(_TEMP_PREFIXES) and name != LOCK_NAME]
     if not entries:
         return RunPlan(out)
     if t.overwrite:
