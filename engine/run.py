@@ -29,6 +29,7 @@ from packtune.lora.training import lora_preparer, lora_summary
 from packtune.model.loading import fill_shards, load_for_training
 from packtune.parallel import DistContext, init_distributed, resolve_device, shutdown
 from packtune.precision import compute_dtype
+from packtune.rank_loss import lost_rank_error
 from packtune.reporters import open_reporters
 from packtune.rundir import complete_message, finish_run, plan_run, start_run
 from packtune.runlock import lock_for_run
@@ -47,6 +48,7 @@ def run(cfg: Config) -> Path | None:
     mixed = mixed_precision(cfg)
     dist_ctx = init_distributed(cfg.train.device, mixed_precision=mixed)
     trainer = lock = None
+    clean = False
     try:
         lock = lock_for_run(plan.output_dir, dist_ctx)
         if lock is not None:
@@ -65,17 +67,24 @@ def run(cfg: Config) -> Path | None:
         if resumed is not None and dist_ctx.is_main:
             print(f"resumed from {resumed} at step {trainer.step}", flush=True)
         if trainer.fit() < trainer.total_steps:
+            clean = True
             return None  # stopped by a signal, after saving
         exported = export_model(trainer, cfg) if cfg.train.export else None
         if dist_ctx.is_main:
             m = trainer.metrics
             line = finish_run(plan.output_dir, trainer.step, m.run_tokens, m.run_seconds, exported)
             print(line, flush=True)
+        clean = True
         return exported
+    except RuntimeError as e:
+        lost = lost_rank_error(dist_ctx, e)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if trainer is not None:
             trainer.metrics.close()
-        shutdown(dist_ctx)
+        shutdown(dist_ctx, clean=clean)
         if lock is not None:
             lock.release()
 

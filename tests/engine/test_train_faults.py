@@ -49,7 +49,7 @@ def test_a_full_disk_at_the_export_leaves_no_partial_final(tmp_path, assets, cap
     assert err.rstrip().endswith("the run's last checkpoint step_00000002 is kept: the same command again "
                                  "resumes from it and exports")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl",
-                                                     "run.json"]
+                                                     "run.json", "run.lock"]
     assert json.loads((out / "run.json").read_text())["status"] == "running"
 
     monkeypatch.undo()
