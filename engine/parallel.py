@@ -167,7 +167,7 @@ def parallelize(
     """Wrap `blocks` (a ModuleList inside `root`) in place and shard `root`; returns `root`.
 
     Gradients are *summed* over ranks, not averaged: the loss is already divided by the global
-    label-token count of the step (README "How it works", the loss contract), so FSDP's division by the world
+    label-token count of the step (docs/how-it-works.md, the loss contract), so FSDP's division by the world
     size is switched off on every FSDP unit (sum-only collectives, so gloo works too).
     `mixed_precision` defaults to True on CUDA: parameters gathered in bf16, gradients reduced
     in fp32, the sharded fp32 parameters kept as master weights for the optimizer.

@@ -1,6 +1,6 @@
 """The training loop.
 
-One optimizer step (the loss contract, README "How it works"):
+One optimizer step (the loss contract, docs/how-it-works.md):
 1. count this rank's label tokens, loss items (label tokens, or samples/turns under
    `loss_weighting`) and tokens on the host, all-reduce the counts over gloo (CPU, so the GPU
    stream never waits) together with a "stop requested" flag;

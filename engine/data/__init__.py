@@ -1,4 +1,4 @@
-"""Instruction data -> packed, loss-masked batches (see the README, "How it works").
+"""Instruction data -> packed, loss-masked batches (see docs/how-it-works.md).
 
 readers (files -> streamed records) -> sources (several files, mixed by weight)
 -> formats (records -> Conversation) -> chat_format (the model's Jinja chat template, jinja_template,

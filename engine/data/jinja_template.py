@@ -177,7 +177,7 @@ class ChatTemplateRenderer:
                 raise DataError(
                     f"{where}: the chat template renders earlier assistant turns differently once later "
                     "turns exist (e.g. Qwen3 drops past reasoning); set data.rewritten_history = "
-                    '"as_rendered" or "split" (see the README)',
+                    '"as_rendered" or "split" (see docs/data.md)',
                     "rewritten_history",
                 )
             if self.history == "split":

@@ -99,7 +99,7 @@ def test_prepare_command_prints_and_writes_the_report(cfg, tmp_path, capsys):
     assert report["rows"] == report["kept"] == 300 and report["steps_per_epoch"] == report["packed_rows"] // 2
     assert "efficiency" in capsys.readouterr().out
     assert main(["prepare", str(config), "--set", "data.path=missing.jsonl"]) == 2
-    assert "data file missing.jsonl does not exist" in capsys.readouterr().err
+    assert "data.path: missing.jsonl does not exist" in capsys.readouterr().err
 
 
 def test_data_inspect_takes_records_and_still_the_old_rows_flag(cfg, tmp_path, capsys):

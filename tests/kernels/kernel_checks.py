@@ -1,4 +1,4 @@
-"""Shared pieces of the kernel tests: the backends to force, and the tolerances the README states."""
+"""Shared pieces of the kernel tests: the backends to force, and the tolerances docs/kernels.md states."""
 
 import pytest
 import torch

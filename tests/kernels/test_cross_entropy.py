@@ -1,6 +1,6 @@
 """masked_cross_entropy on every backend against the float64 PyTorch reference.
 
-Tolerances (the README, "Kernels"): fp32 loss within 1e-5 relative, gradients within 1e-4 (relative to the
+Tolerances (docs/kernels.md): fp32 loss within 1e-5 relative, gradients within 1e-4 (relative to the
 largest gradient entry); bf16 no worse than PyTorch's own bf16 F.cross_entropy error plus 1e-2.
 "triton" runs through the interpreter on CPU (TRITON_INTERPRET=1, set in conftest.py); this
 kernel has no tl.dot, so the interpreter's bf16 dot gap does not touch it.
