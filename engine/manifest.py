@@ -11,9 +11,8 @@ different contents. A checkpoint of a packtune that wrote no manifest is checked
 `.metadata` instead (every byte range it names must exist), which finds a truncated file but not
 changed bytes.
 
-CRC-32 (zlib, in the standard library) rather than a cryptographic hash: it detects accidental
-damage, and it is fast (`packtune bench checksum` measures it against blake2b and, when installed,
-xxhash).
+CRC-32 (zlib, in the standard library: no dependency) rather than a cryptographic hash: it detects
+accidental damage, not tampering, and it is the fastest of the standard library's checksums.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def test_every_checkpoint_damaged_stops_with_one_line_and_deletes_nothing(tmp_pa
         shard.write_bytes(shard.read_bytes()[:100])
     before = {k: v for k, v in snapshot(out).items() if k.startswith("checkpoints")}
     capsys.readouterr()
-    assert train(assets, out, "train.save_every=1") == 1
+    assert train(assets, out, "train.save_every=1") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("packtune train: checkpoint error: no checkpoint in ")
     assert "step_00000002: __0_0.distcp holds 100 bytes" in err and "nothing was deleted" in err

@@ -51,7 +51,7 @@ def test_two_ranks_killed_after_a_checkpoint_resume_in_one_process(tmp_path, ass
     assert json.loads((killed / "run.json").read_text())["world_size"] == 2
 
     # Its own config (1 micro-batch) on 1 rank splits the rows for another world_size x micro_batches.
-    assert train(assets, killed, *RUN) == 1
+    assert train(assets, killed, *RUN) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "on 1 rank resume with train.micro_batches = 2" in err
 
