@@ -15,6 +15,8 @@ import pytest
 import toy_training
 from test_train_rundir import assets, train, train_argv  # noqa: F401 - assets is a fixture
 
+from packtune.manifest import read_manifest, verify
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 RUN = ("train.max_steps=4", "train.save_every=2", "train.micro_batches=1", "train.progress='line'")
 
@@ -49,6 +51,10 @@ def test_two_ranks_killed_after_a_checkpoint_resume_in_one_process(tmp_path, ass
             assert stdout.rstrip().splitlines()[-1].startswith("done: 4 steps"), stdout
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_00000002"]
     assert json.loads((killed / "run.json").read_text())["world_size"] == 2
+    # The sharded checkpoint's manifest lists both ranks' files, and they verify.
+    listed = read_manifest(killed / "checkpoints" / "step_00000002")
+    assert {"__0_0.distcp", "__1_0.distcp", "extra_rank0.pt", "extra_rank1.pt", ".metadata"} <= set(listed)
+    assert verify(killed / "checkpoints" / "step_00000002") is None
 
     # Its own config (1 micro-batch) on 1 rank splits the rows for another world_size x micro_batches.
     assert train(assets, killed, *RUN) == 2
