@@ -25,10 +25,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from packtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from packtune.checkpoint import (
+    checkpoint_root,
+    load_checkpoint,
+    newest_verified,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from packtune.config import TrainConfig
 from packtune.config.train import router_coefficients
-from packtune.errors import CheckpointError, TrainingError
+from packtune.errors import CheckpointError, StorageError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -150,17 +156,29 @@ class Trainer:
     # ---- resume -----------------------------------------------------------------------------
 
     def resume(self) -> Path | None:
-        """Load the checkpoint `cfg.resume` names (auto: the newest complete one, if any).
+        """Load the checkpoint `cfg.resume` names (auto: the newest that verifies against its
+        manifest; each newer one skipped is named), if any.
 
         metrics.jsonl keeps only the records up to the step resumed from (none for a fresh run).
         """
         path = None
         if self.cfg.resume == "auto":
-            path = latest_checkpoint(self.output_dir)
+            path, skipped = newest_verified(self.output_dir, self.dist_ctx)
+            if self.dist_ctx.is_main:
+                for line in skipped:
+                    print(f"skipped checkpoint {line}", flush=True)
+            if path is None and skipped:
+                raise CheckpointError(
+                    f"no checkpoint in {checkpoint_root(self.output_dir)} verifies ({'; '.join(skipped)}); "
+                    "nothing was deleted. Restore them from a copy, or start over with --overwrite (moves "
+                    f"{self.output_dir} aside); `packtune check-checkpoint {self.output_dir}` lists them")
         elif self.cfg.resume != "never":
             path = Path(self.cfg.resume)
             if not path.is_dir():
                 raise CheckpointError(f"train.resume: {path} is not a checkpoint directory")
+            problem = verify_checkpoint(path, self.dist_ctx)
+            if problem is not None:
+                raise CheckpointError(f"train.resume: {path} does not verify: {problem}")
         if path is None:
             if self.dist_ctx.is_main:
                 _truncate_metrics(self.output_dir / "metrics.jsonl", 0)
@@ -230,15 +248,29 @@ class Trainer:
                     self.metrics.log_generation_eval(self.step, scores)
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or stop_now:
                     self._flush()
-                    self.save()
-                    saved_at = self.step
+                    if self._save_or_continue(stopping=stop_now):
+                        saved_at = self.step
                 if stop_now:
                     if self.dist_ctx.is_main:
                         print(f"stop requested: saved step {self.step}, exiting", flush=True)
                     return self.step
         if self.cfg.save_every and saved_at != self.step:
-            self.save()
+            self._save_or_continue(stopping=False)
         return self.step
+
+    def _save_or_continue(self, stopping: bool) -> bool:
+        """Save; a checkpoint that cannot be written stops the run, or with `on_save_error =
+        "continue"` is reported and retried at the next save (not when stopping: then it is the last)."""
+        try:
+            self.save()
+            return True
+        except StorageError as e:
+            if self.cfg.on_save_error != "continue" or stopping:
+                raise
+            if self.dist_ctx.is_main:
+                print(f"step {self.step}: {e} (train.on_save_error = 'continue': training goes on, the next "
+                      "save tries again)", flush=True)
+            return False
 
     def _flush(self) -> None:
         self.metrics.flush()

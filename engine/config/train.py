@@ -11,6 +11,7 @@ from packtune.errors import ConfigError
 LOSS_WEIGHTINGS = ("token", "sample", "turn")
 """How token losses are averaged over a step (see TrainConfig.loss_weighting)."""
 PROGRESS = ("auto", "bar", "line", "none")
+ON_SAVE_ERROR = ("stop", "continue")
 DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
@@ -36,7 +37,12 @@ class TrainConfig:
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
     keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep (0 keeps all)."""
+    """How many of the newest checkpoints to keep (0 keeps all); the newest one that verifies is never
+    deleted before a newer one has verified."""
+    on_save_error: str = "stop"
+    """A checkpoint that cannot be written (disk full, no permission, I/O error; its partial files are
+    removed, the earlier checkpoints kept): stop with one line saying what to free or change, or
+    continue training and try again at the next save."""
     eval_every: int = 0
     """Evaluate the held-out split every this many steps and at the end (0: never)."""
     eval_fraction: float = 0.0
@@ -111,7 +117,7 @@ class TrainConfig:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         for key, choices in (("device", DEVICES), ("progress", PROGRESS),
-                             ("loss_weighting", LOSS_WEIGHTINGS)):
+                             ("loss_weighting", LOSS_WEIGHTINGS), ("on_save_error", ON_SAVE_ERROR)):
             value = getattr(self, key)
             if value not in choices:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {value!r}")
