@@ -15,6 +15,7 @@ One optimizer step (the loss contract, docs/how-it-works.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from collections.abc import Callable, Iterator
@@ -26,11 +27,14 @@ from torch import nn
 
 from packtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from packtune.config import TrainConfig
+from packtune.context_parallel import ContextChunks, check_model
 from packtune.errors import CheckpointError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
+from packtune.offload import ActivationOffload
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
 from packtune.parallel import DistContext, gathered_parameters, parallelize
+from packtune.tiled_mlp import resolve_tile_tokens, tile_mlps
 
 if TYPE_CHECKING:
     from packtune.data.packing import PackedBatch, PaddedBatch
@@ -81,7 +85,10 @@ class Trainer:
     built on the meta device is sharded, then only this rank's shards are allocated (empty): the
     caller fills them before `resume()` / `fit()` (packtune.model.loading.fill_shards), so no rank
     ever holds more than its shard on the accelerator. `mixed_precision`
-    (default: on CUDA) computes in bf16 over the fp32 parameters (see parallel.py).
+    (default: on CUDA) computes in bf16 over the fp32 parameters (see parallel.py). Long rows:
+    `cfg.tiled_mlp` tiles the blocks' MLPs, `cfg.offload_activations` keeps the saved block inputs
+    in host memory, and under context parallelism (`dist_ctx.context`) the samplers' whole rows
+    become this rank's chunks.
     """
 
     def __init__(
@@ -98,12 +105,20 @@ class Trainer:
         mixed_precision: bool | None = None,
         reporters: list | None = None,
     ) -> None:
+        if dist_ctx.context is not None:  # each rank of a row's group keeps its chunk (context_parallel.py)
+            check_model(model, dist_ctx.context.size)
+            sampler = ContextChunks(sampler, dist_ctx.context)
+            eval_sampler = None if eval_sampler is None else ContextChunks(eval_sampler, dist_ctx.context)
         self.cfg, self.dist_ctx, self.sampler, self.eval_sampler = cfg, dist_ctx, sampler, eval_sampler
         self.generation_eval = generation_eval
         self.flops_per_token = flops_per_token
         self.output_dir = Path(cfg.output_dir)
         if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        tile_tokens = resolve_tile_tokens(cfg.tiled_mlp, model)
+        if tile_tokens is not None:
+            tile_mlps(model.decoder_layers, tile_tokens)
+        self.offload = ActivationOffload(dist_ctx.device) if cfg.offload_activations else None
         self.module = parallelize(
             CausalLMLoss(model),
             model.decoder_layers,
@@ -289,8 +304,9 @@ class Trainer:
         """Summed token loss of one micro-batch (times its loss weights when `weighted`, ÷ num_items
         when given), packed or padded."""
         batch = batch.to(self.dist_ctx.device)
-        return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
-                           loss_weights=batch.loss_weights if weighted else None)
+        with self.offload or contextlib.nullcontext():
+            return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
+                               loss_weights=batch.loss_weights if weighted else None)
 
     @torch.no_grad()
     def evaluate(self) -> float:
