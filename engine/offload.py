@@ -52,10 +52,12 @@ class ActivationOffload:
         """This forward's offloaded tensors, in saving order."""
         self.offloaded_bytes = 0
         """Bytes copied to the host by the current (last) forward."""
+        self.prefetched: _Offloaded | None = None
+        """The one saved tensor on its way back ahead of its use."""
         self._hooks = None
 
     def __enter__(self) -> ActivationOffload:
-        self.saved, self.offloaded_bytes = [], 0
+        self.saved, self.offloaded_bytes, self.prefetched = [], 0, None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._hooks.__enter__()
         return self
@@ -105,9 +107,9 @@ class ActivationOffload:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(entry.ready)
             tensor.record_stream(current)  # allocated on the side stream, used on this one
-        for earlier in reversed(self.saved[: entry.index]):  # prefetch the one the backward needs next
-            if earlier.device_copy is None and not earlier.fetched:
-                self._fetch(earlier)
-                break
         entry.fetched = True
+        if self.prefetched is None or self.prefetched.fetched:  # one copy on its way at a time
+            self.prefetched = next((e for e in reversed(self.saved[: entry.index]) if not e.fetched), None)
+            if self.prefetched is not None:  # the newest one saved before: what the backward needs next
+                self._fetch(self.prefetched)
         return tensor
