@@ -188,3 +188,60 @@ def test_context_parallel_two_ranks_equal_one_process(tmp_path):
             assert (ra["tokens"], ra["label_tokens"]) == (rb["tokens"], rb["label_tokens"])
             assert abs(ra["loss"] - rb["loss"]) <= 1e-6 * rb["loss"], (ra, rb)
             assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-6 * rb["grad_norm"], (ra, rb)
+
+
+# ---- `packtune train` under torchrun -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_packtune_train_with_context_parallel_resumes_after_sigkill(tmp_path, tmp_path_factory):
+    """`torchrun --nproc_per_node 2 -m packtune train` with context_parallel = 2: samples up to twice
+    data.max_tokens are kept, the report gives the rows' chunk layouts, both ranks killed (SIGKILL)
+    after step 5 resume from step 4's checkpoint and log exactly the uninterrupted run's records."""
+    import subprocess
+
+    import toy_training
+    from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
+    from test_train_recipes import CONFIGS
+
+    from packtune.model.hf_io import save_pretrained
+
+    model = save_pretrained(tiny_llama(vocab=600, max_position_embeddings=256), tmp_path / "model")
+    data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(24, max_words=20))
+    tokenizer = trained_tokenizers(tmp_path_factory)["sp"]
+    sets = [f'model.path="{model}"', f'data.path="{data}"', f'data.tokenizer="{tokenizer}"',
+            "data.max_tokens=64", "data.num_workers=1", f'data.cache_dir="{tmp_path / "cache"}"',
+            "train.context_parallel=2", "train.max_steps=6", "train.save_every=2", "train.lr=1e-3",
+            "train.log_every=1", "train.activation_checkpointing=true", "train.tiled_mlp=16"]
+
+    def run(out, *kill):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               toy_training.__file__, *kill, "cli", "train", str(CONFIGS / "demo.toml"),
+               *[a for o in [*sets, f'train.output_dir="{out}"'] for a in ("--set", o)]]
+        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=600)
+
+    def history(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    from packtune.config import DataConfig
+    from packtune.data import prepare_dataset
+
+    prepared = prepare_dataset(DataConfig(path=str(data), tokenizer=str(tokenizer), max_tokens=128,
+                                          num_workers=1, cache_dir=str(tmp_path / "cache")), str(tokenizer))
+    assert prepared.lengths.max() > 64  # longer than data.max_tokens: kept only under context parallelism
+    reference = run(tmp_path / "a")
+    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-3000:]
+    assert "context parallel: each row split into 2 chunks of up to 64 tokens" in reference.stdout
+    assert "rows 12 of max 128 tokens" in reference.stdout  # 12 samples of up to 128 tokens kept
+    assert "(1 rank(s) x 2 micro-batch(es))" in reference.stdout  # one dp rank: the two share each row
+    killed = run(tmp_path / "b", "kill_at=5")
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    assert [r["step"] for r in history(tmp_path / "b")] == [1, 2, 3, 4, 5]
+    resumed = run(tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    keys = ("step", "loss", "lr", "grad_norm", "tokens", "label_tokens")
+    expected = [[r.get(k) for k in keys] for r in history(tmp_path / "a")]
+    assert len(expected) == 6
+    assert [[r.get(k) for k in keys] for r in history(tmp_path / "b")] == expected

@@ -72,8 +72,8 @@ def test_offloaded_forward_and_backward_are_exact():
 
 
 def run(output_dir, **overrides):
-    cfg = TrainConfig(output_dir=str(output_dir), max_steps=3, lr=1e-2, warmup=1, activation_checkpointing=True,
-                      **overrides)
+    cfg = TrainConfig(output_dir=str(output_dir), max_steps=3, lr=1e-2, warmup=1,
+                      activation_checkpointing=True, **overrides)
     torch.manual_seed(0)
     trainer = Trainer(cfg, tiny_llama(seed=3), ListSampler(toy_steps(3, seed=4)), init_distributed("cpu"),
                       log_stream=io.StringIO())
