@@ -8,7 +8,7 @@ STAMPS := $(VENV)/.packtune-stamps
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: test install lint env clean demo gpu-check
+.PHONY: test install lint env clean demo gpu-check gpu-wheels
 
 test: $(STAMPS)/install
 	$(PY) -P -m pytest $(PYTEST_ARGS)
@@ -56,8 +56,9 @@ $(STAMPS)/demo: $(STAMPS)/install
 env: $(STAMPS)/install
 	$(VENV)/bin/packtune env
 
-# `make gpu-check`: the GPU suite (pytest -m gpu), the loss benchmarks at Llama-3-8B shapes and a
-# 1B-shaped `packtune train`, in under 8 minutes, everything written to $OUT (else gpu_check_out/).
+# `make gpu-check`: the GPU suites (pytest -m gpu), the loss, NF4 and LoRA benchmarks and a 1B-shaped
+# `packtune train`, within 8 minutes (GPU_CHECK_QUICK=1: the 5-minute second pass), everything
+# written to $OUT (else gpu_check_out/); docs/gpu-check.md says what runs and how long each part may.
 # It runs on GPU_PYTHON, the machine's own CUDA torch (python3 unless a virtual environment is
 # active), never the CPU wheel: packtune is installed into it editable, without dependencies or the
 # C++ extension, when it does not import there. GPU_CHECK_SMOKE=1 runs it on the CPU (tiny shapes,
@@ -68,6 +69,18 @@ gpu-check:
 	$(GPU_PYTHON) -c "import packtune.kernels" 2>/dev/null || \
 		PACKTUNE_NO_EXT=1 $(GPU_PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	$(GPU_PYTHON) -P -m packtune.bench.gpu_check
+
+# `make gpu-wheels` (here, where pip reaches the index): the optional packages gpu-check installs on a
+# GPU machine that has no network, as wheels for its Python 3.12 on x86-64, into .gpu-wheels/ (git-
+# ignored; name it in the device run's `carry`). Their own requirements are all in the CUDA image.
+GPU_WHEEL_SPECS ?= torchao==0.18.0 liger-kernel==0.8.5 peft==0.21.2 accelerate==1.16.0
+GPU_WHEELS_DIR ?= .gpu-wheels
+GPU_WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+	manylinux1_x86_64
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_WHEEL_PLATFORMS)) -d $(GPU_WHEELS_DIR) $(GPU_WHEEL_SPECS)
 
 clean:
 	rm -rf build engine/*.so *.egg-info site $(STAMPS)

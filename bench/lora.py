@@ -4,7 +4,9 @@
 Llama's, down(silu(gate(x)) * up(x)), with each projection PEFT-wrapped); `peft-compile`: the
 same under torch.compile; `packtune`: packtune's LoRALinear / LoRAMLP (the fused kernels). The
 input requires a gradient, as inside a model. Shapes are Llama-7B's (hidden 4096, intermediate
-11008) divided by `--scale` so they fit a CPU; ranks 16 and 64.
+11008) divided by `--scale` so they fit a CPU; ranks 16 and 64; LoRA dropout 0 (`--dropout 0.1`
+also times the masks: packtune draws them inside its kernels, PEFT applies nn.Dropout). The saved
+activations are measured on `--device` too.
 """
 
 from __future__ import annotations
@@ -23,19 +25,20 @@ def _frozen_linear(n_in: int, n_out: int, dtype: torch.dtype, device: str) -> nn
     return layer
 
 
-def _lora(impl: str, base: nn.Linear, rank: int) -> nn.Module:
-    """One LoRA linear over `base`, with nonzero B (a trained adapter's cost)."""
+def _lora(impl: str, base: nn.Linear, rank: int, dropout: float) -> nn.Module:
+    """One LoRA linear over `base`, with nonzero B (a trained adapter's cost), in training mode."""
     if impl == "packtune":
         from packtune.lora.modules import LoRALinear
 
-        layer = LoRALinear(base, rank, scale=2.0)
+        layer = LoRALinear(base, rank, scale=2.0, dropout=dropout)
         nn.init.normal_(layer.lora_B, std=0.02)
         return layer
     import peft
     from peft.tuners.lora import Linear
 
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False)
-    return Linear(base, "default", config=config, r=rank, lora_alpha=2 * rank, init_lora_weights=False)
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, init_lora_weights=False)
+    return Linear(base, "default", config=config, r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
+                  init_lora_weights=False)
 
 
 class _PeftMLP(nn.Module):
@@ -51,11 +54,11 @@ class _PeftMLP(nn.Module):
 
 def _module(impl: str, shape: dict, dtype: torch.dtype, device: str) -> nn.Module:
     kind = "packtune" if impl == "packtune" else "peft"
-    hidden, inter, rank = shape["hidden"], shape["inter"], shape["rank"]
+    hidden, inter, rank, dropout = shape["hidden"], shape["inter"], shape["rank"], shape.get("dropout", 0.0)
     if shape["op"] == "linear":
-        module = _lora(kind, _frozen_linear(hidden, inter, dtype, device), rank)
+        module = _lora(kind, _frozen_linear(hidden, inter, dtype, device), rank, dropout)
     else:
-        gate, up, down = (_lora(kind, _frozen_linear(i, o, dtype, device), rank)
+        gate, up, down = (_lora(kind, _frozen_linear(i, o, dtype, device), rank, dropout)
                           for i, o in ((hidden, inter), (hidden, inter), (inter, hidden)))
         if kind == "packtune":
             from packtune.lora.modules import LoRAMLP
@@ -112,13 +115,16 @@ def main(argv: list[str]) -> None:
                         help="divide Llama-7B's hidden and intermediate sizes")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--ops", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0], help="LoRA dropout rates")
     args = parser.parse_args(argv)
     hidden, inter = 4096 // args.scale, 11008 // args.scale
-    shapes = [{"op": op, "T": args.tokens, "hidden": hidden, "inter": inter, "rank": rank}
-              for op in args.ops for rank in args.ranks]
+    shapes = [{"op": op, "T": args.tokens, "hidden": hidden, "inter": inter, "rank": rank, "dropout": p}
+              for op in args.ops for rank in args.ranks for p in args.dropout]
     harness.run_table("lora", "packtune.bench.lora:make_step", IMPLS, shapes, "peft", args)
     print("activations saved for the backward (what each layer holds until its backward runs):")
     for shape in shapes:
-        peft_bytes, ours = saved_bytes("peft", shape, args.dtype), saved_bytes("packtune", shape, args.dtype)
-        print(f"  {shape['op']:<7}rank {shape['rank']:<4}peft {peft_bytes / 2**20:8.1f} MiB   "
+        peft_bytes = saved_bytes("peft", shape, args.dtype, args.device)
+        ours = saved_bytes("packtune", shape, args.dtype, args.device)
+        print(f"  {shape['op']:<7}rank {shape['rank']:<4}dropout {shape['dropout']:<5}"
+              f"peft {peft_bytes / 2**20:8.1f} MiB   "
               f"packtune {ours / 2**20:8.1f} MiB   ({ours / peft_bytes:.2f}x)")

@@ -2,8 +2,11 @@
 
 What each op has (`packtune.kernels._dispatch` picks the backend per call; `registered_ops()`):
 
-    masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, swiglu, geglu
+    masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, glu (swiglu, geglu)
         Triton (CUDA, or the interpreter on CPU), C++ (CPU, packtune._C) and a PyTorch reference
+    linear_logprobs
+        label log-probs per token or summed per segment (preference losses), from hidden states
+        and the lm_head: linear_cross_entropy's chunks and row kernels, so the same three backends
     varlen_attention
         flash-attn or torch's varlen_attn on CUDA fp16/bf16, else batched PyTorch SDPA over length
         buckets (any device); `varlen_attention_ref` (SDPA per sample) is the reference;
@@ -36,15 +39,15 @@ else:
         masked_cross_entropy,
         masked_cross_entropy_ref,
     )
-    from packtune.kernels.geglu import geglu, geglu_ref
+    from packtune.kernels.glu import SwiGLU, geglu, geglu_ref, glu, glu_ref, swiglu, swiglu_ref
     from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
+    from packtune.kernels.linear_logprobs import layout_segments, linear_logprobs, linear_logprobs_ref
     from packtune.kernels.lora import lora_linear, lora_linear_ref
     from packtune.kernels.lora_mlp import lora_mlp, lora_mlp_ref
     from packtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_ref
     from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
     from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
     from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
-    from packtune.kernels.swiglu import SwiGLU, swiglu, swiglu_ref
 
 __all__ = [
     "BACKENDS",
@@ -58,6 +61,9 @@ __all__ = [
     "MaskedCrossEntropy",
     "linear_cross_entropy",
     "LinearCrossEntropy",
+    "linear_logprobs",
+    "linear_logprobs_ref",
+    "layout_segments",
     "lora_linear",
     "lora_linear_ref",
     "lora_mlp",
@@ -71,6 +77,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_ref",
     "RMSNorm",
+    "glu",
+    "glu_ref",
     "swiglu",
     "swiglu_ref",
     "SwiGLU",

@@ -68,6 +68,13 @@ def launch_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device)
 
 
+@torch.compiler.assume_constant_result  # a property of the machine: a constant to torch.compile
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (grid sizing; a host query, no sync)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -18,7 +18,8 @@ except ImportError:
     def _jit(fn=None, **_kwargs):
         return fn if fn is not None else (lambda f: f)
 
-    triton = types.SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b),
+    triton = types.SimpleNamespace(jit=_jit, autotune=lambda *args, **kwargs: _jit,
+                                   Config=lambda *args, **kwargs: None, cdiv=lambda a, b: -(-a // b),
                                    next_power_of_2=lambda n: 1 << max(n - 1, 0).bit_length())
     tl = types.SimpleNamespace(constexpr=int)
 

@@ -1,13 +1,15 @@
 """Variable-length (packed) causal attention: one call over `[T, H, D]` rows holding many samples.
 
-Three paths, chosen per call, best first:
+Four paths, chosen per call, best first:
 
 1. `flash_attn.flash_attn_varlen_func`, when flash-attn imports and q/k/v are CUDA fp16/bf16;
-2. `torch.nn.attention.varlen.varlen_attn`, on CUDA fp16/bf16 whenever this torch has it. Its
+2. FlexAttention (kernels/flex_attention.py), on CUDA for a logit softcap or ALiBi without
+   flash-attn: the cap and the bias inside the kernel, a block mask from `cu_seqlens`, no host sync;
+3. `torch.nn.attention.varlen.varlen_attn`, on CUDA fp16/bf16 whenever this torch has it. Its
    signature moved: `enable_gqa` is passed where it exists (PyTorch >= 2.12), otherwise the kv
    heads are expanded to the query heads; `window_size` where it exists, otherwise `is_causal`
-   (and a sliding-window call takes path 3); a custom `scale` only where `scale` exists;
-3. length buckets, on any device and dtype (the CPU path): samples sorted by length and cut into
+   (and a sliding-window call takes path 4); a custom `scale` only where `scale` exists;
+4. length buckets, on any device and dtype (the CPU path): samples sorted by length and cut into
    buckets whose padding to the bucket's longest costs at most `BUCKET_WASTE` x their real
    tokens; one batched scaled_dot_product_attention call per bucket. A padded key sits after
    every real query of its sample, so the causal mask alone hides it (windows and non-causal
@@ -16,8 +18,8 @@ Three paths, chosen per call, best first:
 
 `varlen_attention_ref` (SDPA per sample, a host loop) is the specification the tests hold every
 path to: no token ever attends across a `cu_seqlens` boundary, and rows past `cu_seqlens[-1]`
-come back as zeros (the fast paths leave them unwritten, so they are zeroed with a device-side
-mask: no host sync).
+come back as zeros, with zero gradients (the fast paths leave those rows of the output and of
+dq, dk, dv unwritten, so both are zeroed with a device-side mask: no host sync).
 
 `window` follows transformers' Mistral semantics: query i sees key j when 0 <= i - j < window
 (the token itself and the window - 1 before it), i.e. flash-attn's `window_size=(window - 1, 0)`;
@@ -26,14 +28,15 @@ GQA: k/v may have fewer heads than q (Hq a multiple of Hk). flash-attn is import
 call needs it, never at module import.
 
 `softcap` (Gemma 2) caps the scaled logits as softcap * tanh(logits / softcap) before the mask and
-softmax: flash-attn's `softcap`; torch's varlen_attn and SDPA have none, so such calls take the
-buckets path with the logits written out (`attention_scores`), as transformers' eager attention.
+softmax: flash-attn's `softcap`, FlexAttention's score_mod on other CUDA setups; torch's
+varlen_attn and SDPA have none, so on the CPU such calls take the buckets path with the logits
+written out, as transformers' eager attention.
 
 `alibi_slopes` (BLOOM) adds slope_h * (j - i) to the logits of query i and key j, i and j being
 positions within the sample, so no bias crosses a sample boundary: flash-attn's `alibi_slopes`
-(the same bias); torch's varlen_attn has none, so such calls take the buckets path, with the
-biases as SDPA's float mask. transformers' BLOOM adds slope_h * j instead: within a causal
-softmax the two differ by a constant per row, so the probabilities are the same (and slope * j
+(the same bias), FlexAttention's score_mod (fp32) on other CUDA setups, and on the CPU the
+buckets path with the biases as SDPA's float mask. transformers' BLOOM adds slope_h * j instead:
+within a causal softmax the two differ by a constant per row, so the probabilities are the same (and slope * j
 at long positions loses precision in bf16, where j - i near the diagonal does not).
 """
 
@@ -48,6 +51,8 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from packtune.kernels.flex_attention import flex_varlen_attention
 
 
 @functools.cache
@@ -87,14 +92,22 @@ def torch_varlen_supports(fn, *, window: int | None = None, scale: float | None 
     return scale is None or "scale" in params
 
 
+@functools.cache
+def _has_flex() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
 def attention_path(device: torch.device | str, dtype: torch.dtype, *, window: int | None = None,
-                   scale: float | None = None) -> str:
+                   scale: float | None = None, logit_mods: bool = False) -> str:
     """Which implementation `varlen_attention` uses for tensors of this device and dtype (and, for
-    torch's `varlen_attn`, whether its signature on this torch can express the window and scale)."""
+    torch's `varlen_attn`, whether its signature on this torch can express the window and scale);
+    `logit_mods`: the call caps the logits or adds ALiBi biases."""
     device = torch.device(device)
     half = dtype in (torch.float16, torch.bfloat16)
     if device.type == "cuda" and half and _flash_attn() is not None:
         return "flash_attn"
+    if logit_mods:
+        return "flex" if device.type == "cuda" and _has_flex() else "buckets"
     varlen = _torch_varlen()
     if device.type == "cuda" and half and varlen is not None and torch_varlen_supports(varlen, window=window,
                                                                                         scale=scale):
@@ -105,7 +118,7 @@ def attention_path(device: torch.device | str, dtype: torch.dtype, *, window: in
 def describe_attention_paths() -> str:
     """One line for `packtune env`: the attention path for CPU tensors and for CUDA bf16 tensors."""
     names = {"flash_attn": "flash-attn varlen", "torch_varlen": "torch varlen_attn",
-             "buckets": "SDPA over length buckets"}
+             "buckets": "SDPA over length buckets", "flex": "FlexAttention"}
     cuda = names[attention_path("cuda", torch.bfloat16)]
     varlen = _torch_varlen()
     if _flash_attn() is None and varlen is None:
@@ -118,6 +131,8 @@ def describe_attention_paths() -> str:
         if "scale" not in params:
             notes.append("custom scale: SDPA over length buckets")
         cuda += f" ({'; '.join(notes)})"
+    if _flash_attn() is None:
+        cuda += f"; softcap / ALiBi: {names[attention_path('cuda', torch.bfloat16, logit_mods=True)]}"
     return f"CPU: {names[attention_path('cpu', torch.float32)]}; CUDA bf16: {cuda}"
 
 
@@ -247,11 +262,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 1:
         raise ValueError(f"varlen_attention: window must be >= 1 or None, got {window}")
-    path = attention_path(q.device, q.dtype, window=window, scale=scale)
-    if path == "torch_varlen" and (softcap is not None or alibi_slopes is not None):
-        path = "buckets"  # torch's varlen_attn has no logit softcap and no ALiBi
+    path = attention_path(q.device, q.dtype, window=window, scale=scale,
+                          logit_mods=softcap is not None or alibi_slopes is not None)
+    if path == "buckets":
+        return _bucketed_attention(q, k, v, cu_seqlens, causal=causal, window=window, scale=scale,
+                                   softcap=softcap, alibi_slopes=alibi_slopes)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        q, k, v = ZeroTailGrad.apply(cu, q, k, v)
+    if path == "flex":
+        out = flex_varlen_attention(q, k, v, cu, causal=causal, window=window, scale=scale, softcap=softcap,
+                                    alibi_slopes=alibi_slopes)
+        return zero_tail(out, cu)
     if path == "flash_attn":
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         out = _flash_attn().flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen,
                                                    softmax_scale=scale, causal=causal,
                                                    window_size=_window_size(causal, window),
@@ -259,13 +282,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                                    **({} if alibi_slopes is None
                                                       else {"alibi_slopes": alibi_slopes.float()}))
         return zero_tail(out, cu)
-    if path == "torch_varlen":
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        out = call_torch_varlen(_torch_varlen(), q, k, v, cu, max_seqlen, causal=causal, window=window,
-                                scale=scale)
-        return zero_tail(out, cu)
-    return _bucketed_attention(q, k, v, cu_seqlens, causal=causal, window=window, scale=scale,
-                               softcap=softcap, alibi_slopes=alibi_slopes)
+    out = call_torch_varlen(_torch_varlen(), q, k, v, cu, max_seqlen, causal=causal, window=window,
+                            scale=scale)
+    return zero_tail(out, cu)
 
 
 def call_torch_varlen(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
@@ -287,6 +306,22 @@ def call_torch_varlen(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu:
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+class ZeroTailGrad(torch.autograd.Function):
+    """(q, k, v) unchanged, whose gradients come back with the rows past cu_seqlens[-1] zeroed: the
+    varlen kernels' backward never writes those rows of dq, dk, dv (whatever the memory held would
+    flow into the weight gradients), and their true gradient is zero (`zero_tail` masks the output)."""
+
+    @staticmethod
+    def forward(ctx, cu_seqlens: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        ctx.save_for_backward(cu_seqlens)
+        return q.view_as(q), k.view_as(k), v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+        (cu_seqlens,) = ctx.saved_tensors
+        return None, *(None if g is None else zero_tail(g, cu_seqlens) for g in (dq, dk, dv))
 
 
 def zero_tail(out: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

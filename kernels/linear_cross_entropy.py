@@ -102,7 +102,8 @@ def _label_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 def _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, options, chunk_size, row_grad=None,
                   needs=(True, True, True)):
     """Losses and lse per row (losses times `weights` when given); with any of `needs` (dX, dW, db)
-    also those gradients, each label row's gradient multiplied by `row_grad` when given."""
+    also those gradients, each label row's gradient multiplied by `row_grad` when given (the CE kernel
+    applies it with the weights, in fp32; the losses returned then carry it too)."""
     n, v = x.shape[0], weight.shape[0]
     loss = torch.zeros(n, dtype=torch.float32, device=x.device)
     lse = torch.zeros(n, dtype=torch.float32, device=x.device)
@@ -120,14 +121,15 @@ def _chunked_pass(x, weight, bias, labels, weights, rows, scale, backend, option
         else:
             torch.addmm(bias, h, weight.t(), out=logits)
         w_c = None if weights is None else weights.index_select(0, idx)
+        if row_grad is not None:  # folded into the kernel's row weights: no extra pass over the chunk
+            g_c = row_grad.index_select(0, idx).float()
+            w_c = g_c if w_c is None else w_c * g_c
         loss_c, lse_c, dlogits = cross_entropy_rows(logits, labels.index_select(0, idx), w_c, scale, backend,
                                                     compute_grad=compute_grad, inplace=True, **options)
         loss.index_copy_(0, idx, loss_c)
         lse.index_copy_(0, idx, lse_c)
         if not compute_grad:
             continue
-        if row_grad is not None:
-            dlogits.mul_(row_grad.index_select(0, idx)[:, None].to(dlogits.dtype))
         if grad_x is not None:
             grad_x.index_copy_(0, idx, dlogits @ weight)
         if grad_w is not None:

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from packtune.kernels.dropout import draw_seed
 from packtune.kernels.lora import lora_linear
 from packtune.kernels.lora_mlp import lora_mlp
-from packtune.lora.modules import draw_seed
 
 
 def is_peft_lora_linear(module: nn.Module) -> bool:
@@ -58,7 +58,7 @@ def peft_lora_linear_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -
     if fused is None:
         return type(self).forward(self, x, *args, **kwargs)
     lin, scale, p = fused
-    return lora_linear(x, *lin, scale, p, draw_seed() if p else 0)
+    return lora_linear(x, *lin, scale, p, draw_seed(x.device) if p else 0)
 
 
 def is_peft_lora_mlp(mlp: nn.Module) -> bool:
@@ -75,7 +75,7 @@ def peft_lora_mlp_forward_for(activation: str, plain_forward: Callable) -> Calla
         fused = [fused_lora_args(proj) for proj in (self.gate_proj, self.up_proj, self.down_proj)]
         if all(f is not None for f in fused) and len({(f[1], f[2]) for f in fused}) == 1:
             scale, p = fused[0][1], fused[0][2]
-            seeds = (draw_seed(), draw_seed(), draw_seed()) if p else (0, 0, 0)
+            seeds = draw_seed(x.device, 3) if p else (0, 0, 0)
             return lora_mlp(x, fused[0][0], fused[1][0], fused[2][0], scale, p, seeds, activation)
         return plain_forward(self, x)
 

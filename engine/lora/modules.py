@@ -14,14 +14,10 @@ import math
 import torch
 from torch import nn
 
+from packtune.kernels.dropout import draw_seed
 from packtune.kernels.lora import dense_weight, lora_linear
 from packtune.kernels.lora_mlp import lora_mlp
 from packtune.kernels.nf4_matmul import is_nf4
-
-
-def draw_seed() -> int:
-    """A dropout seed from torch's CPU generator: seeded by the run, restored on resume, no device sync."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
 class LoRALinear(nn.Module):
@@ -60,7 +56,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.active_dropout()
-        return lora_linear(x, *self.lora_args(), self.scale, p, draw_seed() if p else 0)
+        return lora_linear(x, *self.lora_args(), self.scale, p, draw_seed(x.device) if p else 0)
 
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -88,7 +84,7 @@ class LoRAMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.gate_proj.active_dropout()
-        seeds = (draw_seed(), draw_seed(), draw_seed()) if p else (0, 0, 0)
+        seeds = draw_seed(x.device, 3) if p else (0, 0, 0)
         return lora_mlp(x, self.gate_proj.lora_args(), self.up_proj.lora_args(), self.down_proj.lora_args(),
                         self.gate_proj.scale, p, seeds, self.activation)
 

@@ -32,12 +32,21 @@ from packtune.model.llama import dense_causal_attention, resolve_layout
 @dataclass(frozen=True)
 class BloomInputs:
     """What every layer's attention reads besides its input: the ALiBi slopes, and the packed
-    row's `cu_seqlens` / `max_seqlen` (varlen attention), nothing more (padded rows), or a cache."""
+    row's `cu_seqlens` / `max_seqlen` (varlen attention), nothing more (padded rows), or a cache.
 
-    slopes: torch.Tensor
+    The slopes travel as the int32 bit patterns of their fp32 values (`slope_bits`): FSDP2's mixed
+    precision casts every floating-point forward input of a block to bf16 (`cast_forward_inputs`
+    reaches into dataclasses), which would round them; an integer view passes untouched, and
+    `slopes` views it back as fp32 at no cost."""
+
+    slope_bits: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     cache: KVCache | None = None
+
+    @property
+    def slopes(self) -> torch.Tensor:
+        return self.slope_bits.view(torch.float32)
 
 
 class BloomAttention(nn.Module):
@@ -121,7 +130,7 @@ class BloomForCausalLM(CausalLM):
                       cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states: `[T, H]` for a packed row `[T]`, `[B, L, H]` for `[B, L]`;
         With a `cache`, a generation step as `LlamaForCausalLM.hidden_states` describes it."""
-        slopes = alibi_head_slopes(self.args.num_attention_heads, input_ids.device)
+        slopes = alibi_head_slopes(self.args.num_attention_heads, input_ids.device).view(torch.int32)
         if cache is not None:
             cache.begin(input_ids, layout)
             inputs = BloomInputs(slopes, cache=cache)

@@ -7,7 +7,17 @@ Generation runs in two kinds of step, both through the model's ordinary forward:
   sequence's cache row at its position;
 - decode: one new token per cache row (`input_ids` `[B]`), at position `lengths[b]` of its own
   sequence; its query attends over that row's cached keys `0 .. lengths[b]` only (a per-row mask,
-  so the shorter rows' unused slots never count: padding cannot change a result).
+  so the shorter rows' unused slots never count: padding cannot change a result). The step runs
+  on SDPA's fused kernels (memory-efficient attention, or cuDNN's, on CUDA): the mask is additive
+  float (0 or the dtype's minimum, as transformers builds it), and grouped-query heads need no
+  expanded copy of the cache: each kv head's query heads become that many query positions of one
+  SDPA call over the head's keys (flash and memory-efficient attention take no `enable_gqa` with
+  a mask; a [B, Hq, L, D] copy of the cache per layer and step would cost more than the attention).
+  A logit softcap (Gemma 2) is computed eagerly instead (one query per row: tiny logits).
+
+The prefill reads the prompt lengths back from the device once (the host needs them for the
+attention width and the rows' positions; generation reads each step's tokens back anyway); the
+rest of a prefill and every decode step build their indices and masks on the device.
 
 Rows whose sequence has finished are dropped with `keep`, which moves the last live rows into
 the holes (a copy of the moved rows only) and narrows the cache, so finished sequences cost no
@@ -17,6 +27,7 @@ further compute.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from packtune.kernels import PackedLayout
 from packtune.kernels.attention import sdpa_attention, varlen_attention
@@ -61,13 +72,13 @@ class KVCache:
         if layout is not None:
             if any(self.lengths) or layout.cu_seqlens is None or layout.cu_seqlens.numel() != self.batch + 1:
                 raise ValueError(f"a prefill fills an empty KV cache with {self.batch} packed prompts")
-            cu = layout.cu_seqlens.tolist()
-            lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
-            if max(lengths) > self.max_len:
-                raise ValueError(f"KV cache holds {self.max_len} positions; a prompt has {max(lengths)}")
-            self._prefill, self._prompt_lengths = layout, lengths
+            if layout.max_seqlen > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} positions; a prompt has {layout.max_seqlen}")
+            lengths = layout.cu_seqlens.to(self._k.device).diff()
+            self._prefill, self._prompt_lengths = layout, lengths.tolist()
             rows = torch.arange(self.batch, device=self._k.device)
-            self._rows = rows.repeat_interleave(torch.tensor(lengths, device=self._k.device))
+            self._rows = rows.repeat_interleave(lengths, output_size=layout.num_tokens)
+            self._lengths = lengths.long()
             return layout.positions, layout.max_seqlen
         end = max(self.lengths) + 1
         if end > self.max_len:
@@ -94,20 +105,31 @@ class KVCache:
         self._k[layer][self._batch_rows, :, self._lengths] = k
         self._v[layer][self._batch_rows, :, self._lengths] = v
         end = self._keys.shape[1]
+        keys, values = self._k[layer, :, :, :end], self._v[layer, :, :, :end]
         mask = self._causal
         if window is not None:
             mask = mask & (self._keys > self._lengths[:, None] - window)
-        out = sdpa_attention(q[:, :, None], self._k[layer, :, :, :end], self._v[layer, :, :, :end],
-                                   attn_mask=mask[:, None, None, :], is_causal=False, scale=scale,
-                                   softcap=softcap, alibi_slopes=alibi_slopes,
-                                   enable_gqa=q.shape[1] != k.shape[1])
-        return out[:, :, 0]
+        if softcap is not None:  # eager capped logits, as transformers' Gemma 2
+            out = sdpa_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None, :],
+                                 is_causal=False, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                                 enable_gqa=q.shape[1] != k.shape[1])
+            return out[:, :, 0]
+        batch, heads, dim = q.shape
+        groups = heads // k.shape[1]
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill_(~mask, torch.finfo(q.dtype).min)[:, None, None, :]  # [B, 1, 1, end]
+        if alibi_slopes is not None:  # slope_h * (key - query position), per query head: [B, Hk, groups, end]
+            offsets = (self._keys - self._lengths[:, None]).float()[:, None, :]
+            alibi = alibi_slopes.float().to(q.device)[None, :, None] * offsets  # [B, Hq, end]
+            bias = bias + alibi.to(q.dtype).view(batch, k.shape[1], groups, end)
+        out = F.scaled_dot_product_attention(q.reshape(batch, k.shape[1], groups, dim), keys, values,
+                                             attn_mask=bias, scale=scale)
+        return out.reshape(batch, heads, dim)
 
     def advance(self) -> None:
         """The step is stored in every layer: the rows' lengths move past it."""
         if self._prefill is not None:
             self.lengths = self._prompt_lengths
-            self._lengths = torch.tensor(self.lengths, device=self._k.device)
             self._prefill = self._rows = None
         else:
             self.lengths = [n + 1 for n in self.lengths]

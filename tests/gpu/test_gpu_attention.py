@@ -82,3 +82,54 @@ def test_native_path_is_the_one_env_reports_and_has_no_host_sync():
         varlen_attention(q, k, v, cu, max(LENGTHS))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("path", ["native", "flex"])
+@pytest.mark.parametrize(("hq", "hk", "kw"), [(8, 2, {"softcap": 20.0}),
+                                              (8, 2, {"softcap": 20.0, "window": 64}),
+                                              (8, 8, {"alibi": True}), (12, 12, {"alibi": True})])
+def test_softcap_and_alibi_without_flash_attn(monkeypatch, path, hq, hk, kw):
+    """Gemma 2's logit cap (with its sliding window) and BLOOM's ALiBi: on the path this machine
+    takes (flash-attn, else FlexAttention) and forced through FlexAttention, forward and backward."""
+    if path == "flex":
+        monkeypatch.setattr(attention, "_flash_attn", lambda: None)
+    assert attention.attention_path("cuda", torch.bfloat16, logit_mods=True) in ("flash_attn", "flex")
+    options = {"softcap": kw.get("softcap"), "window": kw.get("window"),
+               "alibi_slopes": attention.alibi_head_slopes(hq, "cuda") if kw.get("alibi") else None}
+    _check_against_reference(*_packed(hq, hk), options)
+
+
+def test_flex_path_has_no_host_sync(monkeypatch):
+    monkeypatch.setattr(attention, "_flash_attn", lambda: None)
+    q, k, v, cu = (t.requires_grad_() if t.is_floating_point() else t for t in _packed(8, 2))
+
+    def step():
+        out = varlen_attention(q, k, v, cu, max(LENGTHS), softcap=20.0)
+        out.float().square().sum().backward()
+
+    step()  # warm-up: torch.compile builds FlexAttention's kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("path", ["native", "flex"])
+def test_gradients_past_the_last_sample_are_zero_in_nan_filled_memory(monkeypatch, path):
+    """The caching allocator is first filled with NaN blocks of the gradients' size, so a kernel
+    that leaves the rows past cu_seqlens[-1] of dq, dk, dv unwritten would hand NaN back."""
+    if path == "flex":
+        monkeypatch.setattr(attention, "_flash_attn", lambda: None)
+    q, k, v, cu = _packed(8, 2, tail=300)
+    options = {"softcap": 20.0} if path == "flex" else {}
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = varlen_attention(*leaves, cu, max(LENGTHS), **options)
+    poisoned = [torch.full_like(t, float("nan")) for t in (q, k, v, q, k, v) for _ in range(2)]
+    del poisoned  # freed into the cache: the backward's allocations of these sizes reuse them
+    out.backward(torch.randn_like(out))
+    end = int(cu[-1])
+    for t in leaves:
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[end:], torch.zeros_like(t.grad[end:]))

@@ -7,6 +7,10 @@ import torch.nn.functional as F
 from gpu_checks import DTYPES, assert_matches, labels_for
 
 from packtune.kernels import (
+    bloom_gelu,
+    bloom_gelu_ref,
+    glu,
+    glu_ref,
     linear_cross_entropy,
     masked_cross_entropy,
     rms_norm,
@@ -81,16 +85,30 @@ def test_rms_norm(dtype, rows, cols):
         assert_matches(got, e, r, 1e-4, dtype)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cols", [(1, 7), (257, 8192), (1000, 5001)])
-def test_swiglu(dtype, rows, cols):
+def test_glu(activation, dtype, rows, cols):
     g64, u64, dy = (torch.randn(rows, cols, device="cuda", dtype=torch.float64) for _ in range(3))
-    ref, g_ref = _grad_of(swiglu_ref, g64, u64, grad_out=dy)
-    eager, g_eager = _grad_of(swiglu_ref, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
-    out, g = _grad_of(swiglu, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
+    reference, fused = (lambda g, u: glu_ref(g, u, activation)), (lambda g, u: glu(g, u, activation))
+    ref, g_ref = _grad_of(reference, g64, u64, grad_out=dy)
+    eager, g_eager = _grad_of(reference, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
+    out, g = _grad_of(fused, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
     assert_matches(out, eager, ref, 1e-5, dtype)
     for got, e, r in zip(g, g_eager, g_ref, strict=True):
         assert_matches(got, e, r, 1e-4, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (333, 4096), (3, 1000, 4097)])
+def test_bloom_gelu(dtype, shape):
+    """BLOOM's tanh GELU, forward and backward kernels, against float64."""
+    x64, dy = (torch.randn(shape, device="cuda", dtype=torch.float64) * 3 for _ in range(2))
+    ref, (g_ref,) = _grad_of(bloom_gelu_ref, x64, grad_out=dy)
+    eager, (g_eager,) = _grad_of(bloom_gelu_ref, x64.to(dtype), grad_out=dy.to(dtype))
+    out, (g,) = _grad_of(bloom_gelu, x64.to(dtype), grad_out=dy.to(dtype))
+    assert_matches(out, eager, ref, 1e-5, dtype)
+    assert_matches(g, g_eager, g_ref, 1e-4, dtype)
 
 
 def _tables(head_dim, max_pos):
@@ -119,6 +137,7 @@ def test_rotary(dtype, head_dim):
 # ---- past 2^31 elements: every offset must be int64 ----------------------------------------------
 
 
+@pytest.mark.slow  # gpu-check --quick leaves the > 2^31-element shapes out
 def test_cross_entropy_past_2_31_elements():
     n, v = 17000, 128256  # 2.18e9 logits, 4.4 GB in bf16
     x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
@@ -137,6 +156,7 @@ def test_cross_entropy_past_2_31_elements():
     assert (x.grad[rows].double() - g_rows).abs().max() <= 2**-7 * g_rows.abs().max() + 1e-6
 
 
+@pytest.mark.slow  # gpu-check --quick leaves the > 2^31-element shapes out
 def test_rms_norm_and_swiglu_past_2_31_elements():
     rows, cols = (1 << 31) // 4096 + 3, 4096
     x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
@@ -148,6 +168,7 @@ def test_rms_norm_and_swiglu_past_2_31_elements():
     torch.testing.assert_close(y[tail].float(), swiglu_ref(x[tail], x[tail]).float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow  # gpu-check --quick leaves the > 2^31-element shapes out
 def test_rotary_past_2_31_elements():
     t, heads, d = (1 << 31) // (32 * 128) + 3, 32, 128
     q = torch.randn(t, heads, d, device="cuda", dtype=torch.bfloat16)

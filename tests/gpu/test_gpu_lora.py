@@ -41,9 +41,9 @@ def test_lora_linear(dtype, dropout, n, n_in, n_out, rank):
     def fn(impl, **kw):
         return lambda x_, f, p: impl(x_, f[0], f[1], p[0], p[1], 2.0, dropout, 77, **kw)
 
-    ref = _run(fn(lora_linear_ref, mask_backend="triton"), x, (w, b), (a.double(), bb.double()), dy,
+    ref = _run(fn(lora_linear_ref), x, (w, b), (a.double(), bb.double()), dy,
                torch.float64)
-    eager = _run(fn(lora_linear_ref, mask_backend="triton"), x, (w, b), (a.to(dtype), bb.to(dtype)), dy,
+    eager = _run(fn(lora_linear_ref), x, (w, b), (a.to(dtype), bb.to(dtype)), dy,
                  dtype)
     out = _run(fn(lora_linear), x, (w, b), (a, bb), dy, dtype)
     for rtol, got, e, r in zip((1e-5, 1e-4, 1e-4, 1e-4), out, eager, ref, strict=True):
@@ -66,9 +66,9 @@ def test_lora_mlp(dtype, activation, dropout):
             return impl(x_, gate, up, down, 0.5, dropout, (1, 2, 3), activation, **kw)
         return call
 
-    ref = _run(fn(lora_mlp_ref, mask_backend="triton"), x, frozen, [t.double() for t in adapters], dy,
+    ref = _run(fn(lora_mlp_ref), x, frozen, [t.double() for t in adapters], dy,
                torch.float64)
-    eager = _run(fn(lora_mlp_ref, mask_backend="triton"), x, frozen, [t.to(dtype) for t in adapters], dy,
+    eager = _run(fn(lora_mlp_ref), x, frozen, [t.to(dtype) for t in adapters], dy,
                  dtype)
     out = _run(fn(lora_mlp), x, frozen, adapters, dy, dtype)
     for i, (got, e, r) in enumerate(zip(out, eager, ref, strict=True)):
@@ -77,21 +77,68 @@ def test_lora_mlp(dtype, activation, dropout):
         assert_matches(got, e, r, rtol, dtype, sum_terms=inter)
 
 
+@pytest.mark.slow  # gpu-check --quick leaves the > 2^31-element shapes out
 def test_lora_linear_past_2_31_elements():
     """x [524289, 4096] bf16 (2^31 + 4096 elements): int64 offsets in the down, up and dA kernels and
-    in the dropout mask; against the torch backend drawing the Triton mask."""
+    in the dropout mask (Philox counters past 2^32: both words); against the reference's torch mask."""
     n, n_in, n_out, rank = 2**31 // 4096 + 1, 4096, 64, 16
     w, b, a, bb = _weights(n_in, n_out, rank)
     x = torch.randn(n, n_in, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(n, n_out, device="cuda", dtype=torch.bfloat16)
     frozen = (w.bfloat16(), b.bfloat16())
     got = _run(lambda x_, f, p: lora_linear(x_, *f, *p, 2.0, 0.1, 5), x, frozen, (a, bb), dy, torch.bfloat16)
-    ref = _run(lambda x_, f, p: lora_linear_ref(x_, *f, *p, 2.0, 0.1, 5, "triton"), x, frozen, (a, bb), dy,
+    ref = _run(lambda x_, f, p: lora_linear_ref(x_, *f, *p, 2.0, 0.1, 5), x, frozen, (a, bb), dy,
                torch.bfloat16)
     for g, r in zip(got, ref, strict=True):
         assert torch.isfinite(g).all()
         err = (g.float() - r.float()).abs().max().item()
         assert err <= 2e-2 * r.float().abs().max().item(), err
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_rank_256_adapters_and_deterministic_da(mlp):
+    """Rank 256 (four rank tiles of 64: dA tiled over rank, no spilled accumulators) at Llama-7B
+    widths in bf16 with dropout: within PyTorch's own bf16 error of float64, and a second backward
+    bitwise equal (dA reduced over row splits in a fixed order, no atomics)."""
+    hidden, inter, rank, n = 4096, 11008, 256, 2048
+    if mlp:
+        lins = [_weights(hidden, inter, rank), _weights(hidden, inter, rank), _weights(inter, hidden, rank)]
+        frozen, adapters = [t for lin in lins for t in lin[:2]], [t for lin in lins for t in lin[2:]]
+
+        def fn(impl):
+            def call(x_, f, p):
+                gate, up, down = ((f[2 * i], f[2 * i + 1], p[2 * i], p[2 * i + 1]) for i in range(3))
+                return impl(x_, gate, up, down, 0.5, 0.1, (4, 5, 6))
+            return call
+        impl, ref_impl, out_features = lora_mlp, lora_mlp_ref, hidden
+    else:
+        w, b, a, bb = _weights(hidden, inter, rank)
+        frozen, adapters = (w, b), (a, bb)
+
+        def fn(impl):
+            return lambda x_, f, p: impl(x_, f[0], f[1], p[0], p[1], 2.0, 0.1, 9)
+        impl, ref_impl, out_features = lora_linear, lora_linear_ref, inter
+    x, dy = (torch.randn(n, k, device="cuda", dtype=torch.float64) for k in (hidden, out_features))
+    bf = torch.bfloat16
+    got, again = (_run(fn(impl), x, frozen, adapters, dy, bf) for _ in range(2))
+    eager = _run(fn(ref_impl), x, frozen, [t.to(bf) for t in adapters], dy, bf)
+    exact = _run(fn(ref_impl), x, frozen, [t.double() for t in adapters], dy, torch.float64)
+    for g, e, r in zip(got, eager, exact, strict=True):
+        assert_matches(g, e, r, 1e-4, bf)
+    assert all(torch.equal(g, h) for g, h in zip(got, again, strict=True))
+
+
+def test_kernel_dropout_masks_are_the_torch_mask():
+    """This Triton's compiled Philox (tl.randint4x) draws the mask the references draw in torch."""
+    from packtune.kernels.dropout import dropout_mask
+    from packtune.kernels.lora import lora_down
+
+    n, n_in = 1000, 4096
+    eye = torch.eye(n_in, device="cuda")[:64]  # u = drop(x) A^T with A = the first 64 unit rows
+    x = torch.ones(n, n_in, device="cuda")
+    seed = torch.tensor(2**40 + 3, device="cuda")
+    expected = dropout_mask((n, n_in), 0.25, seed, "cuda", torch.float32)[:, :64]
+    torch.testing.assert_close(lora_down(x, eye, 0.25, seed), expected, rtol=1e-6, atol=0)
 
 
 def _nf4(n_out, n_in):
@@ -157,9 +204,9 @@ def test_lora_linear_and_mlp_over_nf4_7b_widths(dropout, monkeypatch):
     for call, impl, reference, n_out, n_adapters in ((mlp, lora_mlp, lora_mlp_ref, hidden, 6),
                                                      (linear, lora_linear, lora_linear_ref, inter, 2)):
         x, dy = (torch.randn(n, k, device="cuda", dtype=torch.float64) for k in (hidden, n_out))
-        ref = _run(call(reference, [d.double() for d in dense], mask_backend="triton"), x, (),
+        ref = _run(call(reference, [d.double() for d in dense]), x, (),
                    [t.double() for t in adapters[:n_adapters]], dy, torch.float64)
-        eager = _run(call(reference, dense, mask_backend="triton"), x, (),
+        eager = _run(call(reference, dense), x, (),
                      [t.bfloat16() for t in adapters[:n_adapters]], dy, torch.bfloat16)
         with monkeypatch.context() as patch:
             for w in bases:

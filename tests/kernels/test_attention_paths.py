@@ -103,8 +103,8 @@ def test_old_signature_leaves_windows_and_scales_to_the_buckets(fake_varlen):
 
 @pytest.mark.parametrize("fn,expected", [
     (varlen_attn_old, "torch varlen_attn (GQA by expanding kv heads; sliding windows: SDPA over length "
-                      "buckets; custom scale: SDPA over length buckets)"),
-    (varlen_attn_new, "torch varlen_attn (GQA native)"),
+                      "buckets; custom scale: SDPA over length buckets); softcap / ALiBi: FlexAttention"),
+    (varlen_attn_new, "torch varlen_attn (GQA native); softcap / ALiBi: FlexAttention"),
 ])
 def test_env_line_names_the_path_this_torch_takes(monkeypatch, fn, expected):
     monkeypatch.setattr(attention, "_torch_varlen", lambda: fn)

@@ -47,7 +47,7 @@ def test_lora_linear_fp32_matches_float64_reference(shape, n_out, rank, bias, dr
         return _grads(lambda x_, p: fn(x_, wd, bd, p[0], p[1], 2.5, dropout, 1234, **impl), x.to(dtype),
                       [a.to(dtype), bb.to(dtype)], dy.to(dtype))
 
-    got, exact = run(torch.float32, backend=backend), run(torch.float64, mask_backend=backend)
+    got, exact = run(torch.float32, backend=backend), run(torch.float64)
     assert_fp32_close(got[0], exact[0], 1e-5)
     for g, e in zip(got[1:], exact[1:], strict=True):
         assert_fp32_close(g, e, 1e-4)
@@ -62,11 +62,9 @@ def test_lora_linear_bf16_no_worse_than_torch(backend, dropout):
     got = _grads(lambda x_, p: lora_linear(x_, w.to(bf), b.to(bf), p[0], p[1], 2.0, dropout, 5,
                                            backend=backend),
                  x.to(bf), [a, bb], dy.to(bf))
-    plain = _grads(lambda x_, p: lora_linear_ref(x_, w.to(bf), b.to(bf), p[0], p[1], 2.0, dropout, 5,
-                                                 backend),
+    plain = _grads(lambda x_, p: lora_linear_ref(x_, w.to(bf), b.to(bf), p[0], p[1], 2.0, dropout, 5),
                    x.to(bf), [a.to(bf), bb.to(bf)], dy.to(bf))
-    exact = _grads(lambda x_, p: lora_linear_ref(x_, w.double(), b.double(), p[0], p[1], 2.0, dropout, 5,
-                                                 backend),
+    exact = _grads(lambda x_, p: lora_linear_ref(x_, w.double(), b.double(), p[0], p[1], 2.0, dropout, 5),
                    x.double(), [a.double(), bb.double()], dy.double())
     for g, t, e in zip(got, plain, exact, strict=True):
         assert_low_precision_close(g, t, e, backend)
@@ -82,10 +80,9 @@ def test_lora_linear_never_makes_a_weight_gradient():
     assert w.grad is None and a.grad is not None and bb.grad is not None and x.grad is not None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_mask_is_a_function_of_the_seed(backend):
+def test_dropout_mask_is_a_function_of_the_seed():
     def mask(seed):
-        return dropout_mask((64, 32), 0.25, seed, torch.device("cpu"), torch.float32, backend)
+        return dropout_mask((64, 32), 0.25, seed, torch.device("cpu"), torch.float32)
 
     m1, m2 = mask(2**40 + 7), mask(2**40 + 7)
     assert torch.equal(m1, m2)
@@ -121,7 +118,7 @@ def test_lora_mlp_fp32_matches_float64_reference(shape, bias, dropout, activatio
     frozen64 = [[t if t is None else t.double() for t in lin] for lin in frozen]
     exact = _mlp_grads(lora_mlp_ref, x.double(), frozen64, adapters, dy.double(), torch.float64,
                        dropout=dropout,
-                       activation=activation, mask_backend=backend)
+                       activation=activation)
     # y is three chained fp32 GEMMs: within a few fp32 ulps (2^-23) of its largest entry
     torch.testing.assert_close(got[0].double(), exact[0], rtol=1e-5,
                                atol=2**-21 * exact[0].abs().max().item())
@@ -137,11 +134,9 @@ def test_lora_mlp_triton_bf16_no_worse_than_torch(activation):
     kwargs = {"dropout": 0.1, "activation": activation}
     got = _mlp_grads(lora_mlp, x.to(bf), frozen, adapters, dy.to(bf), torch.float32, backend="triton",
                      **kwargs)
-    plain = _mlp_grads(lora_mlp_ref, x.to(bf), frozen, adapters, dy.to(bf), bf, mask_backend="triton",
-                       **kwargs)
+    plain = _mlp_grads(lora_mlp_ref, x.to(bf), frozen, adapters, dy.to(bf), bf, **kwargs)
     frozen64 = [[t if t is None else t.double() for t in lin] for lin in frozen]
-    exact = _mlp_grads(lora_mlp_ref, x.double(), frozen64, adapters, dy.double(), torch.float64,
-                       mask_backend="triton", **kwargs)
+    exact = _mlp_grads(lora_mlp_ref, x.double(), frozen64, adapters, dy.double(), torch.float64, **kwargs)
     for g, t, e in zip(got, plain, exact, strict=True):
         assert_low_precision_close(g, t, e, "triton", chained_stores=3)
 
@@ -151,3 +146,33 @@ def test_lora_mlp_refuses_an_unknown_activation():
     lins = [(*frozen[i], adapters[2 * i], adapters[2 * i + 1]) for i in range(3)]
     with pytest.raises(ValueError, match="activation must be one of silu, gelu_tanh, got 'relu'"):
         lora_mlp(torch.randn(3, 16), *lins, 1.0, activation="relu")
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_triton_rank_tiles_and_row_splits_match_float64(mlp):
+    """Rank 80 (two rank tiles of 64 and 16: dA tiled over rank, the rank contractions in two steps),
+    70 rows (three row tiles, dA summed over two row splits), widths off the tile and off 4, dropout:
+    values and gradients against float64, and two runs bitwise equal (no atomics in the reduction)."""
+    n, hidden, inter, rank = 70, 36, 70, 80
+    x, dy = torch.randn(n, hidden), torch.randn(n, hidden if mlp else inter)
+    if mlp:
+        frozen, adapters = _mlp_weights(hidden, inter, rank, True)
+        run = lambda dtype, **kw: _mlp_grads(kw.pop("fn", lora_mlp), x.to(dtype),
+                                             [[t.to(dtype) for t in lin] for lin in frozen], adapters,
+                                             dy.to(dtype), dtype, dropout=0.1, **kw)
+        got, again = run(torch.float32, backend="triton"), run(torch.float32, backend="triton")
+        exact = run(torch.float64, fn=lora_mlp_ref)
+    else:
+        w, b, a, bb = _linear(hidden, inter, rank, True)
+
+        def run(dtype, fn=lora_linear, **kw):
+            return _grads(lambda x_, p: fn(x_, w.to(dtype), b.to(dtype), p[0], p[1], 0.5, 0.1, 21, **kw),
+                          x.to(dtype), [a.to(dtype), bb.to(dtype)], dy.to(dtype))
+
+        got, again = run(torch.float32, backend="triton"), run(torch.float32, backend="triton")
+        exact = run(torch.float64, fn=lora_linear_ref)
+    atol = 2**-20 * exact[0].abs().max().item()
+    torch.testing.assert_close(got[0].double(), exact[0], rtol=1e-5, atol=atol)
+    for g, e in zip(got[1:], exact[1:], strict=True):
+        assert_fp32_close(g, e, 1e-4)
+    assert all(torch.equal(g, h) for g, h in zip(got, again, strict=True))

@@ -13,10 +13,12 @@ pytest.importorskip("torchao", reason="the NF4 tensor is torchao's (the qlora ex
 from packtune.kernels.lora import lora_linear  # noqa: E402
 from packtune.kernels.lora_mlp import lora_mlp  # noqa: E402
 from packtune.kernels.nf4_matmul import (  # noqa: E402
+    nf4_dequantize,
     nf4_kernel_fits,
     nf4_matmul,
     nf4_matmul_dx,
     nf4_matmul_forward,
+    nf4_path,
 )
 from packtune.lora.qlora import to_nf4  # noqa: E402
 
@@ -59,6 +61,66 @@ def test_dequantised_values_are_torchaos_bitwise(dtype, blocks, no_dense_dequant
     kw = {} if blocks is None else {"blocks": blocks}
     assert torch.equal(nf4_matmul_forward(torch.eye(128, dtype=dtype), w, **kw).t(), expected)
     assert torch.equal(nf4_matmul_dx(torch.eye(96, dtype=dtype), w, **kw), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantise_kernel_is_torchaos_bitwise(dtype, no_dense_dequantise):
+    """The dequantise + cuBLAS path's scratch weight: torchao's values bit for bit."""
+    w = _nf4(96, 256)
+    expected = w.get_original_weight().to(dtype)
+    no_dense_dequantise(w)
+    assert torch.equal(nf4_dequantize(w, dtype), expected)
+    assert torch.equal(nf4_dequantize(w, dtype, blocks=(32, 16)), expected)
+
+
+def test_grouped_launch_order_covers_every_tile():
+    """150 rows in 16-row tiles: ten row tiles, so the grouped order (groups of 8) has a partial
+    last group; every output tile is written once (against float64)."""
+    w = _nf4(96, 128)
+    w64 = w.get_original_weight().double()
+    x, g = torch.randn(150, 128), torch.randn(150, 96)
+    assert_sums_close(nf4_matmul_forward(x, w, blocks=SMALL), x.double() @ w64.t(), 128)
+    assert_sums_close(nf4_matmul_dx(g, w, blocks=SMALL), g.double() @ w64, 96)
+
+
+def test_scales_are_expanded_once_per_weight(monkeypatch):
+    """The double-quantised scales are expanded on the first call and reused (forward, dx, later
+    steps), and expanded again after an in-place change of the quantised scales."""
+    w = _nf4(64, 128)
+    calls = []
+    expand = type(w).dequantize_scalers
+    monkeypatch.setattr(type(w), "dequantize_scalers", lambda self, *a: calls.append(1) or expand(self, *a))
+    x = torch.randn(5, 128)
+    first = nf4_matmul_forward(x, w)
+    nf4_matmul_forward(x, w)
+    nf4_matmul_dx(torch.randn(5, 64), w)
+    assert len(calls) == 1
+    w.quantized_scalers.neg_()
+    assert not torch.equal(nf4_matmul_forward(x, w), first) and len(calls) == 2
+
+
+def test_dequantise_path_when_chosen(monkeypatch, no_dense_dequantise):
+    """PACKTUNE_NF4_PATH=dequant (what `nf4_path` picks where cuBLAS wins): the LoRA linear's base
+    GEMMs go through the scratch weight, with the kernel path's results; a bad value is refused;
+    the interpreter's own choice is the kernel."""
+    w = _nf4(96, 128)
+    adapters = _adapters(128, 96, 4)
+    x, dy = torch.randn(21, 128), torch.randn(21, 96)
+    assert nf4_path("forward", x, w) == "kernel"
+    no_dense_dequantise(w)
+
+    def run():
+        call = lambda x_, p: lora_linear(x_, w, None, *p, 2.0, 0.1, 3, backend="triton")
+        return _lora_grads(call, x, adapters, dy)
+
+    kernel = run()
+    monkeypatch.setenv("PACKTUNE_NF4_PATH", "dequant")
+    assert nf4_path("dx", dy, w) == "dequant"
+    for got, want in zip(run(), kernel, strict=True):
+        assert_sums_close(got, want.double(), 128)
+    monkeypatch.setenv("PACKTUNE_NF4_PATH", "fast")
+    with pytest.raises(ValueError, match="PACKTUNE_NF4_PATH='fast'; choose from kernel, dequant"):
+        nf4_path("forward", x, w)
 
 
 def _grads(fn, x, bias, dy):
