@@ -22,12 +22,14 @@ def _prepare(args: argparse.Namespace) -> int:
 
     from packtune.config import load_config
     from packtune.data import data_report, format_report, prepare_dataset
-    from packtune.data.rows import build_rows
+    from packtune.data.rows import build_rows, row_data_config
 
     cfg = load_config(args.config, args.set)
-    dataset = prepare_dataset(cfg.data, cfg.tokenizer)
+    dataset = prepare_dataset(row_data_config(cfg), cfg.tokenizer)
     rows = build_rows(cfg, dataset)
-    report = data_report(dataset, rows, args.world_size, cfg.train.micro_batches)
+    cp = cfg.train.context_parallel
+    report = data_report(dataset, rows, max(args.world_size // cp, 1), cfg.train.micro_batches,
+                         context_parallel=cp)
     print(format_report(report))
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:
