@@ -57,7 +57,7 @@ class _Pending:
     label_tokens: int
     flops: float
     values: torch.Tensor
-    """[loss, grad_norm, finite] on the device."""
+    """[loss, grad_norm, finite, *the loss module's metrics] on the device."""
 
 
 @dataclass
@@ -76,6 +76,9 @@ class MetricsLogger:
     """Each record also goes to these (packtune.reporters: TensorBoard, W&B)."""
     progress: str = "line"
     """bar (tqdm, with ETA), line (one line per flush) or none."""
+    metric_names: tuple[str, ...] = ()
+    """The names of the values recorded after [loss, grad_norm, finite] (a preference objective's
+    rewards/chosen, ...), written into each step's record."""
     _bar: Any = None
     _pending: list[_Pending] = field(default_factory=list)
     _window_start: float = field(default_factory=time.perf_counter)
@@ -110,7 +113,7 @@ class MetricsLogger:
         mfu = flops / elapsed / self.world_size / self.peak_flops if self.peak_flops else None
         memory = peak_memory_gib(self.device)
         records = []
-        for p, (loss, grad_norm, finite) in zip(self._pending, values, strict=False):
+        for p, (loss, grad_norm, finite, *extra) in zip(self._pending, values, strict=False):
             skipped = not finite
             self.skipped_steps += skipped
             self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
@@ -127,6 +130,7 @@ class MetricsLogger:
                 "peak_memory_gib": memory,
                 "skipped": skipped,
                 "skipped_total": self.skipped_steps,
+                **{name: _finite_or_none(v) for name, v in zip(self.metric_names, extra, strict=True)},
             })
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
@@ -171,6 +175,8 @@ class MetricsLogger:
             f"tok/s {r['tokens_per_s']:.0f}",
             f"label tok/s {r['label_tokens_per_s']:.0f}",
         ]
+        if r.get("rewards/accuracies") is not None:
+            parts.append(f"reward acc {100 * r['rewards/accuracies']:.0f}%")
         if r["mfu"] is not None:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")
         parts += [f"mem {r['peak_memory_gib']:.2f}GiB", f"eta {_duration(remaining)}"]
@@ -178,10 +184,17 @@ class MetricsLogger:
             parts.append(f"skipped {r['skipped_total']}")
         print(" | ".join(parts), file=self.stream, flush=True)
 
-    def log_eval(self, step: int, loss: float, label_tokens: int) -> None:
+    def log_eval(self, step: int, loss: float, label_tokens: int,
+                 metrics: dict[str, float] | None = None) -> None:
+        """The held-out loss, and a preference objective's metrics (as `eval_rewards/accuracies`, ...)."""
+        metrics = metrics or {}
+        line = f"step {step}/{self.total_steps} | eval loss {loss:.4f} ({label_tokens} label tokens)"
+        if "rewards/accuracies" in metrics:
+            line += f", reward accuracy {100 * metrics['rewards/accuracies']:.1f}%"
         self._write_eval(
-            {"step": step, "eval_loss": loss, "eval_label_tokens": label_tokens},
-            f"step {step}/{self.total_steps} | eval loss {loss:.4f} ({label_tokens} label tokens)",
+            {"step": step, "eval_loss": loss, "eval_label_tokens": label_tokens,
+             **{f"eval_{k}": _finite_or_none(v) for k, v in metrics.items()}},
+            line,
         )
 
     def log_generation_eval(self, step: int, scores: dict[str, Any]) -> None:

@@ -6,7 +6,9 @@ One optimizer step (the loss contract, docs/how-it-works.md):
    stream never waits) together with a "stop requested" flag;
 2. for each micro-batch: loss = sum of (weighted) token losses / global item count, backward
    (FSDP sums gradients over ranks, see parallel.py);
-3. all-reduce the loss for logging, measure and clip the global gradient norm;
+   (a loss module may take several normalizers, `Batch.normalizers()`: a preference step's pairs and
+   chosen label tokens, and may also return metrics, summed over the step like the loss);
+3. all-reduce the loss (and metrics) for logging, measure and clip the global gradient norm;
 4. NaN/inf guard: a non-finite loss or norm sets `optimizer.found_inf`, and the fused AdamW
    skips the update on the device, without a host sync; skips are counted when metrics are
    flushed, and a run aborts after `max_bad_steps` bad steps in a row;
@@ -76,12 +78,14 @@ class Trainer:
     """Owns the sharded model, optimizer, schedule, checkpoints and metrics of one run.
 
     `model` is a causal LM with `hidden_states(...)`, `lm_head` and its decoder blocks in
-    `model.decoder_layers`; `sampler` yields, per optimizer step, this rank's list of
-    micro-batches (`PackedBatch` or `PaddedBatch`) and is resumable via state_dict(). A model
-    built on the meta device is sharded, then only this rank's shards are allocated (empty): the
-    caller fills them before `resume()` / `fit()` (packtune.model.loading.fill_shards), so no rank
-    ever holds more than its shard on the accelerator. `mixed_precision`
-    (default: on CUDA) computes in bf16 over the fp32 parameters (see parallel.py).
+    `model.decoder_layers`; `loss_module` the root module over it whose forward gives a micro-batch's
+    loss (default: CausalLMLoss(model)), or (loss, metrics) when it has `metric_names`; `sampler`
+    yields, per optimizer step, this rank's list of micro-batches (`PackedBatch` or `PaddedBatch`)
+    and is resumable via state_dict(). A model built on the meta device is sharded, then only this
+    rank's shards are allocated (empty): the caller fills them before `resume()` / `fit()`
+    (packtune.model.loading.fill_shards), so no rank ever holds more than its shard on the
+    accelerator. `mixed_precision` (default: on CUDA) computes in bf16 over the fp32 parameters
+    (see parallel.py).
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class Trainer:
         log_stream: Any = None,
         mixed_precision: bool | None = None,
         reporters: list | None = None,
+        loss_module: nn.Module | None = None,
     ) -> None:
         self.cfg, self.dist_ctx, self.sampler, self.eval_sampler = cfg, dist_ctx, sampler, eval_sampler
         self.generation_eval = generation_eval
@@ -104,8 +109,10 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        root = CausalLMLoss(model) if loss_module is None else loss_module
+        self.metric_names: tuple[str, ...] = tuple(getattr(root, "metric_names", ()))
         self.module = parallelize(
-            CausalLMLoss(model),
+            root,
             model.decoder_layers,
             dist_ctx,
             activation_checkpointing=cfg.activation_checkpointing,
@@ -141,6 +148,7 @@ class Trainer:
             stream=log_stream,
             reporters=list(reporters or []),
             progress=progress_mode(cfg.progress, log_stream),
+            metric_names=self.metric_names,
         )
 
     # ---- resume -----------------------------------------------------------------------------
@@ -244,9 +252,11 @@ class Trainer:
                 f"(train.max_bad_steps = {self.cfg.max_bad_steps}); stopping at step {self.step}"
             )
 
-    def _num_items(self, count: int) -> torch.Tensor:
-        """The global loss-item count as a float32 device tensor, copied without a sync."""
-        host = torch.tensor(float(count), dtype=torch.float32)
+    def _num_items(self, counts: list[int]) -> torch.Tensor:
+        """The global loss-item count(s) as a float32 device tensor (a scalar for one), copied without
+        a sync."""
+        values = [float(c) for c in counts]
+        host = torch.tensor(values if len(values) > 1 else values[0], dtype=torch.float32)
         if self.dist_ctx.device.type == "cuda":
             return host.pin_memory().to(self.dist_ctx.device, non_blocking=True)
         return host
@@ -254,23 +264,25 @@ class Trainer:
     def train_step(self, micro_batches: list[Any], stop_requested: bool = False) -> bool:
         """One optimizer step; returns True when any rank asked to stop after it."""
         device = self.dist_ctx.device
+        normalizers = [sum(n) for n in zip(*(b.normalizers() for b in micro_batches), strict=True)]
         counts = torch.tensor(
-            [sum(b.num_label_tokens for b in micro_batches), sum(b.num_items for b in micro_batches),
-             sum(b.input_ids.numel() for b in micro_batches), int(stop_requested)],
+            [sum(b.num_label_tokens for b in micro_batches), sum(b.input_ids.numel() for b in micro_batches),
+             int(stop_requested), *normalizers],
             dtype=torch.int64,
         )
         self.dist_ctx.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
-        label_tokens, items, tokens, stops = counts.tolist()
+        label_tokens, tokens, stops, *items = counts.tolist()
         num_items = self._num_items(items)
         flops = 0.0
-        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        sums = torch.zeros(1 + len(self.metric_names), device=device, dtype=torch.float32)  # loss, metrics
         for batch in micro_batches:
             if self.flops_per_token is not None:
                 flops += self.flops_per_token(batch.layout.attended_length) * batch.input_ids.numel()
-            loss = self._loss(batch, num_items, weighted=True)
+            loss, metrics = self._split(self._loss(batch, num_items, weighted=True))
             loss.backward()
-            loss_sum += loss.detach().float()
-        self.dist_ctx.all_reduce_sum(loss_sum)
+            sums += torch.cat([loss.detach().float()[None], metrics.float()])
+        self.dist_ctx.all_reduce_sum(sums)
+        loss_sum = sums[0]
         grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.max_grad_norm).to(device)
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()
@@ -280,9 +292,16 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         flops = self.dist_ctx.world_size * flops  # every rank's share, assuming balanced ranks
-        values = torch.stack([loss_sum, grad_norm.float(), finite.float()])
+        values = torch.cat([torch.stack([loss_sum, grad_norm.float(), finite.float()]), sums[1:]])
         self.metrics.record(self.step, lr, tokens, label_tokens, flops, values)
         return stops > 0
+
+    def _split(self, out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, metrics) of the loss module's output (no metrics: an empty tensor)."""
+        if isinstance(out, tuple):
+            return out
+        return out, out.new_zeros(0)
 
     def _loss(self, batch: PackedBatch | PaddedBatch, num_items: torch.Tensor | None = None,
               weighted: bool = False) -> torch.Tensor:
@@ -290,12 +309,16 @@ class Trainer:
         when given), packed or padded."""
         batch = batch.to(self.dist_ctx.device)
         return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
-                           loss_weights=batch.loss_weights if weighted else None)
+                           loss_weights=batch.loss_weights if weighted else None, **batch.loss_inputs())
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the held-out split (all ranks), logged to metrics.jsonl; unweighted
-        whatever `loss_weighting` is, so runs with different weightings compare."""
+        whatever `loss_weighting` is, so runs with different weightings compare. A loss module with
+        metrics (preference objectives) is evaluated as it trains: its loss and metrics over the whole
+        split, as one step over every held-out batch."""
+        if self.metric_names:
+            return self._evaluate_with_metrics()
         totals = torch.zeros(2, dtype=torch.float64, device=self.dist_ctx.device)
         self.eval_sampler.set_epoch(0)
         for micro_batches in self.eval_sampler:
@@ -309,6 +332,25 @@ class Trainer:
         if self.dist_ctx.is_main:
             self.metrics.log_eval(self.step, mean, int(count))
         return mean
+
+    def _evaluate_with_metrics(self) -> float:
+        self.eval_sampler.set_epoch(0)
+        batches = [batch for micro_batches in self.eval_sampler for batch in micro_batches]
+        counts = torch.tensor([sum(n) for n in zip(*(b.normalizers() for b in batches), strict=True)]
+                              + [sum(b.num_label_tokens for b in batches)], dtype=torch.int64)
+        self.dist_ctx.all_reduce_sum(counts)
+        *items, label_tokens = counts.tolist()
+        num_items = self._num_items(items)
+        sums = torch.zeros(1 + len(self.metric_names), dtype=torch.float64, device=self.dist_ctx.device)
+        for batch in batches:
+            loss, metrics = self._split(self._loss(batch, num_items))
+            sums += torch.cat([loss.double()[None], metrics.double()])
+        self.dist_ctx.all_reduce_sum(sums)
+        loss, *metrics = sums.tolist()
+        if self.dist_ctx.is_main:
+            named = dict(zip(self.metric_names, metrics, strict=True))
+            self.metrics.log_eval(self.step, loss, label_tokens, named)
+        return loss
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -68,6 +68,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"{report['steps_per_epoch']} steps per epoch ({report['world_size']} rank(s) x "
             f"{report['micro_batches']} micro-batch(es))"
         )
+    if "pairs" in report:
+        saved, unshared = report.get("shared_prompt_tokens_saved", 0), report.get("unshared_tokens", 0)
+        line = f"  preference pairs {report['pairs']} (each a chosen and a rejected sample)"
+        if saved:
+            line += (f"; shared prompts: {saved} tokens saved, {100 * saved / max(unshared, 1):.1f}% of the "
+                     "tokens unshared rows would hold")
+        lines.append(line)
     if report.get("cache"):
         seconds = report.get("load_seconds", report.get("tokenize_seconds", 0.0))
         lines.append(f"  cache {report['cache']} ({seconds:.2f} s)")
