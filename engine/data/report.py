@@ -38,9 +38,10 @@ def format_report(report: dict[str, Any]) -> str:
     truncated = sum(report["truncated"].values())
     sources = report.get("sources", [])
     weighted = " after source weights" if any(s["weight"] != 1 for s in sources) else ""
+    kept = f"{report['pairs']} pairs kept" if "pairs" in report else f"{report['kept']} kept"
     lines = [
         f"data: {report['rows']} records read{weighted} ({report.get('format', '?')} format, "
-        f"{report.get('template', '?')} template), {report['kept']} kept, {dropped} dropped, "
+        f"{report.get('template', '?')} template), {kept}, {dropped} dropped, "
         f"{truncated} truncated",
     ]
     if len(sources) > 1 or weighted:

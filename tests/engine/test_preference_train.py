@@ -1,0 +1,105 @@
+"""`packtune train` with a preference objective, end to end on a tiny Llama: each objective trains
+and logs TRL's metric names in metrics.jsonl; the reference log-probs are computed once, cached and
+read back; LoRA's reference is the base (the adapters start at zero); bad pairings of data and
+objective stop with one line."""
+
+import json
+import math
+
+import pytest
+from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
+from preference_fixtures import pair_records
+from toy_training import tiny_llama
+
+from packtune.cli import main
+from packtune.model.hf_io import save_pretrained
+
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+BASE = '[model]\npath = "unset"\n[data]\npath = "unset"\n[train]\n'
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preference_train")
+    (root / "base.toml").write_text(BASE)
+    return {
+        "root": root,
+        "model": save_pretrained(tiny_llama(vocab=600), root / "model"),
+        "tokenizer": trained_tokenizers(tmp_path_factory)["sp"],
+        "pairs": write_jsonl(root / "pairs.jsonl", pair_records(16, "conversational", seed=1, max_words=6)),
+        "alpaca": write_jsonl(root / "alpaca.jsonl", alpaca_rows(8, max_words=8)),
+    }
+
+
+def train(assets, out, *overrides, data="pairs", cache=None):
+    """`packtune train` at toy size: (exit code, the metrics records)."""
+    sets = [f'model.path="{assets["model"]}"', f'data.path="{assets[data]}"',
+            f'data.tokenizer="{assets["tokenizer"]}"', 'data.template="alpaca"', "data.max_tokens=512",
+            "data.num_workers=1", f'data.cache_dir="{cache or out.parent / "cache"}"',
+            f'train.output_dir="{out}"', "train.max_steps=2", 'train.device="cpu"', "train.lr=1e-3",
+            *overrides]
+    code = main(["train", str(assets["root"] / "base.toml"), *[a for s in sets for a in ("--set", s)]])
+    metrics = out / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    return code, records
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "orpo", "simpo"])
+def test_each_objective_trains_and_logs_trl_s_metrics(assets, tmp_path, capsys, objective):
+    code, records = train(assets, tmp_path / "run", f'train.objective="{objective}"', "train.eval_fraction=0.25",
+                          "train.eval_every=2", "preference.beta=0.1")
+    printed = capsys.readouterr().out
+    assert code == 0
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    nll = ("nll_loss",) if objective == "orpo" else ()
+    for r in steps:
+        assert set(TRL_METRICS + nll) <= r.keys() and "nll_loss" not in r.keys() - set(nll)
+        assert all(math.isfinite(r[k]) for k in TRL_METRICS + nll) and not r["skipped"]
+    first = steps[0]
+    if objective in ("dpo", "ipo"):  # step 1: the policy is the reference, every log-ratio is 0
+        assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+        expected = math.log(2) if objective == "dpo" else (1 / (2 * 0.1)) ** 2
+        assert math.isclose(first["loss"], expected, rel_tol=1e-6)
+        assert "reference log-probs of 16 pairs (the policy as it starts): computed" in printed
+    else:
+        assert "reference log-probs" not in printed
+    if objective == "orpo":  # the NLL term is part of the loss: loss > NLL
+        assert first["loss"] > first["nll_loss"] > 0
+    (evaluation,) = [r for r in records if "eval_loss" in r]
+    assert 0 <= evaluation["eval_rewards/accuracies"] <= 1 and "eval_logps/chosen" in evaluation
+    assert "preference pairs 16" in printed and "shared prompts:" in printed and "tokens saved" in printed
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_reference_log_probs_are_cached_and_read_back(assets, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    _, first = train(assets, tmp_path / "a", 'train.objective="dpo"', cache=cache)
+    assert "computed, cached in" in capsys.readouterr().out
+    (saved,) = list(cache.glob("*/reference-*.npy"))
+    _, again = train(assets, tmp_path / "b", 'train.objective="dpo"', cache=cache)
+    assert f"read from {saved}" in capsys.readouterr().out
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]
+    train(assets, tmp_path / "c", 'train.objective="dpo"', "preference.shared_prompt=false", cache=cache)
+    assert "computed, cached in" in capsys.readouterr().out  # another row layout: another key
+    assert len(list(cache.glob("*/reference-*.npy"))) == 2
+
+
+def test_lora_dpo_starts_from_the_base_as_its_reference(assets, tmp_path, capsys):
+    code, records = train(assets, tmp_path / "run", 'train.objective="dpo"', "lora.rank=4", "lora.alpha=8")
+    printed = capsys.readouterr().out
+    assert code == 0 and "lora: rank 4" in printed
+    assert math.isclose(records[0]["loss"], math.log(2), rel_tol=1e-6)  # B = 0: policy == base
+    assert records[1]["rewards/chosen"] != 0.0  # the adapters moved the policy away from the base
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+
+
+def test_data_and_objective_that_do_not_go_together_stop_with_one_line(assets, tmp_path, capsys):
+    code, _ = train(assets, tmp_path / "a", 'train.objective="dpo"', data="alpaca")
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1
+    assert "train.objective = 'dpo' trains on preference records" in err
+    code, _ = train(assets, tmp_path / "b")
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "set train.objective to dpo" in err
