@@ -47,8 +47,8 @@ def train(assets, out, *overrides, data="pairs", cache=None):
 
 @pytest.mark.parametrize("objective", ["dpo", "ipo", "orpo", "simpo"])
 def test_each_objective_trains_and_logs_trl_s_metrics(assets, tmp_path, capsys, objective):
-    code, records = train(assets, tmp_path / "run", f'train.objective="{objective}"', "train.eval_fraction=0.25",
-                          "train.eval_every=2", "preference.beta=0.1")
+    code, records = train(assets, tmp_path / "run", f'train.objective="{objective}"', "preference.beta=0.1",
+                          "train.eval_fraction=0.25", "train.eval_every=2")
     printed = capsys.readouterr().out
     assert code == 0
     steps = [r for r in records if "loss" in r]
