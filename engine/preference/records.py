@@ -60,7 +60,7 @@ def to_pair(record: dict[str, Any], fields: dict[str, str], where: str) -> Pair:
     if pair.chosen == pair.rejected:
         raise DataError(f"{where}: chosen and rejected are the same response", "identical_responses")
     if not pair.prompt or pair.prompt[-1].role != "user":
-        what = "is empty" if not pair.prompt else f"ends with a {pair.prompt[-1].role} turn"
+        what = "is empty" if not pair.prompt else f"ends with a turn of role {pair.prompt[-1].role!r}"
         raise DataError(f"{where}: the prompt ({prompt_key!r}, or the turns chosen and rejected share) "
                         f"{what}; it must end with a user turn", "bad_turn_order")
     for side in ("chosen", "rejected"):
