@@ -51,7 +51,8 @@ def test_each_layout_gives_one_pair_sharing_the_prompt_ids(sp, tmp_path, templat
 def test_parquet_pairs_equal_jsonl_pairs(sp, tmp_path):
     pa = pytest.importorskip("pyarrow")
     parquet = pytest.importorskip("pyarrow.parquet")
-    rows = [RECORDS["conversational"], {**RECORDS["conversational"], "rejected": [{"role": "assistant", "content": "no"}]}]
+    other = {**RECORDS["conversational"], "rejected": [{"role": "assistant", "content": "no"}]}
+    rows = [RECORDS["conversational"], other]
     parquet.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
     from_parquet = tokenize(sp, tmp_path / "pairs.parquet")
     from_jsonl = tokenize(sp, write_jsonl(tmp_path / "pairs.jsonl", rows))
@@ -62,10 +63,10 @@ BAD = [
     ({"prompt": "a", "chosen": " x", "rejected": " x"}, "2: chosen and rejected are the same response",
      "identical_responses"),
     ({"prompt": "a", "chosen": " x"}, "2: missing field 'rejected'", "missing_field"),
-    ({"prompt": "a", "chosen": 3, "rejected": " y"}, "2: field 'chosen': expected a string or a list of turns",
-     "wrong_type"),
-    ({"prompt": [USER], "chosen": [HI], "rejected": [HI, USER]}, "2: the rejected response must start and end with "
-     "an assistant turn", "bad_turn_order"),
+    ({"prompt": "a", "chosen": 3, "rejected": " y"},
+     "2: field 'chosen': expected a string or a list of turns", "wrong_type"),
+    ({"prompt": [USER], "chosen": [HI], "rejected": [HI, USER]},
+     "2: the rejected response must start and end with an assistant turn", "bad_turn_order"),
 ]
 
 
