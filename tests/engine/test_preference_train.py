@@ -1,10 +1,14 @@
 """`packtune train` with a preference objective, end to end on a tiny Llama: each objective trains
 and logs TRL's metric names in metrics.jsonl; the reference log-probs are computed once, cached and
 read back; LoRA's reference is the base (the adapters start at zero); bad pairings of data and
-objective stop with one line."""
+objective stop with one line; docs/preference.md's worked example (SFT, then DPO) runs as written."""
 
 import json
 import math
+import re
+import runpy
+import shlex
+from pathlib import Path
 
 import pytest
 from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
@@ -16,6 +20,7 @@ from packtune.model.hf_io import save_pretrained
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "preference.md"
 BASE = '[model]\npath = "unset"\n[data]\npath = "unset"\n[train]\n'
 
 
@@ -103,3 +108,33 @@ def test_data_and_objective_that_do_not_go_together_stop_with_one_line(assets, t
     code, _ = train(assets, tmp_path / "b")
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "set train.objective to dpo" in err
+
+
+def worked_example() -> tuple[list[list[str]], str]:
+    """(the commands of the bash blocks, the Python block) of docs/preference.md's worked example."""
+    section = DOCS.read_text(encoding="utf-8").split("## Worked example")[1].split("\n## ")[0]
+    bash = "\n".join(re.findall(r"```bash\n(.*?)```", section, flags=re.S)).replace("\\\n", " ")
+    (python,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    return [shlex.split(line, comments=True) for line in bash.splitlines() if line.strip()], python
+
+
+def test_worked_example_sft_then_dpo(tmp_path, monkeypatch, capsys):
+    """The page's commands in order: the demo (--quick: toy size), the Python block writing the pairs,
+    then each `packtune train` (a few steps) on the SFT model the demo trained."""
+    commands, python = worked_example()
+    assert [c[:2] for c in commands] == [["packtune", "demo"], ["packtune", "train"], ["packtune", "train"]]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(DOCS.parents[1] / "configs")
+    assert main([*commands[0][1:], "--quick"]) == 0
+    (tmp_path / "pairs.py").write_text(python, encoding="utf-8")
+    runpy.run_path(str(tmp_path / "pairs.py"), run_name="__main__")
+    shorter = ["train.max_steps=3", "data.num_workers=1", f'data.cache_dir="{tmp_path / "cache"}"']
+    for command in commands[1:]:
+        assert main([*command[1:], *[a for s in shorter for a in ("--set", s)]]) == 0
+    printed = capsys.readouterr().out
+    assert "pairs in runs/demo/data/pairs.jsonl" in printed and "shared prompts:" in printed
+    dpo = [json.loads(line) for line in Path("runs/demo/dpo/metrics.jsonl").read_text().splitlines()]
+    simpo = [json.loads(line) for line in Path("runs/demo/simpo/metrics.jsonl").read_text().splitlines()]
+    assert math.isclose(dpo[0]["loss"], math.log(2), rel_tol=1e-6)  # the SFT model is the reference
+    assert [r["step"] for r in dpo if "loss" in r] == [1, 2, 3] and "rewards/margins" in simpo[0]
+    assert Path("runs/demo/dpo/final/config.json").is_file()
