@@ -5,12 +5,18 @@ objective stop with one line; docs/preference.md's worked example (SFT, then DPO
 
 import json
 import math
+import os
 import re
 import runpy
 import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import toy_training
 from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
 from preference_fixtures import pair_records
 from toy_training import tiny_llama
@@ -138,3 +144,57 @@ def test_worked_example_sft_then_dpo(tmp_path, monkeypatch, capsys):
     assert math.isclose(dpo[0]["loss"], math.log(2), rel_tol=1e-6)  # the SFT model is the reference
     assert [r["step"] for r in dpo if "loss" in r] == [1, 2, 3] and "rewards/margins" in simpo[0]
     assert Path("runs/demo/dpo/final/config.json").is_file()
+
+
+def cli_argv(assets, out, cache, *overrides):
+    sets = [f'model.path="{assets["model"]}"', f'data.path="{assets["pairs"]}"',
+            f'data.tokenizer="{assets["tokenizer"]}"', 'data.template="alpaca"', "data.max_tokens=320",
+            "data.num_workers=1", f'data.cache_dir="{cache}"', f'train.output_dir="{out}"', "train.lr=1e-3",
+            'train.objective="dpo"', 'train.device="cpu"', *overrides]
+    return ["train", str(assets["root"] / "base.toml"), *[a for s in sets for a in ("--set", s)]]
+
+
+def history(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_run_killed_after_a_checkpoint_resumes_identically(assets, tmp_path):
+    """SIGKILL at step 5 (checkpoint at 3): the resumed run reads the cached reference log-probs and
+    logs exactly the losses and rewards of an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = [sys.executable, toy_training.__file__]
+    overrides = ("train.max_steps=6", "train.save_every=3")
+
+    def run(*args):
+        return subprocess.run([*script, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    reference = run("cli", *cli_argv(assets, tmp_path / "a", tmp_path / "cache", *overrides))
+    assert reference.returncode == 0, reference.stderr
+    killed = run("kill_at=5", "cli", *cli_argv(assets, tmp_path / "b", tmp_path / "cache", *overrides))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run("cli", *cli_argv(assets, tmp_path / "b", tmp_path / "cache", *overrides))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 3" in resumed.stdout and "reference log-probs of 16 pairs" in resumed.stdout
+    keys = ("step", "loss", "grad_norm", "rewards/chosen", "rewards/margins", "logps/rejected")
+    expected = [[r.get(k) for k in keys] for r in history(tmp_path / "a")]
+    assert len(expected) == 6 and [[r.get(k) for k in keys] for r in history(tmp_path / "b")] == expected
+
+
+def test_two_ranks_train_dpo_as_one_process(assets, tmp_path):
+    """torchrun, 2 FSDP2 ranks (gloo) of 1 micro-batch against one process of 2: the same reference
+    log-probs (each rank scores its share) and the same steps."""
+    one = tmp_path / "one"
+    assert main(cli_argv(assets, one, tmp_path / "cache1", "train.max_steps=3", "train.micro_batches=2")) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "packtune", *cli_argv(assets, two, tmp_path / "cache2", "train.max_steps=3")]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (ref_one,), (ref_two,) = (list((tmp_path / c).glob("*/reference-*.npy")) for c in ("cache1", "cache2"))
+    np.testing.assert_allclose(np.load(ref_two), np.load(ref_one), rtol=1e-6)
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen")
+    for a, b in zip(history(one), history(two), strict=True):
+        assert a["step"] == b["step"] and a["tokens"] == b["tokens"]
+        for k in keys:
+            assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7), (a["step"], k, a[k], b[k])
