@@ -198,3 +198,14 @@ def test_two_ranks_train_dpo_as_one_process(assets, tmp_path):
         assert a["step"] == b["step"] and a["tokens"] == b["tokens"]
         for k in keys:
             assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7), (a["step"], k, a[k], b[k])
+
+
+@pytest.mark.parametrize("objective", ["dpo"])
+def test_packtune_check_compares_pair_layouts(assets, tmp_path, capsys, objective):
+    argv = cli_argv(assets, tmp_path / "run", tmp_path / "cache", f'train.objective="{objective}"')
+    assert main(["check", *argv[1:]]) == 0
+    out = capsys.readouterr().out
+    assert f"micro-batches of 2 {objective} pairs" in out
+    for line in ("packed pairs == padded pairs", "shared == unshared prompts", "2 micro-batches == 1 batch"):
+        assert "PASS" in next(text for text in out.splitlines() if line in text)
+    assert out.rstrip().endswith("packtune check: PASS") and not (tmp_path / "run").exists()
