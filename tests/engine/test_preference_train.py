@@ -84,6 +84,21 @@ def test_each_objective_trains_and_logs_trl_s_metrics(assets, tmp_path, capsys, 
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 
+def test_tensorboard_holds_the_preference_metrics(assets, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    code, records = train(assets, out, 'train.objective="dpo"', 'train.report_to=["tensorboard"]',
+                          "train.eval_fraction=0.25", "train.eval_every=2")
+    assert code == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    accuracies = {e.step: e.value for e in events.Scalars("train/rewards/accuracies")}
+    assert accuracies == {r["step"]: r["rewards/accuracies"] for r in records if "loss" in r}
+    assert {f"train/{k}" for k in TRL_METRICS} | {"eval/rewards/accuracies"} <= set(events.Tags()["scalars"])
+
+
 def test_reference_log_probs_are_cached_and_read_back(assets, tmp_path, capsys):
     cache = tmp_path / "cache"
     _, first = train(assets, tmp_path / "a", 'train.objective="dpo"', cache=cache)
