@@ -143,7 +143,8 @@ def test_worked_example_sft_then_dpo(tmp_path, monkeypatch, capsys):
     """The page's commands in order: the demo (--quick: toy size), the Python block writing the pairs,
     then each `packtune train` (a few steps) on the SFT model the demo trained."""
     commands, python = worked_example()
-    assert [c[:2] for c in commands] == [["packtune", "demo"], ["packtune", "train"], ["packtune", "train"]]
+    assert [c[:2] for c in commands] == [["packtune", "demo"], ["packtune", "train"], ["packtune", "eval"],
+                                         ["packtune", "train"]]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(DOCS.parents[1] / "configs")
     assert main([*commands[0][1:], "--quick"]) == 0
@@ -151,8 +152,11 @@ def test_worked_example_sft_then_dpo(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(tmp_path / "pairs.py"), run_name="__main__")
     shorter = ["train.max_steps=3", "data.num_workers=1", f'data.cache_dir="{tmp_path / "cache"}"']
     for command in commands[1:]:
-        assert main([*command[1:], *[a for s in shorter for a in ("--set", s)]]) == 0
+        sets = [a for s in shorter for a in ("--set", s)] if command[1] == "train" else ["--limit", "12"]
+        assert main([*command[1:], *sets]) == 0
     printed = capsys.readouterr().out
+    assert "preference accuracy over 12 pairs" in printed
+    assert_eval_log_probs_are_transformers(Path("runs/demo/dpo/final"), Path("runs/demo/dpo/preference.json"))
     assert "pairs in runs/demo/data/pairs.jsonl" in printed and "shared prompts:" in printed
     dpo = [json.loads(line) for line in Path("runs/demo/dpo/metrics.jsonl").read_text().splitlines()]
     simpo = [json.loads(line) for line in Path("runs/demo/simpo/metrics.jsonl").read_text().splitlines()]
@@ -224,3 +228,27 @@ def test_packtune_check_compares_pair_layouts(assets, tmp_path, capsys, objectiv
     for line in ("packed pairs == padded pairs", "shared == unshared prompts", "2 micro-batches == 1 batch"):
         assert "PASS" in next(text for text in out.splitlines() if line in text)
     assert out.rstrip().endswith("packtune check: PASS") and not (tmp_path / "run").exists()
+
+
+def assert_eval_log_probs_are_transformers(model_dir: Path, report: Path) -> None:
+    """`packtune eval`'s per-pair log-probs against transformers' model on the same ids, side by side."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from packtune.config import DataConfig
+    from packtune.data import prepare_dataset
+
+    written = json.loads(report.read_text())
+    data = DataConfig(path="runs/demo/data/pairs.jsonl", template="runs/demo/template.toml", num_workers=1)
+    dataset = prepare_dataset(data, model_dir, use_cache=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    expected = []
+    for sample in range(2 * written["pairs"]):
+        ids, mask = (torch.from_numpy(a.astype(np.int64)) for a in dataset.sample(sample))
+        with torch.no_grad():
+            logits = model(input_ids=ids[None]).logits[0, :-1]
+        logp = logits.log_softmax(-1).gather(1, ids[1:, None])[:, 0]
+        expected.append(float(logp[mask[1:].bool()].sum()))
+    np.testing.assert_allclose(np.array(written["logps"]).reshape(-1), expected, rtol=1e-5)
+    chosen, rejected = np.array(expected[0::2]), np.array(expected[1::2])
+    assert written["preference_accuracy_summed"] == float(np.mean(chosen > rejected))
