@@ -22,12 +22,14 @@ def _prepare(args: argparse.Namespace) -> int:
 
     from packtune.config import load_config
     from packtune.data import data_report, format_report, prepare_dataset
-    from packtune.data.rows import build_rows
+    from packtune.data.rows import build_rows, row_data_config
 
     cfg = load_config(args.config, args.set)
-    dataset = prepare_dataset(cfg.data, cfg.tokenizer)
+    dataset = prepare_dataset(row_data_config(cfg), cfg.tokenizer)
     rows = build_rows(cfg, dataset)
-    report = data_report(dataset, rows, args.world_size, cfg.train.micro_batches)
+    cp = cfg.train.context_parallel
+    report = data_report(dataset, rows, max(args.world_size // cp, 1), cfg.train.micro_batches,
+                         context_parallel=cp)
     print(format_report(report))
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:
@@ -125,6 +127,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_checkpoint(args: argparse.Namespace) -> int:
+    from packtune.checkpoint import check_checkpoints
+
+    lines, ok = check_checkpoints(args.path)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def _check(args: argparse.Namespace) -> int:
     from packtune.check import run_check
 
@@ -217,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--full", action="store_true",
                        help="train the model itself (default: a shrunken copy of its config)")
     check.set_defaults(func=_check)
+    check_ckpt = sub.add_parser(
+        "check-checkpoint", help="verify a run's checkpoints against their manifests, without loading them")
+    check_ckpt.add_argument("path", help="a run's output_dir, its checkpoints/ folder, or one checkpoint")
+    check_ckpt.set_defaults(func=_check_checkpoint)
     demo = sub.add_parser("demo", help="train a tiny Llama on generated tasks, report accuracy")
     demo.add_argument("--out", default="runs/demo", help="folder for the data, tokenizer, run and model")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (accuracy not a goal)")

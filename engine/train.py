@@ -5,9 +5,10 @@ One optimizer step (the loss contract, docs/how-it-works.md):
    `loss_weighting`) and tokens on the host, all-reduce the counts over gloo (CPU, so the GPU
    stream never waits) together with a "stop requested" flag;
 2. for each micro-batch: loss = sum of (weighted) token losses / global item count, backward
-   (FSDP sums gradients over ranks, see parallel.py);
-   (a loss module may take several normalizers, `Batch.normalizers()`: a preference step's pairs and
-   chosen label tokens, and may also return metrics, summed over the step like the loss);
+   (FSDP sums gradients over ranks, see parallel.py); a mixture of experts adds its router losses
+   / the global micro-batch count (packtune.loss), so the step adds their mean; a loss module may
+   take several normalizers (`Batch.normalizers()`: a preference step's pairs and chosen label
+   tokens) and return metrics too, summed over the step like the loss;
 3. all-reduce the loss (and metrics) for logging, measure and clip the global gradient norm;
 4. NaN/inf guard: a non-finite loss or norm sets `optimizer.found_inf`, and the fused AdamW
    skips the update on the device, without a host sync; skips are counted when metrics are
@@ -17,6 +18,7 @@ One optimizer step (the loss contract, docs/how-it-works.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from collections.abc import Callable, Iterator
@@ -26,13 +28,23 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from packtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from packtune.checkpoint import (
+    checkpoint_root,
+    load_checkpoint,
+    newest_verified,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from packtune.config import TrainConfig
-from packtune.errors import CheckpointError, TrainingError
+from packtune.config.train import router_coefficients
+from packtune.context_parallel import ContextChunks, check_model
+from packtune.errors import CheckpointError, StorageError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
+from packtune.offload import ActivationOffload
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
 from packtune.parallel import DistContext, gathered_parameters, parallelize
+from packtune.tiled_mlp import resolve_tile_tokens, tile_mlps
 
 if TYPE_CHECKING:
     from packtune.data.packing import PackedBatch, PaddedBatch
@@ -85,7 +97,9 @@ class Trainer:
     rank's shards are allocated (empty): the caller fills them before `resume()` / `fit()`
     (packtune.model.loading.fill_shards), so no rank ever holds more than its shard on the
     accelerator. `mixed_precision` (default: on CUDA) computes in bf16 over the fp32 parameters
-    (see parallel.py).
+    (see parallel.py). Long rows: `cfg.tiled_mlp` tiles the blocks' MLPs, `cfg.offload_activations`
+    keeps the saved block inputs in host memory, and under context parallelism (`dist_ctx.context`)
+    the samplers' whole rows become this rank's chunks.
     """
 
     def __init__(
@@ -103,13 +117,23 @@ class Trainer:
         reporters: list | None = None,
         loss_module: nn.Module | None = None,
     ) -> None:
+        if dist_ctx.context is not None:  # each rank of a row's group keeps its chunk (context_parallel.py)
+            check_model(model, dist_ctx.context.size)
+            sampler = ContextChunks(sampler, dist_ctx.context)
+            eval_sampler = None if eval_sampler is None else ContextChunks(eval_sampler, dist_ctx.context)
         self.cfg, self.dist_ctx, self.sampler, self.eval_sampler = cfg, dist_ctx, sampler, eval_sampler
         self.generation_eval = generation_eval
         self.flops_per_token = flops_per_token
         self.output_dir = Path(cfg.output_dir)
         if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        root = CausalLMLoss(model) if loss_module is None else loss_module
+        args = getattr(model, "args", None)
+        router = router_coefficients(cfg, getattr(args, "router_aux_loss_coef", 0.0))
+        tile_tokens = resolve_tile_tokens(cfg.tiled_mlp, model)
+        if tile_tokens is not None:
+            tile_mlps(model.decoder_layers, tile_tokens)
+        self.offload = ActivationOffload(dist_ctx.device) if cfg.offload_activations else None
+        root = CausalLMLoss(model, *router) if loss_module is None else loss_module
         self.metric_names: tuple[str, ...] = tuple(getattr(root, "metric_names", ()))
         self.module = parallelize(
             root,
@@ -148,23 +172,34 @@ class Trainer:
             stream=log_stream,
             reporters=list(reporters or []),
             progress=progress_mode(cfg.progress, log_stream),
-            metric_names=self.metric_names,
         )
 
     # ---- resume -----------------------------------------------------------------------------
 
     def resume(self) -> Path | None:
-        """Load the checkpoint `cfg.resume` names (auto: the newest complete one, if any).
+        """Load the checkpoint `cfg.resume` names (auto: the newest that verifies against its
+        manifest; each newer one skipped is named), if any.
 
         metrics.jsonl keeps only the records up to the step resumed from (none for a fresh run).
         """
         path = None
         if self.cfg.resume == "auto":
-            path = latest_checkpoint(self.output_dir)
+            path, skipped = newest_verified(self.output_dir, self.dist_ctx)
+            if self.dist_ctx.is_main:
+                for line in skipped:
+                    print(f"skipped checkpoint {line}", flush=True)
+            if path is None and skipped:
+                raise CheckpointError(
+                    f"no checkpoint in {checkpoint_root(self.output_dir)} verifies ({'; '.join(skipped)}); "
+                    "nothing was deleted. Restore them from a copy, or start over with --overwrite (moves "
+                    f"{self.output_dir} aside); `packtune check-checkpoint {self.output_dir}` lists them")
         elif self.cfg.resume != "never":
             path = Path(self.cfg.resume)
             if not path.is_dir():
                 raise CheckpointError(f"train.resume: {path} is not a checkpoint directory")
+            problem = verify_checkpoint(path, self.dist_ctx)
+            if problem is not None:
+                raise CheckpointError(f"train.resume: {path} does not verify: {problem}")
         if path is None:
             if self.dist_ctx.is_main:
                 _truncate_metrics(self.output_dir / "metrics.jsonl", 0)
@@ -234,15 +269,29 @@ class Trainer:
                     self.metrics.log_generation_eval(self.step, scores)
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or stop_now:
                     self._flush()
-                    self.save()
-                    saved_at = self.step
+                    if self._save_or_continue(stopping=stop_now):
+                        saved_at = self.step
                 if stop_now:
                     if self.dist_ctx.is_main:
                         print(f"stop requested: saved step {self.step}, exiting", flush=True)
                     return self.step
         if self.cfg.save_every and saved_at != self.step:
-            self.save()
+            self._save_or_continue(stopping=False)
         return self.step
+
+    def _save_or_continue(self, stopping: bool) -> bool:
+        """Save; a checkpoint that cannot be written stops the run, or with `on_save_error =
+        "continue"` is reported and retried at the next save (not when stopping: then it is the last)."""
+        try:
+            self.save()
+            return True
+        except StorageError as e:
+            if self.cfg.on_save_error != "continue" or stopping:
+                raise
+            if self.dist_ctx.is_main:
+                print(f"step {self.step}: {e} (train.on_save_error = 'continue': training goes on, the next "
+                      "save tries again)", flush=True)
+            return False
 
     def _flush(self) -> None:
         self.metrics.flush()
@@ -267,22 +316,31 @@ class Trainer:
         normalizers = [sum(n) for n in zip(*(b.normalizers() for b in micro_batches), strict=True)]
         counts = torch.tensor(
             [sum(b.num_label_tokens for b in micro_batches), sum(b.input_ids.numel() for b in micro_batches),
-             int(stop_requested), *normalizers],
+             int(stop_requested), len(micro_batches), *normalizers],
             dtype=torch.int64,
         )
         self.dist_ctx.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
-        label_tokens, tokens, stops, *items = counts.tolist()
+        label_tokens, tokens, stops, batches, *items = counts.tolist()
         num_items = self._num_items(items)
         flops = 0.0
         sums = torch.zeros(1 + len(self.metric_names), device=device, dtype=torch.float32)  # loss, metrics
+        router = None  # MoE: [aux, z] (their mean over the step's micro-batches) and the expert counts
         for batch in micro_batches:
             if self.flops_per_token is not None:
                 flops += self.flops_per_token(batch.layout.attended_length) * batch.input_ids.numel()
-            loss, metrics = self._split(self._loss(batch, num_items, weighted=True))
+            out = self._loss(batch, num_items, weighted=True, router_weight=1.0 / batches)
+            loss, metrics = self._split(out)
             loss.backward()
             sums += torch.cat([loss.detach().float()[None], metrics.float()])
-        self.dist_ctx.all_reduce_sum(sums)
-        loss_sum = sums[0]
+            if getattr(self.module, "router_stats", None) is not None:
+                terms, experts = self.module.router_stats
+                part = torch.cat([terms / batches, experts.flatten()])
+                router, layers = (part if router is None else router + part), experts.shape
+        named = len(sums)
+        if router is not None:  # one all-reduce for both
+            sums = torch.cat([sums, router])
+        sums = self.dist_ctx.all_reduce_sum(sums)
+        loss_sum, router = sums[0], (None if router is None else sums[named:])
         grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.max_grad_norm).to(device)
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()
@@ -292,8 +350,11 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         flops = self.dist_ctx.world_size * flops  # every rank's share, assuming balanced ranks
-        values = torch.cat([torch.stack([loss_sum, grad_norm.float(), finite.float()]), sums[1:]])
-        self.metrics.record(self.step, lr, tokens, label_tokens, flops, values)
+        values = torch.stack([loss_sum, grad_norm.float(), finite.float()])
+        extra = dict(zip(self.metric_names, sums[1:named], strict=True))
+        if router is not None:
+            extra.update(router_metrics(router[:2], router[2:].view(layers)))
+        self.metrics.record(self.step, lr, tokens, label_tokens, flops, values, extra)
         return stops > 0
 
     def _split(self, out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -304,12 +365,14 @@ class Trainer:
         return out, out.new_zeros(0)
 
     def _loss(self, batch: PackedBatch | PaddedBatch, num_items: torch.Tensor | None = None,
-              weighted: bool = False) -> torch.Tensor:
+              weighted: bool = False, router_weight: float = 0.0) -> torch.Tensor:
         """Summed token loss of one micro-batch (times its loss weights when `weighted`, ÷ num_items
-        when given), packed or padded."""
+        when given), packed or padded; plus `router_weight` x its router losses (MoE models)."""
         batch = batch.to(self.dist_ctx.device)
-        return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
-                           loss_weights=batch.loss_weights if weighted else None, **batch.loss_inputs())
+        with self.offload or contextlib.nullcontext():
+            return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
+                               loss_weights=batch.loss_weights if weighted else None,
+                               router_weight=router_weight, **batch.loss_inputs())
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -351,6 +414,15 @@ class Trainer:
             named = dict(zip(self.metric_names, metrics, strict=True))
             self.metrics.log_eval(self.step, loss, label_tokens, named)
         return loss
+
+
+def router_metrics(terms: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A mixture-of-experts step's router metrics, on the device: the mean load-balancing and z-loss
+    (`terms`, unscaled by their coefficients) and the least and most loaded expert's share of its
+    layer's routed (token, expert) pairs (`counts` [sparse layers, E]; 1 / E each when balanced)."""
+    share = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    return {"router_aux_loss": terms[0], "router_z_loss": terms[1], "router_load_min": share.min(),
+            "router_load_max": share.max()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

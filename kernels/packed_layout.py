@@ -19,7 +19,8 @@ A row may also say which keys each segment attends to when they are not its own 
 (packtune.preference), so a response's segment attends to the prompt's keys and its own.
 
 `PackedLayout.padded(seq_lens, labels)` describes the padded counterpart (`[B, L]` rows, each
-one sample left-aligned): `cu_seqlens` is None and positions are `[B, L]`.
+one sample left-aligned): `cu_seqlens` is None, positions are `[B, L]` and `real` (bool `[B, L]`)
+marks the slots that hold a token (what a mixture-of-experts router's statistics count).
 
 Labels follow one convention, `shift_labels`: the label at t is token t + 1 of the same sample
 where that token is trained, IGNORE_INDEX elsewhere and on every sample's last token.
@@ -99,6 +100,8 @@ class PackedLayout:
     attended_length: float
     keys: GatheredKeys | None = None
     """The keys each segment attends to, when not its own tokens (prefix sharing); None: its own."""
+    real: torch.Tensor | None = None
+    """Padded rows: which slots hold a token (`[B, L]` bool); None: every slot (a packed row)."""
 
     @classmethod
     def packed(cls, seq_lens: np.ndarray, labels: np.ndarray | torch.Tensor | None = None) -> PackedLayout:
@@ -122,8 +125,9 @@ class PackedLayout:
         width = int(seq_lens.max()) if width is None else width
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), (len(seq_lens), width)).copy()
         rows = _label_rows(labels, len(seq_lens) * width)
+        real = torch.from_numpy(positions < seq_lens[:, None])
         return cls(None, width, torch.from_numpy(positions), rows, None if rows is None else len(rows),
-                   attended_length(seq_lens))
+                   attended_length(seq_lens), real)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, labels: torch.Tensor | None = None) -> PackedLayout:
@@ -143,7 +147,7 @@ class PackedLayout:
         move = lambda t: _moved(t, device, non_blocking)
         keys = None if self.keys is None else self.keys.to(device, non_blocking)
         return replace(self, cu_seqlens=move(self.cu_seqlens), positions=move(self.positions),
-                       label_rows=move(self.label_rows), keys=keys)
+                       label_rows=move(self.label_rows), keys=keys, real=move(self.real))
 
 
 def _label_rows(labels: np.ndarray | torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:

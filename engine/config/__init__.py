@@ -52,6 +52,9 @@ class Config:
         self.model.check()
         self.lora.check()
         self.check_export()
+        if self.train.context_parallel > 1 and not self.data.packing:
+            raise ConfigError(f"train.context_parallel = {self.train.context_parallel} splits packed rows: "
+                              "it needs data.packing = true")
         self.check_objective()
         if self.lora.enabled and self.lora.init_from:
             from packtune.lora.training import check_init_from
@@ -64,6 +67,10 @@ class Config:
         if objective == "sft":
             return
         self.preference.check(objective)
+        if self.train.context_parallel > 1:
+            raise ConfigError(f"train.context_parallel = {self.train.context_parallel} splits rows across ranks; "
+                              f"train.objective = {objective!r} keeps each pair whole in one rank's row "
+                              "(leave it 1)")
         if self.train.loss_weighting != "token":
             raise ConfigError(f"train.loss_weighting = {self.train.loss_weighting!r} is for SFT; "
                               f"train.objective = {objective!r} averages its terms over the step's pairs "

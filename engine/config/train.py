@@ -13,6 +13,7 @@ LOSS_WEIGHTINGS = ("token", "sample", "turn")
 PROGRESS = ("auto", "bar", "line", "none")
 OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
 """What a run optimises: supervised fine-tuning, or a preference objective ([preference])."""
+ON_SAVE_ERROR = ("stop", "continue")
 DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
@@ -41,7 +42,12 @@ class TrainConfig:
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
     keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep (0 keeps all)."""
+    """How many of the newest checkpoints to keep (0 keeps all); the newest one that verifies is never
+    deleted before a newer one has verified."""
+    on_save_error: str = "stop"
+    """A checkpoint that cannot be written (disk full, no permission, I/O error; its partial files are
+    removed, the earlier checkpoints kept): stop with one line saying what to free or change, or
+    continue training and try again at the next save."""
     eval_every: int = 0
     """Evaluate the held-out split every this many steps and at the end (0: never)."""
     eval_fraction: float = 0.0
@@ -63,6 +69,14 @@ class TrainConfig:
     """How token losses are averaged over the optimizer step: token (every label token counts
     equally), sample (every sample counts equally: its token losses are averaged, then the step
     averages over samples) or turn (likewise per assistant turn, a contiguous run of trained tokens)."""
+    router_aux_loss: bool | float = True
+    """Mixture-of-experts models: add the routers' load-balancing loss (transformers'
+    `load_balancing_loss_func`, over each micro-batch's real tokens; the step adds the mean over its
+    micro-batches) times a coefficient: true takes the model's `router_aux_loss_coef` (config.json),
+    a number replaces it, false leaves the loss out. Dense models ignore it."""
+    router_z_loss: float = 0.0
+    """Mixture-of-experts models: the coefficient of the router z-loss (ST-MoE: the mean over tokens
+    and sparse layers of logsumexp(router logits) ** 2); 0: none."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: measure only)."""
     max_bad_steps: int = 5
@@ -73,6 +87,20 @@ class TrainConfig:
     """Recompute each decoder block in the backward pass instead of storing its activations."""
     compile: bool = False
     """torch.compile each decoder block."""
+    tiled_mlp: bool | int | str = False
+    """Run each decoder block's MLP over tiles of this many tokens, each recomputed alone in the backward
+    (packtune.tiled_mlp): its live memory is O(tile x intermediate) instead of O(row x intermediate),
+    for the cost of one more MLP forward. "auto": tiles of the largest power of two of tokens whose
+    fp32 [tile x intermediate] activation fits 32 MiB (4096 tokens for an intermediate size of 1536);
+    false: none. Rows no longer than a tile run untiled."""
+    offload_activations: bool = False
+    """Keep what the forward saves outside the checkpointed blocks (each block's input) in pinned host
+    memory until the backward brings it back, double-buffered on a side stream (packtune.offload);
+    needs activation_checkpointing."""
+    context_parallel: int = 1
+    """Split each packed row into this many contiguous chunks over as many ranks, attention exchanged
+    Ulysses-style (packtune.context_parallel): rows and samples hold up to data.max_tokens x this many
+    tokens, each rank computing data.max_tokens. The number of ranks must be a multiple of it."""
     export: bool | str = True
     """Write the final model: true writes `<output_dir>/final` (a Hugging Face model directory; with
     [lora] a PEFT adapter), false nothing. LoRA runs also take "adapter" (final/), "merged" (the
@@ -93,11 +121,12 @@ class TrainConfig:
 
         from packtune.reporters import check_reporters
 
-        for key in ("lr", "micro_batches", "log_every"):
+        for key in ("lr", "micro_batches", "log_every", "context_parallel"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be > 0, got {getattr(self, key)!r}")
         for key in ("max_steps", "warmup", "save_every", "eval_every", "keep_checkpoints", "weight_decay",
-                    "max_grad_norm", "max_bad_steps", "min_lr_ratio", "eval_generate_every"):
+                    "max_grad_norm", "max_bad_steps", "min_lr_ratio", "eval_generate_every",
+                    "router_aux_loss", "router_z_loss"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)!r}")
         if not 0 <= self.eval_fraction < 1:
@@ -107,7 +136,7 @@ class TrainConfig:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         for key, choices in (("device", DEVICES), ("progress", PROGRESS), ("objective", OBJECTIVES),
-                             ("loss_weighting", LOSS_WEIGHTINGS)):
+                             ("loss_weighting", LOSS_WEIGHTINGS), ("on_save_error", ON_SAVE_ERROR)):
             value = getattr(self, key)
             if value not in choices:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {value!r}")
@@ -117,8 +146,33 @@ class TrainConfig:
             raise ConfigError(f"train.resume: {self.resume!r} is not auto, never or a checkpoint directory")
         if self.eval_data and not Path(self.eval_data).exists():
             raise ConfigError(f"train.eval_data: {self.eval_data} does not exist")
+        self.check_long_rows()
         check_reporters(self.report_to)
         _check_writable(Path(self.output_dir))
+
+    def check_long_rows(self) -> None:
+        """tiled_mlp, offload_activations and context_parallel against each other and the world size."""
+        tiles = self.tiled_mlp
+        if not (tiles is False or tiles == "auto" or (type(tiles) is int and tiles >= 1)):
+            raise ConfigError(f'train.tiled_mlp must be "auto", a tile size in tokens (>= 1) or false, '
+                              f"got {tiles!r}")
+        if self.offload_activations and not self.activation_checkpointing:
+            raise ConfigError("train.offload_activations moves the checkpointed blocks' inputs to host "
+                              "memory: it needs train.activation_checkpointing = true")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % self.context_parallel:
+            raise ConfigError(f"train.context_parallel = {self.context_parallel} splits each row over that "
+                              f"many ranks: the number of ranks ({world}) must be a multiple of it (torchrun "
+                              f"--nproc_per_node {self.context_parallel} ...)")
+
+
+def router_coefficients(cfg: TrainConfig, model_coef: float) -> tuple[float, float]:
+    """(load-balancing, z-loss) coefficients of a mixture-of-experts run: `router_aux_loss` true
+    takes the model's `model_coef`, false none, a number itself."""
+    aux = cfg.router_aux_loss
+    if isinstance(aux, bool):
+        aux = model_coef if aux else 0.0
+    return float(aux), float(cfg.router_z_loss)
 
 
 def _check_writable(path: Path) -> None:

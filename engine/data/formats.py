@@ -33,6 +33,7 @@ DEFAULT_FIELDS = {
     "messages": "messages",
     "role": "role",
     "content": "content",
+    "thinking": "thinking",
     "prompt": "prompt",
     "completion": "completion",
     "text": "text",
@@ -57,6 +58,9 @@ class Message:
     content: str
     input: str = ""
     """Alpaca's optional `input`, kept apart so the alpaca template can give it its own block."""
+    thinking: str = ""
+    """An assistant turn's reasoning (a `messages` record's `thinking`), which the model's own chat
+    template renders where the model writes it (gpt-oss's analysis channel, Qwen3's <think> block)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,17 +168,18 @@ def to_conversation(record: dict[str, Any], fmt: str, fields: dict[str, str], wh
         role_key, content_key = (
             (fields["from"], fields["value"]) if fmt == "sharegpt" else (fields["role"], fields["content"])
         )
-        return Conversation(read_turns(record, key, role_key, content_key, where))
+        return Conversation(read_turns(record, key, role_key, content_key, where, fields["thinking"]))
     if fmt == "preference":
         raise DataError(f"{where}: a preference record (chosen / rejected) trains with train.objective = "
                         "dpo, ipo, orpo or simpo, not sft", "config")
     raise DataError(f"data.format: unknown format {fmt!r}; valid: auto, {', '.join(FORMATS)}", "config")
 
 
-def read_turns(record: dict[str, Any], key: str, role_key: str, content_key: str, where: str
-               ) -> tuple[Message, ...]:
+def read_turns(record: dict[str, Any], key: str, role_key: str, content_key: str, where: str,
+               thinking_key: str | None = None) -> tuple[Message, ...]:
     """The non-empty list of turns in field `key`, each an object with a role and a content string
-    (ShareGPT and OpenAI role names as the template's); an assistant turn must say something."""
+    (ShareGPT and OpenAI role names as the template's); an assistant turn must say something and
+    may carry its reasoning in `thinking_key`."""
     turns = record.get(key)
     if turns is None:
         raise DataError(f"{where}: missing field {key!r}", "missing_field")
@@ -190,7 +195,12 @@ def read_turns(record: dict[str, Any], key: str, role_key: str, content_key: str
             raise DataError(f"{at}: expected an object, got {type_name(turn)}", "wrong_type")
         role = read_string(turn, role_key, at)
         role = ROLE_ALIASES.get(role, role)
-        messages.append(Message(role, read_string(turn, content_key, at, response=role == "assistant")))
+        thinking = read_string(turn, thinking_key, at, required=False) if thinking_key else ""
+        if thinking and role != "assistant":
+            raise DataError(f"{at}: field {thinking_key!r} on a {role} turn (only assistant turns have "
+                            "reasoning)", "bad_turn_order")
+        messages.append(Message(role, read_string(turn, content_key, at, response=role == "assistant"),
+                                thinking=thinking))
     return tuple(messages)
 
 

@@ -9,10 +9,12 @@ from typing import Any
 
 
 def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1,
-                split: str = "all samples") -> dict[str, Any]:
+                split: str = "all samples", context_parallel: int = 1) -> dict[str, Any]:
     """The tokenization report of `dataset` (all the data read) plus packing figures for `rows`
     (packed or padded) of the split named by `split` (e.g. the training split when some samples
-    are held out)."""
+    are held out). `world_size` counts the ranks that get rows of their own (the dp ranks); with
+    `context_parallel` > 1 the report adds how the rows split into chunks."""
+    from packtune.context_parallel import chunk_layouts
     from packtune.data.packing import PackedRows
 
     group = world_size * micro_batches
@@ -29,6 +31,9 @@ def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1,
             "split": split,
         }
     )
+    if context_parallel > 1 and isinstance(rows, PackedRows):
+        report["context_parallel"] = context_parallel
+        report["chunk_layouts"] = chunk_layouts(rows, context_parallel)
     return report
 
 
@@ -69,6 +74,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"{report['steps_per_epoch']} steps per epoch ({report['world_size']} rank(s) x "
             f"{report['micro_batches']} micro-batch(es))"
         )
+    if "chunk_layouts" in report:
+        n = report["context_parallel"]
+        spans = ", ".join(f"{count} with a sample over {k} chunks" if k > 1 else f"{count} with none"
+                          for k, count in sorted(report["chunk_layouts"].items()))
+        chunk = report["max_tokens"] // n
+        lines.append(f"  context parallel: each row split into {n} chunks of up to {chunk} tokens; rows by "
+                     f"samples crossing a chunk boundary: {spans}")
     if "pairs" in report:
         saved, unshared = report.get("shared_prompt_tokens_saved", 0), report.get("unshared_tokens", 0)
         line = f"  preference pairs {report['pairs']} (each a chosen and a rejected sample)"

@@ -22,7 +22,9 @@ materialises logits).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +44,9 @@ class AttentionInputs:
     """What every layer's attention reads besides its input: token positions (`[T]` or `[B, L]`),
     the fp32 RoPE tables they index, and either the packed row's `cu_seqlens` / `max_seqlen`
     (varlen attention), nothing more (padded rows: dense causal attention), or a KV cache.
-    `local_cos` / `local_sin`: the tables of the sliding-window layers when their RoPE base differs."""
+    `local_cos` / `local_sin`: the tables of the sliding-window layers when their RoPE base differs.
+    `context`: for a chunk of a row split over context-parallel ranks, the row's chunks
+    (packtune.context_parallel.RowChunks), whose `attention` attends over the whole row."""
 
     positions: torch.Tensor
     cos: torch.Tensor
@@ -54,14 +58,17 @@ class AttentionInputs:
     cache: KVCache | None = None
     local_cos: torch.Tensor | None = None
     local_sin: torch.Tensor | None = None
+    context: Any = None
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
                            scale: float | None = None, softcap: float | None = None,
-                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                           alibi_slopes: torch.Tensor | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention on `[B, L, Hq, D]` queries and `[B, L, Hk, D]` keys/values (GQA allowed),
     for padded rows. With `window`, a query sees the `window` most recent keys, itself included
-    (transformers' `sliding_window`); `scale`, `softcap` and `alibi_slopes` as in `varlen_attention`."""
+    (transformers' `sliding_window`); `scale`, `softcap`, `alibi_slopes` and `sinks` as in
+    `varlen_attention`."""
     length = q.shape[1]
     mask, is_causal = None, False
     if window is None or window >= length:
@@ -72,7 +79,7 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = sdpa_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, softcap=softcap,
-                         alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1])
+                         alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1], sinks=sinks)
     return out.transpose(1, 2)
 
 
@@ -119,6 +126,15 @@ class Attention(nn.Module):
             q_size, k_size = (args.head_dim, args.head_dim) if args.qk_norm == "head" else (q_dim, kv_dim)
             self.q_norm = RMSNorm(q_size, args.rms_norm_eps, offset=args.norm_offset)
             self.k_norm = RMSNorm(k_size, args.rms_norm_eps, offset=args.norm_offset)
+        self.clip_qkv = args.clip_qkv
+        if args.attention_sinks:  # gpt-oss: one logit per query head in the softmax's denominator
+            self.sinks = nn.Parameter(torch.empty(args.num_attention_heads))
+
+    @torch.no_grad()
+    def reset_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """transformers' init of the sinks (the projections are nn.Linear, initialised as such)."""
+        if hasattr(self, "sinks"):
+            self.sinks.normal_(0.0, std, generator=generator)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         tokens = x.shape[:-1]
@@ -128,6 +144,8 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # OLMoE
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k, v = (t.view(*tokens, -1, self.head_dim) for t in (q, k, v))
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -138,12 +156,15 @@ class Attention(nn.Module):
         else:  # partial rotary: the leading r dims rotate, the rest pass through
             q_rot, k_rot = rotary(q[..., :r], k[..., :r], cos, sin, position_ids=inputs.positions)
             q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
-        options = dict(window=self.window, scale=self.scale, softcap=self.softcap)
+        options = dict(window=self.window, scale=self.scale, softcap=self.softcap,
+                       sinks=getattr(self, "sinks", None))
         if inputs.cache is not None:  # generation: the cache stores k/v and attends (model/kv_cache.py)
             out = inputs.cache.attend(self.layer, q, k, v, **options)
         elif inputs.keys is not None:  # a packed row with shared prefixes (kernels/qk_attention.py)
             out = gathered_key_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, inputs.keys,
                                          **options)
+        elif inputs.context is not None:  # a chunk of a row split over context-parallel ranks
+            out = inputs.context.attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, **options)
         elif inputs.cu_seqlens is not None:  # a packed row
             out = varlen_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, **options)
         else:  # padded rows
@@ -183,7 +204,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer)
-        self.mlp = MLP(args)
+        self.mlp = self.build_mlp(args, layer)
         norm = lambda: RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset)
         self.placement = args.norm_placement
         if self.placement != "post":
@@ -194,6 +215,10 @@ class DecoderLayer(nn.Module):
         if self.placement != "pre":
             self.post_feedforward_layernorm = norm()
         self.residual_multiplier = args.residual_multiplier
+
+    def build_mlp(self, args: ModelArgs, layer: int) -> nn.Module:
+        """The block's feed-forward part (MoE families: experts on their sparse layers)."""
+        return MLP(args)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         if self.placement == "pre":
@@ -209,23 +234,30 @@ class DecoderLayer(nn.Module):
         return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
 
+BlockFactory = Callable[[ModelArgs, int], DecoderLayer]
+"""Builds decoder block i from the args (a block class, or a partial of one)."""
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer: BlockFactory = DecoderLayer) -> None:
         super().__init__()
         pad = args.pad_token_id
         # transformers passes pad_token_id as padding_idx: that row's lookup gets no gradient.
         padding_idx = pad if isinstance(pad, int) and 0 <= pad < args.vocab_size else None
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=padding_idx)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset)
 
 
 class LlamaForCausalLM(CausalLM):
     embedding_name = "model.embed_tokens.weight"
+    context_parallel = True
+    """Its attention runs a context-parallel chunk's exchange (packtune.context_parallel)."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer: BlockFactory = DecoderLayer) -> None:
+        """`layer(args, i)` builds block i (MoE families: engine/model/moe.py's)."""
         super().__init__(args)
-        self.model = LlamaModel(args)
+        self.model = LlamaModel(args, layer)
         self.add_head()
         self.rope = RopeTables(args)
         self.local_rope = (RopeTables(replace(args, rope_theta=args.local_rope_theta, rope_scaling=None))
@@ -258,11 +290,17 @@ class LlamaForCausalLM(CausalLM):
         cos, sin = self.rope(layout.max_seqlen, input_ids.device)
         rows = self._rope_rows(layout, cos, full_rows)
         inputs = AttentionInputs(rows, cos, sin, layout.cu_seqlens, layout.max_seqlen, layout.keys,
+                                 context=getattr(layout, "context", None),
                                  **self._local_tables(layout.max_seqlen, input_ids.device))
-        x = self._embed(input_ids)
+        x = self._run_layers(self._embed(input_ids), inputs, layout)
+        return self._final_norm(x)
+
+    def _run_layers(self, x: torch.Tensor, inputs: AttentionInputs,
+                    layout: PackedLayout | None) -> torch.Tensor:
+        """The decoder blocks over the embeddings (`layout`: the batch's, None in a decoding step)."""
         for layer in self.model.layers:
             x = layer(x, inputs)
-        return self._final_norm(x)
+        return x
 
     def _generation_step(self, input_ids: torch.Tensor, layout: PackedLayout | None,
                          cache: KVCache) -> torch.Tensor:
@@ -275,9 +313,7 @@ class LlamaForCausalLM(CausalLM):
                 else self._decode_rope_rows(positions, cache.lengths, cos))
         local = self._local_tables(end, input_ids.device)
         inputs = AttentionInputs(rows, cos, sin, cache=cache, **local)
-        x = self._embed(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, inputs)
+        x = self._run_layers(self._embed(input_ids), inputs, layout)
         cache.advance()
         return self._final_norm(x)
 

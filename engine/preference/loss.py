@@ -42,9 +42,11 @@ class PreferenceLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, layout: PackedLayout,
                 num_items: torch.Tensor | None = None, loss_weights: torch.Tensor | None = None,
-                ref_logps: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                ref_logps: torch.Tensor | None = None, router_weight: float = 0.0
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`num_items`: the step's [pairs, chosen label tokens] (float device tensor); `loss_weights`
-        must be None (pairs are weighted by the objective)."""
+        must be None (pairs are weighted by the objective); `router_weight` (a mixture of experts'
+        router losses, SFT's CausalLMLoss adds them) is not read: preference_loss refuses MoE models."""
         if loss_weights is not None:
             raise ValueError("a preference objective takes no per-token loss weights")
         logps, counts = self.logps(input_ids, labels, layout)
@@ -56,6 +58,9 @@ class PreferenceLoss(nn.Module):
 def preference_loss(cfg: Config, model: nn.Module) -> PreferenceLoss:
     """The run's preference loss over `model`, whose family must take rows with shared prompts when
     `preference.shared_prompt` packs them so."""
+    if getattr(getattr(model, "args", None), "num_experts", 0):
+        raise ConfigError(f"train.objective = {cfg.train.objective!r}: mixture-of-experts models train with "
+                          "the SFT objective only (the preference losses do not add the router losses)")
     if cfg.preference.shared_prompt and cfg.data.packing:
         why = shared_prompt_unsupported(model)
         if why:

@@ -35,11 +35,11 @@ def preference_run_data(cfg: Config, dist_ctx: DistContext, dataset: TokenizedDa
     train_rows = build_pair_rows(cfg, dataset, train_pairs)
     if dist_ctx.is_main:
         split = "all pairs" if eval_pairs is None else f"training split ({len(train_pairs)} of {n} pairs)"
-        report = pair_report(dataset, train_rows, dist_ctx.world_size, cfg.train.micro_batches, split)
+        report = pair_report(dataset, train_rows, dist_ctx.dp_size, cfg.train.micro_batches, split)
         print(format_report(report), flush=True)
         if eval_pairs is not None:
             print(f"  held out {len(eval_pairs)} pairs for evaluation", flush=True)
-    deal = dict(seed=cfg.train.seed, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+    deal = dict(seed=cfg.train.seed, rank=dist_ctx.dp_rank, world_size=dist_ctx.dp_size)
     sampler = PackedSampler(train_rows, micro_batches=cfg.train.micro_batches, **deal)
     eval_sampler = None
     if eval_pairs is not None:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from packtune.errors import ModelError
 
 if TYPE_CHECKING:
+    import torch
+
     from packtune.model.causal_lm import CausalLM
     from packtune.model.config import ModelArgs
 
@@ -69,6 +71,20 @@ class HFModules:
 
 
 @dataclass(frozen=True)
+class StoredTensor:
+    """A model tensor a checkpoint keeps in pieces: per-expert matrices stacked into one 3-D tensor,
+    MXFP4 blocks and scales dequantised. hf_io checks the pieces' names and the joined shape before it
+    reads anything, then reads the pieces and joins them."""
+
+    names: tuple[str, ...]
+    """The stored tensors, in the order `join` takes them."""
+    join: Callable[[list[torch.Tensor]], torch.Tensor]
+    """The model's tensor from the pieces."""
+    shape: Callable[[list[tuple[int, ...]]], tuple[int, ...]]
+    """The joined tensor's shape from the pieces' shapes."""
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: everything about it that differs from the others."""
 
@@ -92,8 +108,10 @@ class Family:
     """What apply_packtune patches in transformers' implementation; None: it refuses (`hf_refusal`)."""
     hf_refusal: str = ""
     """Why apply_packtune refuses this family (where packtune's own model still trains it)."""
-    stored_names: Callable[[list[str]], dict[str, str]] | None = None
-    """Model tensor name -> the name a checkpoint stores it under, given the stored names; None: the same."""
+    stored: Callable[[list[str]], Mapping[str, str | StoredTensor]] | None = None
+    """Where a checkpoint keeps the model's tensors, given its stored names: model tensor name -> its
+    stored name, or the pieces it is joined from (`StoredTensor`); a name left out is stored as
+    itself. None: every tensor under its own name."""
 
 
 _REGISTRY: dict[str, Family] = {}
