@@ -127,7 +127,7 @@ class PackedLayout:
         rows = _label_rows(labels, len(seq_lens) * width)
         real = torch.from_numpy(positions < seq_lens[:, None])
         return cls(None, width, torch.from_numpy(positions), rows, None if rows is None else len(rows),
-                   attended_length(seq_lens), real)
+                   attended_length(seq_lens), real=real)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, labels: torch.Tensor | None = None) -> PackedLayout:

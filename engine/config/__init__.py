@@ -68,9 +68,9 @@ class Config:
             return
         self.preference.check(objective)
         if self.train.context_parallel > 1:
-            raise ConfigError(f"train.context_parallel = {self.train.context_parallel} splits rows across ranks; "
-                              f"train.objective = {objective!r} keeps each pair whole in one rank's row "
-                              "(leave it 1)")
+            raise ConfigError(f"train.context_parallel = {self.train.context_parallel} splits rows across "
+                              f"ranks; train.objective = {objective!r} keeps each pair whole in one rank's "
+                              "row (leave it 1)")
         if self.train.loss_weighting != "token":
             raise ConfigError(f"train.loss_weighting = {self.train.loss_weighting!r} is for SFT; "
                               f"train.objective = {objective!r} averages its terms over the step's pairs "
