@@ -142,9 +142,13 @@ def varlen_qk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
 
 def gathered_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                            max_seqlen: int, keys: GatheredKeys, *, window: int | None = None,
-                           scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, softcap: float | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a packed row's query segments (`cu_seqlens`) over the keys `keys` gathers
-    from the same row: `[T, Hq, D]` q, `[T, Hk, D]` k, v -> `[T, Hq, D]`."""
+    from the same row: `[T, Hq, D]` q, `[T, Hk, D]` k, v -> `[T, Hq, D]`. Attention sinks (gpt-oss)
+    are not supported here: `sinks` must be None."""
+    if sinks is not None:
+        raise ValueError("gathered_key_attention: attention sinks are not supported with shared prefixes")
     return varlen_qk_attention(q, k[keys.index], v[keys.index], cu_seqlens, keys.cu_seqlens_k, max_seqlen,
                                keys.max_seqlen_k, causal=True, window=window, scale=scale, softcap=softcap)
 

@@ -75,6 +75,8 @@ def shared_prompt_unsupported(model: nn.Module) -> str | None:
     if not isinstance(model, LlamaForCausalLM):
         return (f"{type(model).__name__} has no attention over gathered keys (prefix sharing needs a "
                 "Llama-family model)")
+    if any(getattr(m, "sinks", None) is not None for m in model.modules()):
+        return "attention sinks (gpt-oss) are not supported over gathered keys"
     scaling = model.args.rope_scaling
     if scaling is not None and scaling.rope_type == "longrope":
         return ("longrope picks each sample's RoPE factors by its length, which two sides sharing a prompt "
