@@ -180,6 +180,15 @@ class Batch:
     def num_label_tokens(self) -> int:
         return self.layout.num_label_rows
 
+    def normalizers(self) -> tuple[int, ...]:
+        """The step's loss normalizers this batch adds to (summed over the step's batches and ranks,
+        passed to the loss as `num_items`): its loss items."""
+        return (self.num_items,)
+
+    def loss_inputs(self) -> dict:
+        """What the loss reads besides ids, labels, layout and weights (none here)."""
+        return {}
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         return type(self)(
             **{f.name: _move(getattr(self, f.name), device, non_blocking) for f in fields(self)}

@@ -24,6 +24,8 @@ class RunData:
 
     sampler: PackedSampler
     eval_sampler: PackedSampler | None
+    dataset: TokenizedDataset | None = None
+    """Preference runs: the whole tokenized data, whose pairs the reference pass scores."""
 
 
 def prepare_run_data(cfg: Config, dist_ctx: DistContext) -> RunData:
@@ -33,6 +35,10 @@ def prepare_run_data(cfg: Config, dist_ctx: DistContext) -> RunData:
     dist_ctx.barrier()
     if dist_ctx.local_rank != 0:
         dataset = prepare_dataset(row_data_config(cfg), cfg.tokenizer)
+    if cfg.train.objective != "sft" or dataset.prompt_lengths is not None:
+        from packtune.preference.rows import preference_run_data
+
+        return preference_run_data(cfg, dist_ctx, dataset)
     train_set, eval_set = held_out_split(dataset, cfg.train.eval_fraction, cfg.train.seed)
     rows = build_rows(cfg, train_set)
     if dist_ctx.is_main:
