@@ -26,3 +26,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test that sets torch's thread count (a bench run in-process with --threads) gives it back,
+    so later tests run with the count they were written for."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

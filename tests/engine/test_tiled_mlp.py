@@ -178,7 +178,11 @@ def test_trainer_tiled_with_checkpointing_equals_untiled(tmp_path, lora, monkeyp
     torch.testing.assert_close(torch.tensor(tiled), torch.tensor(base), rtol=1e-6, atol=0)
     assert tiled_grads.keys() == base_grads.keys() and base_grads
     for name, value in base_grads.items():
-        torch.testing.assert_close(tiled_grads[name], value, rtol=1e-5, atol=1e-7, msg=name)
+        # fp32 rounding: the tiles sum each weight's gradient in another order than one matmul does (on
+        # one thread an element near zero moves by ~1e-5 of the tensor's largest)
+        scale = value.abs().max().item()
+        torch.testing.assert_close(tiled_grads[name], value, rtol=1e-5, atol=1e-4 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_mixture_of_experts_blocks_are_refused():
