@@ -18,8 +18,9 @@ Paths, chosen per call:
 2. Elsewhere (the CPU): length buckets as in kernels/attention.py: segments sorted by length, cut
    into buckets whose padding costs at most `BUCKET_WASTE` x their real tokens, one batched SDPA call
    per bucket with the bucket's `[H, L, L]` bias (the same for every segment in it: it depends only
-   on j - i) and the padded keys masked. `packtune bench t5-attention` measures it against SDPA per
-   segment (`varlen_relative_attention_ref`); docs/t5.md has the figures.
+   on j - i) and the padded keys masked (causal: by the causal mask alone, since they follow every
+   real query of their segment). `packtune bench t5-attention` measures it against SDPA per segment
+   (`varlen_relative_attention_ref`); docs/t5.md has the figures.
 
 `varlen_relative_attention_ref` (SDPA per segment, a host loop) is the specification.
 """
@@ -136,11 +137,13 @@ def varlen_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from packtune.kernels.flex_attention import flex_varlen_attention
 
         return flex_varlen_attention(q, k, v, cu_seqlens, cu_seqlens, causal=causal, scale=scale, bias=bias)
-    return _bucketed(q, k, v, bias, cu_seqlens, causal=causal, scale=scale)
+    return bucketed_relative_attention(q, k, v, bias, cu_seqlens, causal=causal, scale=scale)
 
 
-def _bucketed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, cu_seqlens: torch.Tensor,
-              *, causal: bool, scale: float | None) -> torch.Tensor:
+def bucketed_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                                cu_seqlens: torch.Tensor, *, causal: bool,
+                                scale: float | None) -> torch.Tensor:
+    """The CPU path (any device): one SDPA call per length bucket (see the module docstring)."""
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     if max(lengths) > (bias.shape[1] + 1) // 2:
@@ -155,11 +158,13 @@ def _bucketed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         real = offset < length  # [B, L]
         index = start + torch.minimum(offset, length - 1)  # pads repeat the segment's last token
         qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        # causal: a padded key sits after every real query of its segment, so the causal mask alone
+        # hides it (one [L, L] mask for the bucket); otherwise the padded keys are masked per segment
         allowed = None
-        if len(bucket) > 1 or causal:  # one segment alone fills its bucket: nothing to mask
+        if causal:
+            allowed = torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
+        elif min(lengths[i] for i in bucket) < longest:
             allowed = real[:, None, None, :]
-            if causal:
-                allowed = allowed & torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
         o = biased_sdpa(qb, kb, vb, bias_block(bias, longest, longest, q.dtype)[None], allowed, scale)
         parts.append(o.transpose(1, 2)[real])
         rows.append(index[real])
