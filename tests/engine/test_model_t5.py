@@ -211,3 +211,24 @@ def test_unsupported_config_raises_one_clear_error(checkpoints, key, value, mess
     config = json.loads((checkpoints["t5_v11"] / "config.json").read_text())
     with pytest.raises(ModelError, match=message):
         ModelArgs.from_hf_config({**config, key: value})
+
+
+@pytest.mark.parametrize("name", ["t5_v11", "t5_original"])
+def test_flops_count_the_parameters_each_token_passes_through(checkpoints, name):
+    """pair_flops == 6 x (the encoder's parameters per input token, the decoder's and the head's per
+    target token, the cross-attention k/v per input token) + the attention term, from the modules."""
+    from packtune.model.families.t5 import pair_flops
+
+    model = load_pretrained(checkpoints[name])
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    table = lambda stack: count(stack.block[0].layer[0].SelfAttention.relative_attention_bias)  # no matmul
+    cross_kv = sum(count(b.layer[1].EncDecAttention.k) + count(b.layer[1].EncDecAttention.v)
+                   for b in model.decoder.block)
+    encoder = count(model.encoder) - table(model.encoder) + cross_kv
+    decoder = count(model.decoder) - table(model.decoder) - cross_kv + count(model.lm_head)
+    a = model.args
+    inner, n, m = a.num_attention_heads * a.head_dim, 11, 5
+    attention = 12 * inner * (a.num_hidden_layers * n * n + a.num_decoder_layers * m * (m + n))
+    expected = 6 * (n * encoder + m * decoder) + attention
+    assert pair_flops(a, n, m) == expected
+    assert a.num_flops_per_token(8) == pair_flops(a, 8, 8) // 16
