@@ -72,9 +72,10 @@ class T5Attention(nn.Module):
 
 
 class T5LayerSelfAttention(nn.Module):
-    def __init__(self, args: T5Args, causal: bool, has_relative_attention_bias: bool) -> None:
+    def __init__(self, args: T5Args, block: int, causal: bool) -> None:
         super().__init__()
-        self.SelfAttention = T5Attention(args, has_relative_attention_bias)
+        self.block = block
+        self.SelfAttention = T5Attention(args, has_relative_attention_bias=block == 0)
         self.layer_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.causal = causal
         self.max_distance = args.relative_attention_max_distance
@@ -100,8 +101,9 @@ class T5LayerSelfAttention(nn.Module):
 
 
 class T5LayerCrossAttention(nn.Module):
-    def __init__(self, args: T5Args) -> None:
+    def __init__(self, args: T5Args, block: int) -> None:
         super().__init__()
+        self.block = block
         self.EncDecAttention = T5Attention(args)
         self.layer_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -158,11 +160,11 @@ class T5Block(nn.Module):
     activation checkpointing wrap. Takes and returns the stack's relative bias (see
     `T5LayerSelfAttention`)."""
 
-    def __init__(self, args: T5Args, decoder: bool, first: bool) -> None:
+    def __init__(self, args: T5Args, index: int, decoder: bool) -> None:
         super().__init__()
-        self.layer = nn.ModuleList([T5LayerSelfAttention(args, decoder, has_relative_attention_bias=first)])
+        self.layer = nn.ModuleList([T5LayerSelfAttention(args, index, causal=decoder)])
         if decoder:
-            self.layer.append(T5LayerCrossAttention(args))
+            self.layer.append(T5LayerCrossAttention(args, index))
         self.layer.append(T5LayerFF(args))
 
     def forward(self, x: torch.Tensor, inputs: StackInputs, bias: torch.Tensor | None = None
@@ -177,7 +179,7 @@ class T5Stack(nn.Module):
     def __init__(self, args: T5Args, decoder: bool) -> None:
         super().__init__()
         layers = args.num_decoder_layers if decoder else args.num_hidden_layers
-        self.block = nn.ModuleList(T5Block(args, decoder, first=i == 0) for i in range(layers))
+        self.block = nn.ModuleList(T5Block(args, i, decoder) for i in range(layers))
         self.final_layer_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, inputs: StackInputs) -> torch.Tensor:

@@ -36,7 +36,6 @@ class T5Cache:
                  max_len: int) -> None:
         args, blocks = model.args, model.decoder.block
         self.max_len, self.length = max_len, 0
-        self._block_of = {id(m): i for i, block in enumerate(blocks) for m in block.layer[:2]}
         cu = layout.cu_seqlens.tolist()
         lengths = np.diff(cu)
         offset = np.arange(int(lengths.max()))[None, :]
@@ -56,7 +55,7 @@ class T5Cache:
         if self.length >= self.max_len:
             raise ValueError(f"T5 cache holds {self.max_len} decoder positions; this step needs "
                              f"{self.length + 1}")
-        block, t = self._block_of[id(sublayer)], self.length
+        block, t = sublayer.block, self.length
         self._k[block, :, :, t], self._v[block, :, :, t] = k, v
         mask = bias_block(bias, 1, t + 1, q.dtype)[None]  # [1, H, 1, t + 1]
         out = F.scaled_dot_product_attention(q[:, :, None], self._k[block, :, :, : t + 1],
@@ -65,7 +64,7 @@ class T5Cache:
 
     def cross_attend(self, sublayer: T5LayerCrossAttention, q: torch.Tensor) -> torch.Tensor:
         """Attend over each row's own prompt (`q` `[B, H, D]`), its keys/values projected once."""
-        block = self._block_of[id(sublayer)]
+        block = sublayer.block
         if block not in self._cross:
             attn = sublayer.EncDecAttention
             k, v = (attn.heads_of(p, self._memory).transpose(1, 2) for p in (attn.k, attn.v))
