@@ -69,8 +69,10 @@ def flex_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 
     score_mod = None
     if bias is not None:
-        extra = max(pq, pk) - (bias.shape[1] + 1) // 2  # a bias of the padded length: static shapes
-        bias = F.pad(bias, (extra, extra))
+        # a bias of the padded length (static shapes), in fp32: the scores are, and its gradient's
+        # atomic adds (up to a row's tokens per entry) would lose too much in bf16
+        extra = max(pq, pk) - (bias.shape[1] + 1) // 2
+        bias = F.pad(bias.float(), (extra, extra))
 
         def score_mod(score, b, h, qi, ki):
             center = (bias.shape[1] - 1) // 2
