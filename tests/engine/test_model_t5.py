@@ -232,3 +232,19 @@ def test_flops_count_the_parameters_each_token_passes_through(checkpoints, name)
     expected = 6 * (n * encoder + m * decoder) + attention
     assert pair_flops(a, n, m) == expected
     assert a.num_flops_per_token(8) == pair_flops(a, 8, 8) // 16
+
+
+def test_seq2seq_loss_divides_the_summed_loss_by_num_items(checkpoints):
+    """Seq2SeqLoss (what a training step calls) == transformers' loss summed over the pairs / num_items."""
+    from packtune.seq2seq_loss import Seq2SeqLoss
+
+    hf = hf_model(checkpoints["t5_original"], torch.float32)
+    ours = load_pretrained(checkpoints["t5_original"], dtype=torch.float32)
+    pairs = random_pairs(ours.args.vocab_size, seed=3)
+    batch = pack_pairs(pairs, ours.args.decoder_start_token_id)
+    num_items = torch.tensor(80.0)  # e.g. the step's label tokens over all micro-batches and ranks
+    loss = Seq2SeqLoss(ours)(batch.input_ids, batch.decoder_input_ids, batch.labels, batch.layout, num_items)
+    with torch.no_grad():
+        expected = sum(hf(input_ids=torch.tensor([s]), labels=torch.tensor([t])).loss * len(t)
+                       for s, t in pairs)
+    assert_close_rel(loss.detach(), expected / 80, 1e-5)
