@@ -210,10 +210,6 @@ class T5ForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.shared.weight
 
     @property
-    def embed_tokens(self) -> nn.Embedding:
-        return self.shared
-
-    @property
     def block_lists(self) -> tuple[nn.ModuleList, nn.ModuleList]:
         """The encoder's and the decoder's blocks: the lists FSDP and activation checkpointing wrap in
         place."""

@@ -114,6 +114,6 @@ def test_t5_on_cuda_matches_the_cpu_in_float64():
         results.append((logits.detach().double().cpu(), grads))
     (expected, expected_grads), (logits, grads) = results
     scale = lambda t: t.abs().max().item()
-    assert (logits - expected).abs().max().item() <= 1e-3 * scale(expected)
+    assert (logits - expected).abs().max().item() <= 5e-3 * scale(expected)  # TF32 matmuls allowed
     for name, grad in grads.items():
         assert (grad - expected_grads[name]).abs().max().item() <= 1e-2 * scale(expected_grads[name]), name
