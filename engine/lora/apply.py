@@ -1,11 +1,12 @@
-"""Turn a packtune causal LM into a LoRA model: freeze it, swap the targeted linears for LoRALinear.
+"""Turn a packtune model into a LoRA model: freeze it, swap the targeted linears for LoRALinear.
 
-The decoder's linears are replaced in place, under the family's own names (Llama's
-`self_attn.q_proj` ... `mlp.down_proj`, Phi-3's fused `qkv_proj` / `gate_up_proj`, BLOOM's
-`query_key_value` / `dense` / `dense_h_to_4h` / `dense_4h_to_h`), as PEFT names them; a layer whose
-gate, up and down projections are all targeted gets a `LoRAMLP` (the fused kernel) in place of its
-MLP. Every base parameter is frozen (embeddings, norms and lm_head too) and stored in the base
-dtype (bf16, fp32 or NF4); only `lora_A` / `lora_B` train, in fp32.
+The blocks' linears (every list of `model.block_lists`: a decoder's layers, T5's encoder and decoder
+blocks) are replaced in place, under the family's own names (Llama's `self_attn.q_proj` ...
+`mlp.down_proj`, Phi-3's fused `qkv_proj` / `gate_up_proj`, BLOOM's `query_key_value` / `dense` /
+`dense_h_to_4h` / `dense_4h_to_h`, T5's `q` / `k` / `v` / `o` / `wi_0` / `wi_1` / `wo`), as PEFT
+names them; a layer whose gate, up and down projections are all targeted gets a `LoRAMLP` (the fused
+kernel) in place of its MLP. Every base parameter is frozen (embeddings, norms and lm_head too) and
+stored in the base dtype (bf16, fp32 or NF4); only `lora_A` / `lora_B` train, in fp32.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ class LoRASpec:
 
 
 def block_linears(model: nn.Module) -> tuple[str, ...]:
-    """The leaf names of a decoder block's linears (LoRA's possible targets), in module order."""
-    layer = model.decoder_layers[0]
-    return tuple(name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
-                 if isinstance(m, nn.Linear | LoRALinear))
+    """The leaf names of the blocks' linears (LoRA's possible targets), in module order: those of the
+    first block of each of the model's block lists (a decoder's one; T5's encoder and decoder)."""
+    firsts = [blocks[0] for blocks in model.block_lists]
+    return tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for block in firsts
+                               for name, m in block.named_modules() if isinstance(m, nn.Linear | LoRALinear)))
 
 
 def base_dtype(name: str, device: torch.device) -> torch.dtype | str:
@@ -86,7 +88,7 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
     targets = spec.for_model(model).targets
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in model.decoder_layers:
+    for layer in (block for blocks in model.block_lists for block in blocks):
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if name in targets and isinstance(child, nn.Linear):

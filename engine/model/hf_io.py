@@ -71,6 +71,7 @@ def load_pretrained(
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model directory)")
     args = ModelArgs.from_file(path)
     files = _tensor_files(path)
+    args = _checkpoint_args(args, files)
     stored = _stored_names(args, files)
     files = {name: files[stored[name]] for name in stored}
     headers = {file: _read_header(file) for file in sorted(set(files.values()))}
@@ -149,6 +150,20 @@ def save_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def checkpoint_args(path: str | os.PathLike) -> ModelArgs:
+    """The args of a model directory as `load_pretrained` builds its model: config.json, completed by
+    what the checkpoint stores where the family says so (T5's tied head). Build a model on the meta
+    device from these, not from `ModelArgs.from_file`, when its weights will come from `path`."""
+    path = Path(path)
+    args = ModelArgs.from_file(path)
+    return _checkpoint_args(args, _tensor_files(path))
+
+
+def _checkpoint_args(args: ModelArgs, files: dict[str, Path]) -> ModelArgs:
+    complete = family_for(args.model_type).checkpoint_args
+    return args if complete is None else complete(args, files.keys())
 
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:

@@ -1,21 +1,23 @@
 """What a model family is to packtune, and the registry that finds one by config.json's `model_type`.
 
 A family is one file in this folder. It says how its config.json reads into `ModelArgs` (and is
-written back), which of packtune's model classes runs it, the names of its blocks' linears (what
-LoRA targets), and what `apply_packtune` patches in transformers' own implementation of it, or why it
-refuses. Everything else in packtune asks the registry; no other file compares `model_type` strings.
+written back), which of packtune's model classes runs it (a causal LM, or an encoder-decoder: T5),
+the names of its blocks' linears (what LoRA targets), and what `apply_packtune` patches in
+transformers' own implementation of it, or why it refuses. Everything else in packtune asks the
+registry; no other file compares `model_type` strings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from packtune.errors import ModelError
 
 if TYPE_CHECKING:
-    from packtune.model.causal_lm import CausalLM
+    from torch import nn
+
     from packtune.model.config import ModelArgs
 
 
@@ -75,13 +77,15 @@ class Family:
     model_type: str
     """config.json's `model_type`, the registry key."""
     architecture: str
-    """transformers' causal-LM class, written to config.json's `architectures`."""
+    """transformers' class (a causal LM, or T5's conditional generation), written to config.json's
+    `architectures`."""
     parse: Callable[[HFConfig], ModelArgs]
     """config.json -> ModelArgs; an option it cannot reproduce exactly raises ModelError naming it."""
     write: Callable[[ModelArgs], dict[str, Any]]
     """ModelArgs -> config.json (the original file's other keys kept) that transformers loads."""
-    build: Callable[[ModelArgs], CausalLM]
-    """packtune's model for these args, on the current default device, weights uninitialised."""
+    build: Callable[[ModelArgs], nn.Module]
+    """packtune's model for these args, on the current default device, weights uninitialised: a
+    `CausalLM`, or for an encoder-decoder (`encoder_decoder`) a `T5ForConditionalGeneration`."""
     lora_targets: tuple[str, ...]
     """The names of a block's linears, in block order (LoRA's possible targets, as PEFT names them)."""
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -94,6 +98,11 @@ class Family:
     """Why apply_packtune refuses this family (where packtune's own model still trains it)."""
     stored_names: Callable[[list[str]], dict[str, str]] | None = None
     """Model tensor name -> the name a checkpoint stores it under, given the stored names; None: the same."""
+    checkpoint_args: Callable[[ModelArgs, Collection[str]], ModelArgs] | None = None
+    """The args completed by the names a checkpoint stores (T5: its head is tied exactly when no
+    `lm_head.weight` is stored, whatever config.json says); None: config.json alone decides."""
+    encoder_decoder: bool = False
+    """Trained on (input, target) pairs through an encoder and a decoder (T5), not as a causal LM."""
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -133,6 +142,6 @@ def family_for_architecture(name: str) -> Family | None:
     return next((f for f in _REGISTRY.values() if f.architecture == name), None)
 
 
-def build_model(args: ModelArgs) -> CausalLM:
+def build_model(args: ModelArgs) -> nn.Module:
     """packtune's model for `args` (on the current default device), weights uninitialised."""
     return family_for(args.model_type).build(args)

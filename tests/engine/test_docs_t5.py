@@ -1,0 +1,40 @@
+"""docs/t5.md's examples run as a reader would run them: each ```python block as a script in a fresh
+folder, each `packtune bench` line through that subject's own argument parser (stopped once parsed:
+the measurement itself takes minutes)."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import shlex
+from pathlib import Path
+
+import pytest
+
+from packtune.bench import harness, t5_attention
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "t5.md"
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", PAGE.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+def test_python_example_runs(tmp_path, monkeypatch, index):
+    script = tmp_path / "example.py"
+    script.write_text(_blocks("python")[index])
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def test_bench_commands_parse(monkeypatch):
+    lines = [line for block in _blocks("bash") for line in block.splitlines() if line.strip()]
+    assert lines
+    parsed = []
+    monkeypatch.setattr(harness, "run_table", lambda *args, **kwargs: parsed.append(args))
+    for line in lines:
+        words = shlex.split(line)
+        assert words[:3] == ["packtune", "bench", "t5-attention"], line
+        t5_attention.main(words[3:])
+    assert len(parsed) == len(lines)
