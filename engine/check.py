@@ -3,7 +3,8 @@
 A few optimizer steps of packtune's Trainer, three ways each, on the first samples of the
 config's data (fp32, no checkpoints, in a temporary directory):
 
-    packed == unpacked         the same samples as packed rows and as padded batches
+    packed == unpacked         the same samples as packed rows and as padded batches (an
+                               encoder-decoder: each pair in a row of its own, both stacks)
     k micro-batches == 1 batch k micro-batches per step, and one micro-batch k times the size
     N ranks == 1 process       under torchrun: this run's ranks, and one process taking every
                                rank's micro-batches (skipped in a single process)
@@ -55,31 +56,32 @@ class FixedSteps:
 
 
 def shrunken(args):
-    """The config's architecture at toy size: 2 layers, hidden 64, 4 heads of 16 (2 KV heads when
-    the original uses GQA); vocabulary, rope, biases and tying unchanged."""
+    """The config's architecture at toy size: 2 layers (an encoder-decoder: 2 per stack), hidden 64,
+    4 heads of 16 (2 KV heads when the original uses GQA); vocabulary, rope, biases and tying unchanged."""
     kv = 4 if args.num_key_value_heads == args.num_attention_heads else 2
+    stacks = {"num_decoder_layers": 2} if hasattr(args, "num_decoder_layers") else {}  # T5Args
     return dataclasses.replace(args, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=kv, head_dim=16, layer_types=())
+                               num_attention_heads=4, num_key_value_heads=kv, head_dim=16, layer_types=(),
+                               **stacks)
 
 
 def check_model(cfg: Config, full: bool):
     """The config's model (`full`), or its shrunken copy, randomly initialised."""
-    from packtune.model.config import ModelArgs
     from packtune.model.families import build_model
-    from packtune.model.hf_io import load_pretrained
+    from packtune.model.hf_io import checkpoint_args, load_pretrained
 
     if full:
         return load_pretrained(cfg.model.path, dtype=torch.float32)
-    model = build_model(shrunken(ModelArgs.from_file(cfg.model.path)))
+    model = build_model(shrunken(checkpoint_args(cfg.model.path)))
     model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
     return model
 
 
 def check_samples(cfg: Config, needed: int):
     """The first `needed` samples of the config's data of at most LONGEST tokens, as a dataset."""
-    from packtune.data import prepare_dataset
+    from packtune.data.rows import tokenized_data
 
-    dataset = prepare_dataset(cfg.data, cfg.tokenizer)
+    dataset = tokenized_data(cfg)
     index = np.flatnonzero(dataset.lengths <= LONGEST)[:needed]
     if len(index) < needed:
         raise DataError(f"packtune check needs {needed} samples of at most {LONGEST} tokens; the data has "
@@ -87,10 +89,13 @@ def check_samples(cfg: Config, needed: int):
     return dataset.subset(index)
 
 
-def batches(rows_cls, dataset, per_row: int, weighting: str) -> list:
-    """Every consecutive `per_row` samples as one batch (packed row or padded batch)."""
+def batches(rows_cls, dataset, per_row: int, weighting: str, **pairs) -> list:
+    """Every consecutive `per_row` samples as one batch (packed row or padded batch; `pairs`: PairRows'
+    keywords, an encoder-decoder's rows of pairs)."""
     row_of = np.arange(len(dataset)) // per_row
-    rows = rows_cls(dataset, row_of, int(dataset.lengths.sum()), weighting)
+    if pairs:
+        pairs = {"max_target_tokens": int(dataset.label_counts.sum()), **pairs}
+    rows = rows_cls(dataset, row_of, int(dataset.lengths.sum()), weighting, **pairs)
     return [rows.collate(r) for r in range(len(rows))]
 
 
@@ -135,6 +140,8 @@ def report(name: str, diffs: tuple[float, float] | None) -> bool:
 def run_check(cfg: Config, full: bool = False) -> bool:
     """Run the three comparisons, print them (rank 0); True when all pass."""
     from packtune.data.packing import PackedRows, PaddedRows
+    from packtune.data.pair_rows import PairRows
+    from packtune.data.rows import seq2seq_args
 
     dist_ctx = init_distributed(cfg.train.device)
     try:
@@ -142,9 +149,16 @@ def run_check(cfg: Config, full: bool = False) -> bool:
         weighting = cfg.train.loss_weighting
         dataset = check_samples(cfg, STEPS * world * k * per_row)
         model = check_model(cfg, full)
-        packed = batches(PackedRows, dataset, per_row, weighting)
-        padded = batches(PaddedRows, dataset, per_row, weighting)
-        bigger = batches(PackedRows, dataset, per_row * k, weighting)
+        seq2seq = seq2seq_args(cfg)
+        if seq2seq is None:
+            packed = batches(PackedRows, dataset, per_row, weighting)
+            unpacked = batches(PaddedRows, dataset, per_row, weighting), k
+            bigger = batches(PackedRows, dataset, per_row * k, weighting)
+        else:  # unpacked: each pair in a row of its own, the step's pairs in per_row x more micro-batches
+            start = {"decoder_start_token_id": seq2seq.decoder_start_token_id}
+            packed = batches(PairRows, dataset, per_row, weighting, **start)
+            unpacked = batches(PairRows, dataset, 1, weighting, **start), k * per_row
+            bigger = batches(PairRows, dataset, per_row * k, weighting, **start)
         group = world * k
 
         def mine(rows: list, size: int) -> list[list]:  # this rank's micro-batches of each step
@@ -156,7 +170,7 @@ def run_check(cfg: Config, full: bool = False) -> bool:
                   f"samples, {what}, fp32", flush=True)
         base = train(cfg.train, model, mine(packed, k), dist_ctx)
         results = {
-            "packed == unpacked": relative(base, train(cfg.train, model, mine(padded, k), dist_ctx)),
+            "packed == unpacked": relative(base, train(cfg.train, model, mine(*unpacked), dist_ctx)),
             f"{k} micro-batches == 1 batch": relative(
                 base, train(cfg.train, model, mine(bigger, 1), dist_ctx)
             ),

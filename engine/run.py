@@ -25,6 +25,7 @@ from packtune.errors import ConfigError
 from packtune.export import export_model
 from packtune.lora.apply import base_bytes
 from packtune.lora.training import lora_preparer, lora_summary
+from packtune.model.families import encoder_decoder
 from packtune.model.loading import fill_shards, load_for_training
 from packtune.parallel import DistContext, init_distributed, resolve_device, shutdown
 from packtune.precision import compute_dtype
@@ -90,9 +91,10 @@ def build_trainer(cfg: Config, data: RunData, dist_ctx: DistContext, mixed: bool
     if cfg.train.eval_data:
         from packtune.datatools.evaluate import TrainingEval
 
-        generation_eval = TrainingEval(cfg.train.eval_data, cfg.tokenizer, cfg.data.template)
+        generation_eval = TrainingEval(cfg.train.eval_data, cfg.tokenizer, cfg.data.template,
+                                       encoder_decoder(model))
     trainer = Trainer(cfg.train, model, data.sampler, dist_ctx, eval_sampler=data.eval_sampler,
-                      generation_eval=generation_eval, flops_per_token=model.args.num_flops_per_token,
+                      generation_eval=generation_eval, count_flops=True,
                       mixed_precision=mixed, reporters=open_reporters(cfg) if dist_ctx.is_main else [])
     if dist_ctx.mesh is not None:
         fill_shards(trainer.module, cfg.model.path, dist_ctx, prepare)

@@ -29,6 +29,7 @@ from packtune.config import TrainConfig
 from packtune.errors import CheckpointError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
+from packtune.model.families import family_for
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
 from packtune.parallel import DistContext, gathered_parameters, parallelize
 
@@ -75,9 +76,10 @@ def progress_mode(progress: str, stream: Any = None) -> str:
 class Trainer:
     """Owns the sharded model, optimizer, schedule, checkpoints and metrics of one run.
 
-    `model` is a causal LM with `hidden_states(...)`, `lm_head` and its decoder blocks in
-    `model.decoder_layers`; `sampler` yields, per optimizer step, this rank's list of
-    micro-batches (`PackedBatch` or `PaddedBatch`) and is resumable via state_dict(). A model
+    `model` is a causal LM with `hidden_states(...)`, `lm_head` and its blocks in `model.block_lists`
+    (an encoder-decoder: T5, whose family names its loss module); `sampler` yields, per optimizer
+    step, this rank's list of micro-batches (`PackedBatch`, `PaddedBatch` or an encoder-decoder's
+    `T5Batch`) and is resumable via state_dict(). A model
     built on the meta device is sharded, then only this rank's shards are allocated (empty): the
     caller fills them before `resume()` / `fit()` (packtune.model.loading.fill_shards), so no rank
     ever holds more than its shard on the accelerator. `mixed_precision`
@@ -93,20 +95,23 @@ class Trainer:
         *,
         eval_sampler: Any = None,
         generation_eval: Callable[[nn.Module, DistContext], dict[str, Any]] | None = None,
-        flops_per_token: Callable[[float], float] | None = None,
+        count_flops: bool = False,
         log_stream: Any = None,
         mixed_precision: bool | None = None,
         reporters: list | None = None,
     ) -> None:
         self.cfg, self.dist_ctx, self.sampler, self.eval_sampler = cfg, dist_ctx, sampler, eval_sampler
         self.generation_eval = generation_eval
-        self.flops_per_token = flops_per_token
+        self.count_flops = count_flops
+        """Count each step's training FLOPs from its batches' shapes (`batch.flops`), for MFU."""
         self.output_dir = Path(cfg.output_dir)
         if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        args = getattr(model, "args", None)  # packtune's models have them; a toy model trains as a causal LM
+        loss = (family_for(args.model_type).loss if args is not None else None) or CausalLMLoss
         self.module = parallelize(
-            CausalLMLoss(model),
-            model.decoder_layers,
+            loss(model),
+            model.block_lists,
             dist_ctx,
             activation_checkpointing=cfg.activation_checkpointing,
             compile_blocks=cfg.compile,
@@ -256,7 +261,7 @@ class Trainer:
         device = self.dist_ctx.device
         counts = torch.tensor(
             [sum(b.num_label_tokens for b in micro_batches), sum(b.num_items for b in micro_batches),
-             sum(b.input_ids.numel() for b in micro_batches), int(stop_requested)],
+             sum(b.num_tokens for b in micro_batches), int(stop_requested)],
             dtype=torch.int64,
         )
         self.dist_ctx.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
@@ -265,8 +270,8 @@ class Trainer:
         flops = 0.0
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
         for batch in micro_batches:
-            if self.flops_per_token is not None:
-                flops += self.flops_per_token(batch.layout.attended_length) * batch.input_ids.numel()
+            if self.count_flops:
+                flops += batch.flops(self.model.args)
             loss = self._loss(batch, num_items, weighted=True)
             loss.backward()
             loss_sum += loss.detach().float()
@@ -289,7 +294,7 @@ class Trainer:
         """Summed token loss of one micro-batch (times its loss weights when `weighted`, ÷ num_items
         when given), packed or padded."""
         batch = batch.to(self.dist_ctx.device)
-        return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
+        return self.module(*batch.loss_inputs(), num_items=num_items,
                            loss_weights=batch.loss_weights if weighted else None)
 
     @torch.no_grad()

@@ -180,6 +180,20 @@ class Batch:
     def num_label_tokens(self) -> int:
         return self.layout.num_label_rows
 
+    @property
+    def num_tokens(self) -> int:
+        """Token slots of the batch (a padded batch's padding included)."""
+        return self.input_ids.numel()
+
+    def loss_inputs(self) -> tuple:
+        """The positional inputs of the loss module (`CausalLMLoss`: engine/loss.py)."""
+        return self.input_ids, self.labels, self.layout
+
+    def flops(self, args) -> float:
+        """Training FLOPs of the batch: the family's count per token (`ModelArgs.num_flops_per_token`) at
+        the length its tokens attend over, times its tokens."""
+        return args.num_flops_per_token(self.layout.attended_length) * self.num_tokens
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         return type(self)(
             **{f.name: _move(getattr(self, f.name), device, non_blocking) for f in fields(self)}

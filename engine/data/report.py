@@ -29,6 +29,10 @@ def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1,
             "split": split,
         }
     )
+    if hasattr(rows, "side_efficiency"):  # pairs: each side's packing (data/pair_rows.py)
+        inputs, targets = rows.side_efficiency()
+        report.update(packing_efficiency_inputs=inputs, packing_efficiency_targets=targets,
+                      max_target_tokens=rows.max_target_tokens)
     return report
 
 
@@ -67,6 +71,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"efficiency {100 * report['packing_efficiency']:.2f}% real tokens per slot, "
             f"{report['steps_per_epoch']} steps per epoch ({report['world_size']} rank(s) x "
             f"{report['micro_batches']} micro-batch(es))"
+        )
+    if "packing_efficiency_targets" in report:
+        lines.append(
+            f"  pairs: each row holds at most {report['max_tokens']} input and "
+            f"{report['max_target_tokens']} target tokens; efficiency "
+            f"{100 * report['packing_efficiency_inputs']:.2f}% of the inputs' slots (encoder), "
+            f"{100 * report['packing_efficiency_targets']:.2f}% of the targets' (decoder)"
         )
     if report.get("cache"):
         seconds = report.get("load_seconds", report.get("tokenize_seconds", 0.0))

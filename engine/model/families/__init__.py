@@ -8,6 +8,7 @@ from packtune.model.families.family import (
     HFConfig,
     HFModules,
     build_model,
+    encoder_decoder,
     families,
     family_for,
     family_for_architecture,
@@ -15,5 +16,5 @@ from packtune.model.families.family import (
     model_types,
 )
 
-__all__ = ["Family", "HFConfig", "HFModules", "build_model", "decoder_flops", "families", "family_for",
-           "family_for_architecture", "lora_target_names", "model_types"]
+__all__ = ["Family", "HFConfig", "HFModules", "build_model", "decoder_flops", "encoder_decoder", "families",
+           "family_for", "family_for_architecture", "lora_target_names", "model_types"]

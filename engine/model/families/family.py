@@ -102,7 +102,14 @@ class Family:
     """The args completed by the names a checkpoint stores (T5: its head is tied exactly when no
     `lm_head.weight` is stored, whatever config.json says); None: config.json alone decides."""
     encoder_decoder: bool = False
-    """Trained on (input, target) pairs through an encoder and a decoder (T5), not as a causal LM."""
+    """Trained on (input, target) pairs through an encoder and a decoder (T5), not as a causal LM: its
+    data are pairs (data/pairs.py), packed on both sides (data/pair_rows.py)."""
+    loss: Callable[[nn.Module], nn.Module] | None = None
+    """The training loss module wrapping the model (FSDP's root); None: `CausalLMLoss` (engine/loss.py)."""
+    generate: Callable[..., list[list[int]]] | None = None
+    """Batched generation, `generate_batch`'s signature (model/generate.py); None: `generate_batch`."""
+    peft_task_type: str = "CAUSAL_LM"
+    """PEFT's `task_type` written into an exported adapter's config."""
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -140,6 +147,12 @@ def family_for(model_type: Any) -> Family:
 def family_for_architecture(name: str) -> Family | None:
     """The family whose transformers causal-LM class is `name`, if any."""
     return next((f for f in _REGISTRY.values() if f.architecture == name), None)
+
+
+def encoder_decoder(model: nn.Module) -> bool:
+    """Whether `model` (packtune's, with `args`) is an encoder-decoder: it reads prompts and trains on
+    pairs as `Family.encoder_decoder` says."""
+    return family_for(model.args.model_type).encoder_decoder
 
 
 def build_model(args: ModelArgs) -> nn.Module:

@@ -29,6 +29,8 @@ from packtune.model.families.decoder import REJECTED_KEYS
 from packtune.model.families.family import Family, HFConfig, register
 from packtune.model.t5 import T5ForConditionalGeneration
 from packtune.model.t5_config import FEED_FORWARD, T5Args
+from packtune.model.t5_generate import generate_seq2seq
+from packtune.seq2seq_loss import Seq2SeqLoss
 
 T5_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 """The linears of T5's blocks (self- and cross-attention q/k/v/o; wi or wi_0/wi_1, and wo), as PEFT names
@@ -172,6 +174,9 @@ def _family(model_type: str, architecture: str, defaults: dict[str, Any]) -> Fam
         stored_names=stored_names,
         checkpoint_args=checkpoint_args,
         encoder_decoder=True,
+        loss=Seq2SeqLoss,
+        generate=generate_seq2seq,
+        peft_task_type="SEQ_2_SEQ_LM",
     ))
 
 
