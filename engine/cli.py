@@ -21,11 +21,11 @@ def _prepare(args: argparse.Namespace) -> int:
     import json
 
     from packtune.config import load_config
-    from packtune.data import data_report, format_report, prepare_dataset
-    from packtune.data.rows import build_rows
+    from packtune.data import data_report, format_report
+    from packtune.data.rows import build_rows, tokenized_data
 
     cfg = load_config(args.config, args.set)
-    dataset = prepare_dataset(cfg.data, cfg.tokenizer)
+    dataset = tokenized_data(cfg)
     rows = build_rows(cfg, dataset)
     report = data_report(dataset, rows, args.world_size, cfg.train.micro_batches)
     print(format_report(report))
@@ -139,7 +139,7 @@ def _demo(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, model=args.model)
     return 0
 
 
@@ -217,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--full", action="store_true",
                        help="train the model itself (default: a shrunken copy of its config)")
     check.set_defaults(func=_check)
-    demo = sub.add_parser("demo", help="train a tiny Llama on generated tasks, report accuracy")
+    demo = sub.add_parser("demo", help="train a tiny Llama (or T5) on generated tasks, report accuracy")
+    demo.add_argument("--model", default="llama", choices=["llama", "t5"],
+                      help="llama (a decoder) or t5 (an encoder-decoder trained on packed (prompt, answer) "
+                           "pairs)")
     demo.add_argument("--out", default="runs/demo", help="folder for the data, tokenizer, run and model")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (accuracy not a goal)")
     demo.add_argument("--seed", type=int, default=0)
