@@ -13,14 +13,14 @@ def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1,
     """The tokenization report of `dataset` (all the data read) plus packing figures for `rows`
     (packed or padded) of the split named by `split` (e.g. the training split when some samples
     are held out)."""
-    from packtune.data.packing import PackedRows
+    from packtune.data.packing import PaddedRows
 
     group = world_size * micro_batches
     rows = rows.with_row_multiple(group)
     report = {k: v for k, v in dataset.report.items()}
     report.update(
         {
-            "packing": "packed" if isinstance(rows, PackedRows) else "padded",
+            "packing": "padded" if isinstance(rows, PaddedRows) else "packed",  # pairs: packed too
             "packed_rows": len(rows),
             "packing_efficiency": rows.efficiency,
             "steps_per_epoch": len(rows) // group,

@@ -155,6 +155,7 @@ def test_train_two_steps_full_then_transformers_loads_the_export(tmp_path, asset
     assert main(argv(assets, "demo.toml", out, "train.max_steps=2")) == 0
     text = capsys.readouterr().out
     assert "step 2/2" in text and "pairs: each row holds at most 96 input and" in text
+    assert "all samples: packed rows" in text  # the data report
     steps = history(out)
     assert [r["step"] for r in steps] == [1, 2] and all(0 < r["loss"] < float("inf") for r in steps)
     exported = transformers.AutoModelForSeq2SeqLM.from_pretrained(out / "final", dtype=torch.float32).eval()
