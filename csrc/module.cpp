@@ -5,6 +5,8 @@
 // once this module is imported. This file only carries the facts `packtune env` reports.
 #include <torch/extension.h>
 
+#include "cpu_simd.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -18,14 +20,9 @@ static int openmp_max_threads() {
 }
 
 static std::string cpu_capability() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return "avx512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+  if (packtune::cpu_has_avx512()) return "avx512";
+  if (packtune::cpu_has_avx2()) return "avx2";
   return "default";
-#else
-  return "default";
-#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -33,5 +30,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("openmp_max_threads", &openmp_max_threads,
         "OpenMP threads the kernels will use (0 when built without OpenMP)");
   m.def("cpu_capability", &cpu_capability,
-        "Best SIMD level this CPU offers to the kernels: avx512, avx2 or default");
+        "SIMD level the kernels run at: avx512, avx2 or default (capped by ATEN_CPU_CAPABILITY)");
 }

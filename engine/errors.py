@@ -2,7 +2,8 @@
 
 Each message is one line that names what is wrong and where (the config key, the file and line,
 the checkpoint, the tensor). The command line prints it as `packtune: <kind> error: <message>` and
-exits non-zero; any other exception is a bug in packtune and keeps its traceback.
+exits 2 for bad input (config, data, model, checkpoint) or 1 for a run that could not go on; any
+other exception is a bug in packtune and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class CheckpointError(PacktuneError, RuntimeError):
     the files and tensors."""
 
     kind = "checkpoint"
+    exit_code = 2
 
 
 class TrainingError(PacktuneError, RuntimeError):

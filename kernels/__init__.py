@@ -2,7 +2,7 @@
 
 What each op has (`packtune.kernels._dispatch` picks the backend per call; `registered_ops()`):
 
-    masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, swiglu, geglu
+    masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, glu (swiglu, geglu)
         Triton (CUDA, or the interpreter on CPU), C++ (CPU, packtune._C) and a PyTorch reference
     linear_logprobs
         label log-probs per token or summed per segment (preference losses), from hidden states
@@ -46,7 +46,7 @@ else:
         masked_cross_entropy,
         masked_cross_entropy_ref,
     )
-    from packtune.kernels.geglu import geglu, geglu_ref
+    from packtune.kernels.glu import SwiGLU, geglu, geglu_ref, glu, glu_ref, swiglu, swiglu_ref
     from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
     from packtune.kernels.linear_logprobs import layout_segments, linear_logprobs, linear_logprobs_ref
     from packtune.kernels.lora import lora_linear, lora_linear_ref
@@ -57,7 +57,6 @@ else:
     from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
     from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
     from packtune.kernels.seq2seq_layout import Seq2SeqLayout
-    from packtune.kernels.swiglu import SwiGLU, swiglu, swiglu_ref
 
 __all__ = [
     "BACKENDS",
@@ -88,6 +87,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_ref",
     "RMSNorm",
+    "glu",
+    "glu_ref",
     "swiglu",
     "swiglu_ref",
     "SwiGLU",

@@ -18,7 +18,6 @@ import torch
 
 from packtune.kernels._dispatch import launch_device, register_op, resolve_backend
 from packtune.kernels._triton import tl, triton
-from packtune.kernels.geglu import _tanh
 
 register_op("bloom_gelu", ("triton", "torch"))
 
@@ -31,6 +30,14 @@ D = 0.1070322243
 def bloom_gelu_ref(x: torch.Tensor) -> torch.Tensor:
     """transformers' `bloom_gelu_forward`, in the input dtype."""
     return x * 0.5 * (1.0 + torch.tanh(C * x * (1 + A * x * x)))
+
+
+@triton.jit
+def _tanh(u):
+    # overflow-free: tanh(|u|) = (1 - e) / (1 + e) with e = exp(-2|u|)
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
 
 
 def bloom_gelu_grad_ref(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ NF4 weights on `triton`: nf4_matmul.py). `triton` (CUDA) also
 fuses the gate: one kernel adds both LoRA updates into the gate and up base outputs and writes
 h = act(g) * u (forward); one adds the down projection's drop'(du A) into dh and applies the
 activation's backward, writing dgate and dup, and dA of the down projection (backward).
-`torch` (CPU) composes torch ops with packtune's SwiGLU / GeGLU kernels.
+`torch` (CPU) composes torch ops with packtune's gated-activation kernels (glu.py).
 
 Dropout masks (one seed per linear, as PEFT draws one mask per layer; kernels/dropout.py) are
 regenerated in the backward from their seeds, never stored. The backward of the down projection
@@ -29,7 +29,7 @@ import torch
 from packtune.kernels._dispatch import launch_device, register_op, resolve_backend, triton_interpreted
 from packtune.kernels._triton import _dot, tl, triton
 from packtune.kernels.dropout import apply_dropout, keep_threshold, keep_tile, seed_tensor
-from packtune.kernels.geglu import _tanh, geglu_backward, geglu_forward, geglu_ref
+from packtune.kernels.glu import ACTIVATIONS, act_and_grad, glu_backward, glu_forward, glu_ref
 from packtune.kernels.lora import (
     _BLOCK_COLS,
     _BLOCK_ROWS,
@@ -43,7 +43,6 @@ from packtune.kernels.lora import (
     split_rows,
 )
 from packtune.kernels.nf4_matmul import base_matmul, base_matmul_dx
-from packtune.kernels.swiglu import swiglu_backward, swiglu_forward, swiglu_ref
 
 __all__ = ["ACTIVATIONS", "LoRAMLPFunction", "lora_mlp", "lora_mlp_ref"]
 
@@ -52,35 +51,19 @@ register_op("lora_mlp", ("triton", "torch"))
 LoRAWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
 """(W, bias, A, B) of one LoRA linear."""
 
-ACTIVATIONS = {"silu": (swiglu_ref, swiglu_forward, swiglu_backward),
-               "gelu_tanh": (geglu_ref, geglu_forward, geglu_backward)}
-"""The gate's activation: (reference, autograd-free forward, backward)."""
-
-
 def lora_mlp_ref(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, scale: float,
                  dropout: float = 0.0, seeds: torch.Tensor | tuple[int, int, int] = (0, 0, 0),
                  activation: str = "silu") -> torch.Tensor:
     """The specification: a PEFT-wrapped LlamaMLP (GemmaMLP for gelu_tanh), down(act(gate(x)) * up(x))."""
     g = lora_linear_ref(x, *gate, scale, dropout, seeds[0])
-    h = ACTIVATIONS[activation][0](g, lora_linear_ref(x, *up, scale, dropout, seeds[1]))
+    h = glu_ref(g, lora_linear_ref(x, *up, scale, dropout, seeds[1]), activation)
     return lora_linear_ref(h, *down, scale, dropout, seeds[2])
 
 
 @triton.jit
-def _act_and_grad(g, GELU: tl.constexpr):
-    """(act(g), act'(g)) in fp32: SiLU, or GELU-tanh with geglu.py's constants."""
-    if GELU:
-        c = 0.7978845608028654  # sqrt(2 / pi)
-        t = _tanh(c * (g + 0.044715 * g * g * g))
-        grad = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * g * g)
-        return 0.5 * g * (1.0 + t), grad
-    s = tl.sigmoid(g)
-    return g * s, s * (1.0 + g * (1.0 - s))
-
-
-@triton.jit
 def _lora_gate_kernel(G, U, H, UG, UU, BG, BU, n_rows, n_cols, rank, scale, R_TILE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ACTIVATION: tl.constexpr,
+                      UPCAST: tl.constexpr):
     """g += s ug Bg^T, u += s uu Bu^T (in place: they are saved), h = act(g) * u."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -96,14 +79,14 @@ def _lora_gate_kernel(G, U, H, UG, UU, BG, BU, n_rows, n_cols, rank, scale, R_TI
     u = u.to(U.dtype.element_ty)
     tl.store(G + offsets, g, mask=inside)
     tl.store(U + offsets, u, mask=inside)
-    act, _ = _act_and_grad(g.to(tl.float32), GELU)
+    act, _ = act_and_grad(g.to(tl.float32), ACTIVATION)
     tl.store(H + offsets, (act * u.to(tl.float32)).to(H.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _lora_act_grad_kernel(DH, DUP, G, U, DUD, AD, DA, SEED, n_rows, n_cols, rank, rows_per_split, threshold,
                           p, R_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                          DROPOUT: tl.constexpr, GELU: tl.constexpr, UPCAST: tl.constexpr):
+                          DROPOUT: tl.constexpr, ACTIVATION: tl.constexpr, UPCAST: tl.constexpr):
     """One split of the rows, one column tile, one rank tile of the down projection's and the
     activation's backward, h = act(g) * u recomputed as the forward stored it: DA[split, ranks, cols]
     = dud[rows, ranks]^T @ drop(h)[rows, cols] (fp32, summed over the splits afterwards), and in the
@@ -123,7 +106,7 @@ def _lora_act_grad_kernel(DH, DUP, G, U, DUD, AD, DA, SEED, n_rows, n_cols, rank
         offsets = rows[:, None] * n_cols + cols[None, :]
         g = tl.load(G + offsets, mask=inside, other=0.0).to(tl.float32)
         u = tl.load(U + offsets, mask=inside, other=0.0).to(tl.float32)
-        act, act_grad = _act_and_grad(g, GELU)
+        act, act_grad = act_and_grad(g, ACTIVATION)
         h = (act * u).to(G.dtype.element_ty)
         if DROPOUT:
             keep = keep_tile(seed, rows, col0, n_cols, threshold, BLOCK_N, BLOCK_C)
@@ -144,7 +127,7 @@ def _lora_act_grad_kernel(DH, DUP, G, U, DUD, AD, DA, SEED, n_rows, n_cols, rank
 
 
 def _triton_gate(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, scale: float, p: float,
-                 seeds: torch.Tensor | None, gelu: bool):
+                 seeds: torch.Tensor | None, activation: str):
     """(g, u, h, ug, uu): the gate and up projections with their LoRA updates, and h = act(g) * u."""
     g, u = base_matmul(x, *gate[:2], "triton"), base_matmul(x, *up[:2], "triton")
     ug = lora_down(x, gate[2], p, None if seeds is None else seeds[0])
@@ -155,13 +138,13 @@ def _triton_gate(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, scale: flo
         with launch_device(x):
             _lora_gate_kernel[grid](g, u, h, ug, uu, gate[3].contiguous(), up[3].contiguous(), g.shape[0],
                                     g.shape[1], ug.shape[1], scale, R_TILE=rank_tile(ug.shape[1]),
-                                    BLOCK_N=_BLOCK_ROWS, BLOCK_C=_BLOCK_COLS, GELU=gelu,
+                                    BLOCK_N=_BLOCK_ROWS, BLOCK_C=_BLOCK_COLS, ACTIVATION=activation,
                                     UPCAST=triton_interpreted())
     return g, u, h, ug, uu
 
 
 def _triton_act_grad(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dud: torch.Tensor,
-                     lora_a: torch.Tensor, p: float, seed: torch.Tensor | None, gelu: bool
+                     lora_a: torch.Tensor, p: float, seed: torch.Tensor | None, activation: str
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dA of the down projection in fp32, dgate, dup) from dh = dh_base + drop'(dud A) (dh_base
     overwritten with dgate)."""
@@ -178,7 +161,7 @@ def _triton_act_grad(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dud: to
                 dh, dup, g, u, dud, lora_a.contiguous(), partial, dh if seed is None else seed, n, n_cols,
                 rank,
                 rows_per_split, keep_threshold(p), p, R_TILE=r_tile, BLOCK_N=_BLOCK_ROWS, BLOCK_C=_BLOCK_COLS,
-                DROPOUT=p > 0, GELU=gelu, UPCAST=triton_interpreted())
+                DROPOUT=p > 0, ACTIVATION=activation, UPCAST=triton_interpreted())
     return partial[0] if splits == 1 else partial.sum(0), dh, dup
 
 
@@ -194,11 +177,11 @@ class LoRAMLPFunction(torch.autograd.Function):
                 backend):
         gate, up, down = (wg, bg, ag, b_g), (wu, bu, au, b_u), (wd, bd, ad, b_d)
         if backend == "triton":
-            g, u, h, ug, uu = _triton_gate(x, gate, up, scale, dropout, seeds, activation == "gelu_tanh")
+            g, u, h, ug, uu = _triton_gate(x, gate, up, scale, dropout, seeds, activation)
         else:
             g, ug = lora_forward(x, gate, scale, dropout, _seed(seeds, 0), backend)
             u, uu = lora_forward(x, up, scale, dropout, _seed(seeds, 1), backend)
-            h = ACTIVATIONS[activation][1](g, u)
+            h = glu_forward(g, u, activation)
         y, ud = lora_forward(h, down, scale, dropout, _seed(seeds, 2), backend)
         del h
         ctx.save_for_backward(x, g, u, ug, uu, ud, seeds, wg, bg, ag, b_g, wu, bu, au, b_u, wd, bd, ad, b_d)
@@ -216,15 +199,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         if backend == "triton":  # the down projection's dA and dx fused with the activation's backward
             dud = (dy @ down[3].to(dy.dtype)).mul_(s)
             dh = base_matmul_dx(dy, down[0], backend)
-            gelu = ctx.activation == "gelu_tanh"
-            dad, dg, du = _triton_act_grad(dh, g, u, dud, down[2], p, _seed(seeds, 2), gelu)
+            dad, dg, du = _triton_act_grad(dh, g, u, dud, down[2], p, _seed(seeds, 2), ctx.activation)
             dad = dad.to(down[2].dtype)
         else:
-            _, act_forward, act_backward = ACTIVATIONS[ctx.activation]
-            h = act_forward(g, u)
+            h = glu_forward(g, u, ctx.activation)
             dh, dad, _ = lora_backward(dy, h, ud, down, s, p, _seed(seeds, 2), backend, need_db=False)
             del h
-            dg, du = act_backward(dh, g, u)
+            dg, du = glu_backward(dh, g, u, ctx.activation)
         del dh
         need_dx = ctx.needs_input_grad[0]
         dxg, dag, dbg = lora_backward(dg, x, ug, gate, s, p, _seed(seeds, 0), backend, need_dx)

@@ -10,7 +10,8 @@ from packtune.bench import layernorm, rmsnorm, rope, swiglu
 @pytest.mark.parametrize("module, shape", [
     (rope, {"T": 12, "heads": 4, "kv_heads": 2, "head_dim": 64, "sample_len": 4}),
     (rmsnorm, {"T": 5, "hidden": 96}),
-    (swiglu, {"T": 5, "intermediate": 200}),
+    (swiglu, {"T": 5, "intermediate": 200, "activation": "silu"}),
+    (swiglu, {"T": 5, "intermediate": 200, "activation": "gelu_tanh"}),
 ])
 def test_bench_step_gradients_equal_the_reference(module, shape):
     grads = {}

@@ -50,7 +50,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_BY = {
     ("make", "test"): (".ci/run", "make test"),
     ("make", "lint"): (".ci/run", "make lint"),
-    ("make", "gpu-check"): ("tests/test_gpu_check.py", "def test_gpu_check_smoke_mode_runs_to_the_end"),
+    ("make", "gpu-check"): ("tests/test_gpu_check.py",
+                            "def test_gpu_check_smoke_mode_runs_every_part_within_its_budget"),
     ("packtune", "demo"): ("tests/engine/test_demo_run.py", "def test_quick_demo_end_to_end"),
     ("packtune", "train"): ("tests/engine/test_train_recipes.py", "def test_recipe_trains_two_steps"),
     ("torchrun", "packtune", "train"): ("tests/engine/test_train_recipes.py", "def test_torchrun_two_ranks"),

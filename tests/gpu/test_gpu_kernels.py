@@ -9,8 +9,8 @@ from gpu_checks import DTYPES, assert_matches, labels_for
 from packtune.kernels import (
     bloom_gelu,
     bloom_gelu_ref,
-    geglu,
-    geglu_ref,
+    glu,
+    glu_ref,
     linear_cross_entropy,
     masked_cross_entropy,
     rms_norm,
@@ -85,26 +85,15 @@ def test_rms_norm(dtype, rows, cols):
         assert_matches(got, e, r, 1e-4, dtype)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cols", [(1, 7), (257, 8192), (1000, 5001)])
-def test_swiglu(dtype, rows, cols):
+def test_glu(activation, dtype, rows, cols):
     g64, u64, dy = (torch.randn(rows, cols, device="cuda", dtype=torch.float64) for _ in range(3))
-    ref, g_ref = _grad_of(swiglu_ref, g64, u64, grad_out=dy)
-    eager, g_eager = _grad_of(swiglu_ref, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
-    out, g = _grad_of(swiglu, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
-    assert_matches(out, eager, ref, 1e-5, dtype)
-    for got, e, r in zip(g, g_eager, g_ref, strict=True):
-        assert_matches(got, e, r, 1e-4, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,cols", [(1, 7), (257, 8192), (1000, 5001)])
-def test_geglu_and_its_backward_kernel(dtype, rows, cols):
-    """GeGLU (Gemma): the forward and its own backward kernel against float64."""
-    g64, u64, dy = (torch.randn(rows, cols, device="cuda", dtype=torch.float64) for _ in range(3))
-    ref, g_ref = _grad_of(geglu_ref, g64, u64, grad_out=dy)
-    eager, g_eager = _grad_of(geglu_ref, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
-    out, g = _grad_of(geglu, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
+    reference, fused = (lambda g, u: glu_ref(g, u, activation)), (lambda g, u: glu(g, u, activation))
+    ref, g_ref = _grad_of(reference, g64, u64, grad_out=dy)
+    eager, g_eager = _grad_of(reference, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
+    out, g = _grad_of(fused, g64.to(dtype), u64.to(dtype), grad_out=dy.to(dtype))
     assert_matches(out, eager, ref, 1e-5, dtype)
     for got, e, r in zip(g, g_eager, g_ref, strict=True):
         assert_matches(got, e, r, 1e-4, dtype)
