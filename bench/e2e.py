@@ -130,12 +130,14 @@ def _generate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def _init_model(init_dir: Path, name: str, tokenizer_model: Path, seed: int) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     skip = ("architectures", "model_type", "torch_dtype")
-    config = {k: v for k, v in hf_config(name).items() if k not in skip}
-    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(init_dir)
+    config = hf_config(name)
+    kwargs = {k: v for k, v in config.items() if k not in skip}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **kwargs))
+    model.save_pretrained(init_dir)
     shutil.copy(tokenizer_model, init_dir / "tokenizer.model")
     (init_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=1))
 

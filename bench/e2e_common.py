@@ -17,7 +17,11 @@ MODELS: dict[str, dict[str, Any]] = {
     "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 688},
     "large": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
               "intermediate_size": 1376},
+    "moe": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 688,
+            "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 128},
 }
+"""Llama shapes; `moe` a Qwen3-MoE (Qwen3-30B-A3B's routing: top 4 of 16 experts here, renormalised,
+the load-balancing loss on at the model's coefficient, 0.001, on both sides)."""
 VOCAB_SIZE = 32000
 
 
@@ -30,13 +34,21 @@ def alpaca_prompt(record: dict[str, str]) -> str:
 
 
 def hf_config(name: str) -> dict[str, Any]:
-    """A Llama config.json for one of `MODELS` (untied lm_head, Llama-2 style, fp32)."""
+    """A config.json for one of `MODELS` (untied lm_head, fp32): Llama-2 style, or Qwen3-MoE for `moe`
+    (transformers adds its load-balancing loss to the loss with output_router_logits, as packtune's
+    `[train] router_aux_loss` does by default)."""
     shape = MODELS[name]
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB_SIZE,
-            "num_key_value_heads": shape["num_attention_heads"], "hidden_act": "silu",
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", **shape}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB_SIZE,
+              "num_key_value_heads": shape["num_attention_heads"], "hidden_act": "silu",
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+              "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", **shape}
+    if "num_experts" in shape:
+        config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", norm_topk_prob=True,
+                      output_router_logits=True, router_aux_loss_coef=0.001,
+                      head_dim=shape["hidden_size"] // shape["num_attention_heads"])
+        del config["mlp_bias"]
+    return config
 
 
 def flops_per_token(config: dict[str, Any], context: float, lora_rank: int = 0) -> float:
@@ -47,12 +59,21 @@ def flops_per_token(config: dict[str, Any], context: float, lora_rank: int = 0) 
     each other. No causal discount and no recomputation, the usual MFU convention.
 
     With `lora_rank` (adapters on all seven linears of every layer) the base is frozen: 4 x its
-    parameters (forward and the input gradient, no weight gradient) plus 6 x the adapters'."""
+    parameters (forward and the input gradient, no weight gradient) plus 6 x the adapters'.
+
+    A mixture of experts counts what a token passes through: the router and its k experts (the
+    adapters of the k experts' weights with LoRA)."""
     h, layers, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
-    params = layers * per_layer + h * config["vocab_size"]
-    adapters = layers * lora_rank * (9 * h + 2 * kv + 3 * inter)
+    attention, attention_adapters = h * h * 2 + h * kv * 2, 6 * h + 2 * kv
+    if "num_experts" in config:
+        k, experts = config["num_experts_per_tok"], config["num_experts"]
+        width = config["moe_intermediate_size"]
+        mlp, mlp_adapters = k * 3 * h * width + h * experts, k * (2 * h + 3 * width)
+    else:
+        mlp, mlp_adapters = 3 * h * inter, 3 * h + 3 * inter
+    params = layers * (attention + mlp) + h * config["vocab_size"]
+    adapters = layers * lora_rank * (attention_adapters + mlp_adapters)
     return (4 if lora_rank else 6) * params + 6 * adapters + 12 * layers * h * context
 
 

@@ -125,6 +125,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_checkpoint(args: argparse.Namespace) -> int:
+    from packtune.checkpoint import check_checkpoints
+
+    lines, ok = check_checkpoints(args.path)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
 def _check(args: argparse.Namespace) -> int:
     from packtune.check import run_check
 
@@ -217,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--full", action="store_true",
                        help="train the model itself (default: a shrunken copy of its config)")
     check.set_defaults(func=_check)
+    check_ckpt = sub.add_parser(
+        "check-checkpoint", help="verify a run's checkpoints against their manifests, without loading them")
+    check_ckpt.add_argument("path", help="a run's output_dir, its checkpoints/ folder, or one checkpoint")
+    check_ckpt.set_defaults(func=_check_checkpoint)
     demo = sub.add_parser("demo", help="train a tiny Llama (or T5) on generated tasks, report accuracy")
     demo.add_argument("--model", default="llama", choices=["llama", "t5"],
                       help="llama (a decoder) or t5 (an encoder-decoder trained on packed (prompt, answer) "

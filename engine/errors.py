@@ -61,3 +61,12 @@ class TrainingError(PacktuneError, RuntimeError):
     """The run cannot continue (e.g. too many non-finite steps in a row)."""
 
     kind = "training"
+
+
+class StorageError(CheckpointError):
+    """A checkpoint or the exported model could not be written: the disk is full, read-only, not
+    permitted, or failing (packtune.storage words the message: what to free or change). Not bad input
+    (exit 1, not a CheckpointError's 2): the same command succeeds once the storage is fixed."""
+
+    kind = "storage"
+    exit_code = 1

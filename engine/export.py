@@ -1,16 +1,23 @@
 """The run's export stage: the trained weights gathered on rank 0 and written as a Hugging Face model
 directory `<output_dir>/final` with the run's tokenizer files; a LoRA run writes the PEFT adapter
-(`final/`) and/or the merged model (`final-merged/`), as `train.export` says."""
+(`final/`) and/or the merged model (`final-merged/`), as `train.export` says.
+
+Each directory is written under a temporary name and renamed when complete, so `final/` is whole or
+absent. An export that fails for want of storage (packtune.storage) raises StorageError with one
+line; the run stays unfinished, and the same command exports again from its last checkpoint."""
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from packtune.checkpoint import latest_checkpoint
 from packtune.config import Config
+from packtune.storage import os_error_behind, storage_error
 
 
 def export_dtype(cfg: Config, model: nn.Module) -> torch.dtype | None:
@@ -40,6 +47,23 @@ def export_model(trainer, cfg: Config) -> Path | None:
         return None
     state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
     output_dir = Path(cfg.train.output_dir)
+    try:
+        return _write(trainer, state, output_dir, cfg)
+    except Exception as e:
+        error = os_error_behind(e, output_dir)
+        if error is None:
+            raise
+        latest = latest_checkpoint(output_dir)
+        if latest is not None:
+            after = (f"the run's last checkpoint {latest.name} is kept: the same command again resumes "
+                     "from it and exports")
+        else:
+            after = ("no checkpoint holds the trained weights (train.save_every = 0): train again once "
+                     "there is room")
+        raise storage_error("cannot export the model", output_dir, error, after) from None
+
+
+def _write(trainer, state: dict[str, torch.Tensor], output_dir: Path, cfg: Config) -> Path:
     if not cfg.lora.enabled:
         write_model(trainer.model, state, output_dir / "final", cfg)
         return output_dir / "final"
@@ -64,13 +88,13 @@ def export_model(trainer, cfg: Config) -> Path | None:
 
 
 def write_model(model: nn.Module, state: dict[str, torch.Tensor], path: Path, cfg: Config) -> None:
-    """A Hugging Face model directory with the run's tokenizer files."""
+    """A Hugging Face model directory with the run's tokenizer files (written atomically, together)."""
     from packtune.model.hf_io import save_pretrained
 
     tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
-    folder_files = sorted(tokenizer.glob("tokenizer*")) if tokenizer and tokenizer.is_dir() else []
-    save_pretrained(model, path, tokenizer_files=folder_files, state_dict=state,
-                    dtype=export_dtype(cfg, model))
-    if tokenizer is not None and tokenizer.is_file():  # under the name loaders look for
-        name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
-        shutil.copyfile(tokenizer, path / name)
+    files = sorted(tokenizer.glob("tokenizer*")) if tokenizer and tokenizer.is_dir() else []
+    with tempfile.TemporaryDirectory() as staging:
+        if tokenizer is not None and tokenizer.is_file():  # under the name loaders look for
+            name = "tokenizer.json" if tokenizer.suffix == ".json" else "tokenizer.model"
+            files = [Path(shutil.copyfile(tokenizer, Path(staging) / name))]
+        save_pretrained(model, path, tokenizer_files=files, state_dict=state, dtype=export_dtype(cfg, model))

@@ -23,11 +23,21 @@ from packtune.kernels import PackedLayout, linear_cross_entropy
 
 
 class CausalLMLoss(nn.Module):
-    """Wraps a causal LM with `hidden_states(...)` and `lm_head`; forward returns the loss."""
+    """Wraps a causal LM with `hidden_states(...)` and `lm_head`; forward returns the loss.
 
-    def __init__(self, model: nn.Module) -> None:
+    A mixture-of-experts model (one whose forward leaves `router_loads`, packtune.model.moe) adds its
+    router losses: `router_weight` x (aux_coef x the load-balancing loss + z_coef x the z-loss) of the
+    micro-batch's real tokens, on the device, no sync. The Trainer passes router_weight = 1 / the
+    step's micro-batches over all ranks, so the step adds their mean (0 in evaluation). The
+    micro-batch's (aux, z) and per-layer expert counts are left in `router_stats` for the metrics.
+    """
+
+    def __init__(self, model: nn.Module, aux_coef: float = 0.0, z_coef: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        self.aux_coef, self.z_coef = aux_coef, z_coef
+        self.router_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        """(aux loss, z-loss) [2] and expert counts [sparse layers, E] of the last forward, detached."""
 
     def forward(
         self,
@@ -36,11 +46,21 @@ class CausalLMLoss(nn.Module):
         layout: PackedLayout,
         num_items: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
+        router_weight: float = 0.0,
     ) -> torch.Tensor:
         hidden = self.model.hidden_states(input_ids, layout)
-        return linear_cross_entropy(hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum",
-                                    num_items=num_items, layout=layout,
-                                    softcap=self.final_logit_softcap)
+        loss = linear_cross_entropy(hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum",
+                                    num_items=num_items, layout=layout, softcap=self.final_logit_softcap)
+        loads = getattr(self.model, "router_loads", None)
+        if loads:
+            from packtune.model.moe import router_losses
+
+            aux, z = router_losses(loads)
+            self.router_stats = (torch.stack([aux, z]).detach().float(),
+                                 torch.stack([load.counts for load in loads]).detach().float())
+            if router_weight and (self.aux_coef or self.z_coef):
+                loss = loss + router_weight * (self.aux_coef * aux + self.z_coef * z).to(loss.dtype)
+        return loss
 
     @property
     def final_logit_softcap(self) -> float | None:

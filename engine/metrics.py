@@ -57,7 +57,9 @@ class _Pending:
     label_tokens: int
     flops: float
     values: torch.Tensor
-    """[loss, grad_norm, finite] on the device."""
+    """[loss, grad_norm, finite, *extra] on the device."""
+    extra: tuple[str, ...] = ()
+    """The names of the values after the first three (a mixture of experts' router metrics)."""
 
 
 @dataclass
@@ -91,15 +93,25 @@ class MetricsLogger:
         self._window_start = time.perf_counter()
 
     def record(
-        self, step: int, lr: float, tokens: int, label_tokens: int, flops: float, values: torch.Tensor
+        self, step: int, lr: float, tokens: int, label_tokens: int, flops: float, values: torch.Tensor,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        self._pending.append(_Pending(step, lr, tokens, label_tokens, flops, values.detach()))
+        """`values` [loss, grad_norm, finite] and `extra` named scalars, all on the device (read at
+        the next flush)."""
+        extra = extra or {}
+        if extra:
+            values = torch.cat([values, torch.stack([v.float() for v in extra.values()])])
+        self._pending.append(_Pending(step, lr, tokens, label_tokens, flops, values.detach(), tuple(extra)))
 
     def flush(self) -> list[dict[str, Any]]:
         """Sync once, write every buffered step, print one line; returns the records."""
         if not self._pending:
             return []
-        values = torch.stack([p.values for p in self._pending]).tolist()
+        flat = torch.cat([p.values for p in self._pending]).tolist()  # one sync
+        values, start = [], 0
+        for p in self._pending:
+            values.append(flat[start : start + p.values.numel()])
+            start += p.values.numel()
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)
         tokens = sum(p.tokens for p in self._pending)
@@ -110,7 +122,7 @@ class MetricsLogger:
         mfu = flops / elapsed / self.world_size / self.peak_flops if self.peak_flops else None
         memory = peak_memory_gib(self.device)
         records = []
-        for p, (loss, grad_norm, finite) in zip(self._pending, values, strict=False):
+        for p, (loss, grad_norm, finite, *extra) in zip(self._pending, values, strict=False):
             skipped = not finite
             self.skipped_steps += skipped
             self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
@@ -127,6 +139,7 @@ class MetricsLogger:
                 "peak_memory_gib": memory,
                 "skipped": skipped,
                 "skipped_total": self.skipped_steps,
+                **{name: _finite_or_none(value) for name, value in zip(p.extra, extra, strict=True)},
             })
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,6 +40,8 @@ class DistContext:
     device: torch.device
     mesh: DeviceMesh | None
     """The 1-D data-parallel mesh; None for a single CPU process (no process group, no FSDP)."""
+    processes: list[tuple[str, int]] = field(default_factory=list)
+    """(host, pid) of every rank, by rank: who to look for when a collective fails (packtune.rank_loss)."""
 
     @property
     def is_main(self) -> bool:
@@ -98,17 +103,55 @@ def init_distributed(device: str = "auto", *, mixed_precision: bool = False) -> 
         else:  # one process started without torchrun
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
-    return DistContext(rank, world_size, local_rank, dev, mesh)
+    dist_ctx = DistContext(rank, world_size, local_rank, dev, mesh)
+    gathered = dist_ctx.all_gather_texts([socket.gethostname(), str(os.getpid())])
+    dist_ctx.processes = [(host, int(pid)) for host, pid in gathered]
+    return dist_ctx
 
 
-def shutdown(dist_ctx: DistContext) -> None:
-    """Tear the process group down once every rank is done with it (a rank destroying gloo's
-    group while another still talks to it can abort the process at exit)."""
-    if dist_ctx.mesh is not None and dist.is_initialized():
-        try:
+def shutdown(dist_ctx: DistContext, clean: bool = True) -> None:
+    """Tear the process group down: `clean`, once every rank is done with it (a barrier); else (this
+    rank failed, or another rank is gone) at once, without waiting for the others.
+
+    Then wait until gloo's worker threads are idle. destroy_process_group does not join them (only
+    the group's destructor does, and FSDP's modules and DTensor's caches keep the group alive until
+    the interpreter exits), and a worker that finishes its last collective late, after the main
+    thread has begun finalizing the interpreter, releases that collective's tensors, takes the GIL
+    and is ended by Python with pthread_exit, which unwinds through a noexcept frame:
+    "terminate called without an active exception", an abort after the run's last line
+    (pytorch/pytorch#190489)."""
+    if dist_ctx.mesh is None or not dist.is_initialized():
+        return
+    try:
+        if clean:
             dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    finally:
+        dist.destroy_process_group()
+        wait_for_idle_gloo_workers()
+
+
+_GLOO_WORKER = "pt_gloo_runloop"
+
+
+def wait_for_idle_gloo_workers(timeout: float = 10.0) -> None:
+    """Return once every gloo worker thread of this process has been asleep (waiting for work) in
+    three samples 10 ms apart, the GIL free in between; at most `timeout` seconds. Linux: the threads
+    are found by name in /proc/self/task (elsewhere, or without named threads, it returns at once)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return
+    deadline, asleep = time.monotonic() + timeout, 0
+    while asleep < 3 and time.monotonic() < deadline:
+        states = []
+        for task in tasks.iterdir():
+            try:
+                if (task / "comm").read_text().strip() == _GLOO_WORKER:
+                    states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:  # the thread ended meanwhile
+                continue
+        asleep = asleep + 1 if all(state == "S" for state in states) else 0
+        if asleep < 3:
+            time.sleep(0.01)  # releases the GIL: a worker waiting for it to free a tensor gets it
 
 
 def parallelize(

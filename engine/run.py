@@ -2,6 +2,7 @@
 
     check    every config key, in its section (packtune.config), before anything is written
     plan     what output_dir holds decides: new run, resume, already complete, or refused (rundir)
+    lock     rank 0 locks output_dir for this run (runlock): a second run there is refused
     data     tokenize (cached), hold out, build rows, deal them to this rank (data/rows.py)
     model    load the checkpoint in fp32, add LoRA adapters; on the meta device when sharded
              (model/loading.py)
@@ -29,8 +30,10 @@ from packtune.model.families import encoder_decoder
 from packtune.model.loading import fill_shards, load_for_training
 from packtune.parallel import DistContext, init_distributed, resolve_device, shutdown
 from packtune.precision import compute_dtype
+from packtune.rank_loss import lost_rank_error
 from packtune.reporters import open_reporters
 from packtune.rundir import complete_message, finish_run, plan_run, start_run
+from packtune.runlock import lock_for_run
 from packtune.train import Trainer
 
 
@@ -45,11 +48,16 @@ def run(cfg: Config) -> Path | None:
         return final if final.is_dir() else None
     mixed = mixed_precision(cfg)
     dist_ctx = init_distributed(cfg.train.device, mixed_precision=mixed)
-    trainer = None
+    trainer = lock = None
+    clean = False
     try:
-        if dist_ctx.is_main:
+        lock = lock_for_run(plan.output_dir, dist_ctx)
+        if lock is not None:
+            if lock.took_over:
+                print(lock.took_over, flush=True)
             moved = start_run(cfg, plan)
             if moved is not None:
+                lock.follow(plan.output_dir)  # the lock file moved aside with the old contents
                 print(f"train.overwrite: moved the previous contents of {plan.output_dir} to {moved}",
                       flush=True)
         dist_ctx.barrier()
@@ -60,17 +68,26 @@ def run(cfg: Config) -> Path | None:
         if resumed is not None and dist_ctx.is_main:
             print(f"resumed from {resumed} at step {trainer.step}", flush=True)
         if trainer.fit() < trainer.total_steps:
+            clean = True
             return None  # stopped by a signal, after saving
         exported = export_model(trainer, cfg) if cfg.train.export else None
         if dist_ctx.is_main:
             m = trainer.metrics
             line = finish_run(plan.output_dir, trainer.step, m.run_tokens, m.run_seconds, exported)
             print(line, flush=True)
+        clean = True
         return exported
+    except RuntimeError as e:
+        lost = lost_rank_error(dist_ctx, e)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if trainer is not None:
             trainer.metrics.close()
-        shutdown(dist_ctx)
+        shutdown(dist_ctx, clean=clean)
+        if lock is not None:
+            lock.release()
 
 
 def mixed_precision(cfg: Config) -> bool:

@@ -1,7 +1,8 @@
 """A run's output directory: what a new `packtune train` may do with what is already there.
 
 A packtune run's output_dir holds only packtune's own files: `config.toml`, `run.json`,
-`metrics.jsonl`, `checkpoints/`, `final/` (and packtune's temporary names while they are written).
+`metrics.jsonl`, `checkpoints/`, `final/`, `run.lock` (packtune.runlock: the live run's lock, empty when
+none runs), and packtune's temporary names while they are written.
 `run.json` is the run's marker, replaced atomically (temp file, fsync, rename): written
 `{"status": "running"}` when the run starts and `{"status": "complete", ...}` (steps, tokens,
 tokens/s, final/) as the run's very last act, so a run is finished exactly when run.json says so
@@ -16,7 +17,8 @@ tokens/s, final/) as the run's very last act, so a run is finished exactly when 
   refused (a resume would mix two configs, a restart would overwrite the checkpoints);
 - an explicit checkpoint directory in `train.resume`: resumed from it, whatever the state;
 - `train.overwrite` (`--overwrite`): a new run; what was there is first moved aside to
-  `<output_dir>.replaced-<YYYYmmdd-HHMMSS>` (never deleted: remove it yourself when done with it).
+  `<output_dir>.replaced-<YYYYmmdd-HHMMSS>` (never deleted: remove it yourself when done with it),
+  never while another run holds the directory's lock (the run takes the lock before `start_run`).
 """
 
 from __future__ import annotations
@@ -31,18 +33,20 @@ from typing import Any
 
 from packtune.config import Config, dump_config, load_config
 from packtune.errors import ConfigError
+from packtune.runlock import LOCK_NAME
 
 RUN_FILES = frozenset(
     {"config.toml", "run.json", "metrics.jsonl", "checkpoints", "final", "final-merged", "tensorboard",
      "wandb"}
 )
 _TEMP_PREFIXES = (".write-test-", ".final.", ".final-merged.", ".run.json.", ".config.toml.")
-# Keys that change how a run is executed or logged, not what it trains: a resume may change them.
+# Keys that change how a run is executed, logged or saved, not what it trains: a resume may change them.
+# (train.micro_batches too, where world_size x micro_batches stays the same: `plan_run`.)
 _RESUMABLE_KEYS = frozenset({
     "train.resume", "train.overwrite", "train.log_every", "train.save_every", "train.keep_checkpoints",
-    "train.eval_every", "train.max_bad_steps", "train.device", "train.compile",
-    "train.activation_checkpointing", "train.report_to", "train.progress", "data.num_workers",
-    "data.cache_dir",
+    "train.eval_every", "train.eval_generate_every", "train.max_bad_steps", "train.on_save_error",
+    "train.device", "train.compile", "train.activation_checkpointing", "train.report_to", "train.progress",
+    "data.num_workers", "data.cache_dir",
 })
 _MAX_LISTED = 5
 
@@ -63,7 +67,7 @@ def plan_run(cfg: Config) -> RunPlan:
     t = cfg.train
     out = Path(t.output_dir)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    entries = [name for name in entries if not name.startswith(_TEMP_PREFIXES)]
+    entries = [name for name in entries if not name.startswith(_TEMP_PREFIXES) and name != LOCK_NAME]
     if not entries:
         return RunPlan(out)
     if t.overwrite:
@@ -78,7 +82,11 @@ def plan_run(cfg: Config) -> RunPlan:
         return RunPlan(out)
     marker = read_marker(out)
     finished = (marker or {}).get("status") == "complete" or (marker is None and (out / "final").is_dir())
-    changed = config_changes(cfg, out / "config.toml")
+    # A resume may change micro_batches when world_size x micro_batches stays the same: for an unfinished
+    # run its checkpoint's sampler state checks that (it knows the group its rows were dealt in, and names
+    # the micro_batches that resumes); for a finished run, run.json's world_size does.
+    group_kept = not finished or _same_group(marker, out / "config.toml", cfg)
+    changed = config_changes(cfg, out / "config.toml", micro_batches_may_differ=group_kept)
     if finished:
         if changed:
             raise ConfigError(f"train.output_dir: {out} holds a finished run with a different config "
@@ -94,7 +102,7 @@ def plan_run(cfg: Config) -> RunPlan:
     return RunPlan(out)
 
 
-def config_changes(cfg: Config, stored: Path) -> str:
+def config_changes(cfg: Config, stored: Path, *, micro_batches_may_differ: bool = False) -> str:
     """'' when `stored` (a run's config.toml) trains what `cfg` trains, else the differences."""
     if not stored.is_file():
         return f"it has no {stored.name}"
@@ -105,14 +113,28 @@ def config_changes(cfg: Config, stored: Path) -> str:
     except ConfigError as e:
         return f"its {stored.name} does not load: {e}"
     new = cfg.to_dict()
+    resumable = _RESUMABLE_KEYS | ({"train.micro_batches"} if micro_batches_may_differ else set())
     diffs = [
         f"{section}.{key}: {old[section][key]!r} there, {value!r} now"
         for section, table in new.items()
         for key, value in table.items()
-        if f"{section}.{key}" not in _RESUMABLE_KEYS and old[section][key] != value
+        if f"{section}.{key}" not in resumable and old[section][key] != value
     ]
     more = f"; ... ({len(diffs) - _MAX_LISTED} more)" if len(diffs) > _MAX_LISTED else ""
     return "; ".join(diffs[:_MAX_LISTED]) + more
+
+
+def _same_group(marker: dict[str, Any] | None, stored: Path, cfg: Config) -> bool:
+    """Whether the finished run's world_size x micro_batches (run.json, config.toml) is this one's (the
+    sampler then deals the same rows: 2 ranks x 1 micro-batch are 1 process x 2)."""
+    ran_on = (marker or {}).get("world_size")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            old = load_config(stored).train.micro_batches
+    except (ConfigError, OSError):
+        return False
+    return ran_on is not None and ran_on * old == world_size() * cfg.train.micro_batches
 
 
 def start_run(cfg: Config, plan: RunPlan) -> Path | None:
@@ -131,8 +153,13 @@ def start_run(cfg: Config, plan: RunPlan) -> Path | None:
     # move the run it describes aside.
     resolved = replace(cfg, train=replace(cfg.train, overwrite=False))
     _atomic_write(plan.output_dir / "config.toml", dump_config(resolved))
-    write_marker(plan.output_dir, {"status": "running", "started": _now()})
+    write_marker(plan.output_dir, {"status": "running", "started": _now(), "world_size": world_size()})
     return moved
+
+
+def world_size() -> int:
+    """The ranks of this run (torchrun's WORLD_SIZE; 1 without torchrun), known before they join."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def read_marker(output_dir: Path) -> dict[str, Any] | None:
@@ -151,7 +178,8 @@ def write_marker(output_dir: Path, fields: dict[str, Any]) -> None:
 def finish_run(output_dir: Path, steps: int, tokens: int, seconds: float, final: Path | None) -> str:
     """Mark the run complete (its last write) and return the line that ends it."""
     rate = tokens / seconds if seconds > 0 else 0.0
-    write_marker(output_dir, {"status": "complete", "steps": steps, "finished": _now(), "tokens": tokens,
+    write_marker(output_dir, {"status": "complete", "steps": steps, "world_size": world_size(),
+                              "finished": _now(), "tokens": tokens,
                               "train_seconds": round(seconds, 3), "tokens_per_s": round(rate, 1),
                               "final": None if final is None else final.name})
     where = f"final model: {final}" if final is not None else "no final/ (train.export = false)"

@@ -22,6 +22,8 @@ class Seq2SeqLoss(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.router_stats = None
+        """No router (the Trainer reads MoE models' router statistics here)."""
 
     def forward(
         self,
@@ -31,9 +33,11 @@ class Seq2SeqLoss(nn.Module):
         layout: Seq2SeqLayout,
         num_items: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
+        router_weight: float = 0.0,
     ) -> torch.Tensor:
         """input_ids `[Te]`, decoder_input_ids and labels `[Td]` (model/t5_batch.py); `loss_weights`
-        fp32 per decoder token, None for token weighting."""
+        fp32 per decoder token, None for token weighting. `router_weight`: the Trainer's weight of router
+        losses (`CausalLMLoss`), which a T5 has none of."""
         hidden = self.model.hidden_states(input_ids, decoder_input_ids, layout)
         return linear_cross_entropy(hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum",
                                     num_items=num_items, layout=layout.decoder)

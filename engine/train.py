@@ -5,7 +5,8 @@ One optimizer step (the loss contract, docs/how-it-works.md):
    `loss_weighting`) and tokens on the host, all-reduce the counts over gloo (CPU, so the GPU
    stream never waits) together with a "stop requested" flag;
 2. for each micro-batch: loss = sum of (weighted) token losses / global item count, backward
-   (FSDP sums gradients over ranks, see parallel.py);
+   (FSDP sums gradients over ranks, see parallel.py); a mixture of experts adds its router losses
+   / the global micro-batch count (packtune.loss), so the step adds their mean;
 3. all-reduce the loss for logging, measure and clip the global gradient norm;
 4. NaN/inf guard: a non-finite loss or norm sets `optimizer.found_inf`, and the fused AdamW
    skips the update on the device, without a host sync; skips are counted when metrics are
@@ -24,9 +25,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from packtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from packtune.checkpoint import (
+    checkpoint_root,
+    load_checkpoint,
+    newest_verified,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from packtune.config import TrainConfig
-from packtune.errors import CheckpointError, TrainingError
+from packtune.config.train import router_coefficients
+from packtune.errors import CheckpointError, StorageError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
 from packtune.model.families import family_for
@@ -107,10 +115,14 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        args = getattr(model, "args", None)  # packtune's models have them; a toy model trains as a causal LM
-        loss = (family_for(args.model_type).loss if args is not None else None) or CausalLMLoss
+        args = getattr(model, "args", None)  # a toy model without args trains as a causal LM
+        family_loss = family_for(args.model_type).loss if args is not None else None
+        if family_loss is not None:  # an encoder-decoder's (T5: Seq2SeqLoss)
+            loss = family_loss(model)
+        else:
+            loss = CausalLMLoss(model, *router_coefficients(cfg, getattr(args, "router_aux_loss_coef", 0.0)))
         self.module = parallelize(
-            loss(model),
+            loss,
             model.block_lists,
             dist_ctx,
             activation_checkpointing=cfg.activation_checkpointing,
@@ -151,17 +163,29 @@ class Trainer:
     # ---- resume -----------------------------------------------------------------------------
 
     def resume(self) -> Path | None:
-        """Load the checkpoint `cfg.resume` names (auto: the newest complete one, if any).
+        """Load the checkpoint `cfg.resume` names (auto: the newest that verifies against its
+        manifest; each newer one skipped is named), if any.
 
         metrics.jsonl keeps only the records up to the step resumed from (none for a fresh run).
         """
         path = None
         if self.cfg.resume == "auto":
-            path = latest_checkpoint(self.output_dir)
+            path, skipped = newest_verified(self.output_dir, self.dist_ctx)
+            if self.dist_ctx.is_main:
+                for line in skipped:
+                    print(f"skipped checkpoint {line}", flush=True)
+            if path is None and skipped:
+                raise CheckpointError(
+                    f"no checkpoint in {checkpoint_root(self.output_dir)} verifies ({'; '.join(skipped)}); "
+                    "nothing was deleted. Restore them from a copy, or start over with --overwrite (moves "
+                    f"{self.output_dir} aside); `packtune check-checkpoint {self.output_dir}` lists them")
         elif self.cfg.resume != "never":
             path = Path(self.cfg.resume)
             if not path.is_dir():
                 raise CheckpointError(f"train.resume: {path} is not a checkpoint directory")
+            problem = verify_checkpoint(path, self.dist_ctx)
+            if problem is not None:
+                raise CheckpointError(f"train.resume: {path} does not verify: {problem}")
         if path is None:
             if self.dist_ctx.is_main:
                 _truncate_metrics(self.output_dir / "metrics.jsonl", 0)
@@ -231,15 +255,29 @@ class Trainer:
                     self.metrics.log_generation_eval(self.step, scores)
                 if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or stop_now:
                     self._flush()
-                    self.save()
-                    saved_at = self.step
+                    if self._save_or_continue(stopping=stop_now):
+                        saved_at = self.step
                 if stop_now:
                     if self.dist_ctx.is_main:
                         print(f"stop requested: saved step {self.step}, exiting", flush=True)
                     return self.step
         if self.cfg.save_every and saved_at != self.step:
-            self.save()
+            self._save_or_continue(stopping=False)
         return self.step
+
+    def _save_or_continue(self, stopping: bool) -> bool:
+        """Save; a checkpoint that cannot be written stops the run, or with `on_save_error =
+        "continue"` is reported and retried at the next save (not when stopping: then it is the last)."""
+        try:
+            self.save()
+            return True
+        except StorageError as e:
+            if self.cfg.on_save_error != "continue" or stopping:
+                raise
+            if self.dist_ctx.is_main:
+                print(f"step {self.step}: {e} (train.on_save_error = 'continue': training goes on, the next "
+                      "save tries again)", flush=True)
+            return False
 
     def _flush(self) -> None:
         self.metrics.flush()
@@ -261,21 +299,30 @@ class Trainer:
         device = self.dist_ctx.device
         counts = torch.tensor(
             [sum(b.num_label_tokens for b in micro_batches), sum(b.num_items for b in micro_batches),
-             sum(b.num_tokens for b in micro_batches), int(stop_requested)],
+             sum(b.num_tokens for b in micro_batches), int(stop_requested), len(micro_batches)],
             dtype=torch.int64,
         )
         self.dist_ctx.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
-        label_tokens, items, tokens, stops = counts.tolist()
+        label_tokens, items, tokens, stops, batches = counts.tolist()
         num_items = self._num_items(items)
         flops = 0.0
         loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        router = None  # MoE: [aux, z] (their mean over the step's micro-batches) and the expert counts
         for batch in micro_batches:
             if self.count_flops:
                 flops += batch.flops(self.model.args)
-            loss = self._loss(batch, num_items, weighted=True)
+            loss = self._loss(batch, num_items, weighted=True, router_weight=1.0 / batches)
             loss.backward()
             loss_sum += loss.detach().float()
-        self.dist_ctx.all_reduce_sum(loss_sum)
+            if self.module.router_stats is not None:
+                terms, experts = self.module.router_stats
+                part = torch.cat([terms / batches, experts.flatten()])
+                router, layers = (part if router is None else router + part), experts.shape
+        if router is None:
+            self.dist_ctx.all_reduce_sum(loss_sum)
+        else:  # one all-reduce for both
+            summed = self.dist_ctx.all_reduce_sum(torch.cat([loss_sum[None], router]))
+            loss_sum, router = summed[0], summed[1:]
         grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.max_grad_norm).to(device)
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()
@@ -286,16 +333,17 @@ class Trainer:
         self.step += 1
         flops = self.dist_ctx.world_size * flops  # every rank's share, assuming balanced ranks
         values = torch.stack([loss_sum, grad_norm.float(), finite.float()])
-        self.metrics.record(self.step, lr, tokens, label_tokens, flops, values)
+        extra = None if router is None else router_metrics(router[:2], router[2:].view(layers))
+        self.metrics.record(self.step, lr, tokens, label_tokens, flops, values, extra)
         return stops > 0
 
     def _loss(self, batch: PackedBatch | PaddedBatch, num_items: torch.Tensor | None = None,
-              weighted: bool = False) -> torch.Tensor:
+              weighted: bool = False, router_weight: float = 0.0) -> torch.Tensor:
         """Summed token loss of one micro-batch (times its loss weights when `weighted`, ÷ num_items
-        when given), packed or padded."""
+        when given), packed or padded; plus `router_weight` x its router losses (MoE models)."""
         batch = batch.to(self.dist_ctx.device)
         return self.module(*batch.loss_inputs(), num_items=num_items,
-                           loss_weights=batch.loss_weights if weighted else None)
+                           loss_weights=batch.loss_weights if weighted else None, router_weight=router_weight)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -314,6 +362,15 @@ class Trainer:
         if self.dist_ctx.is_main:
             self.metrics.log_eval(self.step, mean, int(count))
         return mean
+
+
+def router_metrics(terms: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A mixture-of-experts step's router metrics, on the device: the mean load-balancing and z-loss
+    (`terms`, unscaled by their coefficients) and the least and most loaded expert's share of its
+    layer's routed (token, expert) pairs (`counts` [sparse layers, E]; 1 / E each when balanced)."""
+    share = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    return {"router_aux_loss": terms[0], "router_z_loss": terms[1], "router_load_min": share.min(),
+            "router_load_max": share.max()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

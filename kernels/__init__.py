@@ -25,6 +25,10 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
     lora_linear, lora_mlp
         torch GEMMs on every device; on CUDA Triton kernels fuse the LoRA parts around them
         (dropout from a seed, the update added into the output tile, the MLP's gate); references beside
+    moe_experts
+        a mixture-of-experts block's experts (tokens sorted by expert, grouped GEMMs, transformers 5's
+        fused weight layouts, SwiGLU or gpt-oss's clamped variant): Triton on CUDA (no host sync),
+        C++ (CPU, packtune._C) and `moe_experts_ref` (a loop over experts, as transformers' eager)
     nf4_matmul
         QLoRA's base GEMMs over a torchao NF4 weight: on CUDA Triton kernels dequantise it tile by
         tile in registers (forward and dx); elsewhere torch dequantises the layer, then matmul
@@ -51,6 +55,15 @@ else:
     from packtune.kernels.linear_logprobs import layout_segments, linear_logprobs, linear_logprobs_ref
     from packtune.kernels.lora import lora_linear, lora_linear_ref
     from packtune.kernels.lora_mlp import lora_mlp, lora_mlp_ref
+    from packtune.kernels.moe import (
+        SWIGLU,
+        ExpertFormat,
+        ExpertRouting,
+        gpt_oss_format,
+        moe_experts,
+        moe_experts_ref,
+        route_to_experts,
+    )
     from packtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_ref
     from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
     from packtune.kernels.relative_attention import varlen_relative_attention, varlen_relative_attention_ref
@@ -78,6 +91,13 @@ __all__ = [
     "lora_linear_ref",
     "lora_mlp",
     "lora_mlp_ref",
+    "moe_experts",
+    "moe_experts_ref",
+    "ExpertFormat",
+    "ExpertRouting",
+    "SWIGLU",
+    "gpt_oss_format",
+    "route_to_experts",
     "nf4_matmul",
     "nf4_matmul_ref",
     "rotary",

@@ -32,6 +32,12 @@ softmax: flash-attn's `softcap`, FlexAttention's score_mod on other CUDA setups;
 varlen_attn and SDPA have none, so on the CPU such calls take the buckets path with the logits
 written out, as transformers' eager attention.
 
+`sinks` (gpt-oss) is a learned logit per query head that joins every softmax's denominator and
+attends to nothing: out = softmax([logits, sink]) @ [v; 0] = out_without * sigmoid(lse - sink), lse
+the log-sum-exp of the row's (masked) logits. flash-attn 2, torch's varlen_attn and the
+FlexAttention path return no differentiable lse here, so such calls take the buckets path with the
+logits written out (transformers' eager attention, the sink as an extra column).
+
 `alibi_slopes` (BLOOM) adds slope_h * (j - i) to the logits of query i and key j, i and j being
 positions within the sample, so no bias crosses a sample boundary: flash-attn's `alibi_slopes`
 (the same bias), FlexAttention's score_mod (fp32) on other CUDA setups, and on the CPU the
@@ -188,12 +194,14 @@ def alibi_bias(slopes: torch.Tensor, lq: int, lk: int, dtype: torch.dtype) -> to
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None,
                    is_causal: bool, scale: float | None, softcap: float | None = None,
-                   alibi_slopes: torch.Tensor | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    """`F.scaled_dot_product_attention` on `[B, H, L, D]`, with the logits capped at `softcap` and
-    ALiBi biases added (`alibi_slopes`, one per query head; see `alibi_bias`); without either, SDPA
-    itself. The capped form is transformers' eager attention (input-dtype matmuls, softmax in fp32),
-    with the softmax in float64 for float64 input. ALiBi goes into SDPA as a float mask whose
-    disallowed entries hold the dtype's minimum (as transformers' BLOOM: no NaN rows)."""
+                   alibi_slopes: torch.Tensor | None = None, enable_gqa: bool = False,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` on `[B, H, L, D]`, with the logits capped at `softcap`, ALiBi
+    biases added (`alibi_slopes`, one per query head; see `alibi_bias`) and a sink logit per query
+    head in the softmax (`sinks` `[H]`); without any, SDPA itself. The capped or sunk form is
+    transformers' eager attention (input-dtype matmuls, softmax in fp32), with the softmax in float64
+    for float64 input. ALiBi goes into SDPA as a float mask whose disallowed entries hold the dtype's
+    minimum (as transformers' BLOOM: no NaN rows)."""
     if alibi_slopes is not None:
         lq, lk = q.shape[-2], k.shape[-2]
         allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq) if is_causal else None
@@ -203,14 +211,16 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_ma
         if allowed is not None:
             bias = torch.where(allowed, bias, torch.finfo(q.dtype).min)
         attn_mask, is_causal = bias, False
-    if softcap is None:
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
     if enable_gqa:
         repeat = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = torch.tanh(q @ k.transpose(-2, -1) * scale / softcap) * softcap
+    logits = q @ k.transpose(-2, -1) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     if is_causal:
         lq, lk = q.shape[-2], k.shape[-2]
         attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
@@ -218,13 +228,18 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_ma
         logits = logits.masked_fill(~attn_mask, torch.finfo(logits.dtype).min)  # as transformers: no NaN rows
     elif attn_mask is not None:  # ALiBi biases, masked entries already at the minimum
         logits = logits + attn_mask
-    return torch.softmax(logits, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype) @ v
+    compute = torch.promote_types(q.dtype, torch.float32)
+    if sinks is None:
+        return torch.softmax(logits, dim=-1, dtype=compute).to(q.dtype) @ v
+    sink = sinks.to(logits.dtype)[:, None, None].expand(*logits.shape[:-1], 1)  # [.., H, L, 1]
+    probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1, dtype=compute)[..., :-1]
+    return probs.to(q.dtype) @ v
 
 
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                          causal: bool = True, window: int | None = None, scale: float | None = None,
-                         softcap: float | None = None,
-                         alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                         softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                         sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The specification: SDPA on each sample's own tokens (ALiBi from the sample's own positions);
     tokens past cu_seqlens[-1] give zeros."""
     out = torch.zeros_like(q)
@@ -237,7 +252,7 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         mask = sample_mask(end - start, causal, window, q.device) if window is not None else None
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
         o = sdpa_attention(qs, ks, vs, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
-                           softcap=softcap, alibi_slopes=alibi_slopes, enable_gqa=gqa)
+                           softcap=softcap, alibi_slopes=alibi_slopes, enable_gqa=gqa, sinks=sinks)
         out[start:end] = o.transpose(0, 1)
     return out
 
@@ -251,22 +266,23 @@ def _window_size(causal: bool, window: int | None) -> tuple[int, int]:
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, causal: bool = True, window: int | None = None,
                      scale: float | None = None, softcap: float | None = None,
-                     alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                     alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """Attention within each sample of a packed row: q `[T, Hq, D]`, k/v `[T, Hk, D]` -> `[T, Hq, D]`.
 
     cu_seqlens: int32 `[n+1]` sample offsets (on q's device); max_seqlen: the longest sample, a
     host int (so no device-to-host sync on the fast paths); window: sliding window (Mistral);
     softcap: logit cap (Gemma 2); alibi_slopes: fp32 `[Hq]` ALiBi slopes (BLOOM), the bias
-    slope * (j - i) from each sample's own positions.
+    slope * (j - i) from each sample's own positions; sinks: `[Hq]` sink logits (gpt-oss).
     """
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 1:
         raise ValueError(f"varlen_attention: window must be >= 1 or None, got {window}")
     path = attention_path(q.device, q.dtype, window=window, scale=scale,
                           logit_mods=softcap is not None or alibi_slopes is not None)
-    if path == "buckets":
+    if path == "buckets" or sinks is not None:  # no fast path here gives a differentiable lse for sinks
         return _bucketed_attention(q, k, v, cu_seqlens, causal=causal, window=window, scale=scale,
-                                   softcap=softcap, alibi_slopes=alibi_slopes)
+                                   softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         q, k, v = ZeroTailGrad.apply(cu, q, k, v)
@@ -353,8 +369,8 @@ def length_buckets(lengths: list[int], waste: float = BUCKET_WASTE) -> list[list
 
 def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                         causal: bool, window: int | None, scale: float | None,
-                        softcap: float | None = None,
-                        alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                        softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                        sinks: torch.Tensor | None = None) -> torch.Tensor:
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     parts, rows = [], []
@@ -372,7 +388,8 @@ def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
             within = sample_mask(longest, causal, window, q.device)
             mask = mask if within is None else mask & within
         o = sdpa_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
-                           softcap=softcap, alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1])
+                           softcap=softcap, alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1],
+                           sinks=sinks)
         parts.append(o.transpose(1, 2)[real])
         rows.append(index[real])
     out = torch.zeros_like(q)

@@ -18,8 +18,10 @@ their weights when weighted); a count is clamped to at least 1 and a zero weight
 Because the gradient is known once the log-sum-exp is, the kernels write it during the forward
 pass (already multiplied by w/denominator) and backward is one scale by grad_output. fp16 is the
 exception: there the 1/denominator waits for backward (`defer_scale`), where it is applied
-together with grad_output, so a loss-scaled gradient (GradScaler) does not underflow to zero in
-fp16 before the loss scale reaches it. It goes
+together with grad_output, and the forward writes the gradient at a power-of-two scale as large as
+fp16 holds (`fp16_grad_scale`, about 2^14), divided out in backward: a loss-scaled gradient
+(GradScaler) then loses no more entries to fp16's range than the float32 gradient rounded once to
+fp16 would, though the forward cannot know the loss scale. It goes
 into the logits' own storage with `inplace_backward=True` (no N x V buffer beyond the logits;
 the logits are overwritten), else into one new buffer. Three implementations: a Triton kernel
 (one program per row, online log-sum-exp over vocab blocks, fp32 math), the C++ op
@@ -211,7 +213,7 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
         if x.stride(-1) != 1:
             x = x.contiguous()
         deferred = defer_scale(x.dtype)
-        grad_scale = torch.ones_like(scale) if deferred else scale
+        grad_scale = fp16_grad_scale(weights, scale) if deferred else scale
         loss, lse, grad = cross_entropy_rows(x, labels, weights, grad_scale, backend,
                                              ignore_index=ignore_index, eps=eps, z_loss=z_loss,
                                              softcap=softcap, compute_grad=compute_grad, inplace=inplace)
@@ -221,7 +223,7 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse)
         ctx.reduction, ctx.shape, ctx.deferred = reduction, shape, deferred
         if grad is not None:  # detached: a view made here (no grad mode) must not carry view metadata
-            ctx.save_for_backward(grad.detach(), scale)
+            ctx.save_for_backward(grad.detach(), scale / grad_scale if deferred else scale)
         return loss, lse
 
     @staticmethod
@@ -243,6 +245,17 @@ def defer_scale(dtype: torch.dtype) -> bool:
     """Whether the 1/denominator waits for backward: for fp16, where p/N written in the forward
     underflows before GradScaler's loss scale multiplies it (bf16 and fp32 have fp32's range)."""
     return dtype == torch.float16
+
+
+def fp16_grad_scale(weights: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The power of two an fp16 gradient is written at in the forward (0-dim, on the device, no host
+    sync): 2^14 / max(1, max |w|) rounded down. A row's gradient is at most (1 + 2 z_loss lse) |w| in
+    magnitude, so the stored values stay below fp16's 65504 (for 1 + 2 z_loss lse < 4) while its
+    smallest entries stay 2^14 times further from the subnormal floor than p/1 would."""
+    top = torch.full_like(like, 2.0**14)
+    if weights is None or weights.numel() == 0:
+        return top
+    return torch.exp2(torch.floor(torch.log2(top / weights.abs().max().clamp(min=1.0))))
 
 
 def bump_version(x: torch.Tensor) -> None:

@@ -15,7 +15,8 @@ by `PackedLayout.packed(seq_lens, labels)` before the step and moved to the devi
     attended_length float       token-weighted mean length each token attends over (attention FLOPs)
 
 `PackedLayout.padded(seq_lens, labels)` describes the padded counterpart (`[B, L]` rows, each
-one sample left-aligned): `cu_seqlens` is None and positions are `[B, L]`.
+one sample left-aligned): `cu_seqlens` is None, positions are `[B, L]` and `real` (bool `[B, L]`)
+marks the slots that hold a token (what a mixture-of-experts router's statistics count).
 
 Labels follow one convention, `shift_labels`: the label at t is token t + 1 of the same sample
 where that token is trained, IGNORE_INDEX elsewhere and on every sample's last token.
@@ -64,6 +65,8 @@ class PackedLayout:
     label_rows: torch.Tensor | None
     num_label_rows: int | None
     attended_length: float
+    real: torch.Tensor | None = None
+    """Padded rows: which slots hold a token (`[B, L]` bool); None: every slot (a packed row)."""
 
     @classmethod
     def packed(cls, seq_lens: np.ndarray, labels: np.ndarray | torch.Tensor | None = None) -> PackedLayout:
@@ -87,8 +90,9 @@ class PackedLayout:
         width = int(seq_lens.max()) if width is None else width
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), (len(seq_lens), width)).copy()
         rows = _label_rows(labels, len(seq_lens) * width)
+        real = torch.from_numpy(positions < seq_lens[:, None])
         return cls(None, width, torch.from_numpy(positions), rows, None if rows is None else len(rows),
-                   attended_length(seq_lens))
+                   attended_length(seq_lens), real)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, labels: torch.Tensor | None = None) -> PackedLayout:
@@ -109,7 +113,7 @@ class PackedLayout:
         move = lambda t: None if t is None else (t.pin_memory() if pin and t.device.type == "cpu" else t).to(
             device, non_blocking=non_blocking)
         return replace(self, cu_seqlens=move(self.cu_seqlens), positions=move(self.positions),
-                       label_rows=move(self.label_rows))
+                       label_rows=move(self.label_rows), real=move(self.real))
 
 
 def _label_rows(labels: np.ndarray | torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:

@@ -135,3 +135,29 @@ def test_tiny_t5_runs_end_to_end(tmp_path):
     packtune, trainer = results
     assert packtune["label_tokens"] == trainer["label_tokens"]  # the same answers, EOS after each
     assert "speedup_vs_seq2seq-trainer" in packtune
+
+
+def test_moe_flops_count_the_routed_experts():
+    config = hf_config("moe")
+    assert config["model_type"] == "qwen3_moe" and config["output_router_logits"]
+    h, layers, vocab, k, experts, width = 256, 4, 32000, 4, 16, 128
+    params = layers * (4 * h * h + k * 3 * h * width + h * experts) + h * vocab
+    assert flops_per_token(config, 200) == 6 * params + 12 * layers * h * 200
+    adapters = layers * 16 * (6 * h + 2 * h + k * (2 * h + 3 * width))
+    assert flops_per_token(config, 200, 16) == 4 * params + 6 * adapters + 12 * layers * h * 200
+
+
+@pytest.mark.slow
+def test_tiny_moe_runs_end_to_end(tmp_path):
+    """docs/moe.md's command at a tiny size: packtune full and LoRA, and TRL, on the Qwen3-MoE."""
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    results = e2e.main(["--model", "moe", "--tokens", "800", "--rows", "300", "--eval-rows", "2",
+                        "--step-tokens", "2048", "--threads", "1", "--impl", "packtune",
+                        "--impl", "trl-packing", "--impl", "packtune-lora", "--work", str(tmp_path / "work"),
+                        "--out", str(tmp_path / "out")])
+    assert [r["implementation"] for r in results] == ["packtune", "trl-packing", "packtune-lora"]
+    for r in results:
+        assert "error" not in r, r
+        assert r["real_tokens"] > r["label_tokens"] > 0 and r["steps"] >= 1 and r["heldout_loss"] > 0
+    assert "speedup_vs_trl-packing" in results[0] and results[2]["steps"] == results[0]["steps"]

@@ -11,6 +11,7 @@ from packtune.errors import ConfigError
 LOSS_WEIGHTINGS = ("token", "sample", "turn")
 """How token losses are averaged over a step (see TrainConfig.loss_weighting)."""
 PROGRESS = ("auto", "bar", "line", "none")
+ON_SAVE_ERROR = ("stop", "continue")
 DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
@@ -36,7 +37,12 @@ class TrainConfig:
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint path."""
     keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep (0 keeps all)."""
+    """How many of the newest checkpoints to keep (0 keeps all); the newest one that verifies is never
+    deleted before a newer one has verified."""
+    on_save_error: str = "stop"
+    """A checkpoint that cannot be written (disk full, no permission, I/O error; its partial files are
+    removed, the earlier checkpoints kept): stop with one line saying what to free or change, or
+    continue training and try again at the next save."""
     eval_every: int = 0
     """Evaluate the held-out split every this many steps and at the end (0: never)."""
     eval_fraction: float = 0.0
@@ -58,6 +64,14 @@ class TrainConfig:
     """How token losses are averaged over the optimizer step: token (every label token counts
     equally), sample (every sample counts equally: its token losses are averaged, then the step
     averages over samples) or turn (likewise per assistant turn, a contiguous run of trained tokens)."""
+    router_aux_loss: bool | float = True
+    """Mixture-of-experts models: add the routers' load-balancing loss (transformers'
+    `load_balancing_loss_func`, over each micro-batch's real tokens; the step adds the mean over its
+    micro-batches) times a coefficient: true takes the model's `router_aux_loss_coef` (config.json),
+    a number replaces it, false leaves the loss out. Dense models ignore it."""
+    router_z_loss: float = 0.0
+    """Mixture-of-experts models: the coefficient of the router z-loss (ST-MoE: the mean over tokens
+    and sparse layers of logsumexp(router logits) ** 2); 0: none."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: measure only)."""
     max_bad_steps: int = 5
@@ -92,7 +106,8 @@ class TrainConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be > 0, got {getattr(self, key)!r}")
         for key in ("max_steps", "warmup", "save_every", "eval_every", "keep_checkpoints", "weight_decay",
-                    "max_grad_norm", "max_bad_steps", "min_lr_ratio", "eval_generate_every"):
+                    "max_grad_norm", "max_bad_steps", "min_lr_ratio", "eval_generate_every",
+                    "router_aux_loss", "router_z_loss"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)!r}")
         if not 0 <= self.eval_fraction < 1:
@@ -102,7 +117,7 @@ class TrainConfig:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         for key, choices in (("device", DEVICES), ("progress", PROGRESS),
-                             ("loss_weighting", LOSS_WEIGHTINGS)):
+                             ("loss_weighting", LOSS_WEIGHTINGS), ("on_save_error", ON_SAVE_ERROR)):
             value = getattr(self, key)
             if value not in choices:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {value!r}")
@@ -114,6 +129,15 @@ class TrainConfig:
             raise ConfigError(f"train.eval_data: {self.eval_data} does not exist")
         check_reporters(self.report_to)
         _check_writable(Path(self.output_dir))
+
+
+def router_coefficients(cfg: TrainConfig, model_coef: float) -> tuple[float, float]:
+    """(load-balancing, z-loss) coefficients of a mixture-of-experts run: `router_aux_loss` true
+    takes the model's `model_coef`, false none, a number itself."""
+    aux = cfg.router_aux_loss
+    if isinstance(aux, bool):
+        aux = model_coef if aux else 0.0
+    return float(aux), float(cfg.router_z_loss)
 
 
 def _check_writable(path: Path) -> None:

@@ -351,6 +351,10 @@ class TemplateRenderer:
         return Rendered(full.text[:cut], (), data, full.leading_bos)
 
     def __call__(self, conv: Conversation, where: str) -> list[Rendered]:
+        if any(m.thinking for m in conv.messages):
+            raise DataError(f"{where}: the record gives an assistant turn's `thinking`, which template "
+                            f"{self.template.name!r} has no place for; use the model's own chat template "
+                            '(data.template = "auto")', "config")
         segments = render(conv, self.template, where, self.train_on)
         leading_bos = bool(segments) and segments[0].special and segments[0].text == "{bos}"
         text, trained, data = [], [], []

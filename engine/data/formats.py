@@ -32,6 +32,7 @@ DEFAULT_FIELDS = {
     "messages": "messages",
     "role": "role",
     "content": "content",
+    "thinking": "thinking",
     "prompt": "prompt",
     "completion": "completion",
     "text": "text",
@@ -54,6 +55,9 @@ class Message:
     content: str
     input: str = ""
     """Alpaca's optional `input`, kept apart so the alpaca template can give it its own block."""
+    thinking: str = ""
+    """An assistant turn's reasoning (a `messages` record's `thinking`), which the model's own chat
+    template renders where the model writes it (gpt-oss's analysis channel, Qwen3's <think> block)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +178,12 @@ def to_conversation(record: dict[str, Any], fmt: str, fields: dict[str, str], wh
                 raise DataError(f"{at}: expected an object, got {_type_name(turn)}", "wrong_type")
             role = _string(turn, role_key, at)
             role = ROLE_ALIASES.get(role, role)
-            messages.append(Message(role, _string(turn, content_key, at, response=role == "assistant")))
+            thinking = _string(turn, fields["thinking"], at, required=False)
+            if thinking and role != "assistant":
+                raise DataError(f"{at}: field {fields['thinking']!r} on a {role} turn (only assistant turns "
+                                "have reasoning)", "bad_turn_order")
+            messages.append(Message(role, _string(turn, content_key, at, response=role == "assistant"),
+                                    thinking=thinking))
         return Conversation(tuple(messages))
     raise DataError(f"data.format: unknown format {fmt!r}; valid: auto, {', '.join(FORMATS)}", "config")
 

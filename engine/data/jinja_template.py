@@ -8,8 +8,13 @@ filters transformers provides (`raise_exception`, `strftime_now`, `tojson`, `bos
 
 Masks need no `{% generation %}` tags: assistant turn i starts where the rendering of the turns
 before it with the generation prompt ends (that rendering must be a prefix of the whole), and ends
-after the first control token that follows (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`),
-which is trained; the template's text after it is not. A template with `{% generation %}` blocks
+after the first control token that directly follows its content (`<|im_end|>`, `<|eot_id|>`,
+`<end_of_turn>`, `</s>`; gpt-oss's harmony format writes `<|channel|>final<|message|>` and the
+reasoning's own `<|channel|>analysis<|message|>...<|end|>` before the content, which end no turn),
+or, where the template rewrites the content so that no control token follows it verbatim, after the
+first control token after the start. That token is trained; the template's text after it is not.
+An assistant message's `thinking` goes to the template as `thinking` (gpt-oss) and
+`reasoning_content` (Qwen3). A template with `{% generation %}` blocks
 gets its masks from them instead. Some templates rewrite earlier turns once later ones exist (Qwen3
 drops the reasoning of past answers), so turn i, through its end-of-turn token, renders differently
 alone than inside the whole conversation (text a template appends after the last turn, as Llama
@@ -133,7 +138,8 @@ class ChatTemplateRenderer:
     def messages(conv: Conversation) -> list[dict]:
         """The conversation as chat messages; an Alpaca input follows its instruction after a blank line."""
         return [
-            {"role": m.role, "content": f"{m.content}\n\n{m.input}" if m.input else m.content}
+            {"role": m.role, "content": f"{m.content}\n\n{m.input}" if m.input else m.content,
+             **({"thinking": m.thinking, "reasoning_content": m.thinking} if m.thinking else {})}
             for m in conv.messages
         ]
 
@@ -171,7 +177,7 @@ class ChatTemplateRenderer:
                 )
             starts.append(len(prompt))
             alone = self.text(messages[: i + 1], False, where)
-            consistent &= full.startswith(self._through_turn(alone, starts[-1]))
+            consistent &= full.startswith(alone[: self._turn(alone, starts[-1], messages[i])[1]])
         if not consistent:
             if self.history == "error":
                 raise DataError(
@@ -182,27 +188,29 @@ class ChatTemplateRenderer:
                 )
             if self.history == "split":
                 return [
-                    self._one(messages[: i + 1], [start], where)
+                    self._one(messages[: i + 1], [(start, messages[i])], where)
                     for i, start in zip(answers, starts, strict=True)
                 ]
-        return [self._one(messages, starts, where, full)]
+        turns = list(zip(starts, [messages[i] for i in answers], strict=True))
+        return [self._one(messages, turns, where, full)]
 
-    def _one(self, messages: list[dict], starts: list[int], where: str, full: str | None = None) -> Rendered:
+    def _one(self, messages: list[dict], answers: list[tuple[int, dict]], where: str,
+             full: str | None = None) -> Rendered:
         text = full if full is not None else self.text(messages, False, where)
         if self.train_on == "last":
-            starts = starts[-1:]
-        trained = [(0, len(text))] if self.train_on == "all" else [self._turn(text, s) for s in starts]
+            answers = answers[-1:]
+        trained = [(0, len(text))] if self.train_on == "all" else [self._turn(text, s, m) for s, m in answers]
         return Rendered(text, tuple(trained), _data_spans(text, messages, self.controls, where))
 
-    def _through_turn(self, text: str, start: int) -> str:
-        """`text` up to and including the end-of-turn token of the answer starting at `start`. What a
-        template appends after the last turn is no rewrite of it: Llama 3.0's template appends the
-        assistant header after every conversation, generation prompt asked for or not."""
-        return text[: self._turn(text, start)[1]]
-
-    def _turn(self, text: str, start: int) -> tuple[int, int]:
-        """The answer from `start` through the first control token after it (or to the end)."""
+    def _turn(self, text: str, start: int, message: dict) -> tuple[int, int]:
+        """The answer `message` from `start` through the first control token that directly follows its
+        content, else the first after `start` (or to the end). What a template appends after the last
+        turn is never part of it (Llama 3.0's always-on assistant header)."""
         after = self.controls(text[start:])
+        content = message["content"].strip()
+        for lo, hi in after:
+            if text[start : start + lo].rstrip().endswith(content):
+                return start, start + hi
         return (start, start + after[0][1]) if after else (start, len(text))
 
     def _from_tags(self, marked: str, messages: list[dict], where: str) -> Rendered:

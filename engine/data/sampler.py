@@ -64,12 +64,18 @@ class PackedSampler:
         return [len(self.rows), int(self.rows.row_tokens.sum())]
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain ints: the epoch, the rows already dealt out in it, seed and fingerprint."""
+        """Plain ints: the epoch, the rows already dealt out in it, seed, fingerprint and the group
+        (world_size x micro_batches) the rows were split for."""
         return {"epoch": self.epoch, "rows_dealt": self.rows_dealt, "seed": self.seed,
-                "fingerprint": self._fingerprint()}
+                "fingerprint": self._fingerprint(), "group": self.group}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = _current_keys(state)
+        group = state.get("group")
+        if group not in (None, self.group):  # another global batch: not the run it resumes
+            raise ValueError(f"the rows were split for world_size x micro_batches = {group}, now "
+                             f"{self.world_size} x {self.micro_batches} = {self.group}; "
+                             f"{_resumes_with(group, self.world_size)}")
         if list(state["fingerprint"]) != self._fingerprint() or state["seed"] != self.seed:
             raise ValueError(
                 "sampler state is from different data or seed, or rows split for another "
@@ -81,6 +87,14 @@ class PackedSampler:
             raise ValueError(f"the saved rows dealt ({state['rows_dealt']}) are not a multiple of "
                              f"world_size x micro_batches = {self.group}")
         self.epoch, self.rows_dealt = int(state["epoch"]), int(state["rows_dealt"])
+
+
+def _resumes_with(group: int, world_size: int) -> str:
+    rank = "rank" if world_size == 1 else "ranks"
+    if group % world_size:
+        return (f"no micro_batches resumes it on {world_size} {rank} ({group} is not a multiple of "
+                f"{world_size})")
+    return f"on {world_size} {rank} resume with train.micro_batches = {group // world_size}"
 
 
 def _current_keys(state: dict[str, Any]) -> dict[str, Any]:

@@ -64,11 +64,20 @@ class LoRASpec:
 
 
 def block_linears(model: nn.Module) -> tuple[str, ...]:
-    """The leaf names of the blocks' linears (LoRA's possible targets), in module order: those of the
-    first block of each of the model's block lists (a decoder's one; T5's encoder and decoder)."""
-    firsts = [blocks[0] for blocks in model.block_lists]
-    return tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for block in firsts
-                               for name, m in block.named_modules() if isinstance(m, nn.Linear | LoRALinear)))
+    """The leaf names of the blocks' linears, and `experts.gate_up_proj` / `experts.down_proj` where
+    blocks hold experts (LoRA's possible targets), in module order over all blocks of every block list
+    (a decoder's one; T5's encoder and decoder; a mixture of experts may have dense blocks too)."""
+    from packtune.lora.experts import EXPERT_WEIGHTS
+    from packtune.model.moe import Experts
+
+    names: dict[str, None] = {}
+    for layer in (block for blocks in model.block_lists for block in blocks):
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.Linear | LoRALinear):
+                names.setdefault(name.rsplit(".", 1)[-1])
+            elif isinstance(m, Experts):
+                names.update(dict.fromkeys(f"experts.{weight}" for weight in EXPERT_WEIGHTS))
+    return tuple(names)
 
 
 def base_dtype(name: str, device: torch.device) -> torch.dtype | str:
@@ -85,7 +94,12 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
     `storage` converts the frozen base weights (a dtype, or "nf4"); None keeps them as they are.
     With "nf4", the other frozen parameters are stored in `nf4_others` (see `convert_base`).
     """
+    from packtune.lora.experts import adapt_experts
+
     targets = spec.for_model(model).targets
+    if spec.dropout and any(name.startswith("experts.") for name in targets):
+        raise ConfigError(f"lora.dropout = {spec.dropout}: adapters on expert weights take no dropout (nor "
+                          "do PEFT's target_parameters); set it to 0 or leave experts.* out of lora.targets")
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in (block for blocks in model.block_lists for block in blocks):
@@ -93,10 +107,11 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
             for name, child in list(parent.named_children()):
                 if name in targets and isinstance(child, nn.Linear):
                     setattr(parent, name, LoRALinear(child, spec.rank, spec.scale, spec.dropout))
-        if all(name in targets for name in MLP_TARGETS):
-            mlp = layer.mlp
+        mlp = getattr(layer, "mlp", None)  # T5's blocks have none: their feed-forward is a sublayer
+        if all(isinstance(getattr(mlp, name, None), LoRALinear) for name in MLP_TARGETS):
             activation = "gelu_tanh" if mlp.act is geglu else "silu"
             layer.mlp = LoRAMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation)
+    adapt_experts(model, targets, spec.rank, spec.scale)
     modules = lora_modules(model)
     if storage is not None:
         convert_base(model, storage, nf4_others)
@@ -118,8 +133,8 @@ def is_lora_model(model: nn.Module) -> bool:
 @torch.no_grad()
 def init_lora(model: nn.Module, generator: torch.Generator | None = None) -> None:
     """(Re-)initialise every adapter as PEFT does, in module order, from `generator`."""
-    for module in lora_modules(model).values():
-        if not module.lora_A.is_meta:
+    for module in model.modules():
+        if hasattr(module, "reset_lora") and not module.lora_A.is_meta:
             module.reset_lora(generator)
 
 
@@ -131,10 +146,16 @@ def convert_base(model: nn.Module, storage: torch.dtype | str, nf4_others: torch
     (None: as they are). `packtune train` passes the dtype it computes in: bf16 on GPU, fp32 on CPU,
     where torch's bf16 matmuls keep memory per distinct row length (oneDNN; it grows with packed rows)."""
     if storage == "nf4":
+        from packtune.lora.experts import lora_experts
         from packtune.lora.qlora import to_nf4
 
         for module in lora_modules(model).values():
             module.weight = nn.Parameter(to_nf4(module.weight), requires_grad=False)
+        for experts in lora_experts(model).values():  # torchao's NF4 is 2-D: [E * out, in] (see lora.experts)
+            for name in experts.adapters:
+                weight = getattr(experts, name)
+                nf4 = to_nf4(weight.reshape(-1, weight.shape[-1]))
+                setattr(experts, name, nn.Parameter(nf4, requires_grad=False))
         storage = nf4_others
     for module in model.modules() if storage is not None else ():
         for name, p in list(module.named_parameters(recurse=False)):
@@ -170,11 +191,16 @@ def describe(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str, whole
     bytes (measured before sharding) and the line adds what this rank holds."""
     trainable, total = parameter_counts(model)
     name = storage if isinstance(storage, str) else str(storage).removeprefix("torch.")
-    n, targets = len(lora_modules(model)), ", ".join(spec.for_model(model).targets)
+    from packtune.lora.experts import lora_experts
+
+    targets = ", ".join(spec.for_model(model).targets)
+    n = len(lora_modules(model))
+    experts = sum(len(m.adapters) for m in lora_experts(model).values())
+    where = f"{n} linears" + (f" and {experts} expert weights" if experts else "")
     base = f"frozen base {(base_bytes(model) if whole_base is None else whole_base) / 2**20:.1f} MiB ({name})"
     if world_size > 1:
         base += (f" in all, {base_bytes(model) / 2**20:.1f} MiB on rank {torch.distributed.get_rank()} "
                  f"(sharded over {world_size} ranks)")
-    return (f"lora: rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}) on {n} "
-            f"linears ({targets}); trainable {trainable:,} of {total:,} parameters "
+    return (f"lora: rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}) on {where} "
+            f"({targets}); trainable {trainable:,} of {total:,} parameters "
             f"({100 * trainable / max(total, 1):.2f}%); {base}")

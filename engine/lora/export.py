@@ -20,11 +20,19 @@ from packtune.lora.apply import lora_modules
 def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` (full tensors by the model's names) with every LoRA linear's W replaced by W + s B A
     and the adapter tensors removed."""
+    from packtune.lora.experts import lora_experts
+
     merged = {name: t for name, t in state.items() if not name.endswith((".lora_A", ".lora_B"))}
     for name, module in lora_modules(model).items():
         w = dense_weight(state[f"{name}.weight"], torch.float32)
         a, b = state[f"{name}.lora_A"].float(), state[f"{name}.lora_B"].float()
         merged[f"{name}.weight"] = w + module.scale * (b @ a)
+    for name, experts in lora_experts(model).items():  # W + scale B_e A_e per expert
+        for weight, adapter in experts.adapters.items():
+            lora = f"{name}.adapters.{weight}"
+            update = adapter.delta(state[f"{lora}.lora_A"].float(), state[f"{lora}.lora_B"].float())
+            base = dense_weight(state[f"{name}.{weight}"], torch.float32).view(adapter.shape)  # NF4: 2-D
+            merged[f"{name}.{weight}"] = base + update
     return merged
 
 

@@ -22,20 +22,18 @@ from torch.distributed.tensor import DTensor
 from packtune.errors import ConfigError
 from packtune.kernels.lora import dense_weight
 from packtune.kernels.nf4_matmul import is_nf4
-from packtune.lora.apply import lora_modules
 from packtune.lora.qlora import to_nf4
 
 
 def check_nf4_shardable(model: nn.Module, world_size: int) -> None:
     """Refuse, naming the layer, NF4 weights that do not split evenly over `world_size` ranks."""
-    for name, module in lora_modules(model).items():
-        weight = module.weight
+    for name, weight in model.named_parameters():
         if not is_nf4(weight):
             continue
         groups = weight.quantization_factor.numel()  # groups of quantised block scales
         if weight.shape[0] % world_size or groups % world_size:
             raise ConfigError(
-                f"lora.base_dtype = \"nf4\" over {world_size} ranks: {name}.weight {tuple(weight.shape)} "
+                f"lora.base_dtype = \"nf4\" over {world_size} ranks: {name} {tuple(weight.shape)} "
                 f"has {weight.shape[0]} rows and {groups} groups of quantised scales; FSDP shards NF4 "
                 f"weights only evenly (both divisible by {world_size}); use a world size that divides "
                 "them or base_dtype = \"bfloat16\"")
@@ -54,8 +52,8 @@ def load_nf4_weights(module: nn.Module, dense: dict[str, torch.Tensor], device: 
     the other ranks): broadcast, quantise the whole layer on every rank, keep this rank's chunk."""
     rank = dist.get_rank()
     for name, param in nf4_weights(module).items():
-        full = dense.pop(name).to(device, torch.bfloat16) if rank == 0 else \
-            torch.empty(param.shape, dtype=torch.bfloat16, device=device)
+        full = dense.pop(name).to(device, torch.bfloat16).reshape(param.shape) if rank == 0 else \
+            torch.empty(param.shape, dtype=torch.bfloat16, device=device)  # reshape: experts' 2-D NF4
         dist.broadcast(full, src=0)
         value = to_nf4(full)
         if isinstance(param, DTensor):

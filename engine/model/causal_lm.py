@@ -44,9 +44,13 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """transformers' init for training from scratch: N(0, initializer_range), zero biases, unit norms."""
+        """transformers' init for training from scratch: N(0, initializer_range), zero biases, unit norms;
+        a module with parameters of its own kind (experts, routers, attention sinks) by its
+        `reset_weights`."""
         std = self.args.initializer_range
         for module in self.modules():
+            if hasattr(module, "reset_weights"):
+                module.reset_weights(std, generator)
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, std, generator=generator)
             if isinstance(module, nn.Linear) and module.bias is not None:

@@ -81,6 +81,38 @@ class ModelArgs:
     """BLOOM's `apply_residual_connection_post_layernorm`: residual branches start from the normed input."""
     local_rope_theta: float | None = None
     """RoPE base of the sliding-window layers, unscaled (Gemma 3's rope_local_base_freq); None: rope_theta."""
+    clip_qkv: float | None = None
+    """q, k and v clamped to [-clip_qkv, clip_qkv] after their projections and norms (OLMoE)."""
+    attention_sinks: bool = False
+    """A learned logit per query head in each softmax's denominator, attending to nothing (gpt-oss)."""
+    num_experts: int = 0
+    """Experts of each sparse MLP block (Qwen3-MoE, Mixtral, OLMoE, gpt-oss); 0: every block is dense.
+    The sparse blocks and their router are engine/model/moe.py."""
+    num_experts_per_tok: int = 0
+    """The experts each token is routed to (top k)."""
+    moe_intermediate_size: int = 0
+    """Each expert's hidden width (Qwen3-MoE's `moe_intermediate_size`; the others' intermediate_size,
+    which in Qwen3-MoE is the width of its dense layers)."""
+    router: str = "softmax_topk"
+    """How the router weights a token's experts: "softmax_topk" (softmax over every expert, then the top
+    k, renormalised with norm_topk_prob: Qwen3-MoE, OLMoE, Mixtral) or "topk_softmax" (the top k
+    logits, softmax over those: gpt-oss)."""
+    norm_topk_prob: bool = False
+    router_bias: bool = False
+    """A bias on the router's logits (gpt-oss)."""
+    expert_format: str = "swiglu"
+    """The experts' stored layout and activation: "swiglu" (gate_up [E, 2I, H], down [E, H, I], SwiGLU)
+    or "gpt_oss" (in-by-out, gate/up interleaved, biases, SwiGLU clamped at swiglu_limit)."""
+    swiglu_alpha: float = 1.702
+    """gpt-oss: the sigmoid's gain in its clamped SwiGLU."""
+    swiglu_limit: float = 7.0
+    """gpt-oss: the clamp of gate (above) and up (both sides)."""
+    mlp_only_layers: tuple[int, ...] = ()
+    """Layers whose MLP is dense although the model has experts (Qwen3-MoE)."""
+    decoder_sparse_step: int = 1
+    """Every this-many-th layer is sparse (Qwen3-MoE: layer i when (i + 1) % step == 0)."""
+    router_aux_loss_coef: float = 0.0
+    """The load-balancing loss's coefficient in config.json (`[train] router_aux_loss` uses it)."""
     sliding_window: int | None = None
     """Keys a query sees, itself included (Hugging Face semantics), on the layers that slide."""
     layer_types: tuple[str, ...] = ()
@@ -127,6 +159,12 @@ class ModelArgs:
         if self.layer_types and self.layer_types[layer] != "sliding_attention":
             return None
         return self.sliding_window
+
+    def sparse(self, layer: int) -> bool:
+        """Whether layer `layer`'s MLP is a block of experts (transformers' Qwen3-MoE rule; every layer
+        for the other MoE families, whose step is 1 and mlp_only_layers empty)."""
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def local_rope(self, layer: int) -> bool:
         """Whether layer `layer` rotates with the local (sliding-window) RoPE base."""

@@ -10,13 +10,13 @@ model where a complete one is expected.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import stat
 import tempfile
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from packtune.errors import CheckpointError
 from packtune.model.causal_lm import CausalLM
 from packtune.model.config import ModelArgs
 from packtune.model.families import build_model, family_for
+from packtune.model.families.family import StoredTensor
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -65,7 +66,9 @@ def load_pretrained(
 ) -> CausalLM:
     """Load a Hugging Face model directory (config.json + model.safetensors or a sharded index).
 
-    `dtype` None keeps the checkpoint's stored dtype; `device` None means CPU.
+    `dtype` None keeps the checkpoint's stored dtype; `device` None means CPU. A tensor the family
+    says is stored in pieces (`StoredTensor`: per-expert matrices, MXFP4 blocks and scales) is
+    joined from them as it is read.
     """
     path = Path(path)
     if not path.is_dir():
@@ -73,32 +76,27 @@ def load_pretrained(
     args = ModelArgs.from_file(path)
     files = _tensor_files(path)
     args = _checkpoint_args(args, files)
-    stored = _stored_names(args, files)
-    files = {name: files[stored[name]] for name in stored}
     headers = {file: _read_header(file) for file in sorted(set(files.values()))}
-    headers = {file: {name: headers[file][stored[name]] for name in stored
-                      if files[name] == file and stored[name] in headers[file]} for file in headers}
+    stored = {name: headers[file][name] for name, file in files.items() if name in headers[file]}
+    layout = _stored_layout(args, list(stored))
 
     with torch.device("meta"):
         model = build_model(args)
     expected = _expected_shapes(model)
-    _check_tensors(path, expected, files, headers)
+    _check_tensors(path, expected, stored, layout)
 
     if dtype is None:
-        dtype = _SAFETENSORS_DTYPES.get(headers[files[model.embedding_name]][model.embedding_name][1])
-        dtype = dtype or torch.float32
+        dtype = _SAFETENSORS_DTYPES.get(stored[layout[model.embedding_name].names[0]][1]) or torch.float32
     model.to(dtype=dtype)
     model.to_empty(device=device or "cpu")
     model.tie_weights()
     params = dict(model.named_parameters())
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for name in expected:
-        by_file[files[name]].append(name)
-    with torch.no_grad():
-        for file, names in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in names:
-                    params[name].copy_(f.get_tensor(stored[name]))
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        opened = {file: stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                  for file in sorted({files[n] for name in expected for n in layout[name].names})}
+        for name in expected:
+            pieces = [opened[files[n]].get_tensor(n) for n in layout[name].names]
+            params[name].copy_(layout[name].join(pieces))
     model.source_dir = path
     return model
 
@@ -172,19 +170,32 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
     path = Path(path)
     args = ModelArgs.from_file(path)
     files = _tensor_files(path)
-    stored = _stored_names(args, files)
     with torch.device("meta"):
         name = build_model(args).embedding_name
-    if name not in stored:
+    stored = _stored_layout(args, list(files)).get(name)
+    if stored is None or stored.names[0] not in files:
         return None
-    return _SAFETENSORS_DTYPES.get(_read_header(files[stored[name]])[stored[name]][1])
+    return _SAFETENSORS_DTYPES.get(_read_header(files[stored.names[0]])[stored.names[0]][1])
 
 
-def _stored_names(args: ModelArgs, files: dict[str, Path]) -> dict[str, str]:
-    """Model tensor name -> the name a checkpoint stores it under (the same, unless the family says
-    otherwise: BLOOM's prefix-less checkpoints)."""
-    rename = family_for(args.model_type).stored_names
-    return rename(list(files)) if rename is not None else {name: name for name in files}
+def _as_is(name: str) -> StoredTensor:
+    return StoredTensor((name,), lambda pieces: pieces[0], lambda shapes: shapes[0])
+
+
+def _stored_layout(args: ModelArgs, names: list[str]) -> dict[str, StoredTensor]:
+    """Model tensor name -> where the checkpoint keeps it (under its own name, unless the family's
+    `stored` says otherwise: BLOOM's prefix-less checkpoints, experts stored per expert or in MXFP4; T5's
+    shared embedding stored only as a stack's copy), less the family's `unread_names`."""
+    rule = family_for(args.model_type).stored
+    layout = {name: _as_is(name) for name in names}
+    if rule is not None:
+        found = rule(names)
+        used = {n for where in found.values() for n in ((where,) if isinstance(where, str) else where.names)}
+        layout = {name: where for name, where in layout.items() if name not in used}
+        layout.update({name: _as_is(where) if isinstance(where, str) else where
+                       for name, where in found.items()})
+    unread = family_for(args.model_type).unread_names
+    return {name: where for name, where in layout.items() if name not in unread}
 
 
 def _new_dir(parent: Path, prefix: str, suffix: str) -> Path:
@@ -250,21 +261,19 @@ def _expected_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
 def _check_tensors(
     path: Path,
     expected: dict[str, tuple[int, ...]],
-    files: dict[str, Path],
-    headers: dict[Path, dict[str, tuple[tuple[int, ...], str]]],
+    stored: dict[str, tuple[tuple[int, ...], str]],
+    layout: dict[str, StoredTensor],
 ) -> None:
-    """One error listing every missing, unexpected and misshapen tensor."""
-    found: dict[str, tuple[int, ...]] = {}
-    for name, file in files.items():
-        if name in headers[file]:
-            found[name] = headers[file][name][0]
+    """One error listing every missing, unexpected and misshapen tensor (`stored`: stored name ->
+    shape and dtype; `layout`: model name -> its pieces)."""
+    found = {name: where.shape([stored[n][0] for n in where.names]) for name, where in layout.items()}
     ignorable = {name for name in found if name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected) - ignorable)
     misshapen = [
         f"{name}: checkpoint {list(found[name])}, model {list(shape)}"
         for name, shape in expected.items()
-        if name in found and found[name] != shape
+        if name in found and tuple(found[name]) != shape
     ]
     problems = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):

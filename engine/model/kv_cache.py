@@ -91,8 +91,8 @@ class KVCache:
         return self._lengths, end
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None,
-               scale: float | None, softcap: float | None,
-               alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+               scale: float | None, softcap: float | None, alibi_slopes: torch.Tensor | None = None,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Store this step's keys/values (`[T, Hk, D]`) and return its attention output `[T, Hq, D]`.
         `alibi_slopes` (BLOOM): in a decoding step each row's one query sees slope * key position,
         which differs from slope * (key - query) by a constant per row: the same softmax."""
@@ -101,7 +101,7 @@ class KVCache:
             self._k[layer][self._rows, :, layout.positions] = k
             self._v[layer][self._rows, :, layout.positions] = v
             return varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, window=window, scale=scale,
-                                    softcap=softcap, alibi_slopes=alibi_slopes)
+                                    softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
         self._k[layer][self._batch_rows, :, self._lengths] = k
         self._v[layer][self._batch_rows, :, self._lengths] = v
         end = self._keys.shape[1]
@@ -109,10 +109,10 @@ class KVCache:
         mask = self._causal
         if window is not None:
             mask = mask & (self._keys > self._lengths[:, None] - window)
-        if softcap is not None:  # eager capped logits, as transformers' Gemma 2
+        if softcap is not None or sinks is not None:  # eager logits: Gemma 2's caps, gpt-oss's sinks
             out = sdpa_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None, :],
                                  is_causal=False, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                                 enable_gqa=q.shape[1] != k.shape[1])
+                                 enable_gqa=q.shape[1] != k.shape[1], sinks=sinks)
             return out[:, :, 0]
         batch, heads, dim = q.shape
         groups = heads // k.shape[1]

@@ -22,6 +22,7 @@ materialises logits).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -54,10 +55,12 @@ class AttentionInputs:
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
                            scale: float | None = None, softcap: float | None = None,
-                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                           alibi_slopes: torch.Tensor | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention on `[B, L, Hq, D]` queries and `[B, L, Hk, D]` keys/values (GQA allowed),
     for padded rows. With `window`, a query sees the `window` most recent keys, itself included
-    (transformers' `sliding_window`); `scale`, `softcap` and `alibi_slopes` as in `varlen_attention`."""
+    (transformers' `sliding_window`); `scale`, `softcap`, `alibi_slopes` and `sinks` as in
+    `varlen_attention`."""
     length = q.shape[1]
     mask, is_causal = None, False
     if window is None or window >= length:
@@ -68,7 +71,7 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = sdpa_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, softcap=softcap,
-                         alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1])
+                         alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1], sinks=sinks)
     return out.transpose(1, 2)
 
 
@@ -115,6 +118,15 @@ class Attention(nn.Module):
             q_size, k_size = (args.head_dim, args.head_dim) if args.qk_norm == "head" else (q_dim, kv_dim)
             self.q_norm = RMSNorm(q_size, args.rms_norm_eps, offset=args.norm_offset)
             self.k_norm = RMSNorm(k_size, args.rms_norm_eps, offset=args.norm_offset)
+        self.clip_qkv = args.clip_qkv
+        if args.attention_sinks:  # gpt-oss: one logit per query head in the softmax's denominator
+            self.sinks = nn.Parameter(torch.empty(args.num_attention_heads))
+
+    @torch.no_grad()
+    def reset_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """transformers' init of the sinks (the projections are nn.Linear, initialised as such)."""
+        if hasattr(self, "sinks"):
+            self.sinks.normal_(0.0, std, generator=generator)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         tokens = x.shape[:-1]
@@ -124,6 +136,8 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # OLMoE
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k, v = (t.view(*tokens, -1, self.head_dim) for t in (q, k, v))
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -134,7 +148,8 @@ class Attention(nn.Module):
         else:  # partial rotary: the leading r dims rotate, the rest pass through
             q_rot, k_rot = rotary(q[..., :r], k[..., :r], cos, sin, position_ids=inputs.positions)
             q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
-        options = dict(window=self.window, scale=self.scale, softcap=self.softcap)
+        options = dict(window=self.window, scale=self.scale, softcap=self.softcap,
+                       sinks=getattr(self, "sinks", None))
         if inputs.cache is not None:  # generation: the cache stores k/v and attends (model/kv_cache.py)
             out = inputs.cache.attend(self.layer, q, k, v, **options)
         elif inputs.cu_seqlens is not None:  # a packed row
@@ -176,7 +191,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer)
-        self.mlp = MLP(args)
+        self.mlp = self.build_mlp(args, layer)
         norm = lambda: RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset)
         self.placement = args.norm_placement
         if self.placement != "post":
@@ -187,6 +202,10 @@ class DecoderLayer(nn.Module):
         if self.placement != "pre":
             self.post_feedforward_layernorm = norm()
         self.residual_multiplier = args.residual_multiplier
+
+    def build_mlp(self, args: ModelArgs, layer: int) -> nn.Module:
+        """The block's feed-forward part (MoE families: experts on their sparse layers)."""
+        return MLP(args)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         if self.placement == "pre":
@@ -202,23 +221,28 @@ class DecoderLayer(nn.Module):
         return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
 
+BlockFactory = Callable[[ModelArgs, int], DecoderLayer]
+"""Builds decoder block i from the args (a block class, or a partial of one)."""
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer: BlockFactory = DecoderLayer) -> None:
         super().__init__()
         pad = args.pad_token_id
         # transformers passes pad_token_id as padding_idx: that row's lookup gets no gradient.
         padding_idx = pad if isinstance(pad, int) and 0 <= pad < args.vocab_size else None
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=padding_idx)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(layer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, offset=args.norm_offset)
 
 
 class LlamaForCausalLM(CausalLM):
     embedding_name = "model.embed_tokens.weight"
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer: BlockFactory = DecoderLayer) -> None:
+        """`layer(args, i)` builds block i (MoE families: engine/model/moe.py's)."""
         super().__init__(args)
-        self.model = LlamaModel(args)
+        self.model = LlamaModel(args, layer)
         self.add_head()
         self.rope = RopeTables(args)
         self.local_rope = (RopeTables(replace(args, rope_theta=args.local_rope_theta, rope_scaling=None))
@@ -252,10 +276,15 @@ class LlamaForCausalLM(CausalLM):
         rows = self._rope_rows(layout, cos, full_rows)
         inputs = AttentionInputs(rows, cos, sin, layout.cu_seqlens, layout.max_seqlen,
                                  **self._local_tables(layout.max_seqlen, input_ids.device))
-        x = self._embed(input_ids)
+        x = self._run_layers(self._embed(input_ids), inputs, layout)
+        return self._final_norm(x)
+
+    def _run_layers(self, x: torch.Tensor, inputs: AttentionInputs,
+                    layout: PackedLayout | None) -> torch.Tensor:
+        """The decoder blocks over the embeddings (`layout`: the batch's, None in a decoding step)."""
         for layer in self.model.layers:
             x = layer(x, inputs)
-        return self._final_norm(x)
+        return x
 
     def _generation_step(self, input_ids: torch.Tensor, layout: PackedLayout | None,
                          cache: KVCache) -> torch.Tensor:
@@ -268,9 +297,7 @@ class LlamaForCausalLM(CausalLM):
                 else self._decode_rope_rows(positions, cache.lengths, cos))
         local = self._local_tables(end, input_ids.device)
         inputs = AttentionInputs(rows, cos, sin, cache=cache, **local)
-        x = self._embed(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, inputs)
+        x = self._run_layers(self._embed(input_ids), inputs, layout)
         cache.advance()
         return self._final_norm(x)
 

@@ -1,4 +1,4 @@
-"""Rotary embedding frequencies (default, linear, dynamic NTK, llama3, Phi-3's longrope), as
+"""Rotary embedding frequencies (default, linear, dynamic NTK, llama3, YaRN, Phi-3's longrope), as
 transformers computes them.
 
 The float operations follow transformers' `modeling_rope_utils` step for step (fp32 inverse
@@ -30,6 +30,8 @@ def inv_freq(args: ModelArgs, seq_len: int | None = None, device: torch.device |
                                device=device)
         exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
         return 1.0 / (factors * base**exponents)
+    if scaling is not None and scaling.rope_type == "yarn":
+        return _yarn(dim, base, scaling, device)
     if scaling is not None and scaling.rope_type == "dynamic":
         max_pos = args.max_position_embeddings
         if seq_len is not None and seq_len > max_pos:
@@ -80,13 +82,36 @@ def _llama3(freq: torch.Tensor, factor: float, low: float, high: float, context:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn(dim: int, base: float, scaling, device: torch.device | None) -> torch.Tensor:
+    """YaRN (transformers' `_compute_yarn_parameters`): frequencies that turn fewer than `beta_slow`
+    times over the original context are divided by `factor`, those turning more than `beta_fast`
+    times are kept, and a linear ramp over the dimensions between blends the two."""
+    original = scaling.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device).to(dtype=torch.float) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (scaling.factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
 class RopeTables:
     """fp32 cos/sin tables `[length, rotary_dim]`, row p for position p, built once per device and
     grown (doubling) when a batch reaches past them; `kernels.rotary` indexes them by the layout's
     positions. Dynamic NTK scaling changes the frequencies with the context length: beyond
     `max_position_embeddings` the tables are rebuilt for that length (the last one is kept).
     Longrope stacks two tables, `[2 * length, rotary_dim]`: the short factors' rows, then the long
-    factors' (both scaled by the attention factor); `longrope_rows` picks a token's row.
+    factors' (both scaled by the attention factor); `longrope_rows` picks a token's row. YaRN's
+    tables are scaled by its attention factor too.
 
     A plain cache, not registered buffers: a model built on the meta device and materialised with
     `to_empty` (as the Trainer does) would leave buffers uninitialised, and FSDP need not shard them.
@@ -115,7 +140,8 @@ class RopeTables:
         angles = torch.cat([torch.outer(positions, freq) for freq in freqs])
         emb = torch.cat((angles, angles), dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        if longrope:  # as transformers: fp32 tables times a Python float
+        if longrope or (scaling is not None and scaling.rope_type == "yarn"):
+            # as transformers: fp32 tables times a Python float
             cos, sin = cos * scaling.attention_factor, sin * scaling.attention_factor
         self._tables[device] = (key, cos, sin)
         return cos, sin

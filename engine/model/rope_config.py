@@ -1,6 +1,6 @@
 """How a Hugging Face config.json describes RoPE, read into `ModelArgs` and written back: the theta and
 scaling block in both layouts (transformers 4's `rope_theta` + `rope_scaling`, 5's `rope_parameters`),
-llama3 / linear / dynamic scaling, longrope, partial rotary. What only one family does with them
+llama3 / linear / dynamic / yarn scaling, longrope, partial rotary. What only one family does with them
 (Phi-3's longrope and partial rotary, Gemma 3's two blocks) is in that family's file."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from packtune.errors import ModelError
 if TYPE_CHECKING:
     from packtune.model.config import ModelArgs
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -22,20 +22,26 @@ class RopeScaling:
     """RoPE frequency scaling (the `rope_scaling` / `rope_parameters` block of config.json)."""
 
     rope_type: str
-    """linear, dynamic, llama3 or longrope (Phi-3)."""
+    """linear, dynamic, llama3, yarn or longrope (Phi-3)."""
     factor: float
     low_freq_factor: float = 1.0
     """llama3 only."""
     high_freq_factor: float = 4.0
     """llama3 only."""
     original_max_position_embeddings: int = 0
-    """llama3 and longrope: the pretraining context length."""
+    """llama3, yarn and longrope: the pretraining context length."""
     short_factor: tuple[float, ...] = ()
     """longrope only: per-frequency divisors for sequences up to original_max_position_embeddings."""
     long_factor: tuple[float, ...] = ()
     """longrope only: the divisors for longer sequences."""
     attention_factor: float = 1.0
-    """longrope only: the scale of cos and sin."""
+    """longrope and yarn: the scale of cos and sin."""
+    beta_fast: float = 32.0
+    """yarn only: rotations per context above which a frequency is kept (extrapolated)."""
+    beta_slow: float = 1.0
+    """yarn only: rotations per context below which a frequency is divided by `factor` (interpolated)."""
+    truncate: bool = True
+    """yarn only: the ramp's bounds rounded outwards to whole dimensions (gpt-oss: false)."""
 
 
 def rope_block(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -79,9 +85,11 @@ def parse_rope(cfg: dict[str, Any], max_positions: int) -> tuple[float, RopeScal
     factor = params.get("factor")
     if not isinstance(factor, (int, float)) or factor < 1:
         raise ModelError(f"rope scaling {rope_type!r} needs factor >= 1, got {factor!r}")
+    original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    if rope_type == "yarn":
+        return theta, parse_yarn(params, float(factor), int(original or max_positions))
     if rope_type != "llama3":
         return theta, RopeScaling(rope_type, float(factor))
-    original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
     return theta, RopeScaling(
         "llama3",
         float(factor),
@@ -89,6 +97,35 @@ def parse_rope(cfg: dict[str, Any], max_positions: int) -> tuple[float, RopeScal
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(original or max_positions),
     )
+
+
+def parse_yarn(params: dict[str, Any], factor: float, original: int) -> RopeScaling:
+    """YaRN, resolved as transformers' `_compute_yarn_parameters` does: `attention_factor` defaults to
+    0.1 ln(factor) + 1 (or the ratio of the two mscale terms when `mscale` and `mscale_all_dim` are
+    given), beta_fast / beta_slow to 32 / 1 (also when null), `truncate` to true."""
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention = _yarn_mscale(factor)
+    values = {"attention_factor": attention, "beta_fast": params.get("beta_fast") or 32,
+              "beta_slow": params.get("beta_slow") or 1}
+    for name, value in values.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ModelError(f"yarn {name} must be a positive number, got {value!r}")
+    truncate = params.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ModelError(f"yarn truncate must be true or false, got {truncate!r}")
+    return RopeScaling("yarn", factor, original_max_position_embeddings=original,
+                       attention_factor=float(values["attention_factor"]),
+                       beta_fast=float(values["beta_fast"]), beta_slow=float(values["beta_slow"]),
+                       truncate=truncate)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def parse_longrope(cfg: dict[str, Any], params: dict[str, Any], max_positions: int) -> RopeScaling:
@@ -126,6 +163,14 @@ def scaling_block(args: ModelArgs) -> dict[str, Any] | None:
                 low_freq_factor=args.rope_scaling.low_freq_factor,
                 high_freq_factor=args.rope_scaling.high_freq_factor,
                 original_max_position_embeddings=args.rope_scaling.original_max_position_embeddings,
+            )
+        if args.rope_scaling.rope_type == "yarn":
+            scaling.update(
+                original_max_position_embeddings=args.rope_scaling.original_max_position_embeddings,
+                attention_factor=args.rope_scaling.attention_factor,
+                beta_fast=args.rope_scaling.beta_fast,
+                beta_slow=args.rope_scaling.beta_slow,
+                truncate=args.rope_scaling.truncate,
             )
         if args.rope_scaling.rope_type == "longrope":
             original = args.rope_scaling.original_max_position_embeddings

@@ -21,7 +21,12 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 # BLOOM (ALiBi: 4 heads, a power of two, tied; 6 heads, not one, untied, with
 # apply_residual_connection_post_layernorm); OLMo 2 (post-norm blocks, q/k norms over the whole
 # projection, GQA, attention biases); Granite 3 (its four multipliers at Granite-3.0-2b's values but
-# an attention multiplier unlike head_dim ** -0.5, GQA, tied, biases).
+# an attention multiplier unlike head_dim ** -0.5, GQA, tied, biases). Mixtures of experts: Qwen3-MoE
+# (renormalised top 2 of 4, a window; and only layer 1 of 4 sparse, through decoder_sparse_step 2 and
+# mlp_only_layers [3], top 3 of 6 not renormalised, biases, tied),
+# Mixtral (top 2 of 4, a window), OLMoE (top 3 of 8, clip_qkv small enough to clip, biases), gpt-oss
+# (sinks, alternating windows, YaRN with a short original context, a swiglu_limit small enough to
+# clamp, router and expert biases).
 CONFIGS = {
     "llama3_gqa": (
         "LlamaConfig",
@@ -151,6 +156,22 @@ CONFIGS = {
     "granite": ("GraniteConfig", dict(num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
                                       mlp_bias=True, embedding_multiplier=12.0, residual_multiplier=0.22,
                                       attention_multiplier=0.0625, logits_scaling=8.0)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, use_sliding_window=True, sliding_window=6)),
+    "qwen3_moe_dense": ("Qwen3MoeConfig", dict(
+        num_hidden_layers=4, num_key_value_heads=4, head_dim=16, num_experts=6, num_experts_per_tok=3,
+        moe_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[3], attention_bias=True,
+        tie_word_embeddings=True)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=6, intermediate_size=32, pad_token_id=0)),
+    "olmoe": ("OlmoeConfig", dict(num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
+                                  intermediate_size=32, clip_qkv=1.5, attention_bias=True, eos_token_id=2)),
+    "gpt_oss": ("GptOssConfig", dict(
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+        sliding_window=5, swiglu_limit=1.0, max_position_embeddings=64,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "beta_fast": 8.0,
+                         "original_max_position_embeddings": 16, "beta_slow": 1.0, "truncate": False})),
     "llama_dynamic": (
         "LlamaConfig",
         dict(

@@ -4,7 +4,6 @@ logging the same metrics to metrics.jsonl during training, its rows shared by 2 
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -120,8 +119,6 @@ def _train_worker(rank: int, world: int, port: int, cfg) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     run(cfg)
-    sys.stdout.flush()
-    os._exit(0)  # as test_train_dist's workers: no interpreter teardown under gloo
 
 
 def test_two_ranks_share_the_eval_rows_and_log_what_one_process_scores(setup, tmp_path):

@@ -62,11 +62,22 @@ class _SoftmaxAtInputPrecision:
         return F.softmax(x, dim, dtype=torch.promote_types(x.dtype, dtype or x.dtype))
 
 
+def _router_at_input_precision(self, hidden_states):
+    """transformers' softmax-then-top-k routers (Qwen3-MoE, OLMoE, Mixtral), with the softmax in float64
+    for float64 input (they use fp32)."""
+    logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+    probs = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    top, index = torch.topk(probs, self.top_k, dim=-1)
+    if getattr(self, "norm_topk_prob", True):  # Mixtral always renormalises
+        top = top / top.sum(dim=-1, keepdim=True)
+    return logits, top.to(logits.dtype), index
+
+
 @pytest.fixture(autouse=True)
 def float64_hf_norms(monkeypatch):
-    """packtune's norm (and capped or ALiBi attention softmax) keep float64 for float64 input; make
-    transformers' do the same, so the float64 comparisons are between two exact computations, not
-    exact vs fp32-rounded."""
+    """packtune's norm, router softmax (and capped or ALiBi attention softmax) keep float64 for float64
+    input; make transformers' do the same, so the float64 comparisons are between two exact
+    computations, not exact vs fp32-rounded."""
     import sys
 
     from transformers.models.bloom import modeling_bloom
@@ -79,6 +90,8 @@ def float64_hf_norms(monkeypatch):
         for name, cls in vars(modeling).items():
             if name.endswith("RMSNorm") and isinstance(cls, type):
                 monkeypatch.setattr(cls, "forward", _rms_norm_at_input_precision)
+            if name.endswith("TopKRouter") and isinstance(cls, type) and name != "GptOssTopKRouter":
+                monkeypatch.setattr(cls, "forward", _router_at_input_precision)
     monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", _eager_attention_at_input_precision)
     monkeypatch.setattr(modeling_bloom, "F", _SoftmaxAtInputPrecision())
 
@@ -90,7 +103,10 @@ def checkpoints(tmp_path_factory):
 
 
 def hf_model(path, dtype):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    """transformers' model; a mixture of experts runs its eager experts (its default, grouped_mm, takes
+    no float64)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                             experts_implementation="eager").eval()
 
 
 def assert_close_rel(actual, expected, rel):

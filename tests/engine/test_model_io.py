@@ -62,7 +62,8 @@ def test_transformers_4_config_layout():
     [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
         ({"model_type": None}, "model_type None is not supported"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn' is not supported"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}},
+         "rope scaling type 'longrope' is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported for llama"),
         ({"quantization_config": {"quant_method": "gptq"}}, "'quantization_config' is not supported"),

@@ -275,6 +275,11 @@ def test_sampler_resumes_mid_epoch_exactly(dataset):
     assert not np.array_equal(perm0, perm1)
     with pytest.raises(ValueError, match="different data or seed"):
         PackedSampler(rows, seed=8, micro_batches=2).load_state_dict(state)
+    # Another world_size x micro_batches is another global batch: refused, naming the one that resumes.
+    with pytest.raises(ValueError, match=r"= 2, now 1 x 1 = 1; on 1 rank resume with .*micro_batches = 2"):
+        PackedSampler(rows, seed=7, micro_batches=1).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"no micro_batches resumes it on 3 ranks \(2 is not a multiple"):
+        PackedSampler(rows, seed=7, rank=0, world_size=3, micro_batches=1).load_state_dict(state)
     # The rows dealt are global: 2 ranks x 1 micro-batch continue where 1 process x 2 stopped.
     ranks = [PackedSampler(rows, seed=7, rank=r, world_size=2, micro_batches=1) for r in range(2)]
     for r, sampler in enumerate(ranks):

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from data_fixtures import alpaca_rows, trained_tokenizers, write_jsonl
 from model_fixtures import CONFIGS as MODEL_CONFIGS
 from model_fixtures import family_fixtures, save_hf_model
@@ -19,6 +20,7 @@ from packtune.lora import read_adapter
 from packtune.lora.apply import block_linears
 from packtune.model.config import ModelArgs
 from packtune.model.hf_io import load_pretrained
+from packtune.model.moe import Experts
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 FAMILIES = family_fixtures()  # model_type -> its first model_fixtures config, for every registered family
@@ -80,12 +82,17 @@ def test_family_trains_two_lora_steps_and_exports_its_adapter(tmp_path, shared, 
     overrides = [*_overrides(model_dir, shared, tmp_path, out), "lora.rank=4", "train.lr=1e-2"]
     assert main(["train", str(DEMO), *[a for o in overrides for a in ("--set", o)]]) == 0
     stdout = capsys.readouterr().out
-    linears = block_linears(load_pretrained(model_dir))
-    assert f"lora: rank 4, alpha 16 (scale 4) on {2 * len(linears)} linears ({', '.join(linears)})" in stdout
+    model = load_pretrained(model_dir)
+    linears = block_linears(model)
+    modules = [m for layer in model.decoder_layers for m in layer.modules()]
+    n = sum(isinstance(m, torch.nn.Linear) for m in modules)
+    experts = 2 * sum(isinstance(m, Experts) for m in modules)  # gate_up_proj and down_proj
+    where = f"{n} linears" + (f" and {experts} expert weights" if experts else "")
+    assert f"lora: rank 4, alpha 16 (scale 4) on {where} ({', '.join(linears)})" in stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     spec, tensors = read_adapter(out / "final")
-    assert sorted(spec.targets) == sorted(linears) and len(tensors) == 2 * 2 * len(linears)
+    assert sorted(spec.targets) == sorted(linears) and len(tensors) == 2 * (n + experts)
     assert any(t.abs().sum() > 0 for name, t in tensors.items() if name.endswith("lora_B"))
 
 

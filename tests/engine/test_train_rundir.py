@@ -30,6 +30,11 @@ def assets(tmp_path_factory):
 
 
 def train(assets, out, *overrides, flags=()):
+    return main(train_argv(assets, out, *overrides, flags=flags))
+
+
+def train_argv(assets, out, *overrides, flags=()) -> list[str]:
+    """`packtune train` arguments for a 2-step run of the tiny Llama on alpaca rows into `out`."""
     sets = [
         f'model.path="{assets["model"]}"', f'data.path="{assets["data"]}"',
         f'data.tokenizer="{assets["tokenizer"]}"', "data.max_tokens=256", "data.num_workers=1",
@@ -38,7 +43,7 @@ def train(assets, out, *overrides, flags=()):
     ]
     config = Path(out).parent / "run.toml"
     config.write_text("[train]\n")
-    return main(["train", str(config), *[a for o in sets for a in ("--set", o)], *flags])
+    return ["train", str(config), *[a for o in sets for a in ("--set", o)], *flags]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

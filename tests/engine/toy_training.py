@@ -96,6 +96,25 @@ def tiny_gemma(*, seed: int = 0, vocab: int = 37):
     return model
 
 
+def tiny_moe(*, seed: int = 0, vocab: int = 37, **dims):
+    """packtune's model in Qwen3-MoE shape at toy size: 6 experts, top 2 renormalised, a dense layer
+    between two sparse ones, GQA, per-head q/k norms; the router's load-balancing coefficient large
+    enough (0.1) that its gradient shows in the grad norm. `dims` replace the toy config's keys."""
+    from packtune.model.config import ModelArgs
+    from packtune.model.families import build_model
+
+    toy = dict(
+        model_type="qwen3_moe", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, num_experts=6,
+        num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True, mlp_only_layers=[1],
+        router_aux_loss_coef=0.1,
+    )
+    args = ModelArgs.from_hf_config({**toy, **dims})
+    model = build_model(args)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
 def make_samples(n: int, *, vocab: int = 37, seed: int = 0, min_len: int = 3, max_len: int = 12,
                  turns: int = 1):
     """(ids, labels) pairs: `turns` rounds of a prompt of ignored labels, then a trained response;
@@ -186,18 +205,31 @@ def toy_steps(n_steps: int, micro_batches: int = 2, per_micro: int = 3, seed: in
     return [rows[i : i + micro_batches] for i in range(0, len(rows), micro_batches)]
 
 
-def install_kill_hooks(kill_at: int = 0, kill_during_save: int = 0) -> None:
-    """SIGKILL this process once step `kill_at`'s metrics are written, or after the checkpoint
-    files of step `kill_during_save` are written but before its directory is renamed."""
+def install_kill_hooks(kill_at: int = 0, kill_during_save: int = 0, pause_at: int = 0, kill_rank: int = -1
+                       ) -> None:
+    """SIGKILL this process once step `kill_at`'s metrics are written (only rank `kill_rank` when
+    given), or after the checkpoint files of step `kill_during_save` are written but before its
+    directory is renamed; or, once step `pause_at`'s metrics are written, create
+    `<output_dir>.paused` and wait until it is deleted."""
+    import time
+    from pathlib import Path
+
     import packtune.checkpoint as ckpt
     from packtune.train import Trainer
 
     flush, dcp_save = Trainer._flush, ckpt.dcp.save
+    paused = []
 
     def flush_then_die(self) -> None:
         flush(self)
-        if self.step == kill_at:
+        if self.step == kill_at and kill_rank in (-1, self.dist_ctx.rank):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.step == pause_at and self.dist_ctx.is_main and not paused:
+            paused.append(True)
+            flag = Path(f"{self.output_dir}.paused")
+            flag.touch()
+            while flag.exists():
+                time.sleep(0.05)
 
     def save_then_die(state, **kwargs):
         dcp_save(state, **kwargs)
@@ -224,9 +256,10 @@ def run_toy(output_dir: str, overrides: dict) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """`toy_training.py [kill_at=N] [kill_during_save=N] (OUTPUT_DIR [key=value ...] | cli ARGS...)`."""
+    """`toy_training.py [kill_at=N [kill_rank=R]] [kill_during_save=N] [pause_at=N] (OUTPUT_DIR
+    [key=value ...] | cli ARGS...)`."""
     hooks = {}
-    while argv and argv[0].startswith("kill_"):
+    while argv and argv[0].startswith(("kill_", "pause_")):
         key, value = argv.pop(0).split("=")
         hooks[key] = int(value)
     install_kill_hooks(**hooks)

@@ -49,6 +49,32 @@ def test_masked_ce_fp16_gradient_survives_loss_scaling(backend, inplace):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_masked_ce_fp16_loses_no_more_entries_than_fp32_then_cast(backend, weighted):
+    """Wide logits (std 4) put many softmax entries far below fp16's subnormal floor before the loss
+    scale: the Triton kernel wrote them unscaled in the forward and lost 5x the entries that the fp32
+    gradient rounded once to fp16 loses. (The C++ op takes fp32/bf16 only: fp16 on the "cpu" backend
+    runs the torch reference, which is fp32-then-cast.)"""
+    n, v = 256, 32000
+    gen = torch.Generator().manual_seed(0)
+    x16 = (torch.randn(n, v, generator=gen) * 4).half()
+    labels = _labels(n, v)
+    weights = torch.rand(n, generator=gen) * 3 if weighted else None
+    x = x16.clone().requires_grad_()
+    loss = masked_cross_entropy(x, labels, weights=weights, backend=backend, inplace_backward=True)
+    (loss * LOSS_SCALE).backward()
+    x32 = x16.float().requires_grad_()
+    (masked_cross_entropy_ref(x32, labels, weights=weights) * LOSS_SCALE).backward()
+    x64 = x16.double().requires_grad_()
+    (masked_cross_entropy_ref(x64, labels, weights=weights) * LOSS_SCALE).backward()
+    kept = x64.grad != 0
+    lost, lost_fp32_cast = ((kept & (g == 0)).sum().item() for g in (x.grad, x32.grad.half()))
+    assert lost_fp32_cast > 0 and lost <= lost_fp32_cast, (lost, lost_fp32_cast, kept.sum().item())
+    assert not x.grad.isinf().any()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_linear_ce_fp16_gradient_survives_loss_scaling(backend, reduction):
     n, h, v = 12, 16, 32000

@@ -168,7 +168,8 @@ _HOPPER_COMPILE = textwrap.dedent("""
         build(lora_mlp._lora_gate_kernel, ["G", "U", "H", "UG", "UU", "BG", "BU"], {**sizes, "scale": "fp32"},
               tiles, "bf16")
         build(lora_mlp._lora_act_grad_kernel, ["DH", "DUP", "G", "U", "DUD", "AD"],
-              {"DA": "*fp32", "SEED": "*i64", **sizes, "rows_per_split": "i32", "threshold": "i64", "p": "fp32"},
+              {"DA": "*fp32", "SEED": "*i64", **sizes, "rows_per_split": "i32", "threshold": "i64",
+               "p": "fp32"},
               {**tiles, "DROPOUT": True}, "bf16")
     print("compiled")
 """)

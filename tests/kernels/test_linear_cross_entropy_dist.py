@@ -6,13 +6,13 @@ weight. A plain `full_tensor()` gave each shard only its own rank's gradient.
 
 import os
 import socket
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from packtune.kernels import linear_cross_entropy
+from packtune.parallel import wait_for_idle_gloo_workers
 
 WORLD, N, H, V = 2, 10, 8, 24
 
@@ -64,11 +64,7 @@ def _worker(rank: int, port: int) -> None:
         dist.barrier()  # both ranks done before either tears the group down
     finally:
         dist.destroy_process_group()
-    # The worker's checks are done. Leave without interpreter teardown: under load, gloo's threads
-    # occasionally abort a 2-rank child at exit ("terminate called without an active exception")
-    # after everything passed, which mp.spawn reports as a failure.
-    sys.stdout.flush()
-    os._exit(0)
+        wait_for_idle_gloo_workers()  # else gloo can abort this process at exit (packtune.parallel)
 
 
 def test_sharded_lm_head_gets_the_sum_of_the_ranks_gradients():

@@ -90,7 +90,7 @@ def flops(args: ModelArgs, seq_len: int) -> int:
     return 6 * params + 12 * args.num_hidden_layers * args.num_attention_heads * args.head_dim * seq_len
 
 
-def stored_names(names: list[str]) -> dict[str, str]:
+def stored(names: list[str]) -> dict[str, str]:
     """Model tensor name -> stored name: the `transformer.` prefix added back where a checkpoint
     saved from BloomModel left it out."""
     if any(name.startswith("transformer.") for name in names):
@@ -111,5 +111,5 @@ FAMILY = register(Family(
     hf_refusal="transformers' BLOOM forward cannot take packed input: it builds the ALiBi biases and the "
                "causal mask over the whole row (it reads no position_ids or cu_seqlens), so packed samples "
                "would attend to each other with biases that run across sample boundaries",
-    stored_names=stored_names,
+    stored=stored,
 ))

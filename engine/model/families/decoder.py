@@ -19,11 +19,12 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def check_options(c: HFConfig, model_type: str, activation_key: str = "hidden_act",
-                  activations: tuple[str, ...] = ("silu",)) -> str:
+                  activations: tuple[str, ...] = ("silu",), allowed: tuple[str, ...] = ()) -> str:
     """Refuse what no decoder family here reproduces (quantised weights, experts, dropout,
-    bidirectional attention, another activation); returns the activation."""
+    bidirectional attention, another activation) unless the family reads the key itself
+    (`allowed`: the MoE families' expert keys); returns the activation."""
     for key in REJECTED_KEYS:
-        if c.raw.get(key):
+        if c.raw.get(key) and key not in allowed:
             raise ModelError(f"config option {key!r} is not supported")
     for key in ("resid_pdrop", "embd_pdrop", "attention_dropout"):  # packtune trains without dropout
         if c.get(key, 0.0):
@@ -61,7 +62,8 @@ def decoder_args(c: HFConfig, model_type: str, **options: Any) -> ModelArgs:
     )
     if "rope_theta" not in options:
         whole_heads(c.raw, model_type)
-        fields["rope_theta"], fields["rope_scaling"] = parse_rope(c.raw, c.get("max_position_embeddings"))
+        rope = {"rope_theta": c.get("rope_theta", 10000.0), **c.raw}  # the family's default base
+        fields["rope_theta"], fields["rope_scaling"] = parse_rope(rope, c.get("max_position_embeddings"))
     fields.update(options)
     return ModelArgs(**fields)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from packtune.errors import ModelError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from packtune.model.config import ModelArgs
@@ -71,6 +72,20 @@ class HFModules:
 
 
 @dataclass(frozen=True)
+class StoredTensor:
+    """A model tensor a checkpoint keeps in pieces: per-expert matrices stacked into one 3-D tensor,
+    MXFP4 blocks and scales dequantised. hf_io checks the pieces' names and the joined shape before it
+    reads anything, then reads the pieces and joins them."""
+
+    names: tuple[str, ...]
+    """The stored tensors, in the order `join` takes them."""
+    join: Callable[[list[torch.Tensor]], torch.Tensor]
+    """The model's tensor from the pieces."""
+    shape: Callable[[list[tuple[int, ...]]], tuple[int, ...]]
+    """The joined tensor's shape from the pieces' shapes."""
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: everything about it that differs from the others."""
 
@@ -96,8 +111,13 @@ class Family:
     """What apply_packtune patches in transformers' implementation; None: it refuses (`hf_refusal`)."""
     hf_refusal: str = ""
     """Why apply_packtune refuses this family (where packtune's own model still trains it)."""
-    stored_names: Callable[[list[str]], dict[str, str]] | None = None
-    """Model tensor name -> the name a checkpoint stores it under, given the stored names; None: the same."""
+    stored: Callable[[list[str]], Mapping[str, str | StoredTensor]] | None = None
+    """Where a checkpoint keeps the model's tensors, given its stored names: model tensor name -> its
+    stored name, or the pieces it is joined from (`StoredTensor`); a name left out is stored as
+    itself. None: every tensor under its own name."""
+    unread_names: tuple[str, ...] = ()
+    """Stored tensors the model does not read (T5: the copies of the shared embedding in each stack, the
+    decoder's unused cross-attention bias table): neither loaded nor reported as unexpected."""
     checkpoint_args: Callable[[ModelArgs, Collection[str]], ModelArgs] | None = None
     """The args completed by the names a checkpoint stores (T5: its head is tied exactly when no
     `lm_head.weight` is stored, whatever config.json says); None: config.json alone decides."""

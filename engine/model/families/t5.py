@@ -14,7 +14,7 @@ writes `tie_word_embeddings: true` into every T5 config it saves:
 `dropout_rate` is kept in config.json but not applied: packtune trains without dropout.
 Checkpoints may also store the embedding under the stacks' tied names (`encoder.embed_tokens.weight`,
 `decoder.embed_tokens.weight`) and an unused cross-attention bias table; those are read as transformers
-reads them (`stored_names`).
+reads them (`stored`, `unread_names`).
 """
 
 from __future__ import annotations
@@ -123,15 +123,13 @@ def checkpoint_args(args: ModelArgs, stored: Collection[str]) -> ModelArgs:
     return replace(args, tie_word_embeddings="lm_head.weight" not in stored)
 
 
-def stored_names(names: list[str]) -> dict[str, str]:
-    """Model tensor name -> stored name: `shared.weight` from a stack's tied name where it is stored only
-    there; the tied copies and the unused cross-attention table are not read."""
-    mapping = {name: name for name in names if name not in TIED_NAMES + UNUSED_NAMES}
-    if "shared.weight" not in mapping:
-        found = next((name for name in TIED_NAMES if name in names), None)
-        if found is not None:
-            mapping["shared.weight"] = found
-    return mapping
+def stored(names: list[str]) -> dict[str, str]:
+    """`shared.weight` from a stack's copy where the checkpoint stores it only there (the copies and the
+    unused cross-attention table are the family's `unread_names`)."""
+    if "shared.weight" in names:
+        return {}
+    found = next((name for name in TIED_NAMES if name in names), None)
+    return {} if found is None else {"shared.weight": found}
 
 
 def pair_flops(args: ModelArgs, input_len: int, target_len: int) -> int:
@@ -171,7 +169,8 @@ def _family(model_type: str, architecture: str, defaults: dict[str, Any]) -> Fam
         hf_refusal="apply_packtune routes transformers' decoder-only forwards through packed rows; an "
                    "encoder-decoder's forward takes padded pairs (its relative position biases and "
                    "cross-attention masks are built per padded batch)",
-        stored_names=stored_names,
+        stored=stored,
+        unread_names=TIED_NAMES + UNUSED_NAMES,
         checkpoint_args=checkpoint_args,
         encoder_decoder=True,
         loss=Seq2SeqLoss,
