@@ -57,7 +57,8 @@ MARGIN = {"full": 50, "quick": 35, "smoke": 120}
 and the slack between a budget and the killed group's exit."""
 OPTIONAL_PACKAGES = ("liger_kernel", "torchao", "accelerate", "peft")
 SUITES = {"suite_kernels": ["test_gpu_kernels.py", "test_gpu_lora.py"],
-          "suite_models": ["test_gpu_attention.py", "test_gpu_training.py", "test_gpu_models.py"]}
+          "suite_models": ["test_gpu_attention.py", "test_gpu_training.py", "test_gpu_models.py",
+                           "test_gpu_long_rows.py"]}
 
 
 def wheel_folders() -> list[Path]:

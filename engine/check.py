@@ -8,6 +8,8 @@ config's data (fp32, no checkpoints, in a temporary directory):
     k micro-batches == 1 batch k micro-batches per step, and one micro-batch k times the size
     N ranks == 1 process       under torchrun: this run's ranks, and one process taking every
                                rank's micro-batches (skipped in a single process)
+    cp=2 == cp=1               under torchrun with an even number of ranks: every row split in two
+                               chunks over pairs of ranks (context parallelism), against whole rows
 
 Each line prints the largest relative difference of the step losses and of the final weights,
 and PASS when both are within `TOLERANCE`. By default the model is a shrunken copy of the
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 
 from packtune.config import Config, TrainConfig
-from packtune.errors import DataError
+from packtune.context_parallel import init_context_parallel
+from packtune.errors import ConfigError, DataError
 from packtune.parallel import DistContext, init_distributed, shutdown
 
 TOLERANCE = 1e-4
@@ -127,9 +130,11 @@ def relative(a: tuple[list[float], torch.Tensor], b: tuple[list[float], torch.Te
     return loss, weights
 
 
-def report(name: str, diffs: tuple[float, float] | None) -> bool:
-    if diffs is None:
-        print(f"  {name:<28} SKIP (run under torchrun with more than one rank)", flush=True)
+def report(name: str, diffs: tuple[float, float] | str | None) -> bool:
+    """Print one comparison: its differences, or SKIP with why (`diffs` a reason, or None: too few ranks)."""
+    if not isinstance(diffs, tuple):
+        ranks = "an even number of ranks" if name.startswith("cp=") else "more than one rank"
+        print(f"  {name:<28} SKIP ({diffs or f'run under torchrun with {ranks}'})", flush=True)
         return True
     ok = max(diffs) <= TOLERANCE
     print(f"  {name:<28} loss rel diff {diffs[0]:.2e}  weights rel diff {diffs[1]:.2e}  "
@@ -137,8 +142,25 @@ def report(name: str, diffs: tuple[float, float] | None) -> bool:
     return ok
 
 
+def context_parallel_check(cfg: Config, model, base, packed: list, dist_ctx: DistContext
+                           ) -> tuple[float, float] | str:
+    """The differences of the same steps with every row split over 2 ranks (rank pairs sharing
+    rows: each of the world / 2 dp ranks takes 2k of a step's world x k rows), or why not."""
+    from packtune.context_parallel import check_model as check_context_model
+
+    try:
+        check_context_model(model, 2)
+    except ConfigError as e:
+        return str(e)
+    world, k = dist_ctx.world_size, MICRO_BATCHES
+    cp = dataclasses.replace(dist_ctx, context=init_context_parallel(dist_ctx.device.type, world,
+                                                                    dist_ctx.rank, 2))
+    steps = [packed[s * world * k + cp.dp_rank * 2 * k:][:2 * k] for s in range(STEPS)]
+    return relative(base, train(cfg.train, model, steps, cp))
+
+
 def run_check(cfg: Config, full: bool = False) -> bool:
-    """Run the three comparisons, print them (rank 0); True when all pass."""
+    """Run the comparisons, print them (rank 0); True when all pass."""
     from packtune.data.packing import PackedRows, PaddedRows
     from packtune.data.pair_rows import PairRows
     from packtune.data.rows import seq2seq_args
@@ -175,7 +197,10 @@ def run_check(cfg: Config, full: bool = False) -> bool:
                 base, train(cfg.train, model, mine(bigger, 1), dist_ctx)
             ),
             f"{world} ranks == 1 process": None,
+            "cp=2 == cp=1": None,
         }
+        if world % 2 == 0:  # pairs of ranks share each row, each dp rank takes 2k of the step's rows
+            results["cp=2 == cp=1"] = context_parallel_check(cfg, model, base, packed, dist_ctx)
         if world > 1 and dist_ctx.is_main:  # no collectives: rank 0 alone runs the one-process reference
             alone = DistContext(0, 1, 0, dist_ctx.device, None)
             steps = [packed[s * group : (s + 1) * group] for s in range(STEPS)]

@@ -27,7 +27,9 @@ def _prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     dataset = tokenized_data(cfg)
     rows = build_rows(cfg, dataset)
-    report = data_report(dataset, rows, args.world_size, cfg.train.micro_batches)
+    cp = cfg.train.context_parallel
+    report = data_report(dataset, rows, max(args.world_size // cp, 1), cfg.train.micro_batches,
+                         context_parallel=cp)
     print(format_report(report))
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:

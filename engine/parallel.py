@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from packtune.kernels.nf4_matmul import is_nf4
+
+if TYPE_CHECKING:
+    from packtune.context_parallel import ContextParallel
 
 
 @dataclass
@@ -39,13 +43,27 @@ class DistContext:
     local_rank: int
     device: torch.device
     mesh: DeviceMesh | None
-    """The 1-D data-parallel mesh; None for a single CPU process (no process group, no FSDP)."""
+    """The 1-D mesh of all ranks FSDP shards over; None for a single CPU process (no process group,
+    no FSDP)."""
+    context: ContextParallel | None = None
+    """The ranks this rank shares each row with (`[train] context_parallel`, packtune.context_parallel);
+    None without context parallelism."""
     processes: list[tuple[str, int]] = field(default_factory=list)
     """(host, pid) of every rank, by rank: who to look for when a collective fails (packtune.rank_loss)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among the ranks that get rows of their own (the sampler's rank)."""
+        return self.rank if self.context is None else self.rank // self.context.size
+
+    @property
+    def dp_size(self) -> int:
+        """How many ranks get rows of their own: the world size over the context-parallel size."""
+        return self.world_size if self.context is None else self.world_size // self.context.size
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum in place across ranks (no-op in a single process). CPU tensors go over gloo."""
@@ -81,18 +99,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device: str = "auto", *, mixed_precision: bool = False) -> DistContext:
+def init_distributed(device: str = "auto", *, mixed_precision: bool = False,
+                     context_parallel: int = 1) -> DistContext:
     """Join the process group torchrun describes in the environment, or run alone.
 
     A single CUDA process still gets a one-rank group and mesh so that FSDP2's mixed precision
     (bf16 compute, fp32 master weights and reduction) applies the same way as on many GPUs; so
     does a single CPU process asked for `mixed_precision` (model.dtype = "bfloat16").
+    `context_parallel` > 1 groups the ranks that split each row (packtune.context_parallel).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
-    if world_size == 1 and dev.type == "cpu" and not mixed_precision:
+    if world_size == 1 and dev.type == "cpu" and not mixed_precision and context_parallel == 1:
         return DistContext(0, 1, 0, dev, None)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -103,7 +123,12 @@ def init_distributed(device: str = "auto", *, mixed_precision: bool = False) -> 
         else:  # one process started without torchrun
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
-    dist_ctx = DistContext(rank, world_size, local_rank, dev, mesh)
+    context = None
+    if context_parallel > 1:
+        from packtune.context_parallel import init_context_parallel
+
+        context = init_context_parallel(dev.type, world_size, rank, context_parallel)
+    dist_ctx = DistContext(rank, world_size, local_rank, dev, mesh, context)
     gathered = dist_ctx.all_gather_texts([socket.gethostname(), str(os.getpid())])
     dist_ctx.processes = [(host, int(pid)) for host, pid in gathered]
     return dist_ctx

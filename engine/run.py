@@ -47,7 +47,8 @@ def run(cfg: Config) -> Path | None:
             print(complete_message(plan), flush=True)
         return final if final.is_dir() else None
     mixed = mixed_precision(cfg)
-    dist_ctx = init_distributed(cfg.train.device, mixed_precision=mixed)
+    dist_ctx = init_distributed(cfg.train.device, mixed_precision=mixed,
+                                context_parallel=cfg.train.context_parallel)
     trainer = lock = None
     clean = False
     try:

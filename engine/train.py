@@ -16,6 +16,7 @@ One optimizer step (the loss contract, docs/how-it-works.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from collections.abc import Callable, Iterator
@@ -34,12 +35,15 @@ from packtune.checkpoint import (
 )
 from packtune.config import TrainConfig
 from packtune.config.train import router_coefficients
+from packtune.context_parallel import ContextChunks, check_model
 from packtune.errors import CheckpointError, StorageError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
 from packtune.model.families import family_for
+from packtune.offload import ActivationOffload
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
 from packtune.parallel import DistContext, gathered_parameters, parallelize
+from packtune.tiled_mlp import resolve_tile_tokens, tile_mlps
 
 if TYPE_CHECKING:
     from packtune.data.packing import PackedBatch, PaddedBatch
@@ -91,7 +95,10 @@ class Trainer:
     built on the meta device is sharded, then only this rank's shards are allocated (empty): the
     caller fills them before `resume()` / `fit()` (packtune.model.loading.fill_shards), so no rank
     ever holds more than its shard on the accelerator. `mixed_precision`
-    (default: on CUDA) computes in bf16 over the fp32 parameters (see parallel.py).
+    (default: on CUDA) computes in bf16 over the fp32 parameters (see parallel.py). Long rows:
+    `cfg.tiled_mlp` tiles the blocks' MLPs, `cfg.offload_activations` keeps the saved block inputs
+    in host memory, and under context parallelism (`dist_ctx.context`) the samplers' whole rows
+    become this rank's chunks.
     """
 
     def __init__(
@@ -108,6 +115,10 @@ class Trainer:
         mixed_precision: bool | None = None,
         reporters: list | None = None,
     ) -> None:
+        if dist_ctx.context is not None:  # each rank of a row's group keeps its chunk (context_parallel.py)
+            check_model(model, dist_ctx.context.size)
+            sampler = ContextChunks(sampler, dist_ctx.context)
+            eval_sampler = None if eval_sampler is None else ContextChunks(eval_sampler, dist_ctx.context)
         self.cfg, self.dist_ctx, self.sampler, self.eval_sampler = cfg, dist_ctx, sampler, eval_sampler
         self.generation_eval = generation_eval
         self.count_flops = count_flops
@@ -116,6 +127,10 @@ class Trainer:
         if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         args = getattr(model, "args", None)  # a toy model without args trains as a causal LM
+        tile_tokens = resolve_tile_tokens(cfg.tiled_mlp, model)
+        if tile_tokens is not None:
+            tile_mlps(model.decoder_layers, tile_tokens)
+        self.offload = ActivationOffload(dist_ctx.device) if cfg.offload_activations else None
         family_loss = family_for(args.model_type).loss if args is not None else None
         if family_loss is not None:  # an encoder-decoder's (T5: Seq2SeqLoss)
             loss = family_loss(model)
@@ -342,8 +357,10 @@ class Trainer:
         """Summed token loss of one micro-batch (times its loss weights when `weighted`, ÷ num_items
         when given), packed or padded; plus `router_weight` x its router losses (MoE models)."""
         batch = batch.to(self.dist_ctx.device)
-        return self.module(*batch.loss_inputs(), num_items=num_items,
-                           loss_weights=batch.loss_weights if weighted else None, router_weight=router_weight)
+        with self.offload or contextlib.nullcontext():
+            return self.module(*batch.loss_inputs(), num_items=num_items,
+                               loss_weights=batch.loss_weights if weighted else None,
+                               router_weight=router_weight)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -48,6 +48,9 @@ class Config:
         self.model.check()
         self.lora.check()
         self.check_export()
+        if self.train.context_parallel > 1 and not self.data.packing:
+            raise ConfigError(f"train.context_parallel = {self.train.context_parallel} splits packed rows: "
+                              "it needs data.packing = true")
         if self.lora.enabled and self.lora.init_from:
             from packtune.lora.training import check_init_from
 

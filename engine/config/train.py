@@ -82,6 +82,20 @@ class TrainConfig:
     """Recompute each decoder block in the backward pass instead of storing its activations."""
     compile: bool = False
     """torch.compile each decoder block."""
+    tiled_mlp: bool | int | str = False
+    """Run each decoder block's MLP over tiles of this many tokens, each recomputed alone in the backward
+    (packtune.tiled_mlp): its live memory is O(tile x intermediate) instead of O(row x intermediate),
+    for the cost of one more MLP forward. "auto": tiles of the largest power of two of tokens whose
+    fp32 [tile x intermediate] activation fits 32 MiB (4096 tokens for an intermediate size of 1536);
+    false: none. Rows no longer than a tile run untiled."""
+    offload_activations: bool = False
+    """Keep what the forward saves outside the checkpointed blocks (each block's input) in pinned host
+    memory until the backward brings it back, double-buffered on a side stream (packtune.offload);
+    needs activation_checkpointing."""
+    context_parallel: int = 1
+    """Split each packed row into this many contiguous chunks over as many ranks, attention exchanged
+    Ulysses-style (packtune.context_parallel): rows and samples hold up to data.max_tokens x this many
+    tokens, each rank computing data.max_tokens. The number of ranks must be a multiple of it."""
     export: bool | str = True
     """Write the final model: true writes `<output_dir>/final` (a Hugging Face model directory; with
     [lora] a PEFT adapter), false nothing. LoRA runs also take "adapter" (final/), "merged" (the
@@ -102,7 +116,7 @@ class TrainConfig:
 
         from packtune.reporters import check_reporters
 
-        for key in ("lr", "micro_batches", "log_every"):
+        for key in ("lr", "micro_batches", "log_every", "context_parallel"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be > 0, got {getattr(self, key)!r}")
         for key in ("max_steps", "warmup", "save_every", "eval_every", "keep_checkpoints", "weight_decay",
@@ -127,8 +141,24 @@ class TrainConfig:
             raise ConfigError(f"train.resume: {self.resume!r} is not auto, never or a checkpoint directory")
         if self.eval_data and not Path(self.eval_data).exists():
             raise ConfigError(f"train.eval_data: {self.eval_data} does not exist")
+        self.check_long_rows()
         check_reporters(self.report_to)
         _check_writable(Path(self.output_dir))
+
+    def check_long_rows(self) -> None:
+        """tiled_mlp, offload_activations and context_parallel against each other and the world size."""
+        tiles = self.tiled_mlp
+        if not (tiles is False or tiles == "auto" or (type(tiles) is int and tiles >= 1)):
+            raise ConfigError(f'train.tiled_mlp must be "auto", a tile size in tokens (>= 1) or false, '
+                              f"got {tiles!r}")
+        if self.offload_activations and not self.activation_checkpointing:
+            raise ConfigError("train.offload_activations moves the checkpointed blocks' inputs to host "
+                              "memory: it needs train.activation_checkpointing = true")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % self.context_parallel:
+            raise ConfigError(f"train.context_parallel = {self.context_parallel} splits each row over that "
+                              f"many ranks: the number of ranks ({world}) must be a multiple of it (torchrun "
+                              f"--nproc_per_node {self.context_parallel} ...)")
 
 
 def router_coefficients(cfg: TrainConfig, model_coef: float) -> tuple[float, float]:

@@ -9,11 +9,13 @@ from typing import Any
 
 
 def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1,
-                split: str = "all samples") -> dict[str, Any]:
+                split: str = "all samples", context_parallel: int = 1) -> dict[str, Any]:
     """The tokenization report of `dataset` (all the data read) plus packing figures for `rows`
     (packed or padded) of the split named by `split` (e.g. the training split when some samples
-    are held out)."""
-    from packtune.data.packing import PaddedRows
+    are held out). `world_size` counts the ranks that get rows of their own (the dp ranks); with
+    `context_parallel` > 1 the report adds how the rows split into chunks."""
+    from packtune.context_parallel import chunk_layouts
+    from packtune.data.packing import PackedRows, PaddedRows
 
     group = world_size * micro_batches
     rows = rows.with_row_multiple(group)
@@ -33,6 +35,9 @@ def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1,
         inputs, targets = rows.side_efficiency()
         report.update(packing_efficiency_inputs=inputs, packing_efficiency_targets=targets,
                       max_target_tokens=rows.max_target_tokens)
+    if context_parallel > 1 and isinstance(rows, PackedRows):
+        report["context_parallel"] = context_parallel
+        report["chunk_layouts"] = chunk_layouts(rows, context_parallel)
     return report
 
 
@@ -79,6 +84,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"{100 * report['packing_efficiency_inputs']:.2f}% of the inputs' slots (encoder), "
             f"{100 * report['packing_efficiency_targets']:.2f}% of the targets' (decoder)"
         )
+    if "chunk_layouts" in report:
+        n = report["context_parallel"]
+        spans = ", ".join(f"{count} with a sample over {k} chunks" if k > 1 else f"{count} with none"
+                          for k, count in sorted(report["chunk_layouts"].items()))
+        chunk = report["max_tokens"] // n
+        lines.append(f"  context parallel: each row split into {n} chunks of up to {chunk} tokens; rows by "
+                     f"samples crossing a chunk boundary: {spans}")
     if report.get("cache"):
         seconds = report.get("load_seconds", report.get("tokenize_seconds", 0.0))
         lines.append(f"  cache {report['cache']} ({seconds:.2f} s)")

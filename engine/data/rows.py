@@ -1,10 +1,12 @@
 """The run's data stage: the tokenized dataset split into training and held-out samples, built into
 rows (packed, or padded for comparison) and dealt to this rank by samplers; the data report is
-printed by rank 0 before step 1."""
+printed by rank 0 before step 1. Under context parallelism (`[train] context_parallel = N`) rows
+and samples hold up to data.max_tokens x N tokens and are dealt to the dp ranks, each row's N ranks
+receiving it whole (the Trainer keeps each rank's chunk)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,15 +38,24 @@ def prepare_run_data(cfg: Config, dist_ctx: DistContext) -> RunData:
     if dist_ctx.is_main:
         split = ("all samples" if eval_set is None
                  else f"training split ({len(train_set)} of {len(dataset)} samples)")
-        report = data_report(train_set, rows, dist_ctx.world_size, cfg.train.micro_batches, split)
+        report = data_report(train_set, rows, dist_ctx.dp_size, cfg.train.micro_batches, split,
+                             context_parallel=cfg.train.context_parallel)
         print(format_report(report), flush=True)
         if eval_set is not None:
             print(f"  held out {len(eval_set)} samples for evaluation", flush=True)
-    deal = dict(seed=cfg.train.seed, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+    deal = dict(seed=cfg.train.seed, rank=dist_ctx.dp_rank, world_size=dist_ctx.dp_size)
     sampler = PackedSampler(rows, micro_batches=cfg.train.micro_batches, **deal)
     if eval_set is None:
         return RunData(sampler, None)
     return RunData(sampler, PackedSampler(build_rows(cfg, eval_set), micro_batches=1, **deal))
+
+
+def row_data_config(cfg: Config):
+    """`[data]` as the rows are built: under context parallelism a row (and a sample) holds up to
+    data.max_tokens x train.context_parallel tokens, every rank computing a chunk of data.max_tokens."""
+    if cfg.train.context_parallel == 1:
+        return cfg.data
+    return replace(cfg.data, max_tokens=cfg.data.max_tokens * cfg.train.context_parallel)
 
 
 def seq2seq_args(cfg: Config):
@@ -61,7 +72,7 @@ def seq2seq_args(cfg: Config):
 
 def tokenized_data(cfg: Config) -> TokenizedDataset:
     """The run's data, tokenized once (cached): samples, or pairs for an encoder-decoder."""
-    return prepare_dataset(cfg.data, cfg.tokenizer, pairs=seq2seq_args(cfg) is not None)
+    return prepare_dataset(row_data_config(cfg), cfg.tokenizer, pairs=seq2seq_args(cfg) is not None)
 
 
 def build_rows(cfg: Config, dataset: TokenizedDataset):

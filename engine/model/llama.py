@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,9 @@ class AttentionInputs:
     """What every layer's attention reads besides its input: token positions (`[T]` or `[B, L]`),
     the fp32 RoPE tables they index, and either the packed row's `cu_seqlens` / `max_seqlen`
     (varlen attention), nothing more (padded rows: dense causal attention), or a KV cache.
-    `local_cos` / `local_sin`: the tables of the sliding-window layers when their RoPE base differs."""
+    `local_cos` / `local_sin`: the tables of the sliding-window layers when their RoPE base differs.
+    `context`: for a chunk of a row split over context-parallel ranks, the row's chunks
+    (packtune.context_parallel.RowChunks), whose `attention` attends over the whole row."""
 
     positions: torch.Tensor
     cos: torch.Tensor
@@ -51,6 +54,7 @@ class AttentionInputs:
     cache: KVCache | None = None
     local_cos: torch.Tensor | None = None
     local_sin: torch.Tensor | None = None
+    context: Any = None
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
@@ -152,6 +156,8 @@ class Attention(nn.Module):
                        sinks=getattr(self, "sinks", None))
         if inputs.cache is not None:  # generation: the cache stores k/v and attends (model/kv_cache.py)
             out = inputs.cache.attend(self.layer, q, k, v, **options)
+        elif inputs.context is not None:  # a chunk of a row split over context-parallel ranks
+            out = inputs.context.attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, **options)
         elif inputs.cu_seqlens is not None:  # a packed row
             out = varlen_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, **options)
         else:  # padded rows
@@ -238,6 +244,8 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(CausalLM):
     embedding_name = "model.embed_tokens.weight"
+    context_parallel = True
+    """Its attention runs a context-parallel chunk's exchange (packtune.context_parallel)."""
 
     def __init__(self, args: ModelArgs, layer: BlockFactory = DecoderLayer) -> None:
         """`layer(args, i)` builds block i (MoE families: engine/model/moe.py's)."""
@@ -275,6 +283,7 @@ class LlamaForCausalLM(CausalLM):
         cos, sin = self.rope(layout.max_seqlen, input_ids.device)
         rows = self._rope_rows(layout, cos, full_rows)
         inputs = AttentionInputs(rows, cos, sin, layout.cu_seqlens, layout.max_seqlen,
+                                 context=getattr(layout, "context", None),
                                  **self._local_tables(layout.max_seqlen, input_ids.device))
         x = self._run_layers(self._embed(input_ids), inputs, layout)
         return self._final_norm(x)

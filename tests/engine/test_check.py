@@ -27,6 +27,7 @@ def test_check_prints_each_comparison_and_passes(tmp_path, assets, capsys):  # n
         assert line in out and "loss rel diff" in out
         assert "PASS" in next(text for text in out.splitlines() if line in text)
     assert "1 ranks == 1 process" in out and "SKIP" in out
+    assert "cp=2 == cp=1                 SKIP (run under torchrun with an even number of ranks)" in out
     assert out.rstrip().endswith("packtune check: PASS")
     assert not (tmp_path / "run").exists()  # a check writes no run
 
@@ -37,8 +38,10 @@ def test_check_under_torchrun_compares_ranks(tmp_path, assets):  # noqa: F811
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    ranks = next(line for line in proc.stdout.splitlines() if "2 ranks == 1 process" in line)
-    assert "PASS" in ranks and "packtune check: PASS" in proc.stdout
+    for name in ("2 ranks == 1 process", "cp=2 == cp=1"):
+        line = next(line for line in proc.stdout.splitlines() if name in line)
+        assert "PASS" in line and "loss rel diff" in line, proc.stdout
+    assert "packtune check: PASS" in proc.stdout
 
 
 def test_token_ids_past_the_vocabulary_are_refused_before_step_1(tmp_path, assets, capsys):  # noqa: F811
