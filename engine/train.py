@@ -36,7 +36,7 @@ from packtune.checkpoint import (
 from packtune.config import TrainConfig
 from packtune.config.train import router_coefficients
 from packtune.context_parallel import ContextChunks, check_model
-from packtune.errors import CheckpointError, StorageError, TrainingError
+from packtune.errors import CheckpointError, ConfigError, StorageError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
 from packtune.model.families import family_for
@@ -127,11 +127,14 @@ class Trainer:
         if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         args = getattr(model, "args", None)  # a toy model without args trains as a causal LM
+        family_loss = family_for(args.model_type).loss if args is not None else None
         tile_tokens = resolve_tile_tokens(cfg.tiled_mlp, model)
         if tile_tokens is not None:
+            if family_loss is not None:
+                raise ConfigError(f"train.tiled_mlp = {cfg.tiled_mlp!r}: tiling covers decoder-only models' "
+                                  f"MLPs, not {args.model_type}'s blocks; set it to false")
             tile_mlps(model.decoder_layers, tile_tokens)
         self.offload = ActivationOffload(dist_ctx.device) if cfg.offload_activations else None
-        family_loss = family_for(args.model_type).loss if args is not None else None
         if family_loss is not None:  # an encoder-decoder's (T5: Seq2SeqLoss)
             loss = family_loss(model)
         else:

@@ -171,6 +171,13 @@ def test_train_two_steps_full_then_transformers_loads_the_export(tmp_path, asset
     assert any(not torch.equal(before[k], v) for k, v in ours.state_dict().items())  # it trained
 
 
+def test_options_for_decoders_only_are_refused_in_one_line(tmp_path, assets, capsys):
+    assert main(argv(assets, "demo.toml", tmp_path / "run", "train.max_steps=1", "train.tiled_mlp=16")) == 2
+    err = capsys.readouterr().err
+    assert "train.tiled_mlp = 16: tiling covers decoder-only models' MLPs, not t5's" in err
+    assert "Traceback" not in err
+
+
 def test_train_lora_two_steps_exports_an_adapter_peft_loads(tmp_path, assets):
     peft = pytest.importorskip("peft")
     from packtune.lora import load_adapter_into
