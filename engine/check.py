@@ -11,6 +11,9 @@ config's data (fp32, no checkpoints, in a temporary directory):
     cp=2 == cp=1               under torchrun with an even number of ranks: every row split in two
                                chunks over pairs of ranks (context parallelism), against whole rows
 
+With a preference objective the items are pairs, whole in their rows, and "packed == unpacked"
+becomes packed pairs == padded pairs, plus shared == unshared prompts (preference/check.py).
+
 Each line prints the largest relative difference of the step losses and of the final weights,
 and PASS when both are within `TOLERANCE`. By default the model is a shrunken copy of the
 config's (2 layers, hidden 64, the same vocabulary and rope), randomly initialised, so the
@@ -23,6 +26,7 @@ import copy
 import dataclasses
 import io
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,7 @@ from packtune.parallel import DistContext, init_distributed, shutdown
 
 TOLERANCE = 1e-4
 STEPS, MICRO_BATCHES, SAMPLES_PER_ROW, LONGEST = 3, 2, 3, 256
+PAIRS_PER_ROW = 2
 
 
 class FixedSteps:
@@ -103,17 +108,19 @@ def batches(rows_cls, dataset, per_row: int, weighting: str, **pairs) -> list:
 
 
 def train(
-    cfg: TrainConfig, model, steps: list[list], dist_ctx: DistContext
+    cfg: TrainConfig, model, steps: list[list], dist_ctx: DistContext, wrap: Callable | None = None
 ) -> tuple[list[float], torch.Tensor]:
-    """(step losses, final flat weights) of packtune's Trainer on fixed steps."""
+    """(step losses, final flat weights) of packtune's Trainer on fixed steps; `wrap` gives the loss
+    module over the model (default: the SFT loss)."""
     from packtune.train import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         run_cfg = dataclasses.replace(cfg, output_dir=tmp, max_steps=len(steps), save_every=0, eval_every=0,
                                       log_every=1, compile=False)
         torch.manual_seed(cfg.seed)
-        trainer = Trainer(run_cfg, copy.deepcopy(model), FixedSteps(steps), dist_ctx,
-                          log_stream=io.StringIO(), mixed_precision=False)
+        model = copy.deepcopy(model)
+        trainer = Trainer(run_cfg, model, FixedSteps(steps), dist_ctx, log_stream=io.StringIO(),
+                          mixed_precision=False, loss_module=wrap(model) if wrap else None)
         trainer.fit()
         lines = (Path(tmp) / "metrics.jsonl").read_text().splitlines() if dist_ctx.is_main else []
     import json
@@ -169,42 +176,55 @@ def run_check(cfg: Config, full: bool = False) -> bool:
     try:
         world, k, per_row = dist_ctx.world_size, MICRO_BATCHES, SAMPLES_PER_ROW
         weighting = cfg.train.loss_weighting
-        dataset = check_samples(cfg, STEPS * world * k * per_row)
+        needed = STEPS * world * k * per_row
+        seq2seq = seq2seq_args(cfg)  # refuses a preference objective on an encoder-decoder
         model = check_model(cfg, full)
-        seq2seq = seq2seq_args(cfg)
-        if seq2seq is None:
-            packed = batches(PackedRows, dataset, per_row, weighting)
-            unpacked = batches(PaddedRows, dataset, per_row, weighting), k
-            bigger = batches(PackedRows, dataset, per_row * k, weighting)
+        wrap = None
+        if cfg.train.objective != "sft":
+            from packtune.preference.check import pair_layouts
+
+            per_row = PAIRS_PER_ROW
+            make, kinds, wrap = pair_layouts(cfg, model, STEPS * world * k * per_row, LONGEST)
+        elif seq2seq is None:
+            dataset = check_samples(cfg, needed)
+            kinds = {"packed == unpacked": "padded"}
+
+            def make(kind: str, size: int) -> list:
+                return batches(PaddedRows if kind == "padded" else PackedRows, dataset, size, weighting)
         else:  # unpacked: each pair in a row of its own, the step's pairs in per_row x more micro-batches
+            dataset = check_samples(cfg, needed)
+            kinds = {"packed == unpacked": "single"}
             start = {"decoder_start_token_id": seq2seq.decoder_start_token_id}
-            packed = batches(PairRows, dataset, per_row, weighting, **start)
-            unpacked = batches(PairRows, dataset, 1, weighting, **start), k * per_row
-            bigger = batches(PairRows, dataset, per_row * k, weighting, **start)
+
+            def make(kind: str, size: int) -> list:
+                return batches(PairRows, dataset, 1 if kind == "single" else size, weighting, **start)
+        packed = make("packed", per_row)
+        bigger = make("packed", per_row * k)
         group = world * k
 
-        def mine(rows: list, size: int) -> list[list]:  # this rank's micro-batches of each step
+        def mine(rows: list) -> list[list]:  # this rank's micro-batches of each step (rows split evenly)
+            size = len(rows) // (STEPS * world)
             return [rows[s * world * size + dist_ctx.rank * size:][:size] for s in range(STEPS)]
 
         if dist_ctx.is_main:
             what = "the model" if full else "a shrunken copy of the model"
+            items = "samples" if wrap is None else f"{cfg.train.objective} pairs"
             print(f"packtune check: {STEPS} steps x {world} rank(s) x {k} micro-batches of {per_row} "
-                  f"samples, {what}, fp32", flush=True)
-        base = train(cfg.train, model, mine(packed, k), dist_ctx)
-        results = {
-            "packed == unpacked": relative(base, train(cfg.train, model, mine(*unpacked), dist_ctx)),
-            f"{k} micro-batches == 1 batch": relative(
-                base, train(cfg.train, model, mine(bigger, 1), dist_ctx)
-            ),
-            f"{world} ranks == 1 process": None,
-            "cp=2 == cp=1": None,
-        }
-        if world % 2 == 0:  # pairs of ranks share each row, each dp rank takes 2k of the step's rows
+                  f"{items}, {what}, fp32", flush=True)
+        base = train(cfg.train, model, mine(packed), dist_ctx, wrap)
+        results = {name: relative(base, train(cfg.train, model, mine(make(kind, per_row)), dist_ctx, wrap))
+                   for name, kind in kinds.items()}
+        results[f"{k} micro-batches == 1 batch"] = relative(base, train(cfg.train, model, mine(bigger),
+                                                                         dist_ctx, wrap))
+        results[f"{world} ranks == 1 process"] = None
+        results["cp=2 == cp=1"] = None if wrap is None else "context parallelism splits no preference pairs"
+        if world % 2 == 0 and wrap is None:  # pairs of ranks share each row, each dp rank takes 2k rows
             results["cp=2 == cp=1"] = context_parallel_check(cfg, model, base, packed, dist_ctx)
         if world > 1 and dist_ctx.is_main:  # no collectives: rank 0 alone runs the one-process reference
             alone = DistContext(0, 1, 0, dist_ctx.device, None)
             steps = [packed[s * group : (s + 1) * group] for s in range(STEPS)]
-            results[f"{world} ranks == 1 process"] = relative(base, train(cfg.train, model, steps, alone))
+            one_process = train(cfg.train, model, steps, alone, wrap)
+            results[f"{world} ranks == 1 process"] = relative(base, one_process)
         ok = True
         if dist_ctx.is_main:
             for name, diffs in results.items():

@@ -184,6 +184,8 @@ class MetricsLogger:
             f"tok/s {r['tokens_per_s']:.0f}",
             f"label tok/s {r['label_tokens_per_s']:.0f}",
         ]
+        if r.get("rewards/accuracies") is not None:
+            parts.append(f"reward acc {100 * r['rewards/accuracies']:.0f}%")
         if r["mfu"] is not None:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")
         parts += [f"mem {r['peak_memory_gib']:.2f}GiB", f"eta {_duration(remaining)}"]
@@ -191,10 +193,17 @@ class MetricsLogger:
             parts.append(f"skipped {r['skipped_total']}")
         print(" | ".join(parts), file=self.stream, flush=True)
 
-    def log_eval(self, step: int, loss: float, label_tokens: int) -> None:
+    def log_eval(self, step: int, loss: float, label_tokens: int,
+                 metrics: dict[str, float] | None = None) -> None:
+        """The held-out loss, and a preference objective's metrics (as `eval_rewards/accuracies`, ...)."""
+        metrics = metrics or {}
+        line = f"step {step}/{self.total_steps} | eval loss {loss:.4f} ({label_tokens} label tokens)"
+        if "rewards/accuracies" in metrics:
+            line += f", reward accuracy {100 * metrics['rewards/accuracies']:.1f}%"
         self._write_eval(
-            {"step": step, "eval_loss": loss, "eval_label_tokens": label_tokens},
-            f"step {step}/{self.total_steps} | eval loss {loss:.4f} ({label_tokens} label tokens)",
+            {"step": step, "eval_loss": loss, "eval_label_tokens": label_tokens,
+             **{f"eval_{k}": _finite_or_none(v) for k, v in metrics.items()}},
+            line,
         )
 
     def log_generation_eval(self, step: int, scores: dict[str, Any]) -> None:

@@ -3,10 +3,12 @@
     check    every config key, in its section (packtune.config), before anything is written
     plan     what output_dir holds decides: new run, resume, already complete, or refused (rundir)
     lock     rank 0 locks output_dir for this run (runlock): a second run there is refused
-    data     tokenize (cached), hold out, build rows, deal them to this rank (data/rows.py)
+    data     tokenize (cached), hold out, build rows, deal them to this rank (data/rows.py; preference
+             pairs: preference/rows.py)
     model    load the checkpoint in fp32, add LoRA adapters; on the meta device when sharded
              (model/loading.py)
-    train    shard, fill the shards, resume, fit (train.py)
+    train    shard, fill the shards, (DPO / IPO: the reference pass, preference/reference.py),
+             resume, fit (train.py)
     export   final/ (and final-merged/) on rank 0 (export.py)
 
 `packtune check` and `packtune bench e2e` run the same stages (`prepare_run_data`,
@@ -65,6 +67,10 @@ def run(cfg: Config) -> Path | None:
         torch.manual_seed(cfg.train.seed)
         data = prepare_run_data(cfg, dist_ctx)
         trainer = build_trainer(cfg, data, dist_ctx, mixed)
+        if data.dataset is not None:  # before resuming: the policy as it starts may be the reference
+            from packtune.preference.reference import attach_reference
+
+            attach_reference(cfg, data.dataset, trainer, dist_ctx, mixed)
         resumed = trainer.resume()
         if resumed is not None and dist_ctx.is_main:
             print(f"resumed from {resumed} at step {trainer.step}", flush=True)
@@ -111,9 +117,15 @@ def build_trainer(cfg: Config, data: RunData, dist_ctx: DistContext, mixed: bool
 
         generation_eval = TrainingEval(cfg.train.eval_data, cfg.tokenizer, cfg.data.template,
                                        encoder_decoder(model))
+    loss_module = None  # the model family's own (Trainer), T5's Seq2SeqLoss included
+    if cfg.train.objective != "sft":
+        from packtune.preference.loss import preference_loss
+
+        loss_module = preference_loss(cfg, model)
     trainer = Trainer(cfg.train, model, data.sampler, dist_ctx, eval_sampler=data.eval_sampler,
                       generation_eval=generation_eval, count_flops=True,
-                      mixed_precision=mixed, reporters=open_reporters(cfg) if dist_ctx.is_main else [])
+                      mixed_precision=mixed, reporters=open_reporters(cfg) if dist_ctx.is_main else [],
+                      loss_module=loss_module)
     if dist_ctx.mesh is not None:
         fill_shards(trainer.module, cfg.model.path, dist_ctx, prepare)
     if prepare is not None and dist_ctx.is_main:

@@ -28,16 +28,18 @@ class Seq2SeqLoss(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        decoder_input_ids: torch.Tensor,
         labels: torch.Tensor,
         layout: Seq2SeqLayout,
         num_items: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
         router_weight: float = 0.0,
+        *,
+        decoder_input_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids `[Te]`, decoder_input_ids and labels `[Td]` (model/t5_batch.py); `loss_weights`
-        fp32 per decoder token, None for token weighting. `router_weight`: the Trainer's weight of router
-        losses (`CausalLMLoss`), which a T5 has none of."""
+        """input_ids `[Te]`, labels and decoder_input_ids `[Td]` (model/t5_batch.py: the Trainer passes
+        `decoder_input_ids` from `T5Batch.loss_inputs()`); `loss_weights` fp32 per decoder token, None for
+        token weighting. `router_weight`: the Trainer's weight of router losses (`CausalLMLoss`), which a
+        T5 has none of."""
         hidden = self.model.hidden_states(input_ids, decoder_input_ids, layout)
         return linear_cross_entropy(hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum",
                                     num_items=num_items, layout=layout.decoder)

@@ -6,8 +6,10 @@ One optimizer step (the loss contract, docs/how-it-works.md):
    stream never waits) together with a "stop requested" flag;
 2. for each micro-batch: loss = sum of (weighted) token losses / global item count, backward
    (FSDP sums gradients over ranks, see parallel.py); a mixture of experts adds its router losses
-   / the global micro-batch count (packtune.loss), so the step adds their mean;
-3. all-reduce the loss for logging, measure and clip the global gradient norm;
+   / the global micro-batch count (packtune.loss), so the step adds their mean; a loss module may
+   take several normalizers (`Batch.normalizers()`: a preference step's pairs and chosen label
+   tokens) and return metrics too, summed over the step like the loss;
+3. all-reduce the loss (and metrics) for logging, measure and clip the global gradient norm;
 4. NaN/inf guard: a non-finite loss or norm sets `optimizer.found_inf`, and the fused AdamW
    skips the update on the device, without a host sync; skips are counted when metrics are
    flushed, and a run aborts after `max_bad_steps` bad steps in a row;
@@ -89,16 +91,17 @@ class Trainer:
     """Owns the sharded model, optimizer, schedule, checkpoints and metrics of one run.
 
     `model` is a causal LM with `hidden_states(...)`, `lm_head` and its blocks in `model.block_lists`
-    (an encoder-decoder: T5, whose family names its loss module); `sampler` yields, per optimizer
-    step, this rank's list of micro-batches (`PackedBatch`, `PaddedBatch` or an encoder-decoder's
-    `T5Batch`) and is resumable via state_dict(). A model
-    built on the meta device is sharded, then only this rank's shards are allocated (empty): the
-    caller fills them before `resume()` / `fit()` (packtune.model.loading.fill_shards), so no rank
-    ever holds more than its shard on the accelerator. `mixed_precision`
-    (default: on CUDA) computes in bf16 over the fp32 parameters (see parallel.py). Long rows:
-    `cfg.tiled_mlp` tiles the blocks' MLPs, `cfg.offload_activations` keeps the saved block inputs
-    in host memory, and under context parallelism (`dist_ctx.context`) the samplers' whole rows
-    become this rank's chunks.
+    (or an encoder-decoder: T5); `loss_module` the root module over it whose forward gives a
+    micro-batch's loss (default: the family's own, T5's `Seq2SeqLoss`, else CausalLMLoss(model)), or
+    (loss, metrics) when it has `metric_names`; `sampler` yields, per optimizer step, this rank's list
+    of micro-batches (`PackedBatch`, `PaddedBatch`, a preference `PreferenceBatch` or an
+    encoder-decoder's `T5Batch`) and is resumable via state_dict(). A model built on the meta device
+    is sharded, then only this rank's shards are allocated (empty): the caller fills them before
+    `resume()` / `fit()` (packtune.model.loading.fill_shards), so no rank ever holds more than its
+    shard on the accelerator. `mixed_precision` (default: on CUDA) computes in bf16 over the fp32
+    parameters (see parallel.py). Long rows: `cfg.tiled_mlp` tiles the blocks' MLPs,
+    `cfg.offload_activations` keeps the saved block inputs in host memory, and under context
+    parallelism (`dist_ctx.context`) the samplers' whole rows become this rank's chunks.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class Trainer:
         log_stream: Any = None,
         mixed_precision: bool | None = None,
         reporters: list | None = None,
+        loss_module: nn.Module | None = None,
     ) -> None:
         if dist_ctx.context is not None:  # each rank of a row's group keeps its chunk (context_parallel.py)
             check_model(model, dist_ctx.context.size)
@@ -135,12 +139,12 @@ class Trainer:
                                   f"MLPs, not {args.model_type}'s blocks; set it to false")
             tile_mlps(model.decoder_layers, tile_tokens)
         self.offload = ActivationOffload(dist_ctx.device) if cfg.offload_activations else None
-        if family_loss is not None:  # an encoder-decoder's (T5: Seq2SeqLoss)
-            loss = family_loss(model)
-        else:
-            loss = CausalLMLoss(model, *router_coefficients(cfg, getattr(args, "router_aux_loss_coef", 0.0)))
+        router = router_coefficients(cfg, getattr(args, "router_aux_loss_coef", 0.0))
+        if loss_module is None:  # the family's own (T5: Seq2SeqLoss), else the causal LM's
+            loss_module = family_loss(model) if family_loss is not None else CausalLMLoss(model, *router)
+        self.metric_names: tuple[str, ...] = tuple(getattr(loss_module, "metric_names", ()))
         self.module = parallelize(
-            loss,
+            loss_module,
             model.block_lists,
             dist_ctx,
             activation_checkpointing=cfg.activation_checkpointing,
@@ -305,9 +309,11 @@ class Trainer:
                 f"(train.max_bad_steps = {self.cfg.max_bad_steps}); stopping at step {self.step}"
             )
 
-    def _num_items(self, count: int) -> torch.Tensor:
-        """The global loss-item count as a float32 device tensor, copied without a sync."""
-        host = torch.tensor(float(count), dtype=torch.float32)
+    def _num_items(self, counts: list[int]) -> torch.Tensor:
+        """The global loss-item count(s) as a float32 device tensor (a scalar for one), copied without
+        a sync."""
+        values = [float(c) for c in counts]
+        host = torch.tensor(values if len(values) > 1 else values[0], dtype=torch.float32)
         if self.dist_ctx.device.type == "cuda":
             return host.pin_memory().to(self.dist_ctx.device, non_blocking=True)
         return host
@@ -315,32 +321,34 @@ class Trainer:
     def train_step(self, micro_batches: list[Any], stop_requested: bool = False) -> bool:
         """One optimizer step; returns True when any rank asked to stop after it."""
         device = self.dist_ctx.device
+        normalizers = [sum(n) for n in zip(*(b.normalizers() for b in micro_batches), strict=True)]
         counts = torch.tensor(
-            [sum(b.num_label_tokens for b in micro_batches), sum(b.num_items for b in micro_batches),
-             sum(b.num_tokens for b in micro_batches), int(stop_requested), len(micro_batches)],
+            [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches),
+             int(stop_requested), len(micro_batches), *normalizers],
             dtype=torch.int64,
         )
         self.dist_ctx.all_reduce_sum(counts)  # a CPU tensor: gloo, never waits on the GPU
-        label_tokens, items, tokens, stops, batches = counts.tolist()
+        label_tokens, tokens, stops, batches, *items = counts.tolist()
         num_items = self._num_items(items)
         flops = 0.0
-        loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+        sums = torch.zeros(1 + len(self.metric_names), device=device, dtype=torch.float32)  # loss, metrics
         router = None  # MoE: [aux, z] (their mean over the step's micro-batches) and the expert counts
         for batch in micro_batches:
             if self.count_flops:
                 flops += batch.flops(self.model.args)
-            loss = self._loss(batch, num_items, weighted=True, router_weight=1.0 / batches)
+            out = self._loss(batch, num_items, weighted=True, router_weight=1.0 / batches)
+            loss, metrics = self._split(out)
             loss.backward()
-            loss_sum += loss.detach().float()
-            if self.module.router_stats is not None:
+            sums += torch.cat([loss.detach().float()[None], metrics.float()])
+            if getattr(self.module, "router_stats", None) is not None:
                 terms, experts = self.module.router_stats
                 part = torch.cat([terms / batches, experts.flatten()])
                 router, layers = (part if router is None else router + part), experts.shape
-        if router is None:
-            self.dist_ctx.all_reduce_sum(loss_sum)
-        else:  # one all-reduce for both
-            summed = self.dist_ctx.all_reduce_sum(torch.cat([loss_sum[None], router]))
-            loss_sum, router = summed[0], summed[1:]
+        named = len(sums)
+        if router is not None:  # one all-reduce for both
+            sums = torch.cat([sums, router])
+        sums = self.dist_ctx.all_reduce_sum(sums)
+        loss_sum, router = sums[0], (None if router is None else sums[named:])
         grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.max_grad_norm).to(device)
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()
@@ -351,9 +359,18 @@ class Trainer:
         self.step += 1
         flops = self.dist_ctx.world_size * flops  # every rank's share, assuming balanced ranks
         values = torch.stack([loss_sum, grad_norm.float(), finite.float()])
-        extra = None if router is None else router_metrics(router[:2], router[2:].view(layers))
+        extra = dict(zip(self.metric_names, sums[1:named], strict=True))
+        if router is not None:
+            extra.update(router_metrics(router[:2], router[2:].view(layers)))
         self.metrics.record(self.step, lr, tokens, label_tokens, flops, values, extra)
         return stops > 0
+
+    def _split(self, out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, metrics) of the loss module's output (no metrics: an empty tensor)."""
+        if isinstance(out, tuple):
+            return out
+        return out, out.new_zeros(0)
 
     def _loss(self, batch: PackedBatch | PaddedBatch, num_items: torch.Tensor | None = None,
               weighted: bool = False, router_weight: float = 0.0) -> torch.Tensor:
@@ -361,14 +378,18 @@ class Trainer:
         when given), packed or padded; plus `router_weight` x its router losses (MoE models)."""
         batch = batch.to(self.dist_ctx.device)
         with self.offload or contextlib.nullcontext():
-            return self.module(*batch.loss_inputs(), num_items=num_items,
+            return self.module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
                                loss_weights=batch.loss_weights if weighted else None,
-                               router_weight=router_weight)
+                               router_weight=router_weight, **batch.loss_inputs())
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the held-out split (all ranks), logged to metrics.jsonl; unweighted
-        whatever `loss_weighting` is, so runs with different weightings compare."""
+        whatever `loss_weighting` is, so runs with different weightings compare. A loss module with
+        metrics (preference objectives) is evaluated as it trains: its loss and metrics over the whole
+        split, as one step over every held-out batch."""
+        if self.metric_names:
+            return self._evaluate_with_metrics()
         totals = torch.zeros(2, dtype=torch.float64, device=self.dist_ctx.device)
         self.eval_sampler.set_epoch(0)
         for micro_batches in self.eval_sampler:
@@ -382,6 +403,25 @@ class Trainer:
         if self.dist_ctx.is_main:
             self.metrics.log_eval(self.step, mean, int(count))
         return mean
+
+    def _evaluate_with_metrics(self) -> float:
+        self.eval_sampler.set_epoch(0)
+        batches = [batch for micro_batches in self.eval_sampler for batch in micro_batches]
+        counts = torch.tensor([sum(n) for n in zip(*(b.normalizers() for b in batches), strict=True)]
+                              + [sum(b.num_label_tokens for b in batches)], dtype=torch.int64)
+        self.dist_ctx.all_reduce_sum(counts)
+        *items, label_tokens = counts.tolist()
+        num_items = self._num_items(items)
+        sums = torch.zeros(1 + len(self.metric_names), dtype=torch.float64, device=self.dist_ctx.device)
+        for batch in batches:
+            loss, metrics = self._split(self._loss(batch, num_items))
+            sums += torch.cat([loss.double()[None], metrics.double()])
+        self.dist_ctx.all_reduce_sum(sums)
+        loss, *metrics = sums.tolist()
+        if self.dist_ctx.is_main:
+            named = dict(zip(self.metric_names, metrics, strict=True))
+            self.metrics.log_eval(self.step, loss, label_tokens, named)
+        return loss
 
 
 def router_metrics(terms: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,6 +14,10 @@ by `PackedLayout.packed(seq_lens, labels)` before the step and moved to the devi
                                 (both None for a layout built without labels: kernels find them)
     attended_length float       token-weighted mean length each token attends over (attention FLOPs)
 
+A row may also say which keys each segment attends to when they are not its own tokens
+(`keys`, a `GatheredKeys`): prefix sharing packs a prompt once and lets two responses attend to it
+(packtune.preference), so a response's segment attends to the prompt's keys and its own.
+
 `PackedLayout.padded(seq_lens, labels)` describes the padded counterpart (`[B, L]` rows, each
 one sample left-aligned): `cu_seqlens` is None, positions are `[B, L]` and `real` (bool `[B, L]`)
 marks the slots that hold a token (what a mixture-of-experts router's statistics count).
@@ -56,6 +60,35 @@ def attended_length(seq_lens: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
+class GatheredKeys:
+    """The keys of each query segment, gathered from the row: query segment i (`cu_seqlens[i]` ..
+    `cu_seqlens[i+1]` of the layout) attends to the rows `index[k]` for k in `cu_seqlens_k[i]` ..
+    `cu_seqlens_k[i+1]` of the same packed row, in that order, causally aligned to the bottom right:
+    the segment's queries are its last keys (query j of lq sees keys 0 .. j + lk - lq), as in
+    flash-attn's varlen attention with separate query and key offsets."""
+
+    index: torch.Tensor
+    """int64 [Tk]: the row of each gathered key."""
+    cu_seqlens_k: torch.Tensor
+    """int32 [n + 1]: each query segment's gathered keys."""
+    max_seqlen_k: int
+    """The longest key segment (host int)."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> GatheredKeys:
+        return replace(self, index=_moved(self.index, device, non_blocking),
+                       cu_seqlens_k=_moved(self.cu_seqlens_k, device, non_blocking))
+
+
+def _moved(t: torch.Tensor | None, device: torch.device | str, non_blocking: bool) -> torch.Tensor | None:
+    """`t` on `device`; host -> CUDA copies go through pinned memory, without which `non_blocking=True`
+    copies synchronously."""
+    if t is None:
+        return None
+    pin = non_blocking and torch.device(device).type == "cuda" and t.device.type == "cpu"
+    return (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)
+
+
+@dataclass(frozen=True)
 class PackedLayout:
     """The four facts of a packed (or padded) batch; see the module docstring."""
 
@@ -65,6 +98,8 @@ class PackedLayout:
     label_rows: torch.Tensor | None
     num_label_rows: int | None
     attended_length: float
+    keys: GatheredKeys | None = None
+    """The keys each segment attends to, when not its own tokens (prefix sharing); None: its own."""
     real: torch.Tensor | None = None
     """Padded rows: which slots hold a token (`[B, L]` bool); None: every slot (a packed row)."""
 
@@ -92,7 +127,7 @@ class PackedLayout:
         rows = _label_rows(labels, len(seq_lens) * width)
         real = torch.from_numpy(positions < seq_lens[:, None])
         return cls(None, width, torch.from_numpy(positions), rows, None if rows is None else len(rows),
-                   attended_length(seq_lens), real)
+                   attended_length(seq_lens), real=real)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, labels: torch.Tensor | None = None) -> PackedLayout:
@@ -109,11 +144,10 @@ class PackedLayout:
     def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedLayout:
         """The same layout with its tensors on `device` (the host ints stay); host -> CUDA copies go
         through pinned memory, without which `non_blocking=True` copies synchronously."""
-        pin = non_blocking and torch.device(device).type == "cuda"
-        move = lambda t: None if t is None else (t.pin_memory() if pin and t.device.type == "cpu" else t).to(
-            device, non_blocking=non_blocking)
+        move = lambda t: _moved(t, device, non_blocking)
+        keys = None if self.keys is None else self.keys.to(device, non_blocking)
         return replace(self, cu_seqlens=move(self.cu_seqlens), positions=move(self.positions),
-                       label_rows=move(self.label_rows), real=move(self.real))
+                       label_rows=move(self.label_rows), keys=keys, real=move(self.real))
 
 
 def _label_rows(labels: np.ndarray | torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:

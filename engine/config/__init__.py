@@ -5,6 +5,7 @@ and `Config`, the sections together, which adds the checks that span sections.
     [data]   data.py    what trains, how it is rendered, tokenized and packed
     [train]  train.py   the optimizer, schedule, cadence and output directory
     [lora]   lora.py    LoRA / QLoRA adapters on a frozen base
+    [preference]  preference.py  DPO / IPO / ORPO / SimPO settings (`[train] objective`)
     toml.py             reading a TOML file and `--set` overrides, writing one back
 """
 
@@ -17,12 +18,14 @@ from typing import Any
 from packtune.config.data import DataConfig, DataSource
 from packtune.config.lora import EXPORT_MODES, LoRAConfig
 from packtune.config.model import ModelConfig
+from packtune.config.preference import REFERENCE_OBJECTIVES, PreferenceConfig
 from packtune.config.toml import RENAMED_KEYS, dump_config, load_config, suggest
 from packtune.config.train import LOSS_WEIGHTINGS, TrainConfig
 from packtune.errors import ConfigError
 
-__all__ = ["Config", "DataConfig", "DataSource", "LoRAConfig", "ModelConfig", "TrainConfig", "RENAMED_KEYS",
-           "LOSS_WEIGHTINGS", "dump_config", "load_config", "suggest"]
+__all__ = ["Config", "DataConfig", "DataSource", "LoRAConfig", "ModelConfig", "PreferenceConfig",
+           "TrainConfig", "RENAMED_KEYS", "LOSS_WEIGHTINGS", "REFERENCE_OBJECTIVES", "dump_config",
+           "load_config", "suggest"]
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -51,10 +55,26 @@ class Config:
         if self.train.context_parallel > 1 and not self.data.packing:
             raise ConfigError(f"train.context_parallel = {self.train.context_parallel} splits packed rows: "
                               "it needs data.packing = true")
+        self.check_objective()
         if self.lora.enabled and self.lora.init_from:
             from packtune.lora.training import check_init_from
 
             check_init_from(self.lora)
+
+    def check_objective(self) -> None:
+        """A preference objective: its [preference] keys, and the token weighting its pairs use."""
+        objective = self.train.objective
+        if objective == "sft":
+            return
+        self.preference.check(objective)
+        if self.train.context_parallel > 1:
+            raise ConfigError(f"train.context_parallel = {self.train.context_parallel} splits rows across "
+                              f"ranks; train.objective = {objective!r} keeps each pair whole in one rank's "
+                              "row (leave it 1)")
+        if self.train.loss_weighting != "token":
+            raise ConfigError(f"train.loss_weighting = {self.train.loss_weighting!r} is for SFT; "
+                              f"train.objective = {objective!r} averages its terms over the step's pairs "
+                              "(leave it \"token\")")
 
     def check_export(self) -> None:
         """`train.export` as the kind of run allows: a LoRA run may name what it writes."""

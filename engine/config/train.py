@@ -11,6 +11,8 @@ from packtune.errors import ConfigError
 LOSS_WEIGHTINGS = ("token", "sample", "turn")
 """How token losses are averaged over a step (see TrainConfig.loss_weighting)."""
 PROGRESS = ("auto", "bar", "line", "none")
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo")
+"""What a run optimises: supervised fine-tuning, or a preference objective ([preference])."""
 ON_SAVE_ERROR = ("stop", "continue")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -24,6 +26,9 @@ class TrainConfig:
     """Passes over the training data (when max_steps is 0)."""
     micro_batches: int = 1
     """Gradient accumulation: packed rows per optimizer step (per rank)."""
+    objective: str = "sft"
+    """sft (next-token loss on the trained tokens), or a preference objective on prompt / chosen /
+    rejected records: dpo, ipo, orpo or simpo (settings in [preference]; docs/preference.md)."""
     lr: float = 2e-5
     """Peak learning rate (AdamW), reached after warmup, then cosine decay."""
     warmup: float = 0.03
@@ -130,7 +135,7 @@ class TrainConfig:
             raise ConfigError("train.epochs must be > 0 when train.max_steps is 0")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
-        for key, choices in (("device", DEVICES), ("progress", PROGRESS),
+        for key, choices in (("device", DEVICES), ("progress", PROGRESS), ("objective", OBJECTIVES),
                              ("loss_weighting", LOSS_WEIGHTINGS), ("on_save_error", ON_SAVE_ERROR)):
             value = getattr(self, key)
             if value not in choices:

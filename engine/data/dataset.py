@@ -8,7 +8,8 @@ reason. The result is cached (see cache.py).
 Storage: `tokens` (int32), `mask` (bool, True where the token is a training target), `offsets`
 (int64, n+1), `lines` (the line, item or record of each sample in its source file) and
 `label_counts` (int64: label tokens per sample once labels are shifted, i.e. trainable tokens
-after the first position).
+after the first position). Preference records (format `preference`) are tokenized by
+packtune.preference.data into pairs of adjacent samples, with one more array, `prompt_lengths`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class TokenizedDataset:
     def __init__(self, arrays: dict[str, np.ndarray], report: dict[str, Any], cache_path: Path | None = None):
         self.tokens, self.mask, self.offsets = arrays["tokens"], arrays["mask"], arrays["offsets"]
         self.lines, self.label_counts = arrays["lines"], arrays["label_counts"]
+        self.prompt_lengths: np.ndarray | None = arrays.get("prompt_lengths")
+        """Preference data: the prompt's tokens of each pair (samples 2i and 2i+1); None for SFT data."""
         self.report = report
         self.cache_path = cache_path
         self.max_tokens: int = report["max_tokens"]
@@ -62,6 +65,11 @@ class TokenizedDataset:
         token_index = np.repeat(self.offsets[index] - offsets[:-1], lengths) + np.arange(offsets[-1])
         arrays = {"tokens": self.tokens[token_index], "mask": self.mask[token_index], "offsets": offsets,
                   "lines": self.lines[index], "label_counts": self.label_counts[index]}
+        if self.prompt_lengths is not None:
+            pairs = np.asarray(index)[::2] // 2
+            if not np.array_equal(index, np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)):
+                raise ValueError("a subset of preference data takes whole pairs: samples 2i, 2i + 1")
+            arrays["prompt_lengths"] = self.prompt_lengths[pairs]
         return TokenizedDataset(arrays, self.report)
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +168,14 @@ def tokenize_file(options: dict[str, Any], workers: int) -> tuple[dict[str, np.n
     two per worker in flight, so only the tokenized result is held in memory, not the records.
     """
     sources = [OpenSource(spec, options["skip_bad_records"]) for spec in options["sources"]]
+    if len({s.format == "preference" for s in sources}) > 1:
+        paths = ", ".join(s.spec["path"] for s in sources)
+        raise DataError(f"{paths}: preference pairs (chosen / rejected) and SFT records cannot train in one "
+                        "run", "config")
+    if options.get("pairs") and sources[0].format == "preference":
+        raise DataError(f"{sources[0].spec['path']}: preference records (chosen / rejected) train "
+                        "decoder-only models; an encoder-decoder trains on (input, target) pairs (alpaca, "
+                        "prompt_completion, messages or sharegpt records)", "config")
     common = {k: v for k, v in options.items() if k not in ("sources", "mix_seed")}
     jobs = [
         {**common, "path": s.spec["path"], "format": s.format, "field_map": s.spec["field_map"],
@@ -305,8 +321,10 @@ class _SourceTokenizers:
         index, records = task
         if index not in self.tokenizers:
             job = self.jobs[index]
-            tokenize = PairChunkTokenizer if job.get("pairs") else ChunkTokenizer
-            self.tokenizers[index] = tokenize(job, self.threads)
+            kind = PairChunkTokenizer if job.get("pairs") else ChunkTokenizer
+            if job["format"] == "preference":
+                from packtune.preference.data import PairTokenizer as kind
+            self.tokenizers[index] = kind(job, self.threads)
         return self.tokenizers[index](records)
 
 
@@ -325,7 +343,8 @@ def _repeat(result: dict[str, Any], copies: int) -> dict[str, Any]:
     """A chunk's result with every sample (and every drop and truncation) counted `copies` times."""
     if copies == 1:
         return result
-    tiled = {k: np.tile(result[k], copies) for k in ("tokens", "mask", "lengths", "lines")}
+    tiled = {k: np.tile(result[k], copies) for k in ("tokens", "mask", "lengths", "lines", "prompt_lengths")
+             if k in result}
     counts = {k: Counter({r: n * copies for r, n in result[k].items()}) for k in ("dropped", "truncated")}
     return {**result, **tiled, **counts}
 
@@ -383,4 +402,7 @@ def _combine(
         "lines": np.concatenate([r["lines"] for r in results]),
         "label_counts": label_counts,
     }
+    if sources[0].format == "preference":
+        arrays["prompt_lengths"] = np.concatenate([r["prompt_lengths"] for r in results])
+        report["pairs"] = len(arrays["prompt_lengths"])
     return arrays, report

@@ -2,8 +2,9 @@
 
 Layouts (`[data] format`): `alpaca` (instruction / input / output, optional system),
 `sharegpt` (conversations of from / value with human / gpt / system), `messages` (OpenAI-style
-role / content), `prompt_completion`, and `text` (trained in full). `auto` picks the layout from
-the first record's keys. Field names can be renamed with `[data] field_map`.
+role / content), `prompt_completion`, `text` (trained in full), and `preference` (TRL's prompt /
+chosen / rejected pairs, read by packtune.preference.records). `auto` picks the layout from the
+first record's keys. Field names can be renamed with `[data] field_map`.
 
 The files are read by readers.py (JSONL, JSON, CSV, Parquet, Arrow, each as a stream). Every error
 names the file and line (item for JSON arrays, record for Parquet and Arrow) and, where it applies,
@@ -19,7 +20,7 @@ from typing import Any
 
 from packtune.errors import DataError
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference")
 
 DEFAULT_FIELDS = {
     "instruction": "instruction",
@@ -36,6 +37,8 @@ DEFAULT_FIELDS = {
     "prompt": "prompt",
     "completion": "completion",
     "text": "text",
+    "chosen": "chosen",
+    "rejected": "rejected",
 }
 
 # ShareGPT and OpenAI spellings of the three roles a template knows. Other roles pass through
@@ -112,13 +115,14 @@ def decode_record(where: str, raw: bytes | BadRecord | Any) -> dict[str, Any]:
                 f"{where}: malformed JSON: {e.msg} (column {e.colno})", "malformed_json"
             ) from None
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_type_name(raw)}", "wrong_type")
+        raise DataError(f"{where}: expected a JSON object, got {type_name(raw)}", "wrong_type")
     return raw
 
 
 def detect_format(record: dict[str, Any], fields: dict[str, str], where: str) -> str:
     """The layout a record is written in, judged by which known fields it has."""
     checks = (
+        ("preference", ("chosen", "rejected")),
         ("sharegpt", ("conversations",)),
         ("messages", ("messages",)),
         ("alpaca", ("instruction", "output")),
@@ -138,72 +142,86 @@ def detect_format(record: dict[str, Any], fields: dict[str, str], where: str) ->
 def to_conversation(record: dict[str, Any], fmt: str, fields: dict[str, str], where: str) -> Conversation:
     """Normalise one decoded record of layout `fmt` into a Conversation, checking every field."""
     if fmt == "alpaca":
-        system = _string(record, fields["system"], where, required=False)
-        output = _string(record, fields["output"], where, response=True)
+        system = read_string(record, fields["system"], where, required=False)
+        output = read_string(record, fields["output"], where, response=True)
         user = Message(
             "user",
-            _string(record, fields["instruction"], where),
-            _string(record, fields["input"], where, required=False),
+            read_string(record, fields["instruction"], where),
+            read_string(record, fields["input"], where, required=False),
         )
         head = (Message("system", system),) if system else ()
         return Conversation((*head, user, Message("assistant", output)))
     if fmt == "prompt_completion":
         return Conversation(
             (
-                Message("user", _string(record, fields["prompt"], where)),
-                Message("assistant", _string(record, fields["completion"], where, response=True)),
+                Message("user", read_string(record, fields["prompt"], where)),
+                Message("assistant", read_string(record, fields["completion"], where, response=True)),
             )
         )
     if fmt == "text":
         return Conversation(
-            (Message("assistant", _string(record, fields["text"], where, response=True)),), plain_text=True
+            (Message("assistant", read_string(record, fields["text"], where, response=True)),),
+            plain_text=True,
         )
     if fmt in ("sharegpt", "messages"):
         key = fields["conversations" if fmt == "sharegpt" else "messages"]
         role_key, content_key = (
             (fields["from"], fields["value"]) if fmt == "sharegpt" else (fields["role"], fields["content"])
         )
-        turns = record.get(key)
-        if turns is None:
-            raise DataError(f"{where}: missing field {key!r}", "missing_field")
-        if not isinstance(turns, list) or not turns:
-            raise DataError(
-                f"{where}: field {key!r}: expected a non-empty list of turns, got {_type_name(turns)}",
-                "wrong_type",
-            )
-        messages = []
-        for i, turn in enumerate(turns):
-            at = f"{where}: {key}[{i}]"
-            if not isinstance(turn, dict):
-                raise DataError(f"{at}: expected an object, got {_type_name(turn)}", "wrong_type")
-            role = _string(turn, role_key, at)
-            role = ROLE_ALIASES.get(role, role)
-            thinking = _string(turn, fields["thinking"], at, required=False)
-            if thinking and role != "assistant":
-                raise DataError(f"{at}: field {fields['thinking']!r} on a {role} turn (only assistant turns "
-                                "have reasoning)", "bad_turn_order")
-            messages.append(Message(role, _string(turn, content_key, at, response=role == "assistant"),
-                                    thinking=thinking))
-        return Conversation(tuple(messages))
+        return Conversation(read_turns(record, key, role_key, content_key, where, fields["thinking"]))
+    if fmt == "preference":
+        raise DataError(f"{where}: a preference record (chosen / rejected) trains with train.objective = "
+                        "dpo, ipo, orpo or simpo, not sft", "config")
     raise DataError(f"data.format: unknown format {fmt!r}; valid: auto, {', '.join(FORMATS)}", "config")
 
 
-def _string(
+def read_turns(record: dict[str, Any], key: str, role_key: str, content_key: str, where: str,
+               thinking_key: str | None = None) -> tuple[Message, ...]:
+    """The non-empty list of turns in field `key`, each an object with a role and a content string
+    (ShareGPT and OpenAI role names as the template's); an assistant turn must say something and
+    may carry its reasoning in `thinking_key`."""
+    turns = record.get(key)
+    if turns is None:
+        raise DataError(f"{where}: missing field {key!r}", "missing_field")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(
+            f"{where}: field {key!r}: expected a non-empty list of turns, got {type_name(turns)}",
+            "wrong_type",
+        )
+    messages = []
+    for i, turn in enumerate(turns):
+        at = f"{where}: {key}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at}: expected an object, got {type_name(turn)}", "wrong_type")
+        role = read_string(turn, role_key, at)
+        role = ROLE_ALIASES.get(role, role)
+        thinking = read_string(turn, thinking_key, at, required=False) if thinking_key else ""
+        if thinking and role != "assistant":
+            raise DataError(f"{at}: field {thinking_key!r} on a {role} turn (only assistant turns have "
+                            "reasoning)", "bad_turn_order")
+        messages.append(Message(role, read_string(turn, content_key, at, response=role == "assistant"),
+                                thinking=thinking))
+    return tuple(messages)
+
+
+def read_string(
     obj: dict[str, Any], key: str, where: str, *, required: bool = True, response: bool = False
 ) -> str:
+    """Field `key` of `obj` as a string ("" when absent and not required); a response must not be blank."""
     value = obj.get(key)
     if value is None:
         if required:
             raise DataError(f"{where}: missing field {key!r}", "missing_field")
         return ""
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r}: expected a string, got {_type_name(value)}", "wrong_type")
+        raise DataError(f"{where}: field {key!r}: expected a string, got {type_name(value)}", "wrong_type")
     if response and not value.strip():
         raise DataError(f"{where}: field {key!r}: empty response (nothing to train on)", "empty_response")
     return value
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """How an error names the JSON type of `value` ("a list", "a number", ...)."""
     return {
         dict: "an object",
         list: "a list",

@@ -185,9 +185,14 @@ class Batch:
         """Token slots of the batch (a padded batch's padding included)."""
         return self.input_ids.numel()
 
-    def loss_inputs(self) -> tuple:
-        """The positional inputs of the loss module (`CausalLMLoss`: engine/loss.py)."""
-        return self.input_ids, self.labels, self.layout
+    def normalizers(self) -> tuple[int, ...]:
+        """The step's loss normalizers this batch adds to (summed over the step's batches and ranks,
+        passed to the loss as `num_items`): its loss items."""
+        return (self.num_items,)
+
+    def loss_inputs(self) -> dict:
+        """What the loss reads besides ids, labels, layout and weights (none here)."""
+        return {}
 
     def flops(self, args) -> float:
         """Training FLOPs of the batch: the family's count per token (`ModelArgs.num_flops_per_token`) at

@@ -39,13 +39,14 @@ COMPRESSIONS = (".gz", ".zst")
 KINDS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
 
 # Canonical fields each layout reads from a file with a schema: (required, optional). The list
-# layouts need a list column; the others string columns.
+# layouts need a list column; the others string columns (preference: either, strings or message lists).
 LAYOUT_COLUMNS = {
     "alpaca": (("instruction", "output"), ("input", "system")),
     "prompt_completion": (("prompt", "completion"), ()),
     "text": (("text",), ()),
     "sharegpt": (("conversations",), ()),
     "messages": (("messages",), ()),
+    "preference": (("chosen", "rejected"), ("prompt",)),
 }
 STRING_TYPES = ("string", "large_string", "string_view", "null", "dictionary<values=string")
 LIST_TYPES = ("list<", "large_list<", "fixed_size_list<", "list_view<", "null")
@@ -116,7 +117,9 @@ def check_columns(stream: RecordStream, fmt: str, fields: dict[str, str]) -> Non
     if stream.columns is None:
         return
     required, optional = LAYOUT_COLUMNS[fmt]
-    want = "a list" if fmt in ("sharegpt", "messages") else "a string"
+    wants = {"sharegpt": "a list", "messages": "a list", "preference": "a string or a list"}
+    want = wants.get(fmt, "a string")
+    kinds = {"a string": STRING_TYPES, "a list": LIST_TYPES, "a string or a list": STRING_TYPES + LIST_TYPES}
     for canonical in required + optional:
         name = fields[canonical]
         kind = stream.columns.get(name)
@@ -127,7 +130,7 @@ def check_columns(stream: RecordStream, fmt: str, fields: dict[str, str]) -> Non
                     f"{', '.join(stream.columns)} (data.field_map renames fields)",
                     "wrong_schema",
                 )
-        elif not kind.startswith(STRING_TYPES if want == "a string" else LIST_TYPES):
+        elif not kind.startswith(kinds[want]):
             raise DataError(f"{stream.path}: column {name!r} is {kind}, expected {want}", "wrong_schema")
 
 

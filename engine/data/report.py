@@ -47,9 +47,10 @@ def format_report(report: dict[str, Any]) -> str:
     truncated = sum(report["truncated"].values())
     sources = report.get("sources", [])
     weighted = " after source weights" if any(s["weight"] != 1 for s in sources) else ""
+    kept = f"{report['pairs']} pairs kept" if "pairs" in report else f"{report['kept']} kept"
     lines = [
         f"data: {report['rows']} records read{weighted} ({report.get('format', '?')} format, "
-        f"{report.get('template', '?')} template), {report['kept']} kept, {dropped} dropped, "
+        f"{report.get('template', '?')} template), {kept}, {dropped} dropped, "
         f"{truncated} truncated",
     ]
     if len(sources) > 1 or weighted:
@@ -91,6 +92,13 @@ def format_report(report: dict[str, Any]) -> str:
         chunk = report["max_tokens"] // n
         lines.append(f"  context parallel: each row split into {n} chunks of up to {chunk} tokens; rows by "
                      f"samples crossing a chunk boundary: {spans}")
+    if "pairs" in report:
+        saved, unshared = report.get("shared_prompt_tokens_saved", 0), report.get("unshared_tokens", 0)
+        line = f"  preference pairs {report['pairs']} (each a chosen and a rejected sample)"
+        if saved:
+            line += (f"; shared prompts: {saved} tokens saved, {100 * saved / max(unshared, 1):.1f}% of the "
+                     "tokens unshared rows would hold")
+        lines.append(line)
     if report.get("cache"):
         seconds = report.get("load_seconds", report.get("tokenize_seconds", 0.0))
         lines.append(f"  cache {report['cache']} ({seconds:.2f} s)")

@@ -24,6 +24,8 @@ class RunData:
 
     sampler: PackedSampler
     eval_sampler: PackedSampler | None
+    dataset: TokenizedDataset | None = None
+    """Preference runs: the whole tokenized data, whose pairs the reference pass scores."""
 
 
 def prepare_run_data(cfg: Config, dist_ctx: DistContext) -> RunData:
@@ -33,6 +35,10 @@ def prepare_run_data(cfg: Config, dist_ctx: DistContext) -> RunData:
     dist_ctx.barrier()
     if dist_ctx.local_rank != 0:
         dataset = tokenized_data(cfg)
+    if cfg.train.objective != "sft" or dataset.prompt_lengths is not None:
+        from packtune.preference.rows import preference_run_data
+
+        return preference_run_data(cfg, dist_ctx, dataset)
     train_set, eval_set = held_out_split(dataset, cfg.train.eval_fraction, cfg.train.seed)
     rows = build_rows(cfg, train_set)
     if dist_ctx.is_main:
@@ -67,7 +73,17 @@ def seq2seq_args(cfg: Config):
     if not cfg.model.path:
         return None
     args = ModelArgs.from_file(cfg.model.path)
-    return args if family_for(args.model_type).encoder_decoder else None
+    if not family_for(args.model_type).encoder_decoder:
+        return None
+    if cfg.train.objective != "sft":
+        raise ConfigError(preference_refusal(cfg.train.objective, args.model_type))
+    return args
+
+
+def preference_refusal(objective: str, model_type: str) -> str:
+    """Why a preference objective does not train an encoder-decoder (one line, for either side to raise)."""
+    return (f"train.objective = {objective!r}: preference objectives train decoder-only models, not an "
+            f"encoder-decoder ({model_type}); train it with objective = \"sft\" on (input, target) pairs")
 
 
 def tokenized_data(cfg: Config) -> TokenizedDataset:

@@ -65,7 +65,7 @@ def _self_instruct(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
 
-    from packtune.datatools.evaluate import run_eval
+    from packtune.datatools.evaluate import holds_preference_pairs, run_eval
     from packtune.model.generate import DEFAULT_BATCH_SIZE
 
     batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
@@ -73,10 +73,16 @@ def _eval(args: argparse.Namespace) -> int:
         print("packtune eval: --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
-        report = run_eval(args.model, args.data, template=args.template, limit=args.limit,
-                          max_new_tokens=args.max_new_tokens, json_out=args.json,
-                          normalization=args.normalize, device=args.device, dtype=args.dtype,
-                          batch_size=batch_size)
+        if holds_preference_pairs(args.data):  # chosen / rejected: the preference accuracy
+            from packtune.preference.accuracy import run_preference_eval
+
+            report = run_preference_eval(args.model, args.data, template=args.template, limit=args.limit,
+                                         json_out=args.json, device=args.device, dtype=args.dtype)
+        else:
+            report = run_eval(args.model, args.data, template=args.template, limit=args.limit,
+                              max_new_tokens=args.max_new_tokens, json_out=args.json,
+                              normalization=args.normalize, device=args.device, dtype=args.dtype,
+                              batch_size=batch_size)
     except FileNotFoundError as e:
         print(f"packtune eval: {e}", file=sys.stderr)
         return 2
@@ -121,7 +127,8 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="answer instruction records with a model; exact match, ROUGE-L, per task")
     e.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
     e.add_argument("--data", required=True,
-                   help="records in any layout training reads; the last answer is the reference")
+                   help="records in any layout training reads; the last answer is the reference (preference "
+                        "pairs, prompt / chosen / rejected: the share where the model prefers chosen)")
     e.add_argument("--template", default="auto",
                    help="auto (the model's chat template), or as [data] template: the training template")
     e.add_argument("--limit", type=int, default=0, help="score the first N records (0: all)")

@@ -48,6 +48,13 @@ def eval_records(path: str | Path, limit: int = 0) -> tuple[list[list[Message]],
     return conversations, records
 
 
+def holds_preference_pairs(path: str | Path) -> bool:
+    """Whether the first record of `path` is a preference pair (chosen / rejected)."""
+    for where, record in read_records(path):
+        return detect_format(record, DEFAULT_FIELDS, where) == "preference"
+    return False
+
+
 def evaluate_model(model: torch.nn.Module, prompts: PromptEncoder, conversations: Sequence[Sequence[Message]],
                    records: Sequence[dict[str, Any]], max_new_tokens: int,
                    normalization: str = "squad", batch_size: int = DEFAULT_BATCH_SIZE) -> EvalReport:

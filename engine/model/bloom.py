@@ -136,6 +136,9 @@ class BloomForCausalLM(CausalLM):
             inputs = BloomInputs(slopes, cache=cache)
         else:
             layout = resolve_layout(input_ids, layout)
+            if layout.keys is not None:
+                raise ValueError("BLOOM's ALiBi biases come from each sample's own positions; a row with "
+                                 "shared prefixes is not supported (pack the samples apart)")
             inputs = BloomInputs(slopes, layout.cu_seqlens, layout.max_seqlen)
         x = self.transformer.word_embeddings_layernorm(self.transformer.word_embeddings(input_ids))
         for layer in self.transformer.h:

@@ -31,6 +31,8 @@ from torch import nn
 
 from packtune.kernels import PackedLayout, RMSNorm, geglu, rotary, swiglu, varlen_attention
 from packtune.kernels.attention import sdpa_attention
+from packtune.kernels.packed_layout import GatheredKeys
+from packtune.kernels.qk_attention import gathered_key_attention
 from packtune.model.causal_lm import CausalLM
 from packtune.model.config import ModelArgs
 from packtune.model.kv_cache import KVCache
@@ -51,6 +53,8 @@ class AttentionInputs:
     sin: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
+    keys: GatheredKeys | None = None
+    """A packed row whose segments attend to gathered keys (prefix sharing), else None."""
     cache: KVCache | None = None
     local_cos: torch.Tensor | None = None
     local_sin: torch.Tensor | None = None
@@ -156,6 +160,9 @@ class Attention(nn.Module):
                        sinks=getattr(self, "sinks", None))
         if inputs.cache is not None:  # generation: the cache stores k/v and attends (model/kv_cache.py)
             out = inputs.cache.attend(self.layer, q, k, v, **options)
+        elif inputs.keys is not None:  # a packed row with shared prefixes (kernels/qk_attention.py)
+            out = gathered_key_attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, inputs.keys,
+                                         **options)
         elif inputs.context is not None:  # a chunk of a row split over context-parallel ranks
             out = inputs.context.attention(q, k, v, inputs.cu_seqlens, inputs.max_seqlen, **options)
         elif inputs.cu_seqlens is not None:  # a packed row
@@ -282,7 +289,7 @@ class LlamaForCausalLM(CausalLM):
         self._check_dynamic_rope(layout)
         cos, sin = self.rope(layout.max_seqlen, input_ids.device)
         rows = self._rope_rows(layout, cos, full_rows)
-        inputs = AttentionInputs(rows, cos, sin, layout.cu_seqlens, layout.max_seqlen,
+        inputs = AttentionInputs(rows, cos, sin, layout.cu_seqlens, layout.max_seqlen, layout.keys,
                                  context=getattr(layout, "context", None),
                                  **self._local_tables(layout.max_seqlen, input_ids.device))
         x = self._run_layers(self._embed(input_ids), inputs, layout)
@@ -360,6 +367,10 @@ class LlamaForCausalLM(CausalLM):
         original = self._longrope()
         if original is None:
             return layout.positions
+        if layout.keys is not None:
+            raise ValueError("longrope picks each sample's factors by its length, which a row with "
+                             "shared prefixes (two samples sharing their first tokens) does not give; pack "
+                             "them apart")
         if layout.cu_seqlens is not None:
             return longrope_rows(layout.positions, layout.cu_seqlens, original, cos.shape[0] // 2)
         if not full_rows and layout.positions.shape[0] > 1 and layout.max_seqlen > original:

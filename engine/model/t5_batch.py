@@ -13,9 +13,10 @@ every row). The loss of a row is then
     linear_cross_entropy(model.hidden_states(batch.input_ids, batch.decoder_input_ids, batch.layout),
                          model.lm_head, batch.labels, layout=batch.layout.decoder, reduction=...)
 
-which `Seq2SeqLoss` computes from `batch.loss_inputs()`, as `CausalLMLoss` does from a decoder's
-`PackedBatch` (the Trainer reads both alike: `loss_inputs`, `num_tokens`, `num_label_tokens`,
-`num_items`, `loss_weights`, `flops`).
+which `Seq2SeqLoss` computes from `loss(batch.input_ids, batch.labels, batch.layout,
+**batch.loss_inputs())`, as `CausalLMLoss` does from a decoder's `PackedBatch` (the Trainer reads both
+alike: `loss_inputs`, `normalizers`, `num_tokens`, `num_label_tokens`, `num_items`, `loss_weights`,
+`flops`).
 """
 
 from __future__ import annotations
@@ -67,9 +68,15 @@ class T5Batch:
     def num_label_tokens(self) -> int:
         return self.layout.decoder.num_label_rows
 
-    def loss_inputs(self) -> tuple:
-        """The positional inputs of `Seq2SeqLoss` (engine/seq2seq_loss.py)."""
-        return self.input_ids, self.decoder_input_ids, self.labels, self.layout
+    def normalizers(self) -> tuple[int, ...]:
+        """The step's loss normalizers this row adds to (the Trainer sums them over the step's batches
+        and ranks and passes them to the loss as `num_items`): its loss items."""
+        return (self.num_items,)
+
+    def loss_inputs(self) -> dict:
+        """What `Seq2SeqLoss` (engine/seq2seq_loss.py) reads besides ids, labels, layout and weights: the
+        decoder's input."""
+        return {"decoder_input_ids": self.decoder_input_ids}
 
     def flops(self, args) -> float:
         """Training FLOPs of the row's pairs (`families.t5.pair_flops`); a host-side batch."""

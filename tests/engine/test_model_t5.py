@@ -243,7 +243,8 @@ def test_seq2seq_loss_divides_the_summed_loss_by_num_items(checkpoints):
     pairs = random_pairs(ours.args.vocab_size, seed=3)
     batch = pack_pairs(pairs, ours.args.decoder_start_token_id)
     num_items = torch.tensor(80.0)  # e.g. the step's label tokens over all micro-batches and ranks
-    loss = Seq2SeqLoss(ours)(batch.input_ids, batch.decoder_input_ids, batch.labels, batch.layout, num_items)
+    loss = Seq2SeqLoss(ours)(batch.input_ids, batch.labels, batch.layout, num_items,
+                             decoder_input_ids=batch.decoder_input_ids)
     with torch.no_grad():
         expected = sum(hf(input_ids=torch.tensor([s]), labels=torch.tensor([t])).loss * len(t)
                        for s, t in pairs)

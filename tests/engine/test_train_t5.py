@@ -126,10 +126,9 @@ def test_a_packed_row_trains_as_its_pairs_one_at_a_time(tmp_path, assets):
     for got, expected in zip(packed_grads, single_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * expected.abs().max().item())
     with torch.no_grad():  # the Trainer's loss module on the same rows
-        fused = Seq2SeqLoss(model)
-        torch.testing.assert_close(fused(*row.loss_inputs()).double(), packed_loss, rtol=1e-6, atol=0)
-        torch.testing.assert_close(sum(fused(*b.loss_inputs()).double() for b in singles), packed_loss,
-                                   rtol=1e-6, atol=0)
+        fused = lambda b: Seq2SeqLoss(model)(b.input_ids, b.labels, b.layout, **b.loss_inputs()).double()
+        torch.testing.assert_close(fused(row), packed_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(sum(fused(b) for b in singles), packed_loss, rtol=1e-6, atol=0)
     # the row as the model's own packing helper builds it from the same pairs
     tokens = [dataset.tokens[dataset.offsets[i] : dataset.offsets[i + 1]].tolist() for i in pairs]
     split = [(ids[:n], ids[n:]) for ids, n in zip(tokens, pair_lengths(dataset)[0][pairs], strict=True)]
@@ -176,6 +175,30 @@ def test_options_for_decoders_only_are_refused_in_one_line(tmp_path, assets, cap
     err = capsys.readouterr().err
     assert "train.tiled_mlp = 16: tiling covers decoder-only models' MLPs, not t5's" in err
     assert "Traceback" not in err
+
+
+def test_preference_and_an_encoder_decoder_refuse_each_other_in_one_line(tmp_path, assets, capsys):
+    from packtune.config import Config
+    from packtune.errors import ConfigError, DataError
+    from packtune.preference.loss import preference_loss
+
+    dpo = argv(assets, "demo.toml", tmp_path / "run", "train.max_steps=1", 'train.objective="dpo"')
+    for command in (dpo, ["check", *dpo[1:]]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "train.objective = 'dpo': preference objectives train decoder-only models, not an " \
+               "encoder-decoder (t5)" in err and "Traceback" not in err
+    cfg = Config()
+    cfg.train.objective = "dpo"
+    with pytest.raises(ConfigError, match=r"not an encoder-decoder \(t5\)"):  # the Trainer's loss module
+        preference_loss(cfg, load_pretrained(assets["model"], dtype=torch.float32))
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "Say hi.", "chosen": "hi", "rejected": "no"}])
+    with pytest.raises(DataError, match=r"preference records \(chosen / rejected\) train decoder-only"):
+        prepare_dataset(DataConfig(path=str(prefs), tokenizer=str(assets["tokenizer"]), num_workers=1,
+                                   cache_dir=str(tmp_path / "cache")), pairs=True)
+    assert main(["eval", "--model", str(assets["model"]), "--data", str(prefs)]) == 2
+    err = capsys.readouterr().err
+    assert "preference pairs are scored by decoder-only models" in err and "Traceback" not in err
 
 
 def test_train_lora_two_steps_exports_an_adapter_peft_loads(tmp_path, assets):

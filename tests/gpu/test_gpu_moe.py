@@ -8,7 +8,7 @@ import torch
 
 from packtune.kernels.moe import SWIGLU, gpt_oss_format, moe_experts, moe_experts_ref
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # slow: the full gpu-check pass only, not --quick
 LAYERS = {  # format, hidden, intermediate, experts, top-k
     "qwen3-30b-a3b": (SWIGLU, 2048, 768, 128, 8),
     "gpt-oss-20b": (gpt_oss_format(), 2880, 2880, 32, 4),
