@@ -304,9 +304,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 def call_torch_varlen(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-                      max_seqlen: int, *, causal: bool, window: int | None,
-                      scale: float | None) -> torch.Tensor:
-    """`fn` (a `varlen_attn`) called with the keywords its signature has (see `torch_varlen_supports`)."""
+                      max_seqlen: int, *, causal: bool, window: int | None, scale: float | None,
+                      cu_k: torch.Tensor | None = None, max_seqlen_k: int | None = None) -> torch.Tensor:
+    """`fn` (a `varlen_attn`) called with the keywords its signature has (see `torch_varlen_supports`);
+    keys segmented by `cu_k` / `max_seqlen_k` when they differ from the queries' `cu` / `max_seqlen`."""
     params = _params(fn)
     kwargs: dict = {}
     if "window_size" in params:
@@ -321,7 +322,8 @@ def call_torch_varlen(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu:
         else:  # query head h reads kv head h // groups, as SDPA's enable_gqa
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+    cu_k, max_seqlen_k = (cu, max_seqlen) if cu_k is None else (cu_k, max_seqlen_k)
+    return fn(q, k, v, cu, cu_k, max_seqlen, max_seqlen_k, **kwargs)
 
 
 class ZeroTailGrad(torch.autograd.Function):

@@ -38,10 +38,10 @@ import torch
 from packtune.kernels.attention import (
     BUCKET_WASTE,
     _flash_attn,
-    _params,
     _torch_varlen,
     _window_size,
     attention_path,
+    call_torch_varlen,
     sdpa_attention,
     zero_tail,
 )
@@ -122,22 +122,9 @@ def varlen_qk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
                                                    window_size=_window_size(causal, window),
                                                    **({} if softcap is None else {"softcap": softcap}))
         return zero_tail(out, cu_q)
-    fn = _torch_varlen()
-    params = _params(fn)
-    kwargs: dict = {}
-    if "window_size" in params:
-        kwargs["window_size"] = _window_size(causal, window)
-    else:
-        kwargs["is_causal"] = causal
-    if scale is not None:
-        kwargs["scale"] = scale
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:  # query head h reads kv head h // groups, as SDPA's enable_gqa
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return zero_tail(fn(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, **kwargs), cu_q)
+    out = call_torch_varlen(_torch_varlen(), q, k, v, cu_q, max_seqlen_q, causal=causal, window=window,
+                            scale=scale, cu_k=cu_k, max_seqlen_k=max_seqlen_k)
+    return zero_tail(out, cu_q)
 
 
 def gathered_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -132,3 +132,25 @@ def test_shared_prefix_equals_the_samples_packed_apart(window):
     (grad_shared,) = torch.autograd.grad(out_shared, shared, upstream)
     expected = torch.cat([grad_apart[:5] + grad_apart[8:13], grad_apart[5:8], grad_apart[13:]])
     torch.testing.assert_close(grad_shared, expected)
+
+
+def test_torch_varlen_path_passes_each_side_its_own_offsets(monkeypatch):
+    """The CUDA path through torch's `varlen_attn` (a stand-in with its >= 2.12 signature, on the CPU):
+    queries and keys keep their own offsets and longest segments, kv heads go through enable_gqa."""
+    from packtune.kernels import qk_attention
+
+    calls = []
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                    enable_gqa=False):
+        calls.append((cu_q.tolist(), cu_k.tolist(), max_q, max_k, tuple(window_size), enable_gqa))
+        return varlen_qk_attention_ref(q, k, v, cu_q, cu_k, causal=window_size[1] == 0, scale=scale)
+
+    monkeypatch.setattr(qk_attention, "_torch_varlen", lambda: varlen_attn)
+    monkeypatch.setattr(qk_attention, "attention_path", lambda *args, **kw: "torch_varlen")
+    q_lens, k_lens = [3, 1, 7], [5, 1, 9]
+    q, k, v, cu_q, cu_k = _segments(q_lens, k_lens)
+    k, v = k[:, :1].contiguous(), v[:, :1].contiguous()
+    out = varlen_qk_attention(q, k, v, cu_q, cu_k, 7, 9, scale=0.3)
+    assert calls == [(cu_q.tolist(), cu_k.tolist(), 7, 9, (-1, 0), q.shape[1] != k.shape[1])]
+    torch.testing.assert_close(out, varlen_qk_attention_ref(q, k, v, cu_q, cu_k, scale=0.3))
