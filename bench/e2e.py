@@ -1,4 +1,5 @@
-"""`packtune bench e2e`: whole fine-tuning runs, packtune against transformers + TRL SFTTrainer.
+"""`packtune bench e2e`: whole fine-tuning runs, packtune against transformers + TRL SFTTrainer (a T5,
+`--model t5`: against transformers' Seq2SeqTrainer, bench/e2e_t5.py).
 
 Every side trains the same Llama config from the same random initial weights, on the same records
 of generated Alpaca-shaped data (bench/alpaca_like.py), in the same order of magnitude of tokens
@@ -30,10 +31,17 @@ from packtune.bench.e2e_common import (
     matmul_rate,
     read_jsonl,
 )
+from packtune.bench.e2e_t5 import T5_MODELS
 
-IMPLS = ("packtune", "trl-padding", "trl-packing", "packtune-lora", "packtune-qlora", "trl-lora")
+ALL_MODELS = {**MODELS, **T5_MODELS}
+
+IMPLS = ("packtune", "trl-padding", "trl-packing", "packtune-lora", "packtune-qlora", "trl-lora",
+         "seq2seq-trainer")
 DEFAULT_IMPLS = ("packtune", "trl-padding", "trl-packing")
-BASELINES = {"packtune": ("trl-padding", "trl-packing"), "packtune-lora": ("trl-lora",),
+T5_IMPLS = ("packtune", "seq2seq-trainer")
+"""The sides of a T5 (`--model t5`), its default too: packtune's packed pairs, transformers'
+Seq2SeqTrainer."""
+BASELINES = {"packtune": ("trl-padding", "trl-packing", "seq2seq-trainer"), "packtune-lora": ("trl-lora",),
              "packtune-qlora": ("trl-lora", "packtune-lora")}
 """The sides each side is compared with, when both ran (QLoRA also against packtune's own LoRA)."""
 LORA_RANK = 16
@@ -51,8 +59,9 @@ def lora_rank(impl: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="packtune bench e2e", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", action="append", choices=sorted(MODELS),
-                   help="model config(s) to run (repeatable; default: small)")
+    p.add_argument("--model", action="append", choices=sorted(ALL_MODELS),
+                   help="model config(s) to run (repeatable; default: small); t5: a T5 v1.1 against "
+                        "Seq2SeqTrainer")
     p.add_argument("--impl", action="append", choices=IMPLS,
                    help="sides to run (repeatable; default: the full fine-tuning ones, packtune and TRL)")
     p.add_argument("--tokens", type=int, default=24_000,
@@ -81,7 +90,7 @@ def prepare(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
     stamp = {"rows": args.rows, "eval_rows": args.eval_rows, "seed": args.seed}
     meta_path = work / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("stamp") != stamp:
+    if meta.get("stamp") != stamp or "input_lengths" not in meta:
         shutil.rmtree(work, ignore_errors=True)
         meta = _generate(work, args)
         meta["stamp"] = stamp
@@ -89,7 +98,12 @@ def prepare(args: argparse.Namespace, models: list[str]) -> dict[str, Any]:
     for name in models:
         init_dir = work / f"init_{name}"
         if not (init_dir / "config.json").exists():
-            _init_model(init_dir, name, work / "tokenizer.model", args.seed)
+            if name in T5_MODELS:
+                from packtune.bench.e2e_t5 import init_model
+
+                init_model(init_dir, name, work / "tokenizer.model", args.seed)
+            else:
+                _init_model(init_dir, name, work / "tokenizer.model", args.seed)
     return meta
 
 
@@ -110,7 +124,8 @@ def _generate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     lengths = [(1 + len(sp.encode(alpaca_prompt(r))), len(sp.encode(r["output"])) + 1) for r in train]
     by_row = {id(r): n for r, n in zip(train, lengths, strict=True)}
     stats = length_stats(train, lambda r: by_row[id(r)])
-    return {"lengths": [p + a for p, a in lengths], "stats": stats, "tokenizer_vocab": sp.vocab_size()}
+    return {"lengths": [p + a for p, a in lengths], "input_lengths": [p for p, _ in lengths], "stats": stats,
+            "tokenizer_vocab": sp.vocab_size()}
 
 
 def _init_model(init_dir: Path, name: str, tokenizer_model: Path, seed: int) -> None:
@@ -138,12 +153,22 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
         from packtune.bench import e2e_packtune
 
         result = e2e_packtune.run({**spec, **lora})
+    elif spec["impl"] == "seq2seq-trainer":
+        from packtune.bench import e2e_t5
+
+        result = e2e_t5.run_seq2seq_trainer(spec)
     else:
         from packtune.bench import e2e_trl
 
         mode = "packing" if lora else spec["impl"].removeprefix("trl-")
         result = e2e_trl.run({**spec, **lora, "mode": mode})
-    result["heldout_loss"] = heldout_loss(result["model_dir"], read_jsonl(spec["heldout"]))
+    if spec["model"] in T5_MODELS:
+        from packtune.bench import e2e_t5
+
+        result["heldout_loss"] = e2e_t5.heldout_loss(result["model_dir"], read_jsonl(spec["heldout"]),
+                                                     spec["tokenizer"])
+    else:
+        result["heldout_loss"] = heldout_loss(result["model_dir"], read_jsonl(spec["heldout"]))
     return result
 
 
@@ -182,7 +207,6 @@ def plan(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     models = args.model or ["small"]
-    impls = args.impl or list(DEFAULT_IMPLS)
     meta = prepare(args, models)
     shape = plan(args, meta)
     _set_threads(args.threads)
@@ -196,16 +220,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results = []
     for name in models:
-        config = hf_config(name)
+        t5 = name in T5_MODELS
+        allowed = T5_IMPLS if t5 else tuple(i for i in IMPLS if i != "seq2seq-trainer")
+        impls = [i for i in args.impl or (T5_IMPLS if t5 else DEFAULT_IMPLS) if i in allowed]
+        skipped = sorted(set(args.impl or ()) - set(impls))
+        if skipped:
+            print(f"  {name}: skipping {', '.join(skipped)} (this model runs {', '.join(allowed)})")
+        max_tokens = _t5_input_budget(args, meta, shape) if t5 else args.max_tokens
         for impl in impls:
-            flops = flops_per_token(config, shape["context"], lora_rank(impl))
-            padding = impl == "trl-padding"
+            if t5:
+                from packtune.bench.e2e_t5 import pair_flops_per_token
+
+                inputs = meta["input_lengths"][: shape["rows"]]
+                pairs = [(i, n - i) for i, n in zip(inputs, meta["lengths"], strict=False)]
+                flops = pair_flops_per_token(name, pairs)
+            else:
+                flops = flops_per_token(hf_config(name), shape["context"], lora_rank(impl))
+            padding = impl in ("trl-padding", "seq2seq-trainer")
             spec = {"impl": impl, "model": name, "init_dir": str(work / f"init_{name}"),
                     "out_dir": str(work / f"run_{name}_{impl}"), "data": str(work / "data.jsonl"),
                     "heldout": str(work / "heldout.jsonl"), "tokenizer": str(work / "tokenizer.model"),
                     "rows": shape["rows"], "lr": args.lr, "threads": args.threads,
                     "warmup": shape["warmup"], "seed": args.seed,
-                    "max_tokens": args.max_tokens, "samples_per_micro_batch": args.padding_batch,
+                    "max_tokens": max_tokens, "samples_per_micro_batch": args.padding_batch,
                     "rows_per_micro_batch": shape["rows_per_micro_batch"],
                     "micro_batches": shape["padding_micro_batches"] if padding else 1}
             shutil.rmtree(spec["out_dir"], ignore_errors=True)  # no metrics or cache left from a previous run
@@ -226,8 +263,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return results
 
 
+def _t5_input_budget(args: argparse.Namespace, meta: dict[str, Any], shape: dict[str, Any]) -> int:
+    """A T5 row's input tokens: the inputs' share of `--max-tokens` (its targets' budget is sized from
+    the data, data/pair_rows.py), so that a row holds about `--max-tokens` tokens on both sides together
+    and a step as many as the other sides' (at least the longest input: no pair is dropped)."""
+    inputs = meta["input_lengths"][: shape["rows"]]
+    share = sum(inputs) / shape["tokens"]
+    return max(round(args.max_tokens * share), max(inputs))
+
+
 def _print_table(model: str, rows: list[dict[str, Any]]) -> None:
-    print(f"\nmodel {model}: {MODELS[model]}")
+    print(f"\nmodel {model}: {ALL_MODELS[model]}")
     print(f"{'implementation':<14}{'steps':>6}{'real tok/s':>11}{'label tok/s':>12}{'peak MiB':>10}"
           f"{'held-out':>9}{'last loss':>10}{'MFU':>7}")
     base = {r["implementation"]: r for r in rows if "error" not in r}

@@ -3,7 +3,8 @@
 A few optimizer steps of packtune's Trainer, three ways each, on the first samples of the
 config's data (fp32, no checkpoints, in a temporary directory):
 
-    packed == unpacked         the same samples as packed rows and as padded batches
+    packed == unpacked         the same samples as packed rows and as padded batches (an
+                               encoder-decoder: each pair in a row of its own, both stacks)
     k micro-batches == 1 batch k micro-batches per step, and one micro-batch k times the size
     N ranks == 1 process       under torchrun: this run's ranks, and one process taking every
                                rank's micro-batches (skipped in a single process)
@@ -63,31 +64,32 @@ class FixedSteps:
 
 
 def shrunken(args):
-    """The config's architecture at toy size: 2 layers, hidden 64, 4 heads of 16 (2 KV heads when
-    the original uses GQA); vocabulary, rope, biases and tying unchanged."""
+    """The config's architecture at toy size: 2 layers (an encoder-decoder: 2 per stack), hidden 64,
+    4 heads of 16 (2 KV heads when the original uses GQA); vocabulary, rope, biases and tying unchanged."""
     kv = 4 if args.num_key_value_heads == args.num_attention_heads else 2
+    stacks = {"num_decoder_layers": 2} if hasattr(args, "num_decoder_layers") else {}  # T5Args
     return dataclasses.replace(args, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=kv, head_dim=16, layer_types=())
+                               num_attention_heads=4, num_key_value_heads=kv, head_dim=16, layer_types=(),
+                               **stacks)
 
 
 def check_model(cfg: Config, full: bool):
     """The config's model (`full`), or its shrunken copy, randomly initialised."""
-    from packtune.model.config import ModelArgs
     from packtune.model.families import build_model
-    from packtune.model.hf_io import load_pretrained
+    from packtune.model.hf_io import checkpoint_args, load_pretrained
 
     if full:
         return load_pretrained(cfg.model.path, dtype=torch.float32)
-    model = build_model(shrunken(ModelArgs.from_file(cfg.model.path)))
+    model = build_model(shrunken(checkpoint_args(cfg.model.path)))
     model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
     return model
 
 
 def check_samples(cfg: Config, needed: int):
     """The first `needed` samples of the config's data of at most LONGEST tokens, as a dataset."""
-    from packtune.data import prepare_dataset
+    from packtune.data.rows import tokenized_data
 
-    dataset = prepare_dataset(cfg.data, cfg.tokenizer)
+    dataset = tokenized_data(cfg)
     index = np.flatnonzero(dataset.lengths <= LONGEST)[:needed]
     if len(index) < needed:
         raise DataError(f"packtune check needs {needed} samples of at most {LONGEST} tokens; the data has "
@@ -95,10 +97,13 @@ def check_samples(cfg: Config, needed: int):
     return dataset.subset(index)
 
 
-def batches(rows_cls, dataset, per_row: int, weighting: str) -> list:
-    """Every consecutive `per_row` samples as one batch (packed row or padded batch)."""
+def batches(rows_cls, dataset, per_row: int, weighting: str, **pairs) -> list:
+    """Every consecutive `per_row` samples as one batch (packed row or padded batch; `pairs`: PairRows'
+    keywords, an encoder-decoder's rows of pairs)."""
     row_of = np.arange(len(dataset)) // per_row
-    rows = rows_cls(dataset, row_of, int(dataset.lengths.sum()), weighting)
+    if pairs:
+        pairs = {"max_target_tokens": int(dataset.label_counts.sum()), **pairs}
+    rows = rows_cls(dataset, row_of, int(dataset.lengths.sum()), weighting, **pairs)
     return [rows.collate(r) for r in range(len(rows))]
 
 
@@ -164,30 +169,41 @@ def context_parallel_check(cfg: Config, model, base, packed: list, dist_ctx: Dis
 def run_check(cfg: Config, full: bool = False) -> bool:
     """Run the comparisons, print them (rank 0); True when all pass."""
     from packtune.data.packing import PackedRows, PaddedRows
+    from packtune.data.pair_rows import PairRows
+    from packtune.data.rows import seq2seq_args
 
     dist_ctx = init_distributed(cfg.train.device)
     try:
         world, k, per_row = dist_ctx.world_size, MICRO_BATCHES, SAMPLES_PER_ROW
         weighting = cfg.train.loss_weighting
         needed = STEPS * world * k * per_row
+        seq2seq = seq2seq_args(cfg)  # refuses a preference objective on an encoder-decoder
         model = check_model(cfg, full)
         wrap = None
-        if cfg.train.objective == "sft":
+        if cfg.train.objective != "sft":
+            from packtune.preference.check import pair_layouts
+
+            per_row = PAIRS_PER_ROW
+            make, kinds, wrap = pair_layouts(cfg, model, STEPS * world * k * per_row, LONGEST)
+        elif seq2seq is None:
             dataset = check_samples(cfg, needed)
             kinds = {"packed == unpacked": "padded"}
 
             def make(kind: str, size: int) -> list:
                 return batches(PaddedRows if kind == "padded" else PackedRows, dataset, size, weighting)
-        else:
-            from packtune.preference.check import pair_layouts
+        else:  # unpacked: each pair in a row of its own, the step's pairs in per_row x more micro-batches
+            dataset = check_samples(cfg, needed)
+            kinds = {"packed == unpacked": "single"}
+            start = {"decoder_start_token_id": seq2seq.decoder_start_token_id}
 
-            per_row = PAIRS_PER_ROW
-            make, kinds, wrap = pair_layouts(cfg, model, STEPS * world * k * per_row, LONGEST)
+            def make(kind: str, size: int) -> list:
+                return batches(PairRows, dataset, 1 if kind == "single" else size, weighting, **start)
         packed = make("packed", per_row)
         bigger = make("packed", per_row * k)
         group = world * k
 
-        def mine(rows: list, size: int) -> list[list]:  # this rank's micro-batches of each step
+        def mine(rows: list) -> list[list]:  # this rank's micro-batches of each step (rows split evenly)
+            size = len(rows) // (STEPS * world)
             return [rows[s * world * size + dist_ctx.rank * size:][:size] for s in range(STEPS)]
 
         if dist_ctx.is_main:
@@ -195,10 +211,10 @@ def run_check(cfg: Config, full: bool = False) -> bool:
             items = "samples" if wrap is None else f"{cfg.train.objective} pairs"
             print(f"packtune check: {STEPS} steps x {world} rank(s) x {k} micro-batches of {per_row} "
                   f"{items}, {what}, fp32", flush=True)
-        base = train(cfg.train, model, mine(packed, k), dist_ctx, wrap)
-        results = {name: relative(base, train(cfg.train, model, mine(make(kind, per_row), k), dist_ctx, wrap))
+        base = train(cfg.train, model, mine(packed), dist_ctx, wrap)
+        results = {name: relative(base, train(cfg.train, model, mine(make(kind, per_row)), dist_ctx, wrap))
                    for name, kind in kinds.items()}
-        results[f"{k} micro-batches == 1 batch"] = relative(base, train(cfg.train, model, mine(bigger, 1),
+        results[f"{k} micro-batches == 1 batch"] = relative(base, train(cfg.train, model, mine(bigger),
                                                                          dist_ctx, wrap))
         results[f"{world} ranks == 1 process"] = None
         results["cp=2 == cp=1"] = None if wrap is None else "context parallelism splits no preference pairs"

@@ -21,11 +21,11 @@ def _prepare(args: argparse.Namespace) -> int:
     import json
 
     from packtune.config import load_config
-    from packtune.data import data_report, format_report, prepare_dataset
-    from packtune.data.rows import build_rows, row_data_config
+    from packtune.data import data_report, format_report
+    from packtune.data.rows import build_rows, tokenized_data
 
     cfg = load_config(args.config, args.set)
-    dataset = prepare_dataset(row_data_config(cfg), cfg.tokenizer)
+    dataset = tokenized_data(cfg)
     rows = build_rows(cfg, dataset)
     cp = cfg.train.context_parallel
     report = data_report(dataset, rows, max(args.world_size // cp, 1), cfg.train.micro_batches,
@@ -149,7 +149,7 @@ def _demo(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, model=args.model)
     return 0
 
 
@@ -231,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check-checkpoint", help="verify a run's checkpoints against their manifests, without loading them")
     check_ckpt.add_argument("path", help="a run's output_dir, its checkpoints/ folder, or one checkpoint")
     check_ckpt.set_defaults(func=_check_checkpoint)
-    demo = sub.add_parser("demo", help="train a tiny Llama on generated tasks, report accuracy")
+    demo = sub.add_parser("demo", help="train a tiny Llama (or T5) on generated tasks, report accuracy")
+    demo.add_argument("--model", default="llama", choices=["llama", "t5"],
+                      help="llama (a decoder) or t5 (an encoder-decoder trained on packed (prompt, answer) "
+                           "pairs)")
     demo.add_argument("--out", default="runs/demo", help="folder for the data, tokenizer, run and model")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (accuracy not a goal)")
     demo.add_argument("--seed", type=int, default=0)

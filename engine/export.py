@@ -74,9 +74,13 @@ def _write(trainer, state: dict[str, torch.Tensor], output_dir: Path, cfg: Confi
     mode = "adapter" if cfg.train.export is True else cfg.train.export
     written = []
     if mode in ("adapter", "both"):
+        from packtune.model.families import family_for
+
         spec = LoRASpec.from_config(cfg.lora)
         base = str(Path(cfg.model.path).resolve())
-        written.append(save_adapter(output_dir / "final", spec, adapter_tensors(trainer.model, state), base))
+        task = family_for(trainer.model.args.model_type).peft_task_type
+        written.append(save_adapter(output_dir / "final", spec, adapter_tensors(trainer.model, state), base,
+                                    task_type=task))
     if mode in ("merged", "both"):
         write_model(trainer.model, merged_state_dict(trainer.model, state), output_dir / "final-merged", cfg)
         written.append(output_dir / "final-merged")

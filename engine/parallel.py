@@ -16,7 +16,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +181,7 @@ def wait_for_idle_gloo_workers(timeout: float = 10.0) -> None:
 
 def parallelize(
     root: nn.Module,
-    blocks: nn.ModuleList,
+    blocks: nn.ModuleList | Sequence[nn.ModuleList],
     dist_ctx: DistContext,
     *,
     activation_checkpointing: bool = False,
@@ -189,7 +189,8 @@ def parallelize(
     mixed_precision: bool | None = None,
     preserve_rng_state: bool = False,
 ) -> nn.Module:
-    """Wrap `blocks` (a ModuleList inside `root`) in place and shard `root`; returns `root`.
+    """Wrap `blocks` (a ModuleList inside `root`, or several: an encoder-decoder's `block_lists`) in
+    place and shard `root`; returns `root`.
 
     Gradients are *summed* over ranks, not averaged: the loss is already divided by the global
     label-token count of the step (docs/how-it-works.md, the loss contract), so FSDP's division by the world
@@ -199,13 +200,15 @@ def parallelize(
     `preserve_rng_state`: blocks that draw random numbers (LoRA dropout) replay the same draws
     when activation checkpointing recomputes them.
     """
+    block_lists = (blocks,) if isinstance(blocks, nn.ModuleList) else tuple(blocks)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-        for i, block in enumerate(blocks):
-            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=preserve_rng_state)
+        for blocks in block_lists:
+            for i, block in enumerate(blocks):
+                blocks[i] = checkpoint_wrapper(block, preserve_rng_state=preserve_rng_state)
     if compile_blocks:
-        for block in blocks:
+        for block in (block for blocks in block_lists for block in blocks):
             block.compile(fullgraph=False)
     if dist_ctx.mesh is None:
         return root
@@ -217,7 +220,7 @@ def parallelize(
     # On one rank FSDP2 (torch 2.13) unshards a tensor subclass from its first all-gather input
     # only, and torchao's NF4 tensor has three: there the NF4 weights stay whole, outside FSDP.
     ignored = {p for p in root.parameters() if is_nf4(p)} if dist_ctx.world_size == 1 else None
-    for block in blocks:
+    for block in (block for blocks in block_lists for block in blocks):
         fully_shard(block, mesh=dist_ctx.mesh, mp_policy=policy, ignored_params=ignored)
     # The root's inputs include the float `num_items` count, which must not be rounded to bf16.
     root_policy = MixedPrecisionPolicy(

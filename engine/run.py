@@ -28,6 +28,7 @@ from packtune.errors import ConfigError
 from packtune.export import export_model
 from packtune.lora.apply import base_bytes
 from packtune.lora.training import lora_preparer, lora_summary
+from packtune.model.families import encoder_decoder
 from packtune.model.loading import fill_shards, load_for_training
 from packtune.parallel import DistContext, init_distributed, resolve_device, shutdown
 from packtune.precision import compute_dtype
@@ -114,14 +115,15 @@ def build_trainer(cfg: Config, data: RunData, dist_ctx: DistContext, mixed: bool
     if cfg.train.eval_data:
         from packtune.datatools.evaluate import TrainingEval
 
-        generation_eval = TrainingEval(cfg.train.eval_data, cfg.tokenizer, cfg.data.template)
-    loss_module = None
+        generation_eval = TrainingEval(cfg.train.eval_data, cfg.tokenizer, cfg.data.template,
+                                       encoder_decoder(model))
+    loss_module = None  # the model family's own (Trainer), T5's Seq2SeqLoss included
     if cfg.train.objective != "sft":
         from packtune.preference.loss import preference_loss
 
         loss_module = preference_loss(cfg, model)
     trainer = Trainer(cfg.train, model, data.sampler, dist_ctx, eval_sampler=data.eval_sampler,
-                      generation_eval=generation_eval, flops_per_token=model.args.num_flops_per_token,
+                      generation_eval=generation_eval, count_flops=True,
                       mixed_precision=mixed, reporters=open_reporters(cfg) if dist_ctx.is_main else [],
                       loss_module=loss_module)
     if dist_ctx.mesh is not None:

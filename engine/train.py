@@ -38,9 +38,10 @@ from packtune.checkpoint import (
 from packtune.config import TrainConfig
 from packtune.config.train import router_coefficients
 from packtune.context_parallel import ContextChunks, check_model
-from packtune.errors import CheckpointError, StorageError, TrainingError
+from packtune.errors import CheckpointError, ConfigError, StorageError, TrainingError
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
+from packtune.model.families import family_for
 from packtune.offload import ActivationOffload
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
 from packtune.parallel import DistContext, gathered_parameters, parallelize
@@ -89,17 +90,18 @@ def progress_mode(progress: str, stream: Any = None) -> str:
 class Trainer:
     """Owns the sharded model, optimizer, schedule, checkpoints and metrics of one run.
 
-    `model` is a causal LM with `hidden_states(...)`, `lm_head` and its decoder blocks in
-    `model.decoder_layers`; `loss_module` the root module over it whose forward gives a micro-batch's
-    loss (default: CausalLMLoss(model)), or (loss, metrics) when it has `metric_names`; `sampler`
-    yields, per optimizer step, this rank's list of micro-batches (`PackedBatch` or `PaddedBatch`)
-    and is resumable via state_dict(). A model built on the meta device is sharded, then only this
-    rank's shards are allocated (empty): the caller fills them before `resume()` / `fit()`
-    (packtune.model.loading.fill_shards), so no rank ever holds more than its shard on the
-    accelerator. `mixed_precision` (default: on CUDA) computes in bf16 over the fp32 parameters
-    (see parallel.py). Long rows: `cfg.tiled_mlp` tiles the blocks' MLPs, `cfg.offload_activations`
-    keeps the saved block inputs in host memory, and under context parallelism (`dist_ctx.context`)
-    the samplers' whole rows become this rank's chunks.
+    `model` is a causal LM with `hidden_states(...)`, `lm_head` and its blocks in `model.block_lists`
+    (or an encoder-decoder: T5); `loss_module` the root module over it whose forward gives a
+    micro-batch's loss (default: the family's own, T5's `Seq2SeqLoss`, else CausalLMLoss(model)), or
+    (loss, metrics) when it has `metric_names`; `sampler` yields, per optimizer step, this rank's list
+    of micro-batches (`PackedBatch`, `PaddedBatch`, a preference `PreferenceBatch` or an
+    encoder-decoder's `T5Batch`) and is resumable via state_dict(). A model built on the meta device
+    is sharded, then only this rank's shards are allocated (empty): the caller fills them before
+    `resume()` / `fit()` (packtune.model.loading.fill_shards), so no rank ever holds more than its
+    shard on the accelerator. `mixed_precision` (default: on CUDA) computes in bf16 over the fp32
+    parameters (see parallel.py). Long rows: `cfg.tiled_mlp` tiles the blocks' MLPs,
+    `cfg.offload_activations` keeps the saved block inputs in host memory, and under context
+    parallelism (`dist_ctx.context`) the samplers' whole rows become this rank's chunks.
     """
 
     def __init__(
@@ -111,7 +113,7 @@ class Trainer:
         *,
         eval_sampler: Any = None,
         generation_eval: Callable[[nn.Module, DistContext], dict[str, Any]] | None = None,
-        flops_per_token: Callable[[float], float] | None = None,
+        count_flops: bool = False,
         log_stream: Any = None,
         mixed_precision: bool | None = None,
         reporters: list | None = None,
@@ -123,21 +125,27 @@ class Trainer:
             eval_sampler = None if eval_sampler is None else ContextChunks(eval_sampler, dist_ctx.context)
         self.cfg, self.dist_ctx, self.sampler, self.eval_sampler = cfg, dist_ctx, sampler, eval_sampler
         self.generation_eval = generation_eval
-        self.flops_per_token = flops_per_token
+        self.count_flops = count_flops
+        """Count each step's training FLOPs from its batches' shapes (`batch.flops`), for MFU."""
         self.output_dir = Path(cfg.output_dir)
         if dist_ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        args = getattr(model, "args", None)
-        router = router_coefficients(cfg, getattr(args, "router_aux_loss_coef", 0.0))
+        args = getattr(model, "args", None)  # a toy model without args trains as a causal LM
+        family_loss = family_for(args.model_type).loss if args is not None else None
         tile_tokens = resolve_tile_tokens(cfg.tiled_mlp, model)
         if tile_tokens is not None:
+            if family_loss is not None:
+                raise ConfigError(f"train.tiled_mlp = {cfg.tiled_mlp!r}: tiling covers decoder-only models' "
+                                  f"MLPs, not {args.model_type}'s blocks; set it to false")
             tile_mlps(model.decoder_layers, tile_tokens)
         self.offload = ActivationOffload(dist_ctx.device) if cfg.offload_activations else None
-        root = CausalLMLoss(model, *router) if loss_module is None else loss_module
-        self.metric_names: tuple[str, ...] = tuple(getattr(root, "metric_names", ()))
+        router = router_coefficients(cfg, getattr(args, "router_aux_loss_coef", 0.0))
+        if loss_module is None:  # the family's own (T5: Seq2SeqLoss), else the causal LM's
+            loss_module = family_loss(model) if family_loss is not None else CausalLMLoss(model, *router)
+        self.metric_names: tuple[str, ...] = tuple(getattr(loss_module, "metric_names", ()))
         self.module = parallelize(
-            root,
-            model.decoder_layers,
+            loss_module,
+            model.block_lists,
             dist_ctx,
             activation_checkpointing=cfg.activation_checkpointing,
             compile_blocks=cfg.compile,
@@ -315,7 +323,7 @@ class Trainer:
         device = self.dist_ctx.device
         normalizers = [sum(n) for n in zip(*(b.normalizers() for b in micro_batches), strict=True)]
         counts = torch.tensor(
-            [sum(b.num_label_tokens for b in micro_batches), sum(b.input_ids.numel() for b in micro_batches),
+            [sum(b.num_label_tokens for b in micro_batches), sum(b.num_tokens for b in micro_batches),
              int(stop_requested), len(micro_batches), *normalizers],
             dtype=torch.int64,
         )
@@ -326,8 +334,8 @@ class Trainer:
         sums = torch.zeros(1 + len(self.metric_names), device=device, dtype=torch.float32)  # loss, metrics
         router = None  # MoE: [aux, z] (their mean over the step's micro-batches) and the expert counts
         for batch in micro_batches:
-            if self.flops_per_token is not None:
-                flops += self.flops_per_token(batch.layout.attended_length) * batch.input_ids.numel()
+            if self.count_flops:
+                flops += batch.flops(self.model.args)
             out = self._loss(batch, num_items, weighted=True, router_weight=1.0 / batches)
             loss, metrics = self._split(out)
             loss.backward()

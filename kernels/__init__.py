@@ -11,11 +11,17 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
         flash-attn or torch's varlen_attn on CUDA fp16/bf16, else batched PyTorch SDPA over length
         buckets (any device); `varlen_attention_ref` (SDPA per sample) is the reference;
         ALiBi (BLOOM) through flash-attn's alibi_slopes or SDPA's float mask
+    varlen_relative_attention, varlen_cross_attention
+        T5's attention over packed pairs: a relative position bias per head (FlexAttention on CUDA,
+        SDPA over length buckets elsewhere) and cross-attention with separate query and key
+        cu_seqlens (flash-attn or torch's varlen_attn on CUDA fp16/bf16, else SDPA over pair
+        buckets); `*_ref` (SDPA per segment) are the references
     bloom_gelu
         Triton (CUDA, or the interpreter) and the reference's torch ops (every device): a pointwise
         op, where torch's own CPU kernels are the C++ path
-    PackedLayout, shift_labels
-        the packed-batch contract every op above reads (plain PyTorch/numpy, built on the host)
+    PackedLayout, shift_labels, Seq2SeqLayout
+        the packed-batch contract every op above reads (plain PyTorch/numpy, built on the host);
+        Seq2SeqLayout: an encoder-decoder row of (input, target) pairs, one PackedLayout per side
     lora_linear, lora_mlp
         torch GEMMs on every device; on CUDA Triton kernels fuse the LoRA parts around them
         (dropout from a seed, the update added into the output tile, the MLP's gate); references beside
@@ -38,6 +44,7 @@ else:
     from packtune.kernels._dispatch import BACKENDS, registered_ops, resolve_backend
     from packtune.kernels.attention import varlen_attention, varlen_attention_ref
     from packtune.kernels.bloom_gelu import bloom_gelu, bloom_gelu_ref
+    from packtune.kernels.cross_attention import varlen_cross_attention, varlen_cross_attention_ref
     from packtune.kernels.cross_entropy import (
         MaskedCrossEntropy,
         masked_cross_entropy,
@@ -59,13 +66,16 @@ else:
     )
     from packtune.kernels.nf4_matmul import nf4_matmul, nf4_matmul_ref
     from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout, shift_labels
+    from packtune.kernels.relative_attention import varlen_relative_attention, varlen_relative_attention_ref
     from packtune.kernels.rms_norm import RMSNorm, rms_norm, rms_norm_ref
     from packtune.kernels.rotary import RotaryEmbedding, rope_cos_sin, rotary, rotary_ref
+    from packtune.kernels.seq2seq_layout import Seq2SeqLayout
 
 __all__ = [
     "BACKENDS",
     "IGNORE_INDEX",
     "PackedLayout",
+    "Seq2SeqLayout",
     "shift_labels",
     "registered_ops",
     "resolve_backend",
@@ -106,6 +116,10 @@ __all__ = [
     "geglu_ref",
     "varlen_attention",
     "varlen_attention_ref",
+    "varlen_relative_attention",
+    "varlen_relative_attention_ref",
+    "varlen_cross_attention",
+    "varlen_cross_attention_ref",
     "bloom_gelu",
     "bloom_gelu_ref",
 ]

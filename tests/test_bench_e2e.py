@@ -103,6 +103,40 @@ def test_tiny_lora_runs_end_to_end(tmp_path):
     assert "speedup_vs_trl-lora" in lora and "speedup_vs_packtune-lora" not in lora
 
 
+def test_t5_options_flops_and_input_budget():
+    args = e2e.build_parser().parse_args(["--model", "t5", "--max-tokens", "1000"])
+    assert args.model == ["t5"]
+    from packtune.bench.e2e_t5 import pair_flops_per_token, t5_config
+    from packtune.model.config import ModelArgs
+    from packtune.model.families.t5 import pair_flops
+
+    pairs = [(30, 10), (5, 40)]
+    expected = (pair_flops(ModelArgs.from_hf_config(t5_config("t5")), 30, 10)
+                + pair_flops(ModelArgs.from_hf_config(t5_config("t5")), 5, 40)) / 85
+    assert pair_flops_per_token("t5", pairs) == expected
+    # a row's input budget: the inputs' share of --max-tokens, at least the longest input
+    meta = {"lengths": [100, 300, 200], "input_lengths": [60, 250, 90]}
+    assert e2e._t5_input_budget(args, meta, {"rows": 3, "tokens": 600}) == 667
+    assert e2e._t5_input_budget(e2e.build_parser().parse_args(["--max-tokens", "300"]), meta,
+                                {"rows": 3, "tokens": 600}) == 250
+
+
+@pytest.mark.slow
+def test_tiny_t5_runs_end_to_end(tmp_path):
+    pytest.importorskip("datasets")
+    results = e2e.main(["--model", "t5", "--tokens", "800", "--rows", "300", "--eval-rows", "2",
+                        "--step-tokens", "2048", "--threads", "1", "--work", str(tmp_path / "work"),
+                        "--out", str(tmp_path / "out")])
+    assert [r["implementation"] for r in results] == ["packtune", "seq2seq-trainer"]
+    for r in results:
+        assert "error" not in r, r
+        assert r["real_tokens"] > r["label_tokens"] > 0 and r["train_s"] > 0 and r["steps"] >= 1
+        assert r["heldout_loss"] > 0 and 0 < r["mfu"] < 1
+    packtune, trainer = results
+    assert packtune["label_tokens"] == trainer["label_tokens"]  # the same answers, EOS after each
+    assert "speedup_vs_seq2seq-trainer" in packtune
+
+
 def test_moe_flops_count_the_routed_experts():
     config = hf_config("moe")
     assert config["model_type"] == "qwen3_moe" and config["output_router_logits"]

@@ -40,6 +40,10 @@ class DataConfig:
     """A sentencepiece .model or tokenizer.json; default: the model directory's."""
     max_tokens: int = 2048
     """Tokens per packed row; also the longest sample kept."""
+    max_target_tokens: int = 0
+    """Encoder-decoders (T5): the longest target kept, and the decoder's tokens per packed row (whose
+    encoder side holds max_tokens); 0: targets up to max_tokens, rows sized from the data so that
+    both sides fill alike (data/pair_rows.py)."""
     skip_bad_records: bool = False
     """Skip (and count) malformed records instead of stopping at the first one."""
     train_on: str = "assistant"
@@ -112,6 +116,9 @@ class DataConfig:
                 raise ConfigError(f"data.{key}: {value!r} is not one of {', '.join(valid)}")
         if self.max_tokens < 2:
             raise ConfigError(f"data.max_tokens: must be at least 2, got {self.max_tokens}")
+        if self.max_target_tokens and self.max_target_tokens < 2:
+            raise ConfigError(f"data.max_target_tokens: must be 0 (auto) or at least 2, got "
+                              f"{self.max_target_tokens}")
         if self.padded_batch_size < 1:
             raise ConfigError(f"data.padded_batch_size: must be at least 1, got {self.padded_batch_size}")
         if auto_variant(self.template) is None:

@@ -141,6 +141,10 @@ register_template(
 )
 # No markup: prompt and answer concatenated (prompt/completion data that carries its own format).
 register_template(Template("raw", system="{system}\n\n"))
+# An encoder-decoder's input (T5, FLAN-T5): the prompt as FLAN writes it, instruction and input a blank
+# line apart, earlier turns of a conversation likewise; no BOS, and no EOS (the pair tokenizer appends
+# T5's EOS to both sides, data/pairs.py). The default for encoder-decoders.
+register_template(Template("seq2seq", prefix="", system="{system}\n\n", assistant_end="", separator="\n\n"))
 
 
 class Segment(NamedTuple):

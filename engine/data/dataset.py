@@ -14,6 +14,7 @@ packtune.preference.data into pairs of adjacent samples, with one more array, `p
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 import time
@@ -28,6 +29,7 @@ from packtune.config import DataConfig
 from packtune.data import cache, fidelity
 from packtune.data.chat_format import make_chat_format, template_identity
 from packtune.data.formats import decode_record, field_names, location, to_conversation
+from packtune.data.pairs import PairChunkTokenizer, check_pair_options, pair_template
 from packtune.data.sources import OpenSource, resolve_sources
 from packtune.data.tokenizer import default_threads, load_tokenizer
 from packtune.errors import DataError
@@ -98,10 +100,12 @@ def prepare_dataset(
     cache_dir: str | Path | None = None,
     num_workers: int | None = None,
     use_cache: bool = True,
+    pairs: bool = False,
 ) -> TokenizedDataset:
     """Tokenize `data_cfg.path` or `data_cfg.sources` (or load them from the cache) with the
-    tokenizer at `tokenizer_path` (default `data_cfg.tokenizer`)."""
-    options = _options(data_cfg, tokenizer_path)
+    tokenizer at `tokenizer_path` (default `data_cfg.tokenizer`); `pairs`: as (input, target) pairs
+    for an encoder-decoder (data/pairs.py)."""
+    options = _options(data_cfg, tokenizer_path, pairs)
     workers = num_workers or data_cfg.num_workers or default_threads()
     tokenizer = load_tokenizer(options["tokenizer"])
     folder = None
@@ -114,7 +118,8 @@ def prepare_dataset(
                     for s in options["sources"]
                 ],
                 "tokenizer": tokenizer.fingerprint(),
-                "template": template_identity(options["template"], options["tokenizer"]),
+                "template": (dataclasses.asdict(pair_template(options["template"])) if pairs
+                             else template_identity(options["template"], options["tokenizer"])),
                 **{k: v for k, v in options.items() if k not in ("sources", "tokenizer", "template")},
             }
         )
@@ -135,12 +140,15 @@ def prepare_dataset(
     return TokenizedDataset(arrays, report)
 
 
-def _options(cfg: DataConfig, tokenizer_path: str | Path | None) -> dict[str, Any]:
+def _options(cfg: DataConfig, tokenizer_path: str | Path | None, pairs: bool = False) -> dict[str, Any]:
     """The settings that decide the tokenized result, checked (they also make up the cache key)."""
     tokenizer = str(tokenizer_path or cfg.tokenizer)
     cfg.check(tokenizer)
     sources = resolve_sources(cfg)
+    if pairs:
+        check_pair_options(cfg.train_on, cfg.template)
     return {
+        **({"pairs": True, "max_target_tokens": cfg.max_target_tokens} if pairs else {}),
         "sources": sources,
         "tokenizer": tokenizer,
         "template": cfg.template,
@@ -164,6 +172,10 @@ def tokenize_file(options: dict[str, Any], workers: int) -> tuple[dict[str, np.n
         paths = ", ".join(s.spec["path"] for s in sources)
         raise DataError(f"{paths}: preference pairs (chosen / rejected) and SFT records cannot train in one "
                         "run", "config")
+    if options.get("pairs") and sources[0].format == "preference":
+        raise DataError(f"{sources[0].spec['path']}: preference records (chosen / rejected) train "
+                        "decoder-only models; an encoder-decoder trains on (input, target) pairs (alpaca, "
+                        "prompt_completion, messages or sharegpt records)", "config")
     common = {k: v for k, v in options.items() if k not in ("sources", "mix_seed")}
     jobs = [
         {**common, "path": s.spec["path"], "format": s.format, "field_map": s.spec["field_map"],
@@ -308,10 +320,11 @@ class _SourceTokenizers:
     def __call__(self, task: tuple[int, list[tuple[int, Any]]]) -> dict[str, Any]:
         index, records = task
         if index not in self.tokenizers:
-            kind = ChunkTokenizer
-            if self.jobs[index]["format"] == "preference":
+            job = self.jobs[index]
+            kind = PairChunkTokenizer if job.get("pairs") else ChunkTokenizer
+            if job["format"] == "preference":
                 from packtune.preference.data import PairTokenizer as kind
-            self.tokenizers[index] = kind(self.jobs[index], self.threads)
+            self.tokenizers[index] = kind(job, self.threads)
         return self.tokenizers[index](records)
 
 

@@ -180,6 +180,11 @@ class Batch:
     def num_label_tokens(self) -> int:
         return self.layout.num_label_rows
 
+    @property
+    def num_tokens(self) -> int:
+        """Token slots of the batch (a padded batch's padding included)."""
+        return self.input_ids.numel()
+
     def normalizers(self) -> tuple[int, ...]:
         """The step's loss normalizers this batch adds to (summed over the step's batches and ranks,
         passed to the loss as `num_items`): its loss items."""
@@ -188,6 +193,11 @@ class Batch:
     def loss_inputs(self) -> dict:
         """What the loss reads besides ids, labels, layout and weights (none here)."""
         return {}
+
+    def flops(self, args) -> float:
+        """Training FLOPs of the batch: the family's count per token (`ModelArgs.num_flops_per_token`) at
+        the length its tokens attend over, times its tokens."""
+        return args.num_flops_per_token(self.layout.attended_length) * self.num_tokens
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         return type(self)(

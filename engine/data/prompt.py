@@ -12,14 +12,21 @@ from pathlib import Path
 
 from packtune.data.chat_format import make_chat_format
 from packtune.data.formats import Conversation, Message
+from packtune.data.pairs import pair_template, prompt_text
 from packtune.data.tokenizer import load_tokenizer
 from packtune.errors import DataError
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer_path: str | Path, template: str = "auto") -> None:
+    """`encoder_decoder`: prompts as an encoder-decoder's inputs (data/pairs.py: the template's rendering
+    without BOS, EOS appended; `auto` is the `seq2seq` template), as its training data pairs them."""
+
+    def __init__(self, tokenizer_path: str | Path, template: str = "auto", encoder_decoder: bool = False
+                 ) -> None:
         self.tokenizer = load_tokenizer(tokenizer_path)
-        self.format = make_chat_format(template, tokenizer_path, self.tokenizer)
+        self.pair_template = pair_template(template) if encoder_decoder else None
+        if self.pair_template is None:
+            self.format = make_chat_format(template, tokenizer_path, self.tokenizer)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -29,6 +36,10 @@ class PromptEncoder:
 
     def encode(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
         """Token ids of each conversation (ending with a user turn) up to where the answer starts."""
+        if self.pair_template is not None:
+            texts = [prompt_text(messages, self.pair_template, "prompt") for messages in conversations]
+            encoded = self.tokenizer.encode_chunks(texts, first=True) if texts else []
+            return [[*ids, self.tokenizer.eos_id] for ids, _ in encoded]
         render = self.format.render
         prompts = [render.prompt(Conversation(tuple(messages)), "prompt") for messages in conversations]
         encoded = self.format.encoder.encode_samples(prompts, ["prompt"] * len(prompts))

@@ -15,14 +15,14 @@ def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1,
     are held out). `world_size` counts the ranks that get rows of their own (the dp ranks); with
     `context_parallel` > 1 the report adds how the rows split into chunks."""
     from packtune.context_parallel import chunk_layouts
-    from packtune.data.packing import PackedRows
+    from packtune.data.packing import PackedRows, PaddedRows
 
     group = world_size * micro_batches
     rows = rows.with_row_multiple(group)
     report = {k: v for k, v in dataset.report.items()}
     report.update(
         {
-            "packing": "packed" if isinstance(rows, PackedRows) else "padded",
+            "packing": "padded" if isinstance(rows, PaddedRows) else "packed",  # pairs: packed too
             "packed_rows": len(rows),
             "packing_efficiency": rows.efficiency,
             "steps_per_epoch": len(rows) // group,
@@ -31,6 +31,10 @@ def data_report(dataset, rows, world_size: int = 1, micro_batches: int = 1,
             "split": split,
         }
     )
+    if hasattr(rows, "side_efficiency"):  # pairs: each side's packing (data/pair_rows.py)
+        inputs, targets = rows.side_efficiency()
+        report.update(packing_efficiency_inputs=inputs, packing_efficiency_targets=targets,
+                      max_target_tokens=rows.max_target_tokens)
     if context_parallel > 1 and isinstance(rows, PackedRows):
         report["context_parallel"] = context_parallel
         report["chunk_layouts"] = chunk_layouts(rows, context_parallel)
@@ -73,6 +77,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"efficiency {100 * report['packing_efficiency']:.2f}% real tokens per slot, "
             f"{report['steps_per_epoch']} steps per epoch ({report['world_size']} rank(s) x "
             f"{report['micro_batches']} micro-batch(es))"
+        )
+    if "packing_efficiency_targets" in report:
+        lines.append(
+            f"  pairs: each row holds at most {report['max_tokens']} input and "
+            f"{report['max_target_tokens']} target tokens; efficiency "
+            f"{100 * report['packing_efficiency_inputs']:.2f}% of the inputs' slots (encoder), "
+            f"{100 * report['packing_efficiency_targets']:.2f}% of the targets' (decoder)"
         )
     if "chunk_layouts" in report:
         n = report["context_parallel"]

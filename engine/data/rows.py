@@ -31,10 +31,10 @@ class RunData:
 def prepare_run_data(cfg: Config, dist_ctx: DistContext) -> RunData:
     """Tokenize (one rank per node fills the cache, the others then read it), hold out, build rows."""
     if dist_ctx.local_rank == 0:
-        dataset = prepare_dataset(row_data_config(cfg), cfg.tokenizer)
+        dataset = tokenized_data(cfg)
     dist_ctx.barrier()
     if dist_ctx.local_rank != 0:
-        dataset = prepare_dataset(row_data_config(cfg), cfg.tokenizer)
+        dataset = tokenized_data(cfg)
     if cfg.train.objective != "sft" or dataset.prompt_lengths is not None:
         from packtune.preference.rows import preference_run_data
 
@@ -64,10 +64,47 @@ def row_data_config(cfg: Config):
     return replace(cfg.data, max_tokens=cfg.data.max_tokens * cfg.train.context_parallel)
 
 
+def seq2seq_args(cfg: Config):
+    """The model's args when it is an encoder-decoder (T5: the run's data are then (input, target)
+    pairs, data/pairs.py), else None."""
+    from packtune.model.config import ModelArgs
+    from packtune.model.families import family_for
+
+    if not cfg.model.path:
+        return None
+    args = ModelArgs.from_file(cfg.model.path)
+    if not family_for(args.model_type).encoder_decoder:
+        return None
+    if cfg.train.objective != "sft":
+        raise ConfigError(preference_refusal(cfg.train.objective, args.model_type))
+    return args
+
+
+def preference_refusal(objective: str, model_type: str) -> str:
+    """Why a preference objective does not train an encoder-decoder (one line, for either side to raise)."""
+    return (f"train.objective = {objective!r}: preference objectives train decoder-only models, not an "
+            f"encoder-decoder ({model_type}); train it with objective = \"sft\" on (input, target) pairs")
+
+
+def tokenized_data(cfg: Config) -> TokenizedDataset:
+    """The run's data, tokenized once (cached): samples, or pairs for an encoder-decoder."""
+    return prepare_dataset(row_data_config(cfg), cfg.tokenizer, pairs=seq2seq_args(cfg) is not None)
+
+
 def build_rows(cfg: Config, dataset: TokenizedDataset):
     """The dataset's rows as the config asks: packed (by data.packing_strategy) or padded, their
-    batches weighted by train.loss_weighting."""
+    batches weighted by train.loss_weighting; pairs of an encoder-decoder packed on both sides."""
     weighting = cfg.train.loss_weighting
+    seq2seq = seq2seq_args(cfg)
+    if seq2seq is not None:
+        from packtune.data.pair_rows import PairRows
+
+        if not cfg.data.packing:
+            raise ConfigError("data.packing = false: an encoder-decoder trains on packed rows of pairs only "
+                              "(a row of one pair is its unpacked form; `packtune check` compares the two)")
+        return PairRows.packed(dataset, dataset.max_tokens, cfg.data.max_target_tokens,
+                               seq2seq.decoder_start_token_id, cfg.data.packing_strategy, cfg.train.seed,
+                               weighting)
     if cfg.data.packing:
         return dataset.pack(strategy=cfg.data.packing_strategy, seed=cfg.train.seed, loss_weighting=weighting)
     return dataset.pad(cfg.data.padded_batch_size, cfg.train.seed, loss_weighting=weighting)

@@ -243,16 +243,16 @@ def _token_text(value: object) -> str | None:
 
 
 def load_tokenizer(path: str | Path, threads: int = 1) -> Tokenizer:
-    """A sentencepiece `.model`, a `tokenizer.json`, or a model directory holding either."""
+    """A sentencepiece `.model`, a `tokenizer.json`, or a model directory holding one."""
     path = Path(path)
     if path.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json"):
+        for name in ("tokenizer.model", "spiece.model", "tokenizer.json"):  # spiece.model: T5's
             if (path / name).exists():
                 path = path / name
                 break
         else:
             raise DataError(
-                f"tokenizer: {path} holds neither tokenizer.model nor tokenizer.json", "tokenizer"
+                f"tokenizer: {path} holds none of tokenizer.model, spiece.model, tokenizer.json", "tokenizer"
             )
     if not path.exists():
         raise DataError(f"tokenizer file {path} does not exist", "tokenizer")

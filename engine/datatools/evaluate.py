@@ -21,6 +21,7 @@ from packtune.datatools.jsonl_files import read_records, write_json
 from packtune.datatools.local_generation import generate_answers
 from packtune.datatools.scoring import EvalReport, score_predictions
 from packtune.errors import DataError
+from packtune.model.families import encoder_decoder
 from packtune.model.generate import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
@@ -71,8 +72,8 @@ def run_eval(model_dir: str | Path, data: str | Path, *, template: str = "auto",
 
     conversations, records = eval_records(data, limit)
     model = load_for_inference(model_dir, dtype, device)
-    report = evaluate_model(model, PromptEncoder(model_dir, template), conversations, records, max_new_tokens,
-                            normalization, batch_size)
+    prompts = PromptEncoder(model_dir, template, encoder_decoder(model))
+    report = evaluate_model(model, prompts, conversations, records, max_new_tokens, normalization, batch_size)
     if json_out:
         write_json(json_out, {"model": str(model_dir), "data": str(data), "template": template,
                               "normalization": normalization, **report.to_dict(with_predictions=True)})
@@ -84,9 +85,10 @@ class TrainingEval:
     run a few tokens past the longest reference. With several ranks, rank r answers records r, r + n,
     ...; the answers are gathered and every rank scores all records, as one process would."""
 
-    def __init__(self, data: str | Path, tokenizer_path: str | Path, template: str) -> None:
+    def __init__(self, data: str | Path, tokenizer_path: str | Path, template: str,
+                 encoder_decoder: bool = False) -> None:
         self.conversations, self.records = eval_records(data)
-        self.prompts = PromptEncoder(tokenizer_path, template)
+        self.prompts = PromptEncoder(tokenizer_path, template, encoder_decoder)
         longest = max(len(self.prompts.tokenizer.encode_text(r["output"])) for r in self.records)
         self.max_new_tokens = longest + 8
 

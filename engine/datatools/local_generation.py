@@ -15,6 +15,7 @@ import torch
 
 from packtune.data.formats import Message
 from packtune.data.prompt import PromptEncoder
+from packtune.model.families import encoder_decoder, family_for
 from packtune.model.generate import DEFAULT_BATCH_SIZE, generate_batch
 
 
@@ -22,15 +23,17 @@ def generate_answers(model: torch.nn.Module, prompts: PromptEncoder,
                      conversations: Sequence[Sequence[Message]], max_new_tokens: int, *,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                      batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
-    """The model's answer to each conversation (ending with a user turn)."""
+    """The model's answer to each conversation (ending with a user turn), generated as its family
+    generates (`generate_batch`; an encoder-decoder's `generate_seq2seq`: each prompt encoded once)."""
+    generate = family_for(model.args.model_type).generate or generate_batch
     was_training = model.training
     model.eval()
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     stop = prompts.stop_ids
     try:
-        answers = generate_batch(model, prompts.encode(conversations), max_new_tokens, stop, temperature,
-                                 top_p, generator, batch_size)
+        answers = generate(model, prompts.encode(conversations), max_new_tokens, stop, temperature, top_p,
+                           generator, batch_size)
         return [prompts.decode(ids) for ids in answers]
     finally:
         model.train(was_training)
@@ -46,7 +49,7 @@ class LocalGenerator:
         from packtune.model.loading import load_for_inference
 
         self.model = load_for_inference(model_dir, "auto", device)
-        self.prompts = PromptEncoder(model_dir, template)
+        self.prompts = PromptEncoder(model_dir, template, encoder_decoder(self.model))
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.seed, self.batch_size = seed, batch_size
         self.calls = 0

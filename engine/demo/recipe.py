@@ -62,9 +62,25 @@ class DemoRecipe:
     min_lr_ratio: float = 0.1
     log_every: int = 10
     samples_shown: int = 4
+    model: str = "llama"
+    """The architecture: llama (a decoder) or t5 (an encoder-decoder of `num_hidden_layers` blocks per
+    stack, trained on (prompt, answer) pairs)."""
+    max_target_tokens: int = 0
+    """t5: the decoder's tokens per packed row (0: sized from the data, data/pair_rows.py)."""
 
     def hf_config(self, vocab_size: int) -> dict[str, Any]:
-        """config.json of the initial model: Llama architecture, tied embeddings, fp32."""
+        """config.json of the initial model: Llama architecture, tied embeddings, fp32 (t5: T5 v1.1's,
+        gated-GELU, its own head, the tokenizer's pad as the decoder start token)."""
+        if self.model == "t5":
+            return {
+                "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": vocab_size,
+                "d_model": self.hidden_size, "d_kv": self.hidden_size // self.num_attention_heads,
+                "d_ff": self.intermediate_size, "num_layers": self.num_hidden_layers,
+                "num_decoder_layers": self.num_hidden_layers, "num_heads": self.num_attention_heads,
+                "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+                "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "layer_norm_epsilon": 1e-6,
+                "eos_token_id": 2, "pad_token_id": 3, "decoder_start_token_id": 3, "torch_dtype": "float32",
+            }
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -83,6 +99,7 @@ class DemoRecipe:
         cfg.data.template = str(template)
         cfg.data.tokenizer = str(tokenizer)
         cfg.data.max_tokens = self.max_tokens
+        cfg.data.max_target_tokens = self.max_target_tokens
         cfg.data.packing_strategy = "shuffle"
         cfg.data.cache_dir = str(out / "cache")
         t = cfg.train
@@ -125,3 +142,10 @@ of a half (measured, one run each: 69.7% vs 55.9% held out, before the task weig
 QUICK = replace(FULL, records_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32,
                 num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128,
                 micro_batches=2, log_every=20, samples_shown=2)
+T5_FULL = replace(FULL, model="t5", num_hidden_layers=3, num_attention_heads=4)
+"""The same data, schedule and task weights on a T5 v1.1 (gated-GELU, relative position biases) of 3
+encoder and 3 decoder blocks, trained on (prompt, answer) pairs: the prompt rendered by the demo's
+template up to "### Response:" for the encoder, the answer for the decoder."""
+T5_QUICK = replace(QUICK, model="t5")
+RECIPES = {("llama", False): FULL, ("llama", True): QUICK, ("t5", False): T5_FULL, ("t5", True): T5_QUICK}
+"""(model, quick) -> the demo's recipe."""

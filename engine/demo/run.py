@@ -2,7 +2,7 @@
 
 1. Generate the instruction mix (train, held-out instances, held-out phrasings) as Alpaca JSONL.
 2. Train a sentencepiece tokenizer on the rendered training records.
-3. Write a randomly initialised tiny Llama as a Hugging Face directory.
+3. Write a randomly initialised tiny Llama (or T5: `--model t5`) as a Hugging Face directory.
 4. Score it on the held-out split (greedy generation, exact match): the "before" number.
 5. Train it with `packtune train`'s own code path (data pipeline, packing, fused masked loss,
    the training loop), which exports the result as a Hugging Face directory.
@@ -21,7 +21,7 @@ import torch
 from packtune.datatools.scoring import EvalReport
 from packtune.demo.evaluate import score
 from packtune.demo.mix import make_split, write_jsonl
-from packtune.demo.recipe import FULL, QUICK, DemoRecipe, write_template
+from packtune.demo.recipe import RECIPES, DemoRecipe, write_template
 from packtune.demo.tasks import TASKS
 
 
@@ -66,19 +66,20 @@ def _samples(records: list[dict[str, str]], n: int) -> list[int]:
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0,
-             recipe: DemoRecipe | None = None) -> dict[str, Any]:
-    """Run the demo into `out_dir`; returns the metrics written to `<out_dir>/demo.json`."""
+             recipe: DemoRecipe | None = None, model: str = "llama") -> dict[str, Any]:
+    """Run the demo into `out_dir` with `model` (llama, or t5: an encoder-decoder on (prompt, answer)
+    pairs); returns the metrics written to `<out_dir>/demo.json`."""
     from packtune.data.prompt import PromptEncoder
     from packtune.demo.curve import write_curve
     from packtune.demo.prompts import rendered_texts
     from packtune.demo.tokenizer_training import train_tokenizer
     from packtune.model.config import ModelArgs
+    from packtune.model.families import build_model, encoder_decoder
     from packtune.model.hf_io import save_pretrained
-    from packtune.model.llama import LlamaForCausalLM
     from packtune.model.loading import load_for_inference
     from packtune.run import run
 
-    recipe = recipe or (QUICK if quick else FULL)
+    recipe = recipe or RECIPES[model, quick]
     out = Path(out_dir)
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -98,15 +99,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     vocab = prompts.tokenizer.vocab_size
     print(f"[2/5] tokenizer: sentencepiece BPE, {vocab} pieces ({tokenizer})", flush=True)
 
-    model = LlamaForCausalLM(ModelArgs.from_hf_config(recipe.hf_config(vocab)))
+    model = build_model(ModelArgs.from_hf_config(recipe.hf_config(vocab)))
     model.init_weights(torch.Generator().manual_seed(seed))
+    if encoder_decoder(model):  # the prompt is the encoder's input (up to "### Response:"), EOS after it
+        prompts = PromptEncoder(tokenizer, str(template), encoder_decoder=True)
     init_dir = save_pretrained(model, out / "init", tokenizer_files=[tokenizer])
     params = sum(p.numel() for p in model.parameters())
     answers = [prompts.tokenizer.encode_text(r["output"]) for r in heldout + unseen_phrasing]
     max_new = max(len(ids) for ids in answers) + 2
     before, before_pred = evaluate(model, prompts, heldout, max_new)
     shown = _samples(heldout, recipe.samples_shown)
-    print(f"[3/5] model: Llama, {recipe.num_hidden_layers} layers, hidden {recipe.hidden_size}, "
+    shape = f"{recipe.num_hidden_layers} + {recipe.num_hidden_layers} blocks" if recipe.model == "t5" else (
+        f"{recipe.num_hidden_layers} layers")
+    print(f"[3/5] model: {type(model).__name__}, {shape}, hidden {recipe.hidden_size}, "
           f"{params / 1e6:.2f}M parameters, random init; held-out exact match {100 * before.accuracy:.1f}%",
           flush=True)
     _show("sample generations before training:", [heldout[i] for i in shown], [before_pred[i] for i in shown])

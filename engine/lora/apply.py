@@ -1,11 +1,12 @@
-"""Turn a packtune causal LM into a LoRA model: freeze it, swap the targeted linears for LoRALinear.
+"""Turn a packtune model into a LoRA model: freeze it, swap the targeted linears for LoRALinear.
 
-The decoder's linears are replaced in place, under the family's own names (Llama's
-`self_attn.q_proj` ... `mlp.down_proj`, Phi-3's fused `qkv_proj` / `gate_up_proj`, BLOOM's
-`query_key_value` / `dense` / `dense_h_to_4h` / `dense_4h_to_h`), as PEFT names them; a layer whose
-gate, up and down projections are all targeted gets a `LoRAMLP` (the fused kernel) in place of its
-MLP. Every base parameter is frozen (embeddings, norms and lm_head too) and stored in the base
-dtype (bf16, fp32 or NF4); only `lora_A` / `lora_B` train, in fp32.
+The blocks' linears (every list of `model.block_lists`: a decoder's layers, T5's encoder and decoder
+blocks) are replaced in place, under the family's own names (Llama's `self_attn.q_proj` ...
+`mlp.down_proj`, Phi-3's fused `qkv_proj` / `gate_up_proj`, BLOOM's `query_key_value` / `dense` /
+`dense_h_to_4h` / `dense_4h_to_h`, T5's `q` / `k` / `v` / `o` / `wi_0` / `wi_1` / `wo`), as PEFT
+names them; a layer whose gate, up and down projections are all targeted gets a `LoRAMLP` (the fused
+kernel) in place of its MLP. Every base parameter is frozen (embeddings, norms and lm_head too) and
+stored in the base dtype (bf16, fp32 or NF4); only `lora_A` / `lora_B` train, in fp32.
 """
 
 from __future__ import annotations
@@ -63,14 +64,14 @@ class LoRASpec:
 
 
 def block_linears(model: nn.Module) -> tuple[str, ...]:
-    """The leaf names of the decoder blocks' linears, and `experts.gate_up_proj` / `experts.down_proj`
-    where blocks hold experts (LoRA's possible targets), in module order over all blocks (a mixture of
-    experts may have dense blocks too)."""
+    """The leaf names of the blocks' linears, and `experts.gate_up_proj` / `experts.down_proj` where
+    blocks hold experts (LoRA's possible targets), in module order over all blocks of every block list
+    (a decoder's one; T5's encoder and decoder; a mixture of experts may have dense blocks too)."""
     from packtune.lora.experts import EXPERT_WEIGHTS
     from packtune.model.moe import Experts
 
     names: dict[str, None] = {}
-    for layer in model.decoder_layers:
+    for layer in (block for blocks in model.block_lists for block in blocks):
         for name, m in layer.named_modules():
             if isinstance(m, nn.Linear | LoRALinear):
                 names.setdefault(name.rsplit(".", 1)[-1])
@@ -101,13 +102,13 @@ def apply_lora(model: nn.Module, spec: LoRASpec, storage: torch.dtype | str | No
                           "do PEFT's target_parameters); set it to 0 or leave experts.* out of lora.targets")
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in model.decoder_layers:
+    for layer in (block for blocks in model.block_lists for block in blocks):
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if name in targets and isinstance(child, nn.Linear):
                     setattr(parent, name, LoRALinear(child, spec.rank, spec.scale, spec.dropout))
-        if all(isinstance(getattr(layer.mlp, name, None), LoRALinear) for name in MLP_TARGETS):
-            mlp = layer.mlp
+        mlp = getattr(layer, "mlp", None)  # T5's blocks have none: their feed-forward is a sublayer
+        if all(isinstance(getattr(mlp, name, None), LoRALinear) for name in MLP_TARGETS):
             activation = "gelu_tanh" if mlp.act is geglu else "silu"
             layer.mlp = LoRAMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation)
     adapt_experts(model, targets, spec.rank, spec.scale)

@@ -99,13 +99,15 @@ def adapted_projections(tensors: Iterable[str]) -> list[str]:
     return sorted(targets)
 
 
-def adapter_config(spec: LoRASpec, targets: list[str], base_model: str = "") -> dict:
+def adapter_config(spec: LoRASpec, targets: list[str], base_model: str = "", task_type: str = "CAUSAL_LM"
+                   ) -> dict:
     """PEFT's LoraConfig fields for these adapters (the defaults PEFT writes for the others); the
-    expert weights among `targets` are its `target_parameters`."""
+    expert weights among `targets` are its `target_parameters`; `task_type` is the family's
+    (`Family.peft_task_type`: SEQ_2_SEQ_LM for T5)."""
     parameters = [t for t in targets if t.startswith("experts.")]
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base_model,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
@@ -147,7 +149,8 @@ def _adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(path: str | os.PathLike, spec: LoRASpec, tensors: dict[str, torch.Tensor],
-                 base_model: str = "", dtype: torch.dtype | None = None) -> Path:
+                 base_model: str = "", dtype: torch.dtype | None = None, task_type: str = "CAUSAL_LM"
+                 ) -> Path:
     """Write a PEFT adapter directory atomically (an existing one is replaced, anything else refused);
     `tensors` by packtune names (`adapter_tensors`)."""
     path = Path(path)
@@ -159,7 +162,7 @@ def save_adapter(path: str | os.PathLike, spec: LoRASpec, tensors: dict[str, tor
         keys = peft_names(tensors)
         data = {keys[k]: v.to(dtype) if dtype is not None else v for k, v in tensors.items()}
         save_file(data, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        config = adapter_config(spec, adapted_projections(tensors), base_model)
+        config = adapter_config(spec, adapted_projections(tensors), base_model, task_type)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for file in tmp.iterdir():
             os.chmod(file, 0o644)

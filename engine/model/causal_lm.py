@@ -32,6 +32,11 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
         self.tie_weights()
 
+    @property
+    def block_lists(self) -> tuple[nn.ModuleList, ...]:
+        """The model's lists of blocks, what LoRA adapts: one here, `decoder_layers` (T5 has two)."""
+        return (self.decoder_layers,)
+
     def tie_weights(self) -> None:
         """Share the embedding with lm_head when configured (again after `to_empty`, which unties)."""
         if self.args.tie_word_embeddings:

@@ -146,10 +146,12 @@ def generate_text(
     """Load `model_dir` (computing in `dtype`, packtune.precision's rule) and return the decoded
     continuation of `prompt`: as given (`raw`), or asked as a user turn in `template` (`auto`: the
     model's chat template), rendered and tokenized exactly as training does (the model's tokenizer
-    loaded by packtune.data.tokenizer, BOS as the template places it). `adapter`: a PEFT LoRA
-    adapter directory applied on top of the model."""
+    loaded by packtune.data.tokenizer, BOS as the template places it; an encoder-decoder's input as its
+    training pairs render it, data/pairs.py). `adapter`: a PEFT LoRA adapter directory applied on top
+    of the model."""
     from packtune.data.formats import Message
     from packtune.data.prompt import PromptEncoder
+    from packtune.model.families import family_for
     from packtune.model.loading import load_for_inference
 
     model = load_for_inference(model_dir, dtype, device)
@@ -158,11 +160,13 @@ def generate_text(
 
         load_adapter_into(model, adapter)
         model.eval()
-    prompts = PromptEncoder(model_dir, template)
+    family = family_for(model.args.model_type)
+    prompts = PromptEncoder(model_dir, template, family.encoder_decoder)
     eos = prompts.stop_ids or _model_eos(model)
     generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-    new = generate(model, prompts.encode([[Message("user", prompt)]])[0], max_new_tokens, eos, temperature,
-                   top_p, generator)
+    ids = prompts.encode([[Message("user", prompt)]])
+    generate_ids = family.generate or generate_batch
+    new = generate_ids(model, ids, max_new_tokens, eos, temperature, top_p, generator)[0]
     return prompts.decode(new)
 
 

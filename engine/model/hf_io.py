@@ -35,6 +35,7 @@ INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
+    "spiece.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
@@ -74,6 +75,7 @@ def load_pretrained(
         raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model directory)")
     args = ModelArgs.from_file(path)
     files = _tensor_files(path)
+    args = _checkpoint_args(args, files)
     headers = {file: _read_header(file) for file in sorted(set(files.values()))}
     stored = {name: headers[file][name] for name, file in files.items() if name in headers[file]}
     layout = _stored_layout(args, list(stored))
@@ -149,6 +151,20 @@ def save_pretrained(
     return path
 
 
+def checkpoint_args(path: str | os.PathLike) -> ModelArgs:
+    """The args of a model directory as `load_pretrained` builds its model: config.json, completed by
+    what the checkpoint stores where the family says so (T5's tied head). Build a model on the meta
+    device from these, not from `ModelArgs.from_file`, when its weights will come from `path`."""
+    path = Path(path)
+    args = ModelArgs.from_file(path)
+    return _checkpoint_args(args, _tensor_files(path))
+
+
+def _checkpoint_args(args: ModelArgs, files: dict[str, Path]) -> ModelArgs:
+    complete = family_for(args.model_type).checkpoint_args
+    return args if complete is None else complete(args, files.keys())
+
+
 def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
     """The dtype a model directory stores its weights in (that of the embeddings), if known."""
     path = Path(path)
@@ -168,7 +184,8 @@ def _as_is(name: str) -> StoredTensor:
 
 def _stored_layout(args: ModelArgs, names: list[str]) -> dict[str, StoredTensor]:
     """Model tensor name -> where the checkpoint keeps it (under its own name, unless the family's
-    `stored` says otherwise: BLOOM's prefix-less checkpoints, experts stored per expert or in MXFP4)."""
+    `stored` says otherwise: BLOOM's prefix-less checkpoints, experts stored per expert or in MXFP4; T5's
+    shared embedding stored only as a stack's copy), less the family's `unread_names`."""
     rule = family_for(args.model_type).stored
     layout = {name: _as_is(name) for name in names}
     if rule is not None:
@@ -177,7 +194,8 @@ def _stored_layout(args: ModelArgs, names: list[str]) -> dict[str, StoredTensor]
         layout = {name: where for name, where in layout.items() if name not in used}
         layout.update({name: _as_is(where) if isinstance(where, str) else where
                        for name, where in found.items()})
-    return layout
+    unread = family_for(args.model_type).unread_names
+    return {name: where for name, where in layout.items() if name not in unread}
 
 
 def _new_dir(parent: Path, prefix: str, suffix: str) -> Path:

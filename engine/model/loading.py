@@ -23,15 +23,14 @@ Prepare = Callable[[nn.Module], nn.Module]
 
 def load_for_training(path: str | Path, dist_ctx: DistContext, prepare: Prepare | None = None) -> CausalLM:
     """The model to train: loaded (one process) or on the meta device, to be sharded and filled."""
-    from packtune.model.config import ModelArgs
     from packtune.model.families import build_model
-    from packtune.model.hf_io import load_pretrained
+    from packtune.model.hf_io import checkpoint_args, load_pretrained
 
     if dist_ctx.mesh is None:
         model = load_pretrained(path, dtype=torch.float32)
-    else:
+    else:  # the args as load_pretrained completes them from the stored names (T5's tied head)
         with torch.device("meta"):
-            model = build_model(ModelArgs.from_file(path)).to(torch.float32)
+            model = build_model(checkpoint_args(path)).to(torch.float32)
         model.source_dir = Path(path)
     return model if prepare is None else prepare(model)
 

@@ -19,6 +19,7 @@ import torch
 
 from packtune.config import DataConfig, PreferenceConfig
 from packtune.datatools.jsonl_files import write_json
+from packtune.errors import ConfigError
 from packtune.preference.loss import PreferenceLoss, shared_prompt_unsupported
 from packtune.preference.packing import PackedPairRows
 
@@ -63,8 +64,14 @@ def run_preference_eval(model_dir: str | Path, data: str | Path, *, template: st
                         dtype: str = "auto") -> PreferenceAccuracy:
     """Tokenize the pairs of `data` (the first `limit`; 0: all), score them with `model_dir`'s model."""
     from packtune.data import prepare_dataset
+    from packtune.model.config import ModelArgs
+    from packtune.model.families import family_for
     from packtune.model.loading import load_for_inference
 
+    model_type = ModelArgs.from_file(model_dir).model_type
+    if family_for(model_type).encoder_decoder:
+        raise ConfigError(f"packtune eval {data}: preference pairs are scored by decoder-only models; "
+                          f"{model_dir} is an encoder-decoder ({model_type})")
     dataset = prepare_dataset(DataConfig(path=str(data), template=template, num_workers=1), model_dir,
                               use_cache=False)
     if limit and limit < len(dataset.prompt_lengths):

@@ -58,7 +58,13 @@ class PreferenceLoss(nn.Module):
 def preference_loss(cfg: Config, model: nn.Module) -> PreferenceLoss:
     """The run's preference loss over `model`, whose family must take rows with shared prompts when
     `preference.shared_prompt` packs them so."""
-    if getattr(getattr(model, "args", None), "num_experts", 0):
+    from packtune.data.rows import preference_refusal
+    from packtune.model.families import family_for
+
+    args = getattr(model, "args", None)
+    if args is not None and family_for(args.model_type).encoder_decoder:
+        raise ConfigError(preference_refusal(cfg.train.objective, args.model_type))
+    if getattr(args, "num_experts", 0):
         raise ConfigError(f"train.objective = {cfg.train.objective!r}: mixture-of-experts models train with "
                           "the SFT objective only (the preference losses do not add the router losses)")
     if cfg.preference.shared_prompt and cfg.data.packing:

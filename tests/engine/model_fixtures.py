@@ -218,13 +218,19 @@ def model_type(name: str) -> str:
 
 
 def family_fixtures() -> dict[str, str]:
-    """model_type -> the first fixture of that family, for every registered family (the per-family
-    tests run on these; a family without a fixture fails here, so a new family cannot go untested)."""
-    from packtune.model.families import model_types
+    """model_type -> the first fixture of that family, for every registered causal-LM family (the
+    per-family tests run on these; a family without a fixture fails here, so a new family cannot go
+    untested). The encoder-decoder families (T5) have theirs in t5_fixtures.py and their own tests."""
+    from t5_fixtures import t5_model_types
+
+    from packtune.model.families import families
 
     first: dict[str, str] = {}
     for name in CONFIGS:
         first.setdefault(model_type(name), name)
-    missing = [t for t in model_types() if t not in first]
-    assert not missing, f"no model_fixtures.CONFIGS entry for the families {missing}"
-    return {t: first[t] for t in model_types()}
+    causal = [f.model_type for f in families() if not f.encoder_decoder]
+    missing = [t for t in causal if t not in first]
+    missing += [f.model_type for f in families()
+                if f.encoder_decoder and f.model_type not in t5_model_types()]
+    assert not missing, f"no model_fixtures.CONFIGS / t5_fixtures.T5_CONFIGS entry for the families {missing}"
+    return {t: first[t] for t in causal}

@@ -110,5 +110,5 @@ def test_text_that_does_not_round_trip_fails_loudly(tokenizers_dir):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(DataError, match=f"tokenizer file {tmp_path}/nope.model does not exist"):
         load_tokenizer(tmp_path / "nope.model")
-    with pytest.raises(DataError, match="holds neither tokenizer.model nor tokenizer.json"):
+    with pytest.raises(DataError, match="holds none of tokenizer.model, spiece.model, tokenizer.json"):
         load_tokenizer(tmp_path)

@@ -1,7 +1,7 @@
 """A tiny causal LM and batches in the training loop's interfaces, for the loop's own tests.
 
 `ToyLM` has the real model's surface (`hidden_states(input_ids, layout)`, `lm_head`, blocks in
-`model.layers`) and, like attention, mixes tokens causally
+`model.layers`, listed in `block_lists`) and, like attention, mixes tokens causally
 *within* each sample only (a running mean), so packing mistakes change the loss.
 `python toy_training.py OUTPUT_DIR [key=value ...]` runs a small training job (used by the
 kill/resume/signal tests, which need a separate process).
@@ -52,8 +52,8 @@ class ToyLM(nn.Module):
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
 
     @property
-    def decoder_layers(self) -> nn.ModuleList:  # the blocks the Trainer shards, as packtune's models
-        return self.model.layers
+    def block_lists(self) -> tuple[nn.ModuleList, ...]:  # the blocks the Trainer shards, as packtune's models
+        return (self.model.layers,)
 
     def hidden_states(self, input_ids, layout):
         x = self.model.embed_tokens(input_ids) + self.model.embed_positions(layout.positions)

@@ -15,6 +15,7 @@ from packtune.model.families import (  # noqa: F401
     qwen2,
     qwen3,
     qwen3_moe,
+    t5,
 )
 from packtune.model.families.decoder import decoder_flops
 from packtune.model.families.family import (
@@ -22,6 +23,7 @@ from packtune.model.families.family import (
     HFConfig,
     HFModules,
     build_model,
+    encoder_decoder,
     families,
     family_for,
     family_for_architecture,
@@ -29,5 +31,5 @@ from packtune.model.families.family import (
     model_types,
 )
 
-__all__ = ["Family", "HFConfig", "HFModules", "build_model", "decoder_flops", "families", "family_for",
-           "family_for_architecture", "lora_target_names", "model_types"]
+__all__ = ["Family", "HFConfig", "HFModules", "build_model", "decoder_flops", "encoder_decoder", "families",
+           "family_for", "family_for_architecture", "lora_target_names", "model_types"]

@@ -1,14 +1,15 @@
 """What a model family is to packtune, and the registry that finds one by config.json's `model_type`.
 
 A family is one file in this folder. It says how its config.json reads into `ModelArgs` (and is
-written back), which of packtune's model classes runs it, the names of its blocks' linears (what
-LoRA targets), and what `apply_packtune` patches in transformers' own implementation of it, or why it
-refuses. Everything else in packtune asks the registry; no other file compares `model_type` strings.
+written back), which of packtune's model classes runs it (a causal LM, or an encoder-decoder: T5),
+the names of its blocks' linears (what LoRA targets), and what `apply_packtune` patches in
+transformers' own implementation of it, or why it refuses. Everything else in packtune asks the
+registry; no other file compares `model_type` strings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +17,8 @@ from packtune.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
-    from packtune.model.causal_lm import CausalLM
     from packtune.model.config import ModelArgs
 
 
@@ -91,13 +92,15 @@ class Family:
     model_type: str
     """config.json's `model_type`, the registry key."""
     architecture: str
-    """transformers' causal-LM class, written to config.json's `architectures`."""
+    """transformers' class (a causal LM, or T5's conditional generation), written to config.json's
+    `architectures`."""
     parse: Callable[[HFConfig], ModelArgs]
     """config.json -> ModelArgs; an option it cannot reproduce exactly raises ModelError naming it."""
     write: Callable[[ModelArgs], dict[str, Any]]
     """ModelArgs -> config.json (the original file's other keys kept) that transformers loads."""
-    build: Callable[[ModelArgs], CausalLM]
-    """packtune's model for these args, on the current default device, weights uninitialised."""
+    build: Callable[[ModelArgs], nn.Module]
+    """packtune's model for these args, on the current default device, weights uninitialised: a
+    `CausalLM`, or for an encoder-decoder (`encoder_decoder`) a `T5ForConditionalGeneration`."""
     lora_targets: tuple[str, ...]
     """The names of a block's linears, in block order (LoRA's possible targets, as PEFT names them)."""
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -112,6 +115,21 @@ class Family:
     """Where a checkpoint keeps the model's tensors, given its stored names: model tensor name -> its
     stored name, or the pieces it is joined from (`StoredTensor`); a name left out is stored as
     itself. None: every tensor under its own name."""
+    unread_names: tuple[str, ...] = ()
+    """Stored tensors the model does not read (T5: the copies of the shared embedding in each stack, the
+    decoder's unused cross-attention bias table): neither loaded nor reported as unexpected."""
+    checkpoint_args: Callable[[ModelArgs, Collection[str]], ModelArgs] | None = None
+    """The args completed by the names a checkpoint stores (T5: its head is tied exactly when no
+    `lm_head.weight` is stored, whatever config.json says); None: config.json alone decides."""
+    encoder_decoder: bool = False
+    """Trained on (input, target) pairs through an encoder and a decoder (T5), not as a causal LM: its
+    data are pairs (data/pairs.py), packed on both sides (data/pair_rows.py)."""
+    loss: Callable[[nn.Module], nn.Module] | None = None
+    """The training loss module wrapping the model (FSDP's root); None: `CausalLMLoss` (engine/loss.py)."""
+    generate: Callable[..., list[list[int]]] | None = None
+    """Batched generation, `generate_batch`'s signature (model/generate.py); None: `generate_batch`."""
+    peft_task_type: str = "CAUSAL_LM"
+    """PEFT's `task_type` written into an exported adapter's config."""
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -151,6 +169,12 @@ def family_for_architecture(name: str) -> Family | None:
     return next((f for f in _REGISTRY.values() if f.architecture == name), None)
 
 
-def build_model(args: ModelArgs) -> CausalLM:
+def encoder_decoder(model: nn.Module) -> bool:
+    """Whether `model` (packtune's, with `args`) is an encoder-decoder: it reads prompts and trains on
+    pairs as `Family.encoder_decoder` says."""
+    return family_for(model.args.model_type).encoder_decoder
+
+
+def build_model(args: ModelArgs) -> nn.Module:
     """packtune's model for `args` (on the current default device), weights uninitialised."""
     return family_for(args.model_type).build(args)
