@@ -23,6 +23,7 @@ from packtune.demo.evaluate import score
 from packtune.demo.mix import make_split, write_jsonl
 from packtune.demo.recipe import RECIPES, DemoRecipe, write_template
 from packtune.demo.tasks import TASKS
+from packtune.errors import TrainingError
 
 
 def evaluate(
@@ -122,6 +123,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
     train_start = time.perf_counter()
     final = run(cfg)
     train_s = time.perf_counter() - train_start
+    if final is None:  # stopped by a signal: there is no trained model to evaluate
+        raise TrainingError(f"the demo's training stopped before its end; its checkpoints are in "
+                            f"{cfg.train.output_dir}")
 
     model = load_for_inference(final)
     after, after_pred = evaluate(model, prompts, heldout, max_new)

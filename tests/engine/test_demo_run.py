@@ -72,3 +72,14 @@ def test_quick_t5_demo_end_to_end(tmp_path, capsys):
         expected = theirs(input_ids=batch.input_ids[None], labels=batch.labels[None]).logits[0]
         got = ours(batch.input_ids, batch.decoder_input_ids, batch.layout)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_demo_stopped_by_a_signal_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    """A run stopped by SIGTERM / SIGINT returns no model: the demo says so instead of loading None."""
+    import packtune.run
+
+    monkeypatch.setattr(packtune.run, "run", lambda cfg: None)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("packtune demo: training error: the demo's training stopped before its end")
+    assert "Traceback" not in "\n".join(err)
