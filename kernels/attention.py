@@ -369,6 +369,24 @@ def length_buckets(lengths: list[int], waste: float = BUCKET_WASTE) -> list[list
     return buckets
 
 
+def padded_segment_index(starts: list[int], lengths: list[int], device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices `[B, longest]` of segments padded to the longest by repeating each one's last
+    token, and which of them are real: the gather of a length bucket's segments."""
+    start = torch.tensor(starts, device=device)[:, None]
+    length = torch.tensor(lengths, device=device)[:, None]
+    offset = torch.arange(max(lengths), device=device)[None, :]
+    return start + torch.minimum(offset, length - 1), offset < length
+
+
+def scatter_segments(like: torch.Tensor, rows: list[torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
+    """The buckets' outputs `parts` written back at their token `rows`; rows no segment covers are zero."""
+    out = torch.zeros_like(like)
+    if not parts:
+        return out
+    return out.index_copy(0, torch.cat(rows), torch.cat(parts))
+
+
 def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
                         causal: bool, window: int | None, scale: float | None,
                         softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
@@ -378,11 +396,8 @@ def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     parts, rows = [], []
     for bucket in length_buckets(lengths):
         longest = lengths[bucket[0]]
-        start = torch.tensor([starts[i] for i in bucket], device=q.device)[:, None]
-        length = torch.tensor([lengths[i] for i in bucket], device=q.device)[:, None]
-        offset = torch.arange(longest, device=q.device)[None, :]
-        real = offset < length  # [B, L]
-        index = start + torch.minimum(offset, length - 1)  # pads repeat the sample's last token
+        index, real = padded_segment_index([starts[i] for i in bucket], [lengths[i] for i in bucket],
+                                           q.device)
         qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
         mask = None
         if window is not None or not causal:
@@ -394,7 +409,4 @@ def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
                            sinks=sinks)
         parts.append(o.transpose(1, 2)[real])
         rows.append(index[real])
-    out = torch.zeros_like(q)
-    if not parts:
-        return out
-    return out.index_copy(0, torch.cat(rows), torch.cat(parts))
+    return scatter_segments(q, rows, parts)

@@ -31,6 +31,8 @@ from packtune.kernels.attention import (
     _params,
     _torch_varlen,
     attention_path,
+    padded_segment_index,
+    scatter_segments,
     zero_tail,
 )
 
@@ -122,25 +124,15 @@ def _bucketed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
         raise ValueError(f"varlen_cross_attention: query segment {empty[0]} has an empty key segment")
     parts, rows = [], []
     for bucket in pair_buckets(q_lengths, k_lengths):
-        q_index, q_real = _padded_index([bq[i] for i in bucket], [q_lengths[i] for i in bucket], q.device)
+        q_index, q_real = padded_segment_index([bq[i] for i in bucket], [q_lengths[i] for i in bucket],
+                                               q.device)
         keys = [k_lengths[i] for i in bucket]
-        k_index, k_real = _padded_index([bk[i] for i in bucket], keys, q.device)
+        k_index, k_real = padded_segment_index([bk[i] for i in bucket], keys, q.device)
         qb = q[q_index].transpose(1, 2)  # [B, H, Lq, D]
         kb, vb = (t[k_index].transpose(1, 2) for t in (k, v))  # [B, H, Lk, D]
         mask = None if min(keys) == max(keys) else k_real[:, None, None, :]
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
         parts.append(o.transpose(1, 2)[q_real])
         rows.append(q_index[q_real])
-    out = torch.zeros_like(q)
-    if not parts:
-        return out
-    return out.index_copy(0, torch.cat(rows), torch.cat(parts))
+    return scatter_segments(q, rows, parts)
 
-
-def _padded_index(starts: list[int], lengths: list[int], device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token indices `[B, longest]` of segments padded by repeating their last token, and which are real."""
-    start = torch.tensor(starts, device=device)[:, None]
-    length = torch.tensor(lengths, device=device)[:, None]
-    offset = torch.arange(max(lengths), device=device)[None, :]
-    return start + torch.minimum(offset, length - 1), offset < length

@@ -42,6 +42,8 @@ from packtune.kernels.attention import (
     _window_size,
     attention_path,
     call_torch_varlen,
+    padded_segment_index,
+    scatter_segments,
     sdpa_attention,
     zero_tail,
 )
@@ -188,8 +190,10 @@ def _bucketed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
                          f"{q_lengths[short[0]]} queries")
     parts, rows = [], []
     for bucket in qk_buckets(q_lengths, k_lengths):
-        q_index, q_real = _padded_index([bq[i] for i in bucket], [q_lengths[i] for i in bucket], q.device)
-        k_index, k_real = _padded_index([bk[i] for i in bucket], [k_lengths[i] for i in bucket], q.device)
+        q_index, q_real = padded_segment_index([bq[i] for i in bucket], [q_lengths[i] for i in bucket],
+                                               q.device)
+        k_index, k_real = padded_segment_index([bk[i] for i in bucket], [k_lengths[i] for i in bucket],
+                                               q.device)
         lq = torch.tensor([q_lengths[i] for i in bucket], device=q.device)[:, None, None]
         lk = torch.tensor([k_lengths[i] for i in bucket], device=q.device)[:, None, None]
         i = torch.arange(q_index.shape[1], device=q.device)[None, :, None] + lk - lq  # place among keys
@@ -206,16 +210,5 @@ def _bucketed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
                            enable_gqa=q.shape[1] != k.shape[1])
         parts.append(o.transpose(1, 2)[q_real])
         rows.append(q_index[q_real])
-    out = torch.zeros_like(q)
-    if not parts:
-        return out
-    return out.index_copy(0, torch.cat(rows), torch.cat(parts))
+    return scatter_segments(q, rows, parts)
 
-
-def _padded_index(starts: list[int], lengths: list[int], device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices `[B, longest]` of segments padded by repeating their last row, and which are real."""
-    start = torch.tensor(starts, device=device)[:, None]
-    length = torch.tensor(lengths, device=device)[:, None]
-    offset = torch.arange(max(lengths), device=device)[None, :]
-    return start + torch.minimum(offset, length - 1), offset < length

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from packtune.kernels.attention import length_buckets
+from packtune.kernels.attention import length_buckets, padded_segment_index, scatter_segments
 
 
 def t5_relative_buckets(relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int,
@@ -152,11 +152,8 @@ def bucketed_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     parts, rows = [], []
     for bucket in length_buckets(lengths):
         longest = lengths[bucket[0]]
-        start = torch.tensor([starts[i] for i in bucket], device=q.device)[:, None]
-        length = torch.tensor([lengths[i] for i in bucket], device=q.device)[:, None]
-        offset = torch.arange(longest, device=q.device)[None, :]
-        real = offset < length  # [B, L]
-        index = start + torch.minimum(offset, length - 1)  # pads repeat the segment's last token
+        index, real = padded_segment_index([starts[i] for i in bucket], [lengths[i] for i in bucket],
+                                           q.device)
         qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
         # causal: a padded key sits after every real query of its segment, so the causal mask alone
         # hides it (one [L, L] mask for the bucket); otherwise the padded keys are masked per segment
@@ -168,7 +165,4 @@ def bucketed_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         o = biased_sdpa(qb, kb, vb, bias_block(bias, longest, longest, q.dtype)[None], allowed, scale)
         parts.append(o.transpose(1, 2)[real])
         rows.append(index[real])
-    out = torch.zeros_like(q)
-    if not parts:
-        return out
-    return out.index_copy(0, torch.cat(rows), torch.cat(parts))
+    return scatter_segments(q, rows, parts)

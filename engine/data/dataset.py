@@ -30,12 +30,12 @@ from packtune.data import cache, fidelity
 from packtune.data.chat_format import make_chat_format, template_identity
 from packtune.data.formats import decode_record, field_names, location, to_conversation
 from packtune.data.pairs import PairChunkTokenizer, check_pair_options, pair_template
+from packtune.data.record_errors import MAX_ERRORS_KEPT, settle_errors
 from packtune.data.sources import OpenSource, resolve_sources
 from packtune.data.tokenizer import default_threads, load_tokenizer
 from packtune.errors import DataError
 
 CHUNK_RECORDS = 2048
-MAX_ERRORS_KEPT = 5
 
 
 class TokenizedDataset:
@@ -290,11 +290,7 @@ class ChunkTokenizer:
             mask_out += mask
             lengths.append(len(ids))
             kept_numbers.append(number)
-        errors.sort(key=lambda item: item[0])
-        if errors and not job["skip_bad_records"]:
-            raise errors[0][1]
-        for _, e in errors:
-            dropped[e.reason] += 1
+        kept_errors = settle_errors(errors, job["skip_bad_records"], dropped)
         return {
             "tokens": np.array(ids_out, dtype=np.int32),
             "mask": np.array(mask_out, dtype=bool),
@@ -305,7 +301,7 @@ class ChunkTokenizer:
             "straddling": straddling,
             "fidelity_checked": checked,
             "chat_format": self.describe(),
-            "errors": [str(e) for _, e in errors[:MAX_ERRORS_KEPT]],
+            "errors": kept_errors,
         }
 
 

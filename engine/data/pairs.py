@@ -31,11 +31,11 @@ import numpy as np
 from packtune.data.builtin_templates import Template, get_template, render
 from packtune.data.chat_format import auto_variant
 from packtune.data.formats import Conversation, Message, decode_record, field_names, location, to_conversation
+from packtune.data.record_errors import settle_errors
 from packtune.data.tokenizer import load_tokenizer
 from packtune.errors import ConfigError, DataError
 
 DEFAULT_TEMPLATE = "seq2seq"
-MAX_ERRORS_KEPT = 5
 
 
 def pair_template(name: str) -> Template:
@@ -137,11 +137,7 @@ class PairChunkTokenizer:
                 mask_out += [False] * len(sides["input"]) + [True] * len(sides["target"])
                 lengths.append(len(sides["input"]) + len(sides["target"]))
                 kept.append(number)
-        errors.sort(key=lambda item: item[0])
-        if errors and not job["skip_bad_records"]:
-            raise errors[0][1]
-        for _, e in errors:
-            dropped[e.reason] += 1
+        kept_errors = settle_errors(errors, job["skip_bad_records"], dropped)
         return {
             "tokens": np.array(ids_out, dtype=np.int32),
             "mask": np.array(mask_out, dtype=bool),
@@ -152,5 +148,5 @@ class PairChunkTokenizer:
             "straddling": 0,
             "fidelity_checked": 0,
             "chat_format": self.describe(),
-            "errors": [str(e) for _, e in errors[:MAX_ERRORS_KEPT]],
+            "errors": kept_errors,
         }

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from packtune.data import fidelity
-from packtune.data.dataset import MAX_ERRORS_KEPT, ChunkTokenizer
+from packtune.data.dataset import ChunkTokenizer
 from packtune.data.formats import Conversation, decode_record, location
+from packtune.data.record_errors import settle_errors
 from packtune.errors import DataError
 from packtune.preference.records import to_pair
 
@@ -72,14 +73,10 @@ class PairTokenizer(ChunkTokenizer):
                 out.add(number, *_pair_ids(prompt, chosen, rejected, wheres[3 * k]), job)
             except DataError as e:
                 errors.append((number, e))
-        errors.sort(key=lambda item: item[0])
-        if errors and not job["skip_bad_records"]:
-            raise errors[0][1]
-        for _, e in errors:
-            out.dropped[e.reason] += 1
+        kept_errors = settle_errors(errors, job["skip_bad_records"], out.dropped)
         return {**out.arrays(), "dropped": out.dropped, "truncated": out.truncated,
                 "straddling": out.straddling, "fidelity_checked": checked, "chat_format": self.describe(),
-                "errors": [str(e) for _, e in errors[:MAX_ERRORS_KEPT]]}
+                "errors": kept_errors}
 
 
 def _pair_ids(prompt, chosen, rejected, where: str):
