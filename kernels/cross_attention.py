@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from packtune.kernels.attention import (
     BUCKET_WASTE,
     _flash_attn,
-    _params,
     _torch_varlen,
     attention_path,
+    call_torch_varlen,
     padded_segment_index,
     scatter_segments,
     zero_tail,
@@ -86,11 +86,9 @@ def varlen_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         return zero_tail(out, cu_q)
     if path == "torch_varlen":
         cu_q, cu_k = (cu.to(device=q.device, dtype=torch.int32) for cu in (cu_seqlens_q, cu_seqlens_k))
-        fn = _torch_varlen()
-        options = {"window_size": (-1, -1)} if "window_size" in _params(fn) else {"is_causal": False}
-        if scale is not None:
-            options["scale"] = scale
-        return zero_tail(fn(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, **options), cu_q)
+        out = call_torch_varlen(_torch_varlen(), q, k, v, cu_q, max_seqlen_q, causal=False, window=None,
+                                scale=scale, cu_k=cu_k, max_seqlen_k=max_seqlen_k)
+        return zero_tail(out, cu_q)
     return _bucketed(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale)
 
 

@@ -72,3 +72,31 @@ def test_mismatched_segments_raise_one_clear_error():
         varlen_cross_attention(q, k, v, cu_q, _cu([9]), 3, 9)
     with pytest.raises(ValueError, match="query segment 1 has an empty key segment"):
         varlen_cross_attention(q, k, v, cu_q, _cu([9, 0]), 3, 9)
+
+
+@pytest.mark.parametrize("signature", ["old", "new"])
+def test_torch_varlen_path_passes_each_side_its_own_offsets(monkeypatch, signature):
+    """The CUDA path through torch's `varlen_attn` (stand-ins with its older and >= 2.12 signatures, on
+    the CPU): queries and keys keep their own offsets and longest segments, no causal mask."""
+    from packtune.kernels import cross_attention
+
+    calls = []
+
+    def varlen_attn_new(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+        calls.append((cu_q.tolist(), cu_k.tolist(), max_q, max_k, tuple(window_size), scale))
+        return varlen_cross_attention_ref(q, k, v, cu_q, cu_k, scale=scale)
+
+    def varlen_attn_old(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        calls.append((cu_q.tolist(), cu_k.tolist(), max_q, max_k, is_causal))
+        return varlen_cross_attention_ref(q, k, v, cu_q, cu_k)
+
+    fn = varlen_attn_new if signature == "new" else varlen_attn_old
+    monkeypatch.setattr(cross_attention, "_torch_varlen", lambda: fn)
+    monkeypatch.setattr(cross_attention, "attention_path", lambda *args, **kw: "torch_varlen")
+    q, k, v, cu_q, cu_k = _rows(Q_LENGTHS, K_LENGTHS)
+    scale = 0.7 if signature == "new" else None
+    out = varlen_cross_attention(q, k, v, cu_q, cu_k, max(Q_LENGTHS), max(K_LENGTHS), scale=scale)
+    options = ((-1, -1), 0.7) if signature == "new" else (False,)
+    assert calls == [(cu_q.tolist(), cu_k.tolist(), max(Q_LENGTHS), max(K_LENGTHS), *options)]
+    torch.testing.assert_close(out, varlen_cross_attention_ref(q, k, v, cu_q, cu_k, scale=scale))
