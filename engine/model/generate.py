@@ -14,7 +14,7 @@ prompts and `batch_size` (the draws of one step come from one generator).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,47 @@ def next_tokens(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def prompt_ids(prompts: Sequence[Sequence[int] | torch.Tensor], batch_size: int,
+               device: torch.device) -> list[torch.Tensor]:
+    """The prompts as 1-D long tensors on `device`; refuses an empty prompt and batch_size < 1."""
+    if batch_size < 1:
+        raise ValueError(f"generate: batch_size must be >= 1, got {batch_size}")
+    ids = [torch.as_tensor(p, dtype=torch.long).flatten().to(device) for p in prompts]
+    for i, p in enumerate(ids):
+        if p.numel() == 0:
+            raise ValueError(f"generate: prompt {i} is empty")
+    return ids
+
+
+def stop_ids(eos_id: int | Sequence[int] | None) -> set[int]:
+    return {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+
+
+def decode_in_batches(ids: list[torch.Tensor], batch_size: int,
+                      decode: Callable[[list[torch.Tensor]], list[list[int]]]) -> list[list[int]]:
+    """`decode` over batches of `batch_size` prompts taken longest first; answers in input order."""
+    order = sorted(range(len(ids)), key=lambda i: -ids[i].numel())
+    answers: list[list[int]] = [[] for _ in ids]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        for i, answer in zip(batch, decode([ids[i] for i in batch]), strict=True):
+            answers[i] = answer
+    return answers
+
+
+def extend_answers(tokens: torch.Tensor, answers: list[list[int]], sequence: list[int], stop: set[int],
+                   max_new_tokens: int) -> list[int]:
+    """Append each cache row's new token to its prompt's answer (`sequence[row]`); returns the rows
+    that go on (no stop token, fewer than max_new_tokens)."""
+    live = []
+    for row, token in enumerate(tokens.tolist()):
+        answer = answers[sequence[row]]
+        answer.append(token)
+        if token not in stop and len(answer) < max_new_tokens:
+            live.append(row)
+    return live
+
+
 @torch.no_grad()
 def generate_batch(
     model: CausalLM,
@@ -64,28 +105,16 @@ def generate_batch(
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[list[int]]:
     """New token ids after each prompt (the EOS included where generation stopped on it)."""
-    if batch_size < 1:
-        raise ValueError(f"generate: batch_size must be >= 1, got {batch_size}")
-    device = model.embed_tokens.weight.device
-    ids = [torch.as_tensor(p, dtype=torch.long).flatten().to(device) for p in prompts]
-    for i, p in enumerate(ids):
-        if p.numel() == 0:
-            raise ValueError(f"generate: prompt {i} is empty")
-    stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    ids = prompt_ids(prompts, batch_size, model.embed_tokens.weight.device)
+    stop = stop_ids(eos_id)
     if max_new_tokens <= 0:
         return [[] for _ in ids]
     limit = model.args.max_position_embeddings
     dynamic = model.args.rope_scaling is not None and model.args.rope_scaling.rope_type == "dynamic"
     if dynamic and max((p.numel() for p in ids), default=0) + max_new_tokens > limit:
         batch_size = 1  # dynamic NTK frequencies follow the longest sequence: no sharing past the limit
-    order = sorted(range(len(ids)), key=lambda i: -ids[i].numel())
-    answers: list[list[int]] = [[] for _ in ids]
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        for i, answer in zip(batch, _decode(model, [ids[i] for i in batch], max_new_tokens, stop, temperature,
-                                            top_p, generator), strict=True):
-            answers[i] = answer
-    return answers
+    return decode_in_batches(ids, batch_size, lambda batch: _decode(model, batch, max_new_tokens, stop,
+                                                                    temperature, top_p, generator))
 
 
 def _decode(model: CausalLM, prompts: list[torch.Tensor], max_new_tokens: int, stop: set[int],
@@ -102,12 +131,7 @@ def _decode(model: CausalLM, prompts: list[torch.Tensor], max_new_tokens: int, s
     sequence = list(range(len(prompts)))  # the prompt of each cache row
     while True:
         tokens = next_tokens(model.logits(last), temperature, top_p, generator)
-        live = []
-        for row, token in enumerate(tokens.tolist()):
-            answer = answers[sequence[row]]
-            answer.append(token)
-            if token not in stop and len(answer) < max_new_tokens:
-                live.append(row)
+        live = extend_answers(tokens, answers, sequence, stop, max_new_tokens)
         if not live:
             return answers
         if len(live) < len(sequence):

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 
 from packtune.kernels import PackedLayout
 from packtune.kernels.relative_attention import bias_block
-from packtune.model.generate import DEFAULT_BATCH_SIZE, next_tokens
+from packtune.model.generate import (
+    DEFAULT_BATCH_SIZE,
+    decode_in_batches,
+    extend_answers,
+    next_tokens,
+    prompt_ids,
+    stop_ids,
+)
 from packtune.model.t5 import (
     StackInputs,
     T5ForConditionalGeneration,
@@ -98,25 +105,12 @@ def generate_seq2seq(
 ) -> list[list[int]]:
     """New token ids after the decoder start token for each prompt (the EOS included where generation
     stopped on it); `eos_id` None: the model's."""
-    if batch_size < 1:
-        raise ValueError(f"generate: batch_size must be >= 1, got {batch_size}")
-    device = model.shared.weight.device
-    ids = [torch.as_tensor(p, dtype=torch.long).flatten().to(device) for p in prompts]
-    for i, p in enumerate(ids):
-        if p.numel() == 0:
-            raise ValueError(f"generate: prompt {i} is empty")
-    eos_id = model.args.eos_token_id if eos_id is None else eos_id
-    stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    ids = prompt_ids(prompts, batch_size, model.shared.weight.device)
+    stop = stop_ids(model.args.eos_token_id if eos_id is None else eos_id)
     if max_new_tokens <= 0:
         return [[] for _ in ids]
-    order = sorted(range(len(ids)), key=lambda i: -ids[i].numel())
-    answers: list[list[int]] = [[] for _ in ids]
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        for i, answer in zip(batch, _decode(model, [ids[i] for i in batch], max_new_tokens, stop, temperature,
-                                            top_p, generator), strict=True):
-            answers[i] = answer
-    return answers
+    return decode_in_batches(ids, batch_size, lambda batch: _decode(model, batch, max_new_tokens, stop,
+                                                                    temperature, top_p, generator))
 
 
 def _decode(model: T5ForConditionalGeneration, prompts: list[torch.Tensor], max_new_tokens: int,
@@ -133,12 +127,7 @@ def _decode(model: T5ForConditionalGeneration, prompts: list[torch.Tensor], max_
         hidden = model.decoder(model.shared(tokens), StackInputs(None, 0, cache=cache))
         cache.advance()
         tokens = next_tokens(model.logits(model.scaled(hidden)), temperature, top_p, generator)
-        live = []
-        for row, token in enumerate(tokens.tolist()):
-            answer = answers[sequence[row]]
-            answer.append(token)
-            if token not in stop and len(answer) < max_new_tokens:
-                live.append(row)
+        live = extend_answers(tokens, answers, sequence, stop, max_new_tokens)
         if not live:
             return answers
         if len(live) < len(sequence):
