@@ -379,6 +379,19 @@ def padded_segment_index(starts: list[int], lengths: list[int], device: torch.de
     return start + torch.minimum(offset, length - 1), offset < length
 
 
+def gather_segments(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows of `t` `[T, ...]` at a bucket's `index` `[B, L]`: `[B, L, ...]`. An index_select, whose
+    backward adds into the gradient with index_add; `t[index]` would scatter it with index_put's
+    accumulate, which sorts the indices first (several times slower on the CPU at small shapes)."""
+    return t.index_select(0, index.flatten()).unflatten(0, tuple(index.shape))
+
+
+def real_rows(padded: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The real rows of a bucket's output `padded` `[B, L, ...]` (where `real` `[B, L]` is True), in order:
+    as `padded[real]`, through index_select (see `gather_segments`)."""
+    return padded.flatten(0, 1).index_select(0, real.flatten().nonzero().squeeze(1))
+
+
 def scatter_segments(like: torch.Tensor, rows: list[torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
     """The buckets' outputs `parts` written back at their token `rows`; rows no segment covers are zero."""
     out = torch.zeros_like(like)
@@ -398,7 +411,7 @@ def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
         longest = lengths[bucket[0]]
         index, real = padded_segment_index([starts[i] for i in bucket], [lengths[i] for i in bucket],
                                            q.device)
-        qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        qb, kb, vb = (gather_segments(t, index).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
         mask = None
         if window is not None or not causal:
             mask = real[:, None, None, :]  # [B, 1, 1, L]: real keys only
@@ -407,6 +420,6 @@ def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
         o = sdpa_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
                            softcap=softcap, alibi_slopes=alibi_slopes, enable_gqa=q.shape[1] != k.shape[1],
                            sinks=sinks)
-        parts.append(o.transpose(1, 2)[real])
+        parts.append(real_rows(o.transpose(1, 2), real))
         rows.append(index[real])
     return scatter_segments(q, rows, parts)

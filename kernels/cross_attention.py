@@ -31,7 +31,9 @@ from packtune.kernels.attention import (
     _torch_varlen,
     attention_path,
     call_torch_varlen,
+    gather_segments,
     padded_segment_index,
+    real_rows,
     scatter_segments,
     zero_tail,
 )
@@ -126,11 +128,11 @@ def _bucketed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
                                                q.device)
         keys = [k_lengths[i] for i in bucket]
         k_index, k_real = padded_segment_index([bk[i] for i in bucket], keys, q.device)
-        qb = q[q_index].transpose(1, 2)  # [B, H, Lq, D]
-        kb, vb = (t[k_index].transpose(1, 2) for t in (k, v))  # [B, H, Lk, D]
+        qb = gather_segments(q, q_index).transpose(1, 2)  # [B, H, Lq, D]
+        kb, vb = (gather_segments(t, k_index).transpose(1, 2) for t in (k, v))  # [B, H, Lk, D]
         mask = None if min(keys) == max(keys) else k_real[:, None, None, :]
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
-        parts.append(o.transpose(1, 2)[q_real])
+        parts.append(real_rows(o.transpose(1, 2), q_real))
         rows.append(q_index[q_real])
     return scatter_segments(q, rows, parts)
 

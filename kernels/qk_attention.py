@@ -42,7 +42,9 @@ from packtune.kernels.attention import (
     _window_size,
     attention_path,
     call_torch_varlen,
+    gather_segments,
     padded_segment_index,
+    real_rows,
     scatter_segments,
     sdpa_attention,
     zero_tail,
@@ -204,11 +206,11 @@ def _bucketed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
         if window is not None:
             mask = mask & (i - j < window) & (j - i < window)
         mask = mask | (~q_real[:, :, None] & (j == 0))  # a padded query (dropped) sees a key: no NaN rows
-        qb = q[q_index].transpose(1, 2)  # [B, H, Lq, D]
-        kb, vb = (t[k_index].transpose(1, 2) for t in (k, v))  # [B, Hk, Lk, D]
+        qb = gather_segments(q, q_index).transpose(1, 2)  # [B, H, Lq, D]
+        kb, vb = (gather_segments(t, k_index).transpose(1, 2) for t in (k, v))  # [B, Hk, Lk, D]
         o = sdpa_attention(qb, kb, vb, attn_mask=mask[:, None], is_causal=False, scale=scale, softcap=softcap,
                            enable_gqa=q.shape[1] != k.shape[1])
-        parts.append(o.transpose(1, 2)[q_real])
+        parts.append(real_rows(o.transpose(1, 2), q_real))
         rows.append(q_index[q_real])
     return scatter_segments(q, rows, parts)
 

@@ -32,7 +32,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from packtune.kernels.attention import length_buckets, padded_segment_index, scatter_segments
+from packtune.kernels.attention import (
+    gather_segments,
+    length_buckets,
+    padded_segment_index,
+    real_rows,
+    scatter_segments,
+)
 
 
 def t5_relative_buckets(relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int,
@@ -90,7 +96,7 @@ def bias_block(bias: torch.Tensor, lq: int, lk: int, dtype: torch.dtype) -> torc
     center = (bias.shape[1] - 1) // 2
     i = torch.arange(lk - lq, lk, device=bias.device)[:, None]
     j = torch.arange(lk, device=bias.device)[None, :]
-    return bias[:, j - i + center].to(dtype)
+    return bias.index_select(1, (j - i + center).flatten()).view(-1, lq, lk).to(dtype)
 
 
 def biased_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -154,7 +160,7 @@ def bucketed_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         longest = lengths[bucket[0]]
         index, real = padded_segment_index([starts[i] for i in bucket], [lengths[i] for i in bucket],
                                            q.device)
-        qb, kb, vb = (t[index].transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        qb, kb, vb = (gather_segments(t, index).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
         # causal: a padded key sits after every real query of its segment, so the causal mask alone
         # hides it (one [L, L] mask for the bucket); otherwise the padded keys are masked per segment
         allowed = None
@@ -163,6 +169,6 @@ def bucketed_relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         elif min(lengths[i] for i in bucket) < longest:
             allowed = real[:, None, None, :]
         o = biased_sdpa(qb, kb, vb, bias_block(bias, longest, longest, q.dtype)[None], allowed, scale)
-        parts.append(o.transpose(1, 2)[real])
+        parts.append(real_rows(o.transpose(1, 2), real))
         rows.append(index[real])
     return scatter_segments(q, rows, parts)
