@@ -26,10 +26,12 @@ sides (log 2, as the policy is its own reference) are printed side by side.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,7 @@ def pair_lengths(tokenizer_model: str | Path, pairs: list[dict[str, str]]) -> li
     return out
 
 
-def plan(args, lengths: list[tuple[int, int, int]]) -> dict[str, Any]:
+def plan(args: argparse.Namespace, lengths: list[tuple[int, int, int]]) -> dict[str, Any]:
     """The pairs, steps and micro-batches of both sides, and packtune's row length: `--padding-batch`
     prompt-shared pairs on average, at least the longest pair unshared (none is dropped)."""
     n = min(args.pairs, len(lengths))
@@ -122,7 +124,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     label_tokens = sum(len(c) + len(r) for c, r in zip(columns["chosen_ids"], columns["rejected_ids"],
                                                        strict=True))
     real_tokens = label_tokens + 2 * sum(len(p) for p in columns["prompt_ids"])
-    ref_bytes = sum(p.numel() * p.element_size() for p in trainer.ref_model.parameters())
+    held = trainer.ref_model.parameters() if trainer.ref_model is not None else ()
+    ref_bytes = sum(p.numel() * p.element_size() for p in held)
     reset_peak_rss()
     start = time.perf_counter()
     trainer.train()
@@ -186,7 +189,8 @@ def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def main(args, work: Path, run_in_subprocess) -> list[dict[str, Any]]:
+def main(args: argparse.Namespace, work: Path, run_in_subprocess: Callable[[dict[str, Any]], dict[str, Any]]
+         ) -> list[dict[str, Any]]:
     """The DPO bench over `work` (prepared by e2e.prepare); `run_in_subprocess` runs one side's spec."""
     import datetime as dt
     import shutil
