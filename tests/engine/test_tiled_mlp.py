@@ -164,7 +164,8 @@ def train(model, output_dir, **train_overrides):
     return [[r["loss"], r["grad_norm"]] for r in records], grads
 
 
-MODELS = {"dense": lambda: tiny_llama(seed=4), "lora": lambda: lora_model(0.0), "moe": lambda: tiny_moe(seed=4)}
+MODELS = {"dense": lambda: tiny_llama(seed=4), "lora": lambda: lora_model(0.0),
+          "moe": lambda: tiny_moe(seed=4)}
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
