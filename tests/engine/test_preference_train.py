@@ -267,13 +267,19 @@ def test_qlora_dpo_trains_adapters_over_an_nf4_base(assets, tmp_path, capsys):
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
 
 
-def test_models_and_layouts_the_objectives_cannot_train_are_refused_in_one_line(assets, tmp_path, capsys):
+def test_mixture_of_experts_dpo_adds_the_router_losses(assets, tmp_path, capsys):
     from toy_training import tiny_moe
 
-    moe = save_pretrained(tiny_moe(vocab=600), tmp_path / "moe")
-    code, _ = train(assets, tmp_path / "a", 'train.objective="dpo"', f'model.path="{moe}"')
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "mixture-of-experts models train with" in err
+    moe = save_pretrained(tiny_moe(vocab=600, max_position_embeddings=512), tmp_path / "moe")
+    code, records = train(assets, tmp_path / "run", 'train.objective="dpo"', f'model.path="{moe}"',
+                          "train.router_z_loss=0.01")
+    assert code == 0, capsys.readouterr().err
+    assert math.isclose(records[0]["loss"] - 0.1 * records[0]["router_aux_loss"]
+                        - 0.01 * records[0]["router_z_loss"], math.log(2), rel_tol=1e-5)
+    assert all(name in records[1] for name in (*TRL_METRICS, "router_load_min"))
+
+
+def test_context_parallelism_is_refused_for_the_objectives():
     cfg = Config()
     cfg.train.objective, cfg.train.context_parallel = "simpo", 2
     with pytest.raises(ConfigError, match="keeps each pair whole in one rank's row"):
