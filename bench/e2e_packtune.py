@@ -80,17 +80,17 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         data = prepare_run_data(cfg, dist_ctx)
         trainer = build_trainer(cfg, data, dist_ctx, mixed)
         reset_peak_rss()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         ref_logps = attach_reference(cfg, data.dataset, trainer, dist_ctx, mixed)  # None for SFT
         trainer.fit()
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         peak = peak_rss_since_reset()
         final = export_model(trainer, cfg)
     finally:
         shutdown(dist_ctx)
     records = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8") if line.strip()]
     steps = [r for r in records if "loss" in r and "tokens" in r]
-    result = {"train_s": seconds, "steps": len(steps), "samples": spec["rows"],
+    result = {"train_s": seconds, "cpu_s": cpu_seconds, "steps": len(steps), "samples": spec["rows"],
               "real_tokens": sum(r["tokens"] for r in steps),
               "label_tokens": sum(r["label_tokens"] for r in steps),
               "peak_bytes": peak, "train_losses": [r["loss"] for r in steps], "model_dir": str(final)}
