@@ -142,10 +142,17 @@ of a half (measured, one run each: 69.7% vs 55.9% held out, before the task weig
 QUICK = replace(FULL, records_per_task=40, eval_per_task=3, vocab_size=400, hidden_size=32,
                 num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, epochs=1, max_tokens=128,
                 micro_batches=2, log_every=20, samples_shown=2)
-T5_FULL = replace(FULL, model="t5", num_hidden_layers=3, num_attention_heads=4)
+T5_FULL = replace(FULL, model="t5", num_hidden_layers=3, num_attention_heads=8, lr=1e-3)
 """The same data, schedule and task weights on a T5 v1.1 (gated-GELU, relative position biases) of 3
 encoder and 3 decoder blocks, trained on (prompt, answer) pairs: the prompt rendered by the demo's
-template up to "### Response:" for the encoder, the answer for the decoder."""
+template up to "### Response:" for the encoder, the answer for the decoder. The decoder's lr of 3e-3
+and 4 heads of 32 reached 15.0 % held out (seed 0, one thread): the right letters in the wrong order,
+every task that copies in order at 0 %, sort at 72.5 %. A T5 has no absolute positions and its
+cross-attention no position bias, so the order of the input reaches the decoder only through the
+encoder's relative position biases. With a quarter of the records (919 steps, seed 0, one run each)
+the variants gave: lr 3e-3, 4 heads 17.5 %; the bias table at 30x the lr 17.5 %; 8 heads of 16
+20.7 %; lr 1e-3 25.7 %; lr 5e-4 25.0 %; 8 heads and lr 1e-3 31.1 % (final loss 0.47 against 0.82),
+and with half the records (1,839 steps) 51.8 %, add and sort at 100 %, reverse at 35 %."""
 T5_QUICK = replace(QUICK, model="t5")
 RECIPES = {("llama", False): FULL, ("llama", True): QUICK, ("t5", False): T5_FULL, ("t5", True): T5_QUICK}
 """(model, quick) -> the demo's recipe."""
