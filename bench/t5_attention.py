@@ -33,7 +33,7 @@ ROWS = {
         5, 4, 5, 4, 5, 3, 5, 5, 9, 9, 5, 5, 4, 5, 5, 5, 5, 5, 5, 5, 5],
 }
 """Segment lengths of each row: FLAN-like rows (FLAN-T5-base's shape is the default) and a row of the
-T5 demo (run it with `--heads 4 --head-dim 32`, the demo model's attention)."""
+T5 demo (run it with `--heads 8 --head-dim 16`, the demo model's attention)."""
 
 
 def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], object]:
