@@ -1,5 +1,6 @@
 """`packtune bench e2e`: whole fine-tuning runs, packtune against transformers + TRL SFTTrainer (a T5,
-`--model t5`: against transformers' Seq2SeqTrainer, bench/e2e_t5.py).
+`--model t5`: against transformers' Seq2SeqTrainer, bench/e2e_t5.py; DPO, `--objective dpo`: against
+TRL's DPOTrainer, bench/e2e_dpo.py).
 
 Every side trains the same Llama config from the same random initial weights, on the same records
 of generated Alpaca-shaped data (bench/alpaca_like.py), in the same order of magnitude of tokens
@@ -36,7 +37,7 @@ from packtune.bench.e2e_t5 import T5_MODELS
 ALL_MODELS = {**MODELS, **T5_MODELS}
 
 IMPLS = ("packtune", "trl-padding", "trl-packing", "packtune-lora", "packtune-qlora", "trl-lora",
-         "seq2seq-trainer")
+         "seq2seq-trainer", "trl-padding-free")
 DEFAULT_IMPLS = ("packtune", "trl-padding", "trl-packing")
 T5_IMPLS = ("packtune", "seq2seq-trainer")
 """The sides of a T5 (`--model t5`), its default too: packtune's packed pairs, transformers'
@@ -59,6 +60,9 @@ def lora_rank(impl: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="packtune bench e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                   help="sft: instruction tuning (default); dpo: DPO on generated preference pairs against "
+                        "TRL's DPOTrainer (sides packtune, trl-padding, trl-padding-free; model small)")
     p.add_argument("--model", action="append", choices=sorted(ALL_MODELS),
                    help="model config(s) to run (repeatable; default: small); t5: a T5 v1.1 against "
                         "Seq2SeqTrainer")
@@ -72,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per packed row (packtune, TRL packing)")
     p.add_argument("--padding-batch", type=int, default=4,
                    help="samples per padded micro-batch for TRL padding (Alpaca's recipe uses 4)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3, DPO 1e-4)")
+    p.add_argument("--pairs", type=int, default=256, help="--objective dpo: train on this many first pairs")
+    p.add_argument("--pairs-per-step", type=int, default=8,
+                   help="--objective dpo: pairs per optimizer step (micro-batches of --padding-batch pairs)")
+    p.add_argument("--beta", type=float, default=0.1, help="--objective dpo: DPO's beta")
     p.add_argument("--rows", type=int, default=4000, help="rows of generated data (the tokenizer's corpus)")
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows for the loss comparison")
     p.add_argument("--seed", type=int, default=0)
@@ -145,6 +153,10 @@ def _init_model(init_dir: Path, name: str, tokenizer_model: Path, seed: int) -> 
 def run_side(spec: dict[str, Any]) -> dict[str, Any]:
     """One side's run, in this process (the worker calls it)."""
     _set_threads(spec["threads"])
+    if spec.get("objective") == "dpo":
+        from packtune.bench import e2e_dpo
+
+        return e2e_dpo.run_side(spec)
     rank = lora_rank(spec["impl"])
     lora = {"lora_rank": rank} if rank else {}
     if spec["impl"] == "packtune-qlora":
@@ -179,7 +191,7 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+def run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "packtune.bench.e2e", "--worker", json.dumps(spec)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -205,7 +217,14 @@ def plan(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = 1e-4 if args.objective == "dpo" else 1e-3
+    if args.objective == "dpo":
+        return _main_dpo(parser, args)
+    if "trl-padding-free" in (args.impl or ()):
+        parser.error("--impl trl-padding-free: a DPO side (--objective dpo)")
     models = args.model or ["small"]
     meta = prepare(args, models)
     shape = plan(args, meta)
@@ -247,7 +266,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     "micro_batches": shape["padding_micro_batches"] if padding else 1}
             shutil.rmtree(spec["out_dir"], ignore_errors=True)  # no metrics or cache left from a previous run
             print(f"  running {name} / {impl} ...", flush=True)
-            res = _run_in_subprocess(spec)
+            res = run_in_subprocess(spec)
             if "error" not in res:
                 res["real_tokens_per_s"] = res["real_tokens"] / res["train_s"]
                 res["label_tokens_per_s"] = res["label_tokens"] / res["train_s"]
@@ -261,6 +280,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     (out / "e2e.json").write_text(json.dumps(results, indent=1))
     print(f"results: {out / 'e2e.json'}")
     return results
+
+
+def _main_dpo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from packtune.bench import e2e_dpo
+
+    if args.model not in (None, ["small"]):
+        parser.error("--objective dpo: runs the small Llama (--model small)")
+    wrong = sorted(set(args.impl or ()) - set(e2e_dpo.IMPLS))
+    if wrong:
+        parser.error(f"--objective dpo: no side {', '.join(wrong)} (choose from {', '.join(e2e_dpo.IMPLS)})")
+    prepare(args, ["small"])
+    _set_threads(args.threads)
+    return e2e_dpo.main(args, Path(args.work), run_in_subprocess)
 
 
 def _t5_input_budget(args: argparse.Namespace, meta: dict[str, Any], shape: dict[str, Any]) -> int:

@@ -3,6 +3,11 @@
 The config is what a user would write for this data (alpaca format and template, packed rows of
 `max_tokens`, the bench's rows per step, lr and warmup); the timed part is `Trainer.fit()`, as
 `trainer.train()` is on the TRL side: data preparation and model loading are outside both timers.
+
+With `objective = "dpo"` (bench/e2e_dpo.py) the data are preference pairs in TRL's standard layout
+(template "raw": the prompt text, then the response and EOS, as TRL renders them), trained with
+prefix-shared packed pairs, and the timed part starts at the reference pass (`attach_reference`:
+the policy as it starts scores every pair once), which TRL runs inside `trainer.train()`.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ def config(spec: dict[str, Any]):
     cfg = Config()
     cfg.model.path = spec["init_dir"]
     cfg.data.path = spec["data"]
-    cfg.data.format = "alpaca"
-    cfg.data.template = "alpaca"
+    if spec.get("objective", "sft") == "sft":
+        cfg.data.format, cfg.data.template = "alpaca", "alpaca"
+    else:
+        cfg.data.format, cfg.data.template = "preference", "raw"
+        cfg.train.objective = spec["objective"]
+        cfg.preference.beta = spec["beta"]
     cfg.data.tokenizer = spec["tokenizer"]
     cfg.data.max_tokens = spec["max_tokens"]
     cfg.data.cache_dir = str(Path(spec["out_dir"]) / "cache")
@@ -56,28 +65,35 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from packtune.demo.mix import write_jsonl
     from packtune.export import export_model
     from packtune.parallel import init_distributed, shutdown
+    from packtune.preference.reference import attach_reference
     from packtune.run import build_trainer, mixed_precision
 
     out = Path(spec["out_dir"])
-    subset = write_jsonl(read_jsonl(spec["data"], spec["rows"]), out / "data.jsonl")
+    records = read_jsonl(spec["data"], spec["rows"])
+    subset = write_jsonl(records, out / "data.jsonl", fields=tuple(records[0]))
     cfg = config({**spec, "data": str(subset)})
     cfg.check()
     torch.manual_seed(cfg.train.seed)
     mixed = mixed_precision(cfg)
     dist_ctx = init_distributed(cfg.train.device, mixed_precision=mixed)
     try:
-        trainer = build_trainer(cfg, prepare_run_data(cfg, dist_ctx), dist_ctx, mixed)
+        data = prepare_run_data(cfg, dist_ctx)
+        trainer = build_trainer(cfg, data, dist_ctx, mixed)
         reset_peak_rss()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        ref_logps = attach_reference(cfg, data.dataset, trainer, dist_ctx, mixed)  # None for SFT
         trainer.fit()
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         peak = peak_rss_since_reset()
         final = export_model(trainer, cfg)
     finally:
         shutdown(dist_ctx)
     records = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8") if line.strip()]
     steps = [r for r in records if "loss" in r and "tokens" in r]
-    return {"train_s": seconds, "steps": len(steps), "samples": spec["rows"],
-            "real_tokens": sum(r["tokens"] for r in steps),
-            "label_tokens": sum(r["label_tokens"] for r in steps),
-            "peak_bytes": peak, "train_losses": [r["loss"] for r in steps], "model_dir": str(final)}
+    result = {"train_s": seconds, "cpu_s": cpu_seconds, "steps": len(steps), "samples": spec["rows"],
+              "real_tokens": sum(r["tokens"] for r in steps),
+              "label_tokens": sum(r["label_tokens"] for r in steps),
+              "peak_bytes": peak, "train_losses": [r["loss"] for r in steps], "model_dir": str(final)}
+    if ref_logps is not None:
+        result["ref_logps"] = ref_logps.tolist()
+    return result

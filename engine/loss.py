@@ -22,15 +22,13 @@ from torch import nn
 from packtune.kernels import PackedLayout, linear_cross_entropy
 
 
-class CausalLMLoss(nn.Module):
-    """Wraps a causal LM with `hidden_states(...)` and `lm_head`; forward returns the loss.
-
-    A mixture-of-experts model (one whose forward leaves `router_loads`, packtune.model.moe) adds its
-    router losses: `router_weight` x (aux_coef x the load-balancing loss + z_coef x the z-loss) of the
-    micro-batch's real tokens, on the device, no sync. The Trainer passes router_weight = 1 / the
-    step's micro-batches over all ranks, so the step adds their mean (0 in evaluation). The
-    micro-batch's (aux, z) and per-layer expert counts are left in `router_stats` for the metrics.
-    """
+class RouterLossTerms(nn.Module):
+    """A loss module over `self.model` that adds a mixture of experts' router losses (a model whose
+    forward leaves `router_loads`, packtune.model.moe): `router_weight` x (aux_coef x the
+    load-balancing loss + z_coef x the z-loss) of the micro-batch's tokens, on the device, no sync.
+    The Trainer passes router_weight = 1 / the step's micro-batches over all ranks, so the step adds
+    their mean (0 in evaluation). The micro-batch's (aux, z) and per-layer expert counts are left in
+    `router_stats` for the metrics."""
 
     def __init__(self, model: nn.Module, aux_coef: float = 0.0, z_coef: float = 0.0) -> None:
         super().__init__()
@@ -38,6 +36,24 @@ class CausalLMLoss(nn.Module):
         self.aux_coef, self.z_coef = aux_coef, z_coef
         self.router_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         """(aux loss, z-loss) [2] and expert counts [sparse layers, E] of the last forward, detached."""
+
+    def with_router_losses(self, loss: torch.Tensor, router_weight: float) -> torch.Tensor:
+        loads = getattr(self.model, "router_loads", None)
+        if not loads:
+            return loss
+        from packtune.model.moe import router_losses
+
+        aux, z = router_losses(loads)
+        self.router_stats = (torch.stack([aux, z]).detach().float(),
+                             torch.stack([load.counts for load in loads]).detach().float())
+        if router_weight and (self.aux_coef or self.z_coef):
+            loss = loss + router_weight * (self.aux_coef * aux + self.z_coef * z).to(loss.dtype)
+        return loss
+
+
+class CausalLMLoss(RouterLossTerms):
+    """Wraps a causal LM with `hidden_states(...)` and `lm_head`; forward returns the loss (plus a
+    mixture of experts' router losses, see RouterLossTerms)."""
 
     def forward(
         self,
@@ -51,16 +67,7 @@ class CausalLMLoss(nn.Module):
         hidden = self.model.hidden_states(input_ids, layout)
         loss = linear_cross_entropy(hidden, self.model.lm_head, labels, weights=loss_weights, reduction="sum",
                                     num_items=num_items, layout=layout, softcap=self.final_logit_softcap)
-        loads = getattr(self.model, "router_loads", None)
-        if loads:
-            from packtune.model.moe import router_losses
-
-            aux, z = router_losses(loads)
-            self.router_stats = (torch.stack([aux, z]).detach().float(),
-                                 torch.stack([load.counts for load in loads]).detach().float())
-            if router_weight and (self.aux_coef or self.z_coef):
-                loss = loss + router_weight * (self.aux_coef * aux + self.z_coef * z).to(loss.dtype)
-        return loss
+        return self.with_router_losses(loss, router_weight)
 
     @property
     def final_logit_softcap(self) -> float | None:

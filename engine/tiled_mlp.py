@@ -11,8 +11,8 @@ and the parameter gradients are the sums over tiles of the same per-token terms.
 
 The wrapper replaces the instance's `forward` (the module, its parameters and their names stay as
 they are, so checkpoints, LoRA targets and the export see nothing), and works for any token-wise
-module: the dense MLP, LoRA's fused `LoRAMLP` (a mixture-of-experts block, whose router loss spans the
-row, is refused).
+module: the dense MLP, LoRA's fused `LoRAMLP`, a mixture-of-experts block's experts (given each
+token's routing as further token-wise inputs; the router runs over the whole row, see tile_mlps).
 
 Why it is safe under FSDP2 with any number of ranks, each tiling its own row length: the units FSDP
 shards are the decoder blocks, and FSDP2 all-gathers a block's parameters once, before the block's
@@ -34,7 +34,6 @@ import functools
 import torch
 from torch import nn
 
-from packtune.errors import ConfigError
 from packtune.model.moe import SparseMoeBlock
 
 AUTO_TILE_BYTES = 32 * 2**20
@@ -52,11 +51,15 @@ def auto_tile_tokens(intermediate_size: int) -> int:
 
 def resolve_tile_tokens(setting: bool | int | str, model: nn.Module) -> int | None:
     """`[train] tiled_mlp` as a tile size in tokens for `model` (None: no tiling); "auto" reads the
-    model's `args.intermediate_size`."""
+    model's `args.intermediate_size` (a mixture of experts': the larger of it and the k routed
+    experts' `k x moe_intermediate_size` per token)."""
     if setting is False:
         return None
     if setting == "auto":
-        intermediate = getattr(getattr(model, "args", None), "intermediate_size", None)
+        args = getattr(model, "args", None)
+        intermediate = getattr(args, "intermediate_size", None)
+        routed = getattr(args, "num_experts_per_tok", 0) * getattr(args, "moe_intermediate_size", 0)
+        intermediate = max(intermediate, routed) if intermediate is not None else None
         if intermediate is None:
             raise ValueError(f'tiled_mlp = "auto": {type(model).__name__} has no args.intermediate_size; '
                              "give a tile size in tokens")
@@ -84,63 +87,73 @@ def _throwaway_graph():
 
 
 class _TiledForward(torch.autograd.Function):
-    """forward(module_forward, tile_tokens, x, *trainable parameters): the module over tiles of x's
-    tokens, keeping only the output; backward: each tile recomputed and differentiated alone."""
+    """forward(module_forward, tile_tokens, inputs, *inputs' tensors, *trainable parameters): the
+    module over tiles of the tokens of its `inputs` token-wise inputs (x first), keeping only the
+    output; backward: each tile recomputed and differentiated alone."""
 
     @staticmethod
-    def forward(ctx, module_forward, tile_tokens: int, x: torch.Tensor, *params: torch.Tensor):
-        flat = x.reshape(-1, x.shape[-1])
-        bounds = tile_bounds(flat.shape[0], tile_tokens)
+    def forward(ctx, module_forward, tile_tokens: int, inputs: int, *tensors: torch.Tensor):
+        x = tensors[0]
+        flat = [t.reshape(x.numel() // x.shape[-1], -1) for t in tensors[:inputs]]
+        bounds = tile_bounds(flat[0].shape[0], tile_tokens)
         rng, out = [], None
         for start, end in bounds:
             rng.append(_rng_states(x.device))
             with _throwaway_graph():
-                part = module_forward(flat[start:end].detach()).detach()
+                part = module_forward(*(t[start:end].detach() for t in flat)).detach()
             if out is None:
                 out = part.new_empty(*x.shape[:-1], part.shape[-1])
             out.view(-1, part.shape[-1])[start:end] = part
-        ctx.module_forward, ctx.bounds, ctx.rng = module_forward, bounds, rng
-        ctx.save_for_backward(x, *params)
+        ctx.module_forward, ctx.bounds, ctx.rng, ctx.inputs = module_forward, bounds, rng, inputs
+        ctx.save_for_backward(*tensors)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, *params = ctx.saved_tensors
-        flat = x.reshape(-1, x.shape[-1])
-        grad_out = grad_out.reshape(flat.shape[0], -1)
-        want_x = ctx.needs_input_grad[2]
-        grad_x = torch.empty_like(flat) if want_x else None
+        tensors = ctx.saved_tensors
+        shapes = [t.shape for t in tensors[:ctx.inputs]]
+        flat = [t.reshape(shapes[0].numel() // shapes[0][-1], -1) for t in tensors[:ctx.inputs]]
+        params = list(tensors[ctx.inputs:])
+        grad_out = grad_out.reshape(flat[0].shape[0], -1)
+        wanted = ctx.needs_input_grad[3:3 + ctx.inputs]
+        grad_inputs = [torch.empty_like(t) if want else None for t, want in zip(flat, wanted, strict=True)]
         grads: list[torch.Tensor | None] = [None] * len(params)
-        devices = [x.device] if x.device.type == "cuda" else []
+        device = flat[0].device
+        devices = [device] if device.type == "cuda" else []
         for (start, end), (cpu_rng, cuda_rng) in zip(ctx.bounds, ctx.rng, strict=True):
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 torch.set_rng_state(cpu_rng)
                 if cuda_rng is not None:
-                    torch.cuda.set_rng_state(cuda_rng, x.device)
-                tile = flat[start:end].detach().requires_grad_(want_x)
-                out = ctx.module_forward(tile)
-            inputs = ([tile] if want_x else []) + params
-            tile_grads = torch.autograd.grad(out, inputs, grad_out[start:end], allow_unused=True)
-            if want_x:
-                grad_x[start:end] = tile_grads[0]
-                tile_grads = tile_grads[1:]
+                    torch.cuda.set_rng_state(cuda_rng, device)
+                tiles = [t[start:end].detach().requires_grad_(want)
+                         for t, want in zip(flat, wanted, strict=True)]
+                out = ctx.module_forward(*tiles)
+            differentiated = [t for t, want in zip(tiles, wanted, strict=True) if want] + params
+            tile_grads = list(torch.autograd.grad(out, differentiated, grad_out[start:end],
+                                                  allow_unused=True))
+            for grad_input in grad_inputs:
+                if grad_input is not None:
+                    grad_input[start:end] = tile_grads.pop(0)
             for i, g in enumerate(tile_grads):
                 if g is not None:
                     grads[i] = g if grads[i] is None else grads[i].add_(g)
             del out, tile_grads
-        grad_x = None if grad_x is None else grad_x.view(x.shape)
-        return None, None, grad_x, *grads
+        grad_inputs = [None if g is None else g.view(shape)
+                       for g, shape in zip(grad_inputs, shapes, strict=True)]
+        return None, None, None, *grad_inputs, *grads
 
 
-def tiled_forward(module: nn.Module, tile_tokens: int, x: torch.Tensor) -> torch.Tensor:
-    """`module`'s class forward over tiles of `tile_tokens` tokens (x `[..., H]`); a row of at most
-    one tile, or a call without a graph, runs the plain forward."""
+def tiled_forward(module: nn.Module, tile_tokens: int, x: torch.Tensor, *token_wise: torch.Tensor
+                  ) -> torch.Tensor:
+    """`module`'s class forward over tiles of `tile_tokens` tokens (x `[..., H]`, and any further
+    inputs with one entry per token of x, such as a router's choices); a row of at most one tile, or a
+    call without a graph, runs the plain forward."""
     plain = functools.partial(type(module).forward, module)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if tokens <= tile_tokens or not torch.is_grad_enabled():
-        return plain(x)
+        return plain(x, *token_wise)
     params = [p for p in module.parameters() if p.requires_grad]
-    return _TiledForward.apply(plain, tile_tokens, x, *params)
+    return _TiledForward.apply(plain, tile_tokens, 1 + len(token_wise), x, *token_wise, *params)
 
 
 def tile_mlp(module: nn.Module, tile_tokens: int) -> None:
@@ -153,15 +166,13 @@ def tile_mlp(module: nn.Module, tile_tokens: int) -> None:
 
 def tile_mlps(blocks: nn.ModuleList, tile_tokens: int) -> int:
     """Tile the `mlp` of every decoder block in `blocks`; returns how many were tiled. A
-    mixture-of-experts block is refused: its forward also takes the row's real-token mask and returns
-    the router's load, which a tile's recomputation would have to gather across tiles."""
-    if any(isinstance(getattr(block, "mlp", None), SparseMoeBlock) for block in blocks):
-        raise ConfigError("train.tiled_mlp: not supported for mixture-of-experts models yet (the expert "
-                          "blocks' router losses are computed over the whole row); set tiled_mlp = false")
+    mixture-of-experts block's experts are tiled, not the block: its router runs over the whole row
+    (its load-balancing and z losses span the row; its logits are only `[tokens x experts]`) and
+    the experts, token-wise given each token's choices and weights, run tile by tile."""
     tiled = 0
     for block in blocks:
         mlp = getattr(block, "mlp", None)
         if isinstance(mlp, nn.Module):
-            tile_mlp(mlp, tile_tokens)
+            tile_mlp(mlp.experts if isinstance(mlp, SparseMoeBlock) else mlp, tile_tokens)
             tiled += 1
     return tiled

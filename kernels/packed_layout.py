@@ -73,10 +73,15 @@ class GatheredKeys:
     """int32 [n + 1]: each query segment's gathered keys."""
     max_seqlen_k: int
     """The longest key segment (host int)."""
+    multiplicity: torch.Tensor | None = None
+    """float32 [T]: how many segments each row token is a key of, i.e. how many samples it stands for
+    (a prompt two segments share: 2), for per-token sums that must count it once per sample (a
+    mixture of experts' router load); None: once each."""
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> GatheredKeys:
         return replace(self, index=_moved(self.index, device, non_blocking),
-                       cu_seqlens_k=_moved(self.cu_seqlens_k, device, non_blocking))
+                       cu_seqlens_k=_moved(self.cu_seqlens_k, device, non_blocking),
+                       multiplicity=_moved(self.multiplicity, device, non_blocking))
 
 
 def _moved(t: torch.Tensor | None, device: torch.device | str, non_blocking: bool) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
 """`packtune bench e2e`: options, the equal-work plan, FLOP counting, the generated data's shape."""
 
 import json
+import math
 
 import pytest
 
@@ -161,3 +162,69 @@ def test_tiny_moe_runs_end_to_end(tmp_path):
         assert "error" not in r, r
         assert r["real_tokens"] > r["label_tokens"] > 0 and r["steps"] >= 1 and r["heldout_loss"] > 0
     assert "speedup_vs_trl-packing" in results[0] and results[2]["steps"] == results[0]["steps"]
+
+
+def test_dpo_options_pairs_and_plan():
+    from packtune.bench import e2e_dpo
+
+    args = e2e.build_parser().parse_args(["--objective", "dpo", "--pairs", "5", "--pairs-per-step", "4",
+                                          "--padding-batch", "2", "--impl", "trl-padding-free"])
+    assert (args.objective, args.impl, args.beta) == ("dpo", ["trl-padding-free"], 0.1)
+    assert e2e.build_parser().parse_args([]).objective == "sft"
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("a", "b", "c")]
+    pairs = e2e_dpo.make_pairs(records, seed=0)
+    assert pairs == e2e_dpo.make_pairs(records, seed=0) and 0 < len(pairs) <= 3
+    for p in pairs:
+        assert p["prompt"] == alpaca_prompt(next(r for r in records if r["output"] == p["chosen"][1:]))
+        assert p["chosen"] != p["rejected"] and p["rejected"][0] == " "
+    # (prompt, chosen, rejected) tokens of 6 pairs: 5 taken, 2 micro-batches of 2 pairs per step
+    shape = e2e_dpo.plan(args, [(10, 5, 5), (10, 20, 10), (30, 5, 5), (10, 5, 5), (10, 5, 5), (99, 99, 99)])
+    assert (shape["pairs"], shape["pairs_per_step"], shape["micro_batches"], shape["steps"]) == (5, 4, 2, 2)
+    assert shape["mean_shared_tokens"] == 28 and shape["max_tokens"] == 70  # the longest unshared pair
+    assert e2e_dpo.plan(e2e.build_parser().parse_args(["--pairs", "2", "--padding-batch", "4"]),
+                        [(10, 20, 10), (10, 20, 30)])["max_tokens"] == 200  # 4 shared pairs of 50
+
+
+def test_dpo_refuses_other_sides_and_models(capsys):
+    refusals = ((["--impl", "trl-packing"], "no side trl-packing"), (["--model", "large"], "small Llama"))
+    for argv, what in refusals:
+        with pytest.raises(SystemExit):
+            e2e.main(["--objective", "dpo", *argv])
+        assert what in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        e2e.main(["--impl", "trl-padding-free"])
+    assert "a DPO side" in capsys.readouterr().err
+
+
+def test_accuracy_counts_ties_against_chosen():
+    from packtune.bench.e2e_dpo import accuracy
+
+    assert accuracy([(-1.0, -2.0), (-3.0, -3.0), (-5.0, -4.0), (-0.5, -9.0)]) == 0.5
+    assert accuracy([]) == 0
+
+
+@pytest.mark.slow
+def test_tiny_dpo_runs_both_sides_on_the_same_pairs(tmp_path):
+    """docs/preference.md's benchmark at a tiny size: packtune's DPO and TRL's DPOTrainer train the same
+    pairs from the same weights (the same reference log-probs, step-1 loss to 1e-5); TRL's padding_free
+    runs or is reported as turned back into padding."""
+    pytest.importorskip("trl", reason="the DPO baseline is TRL's DPOTrainer (the test extra)")
+    results = e2e.main(["--objective", "dpo", "--pairs", "4", "--pairs-per-step", "4", "--padding-batch", "2",
+                        "--rows", "300", "--eval-rows", "3", "--threads", "1",
+                        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert [r["implementation"] for r in results] == ["packtune", "trl-padding", "trl-padding-free"]
+    packtune, trl, padding_free = results
+    for r in (packtune, trl):
+        assert "error" not in r, r
+        assert r["samples"] == 4 and r["steps"] >= 1 and r["peak_bytes"] > 0
+        assert r["pairs_per_s"] > 0 and r["pairs_per_cpu_s"] > 0
+        assert 0 <= r["heldout_accuracy"] <= 1
+    assert packtune["reference_max_rel_error"] < 1e-5  # the same tokens and initial model
+    assert packtune["label_tokens"] == trl["label_tokens"]  # the same responses, EOS after each
+    assert packtune["step1_loss_rel_diff_vs_trl-padding"] < 1e-5
+    assert packtune["train_losses"][0] == pytest.approx(math.log(2), rel=1e-6)  # the policy is its reference
+    assert trl["reference_bytes"] > 0
+    assert {"speedup_vs_trl-padding", "cpu_speedup_vs_trl-padding", "memory_vs_trl-padding"} <= set(packtune)
+    if "error" in padding_free:
+        assert "back into padding" in padding_free["error"]
+    assert json.loads((tmp_path / "out" / "e2e_dpo.json").read_text())[0]["implementation"] == "packtune"

@@ -18,6 +18,7 @@ characters of the rendered text, never by encoding pieces separately.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -184,15 +185,18 @@ class HFTokenizer(Tokenizer):
             ) from None
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
-            self.tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
+            self.tok = self.tok_first = self.tok_rest = tokenizers.Tokenizer.from_str(json.dumps(spec))
+            text_spec = _text_only(spec)
+            if text_spec is not spec:
+                self.tok_first = self.tok_rest = tokenizers.Tokenizer.from_str(json.dumps(text_spec))
+            if _no_prepend(text_spec.get("pre_tokenizer")):  # in place: after tok_first is built
+                self.tok_rest = tokenizers.Tokenizer.from_str(json.dumps(text_spec))
         except Exception as e:  # json and the Rust side raise generic errors for every parse error
             raise DataError(f"tokenizer {path}: not a valid tokenizer.json ({e})", "tokenizer") from None
-        self.tok_rest = self.tok
-        if _no_prepend(spec.get("pre_tokenizer")):
-            self.tok_rest = tokenizers.Tokenizer.from_str(json.dumps(spec))
         # Record text is data: special-token strings inside it are encoded as text. Control tokens are
-        # placed by the encoder between chunks, so no chunk ever needs one.
-        for t in {id(self.tok): self.tok, id(self.tok_rest): self.tok_rest}.values():
+        # placed by the encoder between chunks, so no chunk ever needs one. `tok` holds the ids (decoding,
+        # token_id); `tok_first` and `tok_rest` encode text (a chunk at a sample's start, the others).
+        for t in {id(t): t for t in (self.tok, self.tok_first, self.tok_rest)}.values():
             t.encode_special_tokens = True
         self.path, self.files = path, (path,)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -205,7 +209,7 @@ class HFTokenizer(Tokenizer):
         self._read_configs(path.parent)
 
     def encode_chunks(self, texts: Sequence[str], first: bool) -> list[Encoded]:
-        tok = self.tok if first else self.tok_rest
+        tok = self.tok_first if first else self.tok_rest
         return [(e.ids, e.offsets) for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
@@ -213,6 +217,28 @@ class HFTokenizer(Tokenizer):
 
     def token_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
+
+
+def _text_only(spec: dict) -> dict:
+    """`spec` for encoding text: a Unigram model's copies of the special tokens made unmatchable (a
+    copy of `spec`), or `spec` itself when it has none.
+
+    A Unigram tokenizer.json converted from sentencepiece (T5, FLAN-T5, mT5) keeps `</s>`, `<pad>` and
+    the `<extra_id_N>` sentinels in the model's own vocabulary too, with score 0, the best there is:
+    even with the added tokens' matching off, the model reads a record's text "</s>" as EOS.
+    sentencepiece never matches its control pieces from text; here each gets a string with a space
+    and a NUL, which no pre-tokenized word holds, keeping its place (so every other id stays)."""
+    model = spec.get("model")
+    if not isinstance(model, dict) or model.get("type") != "Unigram":
+        return spec
+    special = {t.get("content") for t in spec.get("added_tokens") or [] if t.get("special")}
+    if not any(entry and entry[0] in special for entry in model.get("vocab") or []):
+        return spec
+    text = copy.deepcopy(spec)
+    for entry in text["model"]["vocab"]:
+        if entry and entry[0] in special:
+            entry[0] = f"\x00 {entry[0]}"
+    return text
 
 
 def _no_prepend(pre_tokenizer: dict | None) -> bool:

@@ -11,7 +11,9 @@ both layouts), so FSDP2 shards them on dim 0 (the experts) and checkpoints name 
 transformers does; `packtune.kernels.moe_experts` runs them.
 
 Each sparse block also returns what the load-balancing loss and the load metrics need, over the
-real tokens only (a padded batch's padding is masked out): `RouterLoad`. The blocks return it as an
+tokens each weighted by its `multiplicity`, the samples it stands for (a padded batch's padding 0; a
+prompt that a preference pair's two sides share, packed once, 2: the sums of the unshared row):
+`RouterLoad`. The blocks return it as an
 output (not a side effect), so FSDP's hooks and activation checkpointing see it like the hidden
 states; the model keeps the last forward's loads in `router_loads`, which packtune.loss reads.
 """
@@ -32,7 +34,7 @@ from packtune.model.llama import MLP, AttentionInputs, DecoderLayer, LlamaForCau
 
 
 class RouterLoad(NamedTuple):
-    """One sparse layer's routing over a batch's real tokens."""
+    """One sparse layer's routing over a batch's tokens, each counted `multiplicity` times."""
 
     counts: torch.Tensor
     """[E] (token, expert) pairs routed to each expert (no gradient)."""
@@ -59,6 +61,13 @@ def router_losses(loads: list[RouterLoad]) -> tuple[torch.Tensor, torch.Tensor]:
     return aux, torch.stack([load.z for load in loads]).sum() / rows
 
 
+def token_multiplicity(layout: PackedLayout) -> torch.Tensor | None:
+    """[N]: how many samples each token of the batch stands for (None: each one)."""
+    if layout.real is not None:
+        return layout.real.reshape(-1)
+    return None if layout.keys is None else layout.keys.multiplicity
+
+
 class Router(nn.Module):
     """transformers' TopKRouter: `weight` [E, H] (and gpt-oss's `bias` [E])."""
 
@@ -75,10 +84,10 @@ class Router(nn.Module):
             if p is not None:
                 p.normal_(0.0, std, generator=generator)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor | None
+    def forward(self, x: torch.Tensor, multiplicity: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, RouterLoad]:
         """Tokens x [N, H] -> (expert indices [N, k], their weights [N, k], the load over the
-        tokens `real` marks, all when None)."""
+        tokens, each counted `multiplicity` [N] times (None: once))."""
         logits = nn.functional.linear(x, self.weight, self.bias)
         compute = torch.promote_types(logits.dtype, torch.float32)  # transformers' routers: fp32
         probs = torch.softmax(logits, dim=-1, dtype=compute)
@@ -89,18 +98,18 @@ class Router(nn.Module):
             weights, index = torch.topk(probs, self.top_k, dim=-1)
             if self.renormalise:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-        return index, weights, self._load(logits, probs, index, real)
+        return index, weights, self._load(logits, probs, index, multiplicity)
 
     def _load(self, logits: torch.Tensor, probs: torch.Tensor, index: torch.Tensor,
-              real: torch.Tensor | None) -> RouterLoad:
+              multiplicity: torch.Tensor | None) -> RouterLoad:
         z = torch.logsumexp(logits.to(probs.dtype), dim=-1) ** 2
         ones = torch.ones_like(index, dtype=probs.dtype)
-        if real is None:
+        if multiplicity is None:
             tokens = torch.tensor(float(logits.shape[0]), dtype=probs.dtype, device=logits.device)
         else:
-            mask = real.to(probs.dtype)
-            probs, z, ones = probs * mask[:, None], z * mask, ones * mask[:, None]
-            tokens = mask.sum()
+            times = multiplicity.to(probs.dtype)
+            probs, z, ones = probs * times[:, None], z * times, ones * times[:, None]
+            tokens = times.sum()
         counts = torch.zeros(probs.shape[-1], dtype=probs.dtype, device=probs.device)
         counts = counts.scatter_add(0, index.reshape(-1), ones.reshape(-1))
         return RouterLoad(counts, probs.sum(0), z.sum(), tokens)
@@ -166,9 +175,9 @@ class SparseMoeBlock(nn.Module):
         if not names.experts_first:
             self.experts = Experts(args)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor | None) -> tuple[torch.Tensor, RouterLoad]:
+    def forward(self, x: torch.Tensor, multiplicity: torch.Tensor | None) -> tuple[torch.Tensor, RouterLoad]:
         flat = x.reshape(-1, x.shape[-1])
-        index, weights, load = getattr(self, self.router_name)(flat, real)
+        index, weights, load = getattr(self, self.router_name)(flat, multiplicity)
         return self.experts(flat, index, weights).view_as(x), load
 
 
@@ -183,12 +192,12 @@ class MoEDecoderLayer(DecoderLayer):
     def build_mlp(self, args: ModelArgs, layer: int) -> nn.Module:
         return SparseMoeBlock(args, self.names) if args.sparse(layer) else MLP(args)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs, real: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, multiplicity: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, RouterLoad | None]:
         h = x + self.self_attn(self.input_layernorm(x), inputs)
         y = self.post_attention_layernorm(h)
         if isinstance(self.mlp, SparseMoeBlock):
-            out, load = self.mlp(y, real)
+            out, load = self.mlp(y, multiplicity)
             return h + out, load
         return h + self.mlp(y), None
 
@@ -203,10 +212,10 @@ class MoEForCausalLM(LlamaForCausalLM):
 
     def _run_layers(self, x: torch.Tensor, inputs: AttentionInputs,
                     layout: PackedLayout | None) -> torch.Tensor:
-        real = None if layout is None or layout.real is None else layout.real.reshape(-1)
+        multiplicity = None if layout is None else token_multiplicity(layout)
         loads = []
         for layer in self.model.layers:
-            x, load = layer(x, inputs, real)
+            x, load = layer(x, inputs, multiplicity)
             if load is not None:
                 loads.append(load)
         self.router_loads = loads if inputs.cache is None else []

@@ -8,6 +8,10 @@ pair and chosen-token counts (`num_items`, a device tensor: no host sync).
 
 Called without `num_items`, the forward returns the `[pairs, 2]` log-probs alone: the reference
 pass (reference.py) and `packtune eval` read them so.
+
+A mixture of experts adds its router losses as in SFT (engine/loss.py's RouterLossTerms); a prompt
+two sides share counts twice in the router load (GatheredKeys.multiplicity), so prefix sharing
+changes neither the loss nor its gradients.
 """
 
 from __future__ import annotations
@@ -16,17 +20,20 @@ import torch
 from torch import nn
 
 from packtune.config import Config, PreferenceConfig
+from packtune.config.train import router_coefficients
 from packtune.errors import ConfigError
 from packtune.kernels import PackedLayout, layout_segments, linear_logprobs
+from packtune.loss import RouterLossTerms
 from packtune.preference.objectives import metric_names, step_loss
 
 
-class PreferenceLoss(nn.Module):
+class PreferenceLoss(RouterLossTerms):
     """Wraps a causal LM with `hidden_states(...)` and `lm_head`; forward returns (loss, metrics)."""
 
-    def __init__(self, model: nn.Module, objective: str, cfg: PreferenceConfig) -> None:
-        super().__init__()
-        self.model, self.objective, self.cfg = model, objective, cfg
+    def __init__(self, model: nn.Module, objective: str, cfg: PreferenceConfig, aux_coef: float = 0.0,
+                 z_coef: float = 0.0) -> None:
+        super().__init__(model, aux_coef, z_coef)
+        self.objective, self.cfg = objective, cfg
         self.metric_names = metric_names(objective, cfg)
         """What the second output's entries are (logged under these names)."""
 
@@ -45,14 +52,15 @@ class PreferenceLoss(nn.Module):
                 ref_logps: torch.Tensor | None = None, router_weight: float = 0.0
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`num_items`: the step's [pairs, chosen label tokens] (float device tensor); `loss_weights`
-        must be None (pairs are weighted by the objective); `router_weight` (a mixture of experts'
-        router losses, SFT's CausalLMLoss adds them) is not read: preference_loss refuses MoE models."""
+        must be None (pairs are weighted by the objective); `router_weight`: see RouterLossTerms."""
         if loss_weights is not None:
             raise ValueError("a preference objective takes no per-token loss weights")
         logps, counts = self.logps(input_ids, labels, layout)
         if num_items is None:
             return logps
-        return step_loss(self.objective, self.cfg, logps, counts, ref_logps, num_items[0], num_items[1])
+        pairs, chosen_tokens = num_items
+        loss, metrics = step_loss(self.objective, self.cfg, logps, counts, ref_logps, pairs, chosen_tokens)
+        return self.with_router_losses(loss, router_weight), metrics
 
 
 def preference_loss(cfg: Config, model: nn.Module) -> PreferenceLoss:
@@ -64,14 +72,12 @@ def preference_loss(cfg: Config, model: nn.Module) -> PreferenceLoss:
     args = getattr(model, "args", None)
     if args is not None and family_for(args.model_type).encoder_decoder:
         raise ConfigError(preference_refusal(cfg.train.objective, args.model_type))
-    if getattr(args, "num_experts", 0):
-        raise ConfigError(f"train.objective = {cfg.train.objective!r}: mixture-of-experts models train with "
-                          "the SFT objective only (the preference losses do not add the router losses)")
     if cfg.preference.shared_prompt and cfg.data.packing:
         why = shared_prompt_unsupported(model)
         if why:
             raise ConfigError(f"preference.shared_prompt: {why}; set preference.shared_prompt = false")
-    return PreferenceLoss(model, cfg.train.objective, cfg.preference)
+    router = router_coefficients(cfg.train, getattr(args, "router_aux_loss_coef", 0.0))
+    return PreferenceLoss(model, cfg.train.objective, cfg.preference, *router)
 
 
 def shared_prompt_unsupported(model: nn.Module) -> str | None:

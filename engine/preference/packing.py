@@ -191,8 +191,10 @@ def shared_prefix_batch(sides: list[tuple], extras: dict) -> PreferenceBatch:
     cu_k = np.zeros(len(k_lens) + 1, dtype=np.int32)
     np.cumsum(k_lens, out=cu_k[1:])
     rows = torch.from_numpy(np.flatnonzero(flat != IGNORE_INDEX).astype(np.int64))
-    keys = GatheredKeys(torch.from_numpy(np.concatenate(key_index).astype(np.int64)), torch.from_numpy(cu_k),
-                        int(k_lens.max()))
+    key_index = np.concatenate(key_index).astype(np.int64)
+    multiplicity = np.bincount(key_index, minlength=start).astype(np.float32)  # a shared prompt's: 2
+    keys = GatheredKeys(torch.from_numpy(key_index), torch.from_numpy(cu_k), int(k_lens.max()),
+                        torch.from_numpy(multiplicity))
     attended = float((q_lens * k_lens).sum() / q_lens.sum())  # keys per query, for the FLOPs count
     positions = torch.from_numpy(np.concatenate(positions))
     layout = PackedLayout(torch.from_numpy(cu), int(k_lens.max()), positions, rows, len(rows), attended, keys)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from data_fixtures import trained_tokenizers, write_jsonl
 from preference_fixtures import pair_records
-from toy_training import tiny_llama
+from toy_training import tiny_llama, tiny_moe
 
 from packtune.config import DataConfig, PreferenceConfig
 from packtune.data import prepare_dataset
@@ -103,3 +103,35 @@ def test_shared_layout_attends_like_two_samples(pairs):
     keys = layout.keys.index[cu_k[1]:cu_k[2]].tolist()
     assert keys == list(range(n - 1)) + list(range(chosen, chosen + rejected - n + 1))
     assert layout.positions[cu[1]:cu[2]].tolist() == list(range(n - 1, rejected))
+    multiplicity = layout.keys.multiplicity[:cu[2]].tolist()  # the samples each token stands for
+    assert multiplicity == [2.0] * (n - 1) + [1.0] * (chosen - n + 1 + rejected - n + 1)
+
+
+def test_mixture_of_experts_router_losses_agree_across_layouts(pairs):
+    """A mixture of experts' DPO loss with its router losses: a shared prompt counts twice in the
+    router load (its two samples'), so the three layouts of one micro-batch give the same loss,
+    router statistics and gradients."""
+    model = tiny_moe(vocab=600, seed=1, max_position_embeddings=1024)
+    ref = torch.from_numpy(np.random.default_rng(0).normal(-40, 5, size=(N_PAIRS, 2)))
+    results = {}
+    for name, rows in {"shared": PackedPairRows.packed(pairs, 4000, True),
+                       "unshared": PackedPairRows.packed(pairs, 4000, False),
+                       "padded": PaddedPairRows.random_groups(pairs, N_PAIRS)}.items():
+        (batch,) = [rows.collate(r) for r in range(len(rows))]  # one micro-batch of every pair
+        module = PreferenceLoss(model, "dpo", PreferenceConfig(beta=0.5), aux_coef=0.5, z_coef=0.1)
+        model.zero_grad()
+        num_items = torch.tensor([float(batch.num_items), float(batch.chosen_tokens)])
+        loss, _ = module(batch.input_ids, batch.labels, batch.layout, num_items=num_items,
+                         ref_logps=ref[torch.from_numpy(batch.pairs)].float(), router_weight=1.0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[name] = (loss.item(), module.router_stats, grads)
+    base_loss, (base_terms, base_counts), base_grads = results["unshared"]
+    assert base_terms[0] > 0 and base_counts.sum() > 0
+    for name in ("shared", "padded"):
+        loss, (terms, counts), grads = results[name]
+        assert loss == pytest.approx(base_loss, rel=1e-6), name
+        torch.testing.assert_close(terms, base_terms, rtol=1e-5, atol=0)
+        assert torch.equal(counts, base_counts), name
+        for key, grad in grads.items():
+            assert (grad - base_grads[key]).norm() <= 1e-5 * base_grads[key].norm(), (name, key)

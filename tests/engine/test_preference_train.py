@@ -22,6 +22,8 @@ from preference_fixtures import pair_records
 from toy_training import tiny_llama
 
 from packtune.cli import main
+from packtune.config import Config
+from packtune.errors import ConfigError
 from packtune.model.hf_io import save_pretrained
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -252,3 +254,33 @@ def assert_eval_log_probs_are_transformers(model_dir: Path, report: Path) -> Non
     np.testing.assert_allclose(np.array(written["logps"]).reshape(-1), expected, rtol=1e-5)
     chosen, rejected = np.array(expected[0::2]), np.array(expected[1::2])
     assert written["preference_accuracy_summed"] == float(np.mean(chosen > rejected))
+
+
+def test_qlora_dpo_trains_adapters_over_an_nf4_base(assets, tmp_path, capsys):
+    pytest.importorskip("torchao")
+    code, records = train(assets, tmp_path / "run", 'train.objective="dpo"', "lora.rank=4", "lora.alpha=8",
+                          'lora.base_dtype="nf4"')
+    printed = capsys.readouterr().out
+    assert code == 0 and re.search(r"frozen base [0-9.]+ MiB \(nf4\)", printed)
+    assert math.isclose(records[0]["loss"], math.log(2), rel_tol=1e-6)  # the reference is the same nf4 base
+    assert records[1]["rewards/chosen"] != 0.0
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+
+
+def test_mixture_of_experts_dpo_adds_the_router_losses(assets, tmp_path, capsys):
+    from toy_training import tiny_moe
+
+    moe = save_pretrained(tiny_moe(vocab=600, max_position_embeddings=512), tmp_path / "moe")
+    code, records = train(assets, tmp_path / "run", 'train.objective="dpo"', f'model.path="{moe}"',
+                          "train.router_z_loss=0.01")
+    assert code == 0, capsys.readouterr().err
+    assert math.isclose(records[0]["loss"] - 0.1 * records[0]["router_aux_loss"]
+                        - 0.01 * records[0]["router_z_loss"], math.log(2), rel_tol=1e-5)
+    assert all(name in records[1] for name in (*TRL_METRICS, "router_load_min"))
+
+
+def test_context_parallelism_is_refused_for_the_objectives():
+    cfg = Config()
+    cfg.train.objective, cfg.train.context_parallel = "simpo", 2
+    with pytest.raises(ConfigError, match="keeps each pair whole in one rank's row"):
+        cfg.check_objective()

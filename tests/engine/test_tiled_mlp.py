@@ -164,17 +164,22 @@ def train(model, output_dir, **train_overrides):
     return [[r["loss"], r["grad_norm"]] for r in records], grads
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_trainer_tiled_with_checkpointing_equals_untiled(tmp_path, lora, monkeypatch):
+MODELS = {"dense": lambda: tiny_llama(seed=4), "lora": lambda: lora_model(0.0),
+          "moe": lambda: tiny_moe(seed=4)}
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_trainer_tiled_with_checkpointing_equals_untiled(tmp_path, kind, monkeypatch):
     import packtune.tiled_mlp
 
-    make = (lambda: lora_model(0.0)) if lora else (lambda: tiny_llama(seed=4))
+    make = MODELS[kind]
     base, base_grads = train(make(), tmp_path / "plain", activation_checkpointing=True)
     tiled_rows = []
     monkeypatch.setattr(packtune.tiled_mlp, "tile_bounds",
                         lambda n, t: tiled_rows.append(n) or tile_bounds(n, t))
     tiled, tiled_grads = train(make(), tmp_path / "tiled", activation_checkpointing=True, tiled_mlp=3)
-    assert len(tiled_rows) == 2 * 2 * (2 * 3 + 1)  # 2 layers, forward + recompute, 7 micro-batches
+    layers = len(make().decoder_layers)  # an MoE block tiles its experts, a dense block its MLP
+    assert len(tiled_rows) == layers * 2 * (2 * 3 + 1)  # forward + recompute, 7 micro-batches
     torch.testing.assert_close(torch.tensor(tiled), torch.tensor(base), rtol=1e-6, atol=0)
     assert tiled_grads.keys() == base_grads.keys() and base_grads
     for name, value in base_grads.items():
@@ -185,11 +190,48 @@ def test_trainer_tiled_with_checkpointing_equals_untiled(tmp_path, lora, monkeyp
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_mixture_of_experts_blocks_are_refused():
-    from packtune.errors import ConfigError
+def moe_block(lora: bool):
+    """The first sparse block of a float64 toy Qwen3-MoE (with LoRA on its experts: adapters of value)."""
+    model = tiny_moe(seed=2).to(torch.float64)
+    if lora:
+        apply_lora(model, LoRASpec(2, 4.0, targets=("experts.gate_up_proj", "experts.down_proj")))
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model.decoder_layers[0].mlp
 
-    with pytest.raises(ConfigError, match="train.tiled_mlp: not supported for mixture-of-experts models"):
-        tile_mlps(tiny_moe().decoder_layers, 4)
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_mixture_of_experts_block_tiled_equals_untiled(lora):
+    """The router over the whole row, its experts tile by tile: the block's output, its router load
+    (the load-balancing and z losses' inputs) and every gradient equal the untiled block's."""
+    def run(module):
+        x = torch.randn(2, 11, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        x.requires_grad_(True)
+        real = torch.arange(22) % 7 != 6  # some padding
+        out, load = module(x, real)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        ((out * weight).sum() + 0.3 * (load.probs * load.counts).sum() + 0.1 * load.z).backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        return out.detach(), x.grad, grads
+
+    tiled = moe_block(lora)
+    tile_mlp(tiled.experts, 4)
+    result = run(tiled)
+    tolerance = 1e-6 if lora else 1e-12  # the adapters are fp32 (PEFT's), the base float64
+    assert_same(result, run(moe_block(lora)), rtol=tolerance, atol=tolerance)
+    assert any("lora_" in name for name in result[2]) == lora
+
+
+def test_tile_mlps_tiles_the_experts_and_the_dense_mlps_of_a_mixture_of_experts():
+    model = tiny_moe()
+    assert tile_mlps(model.decoder_layers, 4) == 3
+    sparse, dense = model.decoder_layers[0].mlp, model.decoder_layers[1].mlp
+    assert "forward" in vars(sparse.experts) and "forward" not in vars(sparse) and "forward" in vars(dense)
+    assert resolve_tile_tokens("auto", model) == auto_tile_tokens(64)  # max(64, 2 experts x 16)
+    assert resolve_tile_tokens("auto", tiny_moe(intermediate_size=16)) == auto_tile_tokens(32)
 
 
 def _saved_float_bytes(model, tokens: int, sample: int) -> int:
