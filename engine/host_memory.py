@@ -9,7 +9,7 @@ peak resident set grows with the row several times faster than the tensors alive
 (measured in docs/long-context.md). `release_freed_tensors` fixes the threshold (which also
 stops its adjustment), so blocks of at least `MMAP_THRESHOLD_BYTES` are mapped per tensor and unmapped
 when it is freed; the resident set then follows the tensors alive. The cost is a page fault per
-fresh page of such a tensor, which made CPU steps slower (by about a tenth in a few noisy runs on a
+fresh page of such a tensor, which made CPU steps slower (by a tenth or more in a few noisy runs on a
 loaded machine), so the Trainer does it only where the run already trades compute for memory: with
 activation checkpointing on the CPU. No effect on CUDA memory, nor outside glibc (musl, macOS,
 Windows), where this returns False.
