@@ -21,10 +21,12 @@ without and with gradient checkpointing, its loss over materialised logits.
 Each measurement is a fresh process (bench/harness.py's reasoning): it builds the model and the row,
 runs one step, and reports the process's peak resident set (VmHWM) during the step, the model,
 gradients and optimizer state included, the step's time (tokens per second) and its loss (packtune's
-settings compute the same step: their losses agree to fp32 rounding). Ratios are against packtune's
-`none` setting of the same mode and row length, measured in the same run. The parent kills a
-process whose resident set passes `--cap-gib` (the machine is shared: nothing may push it out of
-memory) and reports the length as over the cap, not an estimate. Rows are packed from samples of
+settings compute the same step: their losses agree to fp32 rounding). Every worker, transformers'
+included, first fixes glibc's mmap threshold as packtune's Trainer does on the CPU
+(packtune.host_memory): otherwise the heap's freed holes, not the tensors, set the peak. Ratios are
+against packtune's `none` setting of the same mode and row length, measured in the same run. The
+parent kills a process whose resident set passes `--cap-gib` (the machine is shared: nothing may push
+it out of memory) and reports the length as over the cap, not an estimate. Rows are packed from samples of
 `--sample-tokens` tokens (the attention's time grows with the sample length, its memory with the
 row's), half of each trained. The fit: least squares of peak bytes against row tokens per
 (implementation, mode, setting), the slope as bytes per token beside the floor that the
@@ -160,6 +162,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
+    from packtune.host_memory import release_freed_tensors
+
+    release_freed_tensors()  # what packtune's Trainer does on the CPU, for transformers' step as well
     torch.manual_seed(0)
     model_shape = shape(spec["layers"], spec["vocab"])
     samples = packed_samples(spec["tokens"], spec["sample_tokens"], spec["vocab"])

@@ -39,6 +39,7 @@ from packtune.config import TrainConfig
 from packtune.config.train import router_coefficients
 from packtune.context_parallel import ContextChunks, check_model
 from packtune.errors import CheckpointError, ConfigError, StorageError, TrainingError
+from packtune.host_memory import release_freed_tensors
 from packtune.loss import CausalLMLoss
 from packtune.metrics import MetricsLogger, peak_flops
 from packtune.model.families import family_for
@@ -101,7 +102,8 @@ class Trainer:
     shard on the accelerator. `mixed_precision` (default: on CUDA) computes in bf16 over the fp32
     parameters (see parallel.py). Long rows: `cfg.tiled_mlp` tiles the blocks' MLPs,
     `cfg.offload_activations` keeps the saved block inputs in host memory, and under context
-    parallelism (`dist_ctx.context`) the samplers' whole rows become this rank's chunks.
+    parallelism (`dist_ctx.context`) the samplers' whole rows become this rank's chunks. On the CPU with
+    activation checkpointing, freed tensors' pages go back to the system at once (packtune.host_memory).
     """
 
     def __init__(
@@ -124,6 +126,8 @@ class Trainer:
             sampler = ContextChunks(sampler, dist_ctx.context)
             eval_sampler = None if eval_sampler is None else ContextChunks(eval_sampler, dist_ctx.context)
         self.cfg, self.dist_ctx, self.sampler, self.eval_sampler = cfg, dist_ctx, sampler, eval_sampler
+        if dist_ctx.device.type == "cpu" and cfg.activation_checkpointing:  # memory over speed: host_memory
+            release_freed_tensors()
         self.generation_eval = generation_eval
         self.count_flops = count_flops
         """Count each step's training FLOPs from its batches' shapes (`batch.flops`), for MFU."""

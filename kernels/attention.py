@@ -393,11 +393,18 @@ def real_rows(padded: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_segments(like: torch.Tensor, rows: list[torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
-    """The buckets' outputs `parts` written back at their token `rows`; rows no segment covers are zero."""
-    out = torch.zeros_like(like)
+    """The buckets' outputs `parts` written back at their token `rows`; rows no segment covers are zero.
+
+    A gather, each token reading its row of the parts (or an appended zero row), whose backward keeps
+    only that int64 index: `index_copy` keeps its whole source (a second `[tokens x heads x dim]`
+    copy of the output, per layer, alive until the backward) for its shape alone."""
     if not parts:
-        return out
-    return out.index_copy(0, torch.cat(rows), torch.cat(parts))
+        return torch.zeros_like(like)
+    rows_cat = torch.cat(rows)
+    source = torch.cat([*parts, parts[0].new_zeros(1, *parts[0].shape[1:])])
+    where = torch.full((like.shape[0],), rows_cat.numel(), dtype=torch.int64, device=like.device)
+    where[rows_cat] = torch.arange(rows_cat.numel(), device=like.device)
+    return source.index_select(0, where)
 
 
 def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,

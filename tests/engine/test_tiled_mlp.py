@@ -233,3 +233,40 @@ def test_tile_mlps_tiles_the_experts_and_the_dense_mlps_of_a_mixture_of_experts(
     assert resolve_tile_tokens("auto", model) == auto_tile_tokens(64)  # max(64, 2 experts x 16)
     assert resolve_tile_tokens("auto", tiny_moe(intermediate_size=16)) == auto_tile_tokens(32)
 
+
+def _saved_float_bytes(model, tokens: int, sample: int) -> int:
+    """Bytes of the distinct float storages `model`'s first block saves for its backward on a packed row
+    of `tokens` tokens (samples of `sample`), leaving out the block's input and the parameters."""
+    from packtune.kernels import PackedLayout
+    from packtune.model.llama import AttentionInputs
+
+    layout = PackedLayout.packed([sample] * (tokens // sample))
+    cos, sin = model.rope(layout.max_seqlen, torch.device("cpu"))
+    inputs = AttentionInputs(layout.positions, cos, sin, layout.cu_seqlens, layout.max_seqlen)
+    x = torch.randn(tokens, model.args.hidden_size, requires_grad=True)
+    skip = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if t.is_floating_point() and ptr not in skip:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.decoder_layers[0](x, inputs)
+    return sum(saved.values())
+
+
+def test_a_tiled_block_saves_no_intermediate_and_one_attention_output():
+    """What a recomputed block keeps per token for its backward (docs/long-context.md, its table): the
+    normed input, the bucketed q/k/v, SDPA's output and lse, the attention output, the residual and
+    the MLP's input; nothing `[tokens x intermediate]` (tiled) and no second copy of the attention
+    output (the bucketed attention's scatter back kept one until it became a gather)."""
+    model = tiny_llama(hidden_size=32, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8).float()
+    tile_mlps(model.decoder_layers, 16)
+    h, q, kv, heads = 32, 32, 16, 4
+    per_token = (_saved_float_bytes(model, 128, 32) - _saved_float_bytes(model, 64, 32)) / 64
+    bound = 4 * (h + (q + 2 * kv) + q + q + h + h) + 4 * heads + 4 * 2
+    assert per_token <= bound, (per_token, bound)

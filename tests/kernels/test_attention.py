@@ -182,3 +182,25 @@ def test_cuda_fast_path_matches_reference(window):
     exact = varlen_attention_ref(q.double(), k.double(), v.double(), cu, window=window)
     eager = varlen_attention_ref(q, k, v, cu, window=window)
     assert (out.double() - exact).abs().max() <= (eager.double() - exact).abs().max() + 1e-2
+
+
+def test_bucketed_attention_keeps_one_copy_of_its_output():
+    """What the CPU path saves for the backward: the bucketed q, k, v and SDPA's output and lse, plus
+    int indices; not a second copy of the output (index_copy kept its source, [T, Hq, D], per layer)."""
+    lengths = [7, 5, 5, 3]
+    q, k, v, cu, longest = _packed(lengths, hq=4, hk=2, d=8, dtype=torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        varlen_attention(q, k, v, cu, longest)
+    floats = sum(n for n, dtype in storages.values() if dtype.is_floating_point)
+    padded = sum(lengths[b[0]] * len(b) for b in length_buckets(lengths))  # tokens of the padded buckets
+    qkv_out = padded * (4 + 2 + 2 + 4) * 8 * 4
+    lse = padded * 4 * 4
+    assert floats <= qkv_out + lse, (floats, qkv_out + lse)
