@@ -192,25 +192,34 @@ def _bucketed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Ten
                          f"{q_lengths[short[0]]} queries")
     parts, rows = [], []
     for bucket in qk_buckets(q_lengths, k_lengths):
-        q_index, q_real = padded_segment_index([bq[i] for i in bucket], [q_lengths[i] for i in bucket],
-                                               q.device)
-        k_index, k_real = padded_segment_index([bk[i] for i in bucket], [k_lengths[i] for i in bucket],
-                                               q.device)
-        lq = torch.tensor([q_lengths[i] for i in bucket], device=q.device)[:, None, None]
-        lk = torch.tensor([k_lengths[i] for i in bucket], device=q.device)[:, None, None]
-        i = torch.arange(q_index.shape[1], device=q.device)[None, :, None] + lk - lq  # place among keys
-        j = torch.arange(k_index.shape[1], device=q.device)[None, None, :]
-        mask = k_real[:, None, :].expand(-1, q_index.shape[1], -1)  # [B, Lq, Lk]
-        if causal:
-            mask = mask & (j <= i)
-        if window is not None:
-            mask = mask & (i - j < window) & (j - i < window)
-        mask = mask | (~q_real[:, :, None] & (j == 0))  # a padded query (dropped) sees a key: no NaN rows
+        queries, keys = [q_lengths[i] for i in bucket], [k_lengths[i] for i in bucket]
+        q_index, q_real = padded_segment_index([bq[i] for i in bucket], queries, q.device)
+        k_index, k_real = padded_segment_index([bk[i] for i in bucket], keys, q.device)
+        if causal or window is not None:
+            mask = _bucket_mask(queries, keys, q_real, k_real, causal, window)
+        else:  # cross-attention: every query sees its segment's real keys, so no row is left without one
+            mask = None if min(keys) == max(keys) else k_real[:, None, None, :]
         qb = gather_segments(q, q_index).transpose(1, 2)  # [B, H, Lq, D]
         kb, vb = (gather_segments(t, k_index).transpose(1, 2) for t in (k, v))  # [B, Hk, Lk, D]
-        o = sdpa_attention(qb, kb, vb, attn_mask=mask[:, None], is_causal=False, scale=scale, softcap=softcap,
+        o = sdpa_attention(qb, kb, vb, attn_mask=mask, is_causal=False, scale=scale, softcap=softcap,
                            enable_gqa=q.shape[1] != k.shape[1])
         parts.append(real_rows(o.transpose(1, 2), q_real))
         rows.append(q_index[q_real])
     return scatter_segments(q, rows, parts)
 
+
+def _bucket_mask(queries: list[int], keys: list[int], q_real: torch.Tensor, k_real: torch.Tensor,
+                 causal: bool, window: int | None) -> torch.Tensor:
+    """`[B, 1, Lq, Lk]` (True = attend) of a bucket's padded segments: real keys, bottom-right causality,
+    the window; a padded query (dropped afterwards) sees one key, so no row of the softmax is empty."""
+    device = q_real.device
+    lq = torch.tensor(queries, device=device)[:, None, None]
+    lk = torch.tensor(keys, device=device)[:, None, None]
+    i = torch.arange(q_real.shape[1], device=device)[None, :, None] + lk - lq  # each query's place among keys
+    j = torch.arange(k_real.shape[1], device=device)[None, None, :]
+    mask = k_real[:, None, :].expand(-1, q_real.shape[1], -1)  # [B, Lq, Lk]
+    if causal:
+        mask = mask & (j <= i)
+    if window is not None:
+        mask = mask & (i - j < window) & (j - i < window)
+    return (mask | (~q_real[:, :, None] & (j == 0)))[:, None]

@@ -12,7 +12,7 @@ reference's own error in the same dtype + 1e-2; gradients within twice its error
 import pytest
 import torch
 
-from packtune.kernels import cross_attention
+from packtune.kernels import qk_attention
 from packtune.kernels.cross_attention import varlen_cross_attention, varlen_cross_attention_ref
 from packtune.kernels.relative_attention import (
     relative_bias,
@@ -76,7 +76,7 @@ def test_relative_attention_matches_per_segment_reference(dtype, causal, lengths
 @pytest.mark.parametrize("path", ["native", "buckets"])
 def test_cross_attention_matches_per_pair_reference(monkeypatch, path):
     if path == "buckets":
-        monkeypatch.setattr(cross_attention, "attention_path", lambda *args, **kwargs: "buckets")
+        monkeypatch.setattr(qk_attention, "attention_path", lambda *args, **kwargs: "buckets")
     cu_q, cu_k = _cu(TARGETS), _cu(INPUTS)
     q = _tensors(sum(TARGETS), torch.bfloat16)[0]
     k, v = _tensors(sum(INPUTS), torch.bfloat16, tail=0)[:2]

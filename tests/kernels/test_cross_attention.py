@@ -1,11 +1,12 @@
-"""Varlen cross-attention (kernels/cross_attention.py): the per-pair reference equals the attention
-written out over both rows, and the CPU path (pair buckets) equals the reference in float64, values and
-gradients, with query and key segments of length 1 and of very different lengths."""
+"""Varlen cross-attention (kernels/cross_attention.py, varlen_qk_attention without causality): the
+per-pair reference equals the attention written out over both rows, and the CPU path (segment buckets,
+masked only where a bucket's key segments differ in length) equals the reference in float64, values
+and gradients, with query and key segments of length 1 and of very different lengths."""
 
 import pytest
 import torch
 
-from packtune.kernels.cross_attention import pair_buckets, varlen_cross_attention, varlen_cross_attention_ref
+from packtune.kernels.cross_attention import varlen_cross_attention, varlen_cross_attention_ref
 
 Q_LENGTHS = [1, 20, 3, 1, 40, 2]
 K_LENGTHS = [30, 1, 3, 64, 2, 7]
@@ -56,21 +57,11 @@ def test_buckets_equal_reference_values_and_grads(q_lengths, k_lengths):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_pair_buckets_bound_their_padding():
-    q_lengths, k_lengths = [5, 1, 7, 7, 2, 30, 3], [8, 8, 2, 9, 1, 3, 8]
-    buckets = pair_buckets(q_lengths, k_lengths, waste=1.25)
-    assert [3, 0] in buckets
-    assert sorted(i for b in buckets for i in b) == list(range(7))
-    for b in buckets:
-        padded = len(b) * max(q_lengths[i] for i in b) * max(k_lengths[i] for i in b)
-        assert len(b) == 1 or padded <= 1.25 * sum(q_lengths[i] * k_lengths[i] for i in b)
-
-
 def test_mismatched_segments_raise_one_clear_error():
     q, k, v, cu_q, _ = _rows([2, 3], [4, 5])
     with pytest.raises(ValueError, match="2 query segments but 1 key segments"):
         varlen_cross_attention(q, k, v, cu_q, _cu([9]), 3, 9)
-    with pytest.raises(ValueError, match="query segment 1 has an empty key segment"):
+    with pytest.raises(ValueError, match="query segment 1 has 0 keys for 3 queries"):
         varlen_cross_attention(q, k, v, cu_q, _cu([9, 0]), 3, 9)
 
 
@@ -78,7 +69,7 @@ def test_mismatched_segments_raise_one_clear_error():
 def test_torch_varlen_path_passes_each_side_its_own_offsets(monkeypatch, signature):
     """The CUDA path through torch's `varlen_attn` (stand-ins with its older and >= 2.12 signatures, on
     the CPU): queries and keys keep their own offsets and longest segments, no causal mask."""
-    from packtune.kernels import cross_attention
+    from packtune.kernels import qk_attention
 
     calls = []
 
@@ -92,8 +83,8 @@ def test_torch_varlen_path_passes_each_side_its_own_offsets(monkeypatch, signatu
         return varlen_cross_attention_ref(q, k, v, cu_q, cu_k)
 
     fn = varlen_attn_new if signature == "new" else varlen_attn_old
-    monkeypatch.setattr(cross_attention, "_torch_varlen", lambda: fn)
-    monkeypatch.setattr(cross_attention, "attention_path", lambda *args, **kw: "torch_varlen")
+    monkeypatch.setattr(qk_attention, "_torch_varlen", lambda: fn)
+    monkeypatch.setattr(qk_attention, "attention_path", lambda *args, **kw: "torch_varlen")
     q, k, v, cu_q, cu_k = _rows(Q_LENGTHS, K_LENGTHS)
     scale = 0.7 if signature == "new" else None
     out = varlen_cross_attention(q, k, v, cu_q, cu_k, max(Q_LENGTHS), max(K_LENGTHS), scale=scale)
