@@ -22,8 +22,6 @@ class Seq2SeqLoss(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.router_stats = None
-        """No router (the Trainer reads MoE models' router statistics here)."""
 
     def forward(
         self,
