@@ -32,8 +32,9 @@ def _prepare(args: argparse.Namespace) -> int:
                          context_parallel=cp)
     print(format_report(report))
     if args.report_json:
-        with open(args.report_json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        from packtune.atomic_write import write_atomic
+
+        write_atomic(args.report_json, json.dumps(report, indent=1))
     return 0
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from packtune.atomic_write import write_atomic
+
 # Dense bf16 peak TFLOPS per GPU, matched against torch.cuda.get_device_name (first hit wins).
 _PEAK_TFLOPS = (
     ("H200", 989.0),
@@ -238,3 +240,18 @@ def _duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of metrics.jsonl after `step`, the checkpoint a run resumes from (those steps
+    will be redone), atomically: a kill during the rewrite leaves the old file whole."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    write_atomic(path, "".join(line + "\n" for line in kept))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from packtune.atomic_write import write_atomic
 from packtune.config import Config, dump_config, load_config
 from packtune.errors import ConfigError
 from packtune.runlock import LOCK_NAME
@@ -152,7 +153,7 @@ def start_run(cfg: Config, plan: RunPlan) -> Path | None:
     # `overwrite` is an action, not a property of the run: `packtune train <run>/config.toml` must not
     # move the run it describes aside.
     resolved = replace(cfg, train=replace(cfg.train, overwrite=False))
-    _atomic_write(plan.output_dir / "config.toml", dump_config(resolved))
+    write_atomic(plan.output_dir / "config.toml", dump_config(resolved))
     write_marker(plan.output_dir, {"status": "running", "started": _now(), "world_size": world_size()})
     return moved
 
@@ -172,7 +173,7 @@ def read_marker(output_dir: Path) -> dict[str, Any] | None:
 
 def write_marker(output_dir: Path, fields: dict[str, Any]) -> None:
     """Replace `<output_dir>/run.json` atomically: a reader sees the old marker or the new one."""
-    _atomic_write(output_dir / "run.json", json.dumps({"format": "packtune-run", **fields}, indent=1) + "\n")
+    write_atomic(output_dir / "run.json", json.dumps({"format": "packtune-run", **fields}, indent=1) + "\n")
 
 
 def finish_run(output_dir: Path, steps: int, tokens: int, seconds: float, final: Path | None) -> str:
@@ -194,15 +195,6 @@ def complete_message(plan: RunPlan) -> str:
     model = f"final model: {final}" if final.is_dir() else "no final/ (train.export = false)"
     return (f"{plan.output_dir}: this run is already complete ({steps}{model}); nothing to do. "
             "To train it again pass --overwrite (moves the old run aside) or choose another train.output_dir")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _aside_path(path: Path) -> Path:

@@ -19,8 +19,6 @@ One optimizer step (the loss contract, docs/how-it-works.md):
 from __future__ import annotations
 
 import contextlib
-import json
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,40 +39,16 @@ from packtune.context_parallel import ContextChunks, check_model
 from packtune.errors import CheckpointError, ConfigError, StorageError, TrainingError
 from packtune.host_memory import release_freed_tensors
 from packtune.loss import CausalLMLoss
-from packtune.metrics import MetricsLogger, peak_flops
+from packtune.metrics import MetricsLogger, peak_flops, truncate_metrics
 from packtune.model.families import family_for
 from packtune.offload import ActivationOffload
 from packtune.optim import build_optimizer, build_scheduler, clip_grad_norm
 from packtune.parallel import DistContext, gathered_parameters, parallelize
+from packtune.stop_signal import StopSignal
 from packtune.tiled_mlp import resolve_tile_tokens, tile_mlps
 
 if TYPE_CHECKING:
     from packtune.data.packing import PackedBatch, PaddedBatch
-
-
-class StopSignal:
-    """SIGTERM/SIGINT ask the loop to finish the current step, save and exit 0.
-
-    A second SIGINT falls through to Python's default (KeyboardInterrupt) for an impatient user.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def progress_mode(progress: str, stream: Any = None) -> str:
@@ -214,7 +188,7 @@ class Trainer:
                 raise CheckpointError(f"train.resume: {path} does not verify: {problem}")
         if path is None:
             if self.dist_ctx.is_main:
-                _truncate_metrics(self.output_dir / "metrics.jsonl", 0)
+                truncate_metrics(self.output_dir / "metrics.jsonl", 0)
             return None
         extra = load_checkpoint(path, self.dist_ctx, self.module, self.optimizer)
         self.step, self.epoch = extra["step"], extra["epoch"]
@@ -226,7 +200,7 @@ class Trainer:
         self.metrics.skipped_steps = extra.get("skipped_total", 0)
         self.metrics.bad_in_a_row = extra.get("bad_in_a_row", 0)
         if self.dist_ctx.is_main:
-            _truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         return path
 
     def save(self) -> Path:
@@ -435,17 +409,3 @@ def router_metrics(terms: torch.Tensor, counts: torch.Tensor) -> dict[str, torch
     share = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     return {"router_aux_loss": terms[0], "router_z_loss": terms[1], "router_load_min": share.min(),
             "router_load_max": share.max()}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

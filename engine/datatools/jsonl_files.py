@@ -6,29 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from packtune.atomic_write import write_atomic
 from packtune.data.formats import decode_record, location
 from packtune.data.readers import open_records
 from packtune.errors import DataError
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from packtune.atomic_write import write_atomic
+
 
 def read_losses(metrics_path: str | Path) -> tuple[list[int], list[float]]:
     """(steps, losses) from a `metrics.jsonl`, skipping lines without a finite training loss."""
@@ -43,9 +45,7 @@ def write_curve(run_dir: str | Path, out_stem: str | Path, title: str = "trainin
         import matplotlib  # noqa: F401
     except ImportError:
         steps, losses = read_losses(Path(run_dir) / "metrics.jsonl")
-        path = out_stem.with_suffix(".txt")
-        path.write_text(f"{title}\n{text_chart(steps, losses)}\n", encoding="utf-8")
-        return path
+        return write_atomic(out_stem.with_suffix(".txt"), f"{title}\n{text_chart(steps, losses)}\n")
     from packtune.plot import plot_runs
 
     return plot_runs([run_dir], out_stem.with_suffix(".png"))

@@ -20,6 +20,7 @@ import random
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from packtune.atomic_write import write_atomic
 from packtune.datatools.instruction_templates import InstructionTemplate, TextTemplate, pick_template
 from packtune.datatools.templatize import render_example
 from packtune.datatools.templatize_spec import TaskSpec
@@ -118,12 +119,8 @@ ALPACA_FIELDS = ("instruction", "input", "output")
 def write_jsonl(records: list[dict[str, str]], path: str | Path,
                 fields: tuple[str, ...] = ALPACA_FIELDS) -> Path:
     """Write `fields` of each record; by default plain Alpaca records, which every SFT data loader reads."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps({k: record[k] for k in fields}, ensure_ascii=False) + "\n")
-    return path
+    return write_atomic(path, "".join(json.dumps({k: record[k] for k in fields}, ensure_ascii=False) + "\n"
+                                      for record in records))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from packtune.atomic_write import write_atomic
 from packtune.config import Config
 
 TEMPLATE = {
@@ -29,10 +30,7 @@ the demo's budget. Written as a template file, the way users add their own."""
 
 
 def write_template(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(f"{key} = {json.dumps(value)}\n" for key, value in TEMPLATE.items())
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_atomic(path, "".join(f"{key} = {json.dumps(value)}\n" for key, value in TEMPLATE.items()))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from packtune.atomic_write import write_atomic
 from packtune.datatools.scoring import EvalReport
 from packtune.demo.evaluate import score
 from packtune.demo.mix import make_split, write_jsonl
@@ -140,7 +141,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, seed: in
         "recipe": recipe.__dict__, "headline": headline(after, recipe),
         "headline_before_training": headline(before, recipe),
     }
-    (out / "demo.json").write_text(json.dumps(metrics, indent=1))
+    write_atomic(out / "demo.json", json.dumps(metrics, indent=1))
     per_task = ", ".join(f"{k} {100 * v:.0f}%" for k, v in after.task_accuracy().items())
     print(f"[5/5] per task: {per_task}; unseen phrasings: {100 * phrasing.accuracy:.1f}%")
     for task, why in recipe.outside_headline:
