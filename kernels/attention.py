@@ -9,9 +9,9 @@ Four paths, chosen per call, best first:
    signature moved: `enable_gqa` is passed where it exists (PyTorch >= 2.12), otherwise the kv
    heads are expanded to the query heads; `window_size` where it exists, otherwise `is_causal`
    (and a sliding-window call takes path 4); a custom `scale` only where `scale` exists;
-4. length buckets, on any device and dtype (the CPU path): samples sorted by length and cut into
-   buckets whose padding to the bucket's longest costs at most `BUCKET_WASTE` x their real
-   tokens; one batched scaled_dot_product_attention call per bucket. A padded key sits after
+4. length buckets (segment_buckets.py), on any device and dtype (the CPU path): samples sorted by
+   length and cut into buckets whose padding to the bucket's longest costs at most `BUCKET_WASTE` x
+   their real tokens; one batched scaled_dot_product_attention call per bucket. A padded key sits after
    every real query of its sample, so the causal mask alone hides it (windows and non-causal
    calls get an explicit mask); padded queries are computed and dropped. Exact, and a row of 32
    short samples costs a few SDPA calls instead of 32.
@@ -59,6 +59,13 @@ import torch
 import torch.nn.functional as F
 
 from packtune.kernels.flex_attention import flex_varlen_attention
+from packtune.kernels.segment_buckets import (
+    gather_segments,
+    length_buckets,
+    padded_segment_index,
+    real_rows,
+    scatter_segments,
+)
 
 
 @functools.cache
@@ -347,64 +354,6 @@ def zero_tail(out: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     through a device-side comparison: no host sync."""
     rows = torch.arange(out.shape[0], device=out.device)
     return out.masked_fill((rows >= cu_seqlens[-1])[:, None, None], 0.0)
-
-
-BUCKET_WASTE = 1.25
-"""A bucket's padded tokens (samples x its longest) stay within this multiple of its real tokens."""
-
-
-def length_buckets(lengths: list[int], waste: float = BUCKET_WASTE) -> list[list[int]]:
-    """Sample indices grouped longest first; each group padded to its first (longest) sample holds at
-    most `waste` x its real tokens. Empty samples are left out."""
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
-    buckets: list[list[int]] = []
-    tokens = 0
-    for i in order:
-        if buckets and lengths[buckets[-1][0]] * (len(buckets[-1]) + 1) <= waste * (tokens + lengths[i]):
-            buckets[-1].append(i)
-            tokens += lengths[i]
-        else:
-            buckets.append([i])
-            tokens = lengths[i]
-    return buckets
-
-
-def padded_segment_index(starts: list[int], lengths: list[int], device: torch.device
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token indices `[B, longest]` of segments padded to the longest by repeating each one's last
-    token, and which of them are real: the gather of a length bucket's segments."""
-    start = torch.tensor(starts, device=device)[:, None]
-    length = torch.tensor(lengths, device=device)[:, None]
-    offset = torch.arange(max(lengths), device=device)[None, :]
-    return start + torch.minimum(offset, length - 1), offset < length
-
-
-def gather_segments(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The rows of `t` `[T, ...]` at a bucket's `index` `[B, L]`: `[B, L, ...]`. An index_select, whose
-    backward adds into the gradient with index_add; `t[index]` would scatter it with index_put's
-    accumulate, which sorts the indices first (several times slower on the CPU at small shapes)."""
-    return t.index_select(0, index.flatten()).unflatten(0, tuple(index.shape))
-
-
-def real_rows(padded: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """The real rows of a bucket's output `padded` `[B, L, ...]` (where `real` `[B, L]` is True), in order:
-    as `padded[real]`, through index_select (see `gather_segments`)."""
-    return padded.flatten(0, 1).index_select(0, real.flatten().nonzero().squeeze(1))
-
-
-def scatter_segments(like: torch.Tensor, rows: list[torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
-    """The buckets' outputs `parts` written back at their token `rows`; rows no segment covers are zero.
-
-    A gather, each token reading its row of the parts (or an appended zero row), whose backward keeps
-    only that int64 index: `index_copy` keeps its whole source (a second `[tokens x heads x dim]`
-    copy of the output, per layer, alive until the backward) for its shape alone."""
-    if not parts:
-        return torch.zeros_like(like)
-    rows_cat = torch.cat(rows)
-    source = torch.cat([*parts, parts[0].new_zeros(1, *parts[0].shape[1:])])
-    where = torch.full((like.shape[0],), rows_cat.numel(), dtype=torch.int64, device=like.device)
-    where[rows_cat] = torch.arange(rows_cat.numel(), device=like.device)
-    return source.index_select(0, where)
 
 
 def _bucketed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,

@@ -36,20 +36,22 @@ from __future__ import annotations
 import torch
 
 from packtune.kernels.attention import (
-    BUCKET_WASTE,
     _flash_attn,
     _torch_varlen,
     _window_size,
     attention_path,
     call_torch_varlen,
-    gather_segments,
-    padded_segment_index,
-    real_rows,
-    scatter_segments,
     sdpa_attention,
     zero_tail,
 )
 from packtune.kernels.packed_layout import GatheredKeys
+from packtune.kernels.segment_buckets import (
+    BUCKET_WASTE,
+    gather_segments,
+    padded_segment_index,
+    real_rows,
+    scatter_segments,
+)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor) -> None:

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from packtune.kernels.attention import (
+from packtune.kernels.segment_buckets import (
     gather_segments,
     length_buckets,
     padded_segment_index,

@@ -4,12 +4,8 @@ import pytest
 import torch
 
 from packtune.kernels import varlen_attention
-from packtune.kernels.attention import (
-    attention_path,
-    describe_attention_paths,
-    length_buckets,
-    varlen_attention_ref,
-)
+from packtune.kernels.attention import attention_path, describe_attention_paths, varlen_attention_ref
+from packtune.kernels.segment_buckets import length_buckets
 
 
 def _packed(lengths, hq=4, hk=4, d=32, dtype=torch.float64, device="cpu"):
