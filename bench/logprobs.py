@@ -6,8 +6,14 @@ and `packtune` (linear_logprobs: label rows only, in chunks, no N x V logits; gi
 PackedLayout, as a trainer does, so the GPU step has no host sync). Rows are cut into segments of
 `--segment-len` tokens (a sequence each) and 30% of the labels are -100 by default (prompt tokens).
 A step is `torch.autograd.grad(logp, (hidden, weight), upstream)` with a fixed upstream gradient
-per segment of both signs (as DPO's chosen and rejected get). Default shape: a CPU-sized one on
-CPU, Llama-3-8B's lm_head (N=8192, H=4096, V=128256) on CUDA.
+per segment of both signs (as DPO's chosen and rejected get); with `--frozen-weight` the lm_head
+is frozen, as under LoRA and QLoRA, and the step wants dHidden alone. Default shape: a CPU-sized one
+on CPU, Llama-3-8B's lm_head (N=8192, H=4096, V=128256) on CUDA.
+
+`--from-logits` measures the log-softmax-and-gather part alone, from given logits [N, V] (H unused):
+`torch` is TRL's `selective_log_softmax` (log_softmax in fp32, gather), `packtune` the row kernel the
+fused op runs per chunk (`masked_cross_entropy(reduction="none")`, negated), both summed per segment
+and differentiated in the logits.
 """
 
 from __future__ import annotations
@@ -24,13 +30,33 @@ IMPLS = ("torch", "torch-compile", "packtune")
 SHAPES = {"cpu": ({"N": 4096, "H": 1024, "V": 32000},), "cuda": ({"N": 8192, "H": 4096, "V": 128256},)}
 
 
+def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eager label log-probs from logits, as TRL computes them: log_softmax in fp32, then gather; 0 where
+    the label is -100."""
+    valid = labels != -100
+    logp = logits.float().log_softmax(-1).gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    return torch.where(valid, logp, 0.0)
+
+
+def fused_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same from packtune's fused row kernel (one pass over each row, its gradient formed there)."""
+    from packtune.kernels import masked_cross_entropy
+
+    return -masked_cross_entropy(logits, labels, reduction="none")
+
+
 def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], object]:
     from packtune.kernels import PackedLayout, layout_segments, linear_logprobs, linear_logprobs_ref
+
+    if shape.get("from_logits"):
+        return _logits_step(impl, shape, dtype, device)
 
     n, h, v, seg_len = shape["N"], shape["H"], shape["V"], shape.get("segment_len", 256)
     dt = getattr(torch, dtype)
     hidden = torch.randn(n, h, dtype=dt, device=device).requires_grad_()
-    weight = (torch.randn(v, h, dtype=dt, device=device) / h**0.5).requires_grad_()
+    frozen = shape.get("frozen_weight", False)
+    weight = (torch.randn(v, h, dtype=dt, device=device) / h**0.5).requires_grad_(not frozen)
+    wanted = (hidden,) if frozen else (hidden, weight)
     labels = make_labels(n, v, shape.get("ignored", 0.3), device)
     lens = np.diff(np.append(np.arange(0, n, seg_len), n))
     layout = PackedLayout.packed(lens, labels.cpu()).to(device)
@@ -45,9 +71,29 @@ def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], o
         raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
 
     def step():
-        return torch.autograd.grad(logp_fn(hidden, weight), (hidden, weight), upstream)
+        return torch.autograd.grad(logp_fn(hidden, weight), wanted, upstream)
 
     step()  # compile / first-touch outside the measurement
+    return step
+
+
+def _logits_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], object]:
+    n, v, seg_len = shape["N"], shape["V"], shape.get("segment_len", 256)
+    logits = (torch.randn(n, v, device=device) * 2).to(getattr(torch, dtype)).requires_grad_()
+    labels = make_labels(n, v, shape.get("ignored", 0.3), device)
+    segments = torch.arange(n, device=device) // seg_len
+    upstream = torch.randn(int(segments[-1]) + 1, device=device)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
+    token_logp = fused_log_softmax if impl == "packtune" else selective_log_softmax
+    if impl == "torch-compile":
+        token_logp = torch.compile(token_logp)
+
+    def step():
+        sums = upstream.new_zeros(upstream.numel()).index_add(0, segments, token_logp(logits, labels))
+        return torch.autograd.grad(sums, (logits,), upstream)
+
+    step()
     return step
 
 
@@ -57,8 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--segment-len", type=int, default=256, help="tokens per segment (sequence)")
     parser.add_argument("--shape", type=int, nargs=3, action="append", metavar=("N", "H", "V"),
                         help="run only these shapes (repeatable); default: one per device (see above)")
+    parser.add_argument("--frozen-weight", action="store_true",
+                        help="freeze the lm_head (LoRA, QLoRA): the step's gradient is dHidden alone")
+    parser.add_argument("--from-logits", action="store_true",
+                        help="log_softmax + gather alone, from given logits (packtune: the fused row kernel)")
     args = parser.parse_args(argv)
     default = SHAPES["cuda" if torch.device(args.device).type == "cuda" else "cpu"]
     shapes = [dict(N=n, H=h, V=v) for n, h, v in args.shape] if args.shape else list(default)
     shapes = [dict(s, ignored=args.ignored, segment_len=args.segment_len) for s in shapes]
+    if args.frozen_weight:
+        shapes = [dict(s, frozen_weight=True) for s in shapes]
+    if args.from_logits:
+        shapes = [dict({k: x for k, x in s.items() if k != "H"}, from_logits=True) for s in shapes]
     harness.run_table("logprobs", "packtune.bench.logprobs:make_step", IMPLS, shapes, "torch", args)

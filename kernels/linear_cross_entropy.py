@@ -21,7 +21,10 @@ vocabulary rows. fp16 inputs get their
 do not underflow. Per-row `weights` (None: all ones) scale each row's loss and dlogits
 inside the CE kernel. Backward is a scale of dX, dW, db by grad_output; for reduction="none"
 the per-row grad_output is only known in backward, so there the forward only computes the
-losses and backward recomputes the chunks with the grad_output folded in.
+losses and backward recomputes the chunks with the grad_output folded in. Unless dX is the only
+gradient wanted (a frozen lm_head, as under LoRA and QLoRA): each row's dX is its own
+grad_output times a gradient the forward can form, so the forward forms it (no recompute) and
+backward scales each row, two matmuls per chunk instead of three.
 
 The label-row index: given a `PackedLayout` (packtune.kernels.packed_layout), its `label_rows`,
 built on the host with the batch, so the chunk loop is sized without touching the device. A
@@ -143,25 +146,26 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, labels, weights, rows, scale, backend, reduction, options, chunk_size,
                 needs):
-        deferred = reduction == "none"  # per-row grad_output: gradients are formed in backward
+        # Per-row grad_output: dW and db need it inside the chunk loop, so they are formed in backward.
+        deferred = reduction == "none" and (needs[1] or needs[2])
         # fp16: the chunks' gradients leave out 1/denominator; backward applies it with grad_output.
         ctx.defer = defer_scale(x.dtype)
         grad_scale = torch.ones_like(scale) if ctx.defer else scale
         loss, lse, gx, gw, gb = _chunked_pass(x, weight, bias, labels, weights, rows, grad_scale, backend,
                                               options, chunk_size, needs=(False,) * 3 if deferred else needs)
         ctx.mark_non_differentiable(lse)
-        ctx.meta = (backend, reduction, options, chunk_size, needs, weight.dtype, bias is not None)
+        ctx.meta = (backend, reduction, options, chunk_size, needs, weight.dtype, bias is not None, deferred)
         if deferred:
             ctx.save_for_backward(x, weight, bias, labels, weights, rows, scale)
         else:
             ctx.save_for_backward(gx, gw, gb, scale)
-        loss = loss * scale if deferred else loss.sum() * scale
+        loss = loss * scale if reduction == "none" else loss.sum() * scale
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        backend, reduction, options, chunk_size, needs, w_dtype, has_bias = ctx.meta
-        if reduction == "none":
+        backend, reduction, options, chunk_size, needs, w_dtype, has_bias, deferred = ctx.meta
+        if deferred:
             x, weight, bias, labels, weights, rows, scale = ctx.saved_tensors
             grad_scale, row_grad = scale, grad_loss
             if ctx.defer:
@@ -169,13 +173,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             _, _, gx, gw, gb = _chunked_pass(x, weight, bias, labels, weights, rows, grad_scale, backend,
                                              options, chunk_size, row_grad=row_grad, needs=needs)
         else:
-            gx, gw, gb, scale = ctx.saved_tensors
             _mark_consumed(ctx)
+            gx, gw, gb, scale = ctx.saved_tensors
             if ctx.defer:
                 grad_loss = grad_loss * scale
             # Reading grad_output is free on CPU: skip the scale when it is 1.
             on_cpu = grad_loss.device.type == "cpu" and not torch.compiler.is_compiling()
-            if ctx.defer or not (on_cpu and grad_loss.item() == 1.0):
+            if reduction == "none":  # only dX (see forward): each row times its own grad_output
+                gx.mul_(grad_loss.reshape(-1, 1))
+            elif ctx.defer or not (on_cpu and grad_loss.item() == 1.0):
                 gx, gw, gb = (None if g is None else g.mul_(grad_loss) for g in (gx, gw, gb))
         gw = None if gw is None else gw.to(w_dtype)
         gb = gb.to(w_dtype) if has_bias and gb is not None else None

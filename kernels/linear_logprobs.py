@@ -25,7 +25,9 @@ Deterministic: chunks run in a fixed order, and the segment sums avoid CUDA's at
 
 The cost is four matmuls over the label rows (the forward's, and backward's recompute, dX and dW)
 against eager's three over all rows: the gradients g_s are unknown until the loss has seen every
-log-prob, so the forward cannot form dL/dz the way linear CE does.
+log-prob, so the forward cannot form dL/dz the way linear CE does. With a frozen lm_head (LoRA,
+QLoRA: no dW wanted) it can form dHidden_i / g_i, a gradient of row i alone, and does: backward
+then only multiplies each row by its g_i, and the cost is two matmuls, as eager's.
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from packtune.bench import logprobs
@@ -8,11 +9,22 @@ def _grads(impl, shape):
     return logprobs.make_step(impl, shape, "float32", "cpu")()
 
 
-def test_logprobs_bench_steps_agree():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_logprobs_bench_steps_agree(frozen):
     """The fused step and the eager baseline differentiate the same thing (several segments, some rows
-    without a label)."""
-    shape = {"N": 50, "H": 8, "V": 40, "ignored": 0.3, "segment_len": 16}
+    without a label), dHidden and dW, or with the lm_head frozen dHidden alone."""
+    shape = {"N": 50, "H": 8, "V": 40, "ignored": 0.3, "segment_len": 16, "frozen_weight": frozen}
     expected = _grads("torch", shape)
+    assert len(expected) == (1 if frozen else 2)
     for got, want in zip(_grads("packtune", shape), expected, strict=True):
         assert want.abs().sum() > 0
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_from_logits_steps_agree():
+    """--from-logits: the fused row kernel and TRL's selective_log_softmax differentiate the same thing."""
+    shape = {"N": 50, "V": 40, "ignored": 0.3, "segment_len": 16, "from_logits": True}
+    (want,) = _grads("torch", shape)
+    (got,) = _grads("packtune", shape)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -10,7 +10,7 @@ from gpu_checks import assert_matches, labels_for
 
 from packtune.kernels import PackedLayout, layout_segments, linear_logprobs, linear_logprobs_ref
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # slow: the full gpu-check pass only
 LLAMA3_8B = (8192, 4096, 128256)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kernel_checks import assert_fp32_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from packtune.kernels import PackedLayout, _dispatch, layout_segments, linear_logprobs, linear_logprobs_ref
 
@@ -137,6 +138,58 @@ def test_layout_label_rows_and_segments(backend):
     assert all(torch.equal(a, b) for a, b in zip(with_layout, without, strict=True))
     padded_ids, rows = layout_segments(PackedLayout.padded([3, 5], width=5))
     assert rows == 2 and padded_ids.tolist() == [0] * 5 + [1] * 5
+
+
+class MatmulCount(TorchDispatchMode):
+    """Counts the matrix products dispatched while active."""
+
+    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_frozen_lm_head_forms_dhidden_in_the_forward(backend, dtype):
+    """A frozen lm_head (LoRA, QLoRA): the forward forms each row's dHidden / g, backward only scales
+    it, running no matrix product; dHidden as the float64 reference (fp32) or no worse than eager's at
+    the dtype, and as the unfrozen op's to an ulp; a second backward is refused."""
+    hidden, weight, labels = make_inputs(40, 32, 2000)
+    ids, s, labels = segments("many", labels)
+    upstream = torch.randn(s, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kw = dict(labels=labels, segment_ids=ids, num_segments=s, softcap=30.0)
+
+    def frozen(fn, dt, **extra):
+        h = hidden.to(dt).clone().requires_grad_()
+        out = fn(h, weight.to(dt), **kw, **extra)
+        with MatmulCount() as products:
+            out.backward(upstream.to(out.dtype), retain_graph=True)
+        return out, h, products.count
+
+    out, h, products = frozen(linear_logprobs, dtype, backend=backend, chunk_size=8)
+    assert products == 0
+    ref_out, ref_h, _ = frozen(linear_logprobs_ref, torch.float64)
+    unfrozen = grads_of(linear_logprobs, hidden, weight, dtype, upstream, backend=backend, chunk_size=8, **kw)
+    if dtype == torch.float32:
+        assert_fp32_close(out, ref_out, 1e-5)
+        assert_fp32_close(h.grad, ref_h.grad, 1e-4)
+        torch.testing.assert_close(h.grad, unfrozen[1], rtol=1e-5, atol=1e-6)
+    else:
+        _, eager_h, _ = frozen(linear_logprobs_ref, dtype)
+        error, eager_error = ((g.grad.double() - ref_h.grad).abs().max() for g in (h, eager_h))
+        assert error <= eager_error + 1e-2
+        # one more rounding than the unfrozen op's (the unscaled gradient, stored at the dtype): within
+        # an ulp of the largest element
+        ulp = 2**-7 * unfrozen[1].abs().max().item()
+        torch.testing.assert_close(h.grad, unfrozen[1], rtol=2**-7, atol=ulp)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        out.backward(upstream.to(out.dtype))
 
 
 def test_dpo_loss_gradients_match_reference():
