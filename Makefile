@@ -56,9 +56,9 @@ $(STAMPS)/demo: $(STAMPS)/install
 env: $(STAMPS)/install
 	$(VENV)/bin/packtune env
 
-# `make gpu-check`: the GPU suites (pytest -m gpu), the loss, NF4 and LoRA benchmarks and a 1B-shaped
-# `packtune train`, within 8 minutes (GPU_CHECK_QUICK=1: the 5-minute second pass), everything
-# written to $OUT (else gpu_check_out/); docs/gpu-check.md says what runs and how long each part may.
+# `make gpu-check`: the GPU suites (pytest -m gpu), the loss, NF4 and LoRA benchmarks, a 1B-shaped
+# `packtune train` and the 1B longest-row search, within 9 minutes (GPU_CHECK_QUICK=1: the 5-minute
+# second pass), everything written to $OUT (else gpu_check_out/); docs/gpu-check.md says what runs and how long each part may.
 # It runs on GPU_PYTHON, the machine's own CUDA torch (python3 unless a virtual environment is
 # active), never the CPU wheel: packtune is installed into it editable, without dependencies or the
 # C++ extension, when it does not import there. GPU_CHECK_SMOKE=1 runs it on the CPU (tiny shapes,

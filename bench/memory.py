@@ -85,7 +85,17 @@ def packed_samples(tokens: int, sample_tokens: int, vocab: int,
     return samples
 
 
-def _status(pid: int | str, field: str) -> int:
+def packed_batch(samples: list[tuple[np.ndarray, np.ndarray]]):
+    """`packed_samples` as one packed row (a PackedBatch: ids, labels where trained, the sample lengths)."""
+    from packtune.data.packing import build_packed_batch
+
+    ids = np.concatenate([s[0] for s in samples])
+    trainable = np.concatenate([s[1] for s in samples])
+    return build_packed_batch(ids, ids, trainable, np.array([len(s[0]) for s in samples]))
+
+
+def proc_status_bytes(pid: int | str, field: str) -> int:
+    """A /proc/<pid>/status field in bytes (VmRSS, VmHWM: the resident set now, its peak); 0 if absent."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -98,7 +108,6 @@ def packtune_step(mode: str, setting: str, samples, model_shape: dict[str, Any],
     import torch
 
     from packtune.config import TrainConfig
-    from packtune.data.packing import build_packed_batch
     from packtune.lora.apply import LoRASpec, apply_lora
     from packtune.model.config import ModelArgs
     from packtune.model.llama import LlamaForCausalLM
@@ -109,9 +118,7 @@ def packtune_step(mode: str, setting: str, samples, model_shape: dict[str, Any],
     model.init_weights(torch.Generator().manual_seed(0))
     if mode == "lora":
         apply_lora(model, LoRASpec(LORA_RANK, 2.0 * LORA_RANK), torch.float32)
-    ids = np.concatenate([s[0] for s in samples])
-    trainable = np.concatenate([s[1] for s in samples])
-    batch = build_packed_batch(ids, ids, trainable, np.array([len(s[0]) for s in samples]))
+    batch = packed_batch(samples)
     train = {k: tile if v == "tile" else v for k, v in SETTINGS[setting].items()}
     cfg = TrainConfig(output_dir=output_dir, max_steps=1, progress="none", **train)
     trainer = Trainer(cfg, model, [[batch]], init_distributed("cpu"), log_stream=open(os.devnull, "w"))
@@ -175,11 +182,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             step = trl_step(spec["mode"], spec["setting"], samples, model_shape)
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")
-        before = _status("self", "VmRSS")
+        before = proc_status_bytes("self", "VmRSS")
         start = time.perf_counter()
         loss = step()
         seconds = time.perf_counter() - start
-        return {"peak_bytes": _status("self", "VmHWM"), "before_bytes": before, "step_s": seconds,
+        return {"peak_bytes": proc_status_bytes("self", "VmHWM"), "before_bytes": before, "step_s": seconds,
                 "tokens_per_s": spec["tokens"] / seconds, "loss": loss}
 
 
@@ -190,7 +197,7 @@ def measure(spec: dict[str, Any], cap_bytes: int, timeout: float) -> dict[str, A
     start, over = time.monotonic(), False
     while proc.poll() is None:
         try:
-            rss = _status(proc.pid, "VmRSS")
+            rss = proc_status_bytes(proc.pid, "VmRSS")
         except FileNotFoundError:
             rss = 0
         if rss > cap_bytes or time.monotonic() - start > timeout:

@@ -20,7 +20,7 @@ from packtune.kernels.relative_attention import (
     varlen_relative_attention_ref,
 )
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # slow: the full gpu-check pass only
 HEADS, DIM = 12, 64
 INPUTS = [100, 1, 300, 37, 511, 3]
 TARGETS = [64, 1, 5, 200, 17, 130]
