@@ -11,9 +11,12 @@ is frozen, as under LoRA and QLoRA, and the step wants dHidden alone. Default sh
 on CPU, Llama-3-8B's lm_head (N=8192, H=4096, V=128256) on CUDA.
 
 `--from-logits` measures the log-softmax-and-gather part alone, from given logits [N, V] (H unused):
-`torch` is TRL's `selective_log_softmax` (log_softmax in fp32, gather), `packtune` the row kernel the
-fused op runs per chunk (`masked_cross_entropy(reduction="none")`, negated), both summed per segment
-and differentiated in the logits.
+`torch` is `logprobs_ref` (TRL's `selective_log_softmax`: log_softmax in fp32, gather; then the
+segment sum), `packtune` is `logprobs` (the CE row kernel, its gradient formed in the forward) and
+`packtune-inplace` the same with `inplace_backward=True` (the gradient written over the logits).
+Since that overwrites the logits, its step first copies them back from a second copy made in setup:
+the copy is timed (a cost the others do not pay), the setup copy not counted in peak memory (it
+stands for the lm_head's output, which every implementation's logits are).
 """
 
 from __future__ import annotations
@@ -27,22 +30,8 @@ from packtune.bench import harness
 from packtune.bench.ce import make_labels
 
 IMPLS = ("torch", "torch-compile", "packtune")
+FROM_LOGITS_IMPLS = (*IMPLS, "packtune-inplace")
 SHAPES = {"cpu": ({"N": 4096, "H": 1024, "V": 32000},), "cuda": ({"N": 8192, "H": 4096, "V": 128256},)}
-
-
-def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Eager label log-probs from logits, as TRL computes them: log_softmax in fp32, then gather; 0 where
-    the label is -100."""
-    valid = labels != -100
-    logp = logits.float().log_softmax(-1).gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
-    return torch.where(valid, logp, 0.0)
-
-
-def fused_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The same from packtune's fused row kernel (one pass over each row, its gradient formed there)."""
-    from packtune.kernels import masked_cross_entropy
-
-    return -masked_cross_entropy(logits, labels, reduction="none")
 
 
 def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], object]:
@@ -78,20 +67,29 @@ def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], o
 
 
 def _logits_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], object]:
+    from packtune.kernels import logprobs, logprobs_ref
+
     n, v, seg_len = shape["N"], shape["V"], shape.get("segment_len", 256)
     logits = (torch.randn(n, v, device=device) * 2).to(getattr(torch, dtype)).requires_grad_()
     labels = make_labels(n, v, shape.get("ignored", 0.3), device)
     segments = torch.arange(n, device=device) // seg_len
-    upstream = torch.randn(int(segments[-1]) + 1, device=device)
-    if impl not in IMPLS:
-        raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
-    token_logp = fused_log_softmax if impl == "packtune" else selective_log_softmax
-    if impl == "torch-compile":
-        token_logp = torch.compile(token_logp)
+    num_segments = (n - 1) // seg_len + 1
+    upstream = torch.randn(num_segments, device=device)
+    fresh = logits.detach().clone() if impl == "packtune-inplace" else None
+    if impl in ("packtune", "packtune-inplace"):
+        inplace = impl == "packtune-inplace"
+        logp_fn = lambda x: logprobs(x, labels, segments, num_segments, inplace_backward=inplace)
+    elif impl in ("torch", "torch-compile"):
+        ref = torch.compile(logprobs_ref) if impl == "torch-compile" else logprobs_ref
+        logp_fn = lambda x: ref(x, labels, segments, num_segments)
+    else:
+        raise ValueError(f"unknown implementation {impl!r}; choose from {FROM_LOGITS_IMPLS}")
 
     def step():
-        sums = upstream.new_zeros(upstream.numel()).index_add(0, segments, token_logp(logits, labels))
-        return torch.autograd.grad(sums, (logits,), upstream)
+        if fresh is not None:
+            with torch.no_grad():
+                logits.copy_(fresh)
+        return torch.autograd.grad(logp_fn(logits), (logits,), upstream)
 
     step()
     return step
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frozen-weight", action="store_true",
                         help="freeze the lm_head (LoRA, QLoRA): the step's gradient is dHidden alone")
     parser.add_argument("--from-logits", action="store_true",
-                        help="log_softmax + gather alone, from given logits (packtune: the fused row kernel)")
+                        help="log_softmax + gather alone, from given logits (logprobs, also in place)")
     args = parser.parse_args(argv)
     default = SHAPES["cuda" if torch.device(args.device).type == "cuda" else "cpu"]
     shapes = [dict(N=n, H=h, V=v) for n, h, v in args.shape] if args.shape else list(default)
@@ -115,4 +113,5 @@ def main(argv: list[str] | None = None) -> None:
         shapes = [dict(s, frozen_weight=True) for s in shapes]
     if args.from_logits:
         shapes = [dict({k: x for k, x in s.items() if k != "H"}, from_logits=True) for s in shapes]
-    harness.run_table("logprobs", "packtune.bench.logprobs:make_step", IMPLS, shapes, "torch", args)
+    impls = FROM_LOGITS_IMPLS if args.from_logits else IMPLS
+    harness.run_table("logprobs", "packtune.bench.logprobs:make_step", impls, shapes, "torch", args)

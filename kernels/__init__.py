@@ -4,9 +4,10 @@ What each op has (`packtune.kernels._dispatch` picks the backend per call; `regi
 
     masked_cross_entropy, linear_cross_entropy, rms_norm, rotary, glu (swiglu, geglu)
         Triton (CUDA, or the interpreter on CPU), C++ (CPU, packtune._C) and a PyTorch reference
-    linear_logprobs
-        label log-probs per token or summed per segment (preference losses), from hidden states
-        and the lm_head: linear_cross_entropy's chunks and row kernels, so the same three backends
+    logprobs, linear_logprobs
+        label log-probs per token or summed per segment (preference losses), from logits (the CE row
+        kernel, its gradient formed in the forward, optionally over the logits) or from hidden states
+        and the lm_head (linear_cross_entropy's chunks and row kernels): the same three backends
     varlen_attention
         flash-attn or torch's varlen_attn on CUDA fp16/bf16, else batched PyTorch SDPA over length
         buckets (any device); `varlen_attention_ref` (SDPA per sample) is the reference;
@@ -52,7 +53,8 @@ else:
     )
     from packtune.kernels.glu import SwiGLU, geglu, geglu_ref, glu, glu_ref, swiglu, swiglu_ref
     from packtune.kernels.linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
-    from packtune.kernels.linear_logprobs import layout_segments, linear_logprobs, linear_logprobs_ref
+    from packtune.kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
+    from packtune.kernels.logprobs import layout_segments, logprobs, logprobs_ref
     from packtune.kernels.lora import lora_linear, lora_linear_ref
     from packtune.kernels.lora_mlp import lora_mlp, lora_mlp_ref
     from packtune.kernels.moe import (
@@ -84,6 +86,8 @@ __all__ = [
     "MaskedCrossEntropy",
     "linear_cross_entropy",
     "LinearCrossEntropy",
+    "logprobs",
+    "logprobs_ref",
     "linear_logprobs",
     "linear_logprobs_ref",
     "layout_segments",

@@ -330,7 +330,7 @@ def masked_cross_entropy_ref(logits, labels, *, weights=None, ignore_index=-100,
     _check_args(logits, labels, weights, reduction, label_smoothing, softcap)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.reshape(-1, logits.shape[-1]).to(dtype)
-    labels = labels.reshape(-1)
+    shape, labels = labels.shape, labels.reshape(-1)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)
@@ -342,8 +342,8 @@ def masked_cross_entropy_ref(logits, labels, *, weights=None, ignore_index=-100,
         weights = weights.reshape(-1).to(z.device, dtype)
         loss = loss * weights
     scale = _row_scale(labels, weights, reduction, num_items, ignore_index, z.device).to(dtype)
-    loss = (loss * scale).reshape(labels.shape) if reduction == "none" else loss.sum() * scale
-    return (loss, torch.where(valid, lse, 0.0).detach()) if return_lse else loss
+    loss = (loss * scale).reshape(shape) if reduction == "none" else loss.sum() * scale
+    return (loss, torch.where(valid, lse, 0.0).detach().reshape(shape)) if return_lse else loss
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, weights: torch.Tensor | None = None,
