@@ -179,11 +179,11 @@ def causal_lm_forward_for(options: PacktuneOptions, state: ForwardState) -> Call
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("num_label_tokens", None)  # PackedCollator's host-side count; the Trainer sends its own
         layout = kwargs.pop("packed_layout", None)
-        fused_lm_head = kwargs.pop("fused_lm_head", False)  # TRL's SFTTrainer asks for per-token outputs
+        fused_lm_head = kwargs.pop("fused_lm_head", False)  # TRL's SFT/DPOTrainer ask for per-token outputs
         has_labels = labels is not None or given_shift_labels is not None
         if fused_lm_head and not (options.fused_loss and has_labels):
             raise ValueError(
-                "fused_lm_head=True (TRL's SFTTrainer) needs labels and apply_packtune(fused_loss=True)"
+                "fused_lm_head=True (TRL's SFT/DPOTrainer) needs labels and apply_packtune(fused_loss=True)"
             )
         layout = (
             _packed_layout(layout, kwargs, input_ids, inputs_embeds, attention_mask, position_ids,

@@ -1,14 +1,16 @@
 """packtune's fused loss at a transformers model's LM head, for the HF Trainer and for TRL.
 
 `fused_loss` is the loss `apply_packtune(fused_loss=True)` computes in training. TRL's
-`SFTTrainer` (1.16) does not ask the model for its loss: it installs its own chunked LM head
-on `model.forward` (`trl.trainer.utils.add_fused_lm_head`) and calls
-`model(**inputs, fused_lm_head=True)`, expecting per-token `log_probs` (its loss is
-`-log_probs.sum() / num_items_in_batch`), `entropy`, `is_top1` and `label_mask`. The patched
-forward answers that call with `fused_lm_head_output`: the per-token log-probabilities come from
-packtune's fused linear cross-entropy (reduction="none", so every TRL loss type, also DFT's
-per-token weights, gets exact gradients), and TRL's two metrics from one extra, gradient-free
-pass of the head over the label rows.
+`SFTTrainer` and `DPOTrainer` (1.16) do not ask the model for its loss: they install TRL's own
+chunked LM head on `model.forward` (`trl.trainer.utils.add_fused_lm_head`) and call
+`model(**inputs, fused_lm_head=True)`, expecting per-token `log_probs` (SFT's loss is
+`-log_probs.sum() / num_items_in_batch`; DPO sums them per sequence), `label_mask` and the
+metrics' fields: `entropy`, `is_top1`, and for DPO `mean_logits` (its `logits/chosen` and
+`logits/rejected`) and `log_sum_sq_probs` (WPO's weights). The patched forward answers that call
+with `fused_lm_head_output`: the per-token log-probabilities come from packtune's fused linear
+cross-entropy (reduction="none", so every TRL loss type, DFT's per-token weights and DPO's
+per-sequence sums included, gets exact gradients), and the other fields, which TRL computes
+without gradient, from one extra, gradient-free pass of the head over the label rows.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class FusedLMHeadOutput(ModelOutput):
     loss: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -66,7 +70,7 @@ def fused_lm_head_output(hidden: torch.Tensor, lm_head: nn.Linear, targets: torc
     positions (the last one has no target); `softcap`: Gemma's final-logit cap."""
     nll = fused_loss(hidden, lm_head, targets, None, reduction="none", softcap=softcap).float()
     mask = targets != IGNORE_INDEX
-    entropy, is_top1 = _head_stats(hidden, lm_head, targets, mask, softcap)
+    stats = _head_stats(hidden, lm_head, targets, mask, softcap)
     shape = hidden.shape[:-1]
 
     def per_token(t: torch.Tensor) -> torch.Tensor:
@@ -75,17 +79,19 @@ def fused_lm_head_output(hidden: torch.Tensor, lm_head: nn.Linear, targets: torc
 
     denominator = mask.sum().clamp(min=1) if num_items is None else num_items
     return FusedLMHeadOutput(loss=nll.sum() / denominator, log_probs=per_token(-nll),
-                             entropy=per_token(entropy), is_top1=per_token(is_top1),
-                             label_mask=per_token(mask))
+                             **{name: per_token(t) for name, t in stats.items()}, label_mask=per_token(mask))
 
 
 @torch.no_grad()
 def _head_stats(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, mask: torch.Tensor,
-                softcap: float | None):
-    """(entropy, is_top1) of the next-token distribution on the label rows, zero elsewhere."""
+                softcap: float | None) -> dict[str, torch.Tensor]:
+    """TRL's gradient-free per-token fields of the next-token distribution on the label rows, zero
+    elsewhere: its entropy, log(sum_v p_v^2), the mean of the (capped) logits over the vocabulary,
+    and whether the label is the most likely token."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    entropy = torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
-    is_top1 = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+    zeros = torch.zeros(flat.shape[0], dtype=torch.float32, device=flat.device)
+    stats = {"entropy": zeros, "log_sum_sq_probs": zeros.clone(), "mean_logits": zeros.clone(),
+             "is_top1": torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)}
     rows = mask.nonzero()[:, 0]
     for start in range(0, len(rows), _STATS_CHUNK_ROWS):
         r = rows[start : start + _STATS_CHUNK_ROWS]
@@ -93,6 +99,8 @@ def _head_stats(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor,
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         log_p = logits.log_softmax(-1)
-        entropy[r] = -(log_p.exp() * log_p).sum(-1)
-        is_top1[r] = logits.argmax(-1) == targets[r]
-    return entropy, is_top1
+        stats["entropy"][r] = -(log_p.exp() * log_p).sum(-1)
+        stats["log_sum_sq_probs"][r] = torch.logsumexp(2 * log_p, -1)
+        stats["mean_logits"][r] = logits.mean(-1)
+        stats["is_top1"][r] = logits.argmax(-1) == targets[r]
+    return stats

@@ -1,0 +1,109 @@
+"""TRL's DPOTrainer with apply_packtune: the per-token log-probs DPO sums per sequence come from
+packtune's fused linear cross-entropy, and TRL's losses, metrics and trained weights are its own.
+
+Like SFTTrainer, DPOTrainer (1.16) installs TRL's chunked LM head and calls
+`model(..., fused_lm_head=True)`; it also reads `mean_logits` (its logits/chosen and
+logits/rejected metrics) and, for WPO, `log_sum_sq_probs`. apply_packtune(trainer.model), after
+the trainer is built, answers those calls on the policy; the reference model (the policy as it
+starts, given explicitly: TRL would load it from the hub by name) keeps TRL's head.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from model_fixtures import make_hf_model
+
+import packtune.integrations.lm_head as lm_head
+from packtune.integrations import apply_packtune
+
+transformers = pytest.importorskip("transformers")
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+           "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+
+
+def _tokenizer(vocab: int):
+    """Whitespace-separated words w0..w{vocab-1}, built in memory (nothing downloaded); w1 is EOS."""
+    vocabulary = {f"w{i}": i for i in range(vocab)}
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="w0"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0", eos_token="w1")
+
+
+def _pairs(vocab: int, n: int = 12, seed: int = 0):
+    """Standard-format preference records of varied lengths; responses end with EOS already."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def text(length):
+        return " ".join(f"w{int(i)}" for i in torch.randint(2, vocab, (length,), generator=gen))
+
+    rows = []
+    for _ in range(n):
+        p, c, r = (int(x) for x in torch.randint(1, 9, (3,), generator=gen))
+        rows.append({"prompt": text(p), "chosen": f" {text(c)} w1", "rejected": f" {text(r)} w1"})
+    return datasets.Dataset.from_list(rows)
+
+
+def _trainer(model, out_dir, vocab: int, **config):
+    args = trl.DPOConfig(
+        output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, data_seed=0, beta=0.1,
+        dataloader_num_workers=0, disable_tqdm=True, max_length=None, disable_dropout=True, **config,
+    )
+    return trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=_pairs(vocab),
+                          processing_class=_tokenizer(vocab))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the calls of packtune's fused linear cross-entropy at the LM head."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("reduction"))
+        return original(*args, **kwargs)
+
+    original = lm_head.linear_cross_entropy
+    monkeypatch.setattr(lm_head, "linear_cross_entropy", counting)
+    return calls
+
+
+@pytest.mark.parametrize("config", [{}, {"padding_free": True}, {"loss_type": ["sigmoid", "sft"]},
+                                    {"use_weighting": True}], ids=["padded", "padding_free", "rpo", "wpo"])
+def test_dpo_trainer_runs_packtunes_log_probs_with_trls_losses(tmp_path, counted, config):
+    """3 optimizer steps of 2 micro-batches of 2 pairs: packtune's kernel gives the policy's per-token
+    log-probs in each of the 6, and the logged losses, TRL's metrics and the final weights equal
+    TRL's own (its chunked head, no packtune); also with padding-free rows, with an SFT term (RPO),
+    and with WPO's weights (which read log_sum_sq_probs; TRL 1.16's own step fails with both at once)."""
+    base = make_hf_model("llama3_gqa").float()
+    base.config.use_cache = False
+    vocab = base.config.vocab_size
+    plain, patched = copy.deepcopy(base), copy.deepcopy(base)
+
+    reference = _trainer(plain, tmp_path / "plain", vocab, **config)
+    reference.train()
+    assert counted == []
+
+    trainer = _trainer(patched, tmp_path / "patched", vocab, **config)
+    apply_packtune(trainer.model)  # after DPOTrainer installed its LM head on model.forward
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="apply_packtune")
+        trainer.train()
+    assert counted == ["none"] * 6, "packtune's kernel once per micro-batch (the policy's forward)"
+
+    got = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in trainer.state.log_history[:3]]
+    want = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in reference.state.log_history[:3]]
+    assert len(want) == 3 and all(len(w) == len(METRICS) + 1 for w in want)
+    assert want[2]["loss"] != want[0]["loss"], "the policy moved"
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, rel=1e-4, abs=1e-6)
+    for (name, p), q in zip(patched.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
