@@ -1,14 +1,21 @@
 """linear_logprobs compiled on the GPU at Llama-3-8B's lm_head (N=8192, H=4096, V=128256) and at
 Gemma 2's softcapped vocabulary, against the float64 reference (values, dHidden, dW for per-segment
 gradients of both signs); bitwise deterministic; no host sync given the batch's PackedLayout.
-Skipped without CUDA."""
+logprobs from Llama-3-8B-sized logits, in place and not, likewise. Skipped without CUDA."""
 
 import numpy as np
 import pytest
 import torch
 from gpu_checks import assert_matches, labels_for
 
-from packtune.kernels import PackedLayout, layout_segments, linear_logprobs, linear_logprobs_ref
+from packtune.kernels import (
+    PackedLayout,
+    layout_segments,
+    linear_logprobs,
+    linear_logprobs_ref,
+    logprobs,
+    logprobs_ref,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # slow: the full gpu-check pass only
 LLAMA3_8B = (8192, 4096, 128256)
@@ -76,3 +83,41 @@ def test_linear_logprobs_is_deterministic_and_sync_free():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def _logits_reference(z64, labels, ids, s, upstream, block=1024):
+    """logprobs_ref in float64 on blocks of rows: (per-segment sums, the logits' gradient)."""
+    sums, dz = torch.zeros(s, device="cuda", dtype=torch.float64), torch.empty_like(z64)
+    for start in range(0, z64.shape[0], block):
+        rows = slice(start, start + block)
+        z = z64[rows].detach().requires_grad_()
+        out = logprobs_ref(z, labels[rows], ids[rows], s)
+        out.backward(upstream)
+        sums += out.detach()
+        dz[rows] = z.grad
+    return sums, dz
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logprobs_from_logits(dtype, inplace):
+    """Llama-3-8B's logits [8192, 128256] in bf16; fp32 on 1024 of those rows (time: the float64 pass)."""
+    n, _, v = LLAMA3_8B
+    n = n if dtype == torch.bfloat16 else 1024
+    torch.manual_seed(0)
+    z64 = torch.randn(n, v, device="cuda", dtype=torch.float64) * 3
+    labels = labels_for(n, v)
+    layout = PackedLayout.packed(np.diff(np.append(np.arange(0, n, 256), n)), labels.cpu()).to("cuda")
+    ids, s = layout_segments(layout)
+    upstream = torch.randn(s, device="cuda", dtype=torch.float64)
+    refs = _logits_reference(z64, labels, ids, s, upstream)
+    results = []
+    for fn, kw in ((logprobs, {"inplace_backward": inplace}), (logprobs_ref, {})):
+        z = z64.to(dtype).requires_grad_()
+        out = fn(z, labels, ids, s, **kw)
+        out.backward(upstream.to(out.dtype))
+        results.append((out.detach(), z.grad))
+        del z, out
+    (got, eager) = results
+    for out, e, r, rtol in zip(got, eager, refs, (1e-5, 1e-4), strict=True):
+        assert_matches(out, e, r, rtol, dtype, sum_terms=n)
