@@ -4,8 +4,9 @@ packtune's fused linear cross-entropy, and TRL's losses, metrics and trained wei
 Like SFTTrainer, DPOTrainer (1.16) installs TRL's chunked LM head and calls
 `model(..., fused_lm_head=True)`; it also reads `mean_logits` (its logits/chosen and
 logits/rejected metrics) and, for WPO, `log_sum_sq_probs`. apply_packtune(trainer.model), after
-the trainer is built, answers those calls on the policy; the reference model (the policy as it
-starts, given explicitly: TRL would load it from the hub by name) keeps TRL's head.
+the trainer is built, answers those calls on the policy; a separate reference model (the policy as
+it starts, given explicitly: TRL would load it from the hub by name) keeps TRL's head, and with
+PEFT the reference is the policy with its adapters disabled, answered by packtune too.
 """
 
 from __future__ import annotations
@@ -51,15 +52,16 @@ def _pairs(vocab: int, n: int = 12, seed: int = 0):
     return datasets.Dataset.from_list(rows)
 
 
-def _trainer(model, out_dir, vocab: int, **config):
+def _trainer(model, out_dir, vocab: int, peft_config=None, **config):
     args = trl.DPOConfig(
         output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, data_seed=0, beta=0.1,
         dataloader_num_workers=0, disable_tqdm=True, max_length=None, disable_dropout=True, **config,
     )
-    return trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=_pairs(vocab),
-                          processing_class=_tokenizer(vocab))
+    ref_model = None if peft_config else copy.deepcopy(model)  # with PEFT: the adapters disabled
+    return trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_pairs(vocab),
+                          processing_class=_tokenizer(vocab), peft_config=peft_config)
 
 
 @pytest.fixture
@@ -107,3 +109,29 @@ def test_dpo_trainer_runs_packtunes_log_probs_with_trls_losses(tmp_path, counted
         assert g == pytest.approx(w, rel=1e-4, abs=1e-6)
     for (name, p), q in zip(patched.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_dpo_trainer_with_peft_runs_packtune_for_policy_and_reference(tmp_path, counted):
+    """DPO with LoRA (TRL's reference is the policy with its adapters disabled): both forwards of each
+    micro-batch run packtune's kernel, and the losses, metrics and trained adapters equal TRL + PEFT's."""
+    peft = pytest.importorskip("peft")
+    base = make_hf_model("llama3_gqa").float()
+    base.config.use_cache = False
+    vocab = base.config.vocab_size
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    reference = _trainer(copy.deepcopy(base), tmp_path / "plain", vocab, lora)
+    reference.train()
+    trainer = _trainer(copy.deepcopy(base), tmp_path / "patched", vocab, lora)
+    apply_packtune(trainer.model)
+    trainer.train()
+    assert counted == ["none"] * 12, "policy and reference, once each per micro-batch"
+    got = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in trainer.state.log_history[:3]]
+    want = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in reference.state.log_history[:3]]
+    assert len(want) == 3 and want[2]["loss"] != want[0]["loss"]
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, rel=1e-4, abs=1e-6)
+    adapters = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    expected = {n: p for n, p in reference.model.named_parameters() if "lora_" in n}
+    assert adapters.keys() == expected.keys() and adapters
+    for name, p in adapters.items():
+        torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
