@@ -49,13 +49,11 @@ from packtune.kernels import _dispatch
 from packtune.kernels.cross_entropy import (
     _mark_consumed,
     _row_scale,
-    check_label_range,
-    check_options,
     cross_entropy_rows,
     defer_scale,
-    flat_weights,
     masked_cross_entropy_ref,
 )
+from packtune.kernels.loss_inputs import check_label_range, check_options, flat_weights
 from packtune.kernels.packed_layout import PackedLayout
 
 _dispatch.register_op("linear_cross_entropy", ("triton", "cpu", "torch"))

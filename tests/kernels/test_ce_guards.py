@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from packtune.kernels import _dispatch, linear_cross_entropy, masked_cross_entropy
-from packtune.kernels.cross_entropy import assert_labels_in_range
+from packtune.kernels.loss_inputs import assert_labels_in_range
 
 BACKENDS = [b for b in ("triton", "cpu", "torch") if _dispatch.backend_runs_on(b, torch.device("cpu"))]
 V = 40
