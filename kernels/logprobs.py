@@ -47,7 +47,8 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tens
     shaped like labels. With `segment_ids` [...] (the segment of each row, read only on label rows)
     and `num_segments` S: the per-segment sums [S], and with `return_counts` also the label rows per
     segment (int64 [S]). `inplace_backward=True` overwrites `logits` with the gradient (module
-    docstring): the logits' values are gone after the call.
+    docstring; the Triton and C++ backends, when the logits require grad): their values are gone
+    after the call. The torch backend, the reference, always computes out of place.
     """
     if segment_ids is None and (num_segments is not None or return_counts):
         raise ValueError("num_segments and return_counts need segment_ids")
