@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from packtune.integrations.lm_head import fused_lm_head_output, fused_loss
+from packtune.integrations.lm_head import HeadTransform, fused_lm_head_output, fused_loss
 from packtune.kernels import (
     PackedLayout,
     geglu,
@@ -148,9 +148,10 @@ class ForwardState:
         self.inside = False
 
 
-def causal_lm_forward_for(options: PacktuneOptions, state: ForwardState) -> Callable:
+def causal_lm_forward_for(options: PacktuneOptions, state: ForwardState, head: HeadTransform) -> Callable:
     """The *ForCausalLM forward: packed rows through varlen attention, the fused loss in training,
-    and TRL's `fused_lm_head=True` call answered by packtune's kernel (see lm_head.py)."""
+    and TRL's `fused_lm_head=True` call answered by packtune's kernel with TRL's `head` settings
+    (see lm_head.py)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.modeling_utils import slice_logits_to_keep
 
@@ -214,7 +215,7 @@ def causal_lm_forward_for(options: PacktuneOptions, state: ForwardState) -> Call
         if fused_lm_head:
             return fused_lm_head_output(
                 hidden, self.lm_head, targets, drop_last=given_shift_labels is None, num_items=num_items,
-                softcap=softcap,
+                softcap=softcap, head=head,
             )
         loss = logits = None
         if has_labels and options.fused_loss and self.training:

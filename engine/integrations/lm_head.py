@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -41,21 +42,49 @@ class FusedLMHeadOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class HeadTransform:
+    """What TRL's `add_fused_lm_head` was told to do to the logits x = h W^T + b, read from the
+    forward it installed (`trl_head` in transformers.py): with Gemma's cap c,
+    z = c tanh(logit_scale x / c) / temperature, else z = logit_scale x / temperature; `fp32`: the
+    head in float32, outside autocast (`cast_lm_head_to_fp32`). GRPO and RLOO pass their sampling
+    temperature, so their log-probs are those of the distribution the completions were drawn from.
+
+    The fused kernel computes c' tanh(x' / c') of the linear x'; with x' = s x (s = logit_scale /
+    temperature: the hidden states and the bias scaled by s) and c' = c / temperature that is
+    exactly z, so every transform runs on the same kernel."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    fp32: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.logit_scale / self.temperature
+
+    def softcap(self, softcap: float | None) -> float | None:
+        return None if softcap is None else softcap / self.temperature
+
+
 def fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, num_items,
                reduction: str | None = None, layout: PackedLayout | None = None,
-               softcap: float | None = None) -> torch.Tensor:
+               softcap: float | None = None, scale: float = 1.0, fp32: bool = False) -> torch.Tensor:
     """linear_cross_entropy over the flat hidden states (reduction: "sum" over `num_items` when given,
-    else "mean"; `softcap`: Gemma's final-logit cap); under autocast the matmuls run in the autocast
-    dtype, as `lm_head(hidden)` would (the kernel itself then runs with autocast off)."""
+    else "mean"; `softcap`: Gemma's final-logit cap; `scale`: the logits x = h W^T + b multiplied by
+    it, through h and b); under autocast the matmuls run in the autocast dtype, as `lm_head(hidden)`
+    would (the kernel itself then runs with autocast off), unless `fp32`."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     weight, bias = lm_head.weight, lm_head.bias
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+    dtype = torch.float32 if fp32 else torch.get_autocast_dtype(device)
+    if fp32 or torch.is_autocast_enabled(device):
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     elif hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
+    if scale != 1.0:
+        hidden = hidden * scale
+        bias = None if bias is None else bias * scale
     if reduction is None:
         reduction = "sum" if num_items is not None else "mean"
     with torch.autocast(device, enabled=False):
@@ -64,13 +93,17 @@ def fused_loss(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, 
 
 
 def fused_lm_head_output(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, *,
-                         drop_last: bool, num_items, softcap: float | None = None) -> FusedLMHeadOutput:
+                         drop_last: bool, num_items, softcap: float | None = None,
+                         head: HeadTransform = HeadTransform()) -> FusedLMHeadOutput:
     """TRL's `fused_lm_head=True` answer from packtune's kernel. `hidden` [B, L, H], `targets` the
     flat shifted labels [B * L]; `drop_last`: the caller gave unshifted labels, so TRL expects L - 1
-    positions (the last one has no target); `softcap`: Gemma's final-logit cap."""
-    nll = fused_loss(hidden, lm_head, targets, None, reduction="none", softcap=softcap).float()
+    positions (the last one has no target); `softcap`: Gemma's final-logit cap; `head`: what TRL's
+    head was told to do to the logits (temperature, scale, fp32)."""
+    softcap = head.softcap(softcap)
+    nll = fused_loss(hidden, lm_head, targets, None, reduction="none", softcap=softcap, scale=head.scale,
+                     fp32=head.fp32).float()
     mask = targets != IGNORE_INDEX
-    stats = _head_stats(hidden, lm_head, targets, mask, softcap)
+    stats = _head_stats(hidden, lm_head, targets, mask, softcap, head)
     shape = hidden.shape[:-1]
 
     def per_token(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +117,7 @@ def fused_lm_head_output(hidden: torch.Tensor, lm_head: nn.Linear, targets: torc
 
 @torch.no_grad()
 def _head_stats(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, mask: torch.Tensor,
-                softcap: float | None) -> dict[str, torch.Tensor]:
+                softcap: float | None, head: HeadTransform) -> dict[str, torch.Tensor]:
     """TRL's gradient-free per-token fields of the next-token distribution on the label rows, zero
     elsewhere: its entropy, log(sum_v p_v^2), the mean of the (capped) logits over the vocabulary,
     and whether the label is the most likely token."""
@@ -95,7 +128,13 @@ def _head_stats(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor,
     rows = mask.nonzero()[:, 0]
     for start in range(0, len(rows), _STATS_CHUNK_ROWS):
         r = rows[start : start + _STATS_CHUNK_ROWS]
-        logits = lm_head(flat[r]).float()
+        if head.fp32:
+            with torch.autocast(flat.device.type, enabled=False):
+                logits = F.linear(flat[r].float(), lm_head.weight.float(),
+                                  None if lm_head.bias is None else lm_head.bias.float())
+        else:
+            logits = lm_head(flat[r]).float()
+        logits = logits * head.scale
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         log_p = logits.log_softmax(-1)

@@ -36,6 +36,7 @@ What each switch replaces:
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 import warnings
@@ -56,6 +57,7 @@ from packtune.integrations.hf_forwards import (
     rms_norm_forward,
     swiglu_mlp_forward,
 )
+from packtune.integrations.lm_head import HeadTransform
 from packtune.integrations.peft_lora import (
     is_peft_lora_linear,
     is_peft_lora_mlp,
@@ -166,10 +168,34 @@ def apply_packtune(
         elif kind is classes["Attention"] and (rotary or packed):
             handle.patch(module, attention_forward_for(modeling, spec, options))
     if fused_loss or packed:
-        handle.patch(model, causal_lm_forward_for(options, handle.forward_state))
+        handle.patch(model, causal_lm_forward_for(options, handle.forward_state, trl_head(model)))
         handle._hooks.append(model.model.norm.register_forward_hook(_bypass_check(handle)))
     model._packtune_handle = handle
     return handle
+
+
+def trl_head(model: nn.Module) -> HeadTransform:
+    """The logit transform of TRL's fused LM head when `model.forward` is the one TRL's
+    `add_fused_lm_head` installed (the settings are bound in that forward's closure), so packtune's
+    answer to `fused_lm_head=True` computes what TRL's would; the identity for any other forward. A
+    TRL head whose settings cannot be read (another TRL version) is refused rather than guessed."""
+    func = getattr(model.__dict__.get("forward"), "__func__", None)
+    code = getattr(func, "__code__", None)  # TRL wraps it with functools.wraps: __name__ is "forward"
+    if code is None or code.co_name != "_fused_forward":
+        return HeadTransform()
+    module = func.__globals__["__name__"]
+    if not module.startswith("trl."):
+        return HeadTransform()
+    bound = inspect.getclosurevars(func).nonlocals
+    names = ("temperature", "logit_scale", "cast_lm_head_to_fp32")
+    if any(name not in bound for name in names):
+        raise UnsupportedModelError(
+            f"apply_packtune: cannot read {', '.join(names)} from the LM head TRL installed on "
+            f"{type(model).__name__}.forward ({module}); this packtune answers TRL 1.x's head. "
+            "Pass fused_loss=False and packed=False to leave TRL's head in place"
+        )
+    return HeadTransform(float(bound["temperature"]), float(bound["logit_scale"]),
+                         bool(bound["cast_lm_head_to_fp32"]))
 
 
 def _check_config(model: nn.Module, spec: HFModules, options: PacktuneOptions) -> bool:
