@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from model_fixtures import make_hf_model
-from test_integrations_trl_dpo import METRICS, _tokenizer, counted  # noqa: F401 (a fixture)
+from test_integrations_trl_dpo import _tokenizer, counted  # noqa: F401 (a fixture)
 
 from packtune.integrations import apply_packtune
 
@@ -80,8 +80,9 @@ def _kto(model, out_dir, vocab):
     rows = [{"prompt": _text(gen, vocab, 3), "completion": f" {_text(gen, vocab, 4)} w1", "label": i % 2 == 0}
             for i in range(8)]
     args = trl.KTOConfig(output_dir=str(out_dir), beta=0.1, max_length=None, disable_dropout=True, **COMMON)
-    trainer = trl.KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
-                             train_dataset=datasets.Dataset.from_list(rows), processing_class=_tokenizer(vocab))
+    data = datasets.Dataset.from_list(rows)
+    trainer = trl.KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
+                             processing_class=_tokenizer(vocab))
     trainer.start_weights = [p.detach().clone() for p in model.parameters()]
     return trainer
 
