@@ -14,21 +14,14 @@ import warnings
 import pytest
 import torch
 from model_fixtures import make_hf_model
+from trl_fixtures import word_tokenizer
 
-import packtune.integrations.lm_head as lm_head
 from packtune.integrations import apply_packtune
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
-tokenizers = pytest.importorskip("tokenizers")
-
-
-def _tokenizer(vocab: int):
-    """A word-level tokenizer built in memory: SFTTrainer wants one (pad token), nothing downloaded."""
-    words = tokenizers.models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0")
-    words = tokenizers.Tokenizer(words)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0", eos_token="w1")
+pytest.importorskip("tokenizers")
 
 
 def _dataset(vocab: int, n: int = 24, seed: int = 0):
@@ -51,25 +44,11 @@ def _trainer(model, out_dir, vocab: int, peft_config=None):
         packing_strategy="bfd", max_length=48, activation_checkpointing=False,
     )
     return trl.SFTTrainer(model=model, args=args, train_dataset=_dataset(vocab),
-                          processing_class=_tokenizer(vocab), peft_config=peft_config)
+                          processing_class=word_tokenizer(vocab), peft_config=peft_config)
 
 
 def _losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts the calls of packtune's fused linear cross-entropy at the LM head."""
-    calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("reduction"))
-        return original(*args, **kwargs)
-
-    original = lm_head.linear_cross_entropy
-    monkeypatch.setattr(lm_head, "linear_cross_entropy", counting)
-    return calls
 
 
 def test_sft_trainer_runs_packtunes_loss_with_trls_losses(tmp_path, counted):

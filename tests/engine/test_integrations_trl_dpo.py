@@ -17,25 +17,17 @@ import warnings
 import pytest
 import torch
 from model_fixtures import make_hf_model
+from trl_fixtures import word_tokenizer
 
-import packtune.integrations.lm_head as lm_head
 from packtune.integrations import apply_packtune
 
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
            "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
-
-
-def _tokenizer(vocab: int):
-    """Whitespace-separated words w0..w{vocab-1}, built in memory (nothing downloaded); w1 is EOS."""
-    vocabulary = {f"w{i}": i for i in range(vocab)}
-    words = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, unk_token="w0"))
-    words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0", eos_token="w1")
 
 
 def _pairs(vocab: int, n: int = 12, seed: int = 0):
@@ -61,21 +53,7 @@ def _trainer(model, out_dir, vocab: int, peft_config=None, **config):
     )
     ref_model = None if peft_config else copy.deepcopy(model)  # with PEFT: the adapters disabled
     return trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_pairs(vocab),
-                          processing_class=_tokenizer(vocab), peft_config=peft_config)
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts the calls of packtune's fused linear cross-entropy at the LM head."""
-    calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("reduction"))
-        return original(*args, **kwargs)
-
-    original = lm_head.linear_cross_entropy
-    monkeypatch.setattr(lm_head, "linear_cross_entropy", counting)
-    return calls
+                          processing_class=word_tokenizer(vocab), peft_config=peft_config)
 
 
 @pytest.mark.parametrize("config", [{}, {"padding_free": True}, {"loss_type": ["sigmoid", "sft"]},

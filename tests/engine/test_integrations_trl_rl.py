@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from model_fixtures import make_hf_model
-from test_integrations_trl_dpo import _tokenizer, counted  # noqa: F401 (a fixture)
+from trl_fixtures import word_tokenizer
 
 from packtune.integrations import apply_packtune
 
@@ -50,12 +50,12 @@ def _grpo(model_dir, out_dir, vocab):
     args = trl.GRPOConfig(output_dir=str(out_dir), num_generations=4, max_completion_length=6,
                           temperature=0.7, beta=0.04, **COMMON)
     trainer = trl.GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=prompts,
-                              processing_class=_tokenizer(vocab))
+                              processing_class=word_tokenizer(vocab))
     trainer.start_weights = [p.detach().clone() for p in trainer.model.parameters()]
     return trainer
 
 
-def test_grpo_trainer_at_its_sampling_temperature(tmp_path, counted):  # noqa: F811
+def test_grpo_trainer_at_its_sampling_temperature(tmp_path, counted):
     """2 GRPO steps (4 prompts x 4 completions sampled at temperature 0.7, a KL term to the reference
     loaded from the same directory): the same completions, rewards, losses and weights with packtune
     as without."""
@@ -82,12 +82,12 @@ def _kto(model, out_dir, vocab):
     args = trl.KTOConfig(output_dir=str(out_dir), beta=0.1, max_length=None, disable_dropout=True, **COMMON)
     data = datasets.Dataset.from_list(rows)
     trainer = trl.KTOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=data,
-                             processing_class=_tokenizer(vocab))
+                             processing_class=word_tokenizer(vocab))
     trainer.start_weights = [p.detach().clone() for p in model.parameters()]
     return trainer
 
 
-def test_kto_trainer(tmp_path, counted):  # noqa: F811
+def test_kto_trainer(tmp_path, counted):
     """2 KTO steps on desirable and undesirable completions: losses, rewards, logits metrics and weights
     equal TRL's own."""
     base = make_hf_model("llama3_gqa").float()
