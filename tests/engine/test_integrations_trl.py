@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 from model_fixtures import make_hf_model
-from trl_fixtures import word_tokenizer
+from trl_fixtures import assert_same_adapters, word_tokenizer
 
 from packtune.integrations import apply_packtune
 
@@ -120,8 +120,4 @@ def test_sft_trainer_with_peft_runs_packtunes_lora_kernels(tmp_path, counted, mo
     assert counted == ["none"] * 6 and fused == (["lora_linear"] * 4 + ["lora_mlp"]) * layers * 6
     torch.testing.assert_close(torch.tensor(_losses(trainer)), torch.tensor(_losses(reference)),
                                rtol=1e-5, atol=0)
-    adapters = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
-    expected = {n: p for n, p in reference.model.named_parameters() if "lora_" in n}
-    assert adapters.keys() == expected.keys() and adapters
-    for name, p in adapters.items():
-        torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_adapters(trainer.model, reference.model)

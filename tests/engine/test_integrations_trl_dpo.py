@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 from model_fixtures import make_hf_model
-from trl_fixtures import word_tokenizer
+from trl_fixtures import assert_same_adapters, word_tokenizer
 
 from packtune.integrations import apply_packtune
 
@@ -108,8 +108,4 @@ def test_dpo_trainer_with_peft_runs_packtune_for_policy_and_reference(tmp_path, 
     assert len(want) == 3 and want[2]["loss"] != want[0]["loss"]
     for g, w in zip(got, want, strict=True):
         assert g == pytest.approx(w, rel=1e-4, abs=1e-6)
-    adapters = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
-    expected = {n: p for n, p in reference.model.named_parameters() if "lora_" in n}
-    assert adapters.keys() == expected.keys() and adapters
-    for name, p in adapters.items():
-        torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_adapters(trainer.model, reference.model)

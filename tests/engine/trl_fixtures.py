@@ -1,6 +1,8 @@
-"""A tokenizer built in memory, for the TRL trainer tests."""
+"""What the TRL trainer tests share: a tokenizer built in memory, the trained adapters compared."""
 
 from __future__ import annotations
+
+import torch
 
 
 def word_tokenizer(vocab: int):
@@ -13,3 +15,12 @@ def word_tokenizer(vocab: int):
     words = tokenizers.Tokenizer(model)
     words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="w0", eos_token="w1")
+
+
+def assert_same_adapters(model: torch.nn.Module, expected: torch.nn.Module) -> None:
+    """The two PEFT models' LoRA parameters: the same names, equal to fp32 rounding."""
+    adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    wanted = {n: p for n, p in expected.named_parameters() if "lora_" in n}
+    assert adapters.keys() == wanted.keys() and adapters
+    for name, p in adapters.items():
+        torch.testing.assert_close(p, wanted[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
