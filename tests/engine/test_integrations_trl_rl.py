@@ -1,5 +1,6 @@
-"""TRL's GRPOTrainer and KTOTrainer with apply_packtune: the policy's log-probs come from packtune's
-kernel (GRPO's at its sampling temperature), and TRL's losses and trained weights are its own."""
+"""TRL's GRPOTrainer, RLOOTrainer and KTOTrainer with apply_packtune: the policy's log-probs come from
+packtune's kernel (GRPO's and RLOO's at their sampling temperature), and TRL's losses and trained
+weights are its own."""
 
 from __future__ import annotations
 
@@ -40,34 +41,38 @@ def _assert_same_run(trainer, reference, keys):
     assert moved, "training changed the weights"
 
 
-def _grpo(model_dir, out_dir, vocab):
+def _sampling_trainer(kind: str, model_dir, out_dir, vocab):
+    """GRPO or RLOO on 8 prompts, 4 completions each sampled at temperature 0.7, with a KL term to the
+    reference (loaded from the same directory)."""
     gen = torch.Generator().manual_seed(0)
     prompts = datasets.Dataset.from_list([{"prompt": _text(gen, vocab, 4)} for _ in range(8)])
 
     def reward(completions, **kwargs):  # prefer short completions, and ones with even-numbered words
         return [-len(c.split()) + sum(int(w[1:]) % 2 == 0 for w in c.split()) for c in completions]
 
-    args = trl.GRPOConfig(output_dir=str(out_dir), num_generations=4, max_completion_length=6,
-                          temperature=0.7, beta=0.04, **COMMON)
-    trainer = trl.GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=prompts,
-                              processing_class=word_tokenizer(vocab))
+    config, trainer_class = (trl.GRPOConfig, trl.GRPOTrainer) if kind == "grpo" else (trl.RLOOConfig,
+                                                                                      trl.RLOOTrainer)
+    args = config(output_dir=str(out_dir), num_generations=4, max_completion_length=6, temperature=0.7,
+                  beta=0.04, **COMMON)
+    trainer = trainer_class(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=prompts,
+                            processing_class=word_tokenizer(vocab))
     trainer.start_weights = [p.detach().clone() for p in trainer.model.parameters()]
     return trainer
 
 
-def test_grpo_trainer_at_its_sampling_temperature(tmp_path, counted):
-    """2 GRPO steps (4 prompts x 4 completions sampled at temperature 0.7, a KL term to the reference
-    loaded from the same directory): the same completions, rewards, losses and weights with packtune
-    as without."""
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_sampling_trainers_at_their_temperature(tmp_path, counted, kind):
+    """2 GRPO / RLOO steps: the same completions, rewards, losses and weights with packtune as
+    without (the policy's log-probs at the sampling temperature)."""
     base = make_hf_model("llama3_gqa").float()
     base.save_pretrained(tmp_path / "base")
     vocab = base.config.vocab_size
     torch.manual_seed(0)
-    reference = _grpo(tmp_path / "base", tmp_path / "plain", vocab)
+    reference = _sampling_trainer(kind, tmp_path / "base", tmp_path / "plain", vocab)
     reference.train()
     assert counted == []
     torch.manual_seed(0)
-    trainer = _grpo(tmp_path / "base", tmp_path / "patched", vocab)
+    trainer = _sampling_trainer(kind, tmp_path / "base", tmp_path / "patched", vocab)
     apply_packtune(trainer.model)
     trainer.train()
     assert counted, "packtune's kernel gave the policy's log-probs"
