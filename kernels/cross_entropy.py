@@ -218,7 +218,7 @@ class MaskedCrossEntropyFunction(torch.autograd.Function):
                                              ignore_index=ignore_index, eps=eps, z_loss=z_loss,
                                              softcap=softcap, compute_grad=compute_grad, inplace=inplace)
         if compute_grad and inplace:
-            bump_version(logits)
+            bump_version(logits, written=x)
         loss = loss * scale if reduction == "none" else loss.sum() * scale
         ctx.mark_non_differentiable(lse)
         ctx.reduction, ctx.shape, ctx.deferred = reduction, shape, deferred
@@ -258,13 +258,16 @@ def fp16_grad_scale(weights: torch.Tensor | None, like: torch.Tensor) -> torch.T
     return torch.exp2(torch.floor(torch.log2(top / weights.abs().max().clamp(min=1.0))))
 
 
-def bump_version(x: torch.Tensor) -> None:
+def bump_version(x: torch.Tensor, written: torch.Tensor) -> None:
     """Record that a kernel overwrote `x` in place: the Triton kernel writes through a raw pointer,
     and the C++ op's `Tensor(a!)` declaration does not bump the version inside an autograd.Function
     (no grad mode, no autograd kernel for the op). Autograd then refuses a backward that needs x's
     old values (e.g. the output of `z.exp()`) instead of computing wrong gradients from the gradient
-    written over them."""
-    if not torch.compiler.is_compiling():  # under torch.compile the kernel's mutation is traced
+    written over them. `written` is what the kernel wrote: x's flat view, or a contiguous copy of a
+    view that does not flatten (TRL's `logits[:, :-1]`), which leaves x intact: nothing to record."""
+    if torch.compiler.is_compiling():  # under torch.compile the kernel's mutation is traced
+        return
+    if written.data_ptr() == x.data_ptr():
         torch.autograd.graph.increment_version(x)
 
 

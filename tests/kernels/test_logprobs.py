@@ -118,3 +118,28 @@ def test_bad_segments_are_refused():
         logprobs(logits, labels, num_segments=2)
     with pytest.raises(ValueError, match="segment id 2 at row 7"):
         logprobs(logits, labels, torch.tensor([0] * 7 + [2]), 2)
+
+
+@pytest.mark.parametrize("backend", INPLACE_BACKENDS)
+def test_inplace_on_a_sliced_view(backend):
+    """TRL slices the logits (`logits[:, :-1]`): a view the op cannot flatten without a copy. In place
+    then writes the copy, the gradient is still right, and the logits are left as they were, so a
+    backward that needs them (exp's, which saved its output) still runs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 300, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 8))
+    labels[0, :3] = -100
+    results = []
+    for inplace in (False, True):
+        z = (x * 0.5).exp()  # a non-leaf whose values exp's backward needs
+        before = z.detach().clone()
+        out = logprobs(z[:, :-1], labels, backend=backend, inplace_backward=inplace)
+        weights = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+        out.backward(weights)
+        assert torch.equal(z.detach(), before), "a copy was written, not the logits"
+        results.append((out.detach(), x.grad.clone()))
+        x.grad = None
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    expected = logprobs_ref((x * 0.5).exp().detach().double()[:, :-1], labels)
+    torch.testing.assert_close(results[1][0].double(), expected, rtol=1e-5, atol=1e-6)
