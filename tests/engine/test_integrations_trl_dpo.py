@@ -56,13 +56,14 @@ def _trainer(model, out_dir, vocab: int, peft_config=None, **config):
                           processing_class=word_tokenizer(vocab), peft_config=peft_config)
 
 
-@pytest.mark.parametrize("config", [{}, {"padding_free": True}, {"loss_type": ["sigmoid", "sft"]},
-                                    {"use_weighting": True}], ids=["padded", "padding_free", "rpo", "wpo"])
+@pytest.mark.parametrize("config", [{}, {"loss_type": ["sigmoid", "sft"]}, {"use_weighting": True}],
+                         ids=["sigmoid", "rpo", "wpo"])
 def test_dpo_trainer_runs_packtunes_log_probs_with_trls_losses(tmp_path, counted, config):
     """3 optimizer steps of 2 micro-batches of 2 pairs: packtune's kernel gives the policy's per-token
     log-probs in each of the 6, and the logged losses, TRL's metrics and the final weights equal
-    TRL's own (its chunked head, no packtune); also with padding-free rows, with an SFT term (RPO),
-    and with WPO's weights (which read log_sum_sq_probs; TRL 1.16's own step fails with both at once)."""
+    TRL's own (its chunked head, no packtune); also with an SFT term (RPO) and with WPO's weights
+    (which read log_sum_sq_probs; TRL 1.16's own step fails with both at once). TRL 1.16's
+    DPOTrainer turns `padding_free=True` back into padding, so its rows are padded here."""
     base = make_hf_model("llama3_gqa").float()
     base.config.use_cache = False
     vocab = base.config.vocab_size
