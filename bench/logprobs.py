@@ -1,8 +1,9 @@
 """`packtune bench logprobs`: per-sequence label log-probs from hidden states and the lm_head, fwd+bwd.
 
 Implementations: `torch` (eager F.linear, log_softmax in fp32, gather, segment sum: the baseline,
-`linear_logprobs_ref`), `torch-compile` (the same function under torch.compile, default options)
-and `packtune` (linear_logprobs: label rows only, in chunks, no N x V logits; given the batch's
+`linear_logprobs_ref`), `torch-compile` (the same function per token under torch.compile, default
+options, then the segment sum: inductor's CPU code for a bf16 graph with index_add fails) and
+`packtune` (linear_logprobs: label rows only, in chunks, no N x V logits; given the batch's
 PackedLayout, as a trainer does, so the GPU step has no host sync). Rows are cut into segments of
 `--segment-len` tokens (a sequence each) and 30% of the labels are -100 by default (prompt tokens).
 A step is `torch.autograd.grad(logp, (hidden, weight), upstream)` with a fixed upstream gradient
@@ -36,6 +37,7 @@ SHAPES = {"cpu": ({"N": 4096, "H": 1024, "V": 32000},), "cuda": ({"N": 8192, "H"
 
 def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], object]:
     from packtune.kernels import PackedLayout, layout_segments, linear_logprobs, linear_logprobs_ref
+    from packtune.kernels.logprobs import segment_sum
 
     if shape.get("from_logits"):
         return _logits_step(impl, shape, dtype, device)
@@ -54,8 +56,11 @@ def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], o
     if impl == "packtune":
         logp_fn = lambda hid, w: linear_logprobs(hid, w, labels, ids, num_segments, layout=layout)
     elif impl in ("torch", "torch-compile"):
-        ref = torch.compile(linear_logprobs_ref) if impl == "torch-compile" else linear_logprobs_ref
-        logp_fn = lambda hid, w: ref(hid, w, labels, ids, num_segments)
+        if impl == "torch":
+            logp_fn = lambda hid, w: linear_logprobs_ref(hid, w, labels, ids, num_segments)
+        else:
+            compiled = torch.compile(linear_logprobs_ref)
+            logp_fn = lambda hid, w: segment_sum(compiled(hid, w, labels), ids, num_segments)
     else:
         raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
 
@@ -68,6 +73,7 @@ def make_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], o
 
 def _logits_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[], object]:
     from packtune.kernels import logprobs, logprobs_ref
+    from packtune.kernels.logprobs import segment_sum
 
     n, v, seg_len = shape["N"], shape["V"], shape.get("segment_len", 256)
     logits = (torch.randn(n, v, device=device) * 2).to(getattr(torch, dtype)).requires_grad_()
@@ -80,8 +86,11 @@ def _logits_step(impl: str, shape: dict, dtype: str, device: str) -> Callable[[]
         inplace = impl == "packtune-inplace"
         logp_fn = lambda x: logprobs(x, labels, segments, num_segments, inplace_backward=inplace)
     elif impl in ("torch", "torch-compile"):
-        ref = torch.compile(logprobs_ref) if impl == "torch-compile" else logprobs_ref
-        logp_fn = lambda x: ref(x, labels, segments, num_segments)
+        if impl == "torch":
+            logp_fn = lambda x: logprobs_ref(x, labels, segments, num_segments)
+        else:
+            compiled = torch.compile(logprobs_ref)
+            logp_fn = lambda x: segment_sum(compiled(x, labels), segments, num_segments)
     else:
         raise ValueError(f"unknown implementation {impl!r}; choose from {FROM_LOGITS_IMPLS}")
 
