@@ -37,7 +37,7 @@ from packtune.bench.e2e_t5 import T5_MODELS
 ALL_MODELS = {**MODELS, **T5_MODELS}
 
 IMPLS = ("packtune", "trl-padding", "trl-packing", "packtune-lora", "packtune-qlora", "trl-lora",
-         "seq2seq-trainer", "trl-padding-free")
+         "seq2seq-trainer", "trl-padding-free", "trl-padding-packtune")
 DEFAULT_IMPLS = ("packtune", "trl-padding", "trl-packing")
 T5_IMPLS = ("packtune", "seq2seq-trainer")
 """The sides of a T5 (`--model t5`), its default too: packtune's packed pairs, transformers'
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="packtune bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--objective", choices=("sft", "dpo"), default="sft",
                    help="sft: instruction tuning (default); dpo: DPO on generated preference pairs against "
-                        "TRL's DPOTrainer (sides packtune, trl-padding, trl-padding-free; model small)")
+                        "TRL's DPOTrainer (sides packtune, trl-padding, trl-padding-free, "
+                        "trl-padding-packtune; model small)")
     p.add_argument("--model", action="append", choices=sorted(ALL_MODELS),
                    help="model config(s) to run (repeatable; default: small); t5: a T5 v1.1 against "
                         "Seq2SeqTrainer")
@@ -223,8 +224,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.lr = 1e-4 if args.objective == "dpo" else 1e-3
     if args.objective == "dpo":
         return _main_dpo(parser, args)
-    if "trl-padding-free" in (args.impl or ()):
-        parser.error("--impl trl-padding-free: a DPO side (--objective dpo)")
+    dpo_only = sorted(set(args.impl or ()) & {"trl-padding-free", "trl-padding-packtune"})
+    if dpo_only:
+        parser.error(f"--impl {', '.join(dpo_only)}: a DPO side (--objective dpo)")
     models = args.model or ["small"]
     meta = prepare(args, models)
     shape = plan(args, meta)

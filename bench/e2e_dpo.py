@@ -14,7 +14,9 @@ training, so its weights' bytes are added to TRL's peak.
 
 TRL 1.16's `padding_free=True` for DPO is turned back into padding by the trainer (a warning,
 `self.padding_free = False`): the `trl-padding-free` side builds the trainer, reports that fallback
-and trains nothing (its run would be `trl-padding`'s).
+and trains nothing (its run would be `trl-padding`'s). `trl-padding-packtune` is `trl-padding` with
+`apply_packtune(trainer.model)` after the trainer is built (docs/integrations.md): TRL's own loop,
+data and reference model, the policy's forward through packtune's kernels and fused LM head.
 
 One judge scores both sides' final models: transformers' model, tokenized as TRL tokenizes (the
 prompt, then prompt + response + EOS, the response starting where the two part); the held-out
@@ -37,7 +39,7 @@ from typing import Any
 
 from packtune.bench.e2e_common import alpaca_prompt, peak_rss_since_reset, read_jsonl, reset_peak_rss
 
-IMPLS = ("packtune", "trl-padding", "trl-padding-free")
+IMPLS = ("packtune", "trl-padding", "trl-padding-free", "trl-padding-packtune")
 BASELINES = ("trl-padding",)
 
 
@@ -115,6 +117,10 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         disable_tqdm=True, disable_dropout=True)
     dataset = Dataset.from_list(read_jsonl(spec["data"], spec["rows"]))
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    if spec["impl"] == "trl-padding-packtune":
+        from packtune.integrations import apply_packtune
+
+        apply_packtune(trainer.model)
     if padding_free and not trainer.padding_free:
         import trl
 
@@ -243,20 +249,23 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if "reference_max_rel_error" in r:
             print(f"  {r['implementation']}'s reference log-probs vs transformers' on TRL's tokens "
                   f"(the initial model): max relative error {r['reference_max_rel_error']:.1e}")
-    side = done.get("packtune")
-    for name in BASELINES:
-        if side is None or name not in done:
-            continue
-        b = done[name]
-        ratios = {"speedup": side["pairs_per_s"] / b["pairs_per_s"],
-                  "cpu_speedup": side["pairs_per_cpu_s"] / b["pairs_per_cpu_s"],
-                  "memory": side["peak_bytes"] / max(b["peak_bytes"], 1),
-                  "step1_loss_rel_diff": abs(side["train_losses"][0] - b["train_losses"][0])
-                  / abs(b["train_losses"][0])}
-        side.update({f"{key}_vs_{name}": value for key, value in ratios.items()})
-        print(f"  packtune vs {name}: {ratios['speedup']:.2f}x pairs/s ({ratios['cpu_speedup']:.2f}x pairs "
-              f"per CPU-second of the process), {ratios['memory']:.2f}x peak memory "
-              f"(TRL's with its reference model's {b['reference_bytes'] / 2**20:.0f} MiB), held-out accuracy "
-              f"{100 * side['heldout_accuracy']:.1f}% vs {100 * b['heldout_accuracy']:.1f}%")
-        print(f"  step-1 DPO loss: packtune {side['train_losses'][0]:.7f}, {name} {b['train_losses'][0]:.7f} "
-              f"(relative difference {ratios['step1_loss_rel_diff']:.1e})")
+    for side_name in ("packtune", "trl-padding-packtune"):
+        for name in BASELINES:
+            if side_name in done and name in done:
+                _compare(side_name, done[side_name], name, done[name])
+
+
+def _compare(side_name: str, side: dict[str, Any], name: str, b: dict[str, Any]) -> None:
+    """Print `side` against baseline `b` and record the ratios in `side`."""
+    ratios = {"speedup": side["pairs_per_s"] / b["pairs_per_s"],
+              "cpu_speedup": side["pairs_per_cpu_s"] / b["pairs_per_cpu_s"],
+              "memory": side["peak_bytes"] / max(b["peak_bytes"], 1),
+              "step1_loss_rel_diff": abs(side["train_losses"][0] - b["train_losses"][0])
+              / abs(b["train_losses"][0])}
+    side.update({f"{key}_vs_{name}": value for key, value in ratios.items()})
+    print(f"  {side_name} vs {name}: {ratios['speedup']:.2f}x pairs/s ({ratios['cpu_speedup']:.2f}x pairs "
+          f"per CPU-second of the process), {ratios['memory']:.2f}x peak memory "
+          f"(TRL's with its reference model's {b['reference_bytes'] / 2**20:.0f} MiB), held-out accuracy "
+          f"{100 * side['heldout_accuracy']:.1f}% vs {100 * b['heldout_accuracy']:.1f}%")
+    print(f"  step-1 DPO loss: {side_name} {side['train_losses'][0]:.7f}, {name} {b['train_losses'][0]:.7f} "
+          f"(relative difference {ratios['step1_loss_rel_diff']:.1e})")

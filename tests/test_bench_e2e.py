@@ -191,9 +191,10 @@ def test_dpo_refuses_other_sides_and_models(capsys):
         with pytest.raises(SystemExit):
             e2e.main(["--objective", "dpo", *argv])
         assert what in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        e2e.main(["--impl", "trl-padding-free"])
-    assert "a DPO side" in capsys.readouterr().err
+    for side in ("trl-padding-free", "trl-padding-packtune"):
+        with pytest.raises(SystemExit):
+            e2e.main(["--impl", side])
+        assert "a DPO side" in capsys.readouterr().err
 
 
 def test_accuracy_counts_ties_against_chosen():
@@ -207,14 +208,15 @@ def test_accuracy_counts_ties_against_chosen():
 def test_tiny_dpo_runs_both_sides_on_the_same_pairs(tmp_path):
     """docs/preference.md's benchmark at a tiny size: packtune's DPO and TRL's DPOTrainer train the same
     pairs from the same weights (the same reference log-probs, step-1 loss to 1e-5); TRL's padding_free
-    runs or is reported as turned back into padding."""
+    runs or is reported as turned back into padding; TRL with apply_packtune trains TRL's run."""
     pytest.importorskip("trl", reason="the DPO baseline is TRL's DPOTrainer (the test extra)")
     results = e2e.main(["--objective", "dpo", "--pairs", "4", "--pairs-per-step", "4", "--padding-batch", "2",
                         "--rows", "300", "--eval-rows", "3", "--threads", "1",
                         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
-    assert [r["implementation"] for r in results] == ["packtune", "trl-padding", "trl-padding-free"]
-    packtune, trl, padding_free = results
-    for r in (packtune, trl):
+    assert [r["implementation"] for r in results] == ["packtune", "trl-padding", "trl-padding-free",
+                                                      "trl-padding-packtune"]
+    packtune, trl, padding_free, trl_packtune = results
+    for r in (packtune, trl, trl_packtune):
         assert "error" not in r, r
         assert r["samples"] == 4 and r["steps"] >= 1 and r["peak_bytes"] > 0
         assert r["pairs_per_s"] > 0 and r["pairs_per_cpu_s"] > 0
@@ -225,6 +227,10 @@ def test_tiny_dpo_runs_both_sides_on_the_same_pairs(tmp_path):
     assert packtune["train_losses"][0] == pytest.approx(math.log(2), rel=1e-6)  # the policy is its reference
     assert trl["reference_bytes"] > 0
     assert {"speedup_vs_trl-padding", "cpu_speedup_vs_trl-padding", "memory_vs_trl-padding"} <= set(packtune)
+    # TRL's loop with packtune's policy forward: the same run to fp32 rounding (the same tokens and steps)
+    assert trl_packtune["label_tokens"] == trl["label_tokens"] and trl_packtune["steps"] == trl["steps"]
+    assert trl_packtune["train_losses"] == pytest.approx(trl["train_losses"], rel=1e-4)
+    assert "speedup_vs_trl-padding" in trl_packtune
     if "error" in padding_free:
         assert "back into padding" in padding_free["error"]
     assert json.loads((tmp_path / "out" / "e2e_dpo.json").read_text())[0]["implementation"] == "packtune"
