@@ -235,14 +235,14 @@ def main(args: argparse.Namespace, work: Path, run_in_subprocess: Callable[[dict
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'implementation':<17}{'steps':>6}{'pairs':>6}{'pairs/s':>9}{'peak MiB':>10}"
+    print(f"\n{'implementation':<22}{'steps':>6}{'pairs':>6}{'pairs/s':>9}{'peak MiB':>10}"
           f"{'held-out acc':>13}{'step-1 loss':>12}{'last loss':>10}")
     done = {r["implementation"]: r for r in rows if "error" not in r}
     for r in rows:
         if "error" in r:
-            print(f"{r['implementation']:<17}  not run: {r['error']}")
+            print(f"{r['implementation']:<22}  not run: {r['error']}")
             continue
-        print(f"{r['implementation']:<17}{r['steps']:>6}{r['samples']:>6}{r['pairs_per_s']:>9.2f}"
+        print(f"{r['implementation']:<22}{r['steps']:>6}{r['samples']:>6}{r['pairs_per_s']:>9.2f}"
               f"{r['peak_bytes'] / 2**20:>10.0f}{100 * r['heldout_accuracy']:>12.1f}%"
               f"{r['train_losses'][0]:>12.6f}{r['train_losses'][-1]:>10.4f}")
     for r in rows:
