@@ -1,7 +1,7 @@
 """packtune's fused loss at a transformers model's LM head, for the HF Trainer and for TRL.
 
-`fused_loss` is the loss `apply_packtune(fused_loss=True)` computes in training. TRL's
-`SFTTrainer` and `DPOTrainer` (1.16) do not ask the model for its loss: they install TRL's own
+`fused_loss` is the loss `apply_packtune(fused_loss=True)` computes in training. TRL's trainers
+(1.16: SFT, DPO, KTO, GRPO, RLOO) do not ask the model for its loss: they install TRL's own
 chunked LM head on `model.forward` (`trl.trainer.utils.add_fused_lm_head`) and call
 `model(**inputs, fused_lm_head=True)`, expecting per-token `log_probs` (SFT's loss is
 `-log_probs.sum() / num_items_in_batch`; DPO sums them per sequence), `label_mask` and the
@@ -10,7 +10,8 @@ metrics' fields: `entropy`, `is_top1`, and for DPO `mean_logits` (its `logits/ch
 with `fused_lm_head_output`: the per-token log-probabilities come from packtune's fused linear
 cross-entropy (reduction="none", so every TRL loss type, DFT's per-token weights and DPO's
 per-sequence sums included, gets exact gradients), and the other fields, which TRL computes
-without gradient, from one extra, gradient-free pass of the head over the label rows.
+without gradient, from one extra, gradient-free pass of the head over the label rows. Both under
+the logit transform TRL gave its head (`HeadTransform`: GRPO's and RLOO's sampling temperature).
 """
 
 from __future__ import annotations
