@@ -56,14 +56,17 @@ def _trainer(model, out_dir, vocab: int, peft_config=None, **config):
                           processing_class=word_tokenizer(vocab), peft_config=peft_config)
 
 
-@pytest.mark.parametrize("config", [{}, {"loss_type": ["sigmoid", "sft"]}, {"use_weighting": True}],
-                         ids=["sigmoid", "rpo", "wpo"])
-def test_dpo_trainer_runs_packtunes_log_probs_with_trls_losses(tmp_path, counted, config):
+@pytest.mark.parametrize(("config", "patch_reference"),
+                         [({}, False), ({"loss_type": ["sigmoid", "sft"]}, False),
+                          ({"use_weighting": True}, False), ({}, True)],
+                         ids=["sigmoid", "rpo", "wpo", "reference_too"])
+def test_dpo_trainer_runs_packtunes_log_probs_with_trls_losses(tmp_path, counted, config, patch_reference):
     """3 optimizer steps of 2 micro-batches of 2 pairs: packtune's kernel gives the policy's per-token
     log-probs in each of the 6, and the logged losses, TRL's metrics and the final weights equal
     TRL's own (its chunked head, no packtune); also with an SFT term (RPO) and with WPO's weights
     (which read log_sum_sq_probs; TRL 1.16's own step fails with both at once). TRL 1.16's
-    DPOTrainer turns `padding_free=True` back into padding, so its rows are padded here."""
+    DPOTrainer turns `padding_free=True` back into padding, so its rows are padded here. With
+    `apply_packtune(trainer.ref_model)` as well, the reference's forwards run packtune too."""
     base = make_hf_model("llama3_gqa").float()
     base.config.use_cache = False
     vocab = base.config.vocab_size
@@ -75,10 +78,13 @@ def test_dpo_trainer_runs_packtunes_log_probs_with_trls_losses(tmp_path, counted
 
     trainer = _trainer(patched, tmp_path / "patched", vocab, **config)
     apply_packtune(trainer.model)  # after DPOTrainer installed its LM head on model.forward
+    if patch_reference:
+        apply_packtune(trainer.ref_model)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="apply_packtune")
         trainer.train()
-    assert counted == ["none"] * 6, "packtune's kernel once per micro-batch (the policy's forward)"
+    forwards = 12 if patch_reference else 6  # the policy's, and the reference's, once per micro-batch
+    assert counted == ["none"] * forwards, "packtune's kernel in every forward it was applied to"
 
     got = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in trainer.state.log_history[:3]]
     want = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in reference.state.log_history[:3]]
