@@ -15,8 +15,9 @@ training, so its weights' bytes are added to TRL's peak.
 TRL 1.16's `padding_free=True` for DPO is turned back into padding by the trainer (a warning,
 `self.padding_free = False`): the `trl-padding-free` side builds the trainer, reports that fallback
 and trains nothing (its run would be `trl-padding`'s). `trl-padding-packtune` is `trl-padding` with
-`apply_packtune(trainer.model)` after the trainer is built (docs/integrations.md): TRL's own loop,
-data and reference model, the policy's forward through packtune's kernels and fused LM head.
+`apply_packtune` on the policy and on the reference model after the trainer is built
+(docs/integrations.md): TRL's own loop, data and reference model, their forwards through packtune's
+kernels and fused LM head.
 
 One judge scores both sides' final models: transformers' model, tokenized as TRL tokenizes (the
 prompt, then prompt + response + EOS, the response starting where the two part); the held-out
@@ -121,6 +122,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         from packtune.integrations import apply_packtune
 
         apply_packtune(trainer.model)
+        apply_packtune(trainer.ref_model)
     if padding_free and not trainer.padding_free:
         import trl
 
