@@ -92,11 +92,13 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def proc_status_bytes(field: str, pid: int | str = "self") -> int:
+    """A /proc/<pid>/status field in bytes (VmRSS, VmHWM: the resident set now, its peak); 0 when it
+    is absent (a process that is exiting has no memory fields left)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
+    return 0
 
 
 _BASE_RSS = [0]
@@ -108,12 +110,12 @@ def reset_peak_rss() -> None:
 
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
-    _BASE_RSS[0] = _status_bytes("VmRSS")
+    _BASE_RSS[0] = proc_status_bytes("VmRSS")
 
 
 def peak_rss_since_reset() -> int:
     """Resident memory at its highest since `reset_peak_rss`, minus what was resident then."""
-    return max(_status_bytes("VmHWM") - _BASE_RSS[0], 0)
+    return max(proc_status_bytes("VmHWM") - _BASE_RSS[0], 0)
 
 
 def heldout_loss(model_dir: str, records: list[dict[str, str]]) -> float:

@@ -28,12 +28,7 @@ from typing import Any
 
 import torch
 
-
-def _read_status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
+from packtune.bench.e2e_common import peak_rss_since_reset, reset_peak_rss
 
 
 def _sync(device: str) -> None:
@@ -54,10 +49,9 @@ def measure(step: Callable[[], object], device: str, warmup: int, repeats: int) 
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _read_status("VmRSS")
+        reset_peak_rss()
         step()
-        peak = _read_status("VmHWM") - base
+        peak = peak_rss_since_reset()
     for _ in range(max(warmup - 1, 0)):
         step()
     times = []

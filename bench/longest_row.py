@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from packtune.atomic_write import write_atomic
-from packtune.bench.memory import LORA_RANK, packed_batch, packed_samples, proc_status_bytes
+from packtune.bench.e2e_common import proc_status_bytes
+from packtune.bench.memory import LORA_RANK, packed_batch, packed_samples
 
 SHAPE_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
@@ -177,7 +178,7 @@ def lora_step(shape: dict[str, Any], device: torch.device, sample: int, offload:
         seconds = time.perf_counter() - start
         if device.type == "cuda":
             return torch.cuda.max_memory_allocated(device), seconds
-        return proc_status_bytes("self", "VmHWM"), seconds
+        return proc_status_bytes("VmHWM"), seconds
 
     return step
 

@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from packtune.bench.e2e_common import proc_status_bytes
+
 SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
              num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
              rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=262144)
@@ -92,14 +94,6 @@ def packed_batch(samples: list[tuple[np.ndarray, np.ndarray]]):
     ids = np.concatenate([s[0] for s in samples])
     trainable = np.concatenate([s[1] for s in samples])
     return build_packed_batch(ids, ids, trainable, np.array([len(s[0]) for s in samples]))
-
-
-def proc_status_bytes(pid: int | str, field: str) -> int:
-    """A /proc/<pid>/status field in bytes (VmRSS, VmHWM: the resident set now, its peak); 0 if absent."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def packtune_step(mode: str, setting: str, samples, model_shape: dict[str, Any], tile: str | int,
@@ -182,11 +176,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             step = trl_step(spec["mode"], spec["setting"], samples, model_shape)
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")
-        before = proc_status_bytes("self", "VmRSS")
+        before = proc_status_bytes("VmRSS")
         start = time.perf_counter()
         loss = step()
         seconds = time.perf_counter() - start
-        return {"peak_bytes": proc_status_bytes("self", "VmHWM"), "before_bytes": before, "step_s": seconds,
+        return {"peak_bytes": proc_status_bytes("VmHWM"), "before_bytes": before, "step_s": seconds,
                 "tokens_per_s": spec["tokens"] / seconds, "loss": loss}
 
 
@@ -197,7 +191,7 @@ def measure(spec: dict[str, Any], cap_bytes: int, timeout: float) -> dict[str, A
     start, over = time.monotonic(), False
     while proc.poll() is None:
         try:
-            rss = proc_status_bytes(proc.pid, "VmRSS")
+            rss = proc_status_bytes("VmRSS", proc.pid)
         except FileNotFoundError:
             rss = 0
         if rss > cap_bytes or time.monotonic() - start > timeout:
