@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from packtune.kernels import _dispatch
 from packtune.kernels.linear_cross_entropy import linear_cross_entropy
-from packtune.kernels.logprobs import label_counts, logprobs_ref, segment_index, segment_sum
+from packtune.kernels.logprobs import logprobs_ref, per_segment
 from packtune.kernels.packed_layout import IGNORE_INDEX, PackedLayout
 
 _dispatch.register_op("linear_logprobs", ("triton", "cpu", "torch"))
@@ -58,18 +58,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor | torch.nn.Module
     and with `return_counts` also the label rows per segment (int64 [S], for per-token averages).
     `layout`: the batch's PackedLayout, whose label rows spare the device a search (and a GPU sync).
     """
-    if segment_ids is None and (num_segments is not None or return_counts):
-        raise ValueError("num_segments and return_counts need segment_ids")
-    if segment_ids is not None:
-        valid, seg = segment_index(labels, segment_ids, num_segments, ignore_index, hidden.device)
     backend = _dispatch.resolve_backend("linear_logprobs", hidden.device.type, backend)
-    token_logp = -linear_cross_entropy(hidden, weight, labels, reduction="none", softcap=softcap,
-                                       ignore_index=ignore_index, layout=layout, backend=backend,
-                                       chunk_size=chunk_size)
-    if segment_ids is None:
-        return token_logp
-    sums = segment_sum(token_logp.reshape(-1), seg, num_segments)
-    return (sums, label_counts(valid, seg, num_segments)) if return_counts else sums
+    return per_segment(
+        lambda: -linear_cross_entropy(hidden, weight, labels, reduction="none", softcap=softcap,
+                                      ignore_index=ignore_index, layout=layout, backend=backend,
+                                      chunk_size=chunk_size),
+        labels, segment_ids, num_segments, ignore_index, return_counts, hidden.device)
 
 
 def linear_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -27,6 +27,8 @@ the lm_head) goes further and never forms the logits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from packtune.kernels import _dispatch
@@ -50,17 +52,26 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tens
     docstring; the Triton and C++ backends, when the logits require grad): their values are gone
     after the call. The torch backend, the reference, always computes out of place.
     """
-    if segment_ids is None and (num_segments is not None or return_counts):
-        raise ValueError("num_segments and return_counts need segment_ids")
-    if segment_ids is not None:
-        valid, seg = segment_index(labels, segment_ids, num_segments, ignore_index, logits.device)
     backend = _dispatch.resolve_backend("logprobs", logits.device.type, backend)
-    token_logp = -masked_cross_entropy(logits, labels, reduction="none", softcap=softcap,
-                                       ignore_index=ignore_index, inplace_backward=inplace_backward,
-                                       backend=backend)
+    return per_segment(
+        lambda: -masked_cross_entropy(logits, labels, reduction="none", softcap=softcap,
+                                      ignore_index=ignore_index, inplace_backward=inplace_backward,
+                                      backend=backend),
+        labels, segment_ids, num_segments, ignore_index, return_counts, logits.device)
+
+
+def per_segment(token_logprobs: Callable[[], torch.Tensor], labels: torch.Tensor,
+                segment_ids: torch.Tensor | None, num_segments: int | None, ignore_index: int,
+                return_counts: bool, device: torch.device):
+    """What `logprobs` and `linear_logprobs` return: the per-token log-probs `token_logprobs()`
+    computes, or, given `segment_ids`, their sums per segment (and the label rows per segment with
+    `return_counts`). The segments are checked before the kernel runs."""
     if segment_ids is None:
-        return token_logp
-    sums = segment_sum(token_logp.reshape(-1), seg, num_segments)
+        if num_segments is not None or return_counts:
+            raise ValueError("num_segments and return_counts need segment_ids")
+        return token_logprobs()
+    valid, seg = segment_index(labels, segment_ids, num_segments, ignore_index, device)
+    sums = segment_sum(token_logprobs().reshape(-1), seg, num_segments)
     return (sums, label_counts(valid, seg, num_segments)) if return_counts else sums
 
 
