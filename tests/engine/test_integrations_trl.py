@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 from model_fixtures import make_hf_model
-from trl_fixtures import assert_same_adapters, word_tokenizer
+from trl_fixtures import assert_same_adapters, lora_runs, word_tokenizer
 
 from packtune.integrations import apply_packtune
 
@@ -99,7 +99,6 @@ def test_sft_trainer_with_peft_runs_packtunes_lora_kernels(tmp_path, counted, mo
     """TRL's LoRA path (SFTTrainer with a peft_config): after apply_packtune the LoRA layers run
     packtune's fused LoRA linear / MLP on PEFT's parameters, and the losses and trained adapters
     equal TRL + PEFT's own."""
-    peft = pytest.importorskip("peft")
     import packtune.integrations.peft_lora as peft_lora
 
     fused = []
@@ -107,16 +106,8 @@ def test_sft_trainer_with_peft_runs_packtunes_lora_kernels(tmp_path, counted, mo
         original = getattr(peft_lora, name)
         counting = lambda *a, _n=name, _o=original, **k: fused.append(_n) or _o(*a, **k)  # noqa: E731
         monkeypatch.setattr(peft_lora, name, counting)
-    base = make_hf_model("llama3_gqa").float()
-    base.config.use_cache = False
-    vocab = base.config.vocab_size
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    reference = _trainer(copy.deepcopy(base), tmp_path / "plain", vocab, lora)
-    reference.train()
-    trainer = _trainer(copy.deepcopy(base), tmp_path / "patched", vocab, lora)
-    apply_packtune(trainer.model)
-    trainer.train()
-    layers = base.config.num_hidden_layers
+    reference, trainer = lora_runs(_trainer, tmp_path)
+    layers = trainer.model.config.num_hidden_layers
     assert counted == ["none"] * 6 and fused == (["lora_linear"] * 4 + ["lora_mlp"]) * layers * 6
     torch.testing.assert_close(torch.tensor(_losses(trainer)), torch.tensor(_losses(reference)),
                                rtol=1e-5, atol=0)

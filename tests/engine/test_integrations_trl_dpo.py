@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 from model_fixtures import make_hf_model
-from trl_fixtures import assert_same_adapters, word_tokenizer
+from trl_fixtures import assert_same_adapters, lora_runs, word_tokenizer
 
 from packtune.integrations import apply_packtune
 
@@ -56,6 +56,11 @@ def _trainer(model, out_dir, vocab: int, peft_config=None, **config):
                           processing_class=word_tokenizer(vocab), peft_config=peft_config)
 
 
+def _logged(trainer) -> list[dict[str, float]]:
+    """The loss and TRL's DPO metrics of the first 3 logged steps."""
+    return [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in trainer.state.log_history[:3]]
+
+
 @pytest.mark.parametrize(("config", "patch_reference"),
                          [({}, False), ({"loss_type": ["sigmoid", "sft"]}, False),
                           ({"use_weighting": True}, False), ({}, True)],
@@ -86,8 +91,7 @@ def test_dpo_trainer_runs_packtunes_log_probs_with_trls_losses(tmp_path, counted
     forwards = 12 if patch_reference else 6  # the policy's, and the reference's, once per micro-batch
     assert counted == ["none"] * forwards, "packtune's kernel in every forward it was applied to"
 
-    got = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in trainer.state.log_history[:3]]
-    want = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in reference.state.log_history[:3]]
+    got, want = _logged(trainer), _logged(reference)
     assert len(want) == 3 and all(len(w) == len(METRICS) + 1 for w in want)
     assert want[2]["loss"] != want[0]["loss"], "the policy moved"
     for g, w in zip(got, want, strict=True):
@@ -99,19 +103,9 @@ def test_dpo_trainer_runs_packtunes_log_probs_with_trls_losses(tmp_path, counted
 def test_dpo_trainer_with_peft_runs_packtune_for_policy_and_reference(tmp_path, counted):
     """DPO with LoRA (TRL's reference is the policy with its adapters disabled): both forwards of each
     micro-batch run packtune's kernel, and the losses, metrics and trained adapters equal TRL + PEFT's."""
-    peft = pytest.importorskip("peft")
-    base = make_hf_model("llama3_gqa").float()
-    base.config.use_cache = False
-    vocab = base.config.vocab_size
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    reference = _trainer(copy.deepcopy(base), tmp_path / "plain", vocab, lora)
-    reference.train()
-    trainer = _trainer(copy.deepcopy(base), tmp_path / "patched", vocab, lora)
-    apply_packtune(trainer.model)
-    trainer.train()
+    reference, trainer = lora_runs(_trainer, tmp_path)
     assert counted == ["none"] * 12, "policy and reference, once each per micro-batch"
-    got = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in trainer.state.log_history[:3]]
-    want = [{k: v for k, v in h.items() if k in ("loss", *METRICS)} for h in reference.state.log_history[:3]]
+    got, want = _logged(trainer), _logged(reference)
     assert len(want) == 3 and want[2]["loss"] != want[0]["loss"]
     for g, w in zip(got, want, strict=True):
         assert g == pytest.approx(w, rel=1e-4, abs=1e-6)
